@@ -1,0 +1,42 @@
+"""Shared test helpers: randomized weights and a relative-error check."""
+import math
+
+import pytest
+import torch
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter with random values, norms and biases included,
+    so that a swapped, transposed or missing tensor changes the output.
+
+    Matrices get N(0, 1/fan_in); 1-D gains (``*.weight``) get N(1, 0.1);
+    everything else (biases, class embeddings) N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                std = 1.0 / math.sqrt(p[0].numel())
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(a, b, tol=1e-4):
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
