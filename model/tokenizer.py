@@ -1,0 +1,118 @@
+"""CLIP's byte-level BPE tokenizer, as Stable Diffusion uses it (Radford et al. 2021, sec. 2.4).
+
+Text becomes token ids in four steps, each a stage of a `tokenizers` pipeline:
+  1. normalize:     NFC, every whitespace run becomes one space, lowercase;
+  2. pre-tokenize:  split into words (letter runs, single digits, punctuation runs, and the
+                    English clitics 's 't 're 've 'm 'll 'd), dropping the spaces, then map
+                    each UTF-8 byte to a printable character (GPT-2's byte-level trick), so
+                    any text, emoji included, is spelled with the 256 base tokens;
+  3. BPE:           apply the learned merges inside each word; a word's last symbol carries
+                    the suffix "</w>", so "cat" at the end of a word and inside "category"
+                    are different tokens;
+  4. frame:         <|startoftext|> + at most max_length-2 tokens + <|endoftext|>, padded to
+                    max_length (77), the fixed length the text encoder's positions expect.
+The result is the same as transformers' CLIPTokenizer built from the same files.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import ByteLevel as ByteLevelDecoder
+from tokenizers.models import BPE
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_WORD_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer from a vocab.json and a merges.txt. `pad_token` defaults to the
+    end-of-text token (SD1); SD2's OpenCLIP pads with "!" instead."""
+
+    def __init__(self, vocab_file, merges_file, pad_token: str | None = None, max_length: int = 77):
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        pad_token = EOS if pad_token is None else pad_token
+        for token in (BOS, EOS, pad_token):
+            if token not in vocab:
+                raise ValueError(f"token {token!r} is not in {vocab_file}")
+        self.max_length = max_length
+        self._bos_id, self._eos_id, self._pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+
+        tok = BackendTokenizer(BPE(vocab, merges, unk_token=EOS, continuing_subword_prefix="",
+                                   end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_WORD_REGEX), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = ByteLevelDecoder()
+        # Special tokens typed in a prompt map to their ids, as in CLIP and transformers. Like
+        # transformers, this includes a pad token other than EOS: with SD2's pad "!", every
+        # "!" in a prompt becomes the pad id (OpenCLIP itself would give "!</w>").
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=True)
+                                for t in dict.fromkeys([BOS, EOS, pad_token])])
+        self._tok = tok
+
+    @classmethod
+    def from_folder(cls, path, max_length: int = 77) -> "Tokenizer":
+        """Load a hub-style tokenizer/ folder: vocab.json, merges.txt, and the pad token from
+        special_tokens_map.json or else tokenizer_config.json."""
+        path = Path(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer folder "
+                                        "needs vocab.json and merges.txt")
+        pad_token = None
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if pad_token is None and (path / name).is_file():
+                pad_token = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token")
+        if isinstance(pad_token, dict):
+            pad_token = pad_token["content"]
+        return cls(path / "vocab.json", path / "merges.txt", pad_token, max_length)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Content token ids of `text`: no BOS/EOS, no truncation."""
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        """Text of token ids, words separated by single spaces (as transformers decodes)."""
+        return self._tok.decode(list(ids), skip_special_tokens=False).replace("</w>", " ").strip()
+
+    def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
+        """Ids [B, max_length]: BOS, content (truncated so that EOS always fits), EOS, pads."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rows = []
+        for encoding in self._tok.encode_batch(prompts):
+            ids = [self.bos_id] + encoding.ids[: self.max_length - 2] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), self.max_length)
+
+    def truncate(self, text: str, max_tokens: int | None = None) -> str:
+        """The longest prefix of `text` made of whole whitespace-separated words whose encoding
+        has at most `max_tokens` (default max_length-2) tokens; "" if the first word is too long."""
+        max_tokens = self.max_length - 2 if max_tokens is None else max_tokens
+        end = 0
+        for word in re.finditer(r"\S+", text):
+            if len(self.encode(text[: word.end()])) > max_tokens:
+                break
+            end = word.end()
+        return text[:end]

@@ -1,0 +1,183 @@
+"""The CLIP tokenizer gives the same ids as transformers' CLIPTokenizer on the same files."""
+import json
+import time
+
+import pytest
+import torch
+from fake_vocab import BOS, EOS, bytes_to_unicode, write_clip_vocab
+from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode as reference_bytes_to_unicode
+
+from model.tokenizer import Tokenizer
+
+PROMPTS = [
+    "a photo of a cat",
+    "A Photo Of A CAT, HIGHLY detailed",
+    "don't", "it's", "Don'T", "DON'T stop", "we're they've I'm you'll he'd 'quoted'",
+    "what's this?! (masterpiece), [best quality]; 50mm f/1.8 -- #1 @home",
+    "café naïve crème brûlée", "cafe\u0301 nai\u0308ve",  # combining accents: NFC composes them
+    "Ünïcödé ÀÉÎ straße", "🔥🐱 emoji 👩‍👩‍👧", "東京の猫 고양이 кошка",
+    "a   lot    of     spaces", "\ttabs\tand\nnew\r\nlines\n", "   leading and trailing   ",
+    "a\u00a0no-break\u3000ideographic\u200bzero-width",
+    "1234 3.14 2nd 10x 1,000,000", "",
+    "a <|endoftext|> b", "<|StartOfText|>x<|endoftext|>y",
+    "wow! so cool!!", "!",
+    "a photo of a cat " * 30,  # longer than 77 tokens
+    "a " * 75, "a " * 76,  # exactly fills the 77 slots / one token too many
+]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def folder(request, tmp_path_factory):
+    pad = None if request.param == "sd1" else "!"
+    return write_clip_vocab(tmp_path_factory.mktemp(request.param), pad_token=pad)
+
+
+@pytest.fixture(scope="module")
+def pair(folder):
+    return Tokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+
+
+def reference_ids(ref, prompts, max_length=77):
+    return ref(prompts, padding="max_length", max_length=max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ids_match_transformers(pair, prompt):
+    ours, ref = pair
+    ids = ours(prompt)
+    assert ids.dtype == torch.long and ids.shape == (1, 77)
+    assert ids.tolist() == reference_ids(ref, prompt).tolist()
+    assert ours.encode(prompt) == ref(prompt, add_special_tokens=False).input_ids
+
+
+def test_batch_matches_transformers(pair):
+    ours, ref = pair
+    ids = ours(PROMPTS)
+    assert ids.shape == (len(PROMPTS), 77)
+    assert ids.tolist() == reference_ids(ref, PROMPTS).tolist()
+    assert ids.tolist() == torch.cat([ours(p) for p in PROMPTS]).tolist()
+
+
+def test_other_max_length(folder):
+    ours, ref = Tokenizer.from_folder(folder, max_length=16), CLIPTokenizer.from_pretrained(folder)
+    assert ours(PROMPTS).tolist() == reference_ids(ref, PROMPTS, max_length=16).tolist()
+
+
+def test_special_ids(pair, folder):
+    ours, ref = pair
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    assert (ours.bos_id, ours.eos_id) == (vocab[BOS], vocab[EOS]) == (ref.bos_token_id, ref.eos_token_id)
+    assert ours.pad_id == ref.pad_token_id
+    assert ours.vocab_size == len(vocab) == len(ref)
+
+
+def test_sd1_pads_with_eos(tmp_path):
+    tok = Tokenizer.from_folder(write_clip_vocab(tmp_path))
+    assert tok.pad_id == tok.eos_id
+    row = tok("a photo of a cat")[0].tolist()
+    n = len(tok.encode("a photo of a cat"))
+    assert row[: n + 2] == [tok.bos_id] + tok.encode("a photo of a cat") + [tok.eos_id]
+    assert row[n + 2:] == [tok.eos_id] * (77 - n - 2)
+
+
+def test_sd2_pads_with_exclamation_mark(tmp_path):
+    tok = Tokenizer.from_folder(write_clip_vocab(tmp_path, pad_token="!"))
+    assert tok.pad_id == 0 != tok.eos_id
+    row = tok("a photo of a cat")[0].tolist()
+    n = len(tok.encode("a photo of a cat"))
+    assert row[n + 1] == tok.eos_id
+    assert row[n + 2:] == [0] * (77 - n - 2)
+
+
+def test_long_prompt_keeps_eos(pair):
+    ours, _ = pair
+    prompt = "a photo of a cat " * 30
+    content = ours.encode(prompt)
+    assert len(content) > 75
+    row = ours(prompt)[0].tolist()
+    assert row == [ours.bos_id] + content[:75] + [ours.eos_id]
+
+
+def test_decode_matches_transformers_and_round_trips(pair):
+    ours, ref = pair
+    for prompt in PROMPTS:
+        ids = ours.encode(prompt)
+        assert ours.decode(ids) == ref.decode(ids)
+        row = ours(prompt)[0].tolist()
+        assert ours.decode(row) == ref.decode(row)
+    for text in ["a photo of a cat", "café, naïve 🔥 東京", "don't stop", "x 2.5"]:
+        expected = text.replace(",", " ,").replace("'", " '").replace(".", " . ")
+        assert ours.decode(ours.encode(text)) == " ".join(expected.split())
+
+
+def test_truncate(pair):
+    ours, _ = pair
+    text = "  a majestic   waterfall surrounded by lush tropical jungle, café 🔥 mist " * 12
+    words = text.split()
+    for max_tokens in [None, 1, 7, 20, 75]:
+        limit = 75 if max_tokens is None else max_tokens
+        cut = ours.truncate(text, max_tokens)
+        assert text.startswith(cut)
+        kept = cut.split()
+        assert kept == words[: len(kept)]  # whole words only
+        assert len(ours.encode(cut)) <= limit
+        assert len(ours.encode(" ".join(words[: len(kept) + 1]))) > limit  # longest such prefix
+    assert ours.truncate("a short prompt") == "a short prompt"
+    assert ours.truncate("") == ""
+    assert ours.truncate("东京东京东京东京", max_tokens=2) == ""  # the first word alone is too long
+
+
+def test_from_folder_reads_pad_token(tmp_path):
+    folder = write_clip_vocab(tmp_path, pad_token="!")
+    (folder / "special_tokens_map.json").unlink()
+    assert Tokenizer.from_folder(folder).pad_id == 0  # from tokenizer_config.json
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = {"content": "!", "lstrip": False, "normalized": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_folder(folder).pad_id == 0
+    (folder / "tokenizer_config.json").unlink()
+    tok = Tokenizer.from_folder(folder)
+    assert tok.pad_id == tok.eos_id  # nothing says otherwise: SD1's default
+
+
+@pytest.mark.parametrize("in_map, in_config", [("!", EOS), (EOS, "!")])
+def test_special_tokens_map_wins_over_tokenizer_config(tmp_path, in_map, in_config):
+    folder = write_clip_vocab(tmp_path, pad_token=in_map)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": in_config}))
+    assert Tokenizer.from_folder(folder).pad_id == CLIPTokenizer.from_pretrained(folder).pad_token_id
+
+
+@pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
+def test_from_folder_missing_file(tmp_path, missing):
+    folder = write_clip_vocab(tmp_path)
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        Tokenizer.from_folder(folder)
+
+
+def test_unknown_pad_token(tmp_path):
+    folder = write_clip_vocab(tmp_path)
+    with pytest.raises(ValueError, match="not in"):
+        Tokenizer(folder / "vocab.json", folder / "merges.txt", pad_token="<pad>")
+
+
+def test_fake_vocab_has_clip_layout(tmp_path):
+    start = time.perf_counter()
+    folder = write_clip_vocab(tmp_path / "a", num_merges=800)
+    assert time.perf_counter() - start < 1.0
+    tokens = list(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    byte_chars = list(reference_bytes_to_unicode().values())
+    assert list(bytes_to_unicode().values()) == byte_chars
+    assert tokens[:256] == byte_chars
+    assert tokens[256:512] == [c + "</w>" for c in byte_chars]
+    assert merges[0] == "#version: 0.2" and len(merges) == 801
+    assert tokens[512:-2] == [m.replace(" ", "") for m in merges[1:]]
+    assert tokens[-2:] == [BOS, EOS]
+    assert len(set(tokens)) == len(tokens) == 256 * 2 + 800 + 2
+    again = write_clip_vocab(tmp_path / "b", num_merges=800)
+    for name in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]:
+        assert (folder / name).read_bytes() == (again / name).read_bytes()
