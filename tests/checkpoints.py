@@ -1,0 +1,69 @@
+"""Random-weight Stable Diffusion checkpoints, written by the reference libraries in their real
+on-disk formats. Small configs with the SD1 / SD2 structure: the loaders must read them exactly
+as they read the real models."""
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conftest import randomize_
+from fake_vocab import write_clip_vocab
+
+# Text width 128 with 64-channel heads and 32-group norms: the conventions a single file cannot
+# record (heads, groups), kept as in the real models so both formats load the same way.
+FAMILIES = {
+    "sd1": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=128, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  hidden_act="quick_gelu"),
+        pad="<|endoftext|>",
+    ),
+    "sd2": dict(
+        unet=dict(block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=128,
+                  attention_head_dim=(1, 2), use_linear_projection=True,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  hidden_act="gelu"),
+        pad="!",
+    ),
+}
+VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1)
+
+
+def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True):
+    """Writes a diffusers-layout folder with every tensor random. Returns its path.
+
+    `hub_text_prefix`: store the text encoder's keys with `text_model.` (and position_ids) as
+    hub files do; transformers 5 itself writes them without."""
+    spec, root = FAMILIES[family], Path(root)
+    vocab_dir = write_clip_vocab(root / "tokenizer", pad_token=spec["pad"])
+    vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
+
+    randomize_(UNet2DConditionModel(**spec["unet"]), seed).save_pretrained(root / "unet")
+    randomize_(AutoencoderKL(**VAE, sample_size=16), seed + 1).save_pretrained(root / "vae")
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=2,
+                              pad_token_id=1, bos_token_id=0, **spec["text"])
+    randomize_(CLIPTextModel(text_cfg), seed + 2).save_pretrained(root / "text_encoder")
+    if hub_text_prefix:
+        file = root / "text_encoder" / "model.safetensors"
+        state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in load_file(file).items()}
+        state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        save_file(state, file, metadata={"format": "pt"})
+    DDIMScheduler(**SCHEDULER, prediction_type=prediction_type).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }))
+    return root
