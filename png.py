@@ -1,0 +1,76 @@
+"""PNG files with the standard library alone (zlib), and their tEXt metadata.
+
+A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of type+data.
+IHDR gives the size and pixel format, tEXt holds keyword/value text (Latin-1), IDAT the
+zlib-compressed rows, each row prefixed by a filter byte (0: none), and IEND closes the file.
+"""
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes, with text chunks: tEXt, or iTXt (UTF-8) for text that
+    Latin-1, the only encoding tEXt allows, cannot hold."""
+    assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[2] == 3, "expected uint8 [H, W, 3]"
+    H, W, _ = image.shape
+    rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), image.reshape(H, W * 3)], dim=1)  # filter byte 0
+    out = SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))  # 8-bit RGB
+    for key, value in (text or {}).items():
+        try:
+            out += _chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
+        except UnicodeEncodeError:  # keyword, no compression, no language, no translated keyword
+            out += _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
+    return out + _chunk(b"IDAT", zlib.compress(rows.contiguous().numpy().tobytes(), 6)) + _chunk(b"IEND", b"")
+
+
+def write_png(path, image: torch.Tensor, text: dict[str, str] | None = None) -> Path:
+    """Writes atomically: a crash leaves either no file or the whole file, never half of one."""
+    path = Path(path)
+    data = encode_png(image, text)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
+    """Reads back what write_png writes (8-bit RGB, filter 0 rows): (uint8 [H, W, 3], text chunks)."""
+    data = Path(path).read_bytes()
+    if not data.startswith(SIGNATURE):
+        raise ValueError(f"{path}: not a PNG file")
+    pos, text, idat, size = len(SIGNATURE), {}, b"", None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"tEXt":
+            key, value = body.split(b"\0", 1)
+            text[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"iTXt":
+            key, rest = body.split(b"\0", 1)
+            text[key.decode("latin-1")] = rest[2:].split(b"\0", 2)[2].decode("utf-8")
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    W, H = size
+    rows = torch.frombuffer(bytearray(zlib.decompress(idat)), dtype=torch.uint8).view(H, 1 + W * 3)
+    if rows[:, 0].any():
+        raise ValueError(f"{path}: only unfiltered rows are supported")
+    return rows[:, 1:].reshape(H, W, 3).clone(), text
