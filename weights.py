@@ -170,7 +170,7 @@ def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
     scheduler = SchedulerConfig.from_dict(_read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
     family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
     return Pipeline(
-        tokenizer=Tokenizer.from_folder(tokenizer or path / "tokenizer"),
+        tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
         text_encoder=load_strict(CLIPTextModel, text_cfg, text_state, str(path / "text_encoder")),
         unet=load_strict(UNet, unet_cfg, unet_state, str(path / "unet")),
         vae=load_strict(AutoencoderKL, vae_cfg, vae_state, str(path / "vae")),
@@ -532,11 +532,21 @@ TOKENIZERS = {"sd1": ("openai/clip-vit-large-patch14", "<|endoftext|>"),
               "sd2": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "!")}
 
 
+def load_tokenizer(folder, pad_token=None) -> Tokenizer:
+    """A tokenizer folder; its own pad token wins over `pad_token`."""
+    try:
+        tok = Tokenizer.from_folder(folder)
+        if pad_token is None or _has_pad_token(Path(folder)):
+            return tok
+        return Tokenizer(Path(folder) / "vocab.json", Path(folder) / "merges.txt", pad_token)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizer: {e}".replace("\n", " ")) from None
+
+
 def _single_file_tokenizer(folder, family: str) -> Tokenizer:
     repo, pad = TOKENIZERS[family]
     if folder is not None:
-        tok = Tokenizer.from_folder(folder)
-        return tok if _has_pad_token(Path(folder)) else Tokenizer(Path(folder) / "vocab.json", Path(folder) / "merges.txt", pad)
+        return load_tokenizer(folder, pad)
     files = [_hub(lambda: __import__("huggingface_hub").hf_hub_download(repo, f), repo) for f in ("vocab.json", "merges.txt")]
     return Tokenizer(files[0], files[1], pad_token=pad)
 
@@ -587,13 +597,13 @@ def _hub(fetch, repo_id: str):
         raise CheckpointError(f"{repo_id}: the repo is gated; accept its licence on the hub and set HF_TOKEN") from None
     except errors.RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id}: no such repo on the Hugging Face hub (or it is private: set HF_TOKEN)") from None
-    except errors.EntryNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: file not found in the repo ({e})") from None
     except errors.LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
             "the hub cannot be reached and it is not in the local cache"
         raise CheckpointError(f"{repo_id}: cannot download: {why}") from None
+    except errors.EntryNotFoundError as e:
+        raise CheckpointError(f"{repo_id}: file not found in the repo ({str(e).splitlines()[0]})") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{repo_id}: download failed: {str(e).splitlines()[0]}") from None
 

@@ -1,0 +1,171 @@
+"""The sampling loop: text -> latents -> DDIM steps with classifier-free guidance -> images.
+
+Each step runs the UNet once, batched over every active branch, combines the branches with the
+guidance formula (`guide`, the one place it is written), and then calls the hooks. A hook is any
+callable taking a `StepState`. It can read x_t, the guided prediction and the predicted clean
+image, and it can change `state.guidance`: negative prompts, their scale, the CFG scale. Changes
+apply from the step the hook ran at, so the loop re-runs the UNet on the branches whose text
+changed, and only on those, before it takes the step.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from sampler.ddim import DDIM, randn
+
+
+@dataclass
+class Guidance:
+    """The conditioning for each image in the batch. Hooks may change any field.
+
+    uncond:    what the unconditional branch sees, "" by default. A classic negative prompt goes
+               here: it replaces the unconditional branch.
+    negative:  a negative for the three-branch form, or None. Images with None run no extra branch.
+    scale:     g, the classifier-free guidance scale. At g <= 1 with no negatives, the unconditional
+               branch is skipped and ε = ε_c, as diffusers does.
+    negative_scale: w_neg, how hard the three-branch negative pushes.
+    """
+    prompt: list[str]
+    uncond: list[str]
+    negative: list[str | None]
+    scale: float = 7.5
+    negative_scale: float = 7.5
+
+    def rows(self) -> list[tuple[str, int, str]]:
+        """The (branch, image, text) rows the UNet must run: u, c and n for uncond, cond, negative."""
+        B = len(self.prompt)
+        has_negative = any(n is not None for n in self.negative)
+        rows = [("u", b, self.uncond[b]) for b in range(B)] if self.scale > 1 or has_negative else []
+        rows += [("c", b, self.prompt[b]) for b in range(B)]
+        return rows + [("n", b, n) for b, n in enumerate(self.negative) if n is not None]
+
+
+def guide(eps_u, eps_c, eps_n, g: float, w: torch.Tensor):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) with an optional negative branch, as in
+    VL-DNP (Chang et al. 2025): ε = ε_u + g(ε_c − ε_u) − w_neg(ε_n − ε_u). `w` holds w_neg per image,
+    0 where an image has no negative; eps_n is None when no image has one."""
+    eps = eps_u + g * (eps_c - eps_u)
+    if eps_n is not None:
+        eps = eps - w * (eps_n - eps_u)
+    return eps
+
+
+@dataclass
+class StepState:
+    """What a hook sees at step i (of num_steps) at timestep t. `eps` is the positive guided
+    prediction ε_u + g(ε_c − ε_u), the negative term left out, and `x0` the clean latents it
+    predicts, so a hook sees what the prompt is forming. `decode_x0()` gives them as images in
+    [-1, 1]."""
+    i: int
+    t: int
+    num_steps: int
+    x: torch.Tensor  # [B, 4, h, w], x_t
+    eps: torch.Tensor  # [B, 4, h, w]
+    x0: torch.Tensor  # [B, 4, h, w]
+    guidance: Guidance
+    pipe: object = field(repr=False)
+
+    def decode_x0(self) -> torch.Tensor:
+        return self.pipe.vae.decode(self.x0)  # [B, 3, H, W]
+
+
+Hook = Callable[[StepState], None]
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class TextCache:
+    """Text encoder outputs by prompt, so each distinct text is encoded once per run."""
+
+    def __init__(self, pipe):
+        self.pipe, self.cache = pipe, {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            ids = self.pipe.tokenizer(new).to(self.pipe.device)
+            for text, hidden in zip(new, self.pipe.text_encoder(ids)):
+                self.cache[text] = hidden
+        return torch.stack([self.cache[t] for t in texts])  # [len(texts), 77, D]
+
+
+@torch.no_grad()
+def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, height=None, width=None,
+             batch=1, seed=0, eta=0.0, hooks: list[Hook] = (), negative=None, negative_scale=7.5,
+             progress=True) -> torch.Tensor:
+    """Generates images; returns uint8 [B, H, W, 3].
+
+    prompt / negative_prompt: a string or one per image. `batch` images are made per prompt.
+    negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
+    The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
+    as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    B = len(prompts) * batch
+    per_image = lambda v: [v] * B if v is None or isinstance(v, str) else [p for p in v for _ in range(batch)]
+    g = Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
+                 scale=guidance, negative_scale=negative_scale)
+    height, width = height or pipe.default_size, width or pipe.default_size
+    factor = 2 ** (len(pipe.vae.config.channels) - 1)  # image pixels per latent pixel: 8 in SD
+    ddim = DDIM(pipe.scheduler, steps)
+    text = TextCache(pipe)
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    shape = (B, pipe.unet.config.in_channels, height // factor, width // factor)
+    x = randn(shape, generator, dtype=torch.float32).to(pipe.device, pipe.dtype)  # x_T ~ N(0, I)
+    bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
+    for i, t in enumerate(tqdm(ddim.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
+        outputs = run_unet(pipe, x, t, g.rows(), text)
+        eps_pos, eps = combine(outputs, g)
+        x0, eps_pos = ddim.predict(eps_pos, i, x)
+        if hooks:
+            before = (g.scale, g.negative_scale)
+            state = StepState(i, t, steps, x, eps_pos, x0, g, pipe)
+            for hook in hooks:
+                hook(state)
+            changed = [r for r in g.rows() if r not in outputs]
+            if changed or (g.scale, g.negative_scale) != before:
+                outputs.update(run_unet(pipe, x, t, changed, text))
+                _, eps = combine(outputs, g)
+        x, _ = ddim.step(eps, i, x, eta=eta, generator=generator)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
+
+    if bad_step >= 0:
+        i = int(bad_step)
+        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={ddim.timesteps[i].item()}); "
+                             f"{pipe.dtype} overflowed: try --dtype fp32, or upcast attention")
+    return to_uint8(pipe.vae.decode(x))
+
+
+def run_unet(pipe, x, t, rows, text) -> dict:
+    """One batched UNet call over `rows` of (branch, image, text); returns {row: model output}."""
+    if not rows:
+        return {}
+    latents = x[[b for _, b, _ in rows]]  # [R, 4, h, w]
+    out = pipe.unet(latents, t, text([txt for _, _, txt in rows]))  # [R, 4, h, w]
+    return dict(zip(rows, out))
+
+
+def combine(outputs: dict, g: Guidance):
+    """Stacks the branch outputs per image and applies `guide`. Returns (positive, full) guidance."""
+    rows = g.rows()
+    pick = lambda branch, texts: torch.stack([outputs[(branch, b, text)] for b, text in enumerate(texts)])
+    eps_c = pick("c", g.prompt)
+    eps_u = pick("u", g.uncond) if rows[0][0] == "u" else eps_c  # no uncond branch: ε = ε_c
+    positive = guide(eps_u, eps_c, None, g.scale, None)
+    if all(n is None for n in g.negative):
+        return positive, positive
+    eps_n = torch.stack([outputs[("n", b, n)] if n is not None else eps_u[b] for b, n in enumerate(g.negative)])
+    w = torch.tensor([0.0 if n is None else g.negative_scale for n in g.negative], dtype=eps_c.dtype,
+                     device=eps_c.device)
+    return positive, guide(eps_u, eps_c, eps_n, g.scale, w[:, None, None, None])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounded as diffusers rounds."""
+    images = (images * 0.5 + 0.5).clamp(0, 1)
+    return (images.permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8)
