@@ -53,8 +53,13 @@ class Pipeline:
     name: str  # where it came from, for image metadata
 
     @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel: 8 in SD."""
+        return 2 ** (len(self.vae.config.channels) - 1)
+
+    @property
     def default_size(self) -> int:
-        return 8 * self.unet.config.sample_size
+        return self.vae_scale * self.unet.config.sample_size
 
     @property
     def device(self) -> torch.device:

@@ -106,16 +106,22 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     B = len(prompts) * batch
-    per_image = lambda v: [v] * B if v is None or isinstance(v, str) else [p for p in v for _ in range(batch)]
+
+    def per_image(v):  # one value for all, or one per prompt, repeated for the prompt's batch images
+        if v is None or isinstance(v, str):
+            return [v] * B
+        if len(v) != len(prompts):
+            raise ValueError(f"got {len(v)} negative prompts for {len(prompts)} prompts")
+        return [p for p in v for _ in range(batch)]
+
     g = Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
                  scale=guidance, negative_scale=negative_scale)
     height, width = height or pipe.default_size, width or pipe.default_size
-    factor = 2 ** (len(pipe.vae.config.channels) - 1)  # image pixels per latent pixel: 8 in SD
     ddim = DDIM(pipe.scheduler, steps)
     text = TextCache(pipe)
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    shape = (B, pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = (B, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     x = randn(shape, generator, dtype=torch.float32).to(pipe.device, pipe.dtype)  # x_T ~ N(0, I)
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
     for i, t in enumerate(tqdm(ddim.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):

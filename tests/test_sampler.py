@@ -1,0 +1,197 @@
+"""The sampling loop against diffusers' StableDiffusionPipeline + DDIMScheduler on random weights."""
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from checkpoints import make_sd_folder
+from sampler.ddim import DDIM
+from sampler.loop import NonFiniteError, generate
+from weights import export_single_file, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="module")
+def sd2v(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
+
+
+def reference(folder):
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance=7.5, height=32, width=32, batch=1,
+                     eta=0.0, seed=0):
+    out = ref(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+              height=height, width=width, num_images_per_prompt=batch, eta=eta,
+              generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+    return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def assert_same_image(ours, expected):
+    assert ours.shape == expected.shape and ours.dtype == torch.uint8
+    # Random weights saturate easily; make sure the comparison is about real pixel values.
+    assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
+    assert (ours.int() - expected.int()).abs().max() <= 2
+
+
+DEFAULTS = dict(steps=4, height=32, width=32)
+CASES = {
+    "plain": dict(prompt="a cat on a table"),
+    "negative-batch2-nonsquare-eta": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
+                                          height=24, width=40, eta=0.7, steps=5, guidance=5.0),
+    "guidance1": dict(prompt="a red house", guidance=1.0, steps=3),
+    "two-prompts": dict(prompt=["a castle", "a lake at night"], negative_prompt=["fog", "boats"], seed=7),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sd1_folder_matches_diffusers(sd1, case):
+    kw = {**DEFAULTS, **CASES[case]}
+    ours = generate(load_pipeline(sd1), **kw, progress=False)
+    assert_same_image(ours, reference_images(reference(sd1), **kw))
+
+
+def test_sd1_single_file_matches_diffusers(sd1, tmp_path):
+    file = export_single_file(sd1, tmp_path / "model.safetensors")
+    pipe = load_pipeline(file, tokenizer=sd1 / "tokenizer")
+    kw = dict(prompt="a cat on a table", negative_prompt="dark", height=32, width=24, steps=4)
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd1), **kw))
+
+
+def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
+    pipe = load_pipeline(sd2v)
+    assert pipe.family == "sd2" and pipe.scheduler.prediction_type == "v_prediction"
+    kw = dict(prompt="a mountain, oil painting!", batch=2, steps=4, eta=0.3, height=32, width=32)
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
+    # a single file does not record the prediction type: prediction_type="v" gives it back
+    file = export_single_file(sd2v, tmp_path / "v.safetensors")
+    pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer", prediction_type="v")
+    kw = dict(prompt="a mountain", height=32, width=32, steps=3)
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet and records the batch size of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config, self.conv_in, self.calls = unet, unet.config, unet.conv_in, []
+
+    def forward(self, x, t, context):
+        self.calls.append(x.shape[0])
+        return self.unet(x, t, context)
+
+
+def test_one_batched_unet_call_per_step(sd1):
+    pipe = load_pipeline(sd1)
+    pipe.unet = CountingUNet(pipe.unet)
+    generate(pipe, "a", steps=3, batch=2, height=16, width=16, progress=False)
+    assert pipe.unet.calls == [4, 4, 4]  # uncond + cond for 2 images, one call per step
+    pipe.unet.calls.clear()
+    generate(pipe, "a", steps=3, batch=2, guidance=1.0, height=16, width=16, progress=False)
+    assert pipe.unet.calls == [2, 2, 2]  # guidance <= 1: no unconditional branch
+    pipe.unet.calls.clear()
+    generate(pipe, ["a", "c"], steps=2, negative=["b", None], height=16, width=16, progress=False)
+    assert pipe.unet.calls == [5, 5]  # the negative branch only for the image that has one
+
+
+def test_hooks_see_the_step_state(sd1):
+    pipe = load_pipeline(sd1)
+    seen = []
+    generate(pipe, "a dog", steps=4, height=16, width=16, progress=False, hooks=[seen.append])
+    ddim = DDIM(pipe.scheduler, 4)
+    assert [s.i for s in seen] == [0, 1, 2, 3]
+    assert [s.t for s in seen] == ddim.timesteps.tolist()
+    for s in seen:
+        x0, _ = ddim.predict(s.eps, s.i, s.x)
+        torch.testing.assert_close(s.x0, x0)
+        assert s.decode_x0().shape == (1, 3, 16, 16)
+
+
+def three_branch_reference(folder, prompt, switches, steps, seed=0, g=7.5, size=16):
+    """The guidance written out with diffusers components: the negative in force at each step
+    comes from `switches` {step: (negative, w)}; no negative branch before the first."""
+    ref = reference(folder)
+    sched = ref.scheduler
+    sched.set_timesteps(steps)
+    embed = lambda text: ref.text_encoder(ref.tokenizer([text], padding="max_length", max_length=77,
+                                                        truncation=True, return_tensors="pt").input_ids)[0]
+    e_u, e_c = embed(""), embed(prompt)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn((1, 4, size // 2, size // 2), generator=gen)
+    negative = None
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            negative = switches.get(i, negative)
+            u, c = ref.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([e_u, e_c])).sample.chunk(2)
+            eps = u + g * (c - u)
+            if negative is not None:
+                n = ref.unet(x, t, encoder_hidden_states=embed(negative[0])).sample
+                eps = eps - negative[1] * (n - u)
+            x = sched.step(eps, t, x, generator=gen).prev_sample
+        return ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+
+
+def test_three_branch_guidance_matches_a_reference_loop(sd1):
+    pipe = load_pipeline(sd1)
+    switches = {1: ("a cat", 5.0), 3: ("a bird, blurry", 9.0)}
+
+    def hook(state):
+        if state.i in switches:
+            state.guidance.negative = [switches[state.i][0]]
+            state.guidance.negative_scale = switches[state.i][1]
+
+    ours = generate(pipe, "a dog", steps=5, height=16, width=16, hooks=[hook], progress=False)
+    with torch.no_grad():
+        expected = three_branch_reference(sd1, "a dog", switches, steps=5)
+    expected = (expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert (ours.int() - (expected * 255).round().int()).abs().max() <= 1
+    # and the hook mattered
+    plain = generate(pipe, "a dog", steps=5, height=16, width=16, progress=False)
+    assert (plain.int() - ours.int()).abs().max() > 2
+
+
+def test_static_negative_from_the_start_matches_reference(sd1):
+    pipe = load_pipeline(sd1)
+    ours = generate(pipe, "a dog", steps=3, height=16, width=16, negative="a cat", negative_scale=4.0, progress=False)
+    with torch.no_grad():
+        expected = three_branch_reference(sd1, "a dog", {0: ("a cat", 4.0)}, steps=3)
+    expected = ((expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round()
+    assert (ours.int() - expected.int()).abs().max() <= 1
+
+
+def test_batch_images_are_independent_of_each_others_negatives(sd1):
+    """Image 0 with a negative switched on at step 1 is the same whether image 1 gets one or not."""
+    pipe = load_pipeline(sd1)
+
+    def switch(negatives):
+        def hook(state):
+            if state.i == 1:
+                state.guidance.negative = list(negatives)
+        return hook
+
+    both = generate(pipe, ["a dog", "a tree"], steps=3, height=16, width=16, hooks=[switch(["cat", "rock"])],
+                    progress=False)
+    first_only = generate(pipe, ["a dog", "a tree"], steps=3, height=16, width=16, hooks=[switch(["cat", None])],
+                          progress=False)
+    assert torch.equal(both[0], first_only[0])
+    assert not torch.equal(both[1], first_only[1])
+
+
+def test_nan_stops_with_the_step_named(sd1):
+    pipe = load_pipeline(sd1)
+
+    def poison(state):
+        if state.i == 2:
+            state.x.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteError, match="step 2"):
+        generate(pipe, "a", steps=4, height=16, width=16, hooks=[poison], progress=False)
