@@ -133,16 +133,16 @@ def safetensors_keys(path: Path) -> dict[str, tuple]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = ""):
+def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
     """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
     exactly the model's tensors, each of the model's shape. The result needs no initialization and
-    holds only the tensors in `state`."""
+    holds only the tensors in `state`. `names` maps our keys to the file's, for the messages."""
     with torch.device("meta"):
         model = model_cls(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
+    missing = [(names or {}).get(k, k) for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected
+    wrong = [f"{(names or {}).get(k, k)} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected
              if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
@@ -442,7 +442,9 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         if any(k.startswith(marker) for k in shapes):
             raise CheckpointError(f"{where}: this looks like {what}; only SD1/SD2 single files are supported")
     if f"{PREFIX['unet']}input_blocks.0.0.weight" not in shapes:
-        raise CheckpointError(f"{where}: no {PREFIX['unet']}* tensors; not an SD1/SD2 single file")
+        found = sorted({k.split(".")[0] + ".*" for k in shapes})[:3]
+        raise CheckpointError(f"{where}: no UNet ({PREFIX['unet']}*), only {', '.join(found) or 'nothing'}; "
+                              "not a full SD1/SD2 single file")
     family = "sd2" if any(k.startswith(PREFIX["sd2"]) for k in shapes) else "sd1"
     if not any(k.startswith(PREFIX[family]) for k in shapes):
         raise CheckpointError(f"{where}: no text encoder ({PREFIX['sd1']}* or {PREFIX['sd2']}*)")
@@ -456,11 +458,11 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
     n = (max(blocks("input_blocks.")) + 1) // (L + 1)
     first = [1 + i * (L + 1) for i in range(n)]  # first res block of each level
     channels = tuple(u[f"input_blocks.{b}.0.out_layers.3.weight"][0] for b in first)
-    attention = tuple(f"input_blocks.{b}.1.proj_in.weight" in u for b in first)
+    attention = tuple(any(k.startswith(f"input_blocks.{b}.1.") for k in u) for b in first)
     depth = tuple(len({k.split(".")[4] for k in u if k.startswith(f"input_blocks.{b}.1.transformer_blocks.")}) or 1
                   for b in first)
     attn_keys = [k for k in u if k.endswith("attn2.to_k.weight")]
-    proj = next(s for k, s in u.items() if k.endswith("proj_in.weight"))
+    proj = next((s for k, s in u.items() if k.endswith(("proj_in.weight", "proj_out.weight"))), (0, 0, 1, 1))
     # SD1 uses 8 heads everywhere; SD2 uses 64 channels per head.
     heads = (8,) * n if family == "sd1" else tuple(max(c // 64, 1) for c in channels)
     unet = UNetConfig(
@@ -519,7 +521,8 @@ def _load_single_file(path: Path, device, dtype, tokenizer, prediction_type) -> 
     models = {}
     for prefix, cls, cfg, table in parts:
         state = {k: to_ours(stored[PREFIX[prefix] + o.key], o) for k, o in table.items() if PREFIX[prefix] + o.key in stored}
-        models[cls] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file")
+        models[cls] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file",
+                                  names={k: PREFIX[prefix] + o.key for k, o in table.items()})
     del stored
     if prediction_type in ("v", "v_prediction") and family == "sd2":
         unet_cfg.sample_size = 96  # the 768-v models

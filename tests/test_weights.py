@@ -1,0 +1,275 @@
+"""Loading: both formats give the reference models' numbers; every error is one clear line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+from checkpoints import make_sd_folder
+from conftest import assert_close_rel
+from weights import CheckpointError, export_single_file, hub_patterns, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def folder(request, tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp(request.param), request.param, seed=5)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1_file(sd1, tmp_path_factory):
+    return export_single_file(sd1, tmp_path_factory.mktemp("file") / "sd1.safetensors")
+
+
+def reference_outputs(folder):
+    """The three models' outputs on fixed inputs, computed by diffusers and transformers."""
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, text.config.vocab_size, (2, 77), generator=g)
+    x, z = torch.randn(2, 4, 8, 12, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        context = text(ids).last_hidden_state
+        sf = vae.config.scaling_factor
+        return dict(ids=ids, x=x, z=z, images=images, context=context,
+                    eps=unet(x, torch.tensor([999, 1]), encoder_hidden_states=context).sample,
+                    decoded=vae.decode(z / sf).sample, encoded=vae.encode(images).latent_dist.mean * sf)
+
+
+def assert_matches(pipe, ref):
+    with torch.no_grad():
+        assert_close_rel(pipe.text_encoder(ref["ids"]), ref["context"])
+        assert_close_rel(pipe.unet(ref["x"], torch.tensor([999, 1]), ref["context"]), ref["eps"])
+        assert_close_rel(pipe.vae.decode(ref["z"]), ref["decoded"])
+        assert_close_rel(pipe.vae.encode(ref["images"]), ref["encoded"])
+
+
+def test_folder_and_single_file_give_the_reference_numbers(folder, tmp_path):
+    ref = reference_outputs(folder)
+    pipe = load_pipeline(folder)
+    assert pipe.family == folder.parent.name[:3] or pipe.family in ("sd1", "sd2")
+    assert_matches(pipe, ref)
+    file = export_single_file(folder, tmp_path / "model.safetensors")
+    assert_matches(load_pipeline(file, tokenizer=folder / "tokenizer"), ref)
+
+
+def test_single_file_family_and_pad_are_read_from_the_weights(folder, tmp_path):
+    family = "sd2" if json.loads((folder / "unet" / "config.json").read_text()).get("use_linear_projection") else "sd1"
+    file = export_single_file(folder, tmp_path / "model.safetensors")
+    pipe = load_pipeline(file, tokenizer=folder / "tokenizer")
+    assert pipe.family == family
+    assert pipe.unet.config.linear_proj == (family == "sd2")
+    assert pipe.tokenizer.pad_id == (0 if family == "sd2" else pipe.tokenizer.eos_id)
+
+
+def test_diffusers_reads_our_single_file_as_the_same_weights(folder, tmp_path):
+    file = export_single_file(folder, tmp_path / "model.safetensors")
+    theirs = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), local_files_only=True,
+                                                      safety_checker=None, requires_safety_checker=False)
+    original = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(theirs, name).state_dict(), getattr(original, name).state_dict()
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k}"
+
+
+def test_transformers5_text_keys_without_prefix(tmp_path):
+    folder = make_sd_folder(tmp_path, "sd1", hub_text_prefix=False)
+    assert not any(k.startswith("text_model.") for k in load_file(folder / "text_encoder" / "model.safetensors"))
+    assert_matches(load_pipeline(folder), reference_outputs(folder))
+
+
+def test_what_real_single_files_carry_is_tolerated(folder, tmp_path):
+    file = export_single_file(folder, tmp_path / "model.safetensors")
+    state = load_file(file)
+    extras = {name: torch.rand(1000) for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev",
+                                                  "sqrt_alphas_cumprod", "posterior_mean_coef2")}
+    extras["model_ema.decay"] = torch.tensor(0.9999)
+    extras["model_ema.diffusion_modelinput_blocks00weight"] = torch.rand(2, 2)
+    if "cond_stage_model.model.token_embedding.weight" in state:
+        extras["cond_stage_model.model.text_projection"] = torch.rand(128, 128)
+        extras["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    else:
+        extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None]
+    save_file({**state, **extras}, tmp_path / "real.safetensors")
+    pipe = load_pipeline(tmp_path / "real.safetensors", tokenizer=folder / "tokenizer")
+    assert_matches(pipe, reference_outputs(folder))
+
+
+def test_fp16_variant_files_and_target_dtype(sd1, tmp_path):
+    folder = Path(shutil.copytree(sd1, tmp_path / "fp16"))
+    for sub, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        full = folder / sub / f"{stem}.safetensors"
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(full).items()},
+                  folder / sub / f"{stem}.fp16.safetensors")
+        full.unlink()
+    pipe = load_pipeline(folder, dtype=torch.bfloat16)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert all(p.device.type == "cpu" for p in model.parameters())
+    assert load_pipeline(folder, dtype="fp32").unet.conv_in.weight.dtype == torch.float32
+
+
+def test_legacy_vae_attention_names(sd1, tmp_path):
+    folder = Path(shutil.copytree(sd1, tmp_path / "legacy"))
+    file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    state = {}
+    for k, v in load_file(file).items():
+        for new, old in names.items():
+            k = k.replace(new, old)
+        state[k] = v
+    assert any(".proj_attn." in k for k in state)
+    save_file(state, file)
+    assert_matches(load_pipeline(folder), reference_outputs(sd1))
+
+
+def test_scheduler_config_is_honoured_and_defaults_are_sds(sd1, tmp_path):
+    folder = Path(shutil.copytree(sd1, tmp_path / "sched"))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "linear",
+         "skip_prk_steps": True, "timestep_spacing": "trailing"}))
+    s = load_pipeline(folder).scheduler
+    assert (s.beta_start, s.beta_end, s.beta_schedule, s.timestep_spacing) == (0.001, 0.02, "linear", "trailing")
+    assert (s.steps_offset, s.set_alpha_to_one, s.clip_sample) == (1, False, False)  # SD's, not DDIM's defaults
+    shutil.rmtree(folder / "scheduler")
+    s = load_pipeline(folder).scheduler
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.timestep_spacing) == ("scaled_linear", 0.00085, 0.012, "leading")
+    assert load_pipeline(folder, prediction_type="v").scheduler.prediction_type == "v_prediction"
+
+
+def test_hub_patterns_fetch_no_pickles_and_no_safety_checker():
+    for dtype in (torch.float32, torch.float16):
+        patterns = hub_patterns(dtype)
+        assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) or "safety_checker" in p for p in patterns)
+        assert any(p.startswith("unet/") and "safetensors" in p for p in patterns)
+    assert any(".fp16." in p for p in hub_patterns(torch.float16))
+
+
+def _hub_cache(home: Path, repo: str, folder: Path):
+    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_repo_id_loads_from_the_hub_cache_offline(sd1, tmp_path):
+    _hub_cache(tmp_path, "someone/tiny-sd", sd1)
+    code = "from weights import load_pipeline; p = load_pipeline('someone/tiny-sd'); print(p.name, p.family)"
+    result = _run(code, {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["someone/tiny-sd", "sd1"]
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_repo_id_not_reachable_is_one_line(tmp_path, offline):
+    # HF_ENDPOINT points at a closed local port: no traffic leaves the machine.
+    code = ("from weights import load_pipeline, CheckpointError\n"
+            "try:\n    load_pipeline('someone/not-here')\n"
+            "except CheckpointError as e:\n    print(e)")
+    result = _run(code, {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": "http://127.0.0.1:9",
+                         "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "someone/not-here" in lines[0], result.stdout + result.stderr
+    assert ("HF_HUB_OFFLINE" in lines[0]) == (offline == "1")
+
+
+def error_of(source, **kw) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_pipeline(source, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_truncated_and_corrupt_files(sd1_file, tmp_path):
+    data = sd1_file.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in error_of(tmp_path / "truncated.safetensors", tokenizer="unused")
+    (tmp_path / "garbage.safetensors").write_bytes(os.urandom(4096))
+    assert "truncated or corrupt" in error_of(tmp_path / "garbage.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert "empty.safetensors" in error_of(tmp_path / "empty.safetensors")
+
+
+def test_not_a_checkpoint_folder_and_missing_subfolder(sd1, tmp_path):
+    (tmp_path / "photos").mkdir()
+    assert "not a Stable Diffusion checkpoint folder" in error_of(tmp_path / "photos")
+    partial = Path(shutil.copytree(sd1, tmp_path / "partial"))
+    shutil.rmtree(partial / "vae")
+    assert "missing subfolder vae/" in error_of(partial)
+    shutil.copytree(sd1 / "vae", partial / "vae")
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (partial / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    assert "pickled" in error_of(partial)
+    (partial / "tokenizer" / "merges.txt").unlink()
+    shutil.copy(sd1 / "unet" / "diffusion_pytorch_model.safetensors", partial / "unet")
+    assert "merges.txt" in error_of(partial)
+
+
+def test_missing_path_and_pickle_file(tmp_path):
+    assert "no such file or folder" in error_of(tmp_path / "nope")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x02pickle")
+    assert "pickled" in error_of(tmp_path / "model.ckpt")
+
+
+def test_wrong_or_damaged_single_files(sd1_file, sd1, tmp_path):
+    state = load_file(sd1_file)
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    save_file({k: v for k, v in state.items() if k != key}, tmp_path / "missing.safetensors")
+    message = error_of(tmp_path / "missing.safetensors", tokenizer=sd1 / "tokenizer")
+    assert "missing" in message and "proj_in" in message
+
+    save_file({**state, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    assert "model.diffusion_model.extra.weight" in error_of(tmp_path / "extra.safetensors", tokenizer=sd1 / "tokenizer")
+
+    key = "first_stage_model.decoder.conv_out.bias"
+    save_file({**state, key: torch.zeros(5)}, tmp_path / "shape.safetensors")
+    message = error_of(tmp_path / "shape.safetensors", tokenizer=sd1 / "tokenizer")
+    assert "wrong shape" in message and "conv_out.bias" in message
+
+    save_file({**state, "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, tmp_path / "xl.safetensors")
+    assert "SDXL" in error_of(tmp_path / "xl.safetensors")
+
+    save_file({k: v for k, v in state.items() if k.startswith("first_stage_model.")}, tmp_path / "part.safetensors")
+    assert "no UNet" in error_of(tmp_path / "part.safetensors")
+    vae = {k.removeprefix("first_stage_model."): v for k, v in state.items() if k.startswith("first_stage_model.")}
+    save_file(vae, tmp_path / "vae.safetensors")  # how standalone VAE releases are stored
+    assert "VAE alone" in error_of(tmp_path / "vae.safetensors")
+
+
+def test_sdxl_folder_is_named(sd1, tmp_path):
+    folder = Path(shutil.copytree(sd1, tmp_path / "xl"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert "SDXL" in error_of(folder)
+
+
+def test_mismatched_parts(sd1, tmp_path):
+    folder = Path(shutil.copytree(sd1, tmp_path / "mixed"))
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 64}))
+    message = error_of(folder)
+    assert "unet" in message and "wrong shape" in message
