@@ -1,0 +1,19 @@
+"""What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply."""
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Reply:
+    items: list[str]  # the concepts found (task-cleaned); [] when nothing was found or on error
+    raw: str  # the proposer's raw answer (VLM text, or CLIP's scores as text), for the trace
+    error: str | None = None  # one line, when the query failed
+    latency: float = 0.0  # seconds
+
+
+class Proposer(Protocol):
+    def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
+        """image: [3, H, W] in [-1, 1], the decoded x0 prediction of one image of the batch."""
+        ...
