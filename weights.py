@@ -82,7 +82,7 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         pipe = _load_single_file(path, device, dtype, tokenizer, prediction_type)
     elif path.is_dir():
         pipe = _load_folder(path, device, dtype, tokenizer)
-    elif _looks_like_repo_id(str(source)):
+    elif looks_like_repo_id(str(source)):
         pipe = _load_folder(download(str(source), dtype), device, dtype, tokenizer)
         pipe.name = str(source)
     else:
@@ -172,7 +172,10 @@ def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
     text_state = {k.removeprefix("text_model."): v for k, v in text_state.items() if not k.endswith("position_ids")}
 
     sched_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = SchedulerConfig.from_dict(_read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
+    try:
+        scheduler = SchedulerConfig.from_dict(_read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{sched_file}: {e}") from None
     family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
     return Pipeline(
         tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
@@ -564,7 +567,7 @@ def _has_pad_token(folder: Path) -> bool:
                for f in ("special_tokens_map.json", "tokenizer_config.json") if (folder / f).is_file())
 
 
-def _looks_like_repo_id(s: str) -> bool:
+def looks_like_repo_id(s: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith((".", "/"))
 
 

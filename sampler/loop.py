@@ -142,8 +142,9 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
 
     if bad_step >= 0:
         i = int(bad_step)
-        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={ddim.timesteps[i].item()}); "
-                             f"{pipe.dtype} overflowed: try --dtype fp32, or upcast attention")
+        hint = "try --dtype fp32, or upcast attention" if pipe.dtype != torch.float32 else "the weights may be broken"
+        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={ddim.timesteps[i].item()}) "
+                             f"in {str(pipe.dtype).removeprefix('torch.')}; {hint}")
     return to_uint8(pipe.vae.decode(x))
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from model.clip import ACTIVATIONS, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, preprocess
 from model.tokenizer import Tokenizer
 from vlm.base import Reply
-from weights import CheckpointError, _dtype, _hub, _looks_like_repo_id, _read_component, load_strict
+from weights import CheckpointError, _dtype, _hub, looks_like_repo_id, _read_component, load_strict
 
 # What transformers' CLIPModel.save_pretrained and CLIPTokenizer.save_pretrained write, minus
 # pickles: the only files load_clip fetches from the hub.
@@ -58,7 +58,7 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
     elif path.exists():
         raise CheckpointError(f"{source}: a CLIP model is a folder (config.json, model.safetensors, "
                               "vocab.json, merges.txt) or a hub repo id, not a file")
-    elif _looks_like_repo_id(str(source)):
+    elif looks_like_repo_id(str(source)):
         from huggingface_hub import snapshot_download
 
         folder = Path(_hub(lambda: snapshot_download(str(source), allow_patterns=CLIP_FILES), str(source)))

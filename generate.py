@@ -1,0 +1,259 @@
+"""Text to image with Stable Diffusion 1.x / 2.x:  python generate.py "a photo of a cat"
+
+Loads a model, samples with DDIM (sampler/loop.py) and writes PNGs whose `parameters` text chunk
+holds the prompt and settings in the layout AUTOMATIC1111 and other SD tools read. With the same
+checkpoint, prompt, seed and settings, the image is the one diffusers' StableDiffusionPipeline with
+DDIMScheduler gives. Arguments are checked before any model is loaded; every failure is one line.
+"""
+import argparse
+import os
+import re
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import png
+import weights
+from sampler.loop import NonFiniteError, generate
+
+DEMO_PROMPT = "a photograph of an astronaut riding a horse"
+OUTPUTS = Path("outputs")
+
+EXAMPLES = """\
+examples:
+  python generate.py "a watercolor of a lighthouse at dawn" --seed 42
+  python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
+  python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
+  python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
+
+Prints the seed, then the path of each image written.
+Exit status: 0 done, 1 sampling failed (nothing saved), 2 bad argument or model, 130 interrupted.
+"""
+
+
+class UsageError(Exception):
+    """A bad argument, found before any model is loaded."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + message
+        raise UsageError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x and DDIM.",
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                   help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
+    m.add_argument("--tokenizer", metavar="DIR",
+                   help="folder with vocab.json and merges.txt, for single files (default: downloaded)")
+    m.add_argument("--prediction-type", choices=["epsilon", "v"],
+                   help="what the UNet predicts, overriding the model's scheduler config; "
+                        "single files do not record it (SD 2.x 768 models: v)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    s.add_argument("--guidance", type=float, default=7.5, metavar="SCALE",
+                   help="classifier-free guidance scale; 1 or less skips the unconditional pass (default: %(default)s)")
+    s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
+    s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
+    s.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
+
+    o = p.add_argument_group("output and hardware")
+    o.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... PATH-{N-1}.png with --batch N, "
+                                                  "overwriting (default: a new file in outputs/, never overwriting)")
+    o.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    o.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on cuda, fp32 elsewhere")
+    o.add_argument("--quiet", action="store_true", help="no progress bar (the seed and paths are still printed)")
+
+    add_vl_dnp_arguments(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# VL-DNP (issue 4) plugs in here: its flags (--proposer, --vlm-*, --negative-scale, --trace) go in
+# add_vl_dnp_arguments, and vl_dnp_hooks turns them into step hooks for sampler.loop.generate.
+
+def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
+    pass
+
+
+def vl_dnp_hooks(args, pipe) -> list:
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments
+
+def check(args) -> tuple[torch.device, torch.dtype]:
+    """Rejects bad arguments, before any heavy work. Returns the device and dtype to use."""
+    rules = [("steps", 1 <= args.steps <= 1000, "between 1 and 1000"), ("guidance", args.guidance >= 0, "0 or more"),
+             ("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
+             ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]
+    rules += [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
+              for side, size in [("height", args.height), ("width", args.width)]]
+    for name, ok, rule in rules:
+        if not ok:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
+    check_model(args.model)
+    check_out(args.out)
+    device = pick_device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def check_model(model: str):
+    path = Path(model).expanduser()
+    if not path.exists() and (path.suffix in (".safetensors", ".ckpt") or not weights.looks_like_repo_id(model)):
+        raise UsageError(f"--model {model}: no such file or folder (nor a Hugging Face repo id like org/name)")
+
+
+def check_out(out: str | None):
+    if out is None:
+        folder, flag = OUTPUTS, "outputs/"
+    elif Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    else:
+        folder, flag = Path(out).parent, f"--out {out}"
+    try:
+        if out is None:
+            OUTPUTS.mkdir(exist_ok=True)
+        if not folder.is_dir():
+            raise UsageError(f"{flag}: {folder} is not an existing folder")
+        with tempfile.TemporaryFile(dir=folder):  # the sure test: os.access misjudges root and read-only mounts
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {folder} ({e.strerror})") from None
+
+
+def pick_device(name: str) -> torch.device:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(kind for kind, ok in available.items() if ok))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in available:
+        raise UsageError(f"--device {name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
+    if not available[device.type]:
+        raise UsageError(f"--device {name}: {device.type} is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} cuda devices")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+def parameters_text(prompt, negative_prompt, *, steps, guidance, seed, width, height, model, eta=0.0,
+                    batch=1, index=0) -> str:
+    """The `parameters` text in AUTOMATIC1111's layout: the prompt, the negative prompt, then one
+    line of settings."""
+    settings = [f"Steps: {steps}", "Sampler: DDIM", f"CFG scale: {guidance:g}", f"Seed: {seed}",
+                f"Size: {width}x{height}", f"Model: {model}"]
+    settings += [f"Eta: {eta:g}"] if eta else []
+    settings += [f"Batch size: {batch}", f"Batch pos: {index}"] if batch > 1 else []
+    negative = [f"Negative prompt: {negative_prompt}"] if negative_prompt else []
+    return "\n".join([prompt, *negative, ", ".join(settings)])
+
+
+def numbered(base: Path, batch: int) -> list[Path]:
+    """base.png, or base-0.png ... base-{batch-1}.png."""
+    if batch == 1:
+        return [base.with_name(base.name + ".png")]
+    return [base.with_name(f"{base.name}-{i}.png") for i in range(batch)]
+
+
+def claim_new_paths(seed: int, batch: int) -> list[Path]:
+    """The next outputs/NNNNN-SEED paths, created empty with O_EXCL: a name that exists already,
+    written by an earlier or a concurrent run, is never taken."""
+    used = [int(m[1]) for f in OUTPUTS.iterdir() if (m := re.match(r"(\d{5,})-", f.name))]
+    n = max(used, default=-1) + 1
+    while True:
+        paths, claimed = numbered(OUTPUTS / f"{n:05d}-{seed}", batch), []
+        try:
+            for path in paths:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                claimed.append(path)
+            return paths
+        except FileExistsError:
+            for path in claimed:
+                path.unlink()
+            n += 1
+
+
+def save(images: torch.Tensor, args, texts: list[str], seed: int) -> list[Path]:
+    """Writes each image atomically; an image that cannot be written leaves no file behind."""
+    if args.out is None:
+        paths, claimed = claim_new_paths(seed, len(images)), True
+    else:
+        out = Path(args.out)
+        paths, claimed = numbered(out.with_suffix("") if out.suffix.lower() == ".png" else out, len(images)), False
+    done = 0
+    try:
+        for path, image, text in zip(paths, images, texts):
+            png.write_png(path, image, {"parameters": text})
+            done += 1
+    finally:
+        for path in paths[done:] if claimed else []:
+            path.unlink(missing_ok=True)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help
+        return e.code
+    except UsageError as e:
+        return fail(e, 2)
+    try:
+        device, dtype = check(args)
+        seed = secrets.randbelow(2**32) if args.seed is None else args.seed
+        print(f"seed: {seed}", flush=True)
+        try:
+            pipe = weights.load_pipeline(args.model, device, dtype, args.tokenizer, args.prediction_type)
+        except (ValueError, OSError) as e:  # CheckpointError, and configs the sampler does not support
+            return fail(e, 2)
+        height, width = args.height or pipe.default_size, args.width or pipe.default_size
+        images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                          height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
+                          hooks=vl_dnp_hooks(args, pipe), progress=not args.quiet)
+        texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                                 seed=seed, width=width, height=height, model=pipe.name, eta=args.eta,
+                                 batch=args.batch, index=i) for i in range(args.batch)]
+        for path in save(images, args, texts, seed):
+            print(path)
+        return 0
+    except UsageError as e:
+        return fail(e, 2)
+    except NonFiniteError as e:
+        return fail(f"{e}. Nothing was saved.", 1)
+    except torch.cuda.OutOfMemoryError:
+        return fail("out of memory; try a smaller --batch or image size", 1)
+    except OSError as e:
+        return fail(f"cannot write the image: {e}", 1)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+
+
+def fail(message, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

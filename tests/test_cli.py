@@ -1,0 +1,216 @@
+"""generate.py: arguments, bad input, output files and their metadata, and the written pixels against
+diffusers' StableDiffusionPipeline + DDIMScheduler on random-weight checkpoints."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+import generate
+import weights
+from checkpoints import make_sd_folder
+from png import read_png
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1_file(sd1, tmp_path_factory):
+    return weights.export_single_file(sd1, tmp_path_factory.mktemp("file") / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sd2v(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
+
+
+def run(capsys, *argv):
+    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def diffusers_images(folder, prompt, negative_prompt=None, *, seed, steps, guidance=7.5, height=None, width=None,
+                     batch=1, eta=0.0):
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    out = ref(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+              height=height, width=width, num_images_per_prompt=batch, eta=eta,
+              generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+    return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def assert_same_image(ours, expected):
+    assert ours.shape == expected.shape
+    assert expected.float().std() > 10, "reference image is flat; the comparison would prove little"
+    diff = (ours.int() - expected.int()).abs().max().item()
+    assert diff <= 2, f"pixels differ by up to {diff} levels"
+
+
+# ---------------------------------------------------------------------------------------------
+# --help and bad input
+
+def test_help_lists_every_flag():
+    result = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for flag in ["prompt", "--negative-prompt", "--model", "--tokenizer", "--prediction-type", "--seed", "--steps",
+                 "--guidance", "--height", "--width", "--eta", "--batch", "--out", "--device", "--dtype", "--quiet",
+                 "CompVis/stable-diffusion-v1-4", "examples:"]:
+        assert flag in result.stdout
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Makes loading a model fail the test: bad input must be caught before it."""
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(weights, "load_pipeline", load_pipeline)
+
+
+def unwritable_folder(tmp_path) -> Path:
+    """A folder this process cannot write in: read-only by mode, or /proc for root, who ignores modes."""
+    if os.geteuid() == 0:
+        return Path("/proc")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
+BAD = [
+    (["--height", "30"], "--height 30"), (["--width", "0"], "--width 0"), (["--width", "-16"], "--width -16"),
+    (["--steps", "0"], "--steps 0"), (["--steps", "three"], "--steps"), (["--guidance", "-1"], "--guidance -1"),
+    (["--eta", "-0.5"], "--eta -0.5"), (["--batch", "0"], "--batch 0"),
+    (["--out", "{tmp}/no-such-folder/x.png"], "no-such-folder"), (["--out", "{tmp}/a-file/x.png"], "a-file"),
+    (["--out", "{tmp}"], "is a folder"), (["--out", "{unwritable}/x.png"], "cannot write"),
+    (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
+    (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
+    (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
+]
+
+
+@pytest.mark.parametrize("args, about", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_before_loading(args, about, tmp_path, capsys, no_loading):
+    (tmp_path / "a-file").write_text("")
+    fill = dict(tmp=tmp_path, unwritable=unwritable_folder(tmp_path))
+    code, out, err = run(capsys, *[a.format(**fill) for a in args])
+    assert code == 2
+    assert out == [], "nothing, not even the seed, is printed for bad arguments"
+    assert len(err) == 1 and err[0].startswith("error: ") and about in err[0], err
+
+
+def test_missing_model_folder_contents_exit_2(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    code, _, err = run(capsys, "--model", tmp_path / "empty-model", "--out", tmp_path / "x.png", *FAST)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "empty-model" in err[0], err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_corrupt_safetensors_exit_2(sd1, sd1_file, tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(sd1_file.read_bytes()[: sd1_file.stat().st_size // 2])
+    code, _, err = run(capsys, "--model", broken, "--tokenizer", sd1 / "tokenizer", "--out", tmp_path / "x.png", *FAST)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "broken.safetensors" in err[0], err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_nan_exits_1_naming_the_step_and_saves_nothing(sd1, tmp_path, capsys, monkeypatch):
+    hot = shutil.copytree(sd1, tmp_path / "hot")  # a UNet whose output overflows float32 within two steps
+    file = hot / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    state["conv_out.weight"] *= 1e37
+    save_file(state, file)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "--model", hot, "--dtype", "bf16", *FAST)
+    assert code == 1 and len(err) == 1, err
+    assert re.search(r"step \d+", err[0]) and "fp32" in err[0] and "upcast attention" in err[0]
+    assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_interrupt_exits_130_and_saves_nothing(sd1, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, "generate", interrupted)
+    code, _, err = run(capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
+    assert code == 130 and err == ["error: interrupted"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Full runs: pixels against diffusers, metadata read back
+
+def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
+    out = tmp_path / "cube.png"  # without --quiet: the progress bar must stay off stdout
+    code, stdout, _ = run(capsys, "a red cube", "--negative-prompt", "blurry", "--model", sd1, "--seed", 123,
+                          "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--out", out)
+    assert code == 0 and stdout == ["seed: 123", str(out)]
+    image, text = read_png(out)
+    assert text["parameters"] == ("a red cube\nNegative prompt: blurry\n"
+                                  "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 123, Size: 32x32, Model: sd1")
+    expected = diffusers_images(sd1, "a red cube", "blurry", seed=123, steps=4, height=32, width=32)
+    assert_same_image(image, expected[0])
+
+
+def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, capsys):
+    code, stdout, _ = run(capsys, "a green tree", "--model", sd1_file, "--tokenizer", sd1 / "tokenizer",
+                          "--steps", 3, "--height", 32, "--width", 48, "--batch", 2, "--out", tmp_path / "tree.png",
+                          "--device", "cpu", "--quiet")
+    assert code == 0 and stdout[1:] == [str(tmp_path / "tree-0.png"), str(tmp_path / "tree-1.png")]
+    seed = int(re.fullmatch(r"seed: (\d+)", stdout[0])[1])
+    expected = diffusers_images(sd1, "a green tree", seed=seed, steps=3, height=32, width=48, batch=2)
+    for i in range(2):
+        image, text = read_png(tmp_path / f"tree-{i}.png")
+        assert text["parameters"] == (f"a green tree\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: {seed}, "
+                                      f"Size: 48x32, Model: tiny-sd1.safetensors, Batch size: 2, Batch pos: {i}")
+        assert_same_image(image, expected[i])
+
+
+def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path, capsys):
+    code, _, _ = run(capsys, "--model", sd2v, "--prediction-type", "v", "--seed", 9, "--steps", 5,
+                     "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--quiet")
+    assert code == 0
+    image, text = read_png(tmp_path / "demo.png")
+    size = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
+    assert text["parameters"] == (f"{generate.DEMO_PROMPT}\nSteps: 5, Sampler: DDIM, CFG scale: 1, Seed: 9, "
+                                  f"Size: {size}x{size}, Model: sd2v, Eta: 0.5")
+    expected = diffusers_images(sd2v, generate.DEMO_PROMPT, seed=9, steps=5, guidance=1, eta=0.5)
+    assert_same_image(image, expected[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names
+
+def test_default_names_never_overwrite(sd1, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "00041-3.png").write_bytes(b"an earlier image")
+    runs = [run(capsys, "--model", sd1, "--seed", 7, *FAST) for _ in range(2)]
+    runs.append(run(capsys, "--model", sd1, "--seed", 7, "--batch", 2, *FAST))
+    assert [code for code, _, _ in runs] == [0, 0, 0]
+    assert [out[1:] for _, out, _ in runs] == [["outputs/00042-7.png"], ["outputs/00043-7.png"],
+                                              ["outputs/00044-7-0.png", "outputs/00044-7-1.png"]]
+    assert (tmp_path / "outputs" / "00041-3.png").read_bytes() == b"an earlier image"
+    assert read_png("outputs/00042-7.png")[0].equal(read_png("outputs/00043-7.png")[0])  # same seed, same image
+    assert sorted(os.listdir("outputs")) == ["00041-3.png", "00042-7.png", "00043-7.png", "00044-7-0.png",
+                                             "00044-7-1.png"]
+
+
+def test_explicit_out_batch_names_and_overwrite(sd1, tmp_path, capsys):
+    for _ in range(2):  # the second run overwrites
+        code, out, _ = run(capsys, "--model", sd1, "--seed", 1, "--batch", 3, "--out", tmp_path / "img.png", *FAST)
+        assert code == 0 and out[1:] == [str(tmp_path / f"img-{i}.png") for i in range(3)]
+    assert sorted(os.listdir(tmp_path)) == ["img-0.png", "img-1.png", "img-2.png"]
