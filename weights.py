@@ -76,7 +76,7 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     `tokenizer` is a folder with vocab.json + merges.txt; single files need one, and without it the
     matching text encoder's tokenizer is downloaded. `prediction_type` ("epsilon" or "v") overrides
     the scheduler's, since single files do not record it."""
-    device, dtype = torch.device(device), _dtype(dtype)
+    device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_file():
         pipe = _load_single_file(path, device, dtype, tokenizer, prediction_type)
@@ -97,7 +97,7 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     return pipe
 
 
-def _dtype(dtype) -> torch.dtype:
+def to_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -162,18 +162,18 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
     _check_folder(path)
-    unet_cfg = unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
-    vae_cfg = vae_config_from_diffusers(_read_json(path / "vae" / "config.json"))
-    text_cfg = text_config_from_transformers(_read_json(path / "text_encoder" / "config.json"))
+    unet_cfg = unet_config_from_diffusers(read_json(path / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(read_json(path / "vae" / "config.json"))
+    text_cfg = text_config_from_transformers(read_json(path / "text_encoder" / "config.json"))
 
-    unet_state = _read_component(path / "unet", "diffusion_pytorch_model", device, dtype)
-    vae_state = rename_legacy_vae_keys(_read_component(path / "vae", "diffusion_pytorch_model", device, dtype))
-    text_state = _read_component(path / "text_encoder", "model", device, dtype)
+    unet_state = read_component(path / "unet", "diffusion_pytorch_model", device, dtype)
+    vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, dtype))
+    text_state = read_component(path / "text_encoder", "model", device, dtype)
     text_state = {k.removeprefix("text_model."): v for k, v in text_state.items() if not k.endswith("position_ids")}
 
     sched_file = path / "scheduler" / "scheduler_config.json"
     try:
-        scheduler = SchedulerConfig.from_dict(_read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
+        scheduler = SchedulerConfig.from_dict(read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{sched_file}: {e}") from None
     family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
@@ -188,7 +188,7 @@ def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
 
 def _check_folder(path: Path):
     index = path / "model_index.json"
-    cls = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    cls = read_json(index).get("_class_name", "") if index.is_file() else ""
     if "XL" in cls or (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"{path}: this looks like an SDXL model ({cls or 'text_encoder_2/'}); "
                               "only SD1/SD2 are supported")
@@ -204,16 +204,17 @@ def _check_folder(path: Path):
                               f"{', '.join(s + '/' for s in SUBFOLDERS)})")
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path, needed: str = "") -> dict:
+    """A JSON file, or a CheckpointError saying it is missing (and what needs it) or broken."""
     try:
         return json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
+        raise CheckpointError(f"{file}: missing{f' ({needed})' if needed else ''}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
-def _read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Tensor]:
+def read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Tensor]:
     """`stem.safetensors`, its fp16 variant, or the shards named by either's index file."""
     names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
     if dtype in (torch.float16, torch.bfloat16):
@@ -223,7 +224,7 @@ def _read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.T
             return read_safetensors(folder / name, device, dtype)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            shards = sorted(set(read_json(index)["weight_map"].values()))
             return {k: v for s in shards for k, v in read_safetensors(folder / s, device, dtype).items()}
     pickles = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
     why = f" (found only {pickles[0]}: pickled weights are not loaded, convert it to safetensors)" if pickles else ""
@@ -558,7 +559,9 @@ def _single_file_tokenizer(folder, family: str) -> Tokenizer:
     repo, pad = TOKENIZERS[family]
     if folder is not None:
         return load_tokenizer(folder, pad)
-    files = [_hub(lambda: __import__("huggingface_hub").hf_hub_download(repo, f), repo) for f in ("vocab.json", "merges.txt")]
+    from huggingface_hub import hf_hub_download
+
+    files = [hub_fetch(lambda: hf_hub_download(repo, f), repo) for f in ("vocab.json", "merges.txt")]
     return Tokenizer(files[0], files[1], pad_token=pad)
 
 
@@ -587,10 +590,10 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
     fp16 variant files falls back to the full-precision ones."""
     from huggingface_hub import snapshot_download
 
-    path = Path(_hub(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(dtype)), repo_id))
+    path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(dtype)), repo_id))
     missing = [c for c in ("unet", "vae", "text_encoder") if not any((path / c).glob("*.safetensors*"))]
     if missing and dtype != torch.float32:
-        path = Path(_hub(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(torch.float32)), repo_id))
+        path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(torch.float32)), repo_id))
         missing = [c for c in ("unet", "vae", "text_encoder") if not any((path / c).glob("*.safetensors*"))]
     if missing:
         raise CheckpointError(f"{repo_id}: the repo has no {missing[0]}/*.safetensors; only diffusers-layout repos "
@@ -598,7 +601,7 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
     return path
 
 
-def _hub(fetch, repo_id: str):
+def hub_fetch(fetch, repo_id: str):
     """Runs a hub download and turns its failures into one-line CheckpointErrors."""
     from huggingface_hub import errors
 
@@ -656,7 +659,7 @@ def main(argv=None):
     ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     args = parser.parse_args(argv)
     try:
-        path = export_single_file(args.source, args.out, _dtype(args.dtype))
+        path = export_single_file(args.source, args.out, to_dtype(args.dtype))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from model.clip import ACTIVATIONS, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, preprocess
 from model.tokenizer import Tokenizer
 from vlm.base import Reply
-from weights import CheckpointError, _dtype, _hub, looks_like_repo_id, _read_component, load_strict
+from weights import CheckpointError, hub_fetch, load_strict, looks_like_repo_id, read_component, read_json, to_dtype
 
 # What transformers' CLIPModel.save_pretrained and CLIPTokenizer.save_pretrained write, minus
 # pickles: the only files load_clip fetches from the hub.
@@ -51,7 +51,7 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
     CLIPModel.save_pretrained and CLIPTokenizer.save_pretrained write). Hub files go to the
     standard Hugging Face cache; huggingface_hub itself reads HF_TOKEN and HF_HUB_OFFLINE.
     Every failure is a one-line CheckpointError."""
-    device, dtype = torch.device(device), _dtype(dtype)
+    device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_dir():
         folder = path
@@ -61,13 +61,13 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
     elif looks_like_repo_id(str(source)):
         from huggingface_hub import snapshot_download
 
-        folder = Path(_hub(lambda: snapshot_download(str(source), allow_patterns=CLIP_FILES), str(source)))
+        folder = Path(hub_fetch(lambda: snapshot_download(str(source), allow_patterns=CLIP_FILES), str(source)))
     else:
         raise CheckpointError(f"{source}: no such folder, and not a Hugging Face repo id (org/name)")
 
-    config = clip_config_from_transformers(_read_config(folder / "config.json"), str(folder))
+    config = clip_config_from_transformers(_config(folder / "config.json"), str(folder))
     tokenizer = _load_tokenizer(folder, config)
-    state = _read_component(folder, "model", device, dtype)
+    state = read_component(folder, "model", device, dtype)
     # Older transformers saved the position_ids buffers (arange); ours are slices, not buffers.
     state = {k.replace("pre_layrnorm", "pre_layernorm"): v for k, v in state.items()
              if not k.endswith("position_ids")}
@@ -76,13 +76,8 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
     return model, tokenizer
 
 
-def _read_config(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing (a CLIP folder needs {', '.join(CLIP_FILES[:4])})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+def _config(file: Path) -> dict:
+    return read_json(file, needed=f"a CLIP folder needs {', '.join(CLIP_FILES[:4])}")
 
 
 def _get(c: dict, key: str, default):
