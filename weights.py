@@ -574,27 +574,31 @@ def looks_like_repo_id(s: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith((".", "/"))
 
 
-def hub_patterns(dtype: torch.dtype) -> list[str]:
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHTS)) -> list[str]:
     """The files a diffusers repo needs: configs, tokenizer and safetensors weights only (no
     pickles, no safety checker). fp16 variants are taken for half-precision loads."""
     variant = ".fp16" if dtype in (torch.float16, torch.bfloat16) else ""
-    weights = [f"unet/diffusion_pytorch_model{variant}.safetensors*", f"vae/diffusion_pytorch_model{variant}.safetensors*",
-               f"text_encoder/model{variant}.safetensors*"]
+    weights = [f"{c}/{WEIGHTS[c]}{variant}.safetensors*" for c in components]
     return ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
             "tokenizer/*.json", "tokenizer/*.txt", "scheduler/scheduler_config.json", *weights]
 
 
 def download(repo_id: str, dtype=torch.float32) -> Path:
     """Fetches what `hub_patterns` names into the standard Hugging Face cache and returns the
-    snapshot folder. huggingface_hub reads HF_TOKEN and HF_HUB_OFFLINE itself. A repo with no
-    fp16 variant files falls back to the full-precision ones."""
+    snapshot folder. huggingface_hub reads HF_TOKEN and HF_HUB_OFFLINE itself. A component with
+    no fp16 variant file falls back to its full-precision file."""
     from huggingface_hub import snapshot_download
 
-    path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(dtype)), repo_id))
-    missing = [c for c in ("unet", "vae", "text_encoder") if not any((path / c).glob("*.safetensors*"))]
+    def fetch(patterns):
+        path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=patterns), repo_id))
+        return path, [c for c in WEIGHTS if not any((path / c).glob("*.safetensors*"))]
+
+    path, missing = fetch(hub_patterns(dtype))
     if missing and dtype != torch.float32:
-        path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=hub_patterns(torch.float32)), repo_id))
-        missing = [c for c in ("unet", "vae", "text_encoder") if not any((path / c).glob("*.safetensors*"))]
+        path, missing = fetch(hub_patterns(torch.float32, missing))
     if missing:
         raise CheckpointError(f"{repo_id}: the repo has no {missing[0]}/*.safetensors; only diffusers-layout repos "
                               "with safetensors weights are supported (or download a .safetensors single file)")
