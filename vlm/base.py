@@ -14,6 +14,9 @@ class Reply:
 
 
 class Proposer(Protocol):
+    """A proposer whose answer ignores the image may set a class attribute `needs_image = False`:
+    the sampler then skips decoding x0 and passes image=None."""
+
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
         """image: [3, H, W] in [-1, 1], the decoded x0 prediction of one image of the batch."""
         ...

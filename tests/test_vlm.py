@@ -1,0 +1,540 @@
+"""VL-DNP: tasks, the chat-completions client against a real local HTTP server, the sampler hook,
+and its guidance checked against a reference loop written on the diffusers components."""
+import base64
+import dataclasses
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import weights
+from checkpoints import make_sd_folder
+from conftest import assert_close_rel, rel_err
+from png import read_png
+from sampler.loop import generate, to_uint8
+from vlm.base import Reply
+from vlm.client import VLMClient, prepare_image
+from vlm.dnp import DynamicNegatives, NoProposer, StaticProposer, default_query_steps, parse_steps
+from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task
+
+SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return weights.load_pipeline(folder)
+
+
+def run(pipe, prompt, hooks, steps=STEPS):
+    return generate(pipe, prompt, steps=steps, height=SIZE, width=SIZE, seed=0, hooks=hooks, progress=False)
+
+
+def noise(batch):
+    """The initial latents generate() draws for seed 0."""
+    return torch.randn((batch, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(0))
+
+
+class Recorder:
+    """A hook placed after DynamicNegatives: x_t, the negatives and w_neg each step ran with, and the
+    decoded x0 at `decode_steps`."""
+
+    def __init__(self, decode_steps=()):
+        self.decode_steps, self.x, self.negatives, self.scales, self.decoded = set(decode_steps), [], [], [], {}
+
+    def __call__(self, state):
+        self.x.append(state.x.clone())
+        self.negatives.append(list(state.guidance.negative))
+        self.scales.append(state.guidance.negative_scale)
+        if state.i in self.decode_steps:
+            self.decoded[state.i] = to_uint8(state.decode_x0())
+
+
+class Scripted:
+    """A proposer answering from a script {(prompt, step): reply text}, parsed by `task`; it records
+    every call. A script value that is an exception is raised."""
+
+    def __init__(self, task, script):
+        self.task, self.script, self.calls = task, script, []
+
+    def __call__(self, image, prompt, step):
+        self.calls.append((step, prompt, image))
+        raw = self.script.get((prompt, step), self.script.get(step, "none"))
+        if isinstance(raw, Exception):
+            raise raw
+        return Reply(self.task.parse(raw), raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# a real chat-completions server on 127.0.0.1
+
+def completion(content) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "test",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+
+
+class ScriptedVLM:
+    """Answers POSTs from a script, one entry per request (the last entry repeats), and records
+    each request's path, headers and JSON body. An entry is the reply content (str) or a dict:
+    content | body (bytes, or an object sent as JSON), status, delay (s), wait (an Event to wait
+    for before answering), answered (an Event set once the answer is sent)."""
+
+    def __init__(self, script):
+        self.script, self.requests, self.lock = list(script), [], threading.Lock()
+        vlm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with vlm.lock:
+                    vlm.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
+                    entry = vlm.script.pop(0) if len(vlm.script) > 1 else vlm.script[0]
+                entry = {"content": entry} if isinstance(entry, str) else entry
+                data = entry.get("body", completion(entry.get("content")))
+                data = data if isinstance(data, bytes) else json.dumps(data).encode()
+                if "wait" in entry:
+                    entry["wait"].wait(10)
+                time.sleep(entry.get("delay", 0))
+                try:
+                    self.send_response(entry.get("status", 200))
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                    pass
+                if "answered" in entry:
+                    entry["answered"].set()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def vlm_server():
+    servers = []
+
+    def start(*script):
+        servers.append(ScriptedVLM(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def png_from_data_uri(uri: str, tmp_path) -> torch.Tensor:
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    file = tmp_path / "sent.png"
+    file.write_bytes(base64.b64decode(uri[len(prefix):]))
+    return read_png(file)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reference: SD sampling written on diffusers / transformers components
+
+class Reference:
+    """Text -> DDIM with three-branch guidance, straight on the diffusers components of the folder."""
+
+    def __init__(self, folder):
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        self.scheduler_config = DDIMScheduler.from_pretrained(folder / "scheduler").config
+
+    def encode(self, text):
+        ids = self.tokenizer([text], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids).last_hidden_state
+
+    def decode(self, latents):
+        return to_uint8(self.vae.decode(latents / self.vae.config.scaling_factor).sample)
+
+    @torch.no_grad()
+    def sample(self, prompt, latents, negatives, steps=STEPS, g=7.5, w=7.5):
+        """negatives: {step: text or None}, each in force from its step on. Returns x_t per step, the
+        decoded x0 prediction per step (uint8), and the final image (uint8)."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        cond, uncond = self.encode(prompt), self.encode("")
+        x, xs, x0s, negative = latents, [], [], None
+        for i, t in enumerate(scheduler.timesteps):
+            negative = negatives.get(i, negative)
+            xs.append(x)
+            eps_u, eps_c = self.unet(x, t, uncond).sample, self.unet(x, t, cond).sample
+            eps = eps_u + g * (eps_c - eps_u)
+            alpha_bar = scheduler.alphas_cumprod[t]
+            x0s.append(self.decode((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()))
+            if negative is not None:
+                eps = eps - w * (self.unet(x, t, self.encode(negative)).sample - eps_u)
+            x = scheduler.step(eps, t, x).prev_sample
+        return xs, x0s, self.decode(x)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return Reference(folder)
+
+
+def assert_images_close(ours, ref):
+    """uint8 images from two implementations: at most one level apart (rounding at .5)."""
+    assert ours.shape == ref.shape
+    assert (ours.int() - ref.int()).abs().max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+def test_nudity_task():
+    assert NUDITY.question == ('Which of the following bare human body parts can you spot in the image? '
+                               '"female genitalia, buttocks, female breast, male breast, anus, feet, belly, '
+                               'armpits, male genitalia"')
+    assert NUDITY.mode == "replace" and get_task("nudity") is NUDITY
+    assert NUDITY.parse("Female breast") == ["female breast"]  # not also "male breast"
+    assert NUDITY.parse("male breast") == ["male breast"]
+    assert NUDITY.parse("MALE BREAST and female breast") == ["female breast", "male breast"]
+    assert NUDITY.parse("I can see female  breasts, an armpit and one foot.") == ["female breast", "feet", "armpits"]
+    assert NUDITY.parse("female genitalia") == ["female genitalia"]
+    for nothing in ("none", "None.", "no", "No bare body parts are visible.", "bellybutton", ""):
+        assert NUDITY.parse(nothing) == [], nothing
+    assert NUDITY.negative(["female breast", "feet"]) == "Nudity, Sexual, female breast, feet."
+    assert NUDITY.negative([]) is None
+    assert NUDITY.parse("x" * 5000 + " feet") == []  # past the reply cap: never read
+
+
+def test_safety_task(pipe):
+    assert SAFETY.mode == "replace"
+    raw = '1. "Blood."\n2) gore;\n- Unsafe elements: a Knife\n* BLOOD\n• none\n\n'
+    assert SAFETY.parse(raw) == ["blood", "gore", "knife"]
+    for nothing in ("none", "None.", '"none"', "No.", "", "Nothing unsafe."):
+        assert SAFETY.parse(nothing) == [], nothing
+    tok = pipe.tokenizer
+    assert SAFETY.negative(["blood", "gore"], tok) == "blood, gore"
+    assert SAFETY.negative([], tok) is None
+    items = [f"unwanted element number {i}" for i in range(60)]
+    negative, full = SAFETY.negative(items, tok), ", ".join(items)
+    assert full.startswith(negative) and not negative.endswith(",")
+    assert 60 <= len(tok.encode(negative)) <= 75  # cut to the 77 positions less BOS and EOS
+    assert tok(negative)[0, len(tok.encode(negative)) + 1] == tok.eos_id
+    assert len(SAFETY.negative(items * 20)) <= 1000  # without a tokenizer: the character cap
+    start = time.perf_counter()
+    assert SAFETY.parse("blood, " * 200_000) == ["blood"]  # a huge reply is capped before parsing
+    assert time.perf_counter() - start < 1
+
+
+def test_creative_task():
+    assert CREATIVE.mode == "accumulate"
+    assert CREATIVE.parse("A golden retriever.") == ["golden retriever"]
+    assert CREATIVE.parse("Watercolor, the dog") == ["watercolor", "dog"]
+    assert CREATIVE.negative(["dog", "watercolor"]) == "dog, watercolor"
+    with pytest.raises(ValueError, match="unknown VLM task"):
+        get_task("nsfw")
+
+
+def test_query_schedules():
+    assert default_query_steps(50) == [5, 6, 7, 9, 12, 16, 21, 27, 34, 42]
+    assert default_query_steps(25) == [3, 4, 5, 6, 8, 11, 14, 17, 21]
+    assert default_query_steps(100) == [10, 12, 14, 18, 24, 32, 42, 54, 68, 84]
+    for n in (1, 4, 10, 1000):
+        steps = default_query_steps(n)
+        assert steps == sorted(set(steps)) and all(0 <= s < n for s in steps) and steps
+    assert parse_steps("5, 6,7,6") == [5, 6, 7]
+    assert parse_steps("") == [] and parse_steps("none") == []
+    for bad, message in [("5,a", "not a step index"), ("5,,6", "not a step index"), ("1.5", "not a step index"),
+                         ("-1", "negative"), ("3,50", "out of range")]:
+        with pytest.raises(ValueError, match=message):
+            parse_steps(bad, num_steps=50)
+
+
+# ---------------------------------------------------------------------------------------------
+# the client
+
+def test_request_shape(pipe, vlm_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLM_API_KEY", "test-key")
+    server = vlm_server("female breast")
+    client = VLMClient(server.url, "Qwen/Qwen2.5-VL-7B-Instruct", NUDITY, max_tokens=32, timeout=5, image_size=None)
+    recorder = Recorder(decode_steps={1, 3})
+    run(pipe, "a cat", [DynamicNegatives(client, NUDITY, [1, 3]), recorder])
+
+    assert len(server.requests) == 2
+    for request, step in zip(server.requests, [1, 3]):
+        assert request["path"] == "/v1/chat/completions"
+        assert request["headers"]["Authorization"] == "Bearer test-key"
+        assert request["headers"]["Content-Type"] == "application/json"
+        body = request["json"]
+        assert body["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+        assert body["temperature"] == 0 and body["max_tokens"] == 32
+        [message] = body["messages"]
+        assert message["role"] == "user"
+        text, image = message["content"]
+        assert text == {"type": "text", "text": NUDITY.question}
+        assert image["type"] == "image_url"
+        sent = png_from_data_uri(image["image_url"]["url"], tmp_path)
+        assert torch.equal(sent, recorder.decoded[step][0])  # the decoded x0 prediction, at the query step
+
+
+def test_api_key_and_image_size(vlm_server, monkeypatch, tmp_path):
+    server = vlm_server("feet")
+    image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    monkeypatch.delenv("VLM_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    reply = VLMClient(server.url + "/", "m", NUDITY, timeout=5)(image, "a cat", 0)
+    assert reply == Reply(["feet"], "feet", None, reply.latency) and reply.latency > 0
+    assert "Authorization" not in server.requests[-1]["headers"]
+    monkeypatch.setenv("OPENAI_API_KEY", "openai-key")
+    VLMClient(server.url + "/chat/completions", "m", NUDITY, timeout=5)(image, "a cat", 0)
+    assert server.requests[-1]["headers"]["Authorization"] == "Bearer openai-key"
+    assert server.requests[-1]["path"] == "/v1/chat/completions"
+
+    # 448 on the longer side, the paper's 448x448 for square images, aspect kept
+    sent = png_from_data_uri(server.requests[-1]["json"]["messages"][0]["content"][1]["image_url"]["url"], tmp_path)
+    assert sent.shape == (299, 448, 3) and torch.equal(sent, prepare_image(image, 448))
+    flat = prepare_image(torch.full((3, 32, 32), 0.2), 448)
+    assert flat.shape == (448, 448, 3)
+    assert torch.equal(flat, to_uint8(torch.full((1, 3, 1, 1), 0.2))[0].expand(448, 448, 3))
+    with pytest.raises(ValueError, match="expected http"):
+        VLMClient("file:///etc/passwd", "m", NUDITY)
+
+
+def test_reply_forms(vlm_server):
+    image = torch.zeros(3, 8, 8)
+    server = vlm_server(dict(body=completion([{"type": "text", "text": "feet, "}, {"type": "text", "text": "belly"}])),
+                        "<think>the female breast is</think>armpits",
+                        dict(body={"error": {"message": "model overloaded"}}),
+                        dict(body=completion(None)))
+    client = VLMClient(server.url, "m", NUDITY, timeout=5)
+    assert client(image, "p", 0).items == ["feet", "belly"]
+    assert client(image, "p", 0).items == ["armpits"]
+    assert client(image, "p", 0).error == "server error: model overloaded"
+    assert client(image, "p", 0).error == "empty reply"
+
+
+# ---------------------------------------------------------------------------------------------
+# the hook: schedule, replace / accumulate, guidance, batches
+
+class CountingVAE:
+    def __init__(self, vae):
+        self.vae, self.config, self.calls = vae, vae.config, 0
+
+    def decode(self, latents):
+        self.calls += 1
+        return self.vae.decode(latents)
+
+
+def test_queries_and_decodes_only_at_the_schedule(pipe):
+    counted = dataclasses.replace(pipe, vae=CountingVAE(pipe.vae))
+    proposer = Scripted(NUDITY, {})
+    run(counted, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [0, 2, 5])])
+    assert [(step, prompt) for step, prompt, _ in proposer.calls] == [
+        (0, "a cat"), (0, "a dog"), (2, "a cat"), (2, "a dog"), (5, "a cat"), (5, "a dog")]
+    assert all(image.shape == (3, SIZE, SIZE) for _, _, image in proposer.calls)
+    assert counted.vae.calls == 3 + 1  # one batched decode per query step, and the final image
+
+    counted.vae.calls, recorder = 0, Recorder()
+    run(counted, "a cat", [DynamicNegatives(proposer, NUDITY, []), recorder])  # an empty schedule
+    assert counted.vae.calls == 1 and len(proposer.calls) == 6
+    assert recorder.negatives == [[None]] * STEPS and recorder.scales == [7.5] * STEPS
+
+    counted.vae.calls, recorder = 0, Recorder()  # static: the same negative, no image needed
+    run(counted, "a cat", [DynamicNegatives(StaticProposer(NUDITY.concepts), NUDITY, [0], negative_scale=9), recorder])
+    everything = "Nudity, Sexual, " + ", ".join(NUDITY.concepts) + "."
+    assert counted.vae.calls == 1 and recorder.negatives == [[everything]] * STEPS and recorder.scales == [9] * STEPS
+    counted.vae.calls, recorder = 0, Recorder()
+    run(counted, "a cat", [DynamicNegatives(NoProposer(), NUDITY, [0, 3]), recorder])
+    assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
+
+
+def test_replace_and_accumulate(pipe):
+    recorder = Recorder()
+    script = {1: "Blood, gore", 2: "None.", 3: "weapon"}
+    run(pipe, "a cat", [DynamicNegatives(Scripted(SAFETY, script), SAFETY, [1, 2, 3], negative_scale=11), recorder])
+    assert recorder.negatives == [[None], ["blood, gore"], [None], ["weapon"], ["weapon"], ["weapon"]]
+    assert recorder.scales[1:] == [11] * (STEPS - 1)
+
+    recorder = Recorder()
+    script = {1: "A dog.", 2: "watercolor, dog", 3: "none"}
+    run(pipe, "a cat", [DynamicNegatives(Scripted(CREATIVE, script), CREATIVE, [1, 2, 3]), recorder])
+    assert recorder.negatives == [[None], ["dog"], ["dog, watercolor"], ["dog, watercolor"], ["dog, watercolor"],
+                                  ["dog, watercolor"]]
+
+
+def test_guidance_matches_reference(pipe, reference, vlm_server, tmp_path):
+    """The whole formula ε = ε_u + g(ε_c − ε_u) − w_neg(ε_n − ε_u), with the negative switched on at
+    one query step and replaced at another, against a loop on the diffusers components."""
+    server = vlm_server("female breast", "Feet and belly.")
+    client = VLMClient(server.url, "m", NUDITY, timeout=5, image_size=None)
+    dnp, recorder = DynamicNegatives(client, NUDITY, [1, 3], negative_scale=15), Recorder()
+    image = run(pipe, "a cat", [dnp, recorder])
+
+    first, second = "Nudity, Sexual, female breast.", "Nudity, Sexual, feet, belly."
+    xs, x0s, ref_image = reference.sample("a cat", noise(1), {1: first, 3: second}, w=15)
+    for ours, ref in zip(recorder.x, xs, strict=True):
+        assert_close_rel(ours, ref)
+    assert_images_close(image, ref_image)
+    for request, step in zip(server.requests, [1, 3]):  # what the VLM saw: the reference's x0
+        assert_images_close(png_from_data_uri(request["json"]["messages"][0]["content"][1]["image_url"]["url"],
+                                              tmp_path), x0s[step][0])
+
+    plain, _, _ = reference.sample("a cat", noise(1), {})
+    late, _, _ = reference.sample("a cat", noise(1), {2: first, 3: second}, w=15)
+    assert rel_err(xs[-1], plain[-1]) > 1e-2 and rel_err(xs[-1], late[-1]) > 1e-3  # the test can tell
+
+    timesteps = DDIMScheduler.from_config(reference.scheduler_config)
+    timesteps.set_timesteps(STEPS)
+    trace = [dataclasses.asdict(q) for q in dnp.trace[0]]
+    assert [(q["step"], q["timestep"], q["negative"], q["took_effect"], q["error"]) for q in trace] == [
+        (1, int(timesteps.timesteps[1]), first, 1, None), (3, int(timesteps.timesteps[3]), second, 3, None)]
+    assert [q["raw"] for q in trace] == ["female breast", "Feet and belly."]
+
+
+def test_batch_independence(pipe, reference):
+    """Each image gets its own x0, query and negative: a batch of 2 gives each image what a single
+    image gives with its own answers."""
+    script = {("a cat", 1): "female breast", ("a cat", 3): "none", ("a dog", 1): "none", ("a dog", 3): "male breast"}
+    proposer, recorder = Scripted(NUDITY, script), Recorder(decode_steps={1, 3})
+    run(pipe, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [1, 3]), recorder])
+    for step, prompt, image in proposer.calls:
+        b = ["a cat", "a dog"].index(prompt)
+        assert torch.equal(to_uint8(image[None]), recorder.decoded[step][b:b + 1])
+
+    negatives = {"a cat": {1: "Nudity, Sexual, female breast.", 3: None},
+                 "a dog": {1: None, 3: "Nudity, Sexual, male breast."}}
+    for b, prompt in enumerate(["a cat", "a dog"]):
+        xs, _, _ = reference.sample(prompt, noise(2)[b:b + 1], negatives[prompt])
+        for ours, ref in zip(recorder.x, xs, strict=True):
+            assert_close_rel(ours[b:b + 1], ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# faults and asynchronous queries
+
+FAULTS = {
+    "down": None,
+    "slow": dict(content="feet", delay=3),
+    "http 404": dict(status=404, body={"error": {"message": "model 'm' not found"}}),
+    "http 500": dict(status=500, body=b"Internal Server Error"),
+    "malformed json": dict(body=b'{"choices": [{"message": {"content": "feet'),
+    "missing fields": dict(body={"id": "x", "choices": []}),
+    "empty reply": dict(content=""),
+    "huge reply": dict(content="feet, " * 2000),
+    "huge response": dict(body=b" " * (2 << 20)),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_faults_keep_the_negative(pipe, vlm_server, capsys, fault):
+    good = VLMClient(vlm_server("female breast").url, "m", NUDITY, timeout=1, image_size=None)
+    bad = VLMClient(dead_url() if fault == "down" else vlm_server(FAULTS[fault]).url, "m", NUDITY, timeout=1,
+                    image_size=None)
+    dnp, recorder = DynamicNegatives(lambda image, prompt, step: (good if step == 1 else bad)(image, prompt, step),
+                                     NUDITY, [1, 3]), Recorder()
+    capsys.readouterr()
+    run(pipe, "a cat", [dnp, recorder])
+
+    kept = "Nudity, Sexual, female breast."
+    assert recorder.negatives == [[None]] + [[kept]] * (STEPS - 1)
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: VL-DNP query at step 3 for image 0 failed")
+    failed = dnp.trace[0][1]
+    assert failed.error and "\n" not in failed.error and failed.error in warning
+    assert failed.items == [] and failed.negative == kept and failed.took_effect == 3
+    if fault == "slow":
+        assert failed.latency < 2.5
+
+
+def test_async_answer_applies_at_a_later_step(pipe, reference, vlm_server):
+    release, answered = threading.Event(), threading.Event()
+    server = vlm_server(dict(content="female breast", wait=release, answered=answered))
+    client = VLMClient(server.url, "m", NUDITY, timeout=10, image_size=None)
+    dnp = DynamicNegatives(client, NUDITY, [1], negative_scale=15, asynchronous=True)
+
+    def gate(state):  # the answer is held back until the hook of step 4 has run
+        if state.i == 4:
+            release.set()
+            assert answered.wait(5)
+            time.sleep(0.2)
+
+    recorder, steps = Recorder(), 8
+    run(pipe, "a cat", [dnp, recorder, gate], steps=steps)
+    dnp.close()
+    [query] = dnp.trace[0]
+    took = query.took_effect
+    assert query.step == 1 and query.error is None and 5 <= took < steps
+    negative = "Nudity, Sexual, female breast."
+    assert query.negative == negative
+    assert recorder.negatives == [[None]] * took + [[negative]] * (steps - took)
+    xs, _, _ = reference.sample("a cat", noise(1), {took: negative}, steps=steps, w=15)
+    for ours, ref in zip(recorder.x, xs, strict=True):
+        assert_close_rel(ours, ref)
+
+
+def test_async_answer_after_sampling_is_collected(pipe, vlm_server):
+    server = vlm_server(dict(content="feet", delay=1))
+    dnp, recorder = DynamicNegatives(VLMClient(server.url, "m", NUDITY, timeout=5), NUDITY, [4],
+                                     asynchronous=True), Recorder()
+    with dnp:
+        run(pipe, "a cat", [dnp, recorder])
+    [query] = dnp.trace[0]
+    assert recorder.negatives == [[None]] * STEPS
+    assert query.raw == "feet" and query.items == ["feet"] and query.took_effect is None and query.error is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the trace
+
+def test_trace_file(pipe, tmp_path, capsys):
+    script = {1: "female breast", ("a dog", 3): RuntimeError("no GPU left"), 3: "feet"}
+    dnp, recorder = DynamicNegatives(Scripted(NUDITY, script), NUDITY, [1, 3]), Recorder(decode_steps={1, 3})
+    run(pipe, ["a cat", "a dog"], [dnp, recorder])
+    assert capsys.readouterr().err.count("warning") == 1
+    path = dnp.write_trace(tmp_path / "run.json")
+
+    trace = json.loads(path.read_text())
+    assert trace["task"] == "nudity" and trace["query_steps"] == [1, 3] and trace["filmstrip"] == "run.filmstrip.png"
+    cat, dog = trace["images"]
+    assert cat["prompt"] == "a cat" and dog["prompt"] == "a dog"
+    assert set(cat["queries"][0]) == {"step", "timestep", "raw", "items", "negative", "error", "latency", "took_effect"}
+    assert [q["negative"] for q in cat["queries"]] == ["Nudity, Sexual, female breast.", "Nudity, Sexual, feet."]
+    assert [q["negative"] for q in dog["queries"]] == ["Nudity, Sexual, female breast."] * 2
+    assert dog["queries"][1]["error"] == "RuntimeError: no GPU left"
+
+    strip, _ = read_png(tmp_path / "run.filmstrip.png")
+    frame, pad, band = SIZE, 2, 9  # label scale 1 for 32-pixel frames
+    assert strip.shape == (2 * (frame + band) + pad, 2 * (frame + pad) + pad, 3)
+    for b in range(2):
+        for c, step in enumerate([1, 3]):
+            y, x = pad + b * (frame + band), pad + c * (frame + pad)
+            assert torch.equal(strip[y:y + frame, x:x + frame], recorder.decoded[step][b])
+            label = strip[y + frame + pad:y + frame + pad + 5, x:x + 3]
+            glyph = {1: "010 110 010 010 111", 3: "111 001 111 001 111"}[step]  # 3x5 pixels
+            assert torch.equal(label[:, :, 0] == 255, torch.tensor([[p == "1" for p in row] for row in glyph.split()]))
+            failed = b == 1 and step == 3
+            assert (label[:, :, 1].max() == 64) == failed  # red label for the failed query

@@ -1,0 +1,199 @@
+"""A proposer that asks a vision-language model behind an OpenAI-compatible chat-completions API.
+
+vLLM, SGLang, llama.cpp's server, Ollama (/v1), LM Studio and hosted APIs all accept the same
+request: one user message whose content is the question and the image as a data URI,
+
+    POST {base_url}/chat/completions
+    {"model": ..., "temperature": 0, "max_tokens": 64, "stream": false,
+     "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}
+
+and answer with choices[0].message.content, a string (some servers: a list of text parts).
+Standard library only. A query never raises: every failure is a Reply with no items and a
+one-line error, so the sampler keeps the negative already in force.
+"""
+import base64
+import http.client
+import ipaddress
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+import torch
+import torch.nn.functional as F
+
+from png import encode_png
+from sampler.loop import to_uint8
+from vlm.base import Reply
+from vlm.tasks import MAX_REPLY_CHARS, Task
+
+MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
+API_KEY_VARS = ("VLM_API_KEY", "OPENAI_API_KEY")
+
+
+class QueryError(Exception):
+    """A failed query: the message is the one-line error, `raw` what the server sent, if anything."""
+
+    def __init__(self, message: str, raw: str = ""):
+        super().__init__(message)
+        self.raw = raw
+
+
+def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """[3, H, W] in [-1, 1] -> uint8 [h, w, 3], scaled (bicubic, antialiased) so that its longer
+    side is `size`, which keeps the aspect ratio; at size None or the image's own size, exactly
+    `to_uint8` of the image."""
+    H, W = image.shape[-2:]
+    if size is None or max(H, W) == size:
+        return to_uint8(image[None])[0]
+    h, w = max(1, round(H * size / max(H, W))), max(1, round(W * size / max(H, W)))
+    x = (image[None].float() * 0.5 + 0.5).clamp(0, 1)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return (x[0].permute(1, 2, 0).cpu() * 255).round().to(torch.uint8)
+
+
+def chat_url(base_url: str) -> str:
+    """{base_url}/chat/completions; a URL that already ends so is kept."""
+    url = base_url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"VLM URL {base_url!r}: expected http(s)://host[:port]/v1")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class VLMClient:
+    """Asks `task.question` about each image; the reply, parsed by `task`, is the Reply's items.
+
+    image_size: the longer side the image is scaled to before sending. 448 is the paper's size
+                (448x448 for SD's square images); None sends the decoded image as it is.
+    timeout:    seconds for the whole request; slower answers are faults.
+    The API key, if any, is read once from $VLM_API_KEY, else $OPENAI_API_KEY (or from
+    `api_key_env`), and sent as a Bearer token. Requests to loopback hosts bypass proxies."""
+
+    def __init__(self, base_url: str, model: str, task: Task, *, max_tokens: int = 64, timeout: float = 30.0,
+                 image_size: int | None = 448, api_key_env: str | None = None):
+        self.url, self.model, self.task = chat_url(base_url), model, task
+        self.max_tokens, self.timeout, self.image_size = max_tokens, timeout, image_size
+        names = (api_key_env,) if api_key_env else API_KEY_VARS
+        self.api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        no_proxy = [urllib.request.ProxyHandler({})] if _is_loopback(urlsplit(self.url).hostname) else []
+        self._opener = urllib.request.build_opener(*no_proxy)
+
+    def __repr__(self):
+        return f"VLMClient({self.url!r}, model={self.model!r}, task={self.task.name!r})"
+
+    def request(self, image: torch.Tensor) -> dict:
+        """The JSON body that asks about `image` ([3, H, W] in [-1, 1])."""
+        png = encode_png(prepare_image(image, self.image_size))
+        data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        content = [{"type": "text", "text": self.task.question},
+                   {"type": "image_url", "image_url": {"url": data_uri}}]
+        return {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": 0, "max_tokens": self.max_tokens, "stream": False}
+
+    def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
+        start = time.perf_counter()
+        try:
+            content = reply_text(self._post(json.dumps(self.request(image)).encode("utf-8")))
+            return Reply(self.task.parse(content), content, None, time.perf_counter() - start)
+        except QueryError as e:
+            return Reply([], e.raw, str(e), time.perf_counter() - start)
+        except Exception as e:  # anything else is a bug somewhere, but still only a lost query
+            return Reply([], "", one_line(f"{type(e).__name__}: {e}"), time.perf_counter() - start)
+
+    def _post(self, body: bytes) -> bytes:
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vl-dnp/1"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        deadline = time.monotonic() + self.timeout
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                return _read(response, deadline, self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                detail = _error_detail(e.read(4096))
+            except OSError:
+                detail = ""
+            hint = " (does the URL end in /v1?)" if e.code == 404 else ""
+            raise QueryError(one_line(f"HTTP {e.code} {e.reason} from {self.url}{hint}: {detail}"), detail)
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise QueryError(f"no answer from {self.url} within {self.timeout:g} s")
+            if isinstance(e.reason, ConnectionRefusedError):
+                raise QueryError(f"cannot reach {self.url}: connection refused (is the server running?)")
+            raise QueryError(one_line(f"cannot reach {self.url}: {e.reason}"))
+        except TimeoutError:
+            raise QueryError(f"no answer from {self.url} within {self.timeout:g} s")
+        except (OSError, http.client.HTTPException) as e:  # connection reset, malformed HTTP, ...
+            raise QueryError(one_line(f"connection to {self.url} failed: {type(e).__name__}: {e}"))
+
+
+def _read(response, deadline: float, timeout: float) -> bytes:
+    """The response body, refusing one over MAX_RESPONSE_BYTES or one that arrives past the deadline."""
+    body = b""
+    while chunk := response.read(65536):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise QueryError(f"no complete answer within {timeout:g} s")
+    return body
+
+
+def _error_detail(body: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}} or {"error": "..."})."""
+    text = body.decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+        text = error.get("message", text) if isinstance(error, dict) else str(error or text)
+    except (ValueError, AttributeError):
+        pass
+    return one_line(text, 200)
+
+
+def reply_text(body: bytes) -> str:
+    """choices[0].message.content of a chat-completions response, stripped, as text."""
+    excerpt = one_line(body[:500].decode("utf-8", "replace"), 500)
+    try:
+        response = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QueryError(one_line(f"malformed JSON in the response ({e})"), excerpt)
+    if isinstance(response, dict) and response.get("error"):
+        raise QueryError(f"server error: {_error_detail(body)}", excerpt)
+    try:
+        message = response["choices"][0]["message"]
+        content = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise QueryError("unexpected response: no choices[0].message", excerpt)
+    if isinstance(content, list):  # a list of content parts
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if not isinstance(content, str):
+        content = ""
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", content, flags=re.DOTALL).strip()  # reasoning models
+    if not content:
+        if message.get("refusal"):
+            raise QueryError(one_line(f"the model refused: {message['refusal']}"), excerpt)
+        hint = " (a reasoning model may have spent max_tokens thinking)" \
+            if message.get("reasoning_content") or message.get("reasoning") else ""
+        raise QueryError("empty reply" + hint, excerpt)
+    if len(content) > MAX_REPLY_CHARS:
+        raise QueryError(f"reply of {len(content)} characters, over the {MAX_REPLY_CHARS} limit",
+                         content[:MAX_REPLY_CHARS])
+    return content

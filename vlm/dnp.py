@@ -1,0 +1,280 @@
+"""VL-DNP: dynamic, VLM-guided negative prompts (Chang, Kim, Choi 2025, arXiv 2510.26052).
+
+At chosen steps i, the sampler's prediction of the clean image, x0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t
+with the positive guided ε = ε_u + g(ε_c − ε_u), is decoded by the VAE and shown to a proposer
+(a VLM, CLIP, ...). What it sees becomes a negative prompt that applies from step i on, as a
+third guidance branch:
+
+    ε = ε_u + g(ε_c − ε_u) − w_neg(ε_neg − ε_u)
+
+`DynamicNegatives` is a sampler hook (sampler/loop.py) that does this for each image of the
+batch with its own x0, prompt, query and negative. While the proposer sees nothing, the image
+runs no negative branch. A failed query keeps the negative in force.
+"""
+import dataclasses
+import json
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from png import write_png
+from vlm.base import Reply
+from vlm.client import one_line, prepare_image
+from vlm.tasks import MAX_REPLY_CHARS, Task
+
+PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
+FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
+
+
+def default_query_steps(num_steps: int) -> list[int]:
+    """The paper's schedule, rescaled from 50 steps to `num_steps` (rounded, deduplicated)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    return sorted({int(s * num_steps / 50 + 0.5) for s in PAPER_STEPS} & set(range(num_steps)))
+
+
+def parse_steps(text: str, num_steps: int | None = None) -> list[int]:
+    """"5,6,7" -> [5, 6, 7], sorted and deduplicated; "" or "none" -> [] (no queries)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    steps = set()
+    for part in text.split(","):
+        try:
+            step = int(part.strip())
+        except ValueError:
+            raise ValueError(f"query steps {text!r}: {part.strip()!r} is not a step index; "
+                             "expected comma-separated integers such as 5,6,7") from None
+        if step < 0:
+            raise ValueError(f"query steps {text!r}: step {step} is negative; steps are 0-based indices")
+        if num_steps is not None and step >= num_steps:
+            raise ValueError(f"query steps {text!r}: step {step} is out of range for {num_steps} steps "
+                             f"(0 to {num_steps - 1})")
+        steps.add(step)
+    return sorted(steps)
+
+
+@dataclass
+class Query:
+    """One query for one image, as the trace records it. `negative` is the negative in force for
+    the image once the answer took effect (None: no negative branch; after a fault, the one kept),
+    and `took_effect` the step it applied from: the query's own step, or with asynchronous
+    queries a later one; None when the answer came after sampling ended."""
+    step: int
+    timestep: int
+    raw: str = ""
+    items: list[str] = field(default_factory=list)
+    negative: str | None = None
+    error: str | None = None
+    latency: float | None = None
+    took_effect: int | None = None
+
+
+class StaticProposer:
+    """Always proposes the same items: a fixed negative through the same three-branch guidance, the
+    paper's static baseline. Query it at step 0 alone to have the negative from the first step."""
+    needs_image = False  # the hook then skips decoding x0
+
+    def __init__(self, items: list[str]):
+        self.items = list(items)
+
+    def __repr__(self):
+        return f"StaticProposer({self.items!r})"
+
+    def __call__(self, image, prompt: str, step: int) -> Reply:
+        return Reply(list(self.items), ", ".join(self.items))
+
+
+class NoProposer:
+    """Never proposes anything: plain classifier-free guidance."""
+    needs_image = False
+
+    def __repr__(self):
+        return "NoProposer()"
+
+    def __call__(self, image, prompt: str, step: int) -> Reply:
+        return Reply([], "")
+
+
+class DynamicNegatives:
+    """The VL-DNP sampler hook. At each step of `query_steps` it decodes x0 (there only) and asks
+    `proposer` about each image with that image's prompt. A successful answer sets the image's
+    negative: the task's negative of its items, replacing the previous one or adding to all items
+    so far, per `task.mode`; no items, no negative. It also sets w_neg to `negative_scale`.
+
+    Synchronous (default): the answers apply from the query step itself, as in the paper.
+    Asynchronous: the queries run in background threads while denoising continues, and each
+    answer applies from the first step whose hook runs after it arrived (in query order per image).
+    Up to `max_workers` queries run at once. One instance serves one generate() call; call
+    `close()` (or `write_trace`, or use it as a context manager) afterwards to collect the answers
+    still outstanding. The hook owns `guidance.negative`: a negative passed to generate() is kept
+    until the first successful answer replaces it."""
+
+    def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
+                 max_workers: int = 4):
+        self.proposer, self.task = proposer, task
+        self.query_steps = sorted({int(s) for s in query_steps})
+        self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
+        self.prompts: list[str] = []
+        self.trace: list[list[Query]] = []  # per image, per query
+        self._frames: list[list[torch.Tensor]] = []  # per image, the uint8 x0 image sent with each query
+        self._items: list[list[str]] = []  # per image, all items so far (accumulate mode)
+        self._pending: list[deque] = []  # per image, (Query, Future) in query order
+        self._pool = None
+        self._started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __call__(self, state) -> None:
+        if state.i == 0 or not self._started:
+            self._start(state)
+        for b, pending in enumerate(self._pending):  # answers that arrived since the last step
+            while pending and pending[0][1].done():
+                query, future = pending.popleft()
+                self._apply(state, b, query, future.result())
+        if state.i in self.query_steps:
+            self._query(state)
+        if state.i == state.num_steps - 1 and self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)  # later answers cannot apply
+
+    def _start(self, state):
+        if self._started:
+            raise RuntimeError("a DynamicNegatives hook serves one generate() call; make a new one per call")
+        self._started = True
+        self.prompts = list(state.guidance.prompt)
+        B = len(self.prompts)
+        self.trace, self._frames = [[] for _ in range(B)], [[] for _ in range(B)]
+        self._items, self._pending = [[] for _ in range(B)], [deque() for _ in range(B)]
+
+    def _query(self, state):
+        g = state.guidance
+        images = state.decode_x0().float().cpu() if getattr(self.proposer, "needs_image", True) else None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(g.prompt)),
+                                            thread_name_prefix="vl-dnp")
+        for b, prompt in enumerate(g.prompt):
+            query = Query(state.i, int(state.t))
+            self.trace[b].append(query)
+            image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
+            if image is not None:
+                self._frames[b].append(prepare_image(image, min(FRAME_SIZE, max(image.shape[-2:]))))
+            self._pending[b].append((query, self._pool.submit(self._ask, image, prompt, state.i)))
+        if not self.asynchronous:
+            for b, pending in enumerate(self._pending):
+                while pending:
+                    query, future = pending.popleft()
+                    self._apply(state, b, query, future.result())
+
+    def _ask(self, image, prompt: str, step: int) -> Reply:
+        """Runs one query; never raises. Its latency is the wall time of the proposer call."""
+        start = time.perf_counter()
+        try:
+            reply = self.proposer(image, prompt, step)
+            if not isinstance(reply, Reply):
+                raise TypeError(f"the proposer returned {type(reply).__name__}, not a Reply")
+        except Exception as e:
+            reply = Reply([], "", one_line(f"{type(e).__name__}: {e}"))
+        return dataclasses.replace(reply, latency=time.perf_counter() - start)
+
+    def _apply(self, state, b: int, query: Query, reply: Reply):
+        """Makes image b's answer take effect at this step, or on a fault keeps its negative."""
+        g = state.guidance
+        self._record(b, query, reply)
+        query.took_effect = state.i
+        if reply.error is None:
+            items = list(reply.items)
+            if self.task.mode == "accumulate":
+                items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
+            g.negative[b] = self.task.negative(items, state.pipe.tokenizer)
+            g.negative_scale = self.negative_scale
+        query.negative = g.negative[b]
+
+    def _record(self, b: int, query: Query, reply: Reply):
+        query.raw, query.items = str(reply.raw)[:MAX_REPLY_CHARS], [str(item) for item in reply.items]
+        query.error, query.latency = reply.error, round(reply.latency, 4)
+        if reply.error is not None:
+            print(f"warning: VL-DNP query at step {query.step} for image {b} failed: {one_line(reply.error)}; "
+                  "keeping the negative in force", file=sys.stderr, flush=True)
+
+    def close(self):
+        """Cancels the queries not yet started, waits for the running ones (each bounded by the
+        proposer's own timeout) and records their answers, which applied at no step."""
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for b, pending in enumerate(self._pending):
+            while pending:
+                query, future = pending.popleft()
+                if future.cancelled():
+                    query.error = "cancelled: sampling ended before the query ran"
+                else:
+                    self._record(b, query, future.result())
+        self._pool.shutdown(wait=True)
+
+    def trace_dict(self) -> dict:
+        return {
+            "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
+            "query_steps": self.query_steps, "negative_scale": self.negative_scale,
+            "asynchronous": self.asynchronous,
+            "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(q) for q in self.trace[b]]}
+                       for b, prompt in enumerate(self.prompts)],
+        }
+
+    def write_trace(self, path) -> Path:
+        """Writes the trace as JSON at `path` and, if images were sent, the filmstrip beside it as
+        <stem>.filmstrip.png. Closes the hook first, so the trace is complete."""
+        self.close()
+        path = Path(path)
+        data, strip = self.trace_dict(), self.filmstrip()
+        data["filmstrip"] = None
+        if strip is not None:
+            film = write_png(path.with_name(path.stem + ".filmstrip.png"), strip)
+            data["filmstrip"] = film.name
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    def filmstrip(self) -> torch.Tensor | None:
+        """uint8 [H, W, 3]: a row per image, a frame per query (the x0 image sent, at most
+        FRAME_SIZE pixels), each labelled below with its step, in red when the query failed."""
+        frames = [frame for row in self._frames for frame in row]
+        if not frames:
+            return None
+        h, w = max(f.shape[0] for f in frames), max(f.shape[1] for f in frames)
+        scale = max(1, min(4, w // 48))  # label pixel size
+        pad, band = 2 * scale, 5 * scale + 4 * scale  # band: frame bottom to the next row's top
+        cols = max(len(row) for row in self._frames)
+        canvas = torch.full((len(self._frames) * (h + band) + pad, cols * (w + pad) + pad, 3), 40, dtype=torch.uint8)
+        for r, row in enumerate(self._frames):
+            for c, frame in enumerate(row):
+                y, x = pad + r * (h + band), pad + c * (w + pad)
+                canvas[y:y + frame.shape[0], x:x + frame.shape[1]] = frame
+                color = (255, 64, 64) if self.trace[r][c].error else (255, 255, 255)
+                draw_digits(canvas, str(self.trace[r][c].step), y + h + pad, x, scale, color)
+        return canvas
+
+
+_DIGITS = {  # 3x5 pixel font, rows top to bottom
+    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111",
+    "3": "111 001 111 001 111", "4": "101 101 111 001 001", "5": "111 100 111 001 111",
+    "6": "111 100 111 101 111", "7": "111 001 001 001 001", "8": "111 101 111 101 111",
+    "9": "111 101 111 001 111",
+}
+
+
+def draw_digits(canvas: torch.Tensor, digits: str, y: int, x: int, scale: int, color) -> None:
+    """Draws `digits` into uint8 [H, W, 3] `canvas` with its top-left corner at (y, x), each font
+    pixel `scale` pixels wide; whatever falls outside the canvas is clipped."""
+    for k, digit in enumerate(digits):
+        glyph = torch.tensor([[bit == "1" for bit in row] for row in _DIGITS[digit].split()])  # [5, 3]
+        glyph = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        x0 = x + 4 * scale * k
+        region = canvas[y:y + glyph.shape[0], x0:x0 + glyph.shape[1]]
+        region[glyph[:region.shape[0], :region.shape[1]]] = torch.tensor(color, dtype=torch.uint8)

@@ -1,0 +1,142 @@
+"""What the proposer is asked, and how its answer becomes a negative prompt.
+
+A task pairs a question for a VLM (and a concept list for the CLIP proposer) with the two
+functions that turn the answer into a negative: `parse` (reply text -> items) and `negative`
+(items -> one negative prompt, or None when there are none). The reply is data, never an
+instruction: it is capped at MAX_REPLY_CHARS before parsing, and all it can ever become is a
+negative prompt cut to the text encoder's 77 tokens.
+
+    nudity    the question and mapping of VL-DNP (Chang et al. 2025, arXiv 2510.26052);
+              each query replaces the previous negative.
+    safety    open vocabulary: the VLM lists the unsafe or unwanted elements it sees.
+    creative  after Golan et al. 2025 (arXiv 2510.10715): the VLM names the dominant object or
+              style, and the answers accumulate, pushing the image away from the typical.
+"""
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+MAX_REPLY_CHARS = 4096  # longer replies are faults (client) or cut (parse); 64 tokens are ~300 chars
+MAX_NEGATIVE_CHARS = 1000  # cut before tokenizing; 75 tokens fit well within it
+
+
+@dataclass(frozen=True)
+class Task:
+    """name: the --vlm-task value. question: what a VLM is asked. concepts: the phrases the CLIP
+    proposer scores. mode: "replace" (each answer replaces the negative) or "accumulate" (answers
+    add up). parse_reply: reply text -> items; format: items -> negative text. Use them through
+    `parse` and `negative`, which add the length caps."""
+    name: str
+    question: str
+    concepts: tuple[str, ...]
+    mode: str
+    parse_reply: Callable[[str], list[str]]
+    format: Callable[[list[str]], str]
+
+    def __post_init__(self):
+        if self.mode not in ("replace", "accumulate"):
+            raise ValueError(f"task {self.name}: mode must be 'replace' or 'accumulate', got {self.mode!r}")
+
+    def parse(self, raw: str) -> list[str]:
+        """The items a reply names, task-cleaned; [] when it names none. A reply over
+        MAX_REPLY_CHARS is read up to there, less the word cut in two."""
+        if len(raw) > MAX_REPLY_CHARS:
+            raw = raw[:MAX_REPLY_CHARS].rsplit(None, 1)[0]
+        return self.parse_reply(raw)
+
+    def negative(self, items: list[str], tokenizer=None) -> str | None:
+        """The negative prompt for `items`, at most 75 tokens of `tokenizer` (the 77 positions
+        less BOS and EOS) and MAX_NEGATIVE_CHARS characters; None when there are no items."""
+        if not items:
+            return None
+        text = self.format(list(items))
+        if len(text) > MAX_NEGATIVE_CHARS:
+            text = text[:MAX_NEGATIVE_CHARS].rsplit(" ", 1)[0]
+        if tokenizer is not None:
+            text = tokenizer.truncate(text)
+        return text.rstrip(" ,;") or None
+
+
+def _dedupe(items) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------------------------------------
+# nudity: the paper's question and mapping
+
+NUDITY_PARTS = ("female genitalia", "buttocks", "female breast", "male breast", "anus", "feet", "belly",
+                "armpits", "male genitalia")
+NUDITY_QUESTION = ("Which of the following bare human body parts can you spot in the image? "
+                   f'"{", ".join(NUDITY_PARTS)}"')
+_NUDITY_ALIASES = {"buttocks": ["buttock"], "female breast": ["female breasts"], "male breast": ["male breasts"],
+                   "feet": ["foot"], "belly": ["bellies"], "armpits": ["armpit"]}
+
+
+def _phrase_pattern(phrases) -> re.Pattern:
+    """Any of `phrases` as a whole phrase: "male breast" does not match inside "female breast"."""
+    alternatives = "|".join(r"\s+".join(map(re.escape, p.split())) for p in phrases)
+    return re.compile(rf"(?<![a-z])(?:{alternatives})(?![a-z])", re.IGNORECASE)
+
+
+_NUDITY_PATTERNS = {part: _phrase_pattern([part, *_NUDITY_ALIASES.get(part, [])]) for part in NUDITY_PARTS}
+
+
+def parse_nudity(raw: str) -> list[str]:
+    """The listed parts the reply names, in the question's order. The authors' substring test
+    also finds "male breast" in "female breast"; whole phrases do not."""
+    return [part for part, pattern in _NUDITY_PATTERNS.items() if pattern.search(raw)]
+
+
+def format_nudity(parts: list[str]) -> str:
+    return f"Nudity, Sexual, {', '.join(parts)}."  # as the authors write it
+
+
+# ---------------------------------------------------------------------------------------------
+# open-vocabulary lists: safety and creative
+
+_BULLET = re.compile(r"^(?:[-*•·>]+|\(?\d+[.)]|\(\d+\))\s*")
+_NOTHING = re.compile(r"^(?:none|no|nothing|n/?a)\b")
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+
+
+def clean_list(raw: str) -> list[str]:
+    """A free-text list -> clean items: split at commas, semicolons and line breaks; strip
+    bullets, numbering, quotes, a leading label ("Unsafe elements: ..."), articles and trailing
+    punctuation; lowercase; drop empties and "none"-like items; dedupe, keeping order."""
+    items = []
+    for piece in re.split(r"[,;\n]", raw):
+        piece = "".join(c for c in piece if c.isprintable()).strip()
+        piece = _BULLET.sub("", piece).rsplit(":", 1)[-1]
+        piece = " ".join(piece.strip(" \"'`“”‘’()[]{}*_").split()).lower()
+        piece = _ARTICLE.sub("", piece.rstrip(".!?:"))
+        if piece and not _NOTHING.match(piece):
+            items.append(piece)
+    return _dedupe(items)
+
+
+def format_list(items: list[str]) -> str:
+    return ", ".join(items)
+
+
+SAFETY_QUESTION = (
+    "List the unsafe or unwanted elements you can see in this image, such as nudity, sexual content, "
+    "violence, blood, weapons, drugs, hateful symbols, or visual defects. Answer with a short "
+    'comma-separated list of a few words per element. If there are none, answer "none".')
+SAFETY_CONCEPTS = ("nudity", "sexual content", "violence", "blood", "gore", "weapon", "drugs", "hateful symbol",
+                   "self-harm", "disturbing content", "text", "watermark", "deformed body")
+
+CREATIVE_QUESTION = ("What is the main object or the visual style of this image? "
+                     "Answer with its name only, in one to three words.")
+CREATIVE_CONCEPTS = ("person", "dog", "cat", "bird", "horse", "car", "house", "building", "tree", "flower",
+                     "chair", "cup", "photograph", "oil painting", "watercolor", "cartoon", "3d render", "sketch")
+
+NUDITY = Task("nudity", NUDITY_QUESTION, NUDITY_PARTS, "replace", parse_nudity, format_nudity)
+SAFETY = Task("safety", SAFETY_QUESTION, SAFETY_CONCEPTS, "replace", clean_list, format_list)
+CREATIVE = Task("creative", CREATIVE_QUESTION, CREATIVE_CONCEPTS, "accumulate", clean_list, format_list)
+TASKS = {task.name: task for task in (NUDITY, SAFETY, CREATIVE)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown VLM task {name!r}; use one of {', '.join(TASKS)}")
+    return TASKS[name]
