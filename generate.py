@@ -6,6 +6,7 @@ checkpoint, prompt, seed and settings, the image is the one diffusers' StableDif
 DDIMScheduler gives. Arguments are checked before any model is loaded; every failure is one line.
 """
 import argparse
+import json
 import os
 import re
 import secrets
@@ -18,6 +19,10 @@ import torch
 import png
 import weights
 from sampler.loop import NonFiniteError, generate
+from vlm.client import VLMClient
+from vlm.clip_proposer import CLIPProposer, load_clip
+from vlm.dnp import PAPER_STEPS, DynamicNegatives, default_query_steps, parse_steps
+from vlm.tasks import TASKS, get_task
 
 DEMO_PROMPT = "a photograph of an astronaut riding a horse"
 OUTPUTS = Path("outputs")
@@ -28,6 +33,8 @@ examples:
   python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
   python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
   python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
+  python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
+  python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
 
 Prints the seed, then the path of each image written.
 Exit status: 0 done, 1 sampling failed (nothing saved), 2 bad argument or model, 130 interrupted.
@@ -81,15 +88,76 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# VL-DNP (issue 4) plugs in here: its flags (--proposer, --vlm-*, --negative-scale, --trace) go in
-# add_vl_dnp_arguments, and vl_dnp_hooks turns them into step hooks for sampler.loop.generate.
+# VL-DNP (vlm/): negatives from what a vision-language model or CLIP sees in the x0 predictions
 
 def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
-    pass
+    v = parser.add_argument_group("VL-DNP: dynamic negative prompts from what a model sees (arXiv 2510.26052)")
+    v.add_argument("--proposer", choices=["auto", "vlm", "clip", "static", "none"], default="auto",
+                   help="who looks at the predicted image: a VLM server (vlm), the built-in CLIP ViT-L/14 (clip), "
+                        "nobody but with the task's fixed negative from the start (static, the paper's baseline), "
+                        "or nobody: plain Stable Diffusion (none). auto: vlm with --vlm-url, else clip")
+    v.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1; "
+                   "an API key is read from VLM_API_KEY (or OPENAI_API_KEY)")
+    v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model name sent to the server "
+                   "(default: %(default)s)")
+    v.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity",
+                   help="nudity: the paper's question and mapping; safety: any unsafe elements; creative: the "
+                        "dominant object or style, accumulated (default: %(default)s)")
+    v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, e.g. 5,6,7 (default: the paper's "
+                   f"{','.join(map(str, PAPER_STEPS))} for 50 steps, rescaled to --steps; 'none' for no queries)")
+    v.add_argument("--vlm-async", action="store_true",
+                   help="query in the background while denoising goes on; answers apply when they arrive")
+    v.add_argument("--vlm-timeout", type=float, default=30.0, metavar="S", help="seconds per query (default: 30)")
+    v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
+                   help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
+    v.add_argument("--clip-threshold", type=float, default=0.5, metavar="P",
+                   help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--negative-scale", type=float, default=7.5, metavar="W",
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u) (default: 7.5)")
+    v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
+                   "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png")
 
 
-def vl_dnp_hooks(args, pipe) -> list:
-    return []
+def check_vl_dnp(args):
+    """Resolves --proposer auto and checks the VL-DNP flags; sets args.query_steps."""
+    if args.proposer == "auto":
+        args.proposer = "vlm" if args.vlm_url else "clip"
+    if args.proposer == "vlm" and not args.vlm_url:
+        raise UsageError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+    if args.vlm_url and not re.match(r"https?://[^/]", args.vlm_url):
+        raise UsageError(f"--vlm-url {args.vlm_url}: must be an http:// or https:// URL")
+    for name, ok, rule in [("negative_scale", args.negative_scale >= 0, "0 or more"),
+                           ("vlm_timeout", args.vlm_timeout > 0, "more than 0"),
+                           ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]:
+        if not ok:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
+    try:
+        args.query_steps = default_query_steps(args.steps) if args.vlm_steps is None else \
+            parse_steps(args.vlm_steps, args.steps)
+    except ValueError as e:
+        raise UsageError(f"--vlm-steps: {e}") from None
+    if args.trace is not None:
+        if args.proposer not in ("vlm", "clip"):
+            raise UsageError(f"--trace: --proposer {args.proposer} makes no queries to trace")
+        check_out(args.trace, "--trace")
+
+
+def vl_dnp(args, pipe):
+    """(the hook or None, the fixed three-branch negative or None) for the chosen proposer."""
+    task = get_task(args.vlm_task)
+    if args.proposer == "none":
+        return None, None
+    if args.proposer == "static":
+        return None, task.negative(list(task.concepts), pipe.tokenizer)
+    if args.proposer == "vlm":
+        proposer = VLMClient(args.vlm_url, args.vlm_model, task, timeout=args.vlm_timeout)
+    else:
+        try:
+            model, tokenizer = load_clip(args.clip_model, pipe.device, pipe.dtype)
+        except weights.CheckpointError as e:
+            raise weights.CheckpointError(f"{e} (or run without VL-DNP: --proposer none)") from None
+        proposer = CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name)
+    return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +175,7 @@ def check(args) -> tuple[torch.device, torch.dtype]:
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
     check_model(args.model)
     check_out(args.out)
+    check_vl_dnp(args)
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -118,13 +187,13 @@ def check_model(model: str):
         raise UsageError(f"--model {model}: no such file or folder (nor a Hugging Face repo id like org/name)")
 
 
-def check_out(out: str | None):
+def check_out(out: str | None, option: str = "--out"):
     if out is None:
         folder, flag = OUTPUTS, "outputs/"
     elif Path(out).is_dir():
-        raise UsageError(f"--out {out}: is a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+        raise UsageError(f"{option} {out}: is a folder; give a file name, e.g. {Path(out) / 'image.png'}")
     else:
-        folder, flag = Path(out).parent, f"--out {out}"
+        folder, flag = Path(out).parent, f"{option} {out}"
     try:
         if out is None:
             OUTPUTS.mkdir(exist_ok=True)
@@ -157,15 +226,28 @@ def pick_device(name: str) -> torch.device:
 # Output
 
 def parameters_text(prompt, negative_prompt, *, steps, guidance, seed, width, height, model, eta=0.0,
-                    batch=1, index=0) -> str:
+                    batch=1, index=0, vl_dnp=None) -> str:
     """The `parameters` text in AUTOMATIC1111's layout: the prompt, the negative prompt, then one
-    line of settings."""
+    line of settings. `vl_dnp` is a dict of VL-DNP settings (values with commas are quoted)."""
     settings = [f"Steps: {steps}", "Sampler: DDIM", f"CFG scale: {guidance:g}", f"Seed: {seed}",
                 f"Size: {width}x{height}", f"Model: {model}"]
     settings += [f"Eta: {eta:g}"] if eta else []
     settings += [f"Batch size: {batch}", f"Batch pos: {index}"] if batch > 1 else []
+    settings += [f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in (vl_dnp or {}).items()]
     negative = [f"Negative prompt: {negative_prompt}"] if negative_prompt else []
     return "\n".join([prompt, *negative, ", ".join(settings)])
+
+
+def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
+    """What VL-DNP did to image `index`, for its parameters text."""
+    if args.proposer == "none":
+        return {}
+    settings = {"VL-DNP": f"{args.proposer} {args.vlm_task}", "Negative scale": f"{args.negative_scale:g}"}
+    if hook is None:
+        return {**settings, "Dynamic negative": static_negative}
+    queries = hook.trace[index]
+    return {**settings, "VL-DNP steps": " ".join(map(str, args.query_steps)) or "none",
+            "Dynamic negative": queries[-1].negative if queries and queries[-1].negative else "none"}
 
 
 def numbered(base: Path, batch: int) -> list[Path]:
@@ -228,13 +310,25 @@ def main(argv=None) -> int:
             pipe = weights.load_pipeline(args.model, device, dtype, args.tokenizer, args.prediction_type)
         except (ValueError, OSError) as e:  # CheckpointError, and configs the sampler does not support
             return fail(e, 2)
+        try:
+            hook, static_negative = vl_dnp(args, pipe)
+        except (ValueError, OSError) as e:
+            return fail(e, 2)
         height, width = args.height or pipe.default_size, args.width or pipe.default_size
-        images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                          height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
-                          hooks=vl_dnp_hooks(args, pipe), progress=not args.quiet)
+        try:
+            images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                              height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
+                              hooks=[hook] if hook else [], negative=static_negative,
+                              negative_scale=args.negative_scale, progress=not args.quiet)
+        finally:  # the trace of a failed run is kept too
+            if hook is not None:
+                hook.close()
+                if args.trace:
+                    print(f"trace: {hook.write_trace(args.trace)}")
         texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                                  seed=seed, width=width, height=height, model=pipe.name, eta=args.eta,
-                                 batch=args.batch, index=i) for i in range(args.batch)]
+                                 batch=args.batch, index=i, vl_dnp=vl_dnp_settings(args, hook, static_negative, i))
+                 for i in range(args.batch)]
         for path in save(images, args, texts, seed):
             print(path)
         return 0

@@ -19,7 +19,7 @@ from checkpoints import make_sd_folder
 from png import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--proposer", "none", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_interrupt_exits_130_and_saves_nothing(sd1, tmp_path, capsys, monkeypatc
 def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
     out = tmp_path / "cube.png"  # without --quiet: the progress bar must stay off stdout
     code, stdout, _ = run(capsys, "a red cube", "--negative-prompt", "blurry", "--model", sd1, "--seed", 123,
-                          "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--out", out)
+                          "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none", "--out", out)
     assert code == 0 and stdout == ["seed: 123", str(out)]
     image, text = read_png(out)
     assert text["parameters"] == ("a red cube\nNegative prompt: blurry\n"
@@ -168,7 +168,7 @@ def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
 def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, capsys):
     code, stdout, _ = run(capsys, "a green tree", "--model", sd1_file, "--tokenizer", sd1 / "tokenizer",
                           "--steps", 3, "--height", 32, "--width", 48, "--batch", 2, "--out", tmp_path / "tree.png",
-                          "--device", "cpu", "--quiet")
+                          "--device", "cpu", "--proposer", "none", "--quiet")
     assert code == 0 and stdout[1:] == [str(tmp_path / "tree-0.png"), str(tmp_path / "tree-1.png")]
     seed = int(re.fullmatch(r"seed: (\d+)", stdout[0])[1])
     expected = diffusers_images(sd1, "a green tree", seed=seed, steps=3, height=32, width=48, batch=2)
@@ -181,7 +181,7 @@ def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, c
 
 def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path, capsys):
     code, _, _ = run(capsys, "--model", sd2v, "--prediction-type", "v", "--seed", 9, "--steps", 5,
-                     "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--quiet")
+                     "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--proposer", "none", "--quiet")
     assert code == 0
     image, text = read_png(tmp_path / "demo.png")
     size = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2

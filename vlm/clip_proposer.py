@@ -19,7 +19,6 @@ lead of 0.022. Each concept is judged on its own against the anchor, not in a so
 concepts, so that several can be found at once. The threshold is not calibrated on generated
 images: raise it if negatives appear for content that is not there.
 """
-import json
 import time
 from pathlib import Path
 

@@ -1,0 +1,126 @@
+"""generate.py with VL-DNP: the proposers end to end, the trace, and the flags' errors."""
+import json
+
+import pytest
+import torch
+
+import generate
+from checkpoints import make_sd_folder
+from fake_vlm import ScriptedVLM, dead_url
+from png import read_png
+from sampler.loop import generate as sample
+from vlm.tasks import get_task
+from weights import load_pipeline
+
+RUN = ["a person on a beach", "--steps", "5", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=11)
+
+
+@pytest.fixture
+def server():
+    servers = []
+    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
+    for s in servers:
+        s.close()
+
+
+def run(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def image(path):
+    return read_png(path)
+
+
+def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
+    vlm = server("I can see feet and a belly.", "none")
+    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1,3",
+                         "--trace", tmp_path / "trace.json", "--out", tmp_path / "dnp.png")
+    assert code == 0, err
+    assert len(vlm.requests) == 2 and vlm.requests[0]["json"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    queries = trace["images"][0]["queries"]
+    assert [q["step"] for q in queries] == [1, 3] and [q["took_effect"] for q in queries] == [1, 3]
+    assert queries[0]["negative"] == "Nudity, Sexual, feet, belly." and queries[1]["negative"] is None
+    assert (tmp_path / trace["filmstrip"]).is_file()
+    pixels, text = image(tmp_path / "dnp.png")
+    assert "VL-DNP: vlm nudity, Negative scale: 7.5, VL-DNP steps: 1 3, Dynamic negative: none" in text["parameters"]
+    # the negative was in force for steps 1 and 2: the image differs from plain SD's
+    code, _, _ = run(capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
+    assert code == 0 and not torch.equal(pixels, image(tmp_path / "plain.png")[0])
+
+
+def test_a_dead_server_loses_nothing(sd1, tmp_path, capsys):
+    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "0,2",
+                         "--trace", tmp_path / "t.json", "--out", tmp_path / "dead.png")
+    assert code == 0
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("step" in w for w in warnings)
+    queries = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
+    assert all(q["error"] and q["negative"] is None for q in queries)
+    # no answer, no negative: the image is plain SD's
+    run(capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
+    assert torch.equal(image(tmp_path / "dead.png")[0], image(tmp_path / "plain.png")[0])
+
+
+def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys):
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
+                       "--out", tmp_path / "static.png")
+    assert code == 0, err
+    pipe = load_pipeline(sd1)
+    task = get_task("nudity")
+    negative = task.negative(list(task.concepts), pipe.tokenizer)
+    expected = sample(pipe, "a person on a beach", steps=5, height=16, width=16, seed=3, negative=negative,
+                      negative_scale=5.0, progress=False)
+    pixels, text = image(tmp_path / "static.png")
+    assert torch.equal(pixels, expected[0])
+    assert f'Dynamic negative: "{negative}"' in text["parameters"]
+
+
+def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
+    import transformers
+    from conftest import randomize_
+    from fake_vocab import write_clip_vocab
+
+    folder = write_clip_vocab(tmp_path / "clip")
+    vocab = json.loads((folder / "vocab.json").read_text())
+    config = transformers.CLIPConfig(
+        text_config=transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2),
+        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16)
+    randomize_(transformers.CLIPModel(config), 1).save_pretrained(folder)
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", folder, "--clip-threshold", 0,
+                       "--vlm-steps", "2", "--trace", tmp_path / "c.json", "--out", tmp_path / "clip.png")
+    assert code == 0, err
+    (query,) = json.loads((tmp_path / "c.json").read_text())["images"][0]["queries"]
+    assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ")  # threshold 0: every part
+
+
+def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, capsys):
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", tmp_path / "no-clip-here")
+    assert code == 2 and len(err) == 1 and "--proposer none" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--proposer", "vlm"], "needs --vlm-url"),
+    (["--vlm-url", "ftp://host/v1"], "http"),
+    (["--vlm-steps", "1,x"], "--vlm-steps"),
+    (["--vlm-steps", "5"], "out of range"),
+    (["--negative-scale", "-1"], "--negative-scale"),
+    (["--proposer", "none", "--trace", "t.json"], "--trace"),
+    (["--vlm-timeout", "0"], "--vlm-timeout"),
+])
+def test_bad_vl_dnp_flags(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate.weights, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    code, out, err = run(capsys, *RUN, "--model", tmp_path, "--out", tmp_path / "x.png", *argv)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert out == []
