@@ -1,6 +1,6 @@
 """Text to image with Stable Diffusion 1.x / 2.x:  python generate.py "a photo of a cat"
 
-Loads a model, samples with DDIM (sampler/loop.py) and writes PNGs whose `parameters` text chunk
+Loads a model, samples with DDIM or DPM-Solver++ (sampler/loop.py) and writes PNGs whose `parameters` text chunk
 holds the prompt and settings in the layout AUTOMATIC1111 and other SD tools read. With the same
 checkpoint, prompt, seed and settings, the image is the one diffusers' StableDiffusionPipeline with
 DDIMScheduler gives. Arguments are checked before any model is loaded; every failure is one line.
@@ -18,7 +18,7 @@ import torch
 
 import png
 import weights
-from sampler.loop import NonFiniteError, generate
+from sampler.loop import SAMPLERS, NonFiniteError, generate
 from vlm.client import VLMClient
 from vlm.clip_proposer import CLIPProposer, load_clip
 from vlm.dnp import PAPER_STEPS, DynamicNegatives, default_query_steps, parse_steps
@@ -51,7 +51,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x and DDIM.",
+    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x (DDIM or DPM-Solver++ 2M), optionally with VL-DNP.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
     p.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
@@ -67,12 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     s = p.add_argument_group("sampling")
     s.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="ddim, or dpm++2m: DPM-Solver++ 2M, the paper's evaluation sampler (default: ddim)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
     s.add_argument("--guidance", type=float, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; 1 or less skips the unconditional pass (default: %(default)s)")
     s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
     s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only (default: 0)")
     s.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
 
     o = p.add_argument_group("output and hardware")
@@ -173,6 +176,8 @@ def check(args) -> tuple[torch.device, torch.dtype]:
     for name, ok, rule in rules:
         if not ok:
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
+    if args.eta and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta}: only --sampler ddim takes eta; {args.sampler} is deterministic")
     check_model(args.model)
     check_out(args.out)
     check_vl_dnp(args)
@@ -225,11 +230,14 @@ def pick_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # Output
 
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # as other SD tools write them
+
+
 def parameters_text(prompt, negative_prompt, *, steps, guidance, seed, width, height, model, eta=0.0,
-                    batch=1, index=0, vl_dnp=None) -> str:
+                    batch=1, index=0, vl_dnp=None, sampler="ddim") -> str:
     """The `parameters` text in AUTOMATIC1111's layout: the prompt, the negative prompt, then one
     line of settings. `vl_dnp` is a dict of VL-DNP settings (values with commas are quoted)."""
-    settings = [f"Steps: {steps}", "Sampler: DDIM", f"CFG scale: {guidance:g}", f"Seed: {seed}",
+    settings = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance:g}", f"Seed: {seed}",
                 f"Size: {width}x{height}", f"Model: {model}"]
     settings += [f"Eta: {eta:g}"] if eta else []
     settings += [f"Batch size: {batch}", f"Batch pos: {index}"] if batch > 1 else []
@@ -318,7 +326,7 @@ def main(argv=None) -> int:
         try:
             images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
-                              hooks=[hook] if hook else [], negative=static_negative,
+                              sampler=args.sampler, hooks=[hook] if hook else [], negative=static_negative,
                               negative_scale=args.negative_scale, progress=not args.quiet)
         finally:  # the trace of a failed run is kept too
             if hook is not None:
@@ -327,7 +335,8 @@ def main(argv=None) -> int:
                     print(f"trace: {hook.write_trace(args.trace)}")
         texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                                  seed=seed, width=width, height=height, model=pipe.name, eta=args.eta,
-                                 batch=args.batch, index=i, vl_dnp=vl_dnp_settings(args, hook, static_negative, i))
+                                 batch=args.batch, index=i, vl_dnp=vl_dnp_settings(args, hook, static_negative, i),
+                                 sampler=args.sampler)
                  for i in range(args.batch)]
         for path in save(images, args, texts, seed):
             print(path)

@@ -14,13 +14,19 @@ import torch
 @dataclass
 class SchedulerConfig:
     """Training noise schedule plus sampling settings. The defaults are SD 1.x/2.x's settings, which
-    are not the defaults of diffusers' DDIMScheduler constructor."""
+    are not the defaults of diffusers' DDIMScheduler constructor.
+
+    timestep_spacing None means the config did not say, as SD 1.x/2.x's scheduler_config.json files
+    do not. diffusers then uses the default of whichever scheduler class reads the config, and so do
+    we: DDIM takes "leading" (DDIMScheduler's default), DPM-Solver++ takes "linspace"
+    (DPMSolverMultistepScheduler's), which is what `DPMSolverMultistepScheduler.from_config(
+    pipe.scheduler.config)` gives on an SD folder."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"   # or "linear", "squaredcos_cap_v2"
     prediction_type: str = "epsilon"       # or "v_prediction", "sample"
-    timestep_spacing: str = "leading"      # or "trailing", "linspace"
+    timestep_spacing: str | None = None    # "leading", "trailing", "linspace"; None: the sampler's default
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     clip_sample: bool = False
@@ -30,19 +36,24 @@ class SchedulerConfig:
     def __post_init__(self):
         for name, allowed in [("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
                               ("prediction_type", ("epsilon", "v_prediction", "sample")),
-                              ("timestep_spacing", ("leading", "trailing", "linspace"))]:
+                              ("timestep_spacing", ("leading", "trailing", "linspace", None))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
         """Read a diffusers scheduler_config.json of any scheduler class. Unknown keys are ignored,
-        and missing keys keep SD's defaults."""
+        and missing keys keep SD's defaults (timestep_spacing: None, the sampler's own)."""
         if d.get("thresholding"):
             raise ValueError("thresholding=true (dynamic thresholding) is not supported")
         if d.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; give beta_start/beta_end/beta_schedule")
         known = {f.name for f in dataclasses.fields(cls)}
+        # diffusers' in-memory configs list in `_use_default_values` the keys it filled with the defaults of
+        # the class that made them, and from_config() gives such keys the reading class's defaults instead.
+        # For timestep_spacing the sampler's default then applies, as for a key absent from the file.
+        if "timestep_spacing" in d.get("_use_default_values", ()):
+            known.remove("timestep_spacing")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -74,19 +85,34 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def make_timesteps(cfg: SchedulerConfig, num_steps: int) -> torch.Tensor:
-    """The num_steps training timesteps that sampling visits, in descending order, as a LongTensor.
-    They equal diffusers' DDIMScheduler.set_timesteps, including numpy's float rounding."""
+def make_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
+    """The num_steps training timesteps that DDIM visits with `spacing`, in descending order, as a
+    LongTensor. They equal diffusers' DDIMScheduler.set_timesteps, including numpy's float rounding."""
     T, N = cfg.num_train_timesteps, num_steps
-    if cfg.timestep_spacing == "leading":  # 0, T//N, 2·T//N, ..., then shifted by steps_offset
+    if spacing == "leading":  # 0, T//N, 2·T//N, ..., then shifted by steps_offset
         t = np.arange(N)[::-1] * (T // N) + cfg.steps_offset
-    elif cfg.timestep_spacing == "trailing":  # T-1 down to about T/N-1, in strides of T/N
+    elif spacing == "trailing":  # T-1 down to about T/N-1, in strides of T/N
         # For some N (61, 103, ...) float rounding makes arange yield N+1 points, the last being -1;
         # diffusers keeps that out-of-range step, we keep the N asked for.
         t = (np.round(np.arange(T, 0, -T / N)) - 1)[:N]
     else:  # "linspace": N points evenly spaced over [0, T-1], rounded to integers
         t = np.linspace(0, T - 1, N).round()[::-1]
     return torch.from_numpy(t.astype(np.int64).copy())
+
+
+def x0_and_eps(model_output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str):
+    """Both the clean latents x0 and the noise ε that the model's output implies, with x_t = α·x0 + σ·ε
+    (α = √ᾱ_t, σ = √(1 − ᾱ_t)). Every sampler turns the output into these the same way."""
+    if prediction_type == "epsilon":
+        x0 = (x - sigma * model_output) / alpha
+        eps = model_output
+    elif prediction_type == "v_prediction":  # v = α·ε − σ·x0 (Salimans & Ho 2022)
+        x0 = alpha * x - sigma * model_output
+        eps = alpha * model_output + sigma * x
+    else:  # "sample": the model predicts x0
+        x0 = model_output
+        eps = (x - alpha * x0) / sigma
+    return x0, eps
 
 
 def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -119,9 +145,10 @@ class DDIM:
             raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
         self.config, self.num_steps = config, num_steps
         self.alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
-        self.timesteps = t = make_timesteps(config, num_steps)  # [N]
+        spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default
+        self.timesteps = t = make_timesteps(config, num_steps, spacing)  # [N]
         if len(t) != num_steps or t.min() < 0 or t.max() >= T:  # diffusers' rules overshoot for some N
-            raise ValueError(f"{config.timestep_spacing} spacing (steps_offset {config.steps_offset}) gives "
+            raise ValueError(f"{spacing} spacing (steps_offset {config.steps_offset}) gives "
                              f"{len(t)} timesteps in [{t.min()}, {t.max()}] for {num_steps} steps, "
                              f"outside [0, {T})")
         self.prev_timesteps = t - T // num_steps  # [N]
@@ -133,17 +160,8 @@ class DDIM:
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor):
         """Turn the model's output at step i into (x0, ε). Like diffusers, clip_sample clamps x0 but
         does not recompute ε from the clamped x0."""
-        a, b = self.alpha_bar[i], 1 - self.alpha_bar[i]  # ᾱ_t and 1 − ᾱ_t
-        kind = self.config.prediction_type
-        if kind == "epsilon":  # x_t = √ᾱ·x0 + √(1−ᾱ)·ε
-            x0 = (x - b**0.5 * model_output) / a**0.5
-            eps = model_output
-        elif kind == "v_prediction":  # v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022)
-            x0 = a**0.5 * x - b**0.5 * model_output
-            eps = a**0.5 * model_output + b**0.5 * x
-        else:  # "sample": the model predicts x0
-            x0 = model_output
-            eps = (x - a**0.5 * x0) / b**0.5
+        a = self.alpha_bar[i]
+        x0, eps = x0_and_eps(model_output, x, a**0.5, (1 - a) ** 0.5, self.config.prediction_type)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, eps

@@ -1,4 +1,4 @@
-"""The sampling loop: text -> latents -> DDIM steps with classifier-free guidance -> images.
+"""The sampling loop: text -> latents -> DDIM or DPM-Solver++ steps with classifier-free guidance -> images.
 
 Each step runs the UNet once, batched over every active branch, combines the branches with the
 guidance formula (`guide`, the one place it is written), and then calls the hooks. A hook is any
@@ -7,7 +7,6 @@ image, and it can change `state.guidance`: negative prompts, their scale, the CF
 apply from the step the hook ran at, so the loop re-runs the UNet on the branches whose text
 changed, and only on those, before it takes the step.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sampler.ddim import DDIM, randn
+from sampler.dpm import DPMSolverPP
+
+SAMPLERS = {"ddim": DDIM, "dpm++2m": DPMSolverPP}
 
 
 @dataclass
@@ -97,11 +99,12 @@ class TextCache:
 @torch.no_grad()
 def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, height=None, width=None,
              batch=1, seed=0, eta=0.0, hooks: list[Hook] = (), negative=None, negative_scale=7.5,
-             progress=True) -> torch.Tensor:
+             sampler="ddim", progress=True) -> torch.Tensor:
     """Generates images; returns uint8 [B, H, W, 3].
 
     prompt / negative_prompt: a string or one per image. `batch` images are made per prompt.
     negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
+    sampler: a key of SAMPLERS, "ddim" or "dpm++2m" (deterministic: eta must be 0).
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -117,17 +120,19 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
     g = Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
                  scale=guidance, negative_scale=negative_scale)
     height, width = height or pipe.default_size, width or pipe.default_size
-    ddim = DDIM(pipe.scheduler, steps)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
+    solver = SAMPLERS[sampler](pipe.scheduler, steps)
     text = TextCache(pipe)
     generator = torch.Generator("cpu").manual_seed(seed)
 
     shape = (B, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     x = randn(shape, generator, dtype=torch.float32).to(pipe.device, pipe.dtype)  # x_T ~ N(0, I)
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
-    for i, t in enumerate(tqdm(ddim.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
+    for i, t in enumerate(tqdm(solver.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
         outputs = run_unet(pipe, x, t, g.rows(), text)
         eps_pos, eps = combine(outputs, g)
-        x0, eps_pos = ddim.predict(eps_pos, i, x)
+        x0, eps_pos = solver.predict(eps_pos, i, x)
         if hooks:
             before = (g.scale, g.negative_scale)
             state = StepState(i, t, steps, x, eps_pos, x0, g, pipe)
@@ -137,13 +142,13 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
             if changed or (g.scale, g.negative_scale) != before:
                 outputs.update(run_unet(pipe, x, t, changed, text))
                 _, eps = combine(outputs, g)
-        x, _ = ddim.step(eps, i, x, eta=eta, generator=generator)
+        x, _ = solver.step(eps, i, x, eta=eta, generator=generator)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
 
     if bad_step >= 0:
         i = int(bad_step)
         hint = "try --dtype fp32, or upcast attention" if pipe.dtype != torch.float32 else "the weights may be broken"
-        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={ddim.timesteps[i].item()}) "
+        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={solver.timesteps[i].item()}) "
                              f"in {str(pipe.dtype).removeprefix('torch.')}; {hint}")
     return to_uint8(pipe.vae.decode(x))
 

@@ -17,6 +17,8 @@ import generate
 import weights
 from checkpoints import make_sd_folder
 from png import read_png
+from sampler.loop import generate as sample
+from weights import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--proposer", "none", "--quiet"]
@@ -100,6 +102,7 @@ BAD = [
     (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
+    (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "euler"], "--sampler"),
 ]
 
 
@@ -214,3 +217,15 @@ def test_explicit_out_batch_names_and_overwrite(sd1, tmp_path, capsys):
         code, out, _ = run(capsys, "--model", sd1, "--seed", 1, "--batch", 3, "--out", tmp_path / "img.png", *FAST)
         assert code == 0 and out[1:] == [str(tmp_path / f"img-{i}.png") for i in range(3)]
     assert sorted(os.listdir(tmp_path)) == ["img-0.png", "img-1.png", "img-2.png"]
+
+
+def test_dpm_solver_sampler(sd1, tmp_path, capsys):
+    code, _, err = run(capsys, "a blue bird", "--model", sd1, "--seed", 4, "--sampler", "dpm++2m", "--steps", 4,
+                       "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none", "--quiet",
+                       "--out", tmp_path / "dpm.png")
+    assert code == 0, err
+    image, text = read_png(tmp_path / "dpm.png")
+    assert "Sampler: DPM++ 2M" in text["parameters"]
+    expected = sample(load_pipeline(sd1), "a blue bird", steps=4, height=32, width=32, seed=4, sampler="dpm++2m",
+                      progress=False)
+    assert torch.equal(image, expected[0])

@@ -14,6 +14,7 @@ from transformers import CLIPTextModel
 
 from checkpoints import make_sd_folder
 from conftest import assert_close_rel
+from sampler.ddim import DDIM
 from weights import CheckpointError, export_single_file, hub_patterns, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,9 @@ def test_scheduler_config_is_honoured_and_defaults_are_sds(sd1, tmp_path):
     assert (s.steps_offset, s.set_alpha_to_one, s.clip_sample) == (1, False, False)  # SD's, not DDIM's defaults
     shutil.rmtree(folder / "scheduler")
     s = load_pipeline(folder).scheduler
-    assert (s.beta_schedule, s.beta_start, s.beta_end, s.timestep_spacing) == ("scaled_linear", 0.00085, 0.012, "leading")
+    assert (s.beta_schedule, s.beta_start, s.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    # spacing left to each sampler's default, as diffusers does: leading for DDIM (981, 961, ...)
+    assert DDIM(s, 50).timesteps[:2].tolist() == [981, 961]
     assert load_pipeline(folder, prediction_type="v").scheduler.prediction_type == "v_prediction"
 
 

@@ -1,0 +1,83 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models", Algorithm 2): a second-order multistep solver of the diffusion ODE written
+in terms of the predicted clean image x0, which keeps guided sampling stable at large scales.
+
+Matches diffusers' `DPMSolverMultistepScheduler.from_config(<SD's scheduler config>)`, the paper's
+evaluation sampler, number for number: algorithm_type "dpmsolver++", solver_order 2, solver_type
+"midpoint", lower_order_final, final_sigmas_type "zero", no Karras/exponential/beta sigmas, no
+thresholding. Those settings are what "dpm++2m" means here; other DPM-Solver keys in a config are
+ignored, and so are DDIM's clip_sample and set_alpha_to_one.
+"""
+import torch
+
+from sampler.ddim import SchedulerConfig, make_betas, make_timesteps, x0_and_eps
+
+
+class DPMSolverPP:
+    """DPM-Solver++(2M) over `num_steps` of the training timesteps. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t)
+    and λ_t = log(α_t / σ_t) (half the log-SNR), step i goes from s = timesteps[i] to the next
+    timestep t, or to clean data (σ = 0, λ = ∞) after the last, with h = λ_t − λ_s:
+
+        x_t = (σ_t / σ_s) · x_s − α_t · (e^{−h} − 1) · D                                    (Alg. 2)
+
+    With D = x0_s this is the first-order update, which is DDIM. The second-order one extrapolates x0
+    linearly in λ from the previous step's prediction, r = h_prev / h:
+
+        D = x0_s + (x0_s − x0_prev) / (2r)
+
+    The first step has no previous x0 and the last, which lands on σ = 0, is first order (diffusers'
+    lower_order_final): the result is the last predicted x0.
+
+    Being multistep, the object keeps the previous x0: call `step` once per step, in order, and make
+    a fresh object for each generation. `predict` is pure and may be called any time. The update
+    runs in float32 and the result has model_output's dtype, as in diffusers. It is deterministic:
+    `eta` > 0 raises ValueError, and `generator` is unused."""
+
+    def __init__(self, config: SchedulerConfig, num_steps: int):
+        T, N = config.num_train_timesteps, num_steps
+        if not 1 <= N <= T:
+            raise ValueError(f"num_steps must be in [1, {T}], got {N}")
+        self.config, self.num_steps = config, N
+        # diffusers' rules: "leading" and "linspace" lay out N+1 points as DDIM does and drop the last,
+        # whose place the final σ = 0 takes; "trailing" is DDIM's. Unset: "linspace", the class default.
+        spacing = config.timestep_spacing or "linspace"
+        t = make_timesteps(config, N, spacing) if spacing == "trailing" else make_timesteps(config, N + 1, spacing)[:-1]
+        if len(t) != N or t.min() < 0 or t.max() >= T:
+            raise ValueError(f"{spacing} spacing (steps_offset {config.steps_offset}) gives {len(t)} timesteps "
+                             f"in [{t.min()}, {t.max()}] for {N} steps, outside [0, {T})")
+        self.timesteps = t  # [N]
+
+        alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
+        if config.rescale_betas_zero_snr:  # as diffusers: ᾱ_T = 2^-24 rather than 0 keeps λ finite
+            alphas_cumprod[-1] = 2.0**-24
+        self.alpha_bar = alphas_cumprod[t]  # [N]
+        # ρ_t = σ_t / α_t = e^{−λ_t}, diffusers' `sigmas`, ending at 0. α and σ are derived from it in
+        # diffusers' order so that the float32 values agree to the bit.
+        self.rho = torch.cat([((1 - self.alpha_bar) / self.alpha_bar) ** 0.5, torch.zeros(1)])  # [N+1]
+        self.alpha = 1 / (self.rho**2 + 1) ** 0.5  # [N+1]
+        self.sigma = self.rho * self.alpha  # [N+1]
+        self.lam = self.alpha.log() - self.sigma.log()  # [N+1], +inf at the end
+
+        self.x0_prev = None  # x0 predicted at the previous step, float32
+        self.next_step = 0
+
+    def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor):
+        """Turn the model's output at step i into (x0, ε)."""
+        return x0_and_eps(model_output, x, self.alpha[i], self.sigma[i], self.config.prediction_type)
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0, generator=None):
+        """One update from x at timesteps[i] to the next timestep. Returns (x_prev, x0)."""
+        if eta > 0:
+            raise ValueError(f"DPM-Solver++(2M) is deterministic; eta must be 0, got {eta}")
+        if i != self.next_step:
+            raise ValueError(f"step {i} called after step {self.next_step - 1}; DPM-Solver++ is multistep: call "
+                             f"step once per step, in order, with a fresh DPMSolverPP per generation")
+        x0, _ = self.predict(model_output, i, x)
+        d = x0.float()
+        h = self.lam[i + 1] - self.lam[i]
+        if 0 < i < self.num_steps - 1:
+            r = (self.lam[i] - self.lam[i - 1]) / h
+            d = d + (d - self.x0_prev) / (2 * r)
+        x_prev = (self.sigma[i + 1] / self.sigma[i]) * x.float() - (self.alpha[i + 1] * torch.expm1(-h)) * d
+        self.x0_prev, self.next_step = x0.float(), i + 1
+        return x_prev.to(model_output.dtype), x0
