@@ -1,0 +1,257 @@
+"""The methods one evaluation run compares, each a way to call sampler.loop.generate:
+
+    sd        plain Stable Diffusion: no negative.
+    negative  a classic negative prompt, which replaces the unconditional branch.
+    static    the VL-DNP paper's static baseline: a fixed negative (by default SAFREE's 17 nudity
+              concepts) from the first step, through the three-branch guidance
+                  ε = ε_u + g(ε_c − ε_u) − w_neg(ε_neg − ε_u)
+    vldnp     VL-DNP (vlm/dnp.py): the negative is what a proposer (a VLM, CLIP, or the task's
+              fixed list) sees in the x0 prediction at the query steps, through the same guidance.
+    sld       Safe Latent Diffusion (Schramowski et al. 2023), a sampler hook in sampler/sld.py,
+              one method per preset (weak, medium, strong, max).
+
+static and vldnp are swept over w_neg (--negative-scale 0,2.5,5,...): one method per scale, so
+that one run gives a safety/fidelity Pareto front. The others do not depend on w_neg.
+"""
+import dataclasses
+import importlib
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sampler.loop import generate
+from vlm.base import Reply
+from vlm.dnp import DynamicNegatives
+from vlm.tasks import Task
+
+# SAFREE's nudity concepts (Yoon et al. 2024, "SAFREE: Training-Free and Adaptive Guard for Safe
+# Text-to-Image and Video Generation", arXiv 2410.12761): the `negative_prompt_space` of the
+# nudity category in the generation scripts of their code, github.com/jaehong31/SAFREE, which
+# joins them with ", " into the negative prompt. The VL-DNP paper's static baseline uses this
+# string. Copied verbatim, capitals included (CLIP's tokenizer lowercases anyway).
+SAFREE_NUDITY = (
+    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
+    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
+    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
+)
+SAFREE_NUDITY_NEGATIVE = ", ".join(SAFREE_NUDITY)
+
+METHODS = ("sd", "negative", "static", "vldnp", "sld")
+SWEPT = ("static", "vldnp")  # the methods --negative-scale expands
+SLD_PRESETS = ("weak", "medium", "strong", "max")
+
+
+class MethodUnavailable(ValueError):
+    """A method that cannot run in this installation; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What every method shares: the sampler, its steps and the image size (None: the model's)."""
+    steps: int = 50
+    sampler: str = "dpm++2m"
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass
+class Result:
+    image: torch.Tensor  # uint8 [H, W, 3]
+    negatives: list[dict]  # per query: step, negative, error (and, for vldnp, the rest of the trace)
+    negative_prompt: str | None = None  # the classic negative prompt, for the PNG's parameters
+    parameters: dict = field(default_factory=dict)  # the method's settings, for the PNG's parameters
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method at one setting. `label` is what the records call it ("sd", "static", "sld-max");
+    `scale` is w_neg for the swept methods, None for the others. Calling it makes one image."""
+    label = "?"
+    scale = None
+
+    @property
+    def key(self) -> str:
+        """The method's part of image names and job keys: label, then _w{scale} when swept."""
+        return self.label if self.scale is None else f"{self.label}_w{self.scale:g}"
+
+    def settings(self) -> dict:
+        """What decides this method's images, for run.json."""
+        return {"method": self.label, "scale": self.scale, **{f.name: getattr(self, f.name)
+                                                               for f in dataclasses.fields(self) if f.name != "scale"}}
+
+    def __call__(self, pipe, prompt: str, *, seed: int, guidance: float, sampling: Sampling, proposer=None) -> Result:
+        raise NotImplementedError
+
+
+def _generate(pipe, prompt, seed, guidance, sampling: Sampling, **kwargs) -> torch.Tensor:
+    return generate(pipe, prompt, steps=sampling.steps, guidance=guidance, height=sampling.height,
+                    width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **kwargs)[0]
+
+
+@dataclass(frozen=True)
+class PlainSD(Method):
+    label = "sd"
+
+    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
+        return Result(_generate(pipe, prompt, seed, guidance, sampling), [])
+
+
+@dataclass(frozen=True)
+class ClassicNegative(Method):
+    text: str = SAFREE_NUDITY_NEGATIVE
+    label = "negative"
+
+    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
+        image = _generate(pipe, prompt, seed, guidance, sampling, negative_prompt=self.text)
+        return Result(image, [{"step": 0, "negative": self.text, "error": None}], negative_prompt=self.text)
+
+
+@dataclass(frozen=True)
+class StaticNegative(Method):
+    scale: float = 7.5
+    text: str = SAFREE_NUDITY_NEGATIVE
+    label = "static"
+
+    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
+        image = _generate(pipe, prompt, seed, guidance, sampling, negative=self.text, negative_scale=self.scale)
+        return Result(image, [{"step": 0, "negative": self.text, "error": None}],
+                      parameters={"Negative scale": f"{self.scale:g}", "Static negative": self.text})
+
+
+@dataclass(frozen=True)
+class VLDNP(Method):
+    """The DynamicNegatives hook with the run's proposer (passed in by the caller, shared by all
+    scales); the records keep its whole trace per query."""
+    scale: float = 7.5
+    task: Task = None
+    query_steps: tuple[int, ...] = ()
+    proposer_name: str = "clip"
+    label = "vldnp"
+
+    def settings(self) -> dict:
+        return {"method": self.label, "scale": self.scale, "task": self.task.name,
+                "query_steps": list(self.query_steps), "proposer": self.proposer_name}
+
+    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
+        if proposer is None:
+            raise ValueError("vldnp needs a proposer")
+        hook = DynamicNegatives(proposer, self.task, self.query_steps, self.scale)
+        try:
+            image = _generate(pipe, prompt, seed, guidance, sampling, hooks=[hook])
+        finally:
+            hook.close()
+        queries = [dataclasses.asdict(q) for q in hook.trace[0]]
+        final = next((q["negative"] for q in reversed(queries) if q["took_effect"] is not None), None)
+        return Result(image, queries, parameters={
+            "VL-DNP": f"{self.proposer_name} {self.task.name}", "Negative scale": f"{self.scale:g}",
+            "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none", "Dynamic negative": final or "none"})
+
+
+@dataclass(frozen=True)
+class SLD(Method):
+    """Safe Latent Diffusion at one of its presets, as the sampler hook sampler/sld.py provides:
+    `sampler.sld.PRESETS` names the presets and `sampler.sld.SafeLatentDiffusion(preset)` is a
+    hook for one generate() call."""
+    preset: str = "medium"
+
+    @property
+    def label(self) -> str:
+        return f"sld-{self.preset}"
+
+    def settings(self) -> dict:
+        return {"method": self.label, "scale": None, "preset": self.preset}
+
+    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
+        hook = load_sld().SafeLatentDiffusion(self.preset)
+        image = _generate(pipe, prompt, seed, guidance, sampling, hooks=[hook])
+        return Result(image, [], parameters={"SLD": self.preset})
+
+
+def load_sld():
+    """sampler.sld, or MethodUnavailable while it is not written."""
+    try:
+        return importlib.import_module("sampler.sld")
+    except ModuleNotFoundError as e:
+        if e.name != "sampler.sld":
+            raise
+        raise MethodUnavailable("sld is not available yet: sampler/sld.py, the Safe Latent Diffusion hook, "
+                                "is not in this checkout") from None
+
+
+def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,
+                  static_negative: str = SAFREE_NUDITY_NEGATIVE, task: Task | None = None, query_steps=(),
+                  proposer_name: str = "clip", sld_presets=SLD_PRESETS) -> list[Method]:
+    """The method instances of a run, in the order named; static and vldnp once per scale."""
+    methods = []
+    for name in dict.fromkeys(names):
+        if name == "sd":
+            methods.append(PlainSD())
+        elif name == "negative":
+            methods.append(ClassicNegative(negative_prompt))
+        elif name == "static":
+            methods += [StaticNegative(w, static_negative) for w in scales]
+        elif name == "vldnp":
+            if task is None:
+                raise ValueError("vldnp needs a task")
+            methods += [VLDNP(w, task, tuple(query_steps), proposer_name) for w in scales]
+        elif name == "sld":
+            presets = load_sld().PRESETS
+            unknown = [p for p in sld_presets if p not in presets]
+            if unknown:
+                raise MethodUnavailable(f"unknown SLD preset {unknown[0]!r}; sampler/sld.py has {', '.join(presets)}")
+            methods += [SLD(p) for p in sld_presets]
+        else:
+            raise ValueError(f"unknown method {name!r}; use {', '.join(METHODS)}")
+    return methods
+
+
+# ---------------------------------------------------------------------------------------------
+# Many ranks, one VLM server: a bounded, retrying proposer
+
+# The VLM client's messages for faults that may pass: no connection, a timeout, HTTP 408, 429, 5xx.
+TRANSIENT = re.compile(r"^(?:HTTP (?:5\d\d|408|429)\b|cannot reach |no (?:complete )?answer |connection to )")
+
+
+class RetryingProposer:
+    """Wraps a proposer (vlm/client.py's VLMClient, or any other): at most `max_in_flight` calls
+    run at once in this process, and a call whose reply is a transient fault (see TRANSIENT) is
+    tried again, up to `retries` more times, after exponential backoff with jitter:
+    backoff · 2^attempt · U(0.5, 1.5) seconds, at most `max_backoff`. Other faults (a malformed
+    or empty reply, HTTP 4xx) are returned at once. Each attempt has the inner proposer's own
+    timeout, so one query takes at most (retries + 1) timeouts plus the backoff.
+
+    With torchrun, every rank has its own, so one server sees at most world_size · max_in_flight
+    requests at once."""
+
+    def __init__(self, proposer, retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
+                 max_in_flight: int = 4, sleep=time.sleep):
+        if retries < 0 or backoff < 0 or max_in_flight < 1:
+            raise ValueError("retries and backoff must be 0 or more, max_in_flight at least 1")
+        self.proposer, self.retries, self.backoff, self.max_backoff = proposer, retries, backoff, max_backoff
+        self.max_in_flight, self._slots, self._sleep = max_in_flight, threading.BoundedSemaphore(max_in_flight), sleep
+        self.needs_image = getattr(proposer, "needs_image", True)
+
+    def __repr__(self):
+        return f"RetryingProposer({self.proposer!r}, retries={self.retries}, max_in_flight={self.max_in_flight})"
+
+    def __call__(self, image, prompt: str, step: int) -> Reply:
+        start = time.perf_counter()
+        for attempt in range(self.retries + 1):
+            with self._slots:
+                reply = self.proposer(image, prompt, step)
+            if reply.error is None or attempt == self.retries or not TRANSIENT.match(reply.error):
+                break
+            self._sleep(min(self.max_backoff, self.backoff * 2 ** attempt * random.uniform(0.5, 1.5)))
+        if reply.error is not None and attempt > 0:
+            reply = dataclasses.replace(reply, error=f"{reply.error} (after {attempt + 1} attempts)")
+        return dataclasses.replace(reply, latency=time.perf_counter() - start)
+
+
+def check_proposer(proposer) -> str | None:
+    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered."""
+    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
+    return proposer(image if proposer.needs_image else None, "", 0).error

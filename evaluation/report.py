@@ -1,0 +1,350 @@
+"""The run's report: the summary table (summary.md, summary.csv), the safety/alignment Pareto plot
+(pareto.svg) and a page that opens offline (index.html) with the table, the plot and every image
+by prompt and method, each with its metrics and its VL-DNP trace.
+
+Everything is built from the run's records (one dict per image, as evaluate.py writes them) and
+plain strings: no plotting or templating library. Record text (prompts, negatives, VLM errors) is
+untrusted and always escaped.
+"""
+import csv
+import html
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+from evaluation.metrics import PROTOCOL, aggregate
+
+COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito
+CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std")
+THUMBNAIL = 192  # CSS pixels
+
+
+def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL) -> dict[str, Path]:
+    """Writes summary.md, summary.csv, pareto.svg and index.html into `run_dir` (each atomically)
+    and returns their paths by kind. `protocol` is the metrics' protocol text (Metrics.protocol)."""
+    run_dir = Path(run_dir)
+    rows = aggregate(records)
+    svg = pareto_svg(rows)
+    files = {
+        "markdown": ("summary.md", summary_markdown(rows, protocol)),
+        "csv": ("summary.csv", summary_csv(rows)),
+        "plot": ("pareto.svg", svg),
+        "html": ("index.html", report_html(run_dir.name, records, rows, svg, protocol)),
+    }
+    return {kind: _write_atomic(run_dir / name, text) for kind, (name, text) in files.items()}
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------- formatting
+
+def scale_label(scale) -> str:
+    return "–" if scale is None else f"{scale:g}"
+
+
+def column_label(method: str, scale) -> str:
+    return method if scale is None else f"{method} {scale:g}"
+
+
+def percent(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def number(x, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def clip_text(row: dict) -> str:
+    if row["clip_score"] is None:
+        return "–"
+    return f"{row['clip_score']:.2f} ± {row['clip_score_std']:.2f}"
+
+
+SUMMARY_HEADER = ("method", "scale", "images", "failed", "ASR", "toxic rate", "CLIP score")
+
+
+def summary_cells(row: dict) -> tuple[str, ...]:
+    return (row["method"], scale_label(row["scale"]), str(row["n"]), str(row["failures"]), percent(row["asr"]),
+            number(row["toxic_rate"], 3), clip_text(row))
+
+
+# ---------------------------------------------------------------- summary table
+
+def summary_markdown(rows: list[dict], protocol: str) -> str:
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
+
+    text = "# Evaluation summary\n\n" + line(SUMMARY_HEADER) + line(["---"] * len(SUMMARY_HEADER))
+    text += "".join(line(summary_cells(row)) for row in rows)
+    text += ("\nASR: share of images judged unsafe. Toxic rate: mean p_unsafe. CLIP score: mean ± standard "
+             "deviation over images. Failed images are left out of every column but `failed`.\n")
+    return text + "\n## Protocol\n\n" + protocol.strip() + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """The aggregate rows with full precision; an empty field is a metric not computed."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- Pareto plot
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi - lo < 1e-9:
+        lo, hi = lo - 1, hi + 1
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 10) for k in range(first, last + 1)]
+
+
+def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
+    """ASR (y, %) against mean CLIP score (x): a line per method through its scales in order, each
+    point labelled with its scale. Lower right is better: safer at the same alignment."""
+    left, right, top, bottom = 56, 150, 34, 48
+    points = [r for r in rows if r["asr"] is not None and r["clip_score"] is not None]
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="20" font-size="13" font-weight="bold">ASR against CLIP score, per negative scale'
+           '</text>']
+    if not points:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no image has both metrics</text>')
+        return "\n".join(out + ["</svg>"]) + "\n"
+
+    xs = nice_ticks(min(r["clip_score"] for r in points), max(r["clip_score"] for r in points))
+    ys = nice_ticks(0, max(max(100 * r["asr"] for r in points), 1))
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+
+    def px(v):
+        return x0 + (v - xs[0]) / (xs[-1] - xs[0]) * (x1 - x0)
+
+    def py(v):
+        return y0 + (v - ys[0]) / (ys[-1] - ys[0]) * (y1 - y0)
+
+    for v in xs:
+        out.append(f'<line x1="{px(v):.1f}" y1="{y1}" x2="{px(v):.1f}" y2="{y0}" stroke="#e4e4e4"/>'
+                   f'<text x="{px(v):.1f}" y="{y0 + 15}" text-anchor="middle">{v:g}</text>')
+    for v in ys:
+        out.append(f'<line x1="{x0}" y1="{py(v):.1f}" x2="{x1}" y2="{py(v):.1f}" stroke="#e4e4e4"/>'
+                   f'<text x="{x0 - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#888"/>')
+    out.append(f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">CLIP score (higher: closer '
+               'to the prompt)</text>')
+    out.append(f'<text transform="translate(14 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">ASR (%)</text>')
+
+    methods = list(dict.fromkeys(r["method"] for r in points))
+    for i, method in enumerate(methods):
+        color = COLORS[i % len(COLORS)]
+        line = [r for r in points if r["method"] == method]  # aggregate() sorts scales ascending
+        coords = " ".join(f"{px(r['clip_score']):.1f},{py(100 * r['asr']):.1f}" for r in line)
+        out.append(f'<g><title>{e(method)}</title>')
+        if len(line) > 1:
+            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        for r in line:
+            x, y = px(r["clip_score"]), py(100 * r["asr"])
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}">'
+                       f'<title>{e(column_label(method, r["scale"]))}: ASR {percent(r["asr"])}, '
+                       f'CLIP {r["clip_score"]:.2f}</title></circle>')
+            if r["scale"] is not None:
+                out.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" fill="{color}" font-size="10">'
+                           f'{r["scale"]:g}</text>')
+        out.append("</g>")
+        ly = top + 8 + 18 * i
+        out.append(f'<line x1="{x1 + 14}" y1="{ly}" x2="{x1 + 34}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
+                   f'<circle cx="{x1 + 24}" cy="{ly}" r="3.5" fill="{color}"/>'
+                   f'<text x="{x1 + 40}" y="{ly + 4}">{e(method)}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# ---------------------------------------------------------------- HTML page
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
+table.summary td { text-align: right; } table.summary td:first-child { text-align: left; }
+table.summary th, table.grid thead th { background: #f4f4f4; }
+table.grid th.prompt { position: sticky; left: 0; background: #fafafa; min-width: 200px; max-width: 280px;
+  text-align: left; font-weight: normal; z-index: 1; }
+.prompt-text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.meta, .m { color: #666; font-size: 12px; }
+td.cell { width: THUMBpx; font-size: 12px; }
+td.cell img { width: THUMBpx; height: auto; display: block; background: #eee; }
+.unsafe { color: #b00020; font-weight: bold; } .safe { color: #1b7a1b; }
+.failed, .missing, .error { color: #b00020; }
+.missing { display: block; padding: 8px; border: 1px dashed #b00020; overflow-wrap: anywhere; }
+details { margin-top: 4px; } summary { cursor: pointer; color: #345; }
+details table { font-size: 11px; } details th, details td { padding: 2px 4px; overflow-wrap: break-word; }
+pre.protocol { white-space: pre-wrap; max-width: 960px; background: #f8f8f8; padding: 12px; }
+""".replace("THUMB", str(THUMBNAIL))
+
+# Counts the images that loaded into <body data-images-*>, and replaces a broken one with the
+# path it was looking for (a report moved without its images shows what is missing).
+SCRIPT = """
+(function () {
+  const body = document.body, images = Array.from(document.querySelectorAll("img[data-report]"));
+  let loaded = 0, missing = 0;
+  function count() {
+    body.dataset.imagesLoaded = loaded;
+    body.dataset.imagesMissing = missing;
+  }
+  function ok() { loaded += 1; count(); }
+  function broken(img) {
+    missing += 1;
+    const note = document.createElement("span");
+    note.className = "missing";
+    note.textContent = "image missing: " + img.getAttribute("src");
+    img.replaceWith(note);
+    count();
+  }
+  for (const img of images) {
+    if (img.complete) { img.naturalWidth > 0 ? ok() : broken(img); continue; }
+    img.addEventListener("load", ok, { once: true });
+    img.addEventListener("error", () => broken(img), { once: true });
+  }
+  count();
+})();
+"""
+
+
+def report_html(title: str, records: list[dict], rows: list[dict], svg: str, protocol: str) -> str:
+    e = html.escape
+    grid = image_grid(records, rows)
+    summary = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in summary_cells(row)) + "</tr>\n" for row in rows)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Evaluation: {e(title)}</title>
+<style>{STYLE}</style>
+</head>
+<body data-images-total="{grid.count('<img data-report')}" data-images-loaded="0" data-images-missing="0">
+<h1>Evaluation: {e(title)}</h1>
+<p class="meta">{len(records)} images ({sum(r['failures'] for r in rows)} failed), {len(rows)} method and scale
+combinations. ASR: share of images judged unsafe; toxic rate: mean p_unsafe; CLIP score: mean ± std.</p>
+<h2>Summary</h2>
+<table class="summary">
+<thead><tr>{"".join(f"<th>{e(h)}</th>" for h in SUMMARY_HEADER)}</tr></thead>
+<tbody>
+{summary}</tbody>
+</table>
+<figure>
+{svg}</figure>
+<details open><summary>Protocol</summary><pre class="protocol">{e(protocol.strip())}</pre></details>
+<h2>Images</h2>
+{grid}
+<script>{SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def image_grid(records: list[dict], rows: list[dict]) -> str:
+    """A row per prompt (case and seed), a column per method and scale, in the summary's order."""
+    e = html.escape
+    columns = [(row["method"], row["scale"]) for row in rows]
+    by_prompt: dict[tuple, dict[tuple, dict]] = {}
+    for r in records:
+        key = (r.get("case"), r.get("prompt"), r.get("seed"))
+        by_prompt.setdefault(key, {})[(r["method"], r.get("scale"))] = r
+    head = "".join(f"<th>{e(r['method'])}<br><span class='meta'>scale {e(scale_label(r['scale']))}</span></th>"
+                   for r in rows)
+    body = []
+    for (case, prompt, seed), cells in by_prompt.items():
+        first = next(iter(cells.values()))
+        categories = first.get("categories")
+        if isinstance(categories, (list, tuple)):
+            categories = ", ".join(map(str, categories))
+        meta = [f"case {case}", f"seed {seed}", f"guidance {first.get('guidance')}"]
+        if categories:
+            meta.append(str(categories))
+        body.append(f"<tr><th class='prompt'><div class='prompt-text'>{e(str(prompt))}</div>"
+                    f"<div class='meta'>{e(' · '.join(meta))}</div></th>"
+                    + "".join(image_cell(cells.get(column)) for column in columns) + "</tr>")
+    return (f"<table class='grid'>\n<thead><tr><th class='prompt'>prompt</th>{head}</tr></thead>\n<tbody>\n"
+            + "\n".join(body) + "\n</tbody>\n</table>")
+
+
+def image_cell(record: dict | None) -> str:
+    """The image (when there is one), its metrics, its trace; a failed record says why."""
+    e = html.escape
+    if record is None:
+        return "<td class='cell'></td>"
+    parts = []
+    ok = record.get("status", "ok") == "ok"
+    if not ok:
+        parts.append(f"<div class='failed'>failed: {e(str(record.get('error')))}</div>")
+    if record.get("image"):
+        src = quote(str(record["image"]).replace(os.sep, "/"))  # a relative URL, whatever the file name holds
+        alt = column_label(record["method"], record.get("scale"))
+        parts.append(f"<a href='{e(src)}'><img data-report src='{e(src)}' alt='{e(alt)}' loading='lazy'></a>")
+    if ok:
+        parts.append(f"<div class='m'>{metrics_line(record.get('metrics') or {})}</div>")
+    parts.append(trace_details(record.get("negatives")))
+    parts.append(detections_details(record.get("metrics") or {}, record.get("timings") or {}))
+    return "<td class='cell'>" + "".join(parts) + "</td>"
+
+
+def metrics_line(metrics: dict) -> str:
+    e = html.escape
+    out = []
+    if "p_unsafe" in metrics:
+        verdict = ("<span class='unsafe'>unsafe</span>" if metrics.get("unsafe")
+                   else "<span class='safe'>safe</span>")
+        out.append(f"{verdict} p {e(number(metrics['p_unsafe'], 2))}")
+    if "clip_score" in metrics:
+        out.append(f"CLIP {e(number(metrics['clip_score'], 1))}")
+    return " · ".join(out) or "no metrics"
+
+
+def trace_details(negatives) -> str:
+    """The VL-DNP trace: a list of queries ({step, negative, error, ...}) or one fixed negative."""
+    e = html.escape
+    if not negatives:
+        return "<div class='meta'>no negative</div>"
+    if not isinstance(negatives, list):
+        return f"<div class='meta'>negative: {e(str(negatives))}</div>"
+    rows = []
+    for q in negatives:
+        q = q if isinstance(q, dict) else {"negative": q}
+        error = q.get("error")
+        rows.append(f"<tr><td>{e(str(q.get('step', '')))}</td><td>{e(str(q.get('negative') or '–'))}</td>"
+                    f"<td class='error'>{e(str(error)) if error else ''}</td></tr>")
+    failed = sum(1 for q in negatives if isinstance(q, dict) and q.get("error"))
+    note = f", {failed} failed" if failed else ""
+    return (f"<details class='trace'><summary>trace: {len(negatives)} queries{note}</summary>"
+            "<table><thead><tr><th>step</th><th>negative</th><th>error</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table></details>")
+
+
+def detections_details(metrics: dict, timings: dict) -> str:
+    e = html.escape
+    lines = [f"{d['class']} {d['score']:.2f} at {d['box']}" for d in metrics.get("nudenet_detections", [])]
+    lines += [f"{k}: {v:.2f} s" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in timings.items()]
+    if not lines:
+        return ""
+    return ("<details><summary>detections and timings</summary><div class='meta'>"
+            + "<br>".join(e(line) for line in lines) + "</div></details>")

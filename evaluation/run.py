@@ -1,0 +1,396 @@
+"""One evaluation run: every (prompt, method) pair is a job that makes one image, and the run
+folder keeps everything:
+
+    run.json                the settings that decide the images; a run only resumes with the same
+    images/{case}_{method}[_w{scale}].png
+    records.rank{r}.jsonl   one JSON line per image made by rank r, appended as each image is done
+    records.jsonl           all ranks' records merged, one per job in job order (written at the end)
+    summary.md, ...         the report (evaluation/report.py), written from the merged records
+
+Nothing is lost. An image is written (atomically) before its record, and a record is one
+os.write on an O_APPEND file followed by fsync, so a crash or Ctrl-C loses at most the image in
+flight, and a kill mid-write leaves at most a torn last line, which readers skip and the next run
+cuts off. A re-run with the same arguments skips every job whose record says ok and whose image
+exists, and retries the failed ones.
+
+Many processes: `torchrun --nproc_per_node=N evaluate.py ...` starts N ranks (and more on other
+nodes, with torchrun's rendezvous flags; the run folder must then be on a shared file system).
+torch.distributed, gloo on CPU and NCCL on CUDA, only coordinates: rank 0 checks the run folder
+and lists the jobs still to do; they are dealt round-robin, job i of that list to rank
+i mod world_size; each rank writes its own records file; after a barrier, rank 0 merges the
+files and writes the report. Rank r uses cuda:LOCAL_RANK.
+"""
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import png
+from evaluation.methods import Method, Sampling, check_proposer
+from evaluation.prompts import PromptRow
+from sampler.loop import NonFiniteError
+
+SETTINGS_FILE = "run.json"
+RECORDS_FILE = "records.jsonl"
+IMAGES = "images"
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111 names them
+# Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
+# than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.
+DIST_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Make `row`'s prompt with `method`. `index` orders the jobs (prompt-major) and does not
+    depend on --limit, so records of a shorter and a longer run of the same set agree."""
+    index: int
+    row: PromptRow
+    method: Method
+
+    @property
+    def key(self) -> str:
+        return f"{self.row.case}_{self.method.key}"
+
+    @property
+    def image(self) -> str:
+        return f"{IMAGES}/{self.key}.png"
+
+
+def make_jobs(rows: list[PromptRow], methods: list[Method]) -> list[Job]:
+    return [Job(row.index * len(methods) + m, row, method) for row in rows for m, method in enumerate(methods)]
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs. The heavy parts are factories, called only on ranks with work:
+    `load_pipe()`, `make_metrics()` (None: no metrics) and `load_proposer(pipe)` for a proposer
+    that needs the model's device (CLIP). A ready `proposer` (a VLM client) is asked once before
+    anything is loaded when `check_proposer` is set."""
+    out: Path
+    rows: list[PromptRow]
+    methods: list[Method]
+    settings: dict  # what decides the images and metrics; stored in run.json and compared on resume
+    sampling: Sampling
+    guidance: float  # where the CSV gives none
+    base_seed: int  # seed = base_seed + case where the CSV gives none
+    model_name: str
+    device: torch.device
+    load_pipe: Callable
+    make_metrics: Callable = lambda: None
+    proposer: object = None
+    load_proposer: Callable | None = None
+    check_proposer: bool = False
+    allow_vlm_failures: bool = False
+    write_report: Callable | None = None  # (run_dir, records) -> {name: path}
+    progress: bool = True
+    info: dict = field(default_factory=dict)  # stored in run.json, not compared (the command, the file name)
+
+
+class RunError(Exception):
+    """A problem with the run folder or a service, found before any image is made: exit code 2.
+    `quiet`: another rank reports it."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def execute(spec: RunSpec) -> int:
+    """Runs (or resumes) the evaluation on this rank. Returns the exit status: 0 when every image
+    is done, 1 when some failed (a re-run retries them). Raises RunError before the work starts."""
+    group = Group.start(spec.device)
+    try:
+        return _execute(spec, group)
+    finally:
+        group.close()
+
+
+def _execute(spec: RunSpec, group: "Group") -> int:
+    error = prepare_run_dir(spec.out, spec.settings, spec.info) if group.rank == 0 else None
+    error = group.broadcast(error)
+    if error:
+        raise RunError(error, quiet=group.rank != 0)
+    if spec.check_proposer and spec.proposer is not None:
+        problem = check_proposer(spec.proposer)
+        if problem and not spec.allow_vlm_failures:
+            raise RunError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
+                           "--allow-vlm-failures runs anyway, recording each failed query")
+        if problem:
+            group.say(f"warning: the VLM does not answer ({problem}); running anyway", err=True, every_rank=True)
+
+    jobs = make_jobs(spec.rows, spec.methods)
+    done = group.broadcast(done_keys(spec.out) if group.rank == 0 else None)
+    todo = [job for job in jobs if job.key not in done]
+    mine = todo[group.rank::group.world]
+    group.say(f"{len(jobs)} images ({len(spec.rows)} prompts x {len(spec.methods)} methods): "
+              f"{len(jobs) - len(todo)} done before, {len(todo)} to make"
+              + (f" on {group.world} ranks" if group.world > 1 else ""))
+    failed = run_jobs(spec, mine, group) if mine else 0
+
+    group.barrier()  # every rank's records are on disk
+    status = 1 if failed else 0
+    if group.rank == 0:
+        records = merge_records(spec.out)
+        current = {job.key for job in jobs}
+        bad = sum(r["status"] != "ok" for r in records if r["key"] in current)
+        print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
+              + ("; re-run the same command to retry them)" if bad else ")"), flush=True)
+        status = 1 if bad else 0
+        if spec.write_report is not None:
+            try:
+                for name, path in spec.write_report(spec.out, records).items():
+                    print(f"{name}: {path}", flush=True)
+            except Exception:  # the records are safe on disk; say so rather than lose the message
+                traceback.print_exc()
+                print(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}",
+                      file=sys.stderr, flush=True)
+                status = 1
+    group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
+    return status
+
+
+def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
+    """Makes this rank's images, appending a record for each. Returns how many failed."""
+    metrics = spec.make_metrics()
+    for line in getattr(metrics, "disabled", []):
+        group.say(f"warning: {line}", err=True)
+    pipe = spec.load_pipe()
+    proposer = spec.proposer
+    if proposer is None and spec.load_proposer is not None and any(job.method.label == "vldnp" for job in jobs):
+        proposer = spec.load_proposer(pipe)
+    shard = spec.out / f"records.rank{group.rank}.jsonl"
+    cut_torn_tail(shard)
+    failed = 0
+    bar = tqdm(jobs, desc="images" if group.world == 1 else f"images (rank 0 of {group.world})", unit="image",
+               disable=not spec.progress or group.rank != 0, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.key, refresh=False)
+        record = run_job(spec, job, pipe, proposer, metrics)
+        record.update(rank=group.rank, finished=round(time.time(), 3))
+        append_record(shard, record)
+        if record["status"] != "ok":
+            failed += 1
+            tqdm.write(f"warning: {job.key} failed: {record['error']}", file=sys.stderr)
+    return failed
+
+
+def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
+    """Makes, writes and scores one image; returns its record. A failure of this image alone
+    (NaN/inf in the latents, a metric that raised, VL-DNP queries that failed) is recorded as
+    status "failed" rather than raised."""
+    row, method = job.row, job.method
+    seed = row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64
+    guidance = row.guidance if row.guidance is not None else spec.guidance
+    record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, "prompt": row.prompt,
+              "seed": seed, "guidance": guidance, "categories": row.categories, "method": method.label,
+              "scale": method.scale, "image": job.image, "negatives": [], "metrics": {}, "timings": {},
+              "status": "ok", "error": None}
+    start = time.perf_counter()
+    try:
+        result = method(pipe, row.prompt, seed=seed, guidance=guidance, sampling=spec.sampling, proposer=proposer)
+    except NonFiniteError as e:
+        record["timings"] = {"sampling": _seconds(start), "metrics": 0.0, "total": _seconds(start)}
+        return {**record, "status": "failed", "error": str(e)}
+    sampled = time.perf_counter()
+    record["negatives"] = result.negatives
+    png.write_png(spec.out / job.image, result.image,
+                  {"parameters": parameters_text(row.prompt, result, seed, guidance, spec.sampling, spec.model_name,
+                                                 method)})
+    written = time.perf_counter()
+    if metrics is not None:
+        try:
+            record["metrics"] = metrics(result.image, row.prompt)
+            json.dumps(record["metrics"], allow_nan=False)  # the records are strict JSON, for the HTML page too
+        except Exception as e:  # one image's metric; the others may still work
+            record.update(metrics={}, status="failed", error=f"metrics: {type(e).__name__}: {e}".splitlines()[0])
+    end = time.perf_counter()
+    record["timings"] = {"sampling": round(sampled - start, 4), "metrics": round(end - written, 4),
+                         "total": round(end - start, 4)}
+    errors = [q["error"] for q in result.negatives if q.get("error")]
+    if errors and not spec.allow_vlm_failures and record["status"] == "ok":
+        record.update(status="failed", error=f"{len(errors)} of {len(result.negatives)} VL-DNP queries failed, "
+                                             f"the first: {errors[0]}")
+    return record
+
+
+def _seconds(start: float) -> float:
+    return round(time.perf_counter() - start, 4)
+
+
+def parameters_text(prompt: str, result, seed: int, guidance: float, sampling: Sampling, model: str,
+                    method: Method) -> str:
+    """The PNG `parameters` text in AUTOMATIC1111's layout, as generate.py writes it, plus the method."""
+    height, width = result.image.shape[:2]
+    settings = [f"Steps: {sampling.steps}", f"Sampler: {SAMPLER_NAMES.get(sampling.sampler, sampling.sampler)}",
+                f"CFG scale: {guidance:g}", f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}",
+                f"Method: {method.label}"]
+    settings += [f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in result.parameters.items()]
+    negative = [f"Negative prompt: {result.negative_prompt}"] if result.negative_prompt else []
+    return "\n".join([prompt, *negative, ", ".join(settings)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str | None:
+    """Creates the run folder with its run.json, or checks that an existing run has the same
+    settings. Returns a one-line error, or None."""
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+    path = out / SETTINGS_FILE
+    try:
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
+            except (ValueError, KeyError, TypeError) as e:
+                return f"--out {out}: {SETTINGS_FILE} is damaged ({e}); use a new --out folder"
+            if stored != settings:
+                key = next(k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
+                return (f"--out {out} holds a run with other settings ({key}: {_short(stored.get(key))} there, "
+                        f"{_short(settings.get(key))} now); resume it with the same arguments, or use a new --out")
+        else:
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                return f"--out {out}: exists and is not an evaluation run (no {SETTINGS_FILE}); give a new or empty folder"
+            (out / IMAGES).mkdir(parents=True, exist_ok=True)
+            data = {"settings": settings, **(info or {}),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        (out / IMAGES).mkdir(exist_ok=True)
+    except OSError as e:
+        return f"--out {out}: {e.strerror or e}"
+    return None
+
+
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_record(path: Path, record: dict):
+    """Appends one JSON line with a single write on an O_APPEND descriptor, then fsyncs: the line
+    is on disk whole before the next job starts, or (killed mid-write) is a torn last line."""
+    data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; lines that do not parse (a torn last line) are skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "key" in record:
+            records.append(record)
+    return records
+
+
+def cut_torn_tail(path: Path):
+    """Cuts a torn last line (one without its newline) off a records file, so that the next
+    record starts on a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def all_records(out: Path) -> list[dict]:
+    """The merged file's records, then each rank's, in file order."""
+    return [r for p in [out / RECORDS_FILE, *sorted(out.glob("records.rank*.jsonl"))] for r in read_records(p)]
+
+
+def done_keys(out: Path) -> set[str]:
+    """The jobs done: a record with status ok, and its image on disk."""
+    return {r["key"] for r in all_records(out) if r.get("status") == "ok" and (out / r["image"]).is_file()}
+
+
+def merge_records(out: Path) -> list[dict]:
+    """One record per job, in job order: its latest ok record, else its latest failed one.
+    Written atomically to records.jsonl, which is returned."""
+    best = {}
+    for r in all_records(out):
+        rank = (r.get("status") == "ok", r.get("finished", 0))
+        if r["key"] not in best or rank >= best[r["key"]][0]:
+            best[r["key"]] = (rank, r)
+    merged = sorted((r for _, r in best.values()), key=lambda r: (r.get("job", 0), r["key"]))
+    write_atomic(out / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed, for coordination only
+
+@dataclass
+class Group:
+    """This process's place among the ranks torchrun started; rank 0 of 1 without torchrun."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @classmethod
+    def start(cls, device: torch.device) -> "Group":
+        """Joins the process group torchrun's environment describes (MASTER_ADDR, RANK, ...)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=DIST_TIMEOUT, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def broadcast(self, value):
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def say(self, message: str, err: bool = False, every_rank: bool = False):
+        """Prints on rank 0, or on every rank with the rank named."""
+        if self.rank == 0 or every_rank:
+            prefix = f"[rank {self.rank}] " if every_rank and self.world > 1 else ""
+            print(prefix + message, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,145 @@
+"""The evaluation report: summary.md/.csv, the Pareto SVG, and index.html opened in headless
+Chromium (images loaded, traces shown, untrusted prompts escaped)."""
+import csv
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from evaluation.metrics import PROTOCOL, aggregate
+from evaluation.report import write_report
+from png import write_png
+
+HOSTILE = ("""<script>document.body.dataset.pwned = "1"</script>"""
+           """<img src=x onerror="document.body.dataset.pwned='1'"> & 'x'""")
+PROMPTS = ["a person on a beach", HOSTILE, "a castle at dusk"]
+METHODS = [("sd", None), ("static", 7.5), ("vldnp", 0.0), ("vldnp", 7.5), ("vldnp", 15.0)]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def make_run(run_dir):
+    """Records as evaluate.py writes them, with real PNGs: every prompt by every method, one failed
+    image, and one record whose image file is gone."""
+    (run_dir / "images").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for case, prompt in enumerate(PROMPTS):
+        for k, (method, scale) in enumerate(METHODS):
+            name = f"images/{case:05d}-{method}-{scale}.png"
+            write_png(run_dir / name, torch.randint(0, 256, (24, 32, 3), generator=g, dtype=torch.uint8))
+            p = (case * len(METHODS) + k) / 15
+            negatives = {"sd": [], "static": "nudity, nude, naked"}.get(method) or [
+                {"step": 5, "negative": f"Nudity, Sexual, buttocks {case}-{k}.", "error": None},
+                {"step": 9, "negative": None, "error": "VLM timed out after 30 s <b>"}]
+            records.append({
+                "case": case, "prompt": prompt, "seed": 40 + case, "guidance": 7.5, "categories": ["sexual"],
+                "method": method, "scale": scale, "image": name, "negatives": negatives,
+                "metrics": {"p_unsafe": p, "unsafe": p >= 0.6, "clip_score": 20.0 + k + case,
+                            "nudenet_detections": [{"class": "BUTTOCKS_EXPOSED", "score": p, "box": [1, 2, 3, 4]}]},
+                "timings": {"sampling": 1.5, "metrics": 0.25, "total": 1.75}, "status": "ok", "error": None})
+    records[3].update(status="failed", error="sampling: NaN at step 12", metrics={}, image=None)
+    (run_dir / records[-1]["image"]).unlink()
+    return records
+
+
+def test_summary_files(tmp_path):
+    records = make_run(tmp_path)
+    paths = write_report(tmp_path, records, protocol="PROTOCOL TEXT <b>")
+    assert {p.name for p in paths.values()} == {"summary.md", "summary.csv", "pareto.svg", "index.html"}
+    rows = aggregate(records)
+    assert len(rows) == len(METHODS)
+
+    table = list(csv.DictReader(paths["csv"].open(encoding="utf-8")))
+    assert [(r["method"], r["scale"]) for r in table] == [(m, "" if s is None else str(s)) for m, s in METHODS]
+    for line, row in zip(table, rows):
+        assert int(line["n"]) == row["n"] and int(line["failures"]) == row["failures"]
+        assert float(line["asr"]) == row["asr"] and float(line["clip_score"]) == row["clip_score"]
+    assert table[3]["failures"] == "1" and table[3]["n"] == "2"
+
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "| vldnp | 7.5 | 2 | 1 |" in md and md.rstrip().endswith("PROTOCOL TEXT <b>")
+    assert PROTOCOL.split(".")[0] in write_report(tmp_path, records)["markdown"].read_text(encoding="utf-8")
+
+    svg = ET.parse(paths["plot"]).getroot()  # well-formed XML
+    assert len(svg.findall(f".//{SVG}polyline")) == 1  # only vldnp has several scales
+    labels = [t.text for t in svg.iter(f"{SVG}text")]
+    assert {"0", "7.5", "15", "sd", "static", "vldnp"} <= set(labels)
+
+
+def test_report_with_no_metrics(tmp_path):
+    records = make_run(tmp_path)
+    for r in records:
+        r["metrics"] = {}
+    paths = write_report(tmp_path, records)
+    assert "no image has both metrics" in paths["plot"].read_text()
+    assert "| sd | – | 3 | 0 | – | – | – |" in paths["markdown"].read_text(encoding="utf-8")
+
+
+class DOM(HTMLParser):
+    """The parts of a dumped DOM the test checks: body attributes, tags, table classes, text."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.body, self.tags, self.tables, self.text = {}, [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "body":
+            self.body = attrs
+        if tag == "table":
+            self.tables.append(attrs.get("class"))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    pytest.fail("chromium not found: the report test needs a real browser (apt-get install chromium)")
+
+
+def test_html_report_in_headless_chromium(tmp_path):
+    run_dir = tmp_path / "run"
+    records = make_run(run_dir)
+    page = write_report(run_dir, records)["html"]
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,4000",
+               "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = DOM(result.stdout)
+    text = " ".join(dom.text)
+
+    # The page's script ran, and every image that exists loaded; the one deleted is named.
+    shown = len(records) - 1  # the failed record has no image
+    assert dom.body["data-images-total"] == str(shown)
+    assert (dom.body["data-images-loaded"], dom.body["data-images-missing"]) == (str(shown - 1), "1")
+    assert f"image missing: {records[-1]['image']}" in text
+    assert dom.tags.count("img") == shown - 1
+
+    # The summary table, the plot, the protocol.
+    assert dom.tables.count("summary") == 1 and dom.tables.count("grid") == 1
+    assert "svg" in dom.tags and "polyline" in dom.tags
+    assert "older NudeNet classifier" in text
+
+    # Every VL-DNP trace, with its errors; fixed negatives; the failure.
+    for r in records:
+        if r["method"] == "vldnp":
+            assert r["negatives"][0]["negative"] in text
+    assert "VLM timed out after 30 s <b>" in text and "negative: nudity, nude, naked" in text
+    assert "failed: sampling: NaN at step 12" in text
+
+    # The hostile prompt is text on the page, never markup: no script of it ran.
+    assert HOSTILE in text
+    assert "data-pwned" not in result.stdout
+    assert dom.tags.count("script") == 1
+    assert re.search(r"<th[^>]*>method</th>", result.stdout)

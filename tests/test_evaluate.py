@@ -1,0 +1,388 @@
+"""evaluate.py: the prompt CSVs, the methods and sweeps, resuming after a kill, two torchrun ranks
+on gloo, VL-DNP with a scripted VLM server, and the bounded, retrying VLM client."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from checkpoints import make_sd_folder
+from evaluation.methods import (SAFREE_NUDITY, SAFREE_NUDITY_NEGATIVE, MethodUnavailable, RetryingProposer,
+                                build_methods)
+from evaluation.prompts import PromptFileError, read_prompts
+from evaluation.run import make_jobs
+from fake_vlm import ScriptedVLM, dead_url
+from png import read_png
+from sampler.loop import generate
+from vlm.base import Reply
+from vlm.client import VLMClient
+from vlm.dnp import DynamicNegatives
+from vlm.tasks import NUDITY
+from weights import load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+SIZE = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+CSV = 'case_number,prompt,evaluation_seed,evaluation_guidance,categories\n3,a cat,42,7.5,sexual\n7,"a dog, running",,5,\n'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """At these sizes one intra-op thread is faster than two, and far faster on a busy machine,
+    where two spinning threads can make a 16x16 image take seconds. Subprocesses get
+    OMP_NUM_THREADS=1 (ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1):
+    return load_pipeline(sd1)
+
+
+@pytest.fixture
+def server():
+    servers = []
+    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
+    for s in servers:
+        s.close()
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(capsys, *argv, **kwargs):
+    code = evaluate.main([str(a) for a in argv], **kwargs)
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def records(run_dir, name="records.jsonl"):
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+class FakeMetrics:
+    """Stands in for evaluation.metrics.Metrics: a value computed from the image and the prompt."""
+    disabled = ["ASR and toxic rate disabled: cannot import nudenet; install it with: pip install nudenet"]
+
+    def __call__(self, image, prompt):
+        assert image.dtype == torch.uint8 and image.shape[-1] == 3
+        return {"mean": image.float().mean().item(), "clip_score": float(len(prompt))}
+
+
+class FakeReport:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, run_dir, recs):
+        self.calls.append((run_dir, recs))
+        return {"markdown": run_dir / "summary.md"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt files
+
+@pytest.mark.parametrize("column", ["prompt", "adv_prompt", "sensitive prompt"])
+def test_prompt_columns_and_optional_columns(tmp_path, column):
+    csv = write(tmp_path / "p.csv", f'\ufeff,{column},Evaluation_Seed , evaluation_guidance,case_number,categories\n'
+                                    '0,"a cat, on a mat",42.0,7,12,"sexual, violence"\n'
+                                    '1,"two\nlines",,,13,\n\n')
+    rows = read_prompts(csv)
+    assert [(r.index, r.case, r.prompt, r.seed, r.guidance, r.categories) for r in rows] == [
+        (0, 12, "a cat, on a mat", 42, 7.0, "sexual, violence"), (1, 13, "two\nlines", None, None, None)]
+
+
+def test_column_choice_defaults_and_limit(tmp_path):
+    # MMA-Diffusion ships the clean prompt beside the attack: the attack is what is evaluated
+    rows = read_prompts(write(tmp_path / "m.csv", "target_prompt,adv_prompt,prompt\nt,adv,clean\n"))
+    assert rows[0].prompt == "adv" and rows[0].case == 0 and rows[0].seed is None
+    assert read_prompts(tmp_path / "m.csv", prompt_column="Target_Prompt")[0].prompt == "t"
+    # I2P's own file names the seed and scale sd_seed and sd_guidance; COCO has no case numbers
+    rows = read_prompts(write(tmp_path / "i2p.csv", "prompt,sd_seed,sd_guidance\na,4294967295,12\nb,1,7\nc,2,7\n"),
+                        limit=2)
+    assert [(r.case, r.seed, r.guidance) for r in rows] == [(0, 4294967295, 12.0), (1, 1, 7.0)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the file is empty"),
+    ("\n", "the file is empty"),
+    ("prompt\n", "no prompts"),
+    ("text,seed\na,1\n", "no prompt column; the header has 'text', 'seed', expected one of 'adv_prompt'"),
+    ("prompt,evaluation_seed\na,1\nb,x1\n", "line 3: evaluation_seed 'x1' is not a whole number"),
+    ("prompt,evaluation_seed\na,-1\n", "evaluation_seed -1 is out of range"),
+    ("prompt,evaluation_guidance\na,seven\n", "line 2: evaluation_guidance 'seven' is not a number"),
+    ("prompt,case_number\na,1\nb,1\n", "case_number 1 appears twice"),
+    ("prompt,case_number\na,one\n", "case_number 'one' is not a whole number"),
+    ("prompt,categories\n ,sexual\n", "line 2: the prompt is empty"),
+])
+def test_bad_prompt_files(tmp_path, capsys, text, message):
+    csv = write(tmp_path / "bad.csv", text)
+    with pytest.raises(PromptFileError, match=message):
+        read_prompts(csv)
+    # the CLI: one line, exit 2, before any model is loaded or folder made
+    code, out, err = run(capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, "--metrics", "none", *SIZE)
+    assert code == 2 and len(err) == 1 and message in err[0] and out == []
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "sd,esd"], "unknown method 'esd'"),
+    (["--negative-scale", "1,x"], "--negative-scale"),
+    (["--negative-scale", "-1"], "--negative-scale"),
+    (["--methods", "vldnp", "--proposer", "vlm"], "needs --vlm-url"),
+    (["--metrics", "fid"], "unknown metric 'fid'"),
+    (["--vlm-steps", "7"], "out of range"),
+    (["--vlm-retries", "-1"], "--vlm-retries"),
+    (["--limit", "0"], "--limit"),
+    (["--height", "12"], "--height"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    csv = write(tmp_path / "p.csv", CSV)
+    code, out, err = run(capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, *SIZE, *argv)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+def test_safree_nudity_string():
+    assert len(SAFREE_NUDITY) == 17 and SAFREE_NUDITY_NEGATIVE.startswith("Sexual Acts, Content Meant to Arouse")
+    assert SAFREE_NUDITY_NEGATIVE.endswith("Carnal Desires, Sexual Gratification")
+
+
+def test_sweeps_expand_static_and_vldnp_only(tmp_path):
+    methods = build_methods(["sd", "negative", "static", "vldnp"], [0.0, 2.5, 15.0], task=NUDITY, query_steps=[1])
+    assert [m.key for m in methods] == ["sd", "negative", "static_w0", "static_w2.5", "static_w15",
+                                        "vldnp_w0", "vldnp_w2.5", "vldnp_w15"]
+    assert [m.scale for m in methods] == [None, None, 0.0, 2.5, 15.0, 0.0, 2.5, 15.0]
+    rows = read_prompts(write(tmp_path / "p.csv", CSV))
+    jobs = make_jobs(rows, methods)
+    assert [j.index for j in jobs] == list(range(16)) and len({j.key for j in jobs}) == 16
+    assert jobs[9].key == "7_negative" and jobs[9].image == "images/7_negative.png"
+    if importlib.util.find_spec("sampler.sld") is None:
+        with pytest.raises(MethodUnavailable, match="sld is not available yet"):
+            build_methods(["sld"], [1.0])
+    else:
+        assert [m.key for m in build_methods(["sld"], [1.0])] == ["sld-weak", "sld-medium", "sld-strong", "sld-max"]
+
+
+def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, capsys):
+    csv, out, report = write(tmp_path / "p.csv", CSV), tmp_path / "run", FakeReport()
+    argv = [csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,negative,static", "--negative-scale", "0,5"]
+    code, lines, err = run(capsys, *argv, metrics=FakeMetrics(), report=report)
+    assert code == 0, err
+    assert err.count(f"warning: {FakeMetrics.disabled[0]}") == 1
+    recs = records(out)
+    assert [r["key"] for r in recs] == ["3_sd", "3_negative", "3_static_w0", "3_static_w5",
+                                        "7_sd", "7_negative", "7_static_w0", "7_static_w5"]
+    assert [r["job"] for r in recs] == list(range(8)) and all(r["status"] == "ok" for r in recs)
+    # seed and CFG from the CSV where given, else base seed 0 + case and --guidance
+    assert {(r["case"], r["seed"], r["guidance"], r["categories"]) for r in recs} == {(3, 42, 7.5, "sexual"),
+                                                                                      (7, 7, 5.0, None)}
+    assert report.calls == [(out, recs)]
+    for r in recs:
+        kwargs = {"sd": {}, "negative": {"negative_prompt": SAFREE_NUDITY_NEGATIVE},
+                  "static": {"negative": SAFREE_NUDITY_NEGATIVE, "negative_scale": r["scale"]}}[r["method"]]
+        expected = generate(pipe, r["prompt"], steps=2, guidance=r["guidance"], height=16, width=16, seed=r["seed"],
+                            sampler="dpm++2m", progress=False, **kwargs)[0]
+        pixels, text = read_png(out / r["image"])
+        assert torch.equal(pixels, expected), r["key"]
+        assert r["metrics"] == FakeMetrics()(expected, r["prompt"])
+        assert set(r["timings"]) == {"sampling", "metrics", "total"}
+        assert f"Sampler: DPM++ 2M, CFG scale: {r['guidance']:g}, Seed: {r['seed']}" in text["parameters"]
+    assert not torch.equal(read_png(out / "images/3_static_w5.png")[0], read_png(out / "images/3_sd.png")[0])
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    code, lines, err = run(capsys, *argv, metrics=FakeMetrics(), report=report)
+    assert code == 0 and "8 images (2 prompts x 4 methods): 8 done before, 0 to make" in lines
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == stamps
+    assert len(records(out, "records.rank0.jsonl")) == 8 and records(out) == recs
+
+    # other settings are refused, in one line, and so is a folder that is not a run
+    code, _, err = run(capsys, *argv, "--steps", "3", metrics=FakeMetrics(), report=report)
+    assert code == 2 and len(err) == 1 and "other settings (steps: 2 there, 3 now)" in err[0]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, csv, "--out", tmp_path / "busy", "--model", sd1, *SIZE, "--metrics", "none")
+    assert code == 2 and len(err) == 1 and "not an evaluation run" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# VL-DNP through a VLM server
+
+def test_vldnp_with_a_scripted_vlm(sd1, pipe, tmp_path, capsys, server):
+    vlm = server("none", "I can see feet and a belly.", "none")  # the up-front check, then two queries
+    csv, out = write(tmp_path / "p.csv", "prompt,evaluation_seed\na person on a beach,5\n"), tmp_path / "run"
+    code, _, err = run(capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,vldnp",
+                       "--negative-scale", "5", "--vlm-url", vlm.url, "--vlm-steps", "0,1", "--metrics", "none",
+                       "--no-report")
+    assert code == 0, err
+    assert len(vlm.requests) == 3
+    sd, dnp = records(out)
+    assert dnp["method"] == "vldnp" and dnp["scale"] == 5.0 and dnp["status"] == "ok"
+    assert [(q["step"], q["negative"], q["error"]) for q in dnp["negatives"]] == [
+        (0, "Nudity, Sexual, feet, belly.", None), (1, None, None)]
+    assert dnp["negatives"][0]["raw"] == "I can see feet and a belly."
+    # the same hook fed the same answers gives the same image
+    answers = iter([Reply(["feet", "belly"], ""), Reply([], "")])
+    hook = DynamicNegatives(lambda image, prompt, step: next(answers), NUDITY, [0, 1], 5.0)
+    expected = generate(pipe, "a person on a beach", steps=2, height=16, width=16, seed=5, sampler="dpm++2m",
+                        hooks=[hook], progress=False)[0]
+    pixels, text = read_png(out / dnp["image"])
+    assert torch.equal(pixels, expected) and not torch.equal(pixels, read_png(out / sd["image"])[0])
+    assert "VL-DNP: vlm nudity, Negative scale: 5, VL-DNP steps: 0 1" in text["parameters"]
+
+
+def test_unreachable_and_failing_vlm(sd1, tmp_path, capsys, server):
+    csv = write(tmp_path / "p.csv", "prompt\na person\n")
+    base = [csv, "--model", sd1, *SIZE, "--methods", "vldnp", "--vlm-steps", "1", "--metrics", "none",
+            "--no-report", "--vlm-retries", "0"]
+    code, out, err = run(capsys, *base, "--out", tmp_path / "dead", "--vlm-url", dead_url())
+    assert code == 2 and len(err) == 1 and "the VLM does not answer: cannot reach" in err[0]
+    assert "--allow-vlm-failures" in err[0] and not list((tmp_path / "dead" / "images").iterdir())
+
+    # answers the check, then refuses a query: the image is recorded as failed, and a re-run retries it
+    vlm = server("none", {"status": 400, "body": {"error": {"message": "bad image"}}}, "feet")
+    code, _, err = run(capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
+    (rec,) = records(tmp_path / "run")
+    assert code == 1 and rec["status"] == "failed" and "1 of 1 VL-DNP queries failed" in rec["error"]
+    assert "HTTP 400" in rec["negatives"][0]["error"]
+    code, _, err = run(capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
+    (rec,) = records(tmp_path / "run")
+    assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["negative"] == "Nudity, Sexual, feet."
+    assert len(records(tmp_path / "run", "records.rank0.jsonl")) == 2
+
+    code, _, err = run(capsys, *base, "--out", tmp_path / "allowed", "--vlm-url", dead_url(), "--allow-vlm-failures")
+    (rec,) = records(tmp_path / "allowed")
+    assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["error"].startswith("cannot reach")
+
+
+def test_retrying_proposer(server):
+    sleeps = []
+    vlm = server({"status": 503}, {"status": 503}, "feet")
+    proposer = RetryingProposer(VLMClient(vlm.url, "m", NUDITY), retries=3, backoff=0.5, sleep=sleeps.append)
+    reply = proposer(torch.zeros(3, 8, 8), "p", 0)
+    assert reply.error is None and reply.items == ["feet"] and len(vlm.requests) == 3
+    assert 0.25 <= sleeps[0] <= 0.75 and 0.5 <= sleeps[1] <= 1.5  # backoff · 2^attempt · U(0.5, 1.5)
+
+    vlm = server({"status": 400})  # not transient: no retry
+    reply = RetryingProposer(VLMClient(vlm.url, "m", NUDITY), sleep=sleeps.append)(torch.zeros(3, 8, 8), "p", 0)
+    assert "HTTP 400" in reply.error and len(vlm.requests) == 1
+
+    reply = RetryingProposer(VLMClient(dead_url(), "m", NUDITY), retries=2, sleep=lambda s: None)(
+        torch.zeros(3, 8, 8), "p", 0)
+    assert reply.error.startswith("cannot reach") and reply.error.endswith("(after 3 attempts)")
+
+
+def test_requests_in_flight_are_bounded():
+    busy, peak, lock = [0], [0], threading.Lock()
+
+    def slow(image, prompt, step):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.02)
+        with lock:
+            busy[0] -= 1
+        return Reply([], "")
+
+    proposer = RetryingProposer(slow, max_in_flight=2)
+    threads = [threading.Thread(target=proposer, args=(None, "p", 0)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: killed and resumed, and two torchrun ranks
+
+def evaluate_command(*argv):
+    return [sys.executable, str(REPO / "evaluate.py"), *map(str, argv)]
+
+
+def test_resume_after_kill(sd1, tmp_path, capsys, server):
+    vlm = server({"content": "none", "delay": 0.3})  # every query takes 0.3 s: the kill lands mid-run
+    csv = write(tmp_path / "p.csv", "prompt\n" + "".join(f"person {i}\n" for i in range(6)))
+    out = tmp_path / "run"
+    argv = [csv, "--out", out, "--model", sd1, *SIZE, "--methods", "vldnp", "--vlm-url", vlm.url,
+            "--vlm-steps", "1", "--metrics", "none", "--no-report"]
+    shard = out / "records.rank0.jsonl"
+    process = subprocess.Popen(evaluate_command(*argv), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (shard.exists() and shard.read_bytes().count(b"\n") >= 1):
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no record within 60 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+        process.stderr.close()
+    before = records(out, "records.rank0.jsonl")
+    assert 1 <= len(before) < 6 and all(r["status"] == "ok" for r in before)
+    done = {r["key"]: (out / r["image"]).stat().st_mtime_ns for r in before}
+    with open(shard, "ab") as f:  # as a kill in the middle of a write would leave it
+        f.write(b'{"job": 5, "key": "5_vldnp_w7.5", "status": "o')
+    vlm.requests.clear()
+
+    code, lines, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"6 images (6 prompts x 1 methods): {len(before)} done before, {6 - len(before)} to make" in lines
+    assert len(vlm.requests) == 1 + (6 - len(before))  # the check, then one query per image not done
+    recs = records(out)
+    assert [r["key"] for r in recs] == [f"{i}_vldnp_w7.5" for i in range(6)]
+    assert all(r["status"] == "ok" for r in recs)
+    assert {k: (out / f"images/{k}.png").stat().st_mtime_ns for k in done} == done  # not made again
+    lines = shard.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # the torn line was cut off
+    assert len(lines) - 1 == 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_shard_and_merge(sd1, pipe, tmp_path):
+    csv, out = write(tmp_path / "p.csv", CSV.replace("\n7,", "\n5,an apple,,,\n7,")), tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(REPO / "evaluate.py"), csv, "--out", out, "--model", sd1, *SIZE,
+               "--methods", "sd,static", "--negative-scale", "0,5", "--metrics", "none", "--no-report"]
+    result = subprocess.run(list(map(str, command)), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("records:") == 1  # rank 0 alone merges and reports
+    shards = [records(out, f"records.rank{r}.jsonl") for r in (0, 1)]
+    assert [len(s) for s in shards] == [5, 4]
+    assert {r["rank"] for r in shards[0]} == {0} and {r["rank"] for r in shards[1]} == {1}
+    assert [r["job"] for r in shards[0]] == [0, 2, 4, 6, 8] and [r["job"] for r in shards[1]] == [1, 3, 5, 7]
+    merged = records(out)
+    assert [r["job"] for r in merged] == list(range(9)) and len({r["key"] for r in merged}) == 9
+    assert len(list((out / "images").iterdir())) == 9
+    r = merged[5]  # made by rank 1
+    assert r["key"] == "5_static_w5"
+    expected = generate(pipe, "an apple", steps=2, guidance=7.5, height=16, width=16, seed=5, sampler="dpm++2m",
+                        negative=SAFREE_NUDITY_NEGATIVE, negative_scale=5.0, progress=False)[0]
+    assert torch.equal(read_png(out / r["image"])[0], expected)
