@@ -29,12 +29,17 @@ class Guidance:
     scale:     g, the classifier-free guidance scale. At g <= 1 with no negatives, the unconditional
                branch is skipped and ε = ε_c, as diffusers does.
     negative_scale: w_neg, how hard the three-branch negative pushes.
+    rule:      None for `guide`; else a callable (eps_u, eps_c, eps_n, guidance, step) -> ε that
+               combines the same branches differently, e.g. Safe Latent Diffusion (sampler/sld.py).
+               It may be called twice for one step (after a hook changed a branch) and must then
+               give the same answer.
     """
     prompt: list[str]
     uncond: list[str]
     negative: list[str | None]
     scale: float = 7.5
     negative_scale: float = 7.5
+    rule: Callable | None = None
 
     def rows(self) -> list[tuple[str, int, str]]:
         """The (branch, image, text) rows the UNet must run: u, c and n for uncond, cond, negative."""
@@ -99,11 +104,12 @@ class TextCache:
 @torch.no_grad()
 def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, height=None, width=None,
              batch=1, seed=0, eta=0.0, hooks: list[Hook] = (), negative=None, negative_scale=7.5,
-             sampler="ddim", progress=True) -> torch.Tensor:
+             rule=None, sampler="ddim", progress=True) -> torch.Tensor:
     """Generates images; returns uint8 [B, H, W, 3].
 
     prompt / negative_prompt: a string or one per image. `batch` images are made per prompt.
     negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
+    rule: another way to combine the branches than `guide` (see Guidance.rule).
     sampler: a key of SAMPLERS, "ddim" or "dpm++2m" (deterministic: eta must be 0).
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
@@ -118,7 +124,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
         return [p for p in v for _ in range(batch)]
 
     g = Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
-                 scale=guidance, negative_scale=negative_scale)
+                 scale=guidance, negative_scale=negative_scale, rule=rule)
     height, width = height or pipe.default_size, width or pipe.default_size
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
@@ -131,7 +137,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
     for i, t in enumerate(tqdm(solver.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
         outputs = run_unet(pipe, x, t, g.rows(), text)
-        eps_pos, eps = combine(outputs, g)
+        eps_pos, eps = combine(outputs, g, i)
         x0, eps_pos = solver.predict(eps_pos, i, x)
         if hooks:
             before = (g.scale, g.negative_scale)
@@ -141,7 +147,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
             changed = [r for r in g.rows() if r not in outputs]
             if changed or (g.scale, g.negative_scale) != before:
                 outputs.update(run_unet(pipe, x, t, changed, text))
-                _, eps = combine(outputs, g)
+                _, eps = combine(outputs, g, i)
         x, _ = solver.step(eps, i, x, eta=eta, generator=generator)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
 
@@ -162,16 +168,19 @@ def run_unet(pipe, x, t, rows, text) -> dict:
     return dict(zip(rows, out))
 
 
-def combine(outputs: dict, g: Guidance):
-    """Stacks the branch outputs per image and applies `guide`. Returns (positive, full) guidance."""
+def combine(outputs: dict, g: Guidance, step: int):
+    """Stacks the branch outputs per image and applies `guide` (or `g.rule`). Returns (positive,
+    full) guidance."""
     rows = g.rows()
     pick = lambda branch, texts: torch.stack([outputs[(branch, b, text)] for b, text in enumerate(texts)])
     eps_c = pick("c", g.prompt)
     eps_u = pick("u", g.uncond) if rows[0][0] == "u" else eps_c  # no uncond branch: ε = ε_c
     positive = guide(eps_u, eps_c, None, g.scale, None)
-    if all(n is None for n in g.negative):
+    if g.rule is None and all(n is None for n in g.negative):
         return positive, positive
     eps_n = torch.stack([outputs[("n", b, n)] if n is not None else eps_u[b] for b, n in enumerate(g.negative)])
+    if g.rule is not None:
+        return positive, g.rule(eps_u, eps_c, eps_n, g, step)
     w = torch.tensor([0.0 if n is None else g.negative_scale for n in g.negative], dtype=eps_c.dtype,
                      device=eps_c.device)
     return positive, guide(eps_u, eps_c, eps_n, g.scale, w[:, None, None, None])
