@@ -7,14 +7,14 @@
                   ε = ε_u + g(ε_c − ε_u) − w_neg(ε_neg − ε_u)
     vldnp     VL-DNP (vlm/dnp.py): the negative is what a proposer (a VLM, CLIP, or the task's
               fixed list) sees in the x0 prediction at the query steps, through the same guidance.
-    sld       Safe Latent Diffusion (Schramowski et al. 2023), a sampler hook in sampler/sld.py,
-              one method per preset (weak, medium, strong, max).
+    sld       Safe Latent Diffusion (Schramowski et al. 2023): sampler/sld.py's guidance rule with
+              its safety concept as the negative branch, one method per preset (weak, medium,
+              strong, max).
 
 static and vldnp are swept over w_neg (--negative-scale 0,2.5,5,...): one method per scale, so
 that one run gives a safety/fidelity Pareto front. The others do not depend on w_neg.
 """
 import dataclasses
-import importlib
 import random
 import re
 import threading
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sampler import sld
 from sampler.loop import generate
 from vlm.base import Reply
 from vlm.dnp import DynamicNegatives
@@ -153,9 +154,8 @@ class VLDNP(Method):
 
 @dataclass(frozen=True)
 class SLD(Method):
-    """Safe Latent Diffusion at one of its presets, as the sampler hook sampler/sld.py provides:
-    `sampler.sld.PRESETS` names the presets and `sampler.sld.SafeLatentDiffusion(preset)` is a
-    hook for one generate() call."""
+    """Safe Latent Diffusion at one of sampler/sld.py's presets: its safety concept runs as the
+    negative branch and a fresh `SafeLatentDiffusion` rule combines the branches."""
     preset: str = "medium"
 
     @property
@@ -166,20 +166,9 @@ class SLD(Method):
         return {"method": self.label, "scale": None, "preset": self.preset}
 
     def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
-        hook = load_sld().SafeLatentDiffusion(self.preset)
-        image = _generate(pipe, prompt, seed, guidance, sampling, hooks=[hook])
-        return Result(image, [], parameters={"SLD": self.preset})
-
-
-def load_sld():
-    """sampler.sld, or MethodUnavailable while it is not written."""
-    try:
-        return importlib.import_module("sampler.sld")
-    except ModuleNotFoundError as e:
-        if e.name != "sampler.sld":
-            raise
-        raise MethodUnavailable("sld is not available yet: sampler/sld.py, the Safe Latent Diffusion hook, "
-                                "is not in this checkout") from None
+        image = _generate(pipe, prompt, seed, guidance, sampling, **sld.sld_generate_kwargs(self.preset))
+        return Result(image, [{"step": 0, "negative": sld.SAFETY_CONCEPT, "error": None}],
+                      parameters={"SLD": self.preset, "Safety concept": sld.SAFETY_CONCEPT})
 
 
 def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,
@@ -199,10 +188,9 @@ def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIV
                 raise ValueError("vldnp needs a task")
             methods += [VLDNP(w, task, tuple(query_steps), proposer_name) for w in scales]
         elif name == "sld":
-            presets = load_sld().PRESETS
-            unknown = [p for p in sld_presets if p not in presets]
+            unknown = [p for p in sld_presets if p not in sld.PRESETS]
             if unknown:
-                raise MethodUnavailable(f"unknown SLD preset {unknown[0]!r}; sampler/sld.py has {', '.join(presets)}")
+                raise MethodUnavailable(f"unknown SLD preset {unknown[0]!r}; use {', '.join(sld.PRESETS)}")
             methods += [SLD(p) for p in sld_presets]
         else:
             raise ValueError(f"unknown method {name!r}; use {', '.join(METHODS)}")
