@@ -4,7 +4,7 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from conftest import assert_close_rel, randomize_, rel_err
-from model.vae import SD, AutoencoderKL, VAEConfig
+from model.vae import SD, AutoencoderKL, VAEConfig, _tile_spans
 
 SMALL = VAEConfig(channels=(32, 64), layers_per_block=2, norm_groups=8)
 
@@ -121,3 +121,70 @@ def test_bf16_cpu_smoke(small_pair):
     assert lat.dtype == torch.bfloat16 and torch.isfinite(lat).all()
     lat = ours.encode(x.bfloat16())
     assert_close_rel(lat.float(), ref.encode(x).latent_dist.mean * SMALL.scaling_factor, tol=5e-2)
+
+
+# Tiled decoding: an approximation of `decode` (the decoder's GroupNorms and mid-block attention are
+# global), exact where a single tile covers the latents or a pixel lies in one tile only.
+
+@torch.no_grad()
+def test_decode_tiled_one_tile_is_decode(small_pair):
+    _, ours = small_pair
+    z = torch.randn(2, 4, 16, 12)
+    assert torch.equal(ours.decode_tiled(z, tile=16, overlap=4), ours.decode(z))
+
+
+@torch.no_grad()
+def test_decode_tiled_places_tiles_exactly(small_pair):
+    """Where only one tile covers a pixel, the output is that tile's own decode: checks where each
+    tile lands, at both ends of both axes."""
+    _, ours = small_pair
+    z = torch.randn(1, 4, 48, 40)
+    tiled = ours.decode_tiled(z, tile=16, overlap=4)
+    rows, cols = _tile_spans(48, 16, 4), _tile_spans(40, 16, 4)
+    assert len(rows) > 2 and len(cols) > 2
+    f = 2  # SMALL has two levels
+    first = ours.decode(z[:, :, :16, :16])
+    only_y, only_x = f * rows[1][0], f * cols[1][0]  # before the second tile starts
+    assert torch.equal(tiled[:, :, :only_y, :only_x], first[:, :, :only_y, :only_x])
+    last = ours.decode(z[:, :, -16:, -16:])
+    only_y, only_x = f * (48 - rows[-2][1]), f * (40 - cols[-2][1])  # after the second-last tile ends
+    assert torch.equal(tiled[:, :, -only_y:, -only_x:], last[:, :, -only_y:, -only_x:])
+
+
+@torch.no_grad()
+def test_decode_tiled_close_to_decode(small_pair):
+    """Real tiling on random weights, against the untiled decode and against diffusers' own tiled
+    decode at the same tile size and overlap. Measured: max error 8.0e-2 of the image's max (at
+    the seams), mean 1.2e-2; diffusers' tiling gives 1.1e-1 and 1.4e-2 on the same input."""
+    ref, ours = small_pair
+    z = torch.randn(1, 4, 48, 40)
+    exact = ours.decode(z)
+    tiled = ours.decode_tiled(z, tile=16, overlap=8)
+    mean_err = lambda a: ((a - exact).abs().mean() / exact.abs().max()).item()
+    assert rel_err(tiled, exact) < 0.1 and mean_err(tiled) < 0.015
+
+    ref.enable_tiling()
+    ref.tile_latent_min_size, ref.tile_sample_min_size, ref.tile_overlap_factor = 16, 32, 8 / 16
+    try:
+        theirs = ref.decode(z / SMALL.scaling_factor).sample
+    finally:
+        ref.disable_tiling()
+    assert rel_err(tiled, exact) <= rel_err(theirs, exact) and mean_err(tiled) <= mean_err(theirs)
+
+
+@torch.no_grad()
+def test_decode_tiled_shapes_and_tile_bound(small_pair):
+    """Sizes that are no multiple of the tile, or smaller than it on one axis; the decoder never
+    sees more than tile x tile latents, which is what bounds memory."""
+    _, ours = small_pair
+    seen = []
+    handle = ours.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        for h, w in [(37, 21), (9, 50), (17, 17)]:
+            out = ours.decode_tiled(torch.randn(2, 4, h, w), tile=16, overlap=5)
+            assert out.shape == (2, 3, 2 * h, 2 * w) and torch.isfinite(out).all()
+    finally:
+        handle.remove()
+    assert max(max(s) for s in seen) == 16
+    with pytest.raises(ValueError):
+        ours.decode_tiled(torch.randn(1, 4, 8, 8), tile=16, overlap=16)
