@@ -40,3 +40,14 @@ def assert_close_rel(a, b, tol=1e-4):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """At the tests' tiny sizes one intra-op thread is faster than two, and far faster on a busy
+    machine, where two spinning threads can make a 16x16 image take seconds. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

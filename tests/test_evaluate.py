@@ -35,15 +35,7 @@ SIZE = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "-
 CSV = 'case_number,prompt,evaluation_seed,evaluation_guidance,categories\n3,a cat,42,7.5,sexual\n7,"a dog, running",,5,\n'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """At these sizes one intra-op thread is faster than two, and far faster on a busy machine,
-    where two spinning threads can make a 16x16 image take seconds. Subprocesses get
-    OMP_NUM_THREADS=1 (ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

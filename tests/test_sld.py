@@ -14,13 +14,7 @@ from weights import load_pipeline
 SIZE = dict(height=16, width=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """At 16x16 one intra-op thread is faster than two, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
