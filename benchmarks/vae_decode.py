@@ -51,7 +51,7 @@ def main():
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp())
-    print(f"| size | decode s | decode peak GiB | tiled s | tiled peak GiB | max diff | mean diff |")
+    print("| size | decode s | decode peak GiB | tiled s | tiled peak GiB | max diff | mean diff |")
     print("|---|---|---|---|---|---|---|")
     results = []
     for size in map(int, args.sizes.split(",")):
