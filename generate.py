@@ -115,6 +115,9 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
                    help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
     v.add_argument("--clip-threshold", type=float, default=0.5, metavar="P",
                    help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--full-decode", action="store_true",
+                   help="decode the whole x0 image at each query; by default it is decoded only as large as the "
+                        "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
     v.add_argument("--negative-scale", type=float, default=7.5, metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u) (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
@@ -160,7 +163,8 @@ def vl_dnp(args, pipe):
         except weights.CheckpointError as e:
             raise weights.CheckpointError(f"{e} (or run without VL-DNP: --proposer none)") from None
         proposer = CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name)
-    return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async), None
+    return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async,
+                            full_decode=args.full_decode), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sampler.ddim import DDIM, randn
@@ -65,7 +66,7 @@ class StepState:
     """What a hook sees at step i (of num_steps) at timestep t. `eps` is the positive guided
     prediction ε_u + g(ε_c − ε_u), the negative term left out, and `x0` the clean latents it
     predicts, so a hook sees what the prompt is forming. `decode_x0()` gives them as images in
-    [-1, 1]."""
+    [-1, 1]; `decode_x0(k)` a k times smaller preview, for a viewer that looks at no more."""
     i: int
     t: int
     num_steps: int
@@ -75,8 +76,16 @@ class StepState:
     guidance: Guidance
     pipe: object = field(repr=False)
 
-    def decode_x0(self) -> torch.Tensor:
-        return self.pipe.vae.decode(self.x0)  # [B, 3, H, W]
+    def decode_x0(self, factor: int = 1) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1]. With factor k > 1, a preview of about H/k × W/k decoded from
+        x0 average-pooled over k×k latents (8⌈h/k⌉ × 8⌈w/k⌉ pixels for h × w latents): about k²
+        times cheaper, and an approximation of the whole image scaled down, since each latent
+        mostly encodes its own 8×8 pixels."""
+        x0 = self.x0
+        if factor > 1:
+            h, w = x0.shape[-2:]
+            x0 = F.adaptive_avg_pool2d(x0, (-(-h // factor), -(-w // factor)))  # [B, 4, ⌈h/k⌉, ⌈w/k⌉]
+        return self.pipe.vae.decode(x0)
 
 
 Hook = Callable[[StepState], None]

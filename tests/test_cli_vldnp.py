@@ -103,6 +103,14 @@ def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
     assert code == 0, err
     (query,) = json.loads((tmp_path / "c.json").read_text())["images"][0]["queries"]
     assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ")  # threshold 0: every part
+    assert json.loads((tmp_path / "c.json").read_text())["decode_factor"] == 1  # 16 px: CLIP looks at 32
+
+    big = [a if a != "16" else "64" for a in RUN]  # CLIP scales 64 px to 32: x0 is decoded at 32 px
+    for flag, k in [((), 2), (("--full-decode",), 1)]:
+        code, _, err = run(capsys, *big, "--model", sd1, "--clip-model", folder, "--vlm-steps", "2", *flag,
+                           "--trace", tmp_path / "k.json", "--out", tmp_path / f"k{k}.png")
+        assert code == 0, err
+        assert json.loads((tmp_path / "k.json").read_text())["decode_factor"] == k
 
 
 def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, capsys):

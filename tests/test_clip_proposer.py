@@ -192,6 +192,12 @@ def test_items_above_threshold_in_score_order(clip_folder, loaded):
     assert below_all.items == [CONCEPTS[i] for i in order]
 
 
+def test_input_scale(loaded):
+    """CLIP scales the shorter side to its image size, so that is all of x0 it needs decoded."""
+    proposer = CLIPProposer(*loaded, CONCEPTS)
+    assert proposer.input_scale(64, 96) == IMAGE_SIZE / 64 and proposer.input_scale(128, 16) == IMAGE_SIZE / 16
+
+
 def test_template_and_anchor(clip_folder, loaded):
     model, tok = loaded
     img = image(6)

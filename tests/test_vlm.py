@@ -313,6 +313,59 @@ def test_queries_and_decodes_only_at_the_schedule(pipe):
     assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
 
 
+class Shrinking(Scripted):
+    """A Scripted proposer that scales an image of any size by `scale` before looking at it."""
+
+    def __init__(self, task, scale):
+        super().__init__(task, {})
+        self.scale, self.asked = scale, []
+
+    def input_scale(self, height, width):
+        self.asked.append((height, width))
+        return self.scale
+
+
+class X0Recorder:
+    def __init__(self):
+        self.x0 = {}
+
+    def __call__(self, state):
+        self.x0[state.i] = state.x0.clone()
+
+
+@pytest.mark.parametrize("scale, k", [(1.0, 1), (0.75, 1), (0.5, 2), (0.45, 2), (0.3, 3), (0.26, 3), (0.25, 4), (3.0, 1)])
+def test_x0_is_decoded_as_large_as_the_proposer_looks(pipe, scale, k):
+    """The proposer gets the decode of x0 average-pooled over k×k latents, k the largest factor
+    that keeps the preview at least `scale` times the image; --full-decode gets the whole x0."""
+    size, latent = 48, 24  # the tiny VAE halves; 24 divides by 2, 3 and 4
+    for full in (False, True):
+        proposer, x0 = Shrinking(NUDITY, scale), X0Recorder()
+        hook = DynamicNegatives(proposer, NUDITY, [1], full_decode=full)
+        generate(pipe, ["a cat", "a dog"], steps=3, height=size, width=size, seed=0, hooks=[hook, x0], progress=False)
+        kk = 1 if full else k
+        expected = pipe.vae.decode(torch.nn.functional.avg_pool2d(x0.x0[1], kk) if kk > 1 else x0.x0[1])
+        assert proposer.asked == ([] if full else [(size, size)])
+        assert hook.decode_factor == kk and hook.trace_dict()["decode_factor"] == kk
+        for b, (_, _, image) in enumerate(proposer.calls):
+            assert image.shape == (3, size // kk, size // kk)
+            torch.testing.assert_close(image, expected[b].float(), rtol=0, atol=1e-6)
+
+
+def test_x0_preview_of_an_uneven_size(pipe):
+    """Latents that k does not divide: the preview covers them all, rounded up to whole latents."""
+    for (h, w), shape in [((40, 24), (20, 12)), ((42, 26), (22, 14))]:  # latents 20x12 -> 10x6; 21x13 -> 11x7
+        proposer = Shrinking(NUDITY, 0.5)
+        generate(pipe, "a cat", steps=2, height=h, width=w, seed=0, progress=False,
+                 hooks=[DynamicNegatives(proposer, NUDITY, [0])])
+        assert proposer.asked == [(h, w)] and proposer.calls[0][2].shape == (3, *shape)
+
+
+def test_proposer_input_scales():
+    client = VLMClient("http://127.0.0.1:9/v1", "m", NUDITY, image_size=448)
+    assert client.input_scale(512, 512) == 448 / 512 and client.input_scale(768, 1024) == 448 / 1024
+    assert VLMClient("http://127.0.0.1:9/v1", "m", NUDITY, image_size=None).input_scale(64, 64) == 1.0
+
+
 def test_replace_and_accumulate(pipe):
     recorder = Recorder()
     script = {1: "Blood, gore", 2: "None.", 3: "weapon"}

@@ -98,6 +98,10 @@ class VLMClient:
     def __repr__(self):
         return f"VLMClient({self.url!r}, model={self.model!r}, task={self.task.name!r})"
 
+    def input_scale(self, height: int, width: int) -> float:
+        """The longer side goes to image_size, so an image of it or larger loses nothing."""
+        return 1.0 if self.image_size is None else self.image_size / max(height, width)
+
     def request(self, image: torch.Tensor) -> dict:
         """The JSON body that asks about `image` ([3, H, W] in [-1, 1])."""
         png = encode_png(prepare_image(image, self.image_size))

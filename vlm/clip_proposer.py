@@ -164,6 +164,10 @@ class CLIPProposer:
             self.text_embeds = F.normalize(model.encode_text(ids).float(), dim=-1)   # [1 + n, D]
             self.scale = model.logit_scale.float().exp()
 
+    def input_scale(self, height: int, width: int) -> float:
+        """CLIP scales the shorter side to its image size (224), then crops the square."""
+        return self.model.config.vision.image_size / min(height, width)
+
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images in [-1, 1] -> [B, n] p(concept) for each image and concept."""

@@ -109,14 +109,20 @@ class DynamicNegatives:
     Synchronous (default): the answers apply from the query step itself, as in the paper.
     Asynchronous: the queries run in background threads while denoising continues, and each
     answer applies from the first step whose hook runs after it arrived (in query order per image).
-    Up to `max_workers` queries run at once. One instance serves one generate() call; call
+    Up to `max_workers` queries run at once.
+
+    x0 is decoded only at query steps, and only as large as the proposer looks at it: for a
+    proposer with `input_scale` (vlm/base.py), as the k times smaller preview of
+    StepState.decode_x0(k) with the largest k that still gives it every pixel it keeps. CLIP's
+    224 pixels make k = 2 at 512² (4× less decoding); the VLM's 448 make k = 1. `full_decode`
+    decodes the whole image always. One instance serves one generate() call; call
     `close()` (or `write_trace`, or use it as a context manager) afterwards to collect the answers
     still outstanding. The hook owns `guidance.negative`: a negative passed to generate() is kept
     until the first successful answer replaces it."""
 
     def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
-                 max_workers: int = 4):
-        self.proposer, self.task = proposer, task
+                 max_workers: int = 4, full_decode: bool = False):
+        self.proposer, self.task, self.full_decode = proposer, task, full_decode
         self.query_steps = sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []
@@ -126,6 +132,7 @@ class DynamicNegatives:
         self._pending: list[deque] = []  # per image, (Query, Future) in query order
         self._pool = None
         self._started = False
+        self.decode_factor: int | None = None  # k of the x0 previews, once decoded
 
     def __enter__(self):
         return self
@@ -156,7 +163,10 @@ class DynamicNegatives:
 
     def _query(self, state):
         g = state.guidance
-        images = state.decode_x0().float().cpu() if getattr(self.proposer, "needs_image", True) else None
+        images = None
+        if getattr(self.proposer, "needs_image", True):
+            self.decode_factor = self._decode_factor(state)
+            images = state.decode_x0(self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(g.prompt)),
                                             thread_name_prefix="vl-dnp")
@@ -172,6 +182,15 @@ class DynamicNegatives:
                 while pending:
                     query, future = pending.popleft()
                     self._apply(state, b, query, future.result())
+
+    def _decode_factor(self, state) -> int:
+        """The largest k for which the x0 preview is still at least input_scale × the image."""
+        scale = getattr(self.proposer, "input_scale", None)
+        if self.full_decode or scale is None:
+            return 1
+        vae_scale = state.pipe.vae_scale
+        scale = scale(state.x0.shape[-2] * vae_scale, state.x0.shape[-1] * vae_scale)
+        return max(1, int(1 / scale + 1e-9)) if scale > 0 else 1
 
     def _ask(self, image, prompt: str, step: int) -> Reply:
         """Runs one query; never raises. Its latency is the wall time of the proposer call."""
@@ -223,7 +242,7 @@ class DynamicNegatives:
         return {
             "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
             "query_steps": self.query_steps, "negative_scale": self.negative_scale,
-            "asynchronous": self.asynchronous,
+            "asynchronous": self.asynchronous, "decode_factor": self.decode_factor,
             "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(q) for q in self.trace[b]]}
                        for b, prompt in enumerate(self.prompts)],
         }
