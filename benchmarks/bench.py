@@ -9,7 +9,8 @@ with DDIMScheduler, on the same weights, in the same run.
 Each implementation runs in its own worker process, so its load time and peak memory are its own
 (peak RSS on CPU, reset before each run; torch.cuda.max_memory_allocated on GPU). The parent asks
 the workers in turn for one run at a time: ours, diffusers, ours, diffusers, ... so both see the
-same machine load. The first `--warmup` runs of each case are not counted; the figures are medians.
+same machine load. Each case starts with `--warmup` short runs (3 steps) that are not counted;
+the figures are medians.
 
 Per run it records the end-to-end time of one call (text encoding, sampling, VAE decode, uint8
 images), and the time per denoising step: the median gap between consecutive step callbacks (our
@@ -47,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
-IN_MEMORY = "random-sd15"  # --model value: the random SD1.5 built in memory, ours only
+IN_MEMORY = "random-sd15"
+WARMUP_STEPS = 3  # steps of a warm-up run  # --model value: the random SD1.5 built in memory, ours only
 
 
 @dataclass
@@ -55,17 +57,17 @@ class Mode:
     """One way of sampling. `kwargs` go to both generate() and diffusers' pipeline; `hooks`, when set,
     makes step hooks for one of our runs: such a mode has no diffusers counterpart."""
     kwargs: dict = field(default_factory=dict)
-    hooks: object = None  # (pipe, args) -> list of hooks, made fresh for each run
+    hooks: object = None  # (pipe, case) -> list of hooks, made fresh for each run
 
 
 MODES = {
     "cfg": Mode(),  # classifier-free guidance, g = 7.5: two branches per image
     "negative": Mode(dict(negative_prompt=NEGATIVE)),  # the negative prompt replaces the unconditional branch
-    # VL-DNP at the paper's 10 query steps (rescaled to --steps), task nudity:
-    "dnp-clip": Mode(hooks=lambda pipe, args: dnp_hooks(pipe, args, "clip", 1.0)),  # CLIP, finds nothing
-    "dnp-clip-found": Mode(hooks=lambda pipe, args: dnp_hooks(pipe, args, "clip", 0.0)),  # finds all: 3 branches
-    "dnp-stub": Mode(hooks=lambda pipe, args: dnp_hooks(pipe, args, "stub")),  # a 300 ms VLM, synchronous
-    "dnp-stub-async": Mode(hooks=lambda pipe, args: dnp_hooks(pipe, args, "stub", asynchronous=True)),
+    # VL-DNP at the paper's 10 query steps (rescaled to --steps) or --queries, task nudity:
+    "dnp-clip": Mode(hooks=lambda pipe, case: dnp_hooks(pipe, case, "clip", 1.0)),  # CLIP, finds nothing
+    "dnp-clip-found": Mode(hooks=lambda pipe, case: dnp_hooks(pipe, case, "clip", 0.0)),  # finds all: 3 branches
+    "dnp-stub": Mode(hooks=lambda pipe, case: dnp_hooks(pipe, case, "stub")),  # a 300 ms VLM, synchronous
+    "dnp-stub-async": Mode(hooks=lambda pipe, case: dnp_hooks(pipe, case, "stub", asynchronous=True)),
 }
 
 
@@ -81,10 +83,21 @@ class StubVLM:
         return Reply(["feet"], "feet")
 
 
-def dnp_hooks(pipe, args, proposer, threshold=0.5, asynchronous=False):
+def query_steps(steps: int, queries: int | None) -> list[int]:
+    """The paper's schedule rescaled to `steps` (None), or `queries` steps spread evenly from the
+    paper's first query step to the last step."""
+    from vlm.dnp import default_query_steps
+
+    if queries is None:
+        return default_query_steps(steps)
+    first = default_query_steps(steps)[0]
+    return sorted({round(first + j * (steps - 1 - first) / max(1, queries - 1)) for j in range(queries)})
+
+
+def dnp_hooks(pipe, case, proposer, threshold=0.5, asynchronous=False):
     """A fresh DynamicNegatives hook. The CLIP proposer is a random-weight ViT-L/14 (the real one's
     size, so its cost is real), built once per worker on the pipeline's device and dtype."""
-    from vlm.dnp import DynamicNegatives, default_query_steps
+    from vlm.dnp import DynamicNegatives
     from vlm.tasks import get_task
 
     task = get_task("nudity")
@@ -103,7 +116,8 @@ def dnp_hooks(pipe, args, proposer, threshold=0.5, asynchronous=False):
             _clip["model"] = model.to(pipe.dtype).requires_grad_(False).eval()
         chosen = CLIPProposer(_clip["model"], pipe.tokenizer, list(task.concepts), threshold=threshold,
                               task=task.name)
-    return [DynamicNegatives(chosen, task, default_query_steps(args.steps), asynchronous=asynchronous)]
+    return [DynamicNegatives(chosen, task, query_steps(case["steps"], case.get("queries")),
+                             asynchronous=asynchronous)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +167,7 @@ def load_ours(args, device, dtype):
 
     def run(case, on_step):
         mode = MODES[case["mode"]]
-        hooks = (mode.hooks(pipe, args) if mode.hooks else []) + [lambda state: on_step()]
+        hooks = (mode.hooks(pipe, case) if mode.hooks else []) + [lambda state: on_step()]
         try:
             return generate(pipe, PROMPT, steps=case["steps"], height=case["height"], width=case["width"],
                             batch=case["batch"], seed=0, hooks=hooks, progress=False, **mode.kwargs)
@@ -322,9 +336,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--modes", default="cfg,negative", help=f"comma list of {', '.join(MODES)} (%(default)s)")
+    p.add_argument("--queries", help="comma list of query counts for the dnp modes, spread evenly from the "
+                                     "paper's first query step (default: the paper's 10 steps, rescaled)")
     p.add_argument("--impls", default="ours,diffusers", help="comma list of ours, diffusers (%(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case and implementation (%(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (%(default)s)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help=f"untimed {WARMUP_STEPS}-step runs first, per case (%(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (both implementations)")
     p.add_argument("--compile-mode", default="max-autotune",
@@ -358,8 +375,10 @@ def main(argv=None):
 
     info = machine(args.device)
     workers = [Worker(impl, args) for impl in impls]
-    cases = [dict(mode=m, height=h, width=w, batch=b, steps=args.steps)
-             for m, (h, w), b in product(modes, parse_sizes(args.size), map(int, args.batch.split(",")))]
+    counts = [None] if args.queries is None else [int(q) for q in args.queries.split(",")]
+    cases = [dict(mode=m, height=h, width=w, batch=b, steps=args.steps, queries=q)
+             for m, (h, w), b in product(modes, parse_sizes(args.size), map(int, args.batch.split(",")))
+             for q in (counts if MODES[m].hooks else [None])]
     scratch = Path(tempfile.mkdtemp())
     results = []
     try:
@@ -369,10 +388,11 @@ def main(argv=None):
                 for w in workers:
                     if w.impl == "diffusers" and MODES[case["mode"]].hooks:
                         continue
-                    save = str(scratch / f"{w.impl}-{n}.pt") if r == 0 else None  # images of the first run
-                    out = w.run(dict(case, save=save))
-                    if r >= args.warmup:
-                        runs[w.impl].append(out)
+                    if r < args.warmup:  # a short run warms kernels, allocator and caches for this case
+                        w.run(dict(case, steps=min(case["steps"], WARMUP_STEPS), save=None))
+                        continue
+                    save = str(scratch / f"{w.impl}-{n}.pt") if r == args.warmup else None  # first timed run
+                    runs[w.impl].append(w.run(dict(case, save=save)))
             row = dict(case)
             for impl, rs in runs.items():
                 if rs:
@@ -413,12 +433,13 @@ def print_row(row: dict, impls: list[str], header: bool):
     """One markdown table row per case. `diffusers / ours` above 1 means ours is faster."""
     both = impls == ["ours", "diffusers"]
     if header:
-        cols = ["mode", "size", "batch"]
+        cols = ["mode", "size", "batch", "queries"]
         cols += [f"{impl} {c}" for impl in impls for c in ("ms/step", "s total", "img/s", "peak GiB")]
         cols += ["step time diffusers / ours", "CPU time diffusers / ours", "max pixel diff"] if both else []
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
-    cells = [row["mode"], f"{row['width']}x{row['height']}", str(row["batch"])]
+    queries = len(query_steps(row["steps"], row["queries"])) if MODES[row["mode"]].hooks else 0
+    cells = [row["mode"], f"{row['width']}x{row['height']}", str(row["batch"]), str(queries)]
     for impl in impls:
         r = row.get(impl)
         cells += [f"{r['step_ms']:.0f}", f"{r['total_s']:.2f}", f"{r['images_per_s']:.3f}", f"{r['peak_gib']:.2f}"] \
