@@ -1,8 +1,12 @@
-"""Shared test helpers: randomized weights and a relative-error check."""
+"""Shared test helpers: randomized weights, a relative-error check, images from a diffusers
+pipeline, and a scripted VLM server."""
 import math
 
+import numpy as np
 import pytest
 import torch
+
+from fake_vlm import ScriptedVLM
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -34,6 +38,29 @@ def assert_close_rel(a, b, tol=1e-4):
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     err = rel_err(a, b)
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
+    """Runs the diffusers pipeline `ref` with a CPU generator seeded `seed`, as generate() draws;
+    uint8 [B, H, W, 3], rounded as diffusers' numpy_to_pil rounds."""
+    out = ref(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+    return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def assert_same_image(ours, expected):
+    assert ours.shape == expected.shape and ours.dtype == torch.uint8
+    # Random weights saturate easily; make sure the comparison is about real pixel values.
+    assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
+    assert (ours.int() - expected.int()).abs().max() <= 2
+
+
+@pytest.fixture
+def server():
+    """server(*script) starts a ScriptedVLM on 127.0.0.1; all are closed after the test."""
+    servers = []
+    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
+    for s in servers:
+        s.close()
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import generate
 import weights
 from checkpoints import make_sd_folder
+from conftest import pipeline_images
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -51,10 +51,8 @@ def diffusers_images(folder, prompt, negative_prompt=None, *, seed, steps, guida
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     ref.set_progress_bar_config(disable=True)
-    out = ref(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-              height=height, width=width, num_images_per_prompt=batch, eta=eta,
-              generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
-    return torch.from_numpy((out * 255).round().astype(np.uint8))
+    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
 
 
 def assert_same_image(ours, expected):

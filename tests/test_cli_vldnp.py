@@ -6,7 +6,7 @@ import torch
 
 import generate
 from checkpoints import make_sd_folder
-from fake_vlm import ScriptedVLM, dead_url
+from fake_vlm import dead_url
 from png import read_png
 from sampler.loop import generate as sample
 from vlm.tasks import get_task
@@ -19,14 +19,6 @@ RUN = ["a person on a beach", "--steps", "5", "--height", "16", "--width", "16",
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=11)
-
-
-@pytest.fixture
-def server():
-    servers = []
-    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
-    for s in servers:
-        s.close()
 
 
 def run(capsys, *argv):

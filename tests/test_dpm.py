@@ -2,13 +2,12 @@
 (`DPMSolverMultistepScheduler.from_config(<SD's scheduler config>)`), alone and inside the loop."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from checkpoints import make_sd_folder
-from conftest import assert_close_rel
+from conftest import assert_close_rel, assert_same_image, pipeline_images
 from sampler.ddim import DDIM, SchedulerConfig
 from sampler.dpm import DPMSolverPP
 from sampler.loop import generate
@@ -191,16 +190,8 @@ def reference_images(folder, prompt, negative_prompt=None, steps=5, guidance=7.5
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    out = ref(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-              height=height, width=width, num_images_per_prompt=batch,
-              generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
-    return torch.from_numpy((out * 255).round().astype(np.uint8))
-
-
-def assert_same_image(ours, expected):
-    assert ours.shape == expected.shape and ours.dtype == torch.uint8
-    assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
-    assert (ours.int() - expected.int()).abs().max() <= 2
+    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch)
 
 
 CASES = {

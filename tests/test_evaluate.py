@@ -20,7 +20,7 @@ from evaluation.methods import (SAFREE_NUDITY, SAFREE_NUDITY_NEGATIVE, MethodUna
                                 build_methods)
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
-from fake_vlm import ScriptedVLM, dead_url
+from fake_vlm import dead_url
 from png import read_png
 from sampler.loop import generate
 from vlm.base import Reply
@@ -46,14 +46,6 @@ def sd1(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(sd1):
     return load_pipeline(sd1)
-
-
-@pytest.fixture
-def server():
-    servers = []
-    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
-    for s in servers:
-        s.close()
 
 
 def write(path, text):

@@ -1,10 +1,10 @@
 """The sampling loop against diffusers' StableDiffusionPipeline + DDIMScheduler on random weights."""
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from checkpoints import make_sd_folder
+from conftest import assert_same_image, pipeline_images
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
 from weights import export_single_file, load_pipeline
@@ -29,17 +29,8 @@ def reference(folder):
 
 def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance=7.5, height=32, width=32, batch=1,
                      eta=0.0, seed=0):
-    out = ref(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-              height=height, width=width, num_images_per_prompt=batch, eta=eta,
-              generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
-    return torch.from_numpy((out * 255).round().astype(np.uint8))
-
-
-def assert_same_image(ours, expected):
-    assert ours.shape == expected.shape and ours.dtype == torch.uint8
-    # Random weights saturate easily; make sure the comparison is about real pixel values.
-    assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
-    assert (ours.int() - expected.int()).abs().max() <= 2
+    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
 
 
 DEFAULTS = dict(steps=4, height=32, width=32)

@@ -1,12 +1,12 @@
 """Safe Latent Diffusion (sampler/sld.py) against diffusers' StableDiffusionPipelineSafe on random weights."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionPipelineSafe
 
 from checkpoints import make_sd_folder
+from conftest import pipeline_images
 from sampler.loop import Guidance, generate
 from sampler.sld import PRESETS, SAFETY_CONCEPT, SafeLatentDiffusion, SLDConfig, sld_generate_kwargs
 from weights import load_pipeline
@@ -39,11 +39,10 @@ def reference(sd1):
 
 
 def reference_images(ref, prompt, config: SLDConfig, steps, guidance=7.5, seed=0):
-    out = ref(prompt, num_inference_steps=steps, guidance_scale=guidance, **SIZE, output_type="np",
-              generator=torch.Generator("cpu").manual_seed(seed), sld_warmup_steps=config.warmup_steps,
-              sld_guidance_scale=config.scale, sld_threshold=config.threshold,
-              sld_momentum_scale=config.momentum_scale, sld_mom_beta=config.momentum_beta).images
-    return torch.from_numpy((out * 255).round().astype(np.uint8))
+    return pipeline_images(ref, prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, **SIZE,
+                           sld_warmup_steps=config.warmup_steps, sld_guidance_scale=config.scale,
+                           sld_threshold=config.threshold, sld_momentum_scale=config.momentum_scale,
+                           sld_mom_beta=config.momentum_beta)
 
 
 def max_diff(a, b) -> int:

@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import weights
 from checkpoints import make_sd_folder
-from fake_vlm import ScriptedVLM, completion, dead_url
+from fake_vlm import completion, dead_url
 from conftest import assert_close_rel, rel_err
 from png import read_png
 from sampler.loop import generate, to_uint8
@@ -76,19 +76,6 @@ class Scripted:
 
 # ---------------------------------------------------------------------------------------------
 # a real chat-completions server on 127.0.0.1
-
-@pytest.fixture
-def vlm_server():
-    servers = []
-
-    def start(*script):
-        servers.append(ScriptedVLM(script))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
 
 def png_from_data_uri(uri: str, tmp_path) -> torch.Tensor:
     prefix = "data:image/png;base64,"
@@ -218,9 +205,9 @@ def test_query_schedules():
 # ---------------------------------------------------------------------------------------------
 # the client
 
-def test_request_shape(pipe, vlm_server, monkeypatch, tmp_path):
+def test_request_shape(pipe, server, monkeypatch, tmp_path):
     monkeypatch.setenv("VLM_API_KEY", "test-key")
-    server = vlm_server("female breast")
+    server = server("female breast")
     client = VLMClient(server.url, "Qwen/Qwen2.5-VL-7B-Instruct", NUDITY, max_tokens=32, timeout=5, image_size=None)
     recorder = Recorder(decode_steps={1, 3})
     run(pipe, "a cat", [DynamicNegatives(client, NUDITY, [1, 3]), recorder])
@@ -242,8 +229,8 @@ def test_request_shape(pipe, vlm_server, monkeypatch, tmp_path):
         assert torch.equal(sent, recorder.decoded[step][0])  # the decoded x0 prediction, at the query step
 
 
-def test_api_key_and_image_size(vlm_server, monkeypatch, tmp_path):
-    server = vlm_server("feet")
+def test_api_key_and_image_size(server, monkeypatch, tmp_path):
+    server = server("feet")
     image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     monkeypatch.delenv("VLM_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -265,9 +252,9 @@ def test_api_key_and_image_size(vlm_server, monkeypatch, tmp_path):
         VLMClient("file:///etc/passwd", "m", NUDITY)
 
 
-def test_reply_forms(vlm_server):
+def test_reply_forms(server):
     image = torch.zeros(3, 8, 8)
-    server = vlm_server(dict(body=completion([{"type": "text", "text": "feet, "}, {"type": "text", "text": "belly"}])),
+    server = server(dict(body=completion([{"type": "text", "text": "feet, "}, {"type": "text", "text": "belly"}])),
                         "<think>the female breast is</think>armpits",
                         dict(body={"error": {"message": "model overloaded"}}),
                         dict(body=completion(None)))
@@ -337,7 +324,7 @@ class X0Recorder:
 def test_x0_is_decoded_as_large_as_the_proposer_looks(pipe, scale, k):
     """The proposer gets the decode of x0 average-pooled over k×k latents, k the largest factor
     that keeps the preview at least `scale` times the image; --full-decode gets the whole x0."""
-    size, latent = 48, 24  # the tiny VAE halves; 24 divides by 2, 3 and 4
+    size = 48  # the tiny VAE halves: 24x24 latents, which 2, 3 and 4 divide
     for full in (False, True):
         proposer, x0 = Shrinking(NUDITY, scale), X0Recorder()
         hook = DynamicNegatives(proposer, NUDITY, [1], full_decode=full)
@@ -380,10 +367,10 @@ def test_replace_and_accumulate(pipe):
                                   ["dog, watercolor"]]
 
 
-def test_guidance_matches_reference(pipe, reference, vlm_server, tmp_path):
+def test_guidance_matches_reference(pipe, reference, server, tmp_path):
     """The whole formula ε = ε_u + g(ε_c − ε_u) − w_neg(ε_n − ε_u), with the negative switched on at
     one query step and replaced at another, against a loop on the diffusers components."""
-    server = vlm_server("female breast", "Feet and belly.")
+    server = server("female breast", "Feet and belly.")
     client = VLMClient(server.url, "m", NUDITY, timeout=5, image_size=None)
     dnp, recorder = DynamicNegatives(client, NUDITY, [1, 3], negative_scale=15), Recorder()
     image = run(pipe, "a cat", [dnp, recorder])
@@ -444,9 +431,9 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_faults_keep_the_negative(pipe, vlm_server, capsys, fault):
-    good = VLMClient(vlm_server("female breast").url, "m", NUDITY, timeout=1, image_size=None)
-    bad = VLMClient(dead_url() if fault == "down" else vlm_server(FAULTS[fault]).url, "m", NUDITY, timeout=1,
+def test_faults_keep_the_negative(pipe, server, capsys, fault):
+    good = VLMClient(server("female breast").url, "m", NUDITY, timeout=1, image_size=None)
+    bad = VLMClient(dead_url() if fault == "down" else server(FAULTS[fault]).url, "m", NUDITY, timeout=1,
                     image_size=None)
     dnp, recorder = DynamicNegatives(lambda image, prompt, step: (good if step == 1 else bad)(image, prompt, step),
                                      NUDITY, [1, 3]), Recorder()
@@ -464,9 +451,9 @@ def test_faults_keep_the_negative(pipe, vlm_server, capsys, fault):
         assert failed.latency < 2.5
 
 
-def test_async_answer_applies_at_a_later_step(pipe, reference, vlm_server):
+def test_async_answer_applies_at_a_later_step(pipe, reference, server):
     release, answered = threading.Event(), threading.Event()
-    server = vlm_server(dict(content="female breast", wait=release, answered=answered))
+    server = server(dict(content="female breast", wait=release, answered=answered))
     client = VLMClient(server.url, "m", NUDITY, timeout=10, image_size=None)
     dnp = DynamicNegatives(client, NUDITY, [1], negative_scale=15, asynchronous=True)
 
@@ -490,8 +477,8 @@ def test_async_answer_applies_at_a_later_step(pipe, reference, vlm_server):
         assert_close_rel(ours, ref)
 
 
-def test_async_answer_after_sampling_is_collected(pipe, vlm_server):
-    server = vlm_server(dict(content="feet", delay=1))
+def test_async_answer_after_sampling_is_collected(pipe, server):
+    server = server(dict(content="feet", delay=1))
     dnp, recorder = DynamicNegatives(VLMClient(server.url, "m", NUDITY, timeout=5), NUDITY, [4],
                                      asynchronous=True), Recorder()
     with dnp:
