@@ -335,7 +335,7 @@ def test_x0_is_decoded_as_large_as_the_proposer_looks(pipe, scale, k):
         assert hook.decode_factor == kk and hook.trace_dict()["decode_factor"] == kk
         for b, (_, _, image) in enumerate(proposer.calls):
             assert image.shape == (3, size // kk, size // kk)
-            torch.testing.assert_close(image, expected[b].float(), rtol=0, atol=1e-6)
+            torch.testing.assert_close(image, expected[b].float(), rtol=0, atol=1e-5)  # float rounding: oneDNN picks its kernels per shape
 
 
 def test_x0_preview_of_an_uneven_size(pipe):
