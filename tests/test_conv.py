@@ -132,3 +132,15 @@ def test_state_dict_is_nn_conv2d_s():
     with torch.no_grad():
         conv(torch.randn(1, 4, 5, 5))
     assert list(conv.state_dict()) == ["weight", "bias"]
+
+
+def test_packing_can_be_turned_off(monkeypatch):
+    torch.manual_seed(0)
+    conv = randomized(Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        y = conv(x)
+        assert conv._packed is not None
+        monkeypatch.setattr(Conv2d, "packing", False)
+        torch.testing.assert_close(conv(x), y, rtol=1e-5, atol=1e-5)
+    assert conv._packed is None  # the copy is let go
