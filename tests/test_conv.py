@@ -57,11 +57,15 @@ def test_packs_once_per_input_shape():
         torch.testing.assert_close(conv(a), reference(conv, a), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["copy_", "load_state_dict", "replace", "to-and-back"])
-def test_follows_a_changed_weight(change):
+@pytest.fixture
+def conv_x():
     torch.manual_seed(0)
-    conv = randomized(Conv2d(4, 4, 3, padding=1))
-    x = torch.randn(1, 4, 8, 8)
+    return randomized(Conv2d(4, 4, 3, padding=1)), torch.randn(1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("change", ["copy_", "load_state_dict", "replace", "to-and-back"])
+def test_follows_a_changed_weight(change, conv_x):
+    conv, x = conv_x
     with torch.no_grad():
         before = conv(x)
         new = torch.randn_like(conv.weight)
@@ -102,19 +106,15 @@ def test_gradients_flow_as_through_nn_conv2d():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_other_dtypes_take_the_plain_path(dtype):
-    torch.manual_seed(0)
-    conv = randomized(Conv2d(4, 4, 3, padding=1)).to(dtype)
-    x = torch.randn(1, 4, 8, 8, dtype=dtype)
+def test_other_dtypes_take_the_plain_path(dtype, conv_x):
+    conv, x = conv_x[0].to(dtype), conv_x[1].to(dtype)
     with torch.no_grad():
         assert torch.equal(conv(x), reference(conv, x))
     assert conv._packed is None
 
 
-def test_copies_and_moves_drop_the_packed_weight():
-    torch.manual_seed(0)
-    conv = randomized(Conv2d(4, 4, 3, padding=1))
-    x = torch.randn(1, 4, 8, 8)
+def test_copies_and_moves_drop_the_packed_weight(conv_x):
+    conv, x = conv_x
     with torch.no_grad():
         y = conv(x)
     assert conv._packed is not None
@@ -134,10 +134,8 @@ def test_state_dict_is_nn_conv2d_s():
     assert list(conv.state_dict()) == ["weight", "bias"]
 
 
-def test_packing_can_be_turned_off(monkeypatch):
-    torch.manual_seed(0)
-    conv = randomized(Conv2d(4, 4, 3, padding=1))
-    x = torch.randn(1, 4, 8, 8)
+def test_packing_can_be_turned_off(conv_x, monkeypatch):
+    conv, x = conv_x
     with torch.no_grad():
         y = conv(x)
         assert conv._packed is not None
