@@ -194,7 +194,7 @@ class CLIPVisionEmbeddings(nn.Module):
         num_patches = (config.image_size // config.patch_size) ** 2
         self.class_embedding = nn.Parameter(torch.randn(config.width))
         self.patch_embedding = Conv2d(3, config.width, config.patch_size, stride=config.patch_size,
-                                         bias=False)
+                                      bias=False)
         self.position_embedding = nn.Embedding(num_patches + 1, config.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
