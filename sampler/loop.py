@@ -42,6 +42,11 @@ class Guidance:
     negative_scale: float = 7.5
     rule: Callable | None = None
 
+    def snapshot(self) -> tuple:
+        """Everything the guided ε depends on, copied: equal snapshots give the same ε."""
+        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), self.scale, self.negative_scale,
+                self.rule)
+
     def rows(self) -> list[tuple[str, int, str]]:
         """The (branch, image, text) rows the UNet must run: u, c and n for uncond, cond, negative."""
         B = len(self.prompt)
@@ -149,13 +154,12 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
         eps_pos, eps = combine(outputs, g, i)
         x0, eps_pos = solver.predict(eps_pos, i, x)
         if hooks:
-            before = (g.scale, g.negative_scale)
+            before = g.snapshot()
             state = StepState(i, t, steps, x, eps_pos, x0, g, pipe)
             for hook in hooks:
                 hook(state)
-            changed = [r for r in g.rows() if r not in outputs]
-            if changed or (g.scale, g.negative_scale) != before:
-                outputs.update(run_unet(pipe, x, t, changed, text))
+            if g.snapshot() != before:  # a text, a scale or the rule changed, or a negative went
+                outputs.update(run_unet(pipe, x, t, [r for r in g.rows() if r not in outputs], text))
                 _, eps = combine(outputs, g, i)
         x, _ = solver.step(eps, i, x, eta=eta, generator=generator)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)

@@ -109,7 +109,7 @@ def test_hooks_see_the_step_state(sd1):
 
 def three_branch_reference(folder, prompt, switches, steps, seed=0, g=7.5, size=16):
     """The guidance written out with diffusers components: the negative in force at each step
-    comes from `switches` {step: (negative, w)}; no negative branch before the first."""
+    comes from `switches` {step: (negative, w), or None to drop it}; no negative branch before the first."""
     ref = reference(folder)
     sched = ref.scheduler
     sched.set_timesteps(steps)
@@ -148,6 +148,23 @@ def test_three_branch_guidance_matches_a_reference_loop(sd1):
     # and the hook mattered
     plain = generate(pipe, "a dog", steps=5, height=16, width=16, progress=False)
     assert (plain.int() - ours.int()).abs().max() > 2
+
+
+def test_a_negative_switched_off_stops_at_that_step(sd1):
+    """Dropping the negative adds no branch, yet it must change ε from the step the hook ran at."""
+    pipe = load_pipeline(sd1)
+    switches = {1: ("a cat", 9.0), 2: None}
+
+    def hook(state):
+        if state.i in switches:
+            negative, w = switches[state.i] or (None, state.guidance.negative_scale)
+            state.guidance.negative, state.guidance.negative_scale = [negative], w
+
+    ours = generate(pipe, "a dog", steps=4, height=16, width=16, hooks=[hook], progress=False)
+    with torch.no_grad():
+        expected = three_branch_reference(sd1, "a dog", switches, steps=4)
+    expected = ((expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round()
+    assert (ours.int() - expected.int()).abs().max() <= 1
 
 
 def test_static_negative_from_the_start_matches_reference(sd1):
