@@ -19,7 +19,7 @@ import torch
 import png
 import weights
 from sampler.loop import SAMPLERS, NonFiniteError, generate
-from vlm.client import VLMClient
+from vlm.client import VLMClient, chat_url
 from vlm.clip_proposer import CLIPProposer, load_clip
 from vlm.dnp import PAPER_STEPS, DynamicNegatives, default_query_steps, parse_steps
 from vlm.tasks import TASKS, get_task
@@ -130,8 +130,11 @@ def check_vl_dnp(args):
         args.proposer = "vlm" if args.vlm_url else "clip"
     if args.proposer == "vlm" and not args.vlm_url:
         raise UsageError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
-    if args.vlm_url and not re.match(r"https?://[^/]", args.vlm_url):
-        raise UsageError(f"--vlm-url {args.vlm_url}: must be an http:// or https:// URL")
+    if args.vlm_url:
+        try:
+            chat_url(args.vlm_url)
+        except ValueError as e:
+            raise UsageError(f"--vlm-url {e}") from None
     for name, ok, rule in [("negative_scale", args.negative_scale >= 0, "0 or more"),
                            ("vlm_timeout", args.vlm_timeout > 0, "more than 0"),
                            ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]:

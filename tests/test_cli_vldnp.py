@@ -113,6 +113,12 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     (["--proposer", "vlm"], "needs --vlm-url"),
     (["--vlm-url", "ftp://host/v1"], "http"),
+    (["--vlm-url", "http://localhost:abc/v1"], "bad port"),
+    (["--vlm-url", "http://localhost:70000/v1"], "bad port"),
+    (["--vlm-url", "http://exa mple.com/v1"], "space"),
+    (["--vlm-url", "http://:8000/v1"], "no host"),
+    (["--vlm-url", "http://[::1/v1"], "--vlm-url"),
+    (["--vlm-url", "http://localhost:8000/v1?key=1"], "query"),
     (["--vlm-steps", "1,x"], "--vlm-steps"),
     (["--vlm-steps", "5"], "out of range"),
     (["--negative-scale", "-1"], "--negative-scale"),

@@ -57,11 +57,22 @@ def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
 
 
 def chat_url(base_url: str) -> str:
-    """{base_url}/chat/completions; a URL that already ends so is kept."""
+    """{base_url}/chat/completions; a URL that already ends so is kept. A URL that no request
+    could reach raises ValueError, naming what is wrong with it."""
     url = base_url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"VLM URL {base_url!r}: expected http(s)://host[:port]/v1")
+    expected = "expected http(s)://host[:port]/v1"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as e:
+        raise ValueError(f"{base_url!r}: {'bad port' if 'Port' in str(e) else e}; {expected}") from None
+    for bad, problem in [(parts.scheme not in ("http", "https"), "not an http:// or https:// URL"),
+                         (any(c.isspace() or not c.isprintable() for c in url), "it contains a space or control character"),
+                         (not parts.hostname, "no host name"),
+                         (port == 0, "bad port"),
+                         (parts.query or parts.fragment, "it has a query or fragment (?... or #...)")]:
+        if bad:
+            raise ValueError(f"{base_url!r}: {problem}; {expected}")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
