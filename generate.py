@@ -7,6 +7,7 @@ DDIMScheduler gives. Arguments are checked before any model is loaded; every fai
 """
 import argparse
 import json
+import math
 import os
 import re
 import secrets
@@ -50,6 +51,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def finite(text: str) -> float:
+    """argparse type: a float that is neither inf nor NaN, which would only end in a NaN image."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x (DDIM or DPM-Solver++ 2M), optionally with VL-DNP.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,11 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
                    help="ddim, or dpm++2m: DPM-Solver++ 2M, the paper's evaluation sampler (default: ddim)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
-    s.add_argument("--guidance", type=float, default=7.5, metavar="SCALE",
+    s.add_argument("--guidance", type=finite, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; 1 or less skips the unconditional pass (default: %(default)s)")
     s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
     s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
-    s.add_argument("--eta", type=float, default=0.0,
+    s.add_argument("--eta", type=finite, default=0.0,
                    help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only (default: 0)")
     s.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
 
@@ -110,15 +119,15 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
                    f"{','.join(map(str, PAPER_STEPS))} for 50 steps, rescaled to --steps; 'none' for no queries)")
     v.add_argument("--vlm-async", action="store_true",
                    help="query in the background while denoising goes on; answers apply when they arrive")
-    v.add_argument("--vlm-timeout", type=float, default=30.0, metavar="S", help="seconds per query (default: 30)")
+    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S", help="seconds per query (default: 30)")
     v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
                    help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
-    v.add_argument("--clip-threshold", type=float, default=0.5, metavar="P",
+    v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",
                    help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
     v.add_argument("--full-decode", action="store_true",
                    help="decode the whole x0 image at each query; by default it is decoded only as large as the "
                         "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
-    v.add_argument("--negative-scale", type=float, default=7.5, metavar="W",
+    v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u) (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
                    "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png")

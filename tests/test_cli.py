@@ -101,6 +101,8 @@ BAD = [
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
     (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "euler"], "--sampler"),
+    (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"), (["--guidance", "nan"], "finite"),
+    (["--eta", "inf"], "--eta: 'inf' is not a finite number"),
 ]
 
 

@@ -124,6 +124,9 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
     (["--negative-scale", "-1"], "--negative-scale"),
     (["--proposer", "none", "--trace", "t.json"], "--trace"),
     (["--vlm-timeout", "0"], "--vlm-timeout"),
+    (["--vlm-timeout", "inf"], "--vlm-timeout: 'inf' is not a finite number"),
+    (["--negative-scale", "inf"], "--negative-scale: 'inf' is not a finite number"),
+    (["--clip-threshold", "nan"], "--clip-threshold: 'nan' is not a finite number"),
 ])
 def test_bad_vl_dnp_flags(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate.weights, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
