@@ -334,6 +334,10 @@ def main(argv=None) -> int:
             pipe = weights.load_pipeline(args.model, device, dtype, args.tokenizer, args.prediction_type)
         except (ValueError, OSError) as e:  # CheckpointError, and configs the sampler does not support
             return fail(e, 2)
+        try:  # a schedule can have fewer usable timesteps than 1000 (leading spacing with steps_offset 1)
+            SAMPLERS[args.sampler](pipe.scheduler, args.steps)
+        except ValueError as e:
+            return fail(f"--steps {args.steps}: {e}", 2)
         try:
             hook, static_negative = vl_dnp(args, pipe)
         except (ValueError, OSError) as e:
@@ -361,16 +365,26 @@ def main(argv=None) -> int:
         return fail(e, 2)
     except NonFiniteError as e:
         return fail(f"{e}. Nothing was saved.", 1)
-    except torch.cuda.OutOfMemoryError:
-        return fail("out of memory; try a smaller --batch or image size", 1)
     except OSError as e:
         return fail(f"cannot write the image: {e}", 1)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "memory" in str(e):
+            return fail(f"out of memory; try a smaller --batch or image size ({describe(e)})", 1)
+        return fail(describe(e), 1)
+    except Exception as e:  # a bug, but still one line rather than a traceback
+        return fail(describe(e), 1)
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def fail(message, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`."""
+    lines = str(message).strip().splitlines()
+    print(f"error: {lines[0] if lines else message}", file=sys.stderr)
     return code
 
 

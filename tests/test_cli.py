@@ -153,6 +153,31 @@ def test_interrupt_exits_130_and_saves_nothing(sd1, tmp_path, capsys, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_steps_the_schedule_cannot_take_exit_2_after_loading(sd1, tmp_path, capsys):
+    # leading spacing with steps_offset 1 puts the first of 1000 steps at timestep 1000, past the last
+    code, out, err = run(capsys, "--model", sd1, *FAST, "--steps", 1000, "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --steps 1000: ") and "steps_offset 1" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, message", [
+    (ZeroDivisionError("division by zero"), "error: ZeroDivisionError: division by zero"),
+    (ValueError("first line\nsecond line"), "error: ValueError: first line"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                  "you tried to allocate 1099511627776 bytes."), "error: out of memory"),
+    (MemoryError(), "error: out of memory"),
+])
+def test_unexpected_errors_are_one_line_exit_1(sd1, tmp_path, capsys, monkeypatch, error, message):
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(generate, "generate", failing)
+    code, _, err = run(capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
+    assert code == 1 and len(err) == 1 and err[0].startswith(message), err
+    assert "out of memory" not in message or "--batch" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Full runs: pixels against diffusers, metadata read back
 
