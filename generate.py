@@ -274,6 +274,22 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
             "Dynamic negative": queries[-1].negative if queries and queries[-1].negative else "none"}
 
 
+def finish_trace(args, hook, saved: bool) -> bool:
+    """Closes the VL-DNP hook and writes its trace, if asked for. False, said in one line, when the
+    trace cannot be written; the images, if `saved`, are written already."""
+    if hook is None:
+        return True
+    hook.close()
+    if not args.trace:
+        return True
+    try:
+        print(f"trace: {hook.write_trace(args.trace)}")
+        return True
+    except (OSError, ValueError) as e:
+        fail(f"cannot write the trace {args.trace}: {e}" + (" (the images were saved)" if saved else ""), 1)
+        return False
+
+
 def numbered(base: Path, batch: int) -> list[Path]:
     """base.png, or base-0.png ... base-{batch-1}.png."""
     if batch == 1:
@@ -343,24 +359,25 @@ def main(argv=None) -> int:
         except (ValueError, OSError) as e:
             return fail(e, 2)
         height, width = args.height or pipe.default_size, args.width or pipe.default_size
+        saved = False
         try:
             images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
                               sampler=args.sampler, hooks=[hook] if hook else [], negative=static_negative,
                               negative_scale=args.negative_scale, progress=not args.quiet)
-        finally:  # the trace of a failed run is kept too
             if hook is not None:
-                hook.close()
-                if args.trace:
-                    print(f"trace: {hook.write_trace(args.trace)}")
-        texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                                 seed=seed, width=width, height=height, model=pipe.name, eta=args.eta,
-                                 batch=args.batch, index=i, vl_dnp=vl_dnp_settings(args, hook, static_negative, i),
-                                 sampler=args.sampler)
-                 for i in range(args.batch)]
-        for path in save(images, args, texts, seed):
-            print(path)
-        return 0
+                hook.close()  # collects the answers still outstanding
+            texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                                     seed=seed, width=width, height=height, model=pipe.name, eta=args.eta,
+                                     batch=args.batch, index=i, vl_dnp=vl_dnp_settings(args, hook, static_negative, i),
+                                     sampler=args.sampler)
+                     for i in range(args.batch)]
+            for path in save(images, args, texts, seed):
+                print(path)
+            saved = True
+        finally:  # after the images, and for a failed run too
+            trace_written = finish_trace(args, hook, saved)
+        return 0 if trace_written else 1
     except UsageError as e:
         return fail(e, 2)
     except NonFiniteError as e:

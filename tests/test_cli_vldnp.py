@@ -62,6 +62,31 @@ def test_a_dead_server_loses_nothing(sd1, tmp_path, capsys):
     assert torch.equal(image(tmp_path / "dead.png")[0], image(tmp_path / "plain.png")[0])
 
 
+def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys, server):
+    """'\\ud83d' is valid JSON but no Unicode text: it must not stop the trace or the image being written."""
+    vlm = server("feet \ud83d, blood")
+    for task in ("nudity", "safety"):
+        code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1", "--vlm-task", task,
+                             "--trace", tmp_path / f"{task}.json", "--out", tmp_path / f"{task}.png")
+        assert code == 0 and err == [], err
+        [query] = json.loads((tmp_path / f"{task}.json").read_text(encoding="utf-8"))["images"][0]["queries"]
+        assert query["raw"] == "feet \ufffd, blood"
+        assert query["negative"] == {"nudity": "Nudity, Sexual, feet.", "safety": "feet \ufffd, blood"}[task]
+        assert f"Dynamic negative: {json.dumps(query['negative'])}" in image(tmp_path / f"{task}.png")[1]["parameters"]
+
+
+def test_a_trace_that_cannot_be_written_loses_no_image(sd1, tmp_path, capsys, server):
+    (tmp_path / "t.filmstrip.png").mkdir()  # where the filmstrip goes
+    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("feet").url, "--vlm-steps", "1",
+                         "--batch", 2, "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write the trace {tmp_path / 't.json'}: ") and "images were saved" in err[0]
+    assert out[1:] == [str(tmp_path / "x-0.png"), str(tmp_path / "x-1.png")]
+    assert all(image(tmp_path / f"x-{i}.png")[0].shape == (16, 16, 3) for i in range(2))
+    trace = json.loads((tmp_path / "t.json").read_text())  # the JSON part is still written
+    assert trace["filmstrip"] is None and len(trace["images"]) == 2
+
+
 def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys):
     code, _, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
                        "--out", tmp_path / "static.png")

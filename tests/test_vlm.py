@@ -257,12 +257,16 @@ def test_reply_forms(server):
     server = server(dict(body=completion([{"type": "text", "text": "feet, "}, {"type": "text", "text": "belly"}])),
                         "<think>the female breast is</think>armpits",
                         dict(body={"error": {"message": "model overloaded"}}),
-                        dict(body=completion(None)))
+                        dict(body=completion(None)),
+                        "feet \ud83d")  # valid JSON, but a lone surrogate is no Unicode text
     client = VLMClient(server.url, "m", NUDITY, timeout=5)
     assert client(image, "p", 0).items == ["feet", "belly"]
     assert client(image, "p", 0).items == ["armpits"]
     assert client(image, "p", 0).error == "server error: model overloaded"
     assert client(image, "p", 0).error == "empty reply"
+    reply = client(image, "p", 0)
+    assert reply.raw == "feet \ufffd" and reply.items == ["feet"]
+    reply.raw.encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +494,15 @@ def test_async_answer_after_sampling_is_collected(pipe, server):
 
 # ---------------------------------------------------------------------------------------------
 # the trace
+
+def test_trace_of_a_proposer_with_lone_surrogates(pipe, tmp_path):
+    def proposer(image, prompt, step):
+        return Reply(["blood \ud83d"], "blood \ud83d", None)
+    dnp = DynamicNegatives(proposer, SAFETY, [1])
+    run(pipe, "a cat", [dnp])
+    [query] = json.loads(dnp.write_trace(tmp_path / "t.json").read_text(encoding="utf-8"))["images"][0]["queries"]
+    assert query["raw"] == query["negative"] == "blood \ufffd" and query["items"] == ["blood \ufffd"]
+
 
 def test_trace_file(pipe, tmp_path, capsys):
     script = {1: "female breast", ("a dog", 3): RuntimeError("no GPU left"), 3: "feet"}

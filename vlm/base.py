@@ -1,4 +1,5 @@
 """What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply."""
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,3 +26,9 @@ class Proposer(Protocol):
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
         """image: [3, H, W] in [-1, 1], the decoded x0 prediction of one image of the batch."""
         ...
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD. JSON can carry one ("\\ud83d") but UTF-8
+    cannot, so a reply holding one could be written to no file or PNG."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from png import encode_png
 from sampler.loop import to_uint8
-from vlm.base import Reply
+from vlm.base import Reply, valid_text
 from vlm.tasks import MAX_REPLY_CHARS, Task
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
@@ -201,7 +201,7 @@ def reply_text(body: bytes) -> str:
         content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not isinstance(content, str):
         content = ""
-    content = re.sub(r"<think>.*?(?:</think>|$)", "", content, flags=re.DOTALL).strip()  # reasoning models
+    content = re.sub(r"<think>.*?(?:</think>|$)", "", valid_text(content), flags=re.DOTALL).strip()  # reasoning models
     if not content:
         if message.get("refusal"):
             raise QueryError(one_line(f"the model refused: {message['refusal']}"), excerpt)

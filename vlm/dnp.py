@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from png import write_png
-from vlm.base import Reply
+from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
 from vlm.tasks import MAX_REPLY_CHARS, Task
 
@@ -201,7 +201,8 @@ class DynamicNegatives:
                 raise TypeError(f"the proposer returned {type(reply).__name__}, not a Reply")
         except Exception as e:
             reply = Reply([], "", one_line(f"{type(e).__name__}: {e}"))
-        return dataclasses.replace(reply, latency=time.perf_counter() - start)
+        return Reply([valid_text(str(item)) for item in reply.items], valid_text(str(reply.raw)),
+                     None if reply.error is None else valid_text(str(reply.error)), time.perf_counter() - start)
 
     def _apply(self, state, b: int, query: Query, reply: Reply):
         """Makes image b's answer take effect at this step, or on a fault keeps its negative."""
@@ -249,15 +250,20 @@ class DynamicNegatives:
 
     def write_trace(self, path) -> Path:
         """Writes the trace as JSON at `path` and, if images were sent, the filmstrip beside it as
-        <stem>.filmstrip.png. Closes the hook first, so the trace is complete."""
+        <stem>.filmstrip.png. Closes the hook first, so the trace is complete. A filmstrip that
+        cannot be written raises after the JSON is written."""
         self.close()
         path = Path(path)
-        data, strip = self.trace_dict(), self.filmstrip()
+        data, strip, film_error = self.trace_dict(), self.filmstrip(), None
         data["filmstrip"] = None
         if strip is not None:
-            film = write_png(path.with_name(path.stem + ".filmstrip.png"), strip)
-            data["filmstrip"] = film.name
+            try:
+                data["filmstrip"] = write_png(path.with_name(path.stem + ".filmstrip.png"), strip).name
+            except OSError as e:  # raised once the JSON, the trace itself, is written
+                film_error = e
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if film_error is not None:
+            raise film_error
         return path
 
     def filmstrip(self) -> torch.Tensor | None:
