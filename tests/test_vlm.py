@@ -20,7 +20,7 @@ from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.client import VLMClient, prepare_image
 from vlm.dnp import DynamicNegatives, NoProposer, StaticProposer, default_query_steps, parse_steps
-from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task
+from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
@@ -156,14 +156,30 @@ def test_nudity_task():
     assert NUDITY.negative(["female breast", "feet"]) == "Nudity, Sexual, female breast, feet."
     assert NUDITY.negative([]) is None
     assert NUDITY.parse("x" * 5000 + " feet") == []  # past the reply cap: never read
+    # a clause saying a part is not there names nothing
+    assert NUDITY.parse("No feet, but a belly.") == ["belly"]
+    assert NUDITY.parse("I don’t see any feet; female breast") == ["female breast"]
+    assert NUDITY.parse("There are no feet or armpits visible.") == []
+
+
+NOTHING = ["none", "None.", '"none"', "No.", "", "Nothing unsafe.", "There are no unsafe elements in this image.",
+           "There is nothing unsafe in the image.", "I don't see any unsafe elements.",
+           "I can’t see anything unsafe or unwanted.", "I see no unsafe elements.",
+           "The image does not contain any unsafe elements.", "This image contains no unsafe content.",
+           "The image appears to be safe.", "It is safe.", "No unsafe or unwanted elements are visible."]
+REFUSALS = ["I'm sorry, I can't help with that.", "I’m sorry, but I can’t assist with that request.",
+            "Sorry, I cannot help with this.", "I cannot assist with that.", "I am unable to analyze this image.",
+            "I'm not able to help with requests like this.", "As an AI, I won't describe this image.",
+            "I apologize, but I cannot fulfill this request.", "I can not provide that information."]
 
 
 def test_safety_task(pipe):
     assert SAFETY.mode == "replace"
     raw = '1. "Blood."\n2) gore;\n- Unsafe elements: a Knife\n* BLOOD\n• none\n\n'
     assert SAFETY.parse(raw) == ["blood", "gore", "knife"]
-    for nothing in ("none", "None.", '"none"', "No.", "", "Nothing unsafe."):
-        assert SAFETY.parse(nothing) == [], nothing
+    for nothing in NOTHING:
+        assert SAFETY.parse(nothing) == [] and CREATIVE.parse(nothing) == [], nothing
+    assert SAFETY.parse("There is no nudity; blood, a knife") == ["blood", "knife"]
     tok = pipe.tokenizer
     assert SAFETY.negative(["blood", "gore"], tok) == "blood, gore"
     assert SAFETY.negative([], tok) is None
@@ -185,6 +201,14 @@ def test_creative_task():
     assert CREATIVE.negative(["dog", "watercolor"]) == "dog, watercolor"
     with pytest.raises(ValueError, match="unknown VLM task"):
         get_task("nsfw")
+
+
+def test_refusals():
+    for refusal in REFUSALS:
+        assert is_refusal(refusal), refusal
+    for answer in NOTHING + ["feet, belly", "I can't see any bare body parts.", "I cannot spot any of them.",
+                             "Blood and a knife.", "A sorry-looking dog."]:
+        assert not is_refusal(answer), answer
 
 
 def test_query_schedules():
@@ -431,6 +455,7 @@ FAULTS = {
     "empty reply": dict(content=""),
     "huge reply": dict(content="feet, " * 2000),
     "huge response": dict(body=b" " * (2 << 20)),
+    "refusal": dict(content="I'm sorry, I can't help with that."),
 }
 
 
@@ -453,6 +478,9 @@ def test_faults_keep_the_negative(pipe, server, capsys, fault):
     assert failed.items == [] and failed.negative == kept and failed.took_effect == 3
     if fault == "slow":
         assert failed.latency < 2.5
+    if fault == "refusal":
+        assert failed.error == "the model declined to answer: I'm sorry, I can't help with that."
+        assert failed.raw == "I'm sorry, I can't help with that."
 
 
 def test_async_answer_applies_at_a_later_step(pipe, reference, server):

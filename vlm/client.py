@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from png import encode_png
 from sampler.loop import to_uint8
 from vlm.base import Reply, valid_text
-from vlm.tasks import MAX_REPLY_CHARS, Task
+from vlm.tasks import MAX_REPLY_CHARS, Task, is_refusal
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
 API_KEY_VARS = ("VLM_API_KEY", "OPENAI_API_KEY")
@@ -208,6 +208,8 @@ def reply_text(body: bytes) -> str:
         hint = " (a reasoning model may have spent max_tokens thinking)" \
             if message.get("reasoning_content") or message.get("reasoning") else ""
         raise QueryError("empty reply" + hint, excerpt)
+    if is_refusal(content):
+        raise QueryError(one_line(f"the model declined to answer: {content}", 200), content)
     if len(content) > MAX_REPLY_CHARS:
         raise QueryError(f"reply of {len(content)} characters, over the {MAX_REPLY_CHARS} limit",
                          content[:MAX_REPLY_CHARS])

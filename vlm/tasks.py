@@ -62,6 +62,41 @@ def _dedupe(items) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# replies that find nothing, and replies that decline to answer
+
+_NOTHING = re.compile(
+    r"^(?:none|no|nothing|n/?a|not any"  # "None.", "No feet", "Nothing unsafe."
+    r"|there (?:is|are|was|were) (?:no|nothing|not any)"  # "There are no unsafe elements."
+    r"|i (?:see|find|found|notice|spot|detect) (?:no|nothing)"  # "I see no unsafe elements."
+    r"|i (?:do not|don't|did not|didn't|cannot|can't|can not|could not|couldn't) (?:see|find|spot|detect|notice)"
+    r" (?:any|anything)"  # "I don't see any feet."
+    r"|(?:the |this )?image (?:does not|doesn't) (?:contain|show|have|include)"  # clean_list drops "the"
+    r"|(?:the |this )?image (?:contains|shows|has|includes) (?:no|nothing)"
+    r"|(?:it|(?:the |this )?image) (?:is|looks|appears|seems)(?: to be)? (?:safe|clean|fine))\b")
+
+_REFUSAL = re.compile(
+    r"^(?:i'm sorry|i am sorry|sorry|i apologi[sz]e|as an ai)\b"
+    r"|\b(?:cannot|can not|can't|won't|will not|unable to|not able to)"
+    r" (?:help|assist|comply|fulfil|provide|answer|analy[sz]e|process|describe|discuss|engage)")
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.replace("’", "'").split()).strip().lower()
+
+
+def says_nothing(text: str) -> bool:
+    """Whether a reply or a clause of it says that nothing is there ("None.", "There are no unsafe
+    elements.", "I don't see any feet")."""
+    return bool(_NOTHING.match(_plain(text)))
+
+
+def is_refusal(reply: str) -> bool:
+    """Whether a reply declines to answer ("I'm sorry, I can't help with that."): no list, but not
+    a finding of nothing either, so the VLM client makes it a failed query."""
+    return bool(_REFUSAL.search(_plain(reply)))
+
+
+# ---------------------------------------------------------------------------------------------
 # nudity: the paper's question and mapping
 
 NUDITY_PARTS = ("female genitalia", "buttocks", "female breast", "male breast", "anus", "feet", "belly",
@@ -83,8 +118,10 @@ _NUDITY_PATTERNS = {part: _phrase_pattern([part, *_NUDITY_ALIASES.get(part, [])]
 
 def parse_nudity(raw: str) -> list[str]:
     """The listed parts the reply names, in the question's order. The authors' substring test
-    also finds "male breast" in "female breast"; whole phrases do not."""
-    return [part for part, pattern in _NUDITY_PATTERNS.items() if pattern.search(raw)]
+    also finds "male breast" in "female breast"; whole phrases do not. A clause that says nothing
+    is there ("No feet, but ...", "I don't see any feet") names nothing."""
+    named = " / ".join(clause for clause in re.split(r"[,;.\n]", raw) if not says_nothing(clause))
+    return [part for part, pattern in _NUDITY_PATTERNS.items() if pattern.search(named)]
 
 
 def format_nudity(parts: list[str]) -> str:
@@ -95,21 +132,20 @@ def format_nudity(parts: list[str]) -> str:
 # open-vocabulary lists: safety and creative
 
 _BULLET = re.compile(r"^(?:[-*•·>]+|\(?\d+[.)]|\(\d+\))\s*")
-_NOTHING = re.compile(r"^(?:none|no|nothing|n/?a)\b")
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+")
 
 
 def clean_list(raw: str) -> list[str]:
     """A free-text list -> clean items: split at commas, semicolons and line breaks; strip
     bullets, numbering, quotes, a leading label ("Unsafe elements: ..."), articles and trailing
-    punctuation; lowercase; drop empties and "none"-like items; dedupe, keeping order."""
+    punctuation; lowercase; drop empties and items that say nothing is there; dedupe, keeping order."""
     items = []
     for piece in re.split(r"[,;\n]", raw):
         piece = "".join(c for c in piece if c.isprintable()).strip()
         piece = _BULLET.sub("", piece).rsplit(":", 1)[-1]
         piece = " ".join(piece.strip(" \"'`“”‘’()[]{}*_").split()).lower()
         piece = _ARTICLE.sub("", piece.rstrip(".!?:"))
-        if piece and not _NOTHING.match(piece):
+        if piece and not says_nothing(piece):
             items.append(piece)
     return _dedupe(items)
 
