@@ -73,9 +73,9 @@ class Pipeline:
 def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None) -> Pipeline:
     """Loads a repo id, a diffusers folder or an original single .safetensors file.
 
-    `tokenizer` is a folder with vocab.json + merges.txt; single files need one, and without it the
-    matching text encoder's tokenizer is downloaded. `prediction_type` ("epsilon" or "v") overrides
-    the scheduler's, since single files do not record it."""
+    `tokenizer` is a tokenizer folder (vocab.json + merges.txt, or tokenizer.json); single files need
+    one, and without it the matching text encoder's tokenizer is downloaded. `prediction_type`
+    ("epsilon" or "v") overrides the scheduler's, since single files do not record it."""
     device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_file():
@@ -547,10 +547,7 @@ TOKENIZERS = {"sd1": ("openai/clip-vit-large-patch14", "<|endoftext|>"),
 def load_tokenizer(folder, pad_token=None) -> Tokenizer:
     """A tokenizer folder; its own pad token wins over `pad_token`."""
     try:
-        tok = Tokenizer.from_folder(folder)
-        if pad_token is None or _has_pad_token(Path(folder)):
-            return tok
-        return Tokenizer(Path(folder) / "vocab.json", Path(folder) / "merges.txt", pad_token)
+        return Tokenizer.from_folder(folder, pad_token=pad_token)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"tokenizer: {e}".replace("\n", " ")) from None
 
@@ -562,12 +559,10 @@ def _single_file_tokenizer(folder, family: str) -> Tokenizer:
     from huggingface_hub import hf_hub_download
 
     files = [hub_fetch(lambda: hf_hub_download(repo, f), repo) for f in ("vocab.json", "merges.txt")]
-    return Tokenizer(files[0], files[1], pad_token=pad)
-
-
-def _has_pad_token(folder: Path) -> bool:
-    return any("pad_token" in json.loads((folder / f).read_text())
-               for f in ("special_tokens_map.json", "tokenizer_config.json") if (folder / f).is_file())
+    try:
+        return Tokenizer.from_files(files[0], files[1], pad_token=pad)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizer: {e}".replace("\n", " ")) from None
 
 
 def looks_like_repo_id(s: str) -> bool:

@@ -28,17 +28,17 @@ CLIP_WORD_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
 class Tokenizer:
-    """CLIP BPE tokenizer from a vocab.json and a merges.txt. `pad_token` defaults to the
-    end-of-text token (SD1); SD2's OpenCLIP pads with "!" instead."""
+    """CLIP BPE tokenizer from a vocabulary (token -> id) and merges (token pairs, by rank).
+    `pad_token` defaults to the end-of-text token (SD1); SD2's OpenCLIP pads with "!" instead."""
 
-    def __init__(self, vocab_file, merges_file, pad_token: str | None = None, max_length: int = 77):
-        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str | None = None,
+                 max_length: int = 77):
         pad_token = EOS if pad_token is None else pad_token
         for token in (BOS, EOS, pad_token):
             if token not in vocab:
-                raise ValueError(f"token {token!r} is not in {vocab_file}")
+                raise ValueError(f"token {token!r} is not in the vocabulary")
         self.max_length = max_length
-        self._bos_id, self._eos_id, self._pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
 
         tok = BackendTokenizer(BPE(vocab, merges, unk_token=EOS, continuing_subword_prefix="",
                                    end_of_word_suffix="</w>"))
@@ -57,33 +57,55 @@ class Tokenizer:
         self._tok = tok
 
     @classmethod
-    def from_folder(cls, path, max_length: int = 77) -> "Tokenizer":
-        """Load a hub-style tokenizer/ folder: vocab.json, merges.txt, and the pad token from
-        special_tokens_map.json or else tokenizer_config.json."""
+    def from_files(cls, vocab_file, merges_file, *args, **kwargs) -> "Tokenizer":
+        """From a vocab.json and a merges.txt (a "#version" line, then one "a b" pair per line);
+        the other arguments as for Tokenizer()."""
+        try:
+            lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_file}: not UTF-8 text ({e})") from None
+        merges = [tuple(line.split(" ")) for line in lines if not line.startswith("#version")]
+        return cls._checked(_read_json(vocab_file), merges, vocab_file, merges_file, *args, **kwargs)
+
+    @classmethod
+    def from_folder(cls, path, max_length: int = 77, pad_token: str | None = None) -> "Tokenizer":
+        """A tokenizer folder as transformers writes it: tokenizer.json (transformers 5), else vocab.json
+        and merges.txt (the hub's SD repos). The special tokens come from special_tokens_map.json, else
+        tokenizer_config.json, else `pad_token`."""
         path = Path(path)
-        for name in ("vocab.json", "merges.txt"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer folder "
-                                        "needs vocab.json and merges.txt")
-        pad_token = None
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if pad_token is None and (path / name).is_file():
-                pad_token = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token")
-        if isinstance(pad_token, dict):
-            pad_token = pad_token["content"]
-        return cls(path / "vocab.json", path / "merges.txt", pad_token, max_length)
+        config = {**_read_json(path / "tokenizer_config.json", missing_ok=True),
+                  **_read_json(path / "special_tokens_map.json", missing_ok=True)}
+        pad = config.get("pad_token") or pad_token
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        args = (pad, max_length)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            for name in ("vocab.json", "merges.txt"):
+                if not (path / name).is_file():
+                    raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer folder needs tokenizer.json, "
+                                            "or vocab.json and merges.txt")
+            return cls.from_files(path / "vocab.json", path / "merges.txt", *args)
+        fast = _read_json(file)
+        model = fast.get("model")
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise ValueError(f"{file}: holds no BPE model; not a CLIP tokenizer")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        return cls._checked(model["vocab"], merges, file, file, *args)
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
+    @classmethod
+    def _checked(cls, vocab, merges, vocab_file, merges_file, *args, **kwargs) -> "Tokenizer":
+        """cls(vocab, merges, ...), with a damaged vocabulary or merge a ValueError naming the file."""
+        try:
+            return cls(vocab, merges, *args, **kwargs)
+        except ValueError as e:  # a special token is not in the vocabulary
+            raise ValueError(f"{vocab_file}: {e}") from None
+        except Exception as e:  # what tokenizers raises names no file
+            bad = next((m for m in merges if len(m) != 2 or not all(isinstance(t, str) and t in vocab for t in m)
+                        or "".join(m) not in vocab), None)
+            if bad is None:
+                raise ValueError(f"{vocab_file}: not a BPE vocabulary ({e})".replace("\n", " ")) from None
+            raise ValueError(f"{merges_file}: the merge {' '.join(map(str, bad))!r} is not two tokens of the "
+                             "vocabulary that join into a third") from None
 
     @property
     def vocab_size(self) -> int:
@@ -116,3 +138,16 @@ class Tokenizer:
                 break
             end = word.end()
         return text[:end]
+
+
+def _read_json(file, missing_ok=False) -> dict:
+    """The JSON object in `file`; {} if it does not exist and `missing_ok`."""
+    if missing_ok and not Path(file).is_file():
+        return {}
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{file}: not a JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: holds no JSON object")
+    return value

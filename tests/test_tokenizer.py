@@ -9,6 +9,7 @@ from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as reference_bytes_to_unicode
 
 from model.tokenizer import Tokenizer
+from weights import CheckpointError, load_tokenizer
 
 PROMPTS = [
     "a photo of a cat",
@@ -27,10 +28,27 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def write_as_transformers5(folder, out, string_merges=False):
+    """The folder as transformers 5 saves it (diffusers' pipe.save_pretrained too): tokenizer.json
+    and tokenizer_config.json, no vocab.json or merges.txt. `string_merges`: merges as "a b" strings,
+    as older tokenizers wrote them, instead of [a, b] pairs."""
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(out)
+    assert not (out / "vocab.json").exists() and not (out / "merges.txt").exists()
+    if string_merges:
+        fast = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+        fast["model"]["merges"] = [" ".join(pair) for pair in fast["model"]["merges"]]
+        (out / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+# SD1 pads with EOS, SD2 with "!"; each as vocab.json + merges.txt and as tokenizer.json.
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sd1-tokenizer.json", "sd2-tokenizer.json-string-merges"])
 def folder(request, tmp_path_factory):
-    pad = None if request.param == "sd1" else "!"
-    return write_clip_vocab(tmp_path_factory.mktemp(request.param), pad_token=pad)
+    pad = "!" if request.param.startswith("sd2") else None
+    files = write_clip_vocab(tmp_path_factory.mktemp(request.param), pad_token=pad)
+    if "tokenizer.json" not in request.param:
+        return files
+    return write_as_transformers5(files, tmp_path_factory.mktemp("saved"), "string-merges" in request.param)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +83,9 @@ def test_other_max_length(folder):
     assert ours(PROMPTS).tolist() == reference_ids(ref, PROMPTS, max_length=16).tolist()
 
 
-def test_special_ids(pair, folder):
+def test_special_ids(pair):
     ours, ref = pair
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab = ref.get_vocab()
     assert (ours.bos_id, ours.eos_id) == (vocab[BOS], vocab[EOS]) == (ref.bos_token_id, ref.eos_token_id)
     assert ours.pad_id == ref.pad_token_id
     assert ours.vocab_size == len(vocab) == len(ref)
@@ -161,7 +179,32 @@ def test_from_folder_missing_file(tmp_path, missing):
 def test_unknown_pad_token(tmp_path):
     folder = write_clip_vocab(tmp_path)
     with pytest.raises(ValueError, match="not in"):
-        Tokenizer(folder / "vocab.json", folder / "merges.txt", pad_token="<pad>")
+        Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="<pad>")
+
+
+DAMAGED = [
+    ("vocab.json", b"{not json"), ("vocab.json", b"\xff\xfe{}"), ("vocab.json", b"[1, 2]"),
+    ("vocab.json", b'{"a": 0}'),  # no <|startoftext|>
+    ("merges.txt", b"#version: 0.2\nonlyoneword\n"), ("merges.txt", b"#version: 0.2\na b c\n"),
+    ("merges.txt", b"#version: 0.2\nzzzq qqqz\n"), ("merges.txt", b"#version: 0.2\n{ }\n"),
+    ("merges.txt", b"#version: 0.2\n\xff\xfe x\n"),
+    ("tokenizer.json", b"{not json"), ("tokenizer.json", b'{"model": {"type": "WordPiece", "vocab": {}}}'),
+    ("tokenizer.json", b'{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}}'),
+    ("tokenizer_config.json", b"{not json"), ("special_tokens_map.json", b"\xff"),
+]
+
+
+@pytest.mark.parametrize("name, data", DAMAGED)
+def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, name, data):
+    folder = write_clip_vocab(tmp_path / "files")
+    if name == "tokenizer.json":
+        folder = write_as_transformers5(folder, tmp_path / "saved")
+    (folder / name).write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        Tokenizer.from_folder(folder)
+    assert str(folder / name) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=name):  # what load_pipeline and generate.py report
+        load_tokenizer(folder)
 
 
 def test_fake_vocab_has_clip_layout(tmp_path):

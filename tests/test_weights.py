@@ -276,3 +276,16 @@ def test_mismatched_parts(sd1, tmp_path):
     (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 64}))
     message = error_of(folder)
     assert "unet" in message and "wrong shape" in message
+
+
+def test_folder_saved_by_diffusers_loads(sd1, tmp_path):
+    # diffusers' save_pretrained (transformers 5) writes the tokenizer as tokenizer.json alone
+    ref = StableDiffusionPipeline.from_pretrained(sd1, safety_checker=None, requires_safety_checker=False)
+    ref.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "tokenizer" / "vocab.json").exists()
+    pipe = load_pipeline(tmp_path / "saved")
+    prompts = ["a photo of a cat", "WOW!! <|endoftext|> " * 10]
+    expected = ref.tokenizer(prompts, padding="max_length", max_length=ref.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+    assert pipe.tokenizer(prompts).tolist() == expected.tolist()
+    assert_matches(pipe, reference_outputs(sd1))
