@@ -24,21 +24,27 @@ from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import BPE
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-CLIP_WORD_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_WORD_REGEX = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 class Tokenizer:
     """CLIP BPE tokenizer from a vocabulary (token -> id) and merges (token pairs, by rank).
-    `pad_token` defaults to the end-of-text token (SD1); SD2's OpenCLIP pads with "!" instead."""
+    `pad_token` defaults to the end-of-text token (SD1); SD2's OpenCLIP pads with "!" instead.
+
+    Special tokens typed in a prompt map to their ids, as in CLIP and transformers (with SD2's pad
+    "!", every "!" becomes the pad id). `normalized[token]` says whether they are also matched in
+    other letter cases. The default is what transformers makes of the hub's SD tokenizer folders:
+    BOS and EOS are, the pad token is not, and so with SD1's pad, EOS is not."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str | None = None,
-                 max_length: int = 77):
+                 max_length: int = 77, normalized: dict[str, bool] | None = None):
         pad_token = EOS if pad_token is None else pad_token
         for token in (BOS, EOS, pad_token):
             if token not in vocab:
                 raise ValueError(f"token {token!r} is not in the vocabulary")
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+        normalized = {BOS: True, EOS: True, pad_token: False} if normalized is None else normalized
 
         tok = BackendTokenizer(BPE(vocab, merges, unk_token=EOS, continuing_subword_prefix="",
                                    end_of_word_suffix="</w>"))
@@ -49,10 +55,7 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
         tok.decoder = ByteLevelDecoder()
-        # Special tokens typed in a prompt map to their ids, as in CLIP and transformers. Like
-        # transformers, this includes a pad token other than EOS: with SD2's pad "!", every
-        # "!" in a prompt becomes the pad id (OpenCLIP itself would give "!</w>").
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=True)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=normalized.get(t, False))
                                 for t in dict.fromkeys([BOS, EOS, pad_token])])
         self._tok = tok
 
@@ -75,9 +78,17 @@ class Tokenizer:
         path = Path(path)
         config = {**_read_json(path / "tokenizer_config.json", missing_ok=True),
                   **_read_json(path / "special_tokens_map.json", missing_ok=True)}
+        # transformers matches a special token given as a plain string only as typed, and of a token's
+        # entries the last one counts; tokenizer.json holds what it registered.
+        normalized = {}
+        for entry in (config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")):
+            if isinstance(entry, dict):
+                normalized[entry.get("content")] = entry.get("normalized", False)
+            elif entry is not None:
+                normalized[entry] = False
         pad = config.get("pad_token") or pad_token
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        args = (pad, max_length)
+        args = (pad, max_length, normalized)
         file = path / "tokenizer.json"
         if not file.is_file():
             for name in ("vocab.json", "merges.txt"):
@@ -89,6 +100,7 @@ class Tokenizer:
         model = fast.get("model")
         if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise ValueError(f"{file}: holds no BPE model; not a CLIP tokenizer")
+        normalized.update({t.get("content"): t.get("normalized") for t in fast.get("added_tokens", [])})
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         return cls._checked(model["vocab"], merges, file, file, *args)
 

@@ -22,6 +22,8 @@ PROMPTS = [
     "a\u00a0no-break\u3000ideographic\u200bzero-width",
     "1234 3.14 2nd 10x 1,000,000", "",
     "a <|endoftext|> b", "<|StartOfText|>x<|endoftext|>y",
+    # special tokens in other cases: SD1's EOS (its pad) matches only as typed, SD2's in any case
+    "<|ENDOFTEXT|>", "<|EndOfText|>", "<|endoftext|>", "<|STARTOFTEXT|>", "x<|ENDOFTEXT|>y <|endoftext|>",
     "wow! so cool!!", "!",
     "a photo of a cat " * 30,  # longer than 77 tokens
     "a " * 75, "a " * 76,  # exactly fills the 77 slots / one token too many
@@ -180,6 +182,37 @@ def test_unknown_pad_token(tmp_path):
     folder = write_clip_vocab(tmp_path)
     with pytest.raises(ValueError, match="not in"):
         Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="<pad>")
+
+
+def special(content, normalized):
+    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False}
+
+
+SPECIAL_PROMPTS = ["<|ENDOFTEXT|>", "<|EndOfText|>", "<|endoftext|>", "<|STARTOFTEXT|>", "<|startoftext|>",
+                   "a<|EndOfText|>!b <|StartOfText|>", "!", "WOW!"]
+
+
+# transformers matches a special token in the lowercased text ("normalized") only when the folder
+# says so: a token given as a plain string is matched as typed, and of a token's entries (bos, eos,
+# unk, pad, in that order) the last one counts. tokenizer.json records the result.
+@pytest.mark.parametrize("tokens", [
+    {},  # the hub's SD1 folders: EOS normalized, then the pad "<|endoftext|>" as a plain string
+    {"pad_token": special(EOS, True)},
+    {"bos_token": BOS},
+    {"eos_token": special(EOS, False), "unk_token": special(EOS, True), "pad_token": "!"},
+    {"eos_token": special(EOS, True), "unk_token": EOS, "pad_token": special("!", True)},
+    None,  # no special_tokens_map.json or tokenizer_config.json: CLIPTokenizer's defaults, plain strings
+], ids=["sd1-hub", "pad-dict", "bos-string", "unk-last", "pad-dict-sd2", "no-configs"])
+def test_special_tokens_are_matched_as_in_transformers(tmp_path, tokens):
+    folder = write_clip_vocab(tmp_path / "files")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if tokens is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **tokens}))
+    for f in (folder, write_as_transformers5(folder, tmp_path / "saved")):
+        ref = CLIPTokenizer.from_pretrained(f)
+        assert Tokenizer.from_folder(f)(SPECIAL_PROMPTS).tolist() == reference_ids(ref, SPECIAL_PROMPTS).tolist()
 
 
 DAMAGED = [

@@ -284,7 +284,7 @@ def test_folder_saved_by_diffusers_loads(sd1, tmp_path):
     ref.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved" / "tokenizer" / "vocab.json").exists()
     pipe = load_pipeline(tmp_path / "saved")
-    prompts = ["a photo of a cat", "WOW!! <|endoftext|> " * 10]
+    prompts = ["a photo of a cat", "WOW!! <|ENDOFTEXT|> <|endoftext|> " * 10]
     expected = ref.tokenizer(prompts, padding="max_length", max_length=ref.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
     assert pipe.tokenizer(prompts).tolist() == expected.tolist()
