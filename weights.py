@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Pipeline:
-    tokenizer: Tokenizer  # list[str] -> LongTensor[B, 77]
+    tokenizer: Tokenizer  # list[str] -> LongTensor[B, 77] (its max_length)
     text_encoder: CLIPTextModel  # ids -> [B, 77, D]
     unet: UNet  # (latents[B, 4, h, w], t, context[B, 77, D]) -> [B, 4, h, w]
     vae: AutoencoderKL  # decode(latents) -> images in [-1, 1]; encode(images) -> latents
@@ -94,6 +94,8 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
             f"{source}: the text encoder's width {pipe.text_encoder.config.width} does not match the UNet's "
             f"cross-attention width {pipe.unet.config.context_dim}; the parts come from different models"
         )
+    # diffusers pads prompts to the tokenizer's model_max_length; they must fit the text encoder
+    pipe.tokenizer.max_length = min(pipe.tokenizer.max_length, pipe.text_encoder.config.max_positions)
     return pipe
 
 

@@ -10,7 +10,7 @@ Text becomes token ids in four steps, each a stage of a `tokenizers` pipeline:
                     the suffix "</w>", so "cat" at the end of a word and inside "category"
                     are different tokens;
   4. frame:         <|startoftext|> + at most max_length-2 tokens + <|endoftext|>, padded to
-                    max_length (77), the fixed length the text encoder's positions expect.
+                    max_length (77 in SD), the fixed length the text encoder's positions expect.
 The result is the same as transformers' CLIPTokenizer built from the same files.
 """
 import json
@@ -71,10 +71,10 @@ class Tokenizer:
         return cls._checked(_read_json(vocab_file), merges, vocab_file, merges_file, *args, **kwargs)
 
     @classmethod
-    def from_folder(cls, path, max_length: int = 77, pad_token: str | None = None) -> "Tokenizer":
+    def from_folder(cls, path, max_length: int | None = None, pad_token: str | None = None) -> "Tokenizer":
         """A tokenizer folder as transformers writes it: tokenizer.json (transformers 5), else vocab.json
         and merges.txt (the hub's SD repos). The special tokens come from special_tokens_map.json, else
-        tokenizer_config.json, else `pad_token`."""
+        tokenizer_config.json, else `pad_token`; max_length from model_max_length (77 if absent)."""
         path = Path(path)
         config = {**_read_json(path / "tokenizer_config.json", missing_ok=True),
                   **_read_json(path / "special_tokens_map.json", missing_ok=True)}
@@ -88,7 +88,8 @@ class Tokenizer:
                 normalized[entry] = False
         pad = config.get("pad_token") or pad_token
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        args = (pad, max_length, normalized)
+        length = config.get("model_max_length")  # 1e30, transformers' "no limit", is no length either
+        args = (pad, max_length or (length if isinstance(length, int) and length < 10**30 else 77), normalized)
         file = path / "tokenizer.json"
         if not file.is_file():
             for name in ("vocab.json", "merges.txt"):

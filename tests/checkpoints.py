@@ -39,24 +39,25 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False, steps_offset=1)
 
 
-def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True):
+def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True, max_length=77):
     """Writes a diffusers-layout folder with every tensor random. Returns its path.
 
     `hub_text_prefix`: store the text encoder's keys with `text_model.` (and position_ids) as
-    hub files do; transformers 5 itself writes them without."""
+    hub files do; transformers 5 itself writes them without. `max_length`: the text encoder's
+    positions and the tokenizer's model_max_length (77 in SD)."""
     spec, root = FAMILIES[family], Path(root)
-    vocab_dir = write_clip_vocab(root / "tokenizer", pad_token=spec["pad"])
+    vocab_dir = write_clip_vocab(root / "tokenizer", pad_token=spec["pad"], model_max_length=max_length)
     vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
 
     randomize_(UNet2DConditionModel(**spec["unet"]), seed).save_pretrained(root / "unet")
     randomize_(AutoencoderKL(**VAE, sample_size=16), seed + 1).save_pretrained(root / "vae")
-    text_cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=2,
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=max_length, eos_token_id=2,
                               pad_token_id=1, bos_token_id=0, **spec["text"])
     randomize_(CLIPTextModel(text_cfg), seed + 2).save_pretrained(root / "text_encoder")
     if hub_text_prefix:
         file = root / "text_encoder" / "model.safetensors"
         state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in load_file(file).items()}
-        state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        state["text_model.embeddings.position_ids"] = torch.arange(max_length)[None]
         save_file(state, file, metadata={"format": "pt"})
     DDIMScheduler(**SCHEDULER, prediction_type=prediction_type).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({

@@ -132,7 +132,7 @@ def learn_merges(num_merges: int, base_vocab: set[str]) -> list[tuple[str, str]]
     return merges
 
 
-def write_clip_vocab(folder, num_merges: int = 800, pad_token: str | None = None) -> Path:
+def write_clip_vocab(folder, num_merges: int = 800, pad_token: str | None = None, model_max_length: int = 77) -> Path:
     """Write a CLIP tokenizer folder (vocab.json, merges.txt, special_tokens_map.json,
     tokenizer_config.json) and return its path. pad_token None gives SD1's "<|endoftext|>";
     SD2 uses "!". transformers' CLIPTokenizer.from_pretrained(folder) loads the result."""
@@ -159,6 +159,6 @@ def write_clip_vocab(folder, num_merges: int = 800, pad_token: str | None = None
                    "unk_token": special(EOS), "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
     config = {**special_map, "add_prefix_space": False, "do_lower_case": True,
-              "errors": "replace", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+              "errors": "replace", "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder

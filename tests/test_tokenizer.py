@@ -1,5 +1,6 @@
 """The CLIP tokenizer gives the same ids as transformers' CLIPTokenizer on the same files."""
 import json
+import shutil
 import time
 
 import pytest
@@ -182,6 +183,18 @@ def test_unknown_pad_token(tmp_path):
     folder = write_clip_vocab(tmp_path)
     with pytest.raises(ValueError, match="not in"):
         Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="<pad>")
+
+
+def test_max_length_is_the_folders_model_max_length(folder, tmp_path):
+    copy = shutil.copytree(folder, tmp_path / "short")
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 16}))
+    ours, ref = Tokenizer.from_folder(copy), CLIPTokenizer.from_pretrained(copy)
+    assert ours.max_length == ref.model_max_length == 16
+    # what diffusers does: pad to the tokenizer's model_max_length
+    expected = ref(PROMPTS, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    assert ours(PROMPTS).tolist() == expected.tolist()
+    assert Tokenizer.from_folder(copy, max_length=20).max_length == 20  # an explicit length wins
 
 
 def special(content, normalized):

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from checkpoints import make_sd_folder
-from conftest import assert_close_rel
+from conftest import assert_close_rel, assert_same_image, pipeline_images
 from sampler.ddim import DDIM
+from sampler.loop import generate
 from weights import CheckpointError, export_single_file, hub_patterns, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +290,24 @@ def test_folder_saved_by_diffusers_loads(sd1, tmp_path):
                              truncation=True, return_tensors="pt").input_ids
     assert pipe.tokenizer(prompts).tolist() == expected.tolist()
     assert_matches(pipe, reference_outputs(sd1))
+
+
+def test_prompts_are_padded_to_the_tokenizers_model_max_length(tmp_path):
+    # a model made for 32 tokens: diffusers pads to tokenizer.model_max_length
+    folder = make_sd_folder(tmp_path / "short", "sd1", max_length=32)
+    pipe = load_pipeline(folder)
+    assert pipe.tokenizer.max_length == 32
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a cat", "a lighthouse on a cliff " * 10]
+    with torch.no_grad():
+        expected, _ = ref.encode_prompt(prompts, "cpu", 1, False)
+        assert expected.shape[1] == 32
+        assert_close_rel(pipe.text_encoder(pipe.tokenizer(prompts)), expected)
+    kw = dict(prompt="a cat on a table", negative_prompt="dark", height=32, width=32)
+    assert_same_image(generate(pipe, **kw, steps=4, progress=False),
+                      pipeline_images(ref, num_inference_steps=4, **kw))
+    # never longer than the text encoder's positions (some tokenizer configs hold 1e30)
+    config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 10**30}))
+    assert load_pipeline(folder).tokenizer.max_length == 32
