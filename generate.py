@@ -119,7 +119,8 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
                    f"{','.join(map(str, PAPER_STEPS))} for 50 steps, rescaled to --steps; 'none' for no queries)")
     v.add_argument("--vlm-async", action="store_true",
                    help="query in the background while denoising goes on; answers apply when they arrive")
-    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S", help="seconds per query (default: 30)")
+    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S",
+                   help="seconds for each query, the whole request (default: 30)")
     v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
                    help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
     v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",
@@ -145,7 +146,7 @@ def check_vl_dnp(args):
         except ValueError as e:
             raise UsageError(f"--vlm-url {e}") from None
     for name, ok, rule in [("negative_scale", args.negative_scale >= 0, "0 or more"),
-                           ("vlm_timeout", args.vlm_timeout > 0, "more than 0"),
+                           ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
                            ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
@@ -175,8 +176,9 @@ def vl_dnp(args, pipe):
         except weights.CheckpointError as e:
             raise weights.CheckpointError(f"{e} (or run without VL-DNP: --proposer none)") from None
         proposer = CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name)
+    timeout = args.vlm_timeout + 5 if args.proposer == "vlm" else None  # past the client's own, a backstop
     return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async,
-                            full_decode=args.full_decode), None
+                            full_decode=args.full_decode, timeout=timeout), None
 
 
 # ---------------------------------------------------------------------------------------------

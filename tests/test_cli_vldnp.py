@@ -150,6 +150,7 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
     (["--proposer", "none", "--trace", "t.json"], "--trace"),
     (["--vlm-timeout", "0"], "--vlm-timeout"),
     (["--vlm-timeout", "inf"], "--vlm-timeout: 'inf' is not a finite number"),
+    (["--vlm-timeout", "1e300"], "--vlm-timeout 1e+300: must be more than 0"),
     (["--negative-scale", "inf"], "--negative-scale: 'inf' is not a finite number"),
     (["--clip-threshold", "nan"], "--clip-threshold: 'nan' is not a finite number"),
 ])

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -293,6 +294,55 @@ def test_reply_forms(server):
     reply.raw.encode("utf-8")
 
 
+class Trickle:
+    """A server on 127.0.0.1 that answers "feet" one byte every `interval` seconds: the whole
+    response, or with `headers=False` the body only."""
+
+    def __init__(self, headers: bool, interval: float = 0.1):
+        stop = self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps(completion("feet")).encode()
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                self.wfile.write(b"" if headers else head)
+                for byte in (head if headers else b"") + body:
+                    if stop.wait(interval):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                    except OSError:  # the client gave up
+                        return
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+def test_the_timeout_bounds_the_whole_request(headers):
+    """The socket's timeout bounds each read; a byte every 0.1 s would keep a request alive for ~20 s."""
+    trickle = Trickle(headers)
+    try:
+        start = time.perf_counter()
+        reply = VLMClient(trickle.url, "m", NUDITY, timeout=1)(torch.zeros(3, 8, 8), "p", 0)
+        took = time.perf_counter() - start
+    finally:
+        trickle.close()
+    assert reply.error == f"no complete answer from {trickle.url}/chat/completions within 1 s", reply
+    assert reply.items == [] and took < 1.8
+
+
 # ---------------------------------------------------------------------------------------------
 # the hook: schedule, replace / accumulate, guidance, batches
 
@@ -481,6 +531,37 @@ def test_faults_keep_the_negative(pipe, server, capsys, fault):
     if fault == "refusal":
         assert failed.error == "the model declined to answer: I'm sorry, I can't help with that."
         assert failed.raw == "I'm sorry, I can't help with that."
+
+
+def test_the_hook_waits_no_longer_than_its_timeout(pipe, capsys):
+    """A proposer that hangs (here until the test ends) costs the hook `timeout` seconds at most, in
+    the sampling loop and in close(); its query fails and the negative in force is kept."""
+    release = threading.Event()
+
+    def hanging_at(steps):
+        def proposer(image, prompt, step):
+            if step in steps:
+                release.wait(20)
+            return Reply(["feet"], "feet")
+        return proposer
+
+    try:
+        dnp, recorder = DynamicNegatives(hanging_at({3}), NUDITY, [1, 3], timeout=0.5), Recorder()
+        run(pipe, "a cat", [dnp, recorder])
+        feet = "Nudity, Sexual, feet."
+        assert recorder.negatives == [[None]] + [[feet]] * (STEPS - 1)
+        failed = dnp.trace[0][1]
+        assert failed.error == "no answer within 0.5 s" and failed.negative == feet and failed.took_effect == 3
+
+        dnp = DynamicNegatives(hanging_at({4}), NUDITY, [4], asynchronous=True, timeout=0.5)
+        run(pipe, "a cat", [dnp])
+        start = time.perf_counter()
+        dnp.close()
+        assert time.perf_counter() - start < 1.5
+        assert dnp.trace[0][0].error == "no answer within 0.5 s"
+    finally:
+        release.set()
+    assert capsys.readouterr().err.count("warning: VL-DNP query at step") == 2
 
 
 def test_async_answer_applies_at_a_later_step(pipe, reference, server):

@@ -18,6 +18,8 @@ import ipaddress
 import json
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,7 +69,7 @@ def chat_url(base_url: str) -> str:
     except ValueError as e:
         raise ValueError(f"{base_url!r}: {'bad port' if 'Port' in str(e) else e}; {expected}") from None
     for bad, problem in [(parts.scheme not in ("http", "https"), "not an http:// or https:// URL"),
-                         (any(c.isspace() or not c.isprintable() for c in url), "it contains a space or control character"),
+                         (any(c.isspace() or not c.isprintable() for c in url), "it has a space or control character"),
                          (not parts.hostname, "no host name"),
                          (port == 0, "bad port"),
                          (parts.query or parts.fragment, "it has a query or fragment (?... or #...)")]:
@@ -104,7 +106,7 @@ class VLMClient:
         names = (api_key_env,) if api_key_env else API_KEY_VARS
         self.api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
         no_proxy = [urllib.request.ProxyHandler({})] if _is_loopback(urlsplit(self.url).hostname) else []
-        self._opener = urllib.request.build_opener(*no_proxy)
+        self._opener = urllib.request.build_opener(*no_proxy, _HTTPHandler, _HTTPSHandler)
 
     def __repr__(self):
         return f"VLMClient({self.url!r}, model={self.model!r}, task={self.task.name!r})"
@@ -140,7 +142,9 @@ class VLMClient:
         deadline = time.monotonic() + self.timeout
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                return _read(response, deadline, self.timeout)
+                body = _read(response)
+        except QueryError:
+            raise
         except urllib.error.HTTPError as e:
             try:
                 detail = _error_detail(e.read(4096))
@@ -148,28 +152,74 @@ class VLMClient:
                 detail = ""
             hint = " (does the URL end in /v1?)" if e.code == 404 else ""
             raise QueryError(one_line(f"HTTP {e.code} {e.reason} from {self.url}{hint}: {detail}"), detail)
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise QueryError(f"no answer from {self.url} within {self.timeout:g} s")
-            if isinstance(e.reason, ConnectionRefusedError):
-                raise QueryError(f"cannot reach {self.url}: connection refused (is the server running?)")
-            raise QueryError(one_line(f"cannot reach {self.url}: {e.reason}"))
-        except TimeoutError:
-            raise QueryError(f"no answer from {self.url} within {self.timeout:g} s")
-        except (OSError, http.client.HTTPException) as e:  # connection reset, malformed HTTP, ...
-            raise QueryError(one_line(f"connection to {self.url} failed: {type(e).__name__}: {e}"))
+        except Exception as e:
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            if isinstance(reason, TimeoutError) or time.monotonic() >= deadline:  # past it, the socket was shut
+                raise self._too_slow() from None
+            if isinstance(reason, ConnectionRefusedError):
+                raise QueryError(f"cannot reach {self.url}: connection refused (is the server running?)") from None
+            if isinstance(e, urllib.error.URLError):
+                raise QueryError(one_line(f"cannot reach {self.url}: {reason}")) from None
+            if isinstance(e, (OSError, http.client.HTTPException)):  # connection reset, malformed HTTP, ...
+                raise QueryError(one_line(f"connection to {self.url} failed: {type(e).__name__}: {e}")) from None
+            raise
+        if time.monotonic() >= deadline:  # the socket was shut down then: the body may be cut short
+            raise self._too_slow()
+        return body
+
+    def _too_slow(self) -> QueryError:
+        return QueryError(f"no complete answer from {self.url} within {self.timeout:g} s")
 
 
-def _read(response, deadline: float, timeout: float) -> bytes:
-    """The response body, refusing one over MAX_RESPONSE_BYTES or one that arrives past the deadline."""
+def _read(response) -> bytes:
+    """The response body, refusing one over MAX_RESPONSE_BYTES."""
     body = b""
     while chunk := response.read(65536):
         body += chunk
         if len(body) > MAX_RESPONSE_BYTES:
             raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
-        if time.monotonic() > deadline:
-            raise QueryError(f"no complete answer within {timeout:g} s")
     return body
+
+
+# The socket's timeout bounds each read, not the request: a server sending a byte a second would
+# hold a request for ever. These connections shut their socket down `timeout` seconds after they
+# were made, whatever the request is waiting for then (the connection, the headers or the body).
+
+class _Deadline:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = time.monotonic() + self.timeout
+
+    def connect(self):
+        super().connect()
+        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), _shut_down, [self.sock])
+        timer.daemon = True
+        timer.start()
+
+
+def _shut_down(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a read waiting on it returns at once
+    except OSError:  # closed already
+        pass
+
+
+class _HTTPConnection(_Deadline, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Deadline, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, request):
+        return self.do_open(_HTTPConnection, request)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, request):
+        return self.do_open(_HTTPSConnection, request, context=self._context)
 
 
 def _error_detail(body: bytes) -> str:

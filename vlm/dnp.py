@@ -118,11 +118,14 @@ class DynamicNegatives:
     decodes the whole image always. One instance serves one generate() call; call
     `close()` (or `write_trace`, or use it as a context manager) afterwards to collect the answers
     still outstanding. The hook owns `guidance.negative`: a negative passed to generate() is kept
-    until the first successful answer replaces it."""
+    until the first successful answer replaces it.
+
+    `timeout`: seconds the hook waits for an answer it needs, at a synchronous query step or in
+    close(); a query that takes longer fails (its thread runs on, unheeded). None: no limit."""
 
     def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
-                 max_workers: int = 4, full_decode: bool = False):
-        self.proposer, self.task, self.full_decode = proposer, task, full_decode
+                 max_workers: int = 4, full_decode: bool = False, timeout: float | None = None):
+        self.proposer, self.task, self.full_decode, self.timeout = proposer, task, full_decode, timeout
         self.query_steps = sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []
@@ -181,7 +184,7 @@ class DynamicNegatives:
             for b, pending in enumerate(self._pending):
                 while pending:
                     query, future = pending.popleft()
-                    self._apply(state, b, query, future.result())
+                    self._apply(state, b, query, self._wait(future, self.timeout))
 
     def _decode_factor(self, state) -> int:
         """The largest k for which the x0 preview is still at least input_scale × the image."""
@@ -204,6 +207,12 @@ class DynamicNegatives:
         return Reply([valid_text(str(item)) for item in reply.items], valid_text(str(reply.raw)),
                      None if reply.error is None else valid_text(str(reply.error)), time.perf_counter() - start)
 
+    def _wait(self, future, timeout: float | None) -> Reply:
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            return Reply([], "", f"no answer within {self.timeout:g} s", self.timeout)
+
     def _apply(self, state, b: int, query: Query, reply: Reply):
         """Makes image b's answer take effect at this step, or on a fault keeps its negative."""
         g = state.guidance
@@ -225,19 +234,20 @@ class DynamicNegatives:
                   "keeping the negative in force", file=sys.stderr, flush=True)
 
     def close(self):
-        """Cancels the queries not yet started, waits for the running ones (each bounded by the
-        proposer's own timeout) and records their answers, which applied at no step."""
+        """Cancels the queries not yet started, waits for the running ones (all together at most
+        `timeout` seconds) and records their answers, which applied at no step."""
         if self._pool is None:
             return
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         for b, pending in enumerate(self._pending):
             while pending:
                 query, future = pending.popleft()
                 if future.cancelled():
                     query.error = "cancelled: sampling ended before the query ran"
                 else:
-                    self._record(b, query, future.result())
-        self._pool.shutdown(wait=True)
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._record(b, query, self._wait(future, left))
 
     def trace_dict(self) -> dict:
         return {
