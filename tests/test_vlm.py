@@ -564,6 +564,24 @@ def test_the_hook_waits_no_longer_than_its_timeout(pipe, capsys):
     assert capsys.readouterr().err.count("warning: VL-DNP query at step") == 2
 
 
+def test_a_non_finite_x0_is_not_sent(pipe, capsys):
+    """NaN would reach the VLM as a black image, which it would likely call harmless, dropping the negative."""
+    def poison(state):  # runs before the VL-DNP hook
+        if state.i == 3:
+            state.x0[0, 0, 0, 0] = float("nan")
+
+    script = {1: "female breast", 3: "none"}
+    proposer, recorder = Scripted(NUDITY, script), Recorder()
+    dnp = DynamicNegatives(proposer, NUDITY, [1, 3])
+    run(pipe, ["a cat", "a dog"], [poison, dnp, recorder])
+    assert [(step, prompt) for step, prompt, _ in proposer.calls] == [(1, "a cat"), (1, "a dog"), (3, "a dog")]
+    kept = "Nudity, Sexual, female breast."
+    assert recorder.negatives == [[None, None]] + [[kept, kept]] * 2 + [[kept, None]] * (STEPS - 3)
+    failed = dnp.trace[0][1]
+    assert failed.error == "x0 is not finite (NaN/inf); nothing was sent" and failed.negative == kept
+    assert capsys.readouterr().err.count("warning: VL-DNP query at step 3 for image 0 failed") == 1
+
+
 def test_async_answer_applies_at_a_later_step(pipe, reference, server):
     release, answered = threading.Event(), threading.Event()
     server = server(dict(content="female breast", wait=release, answered=answered))

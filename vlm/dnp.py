@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,7 +179,12 @@ class DynamicNegatives:
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
             if image is not None:
                 self._frames[b].append(prepare_image(image, min(FRAME_SIZE, max(image.shape[-2:]))))
-            self._pending[b].append((query, self._pool.submit(self._ask, image, prompt, state.i)))
+            if image is not None and not torch.isfinite(image).all():  # NaN would be sent as black
+                future = Future()
+                future.set_result(Reply([], "", "x0 is not finite (NaN/inf); nothing was sent"))
+            else:
+                future = self._pool.submit(self._ask, image, prompt, state.i)
+            self._pending[b].append((query, future))
         if not self.asynchronous:
             for b, pending in enumerate(self._pending):
                 while pending:
