@@ -164,9 +164,9 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
     _check_folder(path)
-    unet_cfg = unet_config_from_diffusers(read_json(path / "unet" / "config.json"))
-    vae_cfg = vae_config_from_diffusers(read_json(path / "vae" / "config.json"))
-    text_cfg = text_config_from_transformers(read_json(path / "text_encoder" / "config.json"))
+    unet_cfg = read_config(path / "unet" / "config.json", unet_config_from_diffusers)
+    vae_cfg = read_config(path / "vae" / "config.json", vae_config_from_diffusers)
+    text_cfg = read_config(path / "text_encoder" / "config.json", text_config_from_transformers)
 
     unet_state = read_component(path / "unet", "diffusion_pytorch_model", device, dtype)
     vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, dtype))
@@ -216,6 +216,22 @@ def read_json(file: Path, needed: str = "") -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
+def read_config(file: Path, parse):
+    """parse(the config in `file`). A config of another kind, or one that lacks a key the model
+    needs or has a value of the wrong type, is a one-line CheckpointError naming the file."""
+    c = read_json(file)
+    try:
+        if not isinstance(c, dict):
+            raise CheckpointError("holds no JSON object")
+        return parse(c)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{file}: no {e.args[0]!r}, which the model needs (a config of another model?)") from None
+    except (TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: a value of the wrong type ({e})") from None
+
+
 def read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Tensor]:
     """`stem.safetensors`, its fp16 variant, or the shards named by either's index file."""
     names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
@@ -235,6 +251,8 @@ def read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Te
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
     """UNetConfig from a diffusers unet/config.json. Rejects what SD1/SD2 do not use."""
+    if c.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise CheckpointError(f"holds a {c['_class_name']}, not the UNet2DConditionModel of SD1/SD2")
     for key, ok in [("addition_embed_type", None), ("class_embed_type", None), ("encoder_hid_dim_type", None),
                     ("time_cond_proj_dim", None), ("dual_cross_attention", False), ("only_cross_attention", False),
                     ("resnet_time_scale_shift", "default"), ("act_fn", "silu"), ("time_embedding_type", "positional"),
@@ -244,12 +262,12 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
                     ("mid_block_scale_factor", 1)]:
         if c.get(key, ok) != ok:
             hint = " (this looks like SDXL)" if key == "addition_embed_type" else ""
-            raise CheckpointError(f"unet config: {key}={c[key]!r} is not supported; only SD1/SD2 UNets are{hint}")
-    down, up = list(c.get("down_block_types")), list(c.get("up_block_types"))
+            raise CheckpointError(f"{key}={c[key]!r} is not supported; only SD1/SD2 UNets are{hint}")
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
     attention = []
     for d, u in zip(down, reversed(up)):
         if (d, u) not in [("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")]:
-            raise CheckpointError(f"unet config: block types {d}/{u} are not supported (SD1/SD2 use "
+            raise CheckpointError(f"block types {d}/{u} are not supported (SD1/SD2 use "
                                   "CrossAttnDownBlock2D/CrossAttnUpBlock2D and DownBlock2D/UpBlock2D)")
         attention.append(d == "CrossAttnDownBlock2D")
     n = len(down)
@@ -259,11 +277,11 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     layers = c.get("layers_per_block", 2)
     if isinstance(layers, (list, tuple)):
         if len(set(layers)) != 1:
-            raise CheckpointError("unet config: a different layers_per_block per level is not supported")
+            raise CheckpointError("a different layers_per_block per level is not supported")
         layers = layers[0]
     depth = per_level(c.get("transformer_layers_per_block", 1))
     if any(isinstance(d, (list, tuple)) for d in depth):
-        raise CheckpointError("unet config: per-block transformer depths are not supported")
+        raise CheckpointError("per-block transformer depths are not supported")
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
         channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
@@ -275,8 +293,10 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
 
 
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
+    if c.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
     if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
-        raise CheckpointError("vae config: only the SD1/SD2 KL autoencoder is supported")
+        raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
     return VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),
@@ -287,8 +307,10 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
 
 def text_config_from_transformers(c: dict) -> CLIPTextConfig:
     c = c.get("text_config", c)
+    if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+        raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
     if c.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise CheckpointError(f"text_encoder config: hidden_act {c['hidden_act']!r} is not supported")
+        raise CheckpointError(f"hidden_act {c['hidden_act']!r} is not supported")
     return CLIPTextConfig(
         vocab_size=c.get("vocab_size", 49408), max_positions=c.get("max_position_embeddings", 77),
         width=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
@@ -441,6 +463,18 @@ FOREIGN = [("conditioner.embedders", "an SDXL checkpoint"), ("model.diffusion_mo
            ("encoder.down.0.block", "a VAE alone, not a full model"), ("text_model.encoder", "a text encoder alone")]
 
 
+class Shapes(dict):
+    """The shapes of the tensors under `prefix` in a single file, keyed without it. Looking up a
+    tensor the file lacks is a CheckpointError naming it."""
+
+    def __init__(self, shapes: dict[str, tuple], prefix: str, where: str):
+        super().__init__({k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)})
+        self.prefix, self.where = prefix, where
+
+    def __missing__(self, key):
+        raise CheckpointError(f"{self.where}: no {self.prefix}{key}; not a complete SD1/SD2 single file")
+
+
 def inspect_single_file(shapes: dict[str, tuple], where: str):
     """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig,
     text layers in the file)."""
@@ -457,17 +491,19 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
     if not any(k.startswith(PREFIX["vae"]) for k in shapes):
         raise CheckpointError(f"{where}: no VAE ({PREFIX['vae']}*)")
 
-    u = {k[len(PREFIX["unet"]):]: s for k, s in shapes.items() if k.startswith(PREFIX["unet"])}
-    blocks = lambda pre: sorted({int(k.split(".")[1]) for k in u if k.startswith(pre)})
-    L = next(i for i in blocks("input_blocks.") if f"input_blocks.{i}.0.op.weight" in u or
-             i == max(blocks("input_blocks.")) + 1) - 1 if any(".op." in k for k in u) else len(blocks("input_blocks.")) - 1
-    n = (max(blocks("input_blocks.")) + 1) // (L + 1)
+    u = Shapes(shapes, PREFIX["unet"], where)
+    inputs = sorted({int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")})
+    downsamplers = [i for i in inputs if i > 0 and f"input_blocks.{i}.0.op.weight" in u]
+    L = (downsamplers[0] if downsamplers else len(inputs)) - 1  # res blocks per level
+    n = (max(inputs) + 1) // (L + 1)
     first = [1 + i * (L + 1) for i in range(n)]  # first res block of each level
     channels = tuple(u[f"input_blocks.{b}.0.out_layers.3.weight"][0] for b in first)
     attention = tuple(any(k.startswith(f"input_blocks.{b}.1.") for k in u) for b in first)
     depth = tuple(len({k.split(".")[4] for k in u if k.startswith(f"input_blocks.{b}.1.transformer_blocks.")}) or 1
                   for b in first)
     attn_keys = [k for k in u if k.endswith("attn2.to_k.weight")]
+    if not attn_keys:
+        raise CheckpointError(f"{where}: no cross-attention ({PREFIX['unet']}*.attn2.to_k.weight); not an SD1/SD2 UNet")
     proj = next((s for k, s in u.items() if k.endswith(("proj_in.weight", "proj_out.weight"))), (0, 0, 1, 1))
     # SD1 uses 8 heads everywhere; SD2 uses 64 channels per head.
     heads = (8,) * n if family == "sd1" else tuple(max(c // 64, 1) for c in channels)
@@ -478,8 +514,9 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=64,
     )
 
-    v = {k[len(PREFIX["vae"]):]: s for k, s in shapes.items() if k.startswith(PREFIX["vae"])}
-    levels = sorted({int(k.split(".")[2]) for k in v if k.startswith("encoder.down.")})
+    v = Shapes(shapes, PREFIX["vae"], where)
+    # with no encoder.down.* at all, the lookups of level 0 below name what is missing
+    levels = sorted({int(k.split(".")[2]) for k in v if k.startswith("encoder.down.")}) or [0]
     vae = VAEConfig(
         in_channels=v["encoder.conv_in.weight"][1], out_channels=v["decoder.conv_out.weight"][0],
         latent_channels=v["post_quant_conv.weight"][0],
@@ -487,7 +524,7 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
     )
 
-    t = {k[len(PREFIX[family]):]: s for k, s in shapes.items() if k.startswith(PREFIX[family])}
+    t = Shapes(shapes, PREFIX[family], where)
     if family == "sd1":
         vocab, width = t["embeddings.token_embedding.weight"]
         layers_in_file = len({k.split(".")[2] for k in t if k.startswith("encoder.layers.")})

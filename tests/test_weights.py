@@ -311,3 +311,38 @@ def test_prompts_are_padded_to_the_tokenizers_model_max_length(tmp_path):
     config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
     (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 10**30}))
     assert load_pipeline(folder).tokenizer.max_length == 32
+
+
+def _without(key):
+    return lambda c: {k: v for k, v in c.items() if k != key}
+
+
+@pytest.mark.parametrize("part, change, expected", [
+    ("text_encoder", lambda c: {"model_type": "t5", "d_model": 128, "num_layers": 2}, "'t5'"),
+    ("text_encoder", _without("hidden_size"), "'hidden_size'"),
+    ("unet", _without("cross_attention_dim"), "'cross_attention_dim'"),
+    ("unet", _without("down_block_types"), "'down_block_types'"),
+    ("unet", lambda c: {**c, "block_out_channels": 64}, "wrong type"),
+    ("unet", lambda c: [c], "JSON object"),
+    ("vae", _without("block_out_channels"), "'block_out_channels'"),
+    ("vae", lambda c: {**c, "_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
+], ids=["t5-text", "no-hidden-size", "no-cross-attention-dim", "no-block-types", "channels-not-a-list",
+        "a-list", "vae-no-channels", "tiny-vae"])
+def test_wrong_configs_name_the_file_and_key(sd1, tmp_path, part, change, expected):
+    folder = Path(shutil.copytree(sd1, tmp_path / "wrong"))
+    file = folder / part / "config.json"
+    file.write_text(json.dumps(change(json.loads(file.read_text()))))
+    message = error_of(folder)
+    assert str(file) in message and expected in message
+
+
+@pytest.mark.parametrize("drop", [
+    "model.diffusion_model.out.2.", "model.diffusion_model.input_blocks.1.", ".attn2.",
+    "first_stage_model.encoder.conv_in.", "first_stage_model.encoder.down.", "first_stage_model.post_quant_conv.",
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.",
+    "cond_stage_model.transformer.text_model.encoder.layers.",
+])
+def test_partial_single_files_name_a_missing_tensor(sd1_file, sd1, tmp_path, drop):
+    save_file({k: v for k, v in load_file(sd1_file).items() if drop not in k}, tmp_path / "partial.safetensors")
+    message = error_of(tmp_path / "partial.safetensors", tokenizer=sd1 / "tokenizer")
+    assert "partial.safetensors" in message and drop in message
