@@ -271,9 +271,8 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
     settings = {"VL-DNP": f"{args.proposer} {args.vlm_task}", "Negative scale": f"{args.negative_scale:g}"}
     if hook is None:
         return {**settings, "Dynamic negative": static_negative}
-    queries = hook.trace[index]
     return {**settings, "VL-DNP steps": " ".join(map(str, args.query_steps)) or "none",
-            "Dynamic negative": queries[-1].negative if queries and queries[-1].negative else "none"}
+            "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
 
 
 def finish_trace(args, hook, saved: bool) -> bool:

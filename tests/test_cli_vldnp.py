@@ -1,5 +1,7 @@
 """generate.py with VL-DNP: the proposers end to end, the trace, and the flags' errors."""
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from checkpoints import make_sd_folder
 from fake_vlm import dead_url
 from png import read_png
 from sampler.loop import generate as sample
+from vlm.base import Reply
+from vlm.dnp import DynamicNegatives
 from vlm.tasks import get_task
 from weights import load_pipeline
 
@@ -85,6 +89,32 @@ def test_a_trace_that_cannot_be_written_loses_no_image(sd1, tmp_path, capsys, se
     assert all(image(tmp_path / f"x-{i}.png")[0].shape == (16, 16, 3) for i in range(2))
     trace = json.loads((tmp_path / "t.json").read_text())  # the JSON part is still written
     assert trace["filmstrip"] is None and len(trace["images"]) == 2
+
+
+def test_metadata_names_the_negative_in_force_at_the_end(sd1, tmp_path):
+    """With --vlm-async, the last query's answer can come after sampling: the image was made with the
+    negative before it, and its metadata says so."""
+    args = generate.parse_args(["a cat", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-async", "--steps", "5",
+                                "--vlm-steps", "1,4", "--out", str(tmp_path / "x.png")])
+    generate.check(args)
+    release = threading.Event()
+
+    def proposer(image, prompt, step):
+        if step == 4:
+            release.wait(10)
+        return Reply(["feet"] if step == 1 else [], "")
+
+    def gate(state):  # the first answer arrives before step 3
+        if state.i == 2:
+            time.sleep(0.3)
+
+    pipe = load_pipeline(sd1)
+    hook = DynamicNegatives(proposer, get_task("nudity"), args.query_steps, asynchronous=True)
+    sample(pipe, "a cat", steps=5, height=16, width=16, hooks=[hook, gate], progress=False)
+    release.set()
+    hook.close()
+    assert hook.trace[0][-1].took_effect is None
+    assert generate.vl_dnp_settings(args, hook, None, 0)["Dynamic negative"] == "Nudity, Sexual, feet."
 
 
 def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys):

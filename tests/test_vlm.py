@@ -619,6 +619,30 @@ def test_async_answer_after_sampling_is_collected(pipe, server):
     assert query.raw == "feet" and query.items == ["feet"] and query.took_effect is None and query.error is None
 
 
+def test_a_late_answer_keeps_the_negative_in_force(pipe):
+    """An answer that arrives after sampling applies nowhere: the negative in force at the end, the
+    one the image was made with, is the earlier answer's."""
+    release, first = threading.Event(), "Nudity, Sexual, female breast."
+
+    def proposer(image, prompt, step):
+        if step == 4:
+            release.wait(10)
+        return Reply(NUDITY.parse({1: "female breast", 4: "none"}[step]), "")
+
+    def gate(state):  # the first answer arrives before step 3
+        if state.i == 2:
+            time.sleep(0.3)
+
+    dnp, recorder = DynamicNegatives(proposer, NUDITY, [1, 4], asynchronous=True), Recorder()
+    run(pipe, "a cat", [dnp, recorder, gate])
+    release.set()
+    dnp.close()
+    assert recorder.negatives[-1] == [first] and dnp.negatives == [first]
+    on_time, late = dnp.trace[0]
+    assert on_time.negative == first and on_time.took_effect in (2, 3)
+    assert late.error is None and late.items == [] and late.took_effect is None and late.negative == first
+
+
 # ---------------------------------------------------------------------------------------------
 # the trace
 

@@ -63,7 +63,8 @@ class Query:
     """One query for one image, as the trace records it. `negative` is the negative in force for
     the image once the answer took effect (None: no negative branch; after a fault, the one kept),
     and `took_effect` the step it applied from: the query's own step, or with asynchronous
-    queries a later one; None when the answer came after sampling ended."""
+    queries a later one. An answer that came after sampling ended took effect nowhere
+    (`took_effect` None), and its `negative` is the one in force at the end."""
     step: int
     timestep: int
     raw: str = ""
@@ -129,6 +130,7 @@ class DynamicNegatives:
         self.query_steps = sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []
+        self.negatives: list[str | None] = []  # per image, the negative in force (at the end: the one kept)
         self.trace: list[list[Query]] = []  # per image, per query
         self._frames: list[list[torch.Tensor]] = []  # per image, the uint8 x0 image sent with each query
         self._items: list[list[str]] = []  # per image, all items so far (accumulate mode)
@@ -159,7 +161,7 @@ class DynamicNegatives:
         if self._started:
             raise RuntimeError("a DynamicNegatives hook serves one generate() call; make a new one per call")
         self._started = True
-        self.prompts = list(state.guidance.prompt)
+        self.prompts, self.negatives = list(state.guidance.prompt), list(state.guidance.negative)
         B = len(self.prompts)
         self.trace, self._frames = [[] for _ in range(B)], [[] for _ in range(B)]
         self._items, self._pending = [[] for _ in range(B)], [deque() for _ in range(B)]
@@ -229,7 +231,7 @@ class DynamicNegatives:
                 items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
             g.negative[b] = self.task.negative(items, state.pipe.tokenizer)
             g.negative_scale = self.negative_scale
-        query.negative = g.negative[b]
+        query.negative = self.negatives[b] = g.negative[b]
 
     def _record(self, b: int, query: Query, reply: Reply):
         query.raw, query.items = str(reply.raw)[:MAX_REPLY_CHARS], [str(item) for item in reply.items]
@@ -253,6 +255,7 @@ class DynamicNegatives:
                 else:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     self._record(b, query, self._wait(future, left))
+                query.negative = self.negatives[b]
 
     def trace_dict(self) -> dict:
         return {
