@@ -165,6 +165,7 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 def _load_folder(path: Path, device, dtype, tokenizer) -> Pipeline:
     _check_folder(path)
     unet_cfg = read_config(path / "unet" / "config.json", unet_config_from_diffusers)
+    check_text_to_image(unet_cfg, str(path / "unet" / "config.json"))
     vae_cfg = read_config(path / "vae" / "config.json", vae_config_from_diffusers)
     text_cfg = read_config(path / "text_encoder" / "config.json", text_config_from_transformers)
 
@@ -290,6 +291,14 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention", False),
         sample_size=c.get("sample_size") or 64,
     )
+
+
+def check_text_to_image(unet: UNetConfig, where: str):
+    """Inpainting, instruct-pix2pix and depth UNets take more input channels than the latents."""
+    if unet.in_channels != unet.out_channels:
+        raise CheckpointError(f"{where}: the UNet takes {unet.in_channels} input channels, not {unet.out_channels} "
+                              "(9: inpainting, 8: instruct-pix2pix, 5: depth); only text-to-image SD1/SD2 models "
+                              "are supported")
 
 
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
@@ -513,6 +522,7 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         transformer_depth=tuple(d if a else 1 for d, a in zip(depth, attention)),
         context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=64,
     )
+    check_text_to_image(unet, where)
 
     v = Shapes(shapes, PREFIX["vae"], where)
     # with no encoder.down.* at all, the lookups of level 0 below name what is missing

@@ -12,8 +12,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from checkpoints import make_sd_folder
-from conftest import assert_close_rel, assert_same_image, pipeline_images
+from checkpoints import FAMILIES, make_sd_folder
+from conftest import assert_close_rel, assert_same_image, pipeline_images, randomize_
 from sampler.ddim import DDIM
 from sampler.loop import generate
 from weights import CheckpointError, export_single_file, hub_patterns, load_pipeline
@@ -346,3 +346,19 @@ def test_partial_single_files_name_a_missing_tensor(sd1_file, sd1, tmp_path, dro
     save_file({k: v for k, v in load_file(sd1_file).items() if drop not in k}, tmp_path / "partial.safetensors")
     message = error_of(tmp_path / "partial.safetensors", tokenizer=sd1 / "tokenizer")
     assert "partial.safetensors" in message and drop in message
+
+
+@pytest.mark.parametrize("in_channels", [9, 8])  # inpainting, instruct-pix2pix
+def test_inpainting_and_pix2pix_models_are_refused(sd1_file, sd1, tmp_path, in_channels):
+    state = load_file(sd1_file)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    out, _, h, w = state[key].shape
+    save_file({**state, key: torch.randn(out, in_channels, h, w)}, tmp_path / "inpaint.safetensors")
+    message = error_of(tmp_path / "inpaint.safetensors", tokenizer=sd1 / "tokenizer")
+    assert f"{in_channels} input channels" in message and "text-to-image" in message
+    # a folder, even one whose model_index.json says StableDiffusionPipeline
+    folder = Path(shutil.copytree(sd1, tmp_path / "folder"))
+    unet = randomize_(UNet2DConditionModel(**FAMILIES["sd1"]["unet"], in_channels=in_channels))
+    unet.save_pretrained(folder / "unet")
+    message = error_of(folder)
+    assert str(folder / "unet") in message and f"{in_channels} input channels" in message
