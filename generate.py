@@ -38,7 +38,8 @@ examples:
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
 
 Prints the seed, then the path of each image written.
-Exit status: 0 done, 1 sampling failed (nothing saved), 2 bad argument or model, 130 interrupted.
+Exit status: 0 done, 1 sampling failed (nothing saved) or the --trace could not be written (the images
+were), 2 bad argument or model, 130 interrupted.
 """
 
 
