@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.clip import CLIPTextConfig, CLIPTextModel
+from model.clip import SD2_TEXT, CLIPTextConfig, CLIPTextModel
 from model.tokenizer import Tokenizer
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
@@ -485,8 +485,7 @@ class Shapes(dict):
 
 
 def inspect_single_file(shapes: dict[str, tuple], where: str):
-    """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig,
-    text layers in the file)."""
+    """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig)."""
     for marker, what in FOREIGN:
         if any(k.startswith(marker) for k in shapes):
             raise CheckpointError(f"{where}: this looks like {what}; only SD1/SD2 single files are supported")
@@ -545,11 +544,14 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         layers_in_file = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
         mlp = t["transformer.resblocks.0.mlp.c_fc.weight"][0]
         positions = t["positional_embedding"][0]
-    # SD2 uses the penultimate layer of OpenCLIP: the file's last layer is never run.
-    text = CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width,
-                          num_layers=layers_in_file - (family == "sd2"), num_heads=max(width // 64, 1), mlp_dim=mlp,
-                          act="gelu" if family == "sd2" else "quick_gelu")
-    return family, unet, vae, text, layers_in_file
+    # SD2 uses the penultimate layer of OpenCLIP: its last layer is never run. Real files hold all 24
+    # layers of ViT-H, a few only the 23 run (diffusers runs 23 either way); at other sizes the file is
+    # taken to hold the unused layer too, as export_single_file writes it.
+    num_layers = layers_in_file if family == "sd1" else \
+        SD2_TEXT.num_layers if width == SD2_TEXT.width else layers_in_file - 1
+    text = CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
+                          num_heads=max(width // 64, 1), mlp_dim=mlp, act="gelu" if family == "sd2" else "quick_gelu")
+    return family, unet, vae, text
 
 
 def _load_single_file(path: Path, device, dtype, tokenizer, prediction_type) -> Pipeline:
@@ -557,11 +559,11 @@ def _load_single_file(path: Path, device, dtype, tokenizer, prediction_type) -> 
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
                               "use the .safetensors release or convert it")
     shapes = safetensors_keys(path)
-    family, unet_cfg, vae_cfg, text_cfg, text_layers = inspect_single_file(shapes, str(path))
+    family, unet_cfg, vae_cfg, text_cfg = inspect_single_file(shapes, str(path))
     parts = [("unet", UNet, unet_cfg, unet_table(unet_cfg)), ("vae", AutoencoderKL, vae_cfg, vae_table(vae_cfg)),
              (family, CLIPTextModel, text_cfg, text_table(text_cfg, family))]
     if family == "sd2":
-        last = f"{PREFIX['sd2']}transformer.resblocks.{text_layers - 1}."
+        last = f"{PREFIX['sd2']}transformer.resblocks.{text_cfg.num_layers}."  # the unused layer, if there
         unused = {k for k in shapes if k.startswith(last)}
     else:
         unused = set()

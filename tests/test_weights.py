@@ -16,7 +16,8 @@ from checkpoints import FAMILIES, make_sd_folder
 from conftest import assert_close_rel, assert_same_image, pipeline_images, randomize_
 from sampler.ddim import DDIM
 from sampler.loop import generate
-from weights import CheckpointError, export_single_file, hub_patterns, load_pipeline
+from weights import (CheckpointError, export_single_file, hub_patterns, inspect_single_file, load_pipeline,
+                     safetensors_keys)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,3 +363,30 @@ def test_inpainting_and_pix2pix_models_are_refused(sd1_file, sd1, tmp_path, in_c
     unet.save_pretrained(folder / "unet")
     message = error_of(folder)
     assert str(folder / "unet") in message and f"{in_channels} input channels" in message
+
+
+def vit_h_text_shapes(layers: int) -> dict[str, tuple]:
+    """The shapes of SD2's text encoder (OpenCLIP ViT-H/14) in a single file, with `layers` layers."""
+    prefix, w = "cond_stage_model.model.", 1024
+    shapes = {f"{prefix}token_embedding.weight": (49408, w), f"{prefix}positional_embedding": (77, w),
+              f"{prefix}ln_final.weight": (w,), f"{prefix}ln_final.bias": (w,)}
+    layer = {"ln_1.weight": (w,), "ln_1.bias": (w,), "attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,),
+             "attn.out_proj.weight": (w, w), "attn.out_proj.bias": (w,), "ln_2.weight": (w,), "ln_2.bias": (w,),
+             "mlp.c_fc.weight": (4 * w, w), "mlp.c_fc.bias": (4 * w,), "mlp.c_proj.weight": (w, 4 * w),
+             "mlp.c_proj.bias": (w,)}
+    for i in range(layers):
+        shapes.update({f"{prefix}transformer.resblocks.{i}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+def test_sd2_single_files_run_the_text_layers_diffusers_runs(tmp_path):
+    # Real SD2 files hold ViT-H's 24 text layers and SD2 runs the first 23. diffusers skips layer 23
+    # by name, so a file holding only the 23 runs them all. Shapes only: the real size is 1.4 GB.
+    from diffusers.loaders.single_file_utils import SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
+    skipped = {k.split(".")[4] for k in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE if ".resblocks." in k}
+    assert skipped == {"23"}
+    file = export_single_file(make_sd_folder(tmp_path / "sd2", "sd2"), tmp_path / "sd2.safetensors")
+    others = {k: s for k, s in safetensors_keys(file).items() if not k.startswith("cond_stage_model.")}
+    for layers in (24, 23):
+        family, *_, text = inspect_single_file({**others, **vit_h_text_shapes(layers)}, "sd2.safetensors")[:4]
+        assert family == "sd2" and text.width == 1024 and text.num_layers == 23, layers
