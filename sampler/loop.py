@@ -140,6 +140,9 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
     g = Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
                  scale=guidance, negative_scale=negative_scale, rule=rule)
     height, width = height or pipe.default_size, width or pipe.default_size
+    if height % pipe.vae_scale or width % pipe.vae_scale:
+        raise ValueError(f"size {height}x{width}: height and width must be multiples of {pipe.vae_scale}, "
+                         "the VAE's scale")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     solver = SAMPLERS[sampler](pipe.scheduler, steps)
@@ -147,7 +150,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
     generator = torch.Generator("cpu").manual_seed(seed)
 
     shape = (B, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
-    x = randn(shape, generator, dtype=torch.float32).to(pipe.device, pipe.dtype)  # x_T ~ N(0, I)
+    x = randn(shape, generator, pipe.device, pipe.dtype)  # x_T ~ N(0, I), drawn in the model's dtype
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
     for i, t in enumerate(tqdm(solver.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
         outputs = run_unet(pipe, x, t, g.rows(), text)
@@ -164,12 +167,15 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance=7.5, heig
         x, _ = solver.step(eps, i, x, eta=eta, generator=generator)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
 
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    hint = "try --dtype fp32" if pipe.dtype != torch.float32 else "the weights may be broken"
     if bad_step >= 0:
         i = int(bad_step)
-        hint = "try --dtype fp32, or upcast attention" if pipe.dtype != torch.float32 else "the weights may be broken"
-        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={solver.timesteps[i].item()}) "
-                             f"in {str(pipe.dtype).removeprefix('torch.')}; {hint}")
-    return to_uint8(pipe.vae.decode(x))
+        raise NonFiniteError(f"NaN/inf in the latents at step {i} (t={solver.timesteps[i].item()}) in {dtype}; {hint}")
+    images = pipe.vae.decode(x)  # [B, 3, H, W]
+    if not torch.isfinite(images).all():
+        raise NonFiniteError(f"NaN/inf in the VAE's decoded images, from finite latents, in {dtype}; {hint}")
+    return to_uint8(images)
 
 
 def run_unet(pipe, x, t, rows, text) -> dict:

@@ -203,3 +203,32 @@ def test_nan_stops_with_the_step_named(sd1):
 
     with pytest.raises(NonFiniteError, match="step 2"):
         generate(pipe, "a", steps=4, height=16, width=16, hooks=[poison], progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_initial_noise_is_drawn_in_the_pipeline_dtype(sd1, dtype):
+    """diffusers draws x_T in the embeddings' dtype; for a latent size not a multiple of 16 a CPU
+    generator gives other numbers in fp16 than in fp32, so drawing in fp32 and casting differs."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = load_pipeline(sd1, dtype=dtype)
+    seen = []
+    generate(pipe, "a", steps=1, height=18, width=18, seed=3, progress=False,
+             hooks=[lambda s: seen.append(s.x.clone())])
+    expected = randn_tensor((1, 4, 9, 9), generator=torch.Generator().manual_seed(3), dtype=dtype)
+    assert seen[0].dtype == dtype and torch.equal(seen[0], expected)
+
+
+@pytest.mark.parametrize("height, width", [(19, 16), (16, 17)])
+def test_a_size_not_a_multiple_of_the_vae_scale_is_refused(sd1, height, width):
+    pipe = load_pipeline(sd1)  # the small VAE halves twice: a scale of 2
+    with pytest.raises(ValueError, match=f"{height}x{width}.*multiples of 2"):
+        generate(pipe, "a", steps=1, height=height, width=width, progress=False)
+
+
+def test_nan_from_the_decoder_is_an_error_not_a_black_image(sd1):
+    pipe = load_pipeline(sd1)
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="decod"):
+        generate(pipe, "a", steps=2, height=16, width=16, progress=False)
