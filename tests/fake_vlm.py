@@ -11,7 +11,25 @@ def completion(content) -> dict:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
 
 
-class ScriptedVLM:
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class LocalServer:
+    """Serves `handler` (a QuietHandler class) on a free loopback port, in a thread, until close()."""
+
+    def __init__(self, handler):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ScriptedVLM(LocalServer):
     """Answers POSTs from a script, one entry per request (the last entry repeats), and records
     each request's path, headers and JSON body. An entry is the reply content (str) or a dict:
     content | body (bytes, or an object sent as JSON), status, delay (s), wait (an Event to wait
@@ -21,7 +39,7 @@ class ScriptedVLM:
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
         vlm = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with vlm.lock:
@@ -44,16 +62,7 @@ class ScriptedVLM:
                 if "answered" in entry:
                     entry["answered"].set()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def dead_url() -> str:

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import weights
 from checkpoints import make_sd_folder
-from fake_vlm import completion, dead_url
+from fake_vlm import LocalServer, QuietHandler, completion, dead_url
 from conftest import assert_close_rel, rel_err
 from png import read_png
 from sampler.loop import generate, to_uint8
@@ -294,14 +293,14 @@ def test_reply_forms(server):
     reply.raw.encode("utf-8")
 
 
-class Trickle:
+class Trickle(LocalServer):
     """A server on 127.0.0.1 that answers "feet" one byte every `interval` seconds: the whole
     response, or with `headers=False` the body only."""
 
     def __init__(self, headers: bool, interval: float = 0.1):
         stop = self.stop = threading.Event()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 body = json.dumps(completion("feet")).encode()
@@ -316,17 +315,11 @@ class Trickle:
                     except OSError:  # the client gave up
                         return
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def close(self):
         self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
