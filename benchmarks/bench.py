@@ -217,7 +217,7 @@ def random_sd15(device, dtype):
     from model.clip import SD1_TEXT, CLIPTextModel
     from model.unet import SD15, UNet
     from model.vae import SD, AutoencoderKL
-    from sampler.ddim import SchedulerConfig
+    from sampler.schedule import SchedulerConfig
     from weights import Pipeline, load_tokenizer
 
     generator = torch.Generator(device).manual_seed(0)

@@ -10,7 +10,7 @@ ignored, and so are DDIM's clip_sample and set_alpha_to_one.
 """
 import torch
 
-from sampler.ddim import SchedulerConfig, make_betas, make_timesteps, x0_and_eps
+from sampler.schedule import SchedulerConfig, make_betas, make_timesteps, x0_and_eps
 
 
 class DPMSolverPP:

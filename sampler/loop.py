@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sampler.ddim import DDIM, randn
+from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
+from sampler.schedule import randn
 
 SAMPLERS = {"ddim": DDIM, "dpm++2m": DPMSolverPP}
 

@@ -8,9 +8,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
 
 from checkpoints import make_sd_folder
 from conftest import assert_close_rel, assert_same_image, pipeline_images
-from sampler.ddim import DDIM, SchedulerConfig
+from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
 from sampler.loop import generate
+from sampler.schedule import SchedulerConfig
 from weights import load_pipeline
 
 SD14_SCHEDULER_JSON = {  # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json: no timestep_spacing
