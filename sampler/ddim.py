@@ -5,7 +5,7 @@ Matches diffusers' DDIMScheduler number for number. As there, the ᾱ tables are
 """
 import torch
 
-from sampler.schedule import SchedulerConfig, make_betas, make_timesteps, randn, x0_and_eps
+from sampler.schedule import SchedulerConfig, checked_timesteps, make_betas, randn, x0_and_eps
 
 
 class DDIM:
@@ -21,16 +21,10 @@ class DDIM:
 
     def __init__(self, config: SchedulerConfig, num_steps: int):
         T = config.num_train_timesteps
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+        spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default
+        self.timesteps = t = checked_timesteps(config, num_steps, spacing)  # [N]
         self.config, self.num_steps = config, num_steps
         self.alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
-        spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default
-        self.timesteps = t = make_timesteps(config, num_steps, spacing)  # [N]
-        if len(t) != num_steps or t.min() < 0 or t.max() >= T:  # diffusers' rules overshoot for some N
-            raise ValueError(f"{spacing} spacing (steps_offset {config.steps_offset}) gives "
-                             f"{len(t)} timesteps in [{t.min()}, {t.max()}] for {num_steps} steps, "
-                             f"outside [0, {T})")
         self.prev_timesteps = t - T // num_steps  # [N]
         final = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self.alpha_bar = self.alphas_cumprod[t]  # ᾱ_t per step, [N]

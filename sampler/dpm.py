@@ -10,7 +10,15 @@ ignored, and so are DDIM's clip_sample and set_alpha_to_one.
 """
 import torch
 
-from sampler.schedule import SchedulerConfig, make_betas, make_timesteps, x0_and_eps
+from sampler.schedule import SchedulerConfig, checked_timesteps, make_betas, make_timesteps, x0_and_eps
+
+
+def dpm_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
+    """diffusers' layout for DPM-Solver++: "leading" and "linspace" lay out num_steps + 1 points as
+    DDIM does and drop the last, whose place the final σ = 0 takes; "trailing" is DDIM's."""
+    if spacing == "trailing":
+        return make_timesteps(config, num_steps, spacing)
+    return make_timesteps(config, num_steps + 1, spacing)[:-1]
 
 
 class DPMSolverPP:
@@ -34,18 +42,9 @@ class DPMSolverPP:
     `eta` > 0 raises ValueError, and `generator` is unused."""
 
     def __init__(self, config: SchedulerConfig, num_steps: int):
-        T, N = config.num_train_timesteps, num_steps
-        if not 1 <= N <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {N}")
-        self.config, self.num_steps = config, N
-        # diffusers' rules: "leading" and "linspace" lay out N+1 points as DDIM does and drop the last,
-        # whose place the final σ = 0 takes; "trailing" is DDIM's. Unset: "linspace", the class default.
-        spacing = config.timestep_spacing or "linspace"
-        t = make_timesteps(config, N, spacing) if spacing == "trailing" else make_timesteps(config, N + 1, spacing)[:-1]
-        if len(t) != N or t.min() < 0 or t.max() >= T:
-            raise ValueError(f"{spacing} spacing (steps_offset {config.steps_offset}) gives {len(t)} timesteps "
-                             f"in [{t.min()}, {t.max()}] for {N} steps, outside [0, {T})")
-        self.timesteps = t  # [N]
+        spacing = config.timestep_spacing or "linspace"  # DPMSolverMultistepScheduler's default
+        self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps)  # [N]
+        self.config, self.num_steps = config, num_steps
 
         alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
         if config.rescale_betas_zero_snr:  # as diffusers: ᾱ_T = 2^-24 rather than 0 keeps λ finite

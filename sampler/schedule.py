@@ -85,8 +85,8 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def make_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
-    """The num_steps training timesteps that DDIM visits with `spacing`, in descending order, as a
-    LongTensor. They equal diffusers' DDIMScheduler.set_timesteps, including numpy's float rounding."""
+    """num_steps training timesteps laid out with `spacing`, in descending order, as a LongTensor.
+    They equal diffusers' DDIMScheduler.set_timesteps, including numpy's float rounding."""
     T, N = cfg.num_train_timesteps, num_steps
     if spacing == "leading":  # 0, T//N, 2·T//N, ..., then shifted by steps_offset
         t = np.arange(N)[::-1] * (T // N) + cfg.steps_offset
@@ -97,6 +97,20 @@ def make_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str) -> torch.
     else:  # "linspace": N points evenly spaced over [0, T-1], rounded to integers
         t = np.linspace(0, T - 1, N).round()[::-1]
     return torch.from_numpy(t.astype(np.int64).copy())
+
+
+def checked_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str, lay_out=make_timesteps) -> torch.Tensor:
+    """The timesteps `lay_out(cfg, num_steps, spacing)` gives a sampler, or ValueError when num_steps
+    is not in [1, T] or the layout is not num_steps timesteps in [0, T): diffusers' rules overshoot
+    for some counts (e.g. "leading" with steps_offset 1 reaches t = T at num_steps = T)."""
+    T, N = cfg.num_train_timesteps, num_steps
+    if not 1 <= N <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {N}")
+    t = lay_out(cfg, N, spacing)  # [N]
+    if len(t) != N or t.min() < 0 or t.max() >= T:
+        raise ValueError(f"{spacing} spacing (steps_offset {cfg.steps_offset}) gives {len(t)} timesteps "
+                         f"in [{t.min()}, {t.max()}] for {N} steps, outside [0, {T})")
+    return t
 
 
 def x0_and_eps(model_output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str):
