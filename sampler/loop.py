@@ -14,11 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sampler.ddim import DDIM
-from sampler.dpm import DPMSolverPP
+from sampler.base import SAMPLERS
 from sampler.schedule import randn
-
-SAMPLERS = {"ddim": DDIM, "dpm++2m": DPMSolverPP}
 
 
 @dataclass

@@ -1,12 +1,16 @@
 """The sampling loop against diffusers' StableDiffusionPipeline + DDIMScheduler on random weights."""
+import inspect
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from checkpoints import make_sd_folder
 from conftest import assert_same_image, pipeline_images
+from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
+from sampler.schedule import SchedulerConfig
 from weights import export_single_file, load_pipeline
 
 
@@ -232,3 +236,15 @@ def test_nan_from_the_decoder_is_an_error_not_a_black_image(sd1):
         pipe.vae.decoder.conv_out.bias[0] = float("nan")
     with pytest.raises(NonFiniteError, match="decod"):
         generate(pipe, "a", steps=2, height=16, width=16, progress=False)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_has_the_interface_the_loop_uses(name):
+    sampler = SAMPLERS[name](SchedulerConfig(), 7)
+    assert sampler.num_steps == 7 and sampler.timesteps.shape == (7,) and sampler.timesteps.dtype == torch.int64
+    for method in ("predict", "step"):
+        ours = inspect.signature(getattr(sampler, method)).parameters
+        declared = list(inspect.signature(getattr(Sampler, method)).parameters)[1:]  # less self
+        assert list(ours) == declared, f"{name}.{method}"
+    for n in (0, 1001):
+        pytest.raises(ValueError, SAMPLERS[name], SchedulerConfig(), n)

@@ -1,0 +1,30 @@
+"""What every sampler is, and the samplers by name: `SAMPLERS[name](config, num_steps)` makes one for
+a generation, and sampler/loop.py drives it through this interface alone."""
+from typing import Protocol
+
+import torch
+
+from sampler.ddim import DDIM
+from sampler.dpm import DPMSolverPP
+
+
+class Sampler(Protocol):
+    """A sampler over num_steps of the training timesteps, made by `cls(config: SchedulerConfig,
+    num_steps)`, which raises ValueError for a step count it cannot lay out. Step i goes from x at
+    timesteps[i] towards clean data; x0 is the clean latents the model output predicts there."""
+
+    num_steps: int
+    timesteps: torch.Tensor  # [num_steps], training timesteps in descending order, int64
+
+    def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, ε) that the model output at step i implies. Pure: it may be called any time."""
+        ...
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of x from timesteps[i]; returns (x_prev, x0). eta scales the fresh noise drawn
+        from `generator`, for a sampler that has any."""
+        ...
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "dpm++2m": DPMSolverPP}
