@@ -41,7 +41,7 @@ DEFAULT_CLASSES = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE
                    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 DEFAULT_THRESHOLD = 0.6
 
-# CLIP weights on the hub (transformers format, read by vlm.clip_proposer.load_clip).
+# CLIP weights on the hub (transformers format, read by checkpoint.clip.load_clip).
 CLIP_MODELS = {"ViT-B/32": "openai/clip-vit-base-patch32", "ViT-L/14": "openai/clip-vit-large-patch14"}
 DEFAULT_CLIP = CLIP_MODELS["ViT-L/14"]  # torchmetrics' default, and the weights the CLIP proposer already uses
 
@@ -143,7 +143,7 @@ class Metrics:
             self.clip, self.tokenizer = clip_model
             self.clip_name = clip_name(self.clip)
         elif clip_model is not None:
-            from vlm.clip_proposer import load_clip
+            from checkpoint.clip import load_clip
 
             self.clip, self.tokenizer = load_clip(str(clip_model), device, dtype)
             self.clip_name = str(clip_model)

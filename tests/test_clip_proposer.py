@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import assert_close_rel, randomize_
 from fake_vocab import write_clip_vocab
+from helpers import assert_close_rel, randomize_
 from safetensors.torch import load_file, save_file
 
 from model.clip import preprocess
-from vlm.clip_proposer import TEMPLATES, CLIPProposer, load_clip
+from checkpoint.clip import load_clip
+from vlm.clip_proposer import TEMPLATES, CLIPProposer
 from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def test_offline_repo_id_not_cached(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     code = ("import sys\n"
-            "from vlm.clip_proposer import load_clip\n"
+            "from checkpoint.clip import load_clip\n"
             "from weights import CheckpointError\n"
             "try:\n"
             "    load_clip('openai/clip-vit-large-patch14')\n"

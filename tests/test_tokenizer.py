@@ -9,8 +9,9 @@ from fake_vocab import BOS, EOS, bytes_to_unicode, write_clip_vocab
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as reference_bytes_to_unicode
 
+from checkpoint.folder import load_tokenizer
 from model.tokenizer import Tokenizer
-from weights import CheckpointError, load_tokenizer
+from weights import CheckpointError
 
 PROMPTS = [
     "a photo of a cat",

@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import assert_close_rel, randomize_
+from helpers import assert_close_rel, randomize_
 from model.unet import UNet
-from weights import unet_config_from_diffusers
+from checkpoint.configs import unet_config_from_diffusers
 
 SD1_SMALL = dict(
     block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=48,

@@ -13,11 +13,13 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from checkpoints import FAMILIES, make_sd_folder
-from conftest import assert_close_rel, assert_same_image, pipeline_images, randomize_
+from helpers import assert_close_rel, assert_same_image, pipeline_images, randomize_
+from checkpoint.hub import hub_patterns
+from checkpoint.original import inspect_single_file
+from checkpoint.tensors import safetensors_keys
 from sampler.ddim import DDIM
 from sampler.loop import generate
-from weights import (CheckpointError, export_single_file, hub_patterns, inspect_single_file, load_pipeline,
-                     safetensors_keys)
+from weights import CheckpointError, export_single_file, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

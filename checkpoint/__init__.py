@@ -1,0 +1,11 @@
+"""Reading and writing Stable Diffusion checkpoints; `weights.py` is the public front.
+
+    tensors.py      safetensors in, strict loading into models built on the meta device, the error type
+    configs.py      diffusers' and transformers' config.json files -> our model configs
+    folder.py       diffusers folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    original.py     original single files: the original-name tables, and the architecture read off shapes
+    single_file.py  loading and writing original single files with those tables
+    hub.py          Hugging Face hub downloads, every failure one line
+    clip.py         the two-tower CLIP that the CLIP proposer and the CLIP score use
+    pipeline.py     the Pipeline: what a loaded model is
+"""

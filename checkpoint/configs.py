@@ -1,0 +1,151 @@
+"""diffusers' and transformers' config.json files, read into our model configs.
+
+Each parser rejects what the model code does not implement, so an unsupported checkpoint fails here
+with its config named, not later with a tensor shape. `read_config` turns every failure into one
+CheckpointError line that names the file.
+"""
+from pathlib import Path
+
+from checkpoint.tensors import CheckpointError, read_json
+from model.clip import ACTIVATIONS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from model.unet import UNetConfig
+from model.vae import VAEConfig
+
+
+def read_config(file: Path, parse, needed: str = ""):
+    """parse(the config in `file`). A config of another kind, or one that lacks a key the model
+    needs or has a value of the wrong type, is a one-line CheckpointError naming the file."""
+    c = read_json(file, needed)
+    try:
+        if not isinstance(c, dict):
+            raise CheckpointError("holds no JSON object")
+        return parse(c)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{file}: no {e.args[0]!r}, which the model needs (a config of another model?)") from None
+    except (TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: a value of the wrong type ({e})") from None
+
+
+def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    """UNetConfig from a diffusers unet/config.json. Rejects what SD1/SD2 do not use."""
+    if c.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise CheckpointError(f"holds a {c['_class_name']}, not the UNet2DConditionModel of SD1/SD2")
+    for key, ok in [("addition_embed_type", None), ("class_embed_type", None), ("encoder_hid_dim_type", None),
+                    ("time_cond_proj_dim", None), ("dual_cross_attention", False), ("only_cross_attention", False),
+                    ("resnet_time_scale_shift", "default"), ("act_fn", "silu"), ("time_embedding_type", "positional"),
+                    ("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
+                    ("conv_in_kernel", 3), ("conv_out_kernel", 3), ("attention_type", "default"),
+                    ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("resnet_out_scale_factor", 1.0),
+                    ("mid_block_scale_factor", 1)]:
+        if c.get(key, ok) != ok:
+            hint = " (this looks like SDXL)" if key == "addition_embed_type" else ""
+            raise CheckpointError(f"{key}={c[key]!r} is not supported; only SD1/SD2 UNets are{hint}")
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    attention = []
+    for d, u in zip(down, reversed(up)):
+        if (d, u) not in [("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")]:
+            raise CheckpointError(f"block types {d}/{u} are not supported (SD1/SD2 use "
+                                  "CrossAttnDownBlock2D/CrossAttnUpBlock2D and DownBlock2D/UpBlock2D)")
+        attention.append(d == "CrossAttnDownBlock2D")
+    n = len(down)
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+    # diffusers' "attention_head_dim" holds the number of heads when num_attention_heads is unset.
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    layers = c.get("layers_per_block", 2)
+    if isinstance(layers, (list, tuple)):
+        if len(set(layers)) != 1:
+            raise CheckpointError("a different layers_per_block per level is not supported")
+        layers = layers[0]
+    depth = per_level(c.get("transformer_layers_per_block", 1))
+    if any(isinstance(d, (list, tuple)) for d in depth):
+        raise CheckpointError("per-block transformer depths are not supported")
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
+        channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
+        num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
+        linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
+        norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention", False),
+        sample_size=c.get("sample_size") or 64,
+    )
+
+
+def check_text_to_image(unet: UNetConfig, where: str):
+    """Inpainting, instruct-pix2pix and depth UNets take more input channels than the latents."""
+    if unet.in_channels != unet.out_channels:
+        raise CheckpointError(f"{where}: the UNet takes {unet.in_channels} input channels, not {unet.out_channels} "
+                              "(9: inpainting, 8: instruct-pix2pix, 5: depth); only text-to-image SD1/SD2 models "
+                              "are supported")
+
+
+def vae_config_from_diffusers(c: dict) -> VAEConfig:
+    if c.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
+    if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
+        raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
+    return VAEConfig(
+        in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
+        latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),
+        layers_per_block=c.get("layers_per_block", 2), norm_groups=c.get("norm_num_groups", 32),
+        scaling_factor=c.get("scaling_factor", 0.18215),
+    )
+
+
+# transformers' defaults for the keys a CLIP config may leave out. An SD text_encoder/config.json
+# holds every size (transformers writes them all at the top level), so there a missing size is an
+# error; inside a two-tower CLIPModel config, transformers writes only what differs from these.
+TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                           intermediate_size=2048)
+VISION_TOWER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32, num_channels=3)
+
+
+def _value(c: dict, key: str, defaults: dict):
+    """c[key], or its default; a key with no default is required (KeyError)."""
+    if c.get(key) is None:
+        return defaults[key] if key in defaults else c[key]
+    return c[key]
+
+
+def _tower(c: dict, defaults: dict, where: str = "") -> dict:
+    """The fields both CLIP towers share."""
+    get = lambda key: _value(c, key, defaults)
+    if get("hidden_act") not in ACTIVATIONS:
+        raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported (only {', '.join(ACTIVATIONS)})")
+    return dict(width=get("hidden_size"), num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+                mlp_dim=get("intermediate_size"), act=get("hidden_act"), eps=get("layer_norm_eps"))
+
+
+def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where: str = "") -> CLIPTextConfig:
+    """CLIPTextConfig from a transformers CLIPTextModel config (SD's text_encoder/config.json), or
+    from the text_config of a two-tower CLIPModel config."""
+    c = c.get("text_config", c)
+    if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+        raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
+    return CLIPTextConfig(**_tower(c, defaults, where), vocab_size=_value(c, "vocab_size", defaults),
+                          max_positions=_value(c, "max_position_embeddings", defaults))
+
+
+def clip_config_from_transformers(c: dict) -> CLIPConfig:
+    """Our CLIPConfig from a transformers CLIPModel config.json (text_config, vision_config,
+    projection_dim)."""
+    # Some old configs hold the towers in text_config_dict / vision_config_dict only.
+    text = c.get("text_config") or c.get("text_config_dict")
+    vision = c.get("vision_config") or c.get("vision_config_dict")
+    model_type = c.get("model_type")
+    if model_type not in (None, "clip") or not isinstance(text, dict) or not isinstance(vision, dict):
+        what = f"a {model_type!r} model" if model_type else "no text_config and vision_config"
+        raise CheckpointError(f"config.json holds {what}, not a CLIP two-tower model "
+                              "(transformers' CLIPModel, model_type 'clip')")
+    if _value(vision, "num_channels", VISION_TOWER_DEFAULTS) != 3:
+        raise CheckpointError("vision_config.num_channels must be 3 (RGB)")
+    get = lambda key: _value(vision, key, VISION_TOWER_DEFAULTS)
+    return CLIPConfig(
+        text=text_config_from_transformers(text, TEXT_TOWER_DEFAULTS, "text_config: "),
+        vision=CLIPVisionConfig(**_tower(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
+                                image_size=get("image_size"), patch_size=get("patch_size")),
+        projection_dim=_value(c, "projection_dim", {"projection_dim": 512}),
+        logit_scale_init=_value(c, "logit_scale_init_value", {"logit_scale_init_value": 2.6592}),
+    )

@@ -1,0 +1,234 @@
+"""Original single files (CompVis / Stability key names): one table per model from our key to the
+original's, built with loops from the model's config, and the architecture read off the tensor shapes.
+
+Each table maps our key to the original key, plus how the tensor is stored there: `to_ours` and
+`to_original` are the only places where tensors are reshaped (1x1 conv <-> Linear) or split
+(OpenCLIP's fused q/k/v). The loader and the exporter use the same tables, one each way.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint.configs import check_text_to_image
+from checkpoint.tensors import CheckpointError
+from model.clip import SD2_TEXT, CLIPTextConfig, CLIPTextModel
+from model.unet import UNet, UNetConfig
+from model.vae import AutoencoderKL, VAEConfig
+
+
+@dataclass(frozen=True)
+class Original:
+    key: str
+    part: int | None = None  # OpenCLIP fuses q, k, v into one in_proj: this is chunk `part` of 3
+    conv: bool = False  # stored as a 1x1 conv where we have a Linear (the VAE's attention)
+    transpose: bool = False  # stored transposed (OpenCLIP's text_projection)
+
+
+def to_ours(stored: torch.Tensor, o: Original) -> torch.Tensor:
+    """The one place where original tensors are reshaped into ours."""
+    if o.part is not None:
+        stored = stored.chunk(3, dim=0)[o.part]
+    if o.conv:
+        stored = stored.flatten(1)
+    return stored.t() if o.transpose else stored
+
+
+def to_original(ours: list[torch.Tensor], o: Original) -> torch.Tensor:
+    """The inverse of to_ours; `ours` holds the 3 parts when the original fuses them."""
+    t = torch.cat(ours, dim=0) if o.part is not None else ours[0]
+    if o.conv:
+        t = t[:, :, None, None]
+    return t.t() if o.transpose else t
+
+
+def _prefixes_to_keys(model_keys, prefixes: list[tuple[str, str]]) -> dict[str, Original]:
+    """Expands (our module prefix, original module prefix) pairs into a full key table by
+    longest-prefix match over the model's keys."""
+    prefixes = sorted(prefixes, key=lambda p: -len(p[0]))
+    table = {}
+    for key in model_keys:
+        ours, orig = next(((a, b) for a, b in prefixes if key == a or key.startswith(a + ".")), (key, key))
+        table[key] = Original(orig + key[len(ours):])
+    return table
+
+
+RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+          ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+
+
+def unet_table(cfg: UNetConfig) -> dict[str, Original]:
+    """Ours -> CompVis openaimodel.py names (after `model.diffusion_model.`)."""
+    L, n = cfg.layers_per_block, len(cfg.channels)
+    pairs = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+             ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+             ("mid_block.attentions.0", "middle_block.1")]
+    resnets = [("mid_block.resnets.0", "middle_block.0"), ("mid_block.resnets.1", "middle_block.2")]
+    for i in range(n):
+        for j in range(L):
+            resnets.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{1 + i * (L + 1) + j}.0"))
+            pairs.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{1 + i * (L + 1) + j}.1"))
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * (L + 1)}.0.op"))
+        level = n - 1 - i  # up_blocks run from the deepest level back up
+        for j in range(L + 1):
+            resnets.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{i * (L + 1) + j}.0"))
+            pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * (L + 1) + j}.1"))
+        pairs.append((f"up_blocks.{i}.upsamplers.0", f"output_blocks.{i * (L + 1) + L}.{2 if cfg.attention[level] else 1}"))
+    pairs += [(f"{a}.{x}", f"{b}.{y}") for a, b in resnets for x, y in RESNET]
+    with torch.device("meta"):
+        keys = UNet(cfg).state_dict().keys()
+    return _prefixes_to_keys(keys, pairs)
+
+
+def vae_table(cfg: VAEConfig) -> dict[str, Original]:
+    """Ours -> CompVis ldm/modules/diffusionmodules/model.py names (after `first_stage_model.`)."""
+    n = len(cfg.channels)
+    pairs = []
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_norm_out", f"{part}.norm_out"),
+                  (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1"),
+                  (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2"),
+                  (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1")]
+    for i in range(n):
+        pairs += [(f"encoder.down_blocks.{i}.resnets", f"encoder.down.{i}.block"),
+                  (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample"),
+                  (f"decoder.up_blocks.{i}.resnets", f"decoder.up.{n - 1 - i}.block"),
+                  (f"decoder.up_blocks.{i}.upsamplers.0", f"decoder.up.{n - 1 - i}.upsample")]
+    with torch.device("meta"):
+        keys = AutoencoderKL(cfg).state_dict().keys()
+    table = _prefixes_to_keys(keys, pairs)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, o in table.items():
+        for ours, orig in attn.items():
+            if f".attn_1.{ours}." in o.key:
+                table[key] = Original(o.key.replace(f".attn_1.{ours}.", f".attn_1.{orig}."),
+                                      conv=ours != "group_norm" and key.endswith("weight"))
+        if ".conv_shortcut." in o.key:
+            table[key] = Original(o.key.replace(".conv_shortcut.", ".nin_shortcut."))
+    return table
+
+
+OPENCLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+            ("embeddings.position_embedding.weight", "positional_embedding"),
+            ("final_layer_norm", "ln_final"), ("encoder.layers", "transformer.resblocks")]
+OPENCLIP_LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                  ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+
+
+def text_table(cfg: CLIPTextConfig, family: str) -> dict[str, Original]:
+    """Ours -> the single file's text encoder names: transformers' CLIP names for SD1, OpenCLIP's
+    for SD2 (with q, k, v fused into one in_proj)."""
+    with torch.device("meta"):
+        keys = CLIPTextModel(cfg).state_dict().keys()
+    if family == "sd1":
+        return {k: Original(k) for k in keys}
+    pairs = list(OPENCLIP)
+    for i in range(cfg.num_layers):
+        pairs += [(f"encoder.layers.{i}.{a}", f"transformer.resblocks.{i}.{b}") for a, b in OPENCLIP_LAYER]
+    table = _prefixes_to_keys(keys, pairs)
+    for key in keys:
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
+        if m:
+            table[key] = Original(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", part="qkv".index(m[2]))
+    return table
+
+
+PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+          "sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
+
+# What real single files carry besides the three models. Nothing else is skipped.
+IGNORED = re.compile("|".join([
+    r"model_ema\..*",  # the EMA copy of the UNet (emaonly files already hold EMA weights)
+    r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
+    r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)",  # DDPM buffers
+    r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids",  # arange(77), sometimes float
+    r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)",  # OpenCLIP parts SD2 does not use
+]))
+
+FOREIGN = [("conditioner.embedders", "an SDXL checkpoint"), ("model.diffusion_model.label_emb", "an SDXL checkpoint"),
+           ("model.diffusion_model.joint_blocks", "an SD3 checkpoint"), ("double_blocks", "a Flux checkpoint"),
+           ("model.diffusion_model.double_blocks", "a Flux checkpoint"), ("lora_", "a LoRA, not a full model"),
+           ("encoder.down.0.block", "a VAE alone, not a full model"), ("text_model.encoder", "a text encoder alone")]
+
+
+class Shapes(dict):
+    """The shapes of the tensors under `prefix` in a single file, keyed without it. Looking up a
+    tensor the file lacks is a CheckpointError naming it."""
+
+    def __init__(self, shapes: dict[str, tuple], prefix: str, where: str):
+        super().__init__({k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)})
+        self.prefix, self.where = prefix, where
+
+    def __missing__(self, key):
+        raise CheckpointError(f"{self.where}: no {self.prefix}{key}; not a complete SD1/SD2 single file")
+
+
+def inspect_single_file(shapes: dict[str, tuple], where: str):
+    """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig)."""
+    for marker, what in FOREIGN:
+        if any(k.startswith(marker) for k in shapes):
+            raise CheckpointError(f"{where}: this looks like {what}; only SD1/SD2 single files are supported")
+    if f"{PREFIX['unet']}input_blocks.0.0.weight" not in shapes:
+        found = sorted({k.split(".")[0] + ".*" for k in shapes})[:3]
+        raise CheckpointError(f"{where}: no UNet ({PREFIX['unet']}*), only {', '.join(found) or 'nothing'}; "
+                              "not a full SD1/SD2 single file")
+    family = "sd2" if any(k.startswith(PREFIX["sd2"]) for k in shapes) else "sd1"
+    if not any(k.startswith(PREFIX[family]) for k in shapes):
+        raise CheckpointError(f"{where}: no text encoder ({PREFIX['sd1']}* or {PREFIX['sd2']}*)")
+    if not any(k.startswith(PREFIX["vae"]) for k in shapes):
+        raise CheckpointError(f"{where}: no VAE ({PREFIX['vae']}*)")
+
+    u = Shapes(shapes, PREFIX["unet"], where)
+    inputs = sorted({int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")})
+    downsamplers = [i for i in inputs if i > 0 and f"input_blocks.{i}.0.op.weight" in u]
+    L = (downsamplers[0] if downsamplers else len(inputs)) - 1  # res blocks per level
+    n = (max(inputs) + 1) // (L + 1)
+    first = [1 + i * (L + 1) for i in range(n)]  # first res block of each level
+    channels = tuple(u[f"input_blocks.{b}.0.out_layers.3.weight"][0] for b in first)
+    attention = tuple(any(k.startswith(f"input_blocks.{b}.1.") for k in u) for b in first)
+    depth = tuple(len({k.split(".")[4] for k in u if k.startswith(f"input_blocks.{b}.1.transformer_blocks.")}) or 1
+                  for b in first)
+    attn_keys = [k for k in u if k.endswith("attn2.to_k.weight")]
+    if not attn_keys:
+        raise CheckpointError(f"{where}: no cross-attention ({PREFIX['unet']}*.attn2.to_k.weight); not an SD1/SD2 UNet")
+    proj = next((s for k, s in u.items() if k.endswith(("proj_in.weight", "proj_out.weight"))), (0, 0, 1, 1))
+    # SD1 uses 8 heads everywhere; SD2 uses 64 channels per head.
+    heads = (8,) * n if family == "sd1" else tuple(max(c // 64, 1) for c in channels)
+    unet = UNetConfig(
+        in_channels=u["input_blocks.0.0.weight"][1], out_channels=u["out.2.weight"][0], channels=channels,
+        layers_per_block=L, attention=attention, num_heads=heads,
+        transformer_depth=tuple(d if a else 1 for d, a in zip(depth, attention)),
+        context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=64,
+    )
+    check_text_to_image(unet, where)
+
+    v = Shapes(shapes, PREFIX["vae"], where)
+    # with no encoder.down.* at all, the lookups of level 0 below name what is missing
+    levels = sorted({int(k.split(".")[2]) for k in v if k.startswith("encoder.down.")}) or [0]
+    vae = VAEConfig(
+        in_channels=v["encoder.conv_in.weight"][1], out_channels=v["decoder.conv_out.weight"][0],
+        latent_channels=v["post_quant_conv.weight"][0],
+        channels=tuple(v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels),
+        layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
+    )
+
+    t = Shapes(shapes, PREFIX[family], where)
+    if family == "sd1":
+        vocab, width = t["embeddings.token_embedding.weight"]
+        layers_in_file = len({k.split(".")[2] for k in t if k.startswith("encoder.layers.")})
+        mlp = t["encoder.layers.0.mlp.fc1.weight"][0]
+        positions = t["embeddings.position_embedding.weight"][0]
+    else:
+        vocab, width = t["token_embedding.weight"]
+        layers_in_file = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
+        mlp = t["transformer.resblocks.0.mlp.c_fc.weight"][0]
+        positions = t["positional_embedding"][0]
+    # SD2 uses the penultimate layer of OpenCLIP: its last layer is never run. Real files hold all 24
+    # layers of ViT-H, a few only the 23 run (diffusers runs 23 either way); at other sizes the file is
+    # taken to hold the unused layer too, as export_single_file writes it.
+    num_layers = layers_in_file if family == "sd1" else \
+        SD2_TEXT.num_layers if width == SD2_TEXT.width else layers_in_file - 1
+    text = CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
+                          num_heads=max(width // 64, 1), mlp_dim=mlp, act="gelu" if family == "sd2" else "quick_gelu")
+    return family, unet, vae, text

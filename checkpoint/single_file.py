@@ -1,0 +1,78 @@
+"""Loading and writing original single files with the tables of original.py."""
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoint.folder import load_tokenizer
+from checkpoint.hub import download_tokenizer
+from checkpoint.original import IGNORED, PREFIX, inspect_single_file, text_table, to_original, to_ours, unet_table, vae_table
+from checkpoint.pipeline import Pipeline
+from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys
+from model.clip import CLIPTextModel
+from model.unet import UNet
+from model.vae import AutoencoderKL
+from sampler.schedule import SchedulerConfig
+
+
+def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=None) -> Pipeline:
+    """The pipeline in an original .safetensors file. Single files hold no tokenizer: `tokenizer` is
+    a folder, else the text encoder's own is downloaded. They do not record the prediction type
+    either; a v-prediction SD2 file is the 768 px model."""
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
+                              "use the .safetensors release or convert it")
+    shapes = safetensors_keys(path)
+    family, unet_cfg, vae_cfg, text_cfg = inspect_single_file(shapes, str(path))
+    parts = [("unet", UNet, unet_cfg, unet_table(unet_cfg)), ("vae", AutoencoderKL, vae_cfg, vae_table(vae_cfg)),
+             (family, CLIPTextModel, text_cfg, text_table(text_cfg, family))]
+    if family == "sd2":
+        last = f"{PREFIX['sd2']}transformer.resblocks.{text_cfg.num_layers}."  # the unused layer, if there
+        unused = {k for k in shapes if k.startswith(last)}
+    else:
+        unused = set()
+    wanted = {PREFIX[p] + o.key for p, _, _, table in parts for o in table.values()}
+    stray = [k for k in shapes if k not in wanted and k not in unused and not IGNORED.fullmatch(k)]
+    if stray:
+        raise CheckpointError(f"{path}: {len(stray)} unexpected tensors (first: {stray[0]}); "
+                              "not a plain SD1/SD2 checkpoint (inpainting, SDXL or a merged add-on?)")
+    stored = read_safetensors(path, device, dtype, keys=sorted(wanted & shapes.keys()))
+    models = {}
+    for prefix, cls, cfg, table in parts:
+        state = {k: to_ours(stored[PREFIX[prefix] + o.key], o) for k, o in table.items() if PREFIX[prefix] + o.key in stored}
+        models[cls] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file",
+                                  names={k: PREFIX[prefix] + o.key for k, o in table.items()})
+    del stored
+    if prediction_type in ("v", "v_prediction") and family == "sd2":
+        unet_cfg.sample_size = 96  # the 768-v models
+    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[family])
+    return Pipeline(tokenizer=tokenizer, text_encoder=models[CLIPTextModel], unet=models[UNet],
+                    vae=models[AutoencoderKL], scheduler=SchedulerConfig(), family=family, name=path.name)
+
+
+# The pad token of each family's tokenizer, which the text encoders' hub repos do not all record.
+TOKENIZER_PAD = {"sd1": "<|endoftext|>", "sd2": "!"}
+
+
+def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
+    """Writes `pipe` as an original-layout single file (CompVis / Stability key names) that diffusers'
+    and other tools' single-file loaders read. SD2 files get OpenCLIP's last text layer as zeros,
+    because real SD2 files carry that (unused) layer and loaders drop it."""
+    parts = [("unet", pipe.unet, unet_table(pipe.unet.config)), ("vae", pipe.vae, vae_table(pipe.vae.config)),
+             (pipe.family, pipe.text_encoder, text_table(pipe.text_encoder.config, pipe.family))]
+    out_state = {}
+    for prefix, model, table in parts:
+        state = model.state_dict()
+        by_original = {}  # original key -> (entry, [our tensors in part order])
+        for key, o in sorted(table.items(), key=lambda item: item[1].part or 0):
+            by_original.setdefault(o.key, (o, []))[1].append(state[key])
+        for original_key, (o, tensors) in by_original.items():
+            out_state[PREFIX[prefix] + original_key] = to_original(tensors, o)
+    if pipe.family == "sd2":
+        n = pipe.text_encoder.config.num_layers
+        for k in [k for k in out_state if k.startswith(f"{PREFIX['sd2']}transformer.resblocks.{n - 1}.")]:
+            out_state[k.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.")] = torch.zeros_like(out_state[k])
+    out_state = {k: v.to(dtype or v.dtype).contiguous() for k, v in out_state.items()}
+    out = Path(out)
+    save_file(out_state, str(out), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,81 @@
+"""Tensors in and out of safetensors files, and strict loading into models built on the meta device.
+
+Tensors are read one at a time, straight to the target device and dtype, into models that hold no
+memory until the tensors are assigned, so loading never holds a second full copy of the weights.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why and what to do, in one line."""
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def to_dtype(dtype) -> torch.dtype:
+    """A torch dtype, or its name as the command lines take it (fp32, fp16, bf16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def read_json(file: Path, needed: str = "") -> dict:
+    """A JSON file, or a CheckpointError saying it is missing (and what needs it) or broken."""
+    try:
+        return json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing{f' ({needed})' if needed else ''}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path, device=None, dtype=None, keys=None) -> dict[str, torch.Tensor]:
+    """Reads (some of) a safetensors file, one tensor at a time, to `device` and `dtype`
+    (floating-point tensors only). A corrupt or truncated file gives a CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            out = {}
+            for k in f.keys() if keys is None else keys:
+                t = f.get_tensor(k)
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            return out
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def safetensors_keys(path: Path) -> dict[str, tuple]:
+    """Key -> shape, from the header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
+    """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
+    exactly the model's tensors, each of the model's shape. The result needs no initialization and
+    holds only the tensors in `state`. `names` maps our keys to the file's, for the messages."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [(names or {}).get(k, k) for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{(names or {}).get(k, k)} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected
+             if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+                 f"{len(wrong)} of the wrong shape (first: {wrong[0]})" if wrong else ""]
+        raise CheckpointError(f"{where}: tensors do not fit {model_cls.__name__}: "
+                              + ", ".join(p for p in parts if p) + (f"; {hint}" if hint else ""))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
