@@ -4,13 +4,13 @@ A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of
 IHDR gives the size and pixel format, tEXt holds keyword/value text (Latin-1), IDAT the
 zlib-compressed rows, each row prefixed by a filter byte (0: none), and IEND closes the file.
 """
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
+
+from files import write_atomic
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -35,21 +35,8 @@ def encode_png(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes
 
 
 def write_png(path, image: torch.Tensor, text: dict[str, str] | None = None) -> Path:
-    """Writes atomically: a crash leaves either no file or the whole file, never half of one."""
-    path = Path(path)
-    data = encode_png(image, text)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plain open() would honour the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Writes the PNG of `image` atomically (files.write_atomic)."""
+    return write_atomic(path, encode_png(image, text))
 
 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:

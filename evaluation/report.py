@@ -11,11 +11,11 @@ import html
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 from evaluation.metrics import PROTOCOL, aggregate
+from files import write_atomic
 
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito
 CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std")
@@ -34,20 +34,7 @@ def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL) -
         "plot": ("pareto.svg", svg),
         "html": ("index.html", report_html(run_dir.name, records, rows, svg, protocol)),
     }
-    return {kind: _write_atomic(run_dir / name, text) for kind, (name, text) in files.items()}
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return {kind: write_atomic(run_dir / name, text) for kind, (name, text) in files.items()}
 
 
 # ---------------------------------------------------------------- formatting

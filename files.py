@@ -1,0 +1,25 @@
+"""The one way this project writes a file: atomically, so that a crash or a full disk leaves either
+the old file or the whole new one, never half of one."""
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path, data: bytes | str) -> Path:
+    """Writes `data` (text as UTF-8) to a temporary file beside `path`, flushes it to disk and renames
+    it over `path`. The file gets the permissions a plain open() would give it (0666 less the umask)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
