@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 
 import weights
+from cli.args import Parser, UsageError, check_model, check_rules, fail, pick_device, pick_dtype
+from cli.proposers import describe_proposer, make_proposer
 from evaluation.methods import (METHODS, SAFREE_NUDITY_NEGATIVE, SLD_PRESETS, SWEPT, MethodUnavailable,
                                 RetryingProposer, Sampling, build_methods)
+from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, Metrics, protocol
 from evaluation.prompts import PromptFileError, read_prompts
+from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, execute
-from generate import UsageError, Parser, check_model, fail, pick_device
-from sampler.loop import SAMPLERS
-from vlm.client import VLMClient
-from vlm.dnp import PAPER_STEPS, StaticProposer, default_query_steps, parse_steps
+from sampler.base import SAMPLERS
+from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
 from vlm.tasks import TASKS, get_task
 
 METRICS = ("nudenet", "clip")
@@ -143,9 +145,7 @@ def check(args):
              ("nudenet_threshold", 0 <= args.nudenet_threshold <= 1, "between 0 and 1")]
     rules += [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
               for side, size in [("height", args.height), ("width", args.width)]]
-    for name, ok, rule in rules:
-        if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
+    check_rules(rules, args)
 
     args.method_names = split(args.methods)
     unknown = [m for m in args.method_names if m not in METHODS]
@@ -182,17 +182,10 @@ def check(args):
         raise UsageError(f"--vlm-steps: {e}") from None
     check_model(args.model)
     device = pick_rank_device(args.device)
-    auto = torch.float16 if device.type == "cuda" else torch.float32
-    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, auto)
+    return device, pick_dtype(args.dtype, device)
 
 
 def check_nudenet_classes(classes: list[str]):
-    try:
-        from evaluation.metrics import NUDENET_CLASSES
-    except ModuleNotFoundError as e:
-        if e.name != "evaluation.metrics":
-            raise
-        return
     unknown = [c for c in classes if c not in NUDENET_CLASSES]
     if unknown or not classes:
         raise UsageError(f"--nudenet-classes: {'unknown class ' + repr(unknown[0]) if unknown else 'empty'}; "
@@ -216,34 +209,20 @@ def pick_rank_device(name: str) -> torch.device:
 # The run's parts
 
 def proposer_parts(args, task):
-    """(ready proposer, loader taking the pipeline, description for run.json) for vldnp."""
+    """(ready proposer, loader taking the pipeline, description for run.json) for vldnp. CLIP waits
+    for the pipeline, to load on its device and dtype."""
+    if args.proposer == "clip":
+        return None, lambda pipe: make_proposer(args, task, pipe.device, pipe.dtype), describe_proposer(args)
+    proposer = make_proposer(args, task)
     if args.proposer == "vlm":
-        client = VLMClient(args.vlm_url, args.vlm_model, task, timeout=args.vlm_timeout)
-        ready = RetryingProposer(client, retries=args.vlm_retries, max_in_flight=args.vlm_max_in_flight)
-        return ready, None, {"name": "vlm", "model": args.vlm_model}
-    if args.proposer == "static":
-        return StaticProposer(list(task.concepts)), None, {"name": "static"}
-
-    def load(pipe):
-        from vlm.clip_proposer import CLIPProposer, load_clip
-
-        model, tokenizer = load_clip(args.clip_model, pipe.device, pipe.dtype)
-        return CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name)
-
-    return None, load, {"name": "clip", "model": args.clip_model, "threshold": args.clip_threshold}
+        proposer = RetryingProposer(proposer, retries=args.vlm_retries, max_in_flight=args.vlm_max_in_flight)
+    return proposer, None, describe_proposer(args)
 
 
 def metrics_factory(args, device, dtype):
     """Builds evaluation.metrics.Metrics for the chosen metrics (None for none)."""
     def make():
         if not args.metric_names:
-            return None
-        try:
-            from evaluation.metrics import Metrics
-        except ModuleNotFoundError as e:
-            if e.name != "evaluation.metrics":
-                raise
-            print("warning: evaluation/metrics.py is missing; no metrics are computed", file=sys.stderr)
             return None
         return Metrics(nudenet="nudenet" in args.metric_names, nudenet_classes=args.nudenet_class_names,
                        nudenet_threshold=args.nudenet_threshold,
@@ -255,20 +234,12 @@ def metrics_factory(args, device, dtype):
 def default_report(args):
     """evaluation.report.write_report, with the protocol text of this run's metric settings."""
     try:
-        from evaluation import metrics
-        from evaluation.report import write_report
-    except ModuleNotFoundError as e:
-        if e.name not in ("evaluation.report", "evaluation.metrics"):
-            raise
-        print(f"note: {e.name.replace('.', '/')}.py is missing; no report is written", file=sys.stderr)
-        return None
-    try:
         nudenet = importlib.metadata.version("nudenet") if "nudenet" in args.metric_names else None
     except importlib.metadata.PackageNotFoundError:
         nudenet = None
-    protocol = metrics.protocol(args.nudenet_class_names or metrics.DEFAULT_CLASSES, args.nudenet_threshold,
-                                args.clip_score_model if "clip" in args.metric_names else None, nudenet)
-    return lambda run_dir, records: write_report(run_dir, records, protocol=protocol)
+    text = protocol(args.nudenet_class_names or DEFAULT_CLASSES, args.nudenet_threshold,
+                    args.clip_score_model if "clip" in args.metric_names else None, nudenet)
+    return lambda run_dir, records: write_report(run_dir, records, protocol=text)
 
 
 def sha256(path) -> str:

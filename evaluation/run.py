@@ -35,14 +35,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import png
+from cli.metadata import parameters_text
 from evaluation.methods import Method, Sampling, check_proposer
 from evaluation.prompts import PromptRow
+from files import write_atomic
 from sampler.loop import NonFiniteError
 
 SETTINGS_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 IMAGES = "images"
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111 names them
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
 # than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.
 DIST_TIMEOUT = timedelta(days=7)
@@ -206,8 +207,7 @@ def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
     sampled = time.perf_counter()
     record["negatives"] = result.negatives
     png.write_png(spec.out / job.image, result.image,
-                  {"parameters": parameters_text(row.prompt, result, seed, guidance, spec.sampling, spec.model_name,
-                                                 method)})
+                  {"parameters": image_text(row.prompt, result, seed, guidance, spec.sampling, spec.model_name, method)})
     written = time.perf_counter()
     if metrics is not None:
         try:
@@ -229,16 +229,12 @@ def _seconds(start: float) -> float:
     return round(time.perf_counter() - start, 4)
 
 
-def parameters_text(prompt: str, result, seed: int, guidance: float, sampling: Sampling, model: str,
-                    method: Method) -> str:
-    """The PNG `parameters` text in AUTOMATIC1111's layout, as generate.py writes it, plus the method."""
+def image_text(prompt: str, result, seed: int, guidance: float, sampling: Sampling, model: str, method: Method) -> str:
+    """The PNG `parameters` text, as generate.py writes it, plus the method and its settings."""
     height, width = result.image.shape[:2]
-    settings = [f"Steps: {sampling.steps}", f"Sampler: {SAMPLER_NAMES.get(sampling.sampler, sampling.sampler)}",
-                f"CFG scale: {guidance:g}", f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}",
-                f"Method: {method.label}"]
-    settings += [f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in result.parameters.items()]
-    negative = [f"Negative prompt: {result.negative_prompt}"] if result.negative_prompt else []
-    return "\n".join([prompt, *negative, ", ".join(settings)])
+    return parameters_text(prompt, result.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
+                           guidance_scale=guidance, seed=seed, width=width, height=height, model=model,
+                           extra={"Method": method.label, **result.parameters})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,15 +271,6 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
 def _short(value, limit: int = 120) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def append_record(path: Path, record: dict):

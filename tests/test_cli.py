@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import generate
 import weights
 from checkpoints import make_sd_folder
-from conftest import pipeline_images
+from cli import generate_args
+from helpers import pipeline_images
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -162,19 +163,28 @@ def test_steps_the_schedule_cannot_take_exit_2_after_loading(sd1, tmp_path, caps
 
 
 @pytest.mark.parametrize("error, message", [
-    (ZeroDivisionError("division by zero"), "error: ZeroDivisionError: division by zero"),
-    (ValueError("first line\nsecond line"), "error: ValueError: first line"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
                   "you tried to allocate 1099511627776 bytes."), "error: out of memory"),
     (MemoryError(), "error: out of memory"),
 ])
-def test_unexpected_errors_are_one_line_exit_1(sd1, tmp_path, capsys, monkeypatch, error, message):
+def test_out_of_memory_is_one_line_exit_1(sd1, tmp_path, capsys, monkeypatch, error, message):
     def failing(*args, **kwargs):
         raise error
     monkeypatch.setattr(generate, "generate", failing)
     code, _, err = run(capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
     assert code == 1 and len(err) == 1 and err[0].startswith(message), err
     assert "out of memory" not in message or "--batch" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("division by zero"), ValueError("first line\nsecond line")])
+def test_a_bug_keeps_its_traceback(sd1, tmp_path, monkeypatch, error):
+    """A forker's bug is not turned into one line: it leaves main() with its traceback, and nothing is saved."""
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(generate, "generate", failing)
+    with pytest.raises(type(error)):
+        generate.main(["--model", str(sd1), "--out", str(tmp_path / "x.png"), *map(str, FAST)])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -213,9 +223,9 @@ def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path
     assert code == 0
     image, text = read_png(tmp_path / "demo.png")
     size = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
-    assert text["parameters"] == (f"{generate.DEMO_PROMPT}\nSteps: 5, Sampler: DDIM, CFG scale: 1, Seed: 9, "
+    assert text["parameters"] == (f"{generate_args.DEMO_PROMPT}\nSteps: 5, Sampler: DDIM, CFG scale: 1, Seed: 9, "
                                   f"Size: {size}x{size}, Model: sd2v, Eta: 0.5")
-    expected = diffusers_images(sd2v, generate.DEMO_PROMPT, seed=9, steps=5, guidance=1, eta=0.5)
+    expected = diffusers_images(sd2v, generate_args.DEMO_PROMPT, seed=9, steps=5, guidance=1, eta=0.5)
     assert_same_image(image, expected[0])
 
 

@@ -1,0 +1,153 @@
+"""generate.py's command line: its options, and the checks that run before any model is loaded."""
+import argparse
+from pathlib import Path
+
+from cli.args import Parser, UsageError, check_model, check_rules, check_writable, finite, pick_device, pick_dtype
+from sampler.base import SAMPLERS
+from vlm.client import chat_url
+from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
+from vlm.tasks import TASKS
+
+DEMO_PROMPT = "a photograph of an astronaut riding a horse"
+OUTPUTS = Path("outputs")
+
+EXAMPLES = """\
+examples:
+  python generate.py "a watercolor of a lighthouse at dawn" --seed 42
+  python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
+  python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
+  python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
+  python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
+  python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
+
+Prints the seed, then the path of each image written.
+Exit status: 0 done, 1 sampling failed (nothing saved) or the --trace could not be written (the images
+were), 2 bad argument or model, 130 interrupted. A bug ends with Python's traceback (status 1).
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x (DDIM or DPM-Solver++ 2M), optionally with VL-DNP.",
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                   help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
+    m.add_argument("--tokenizer", metavar="DIR",
+                   help="folder with vocab.json and merges.txt, for single files (default: downloaded)")
+    m.add_argument("--prediction-type", choices=["epsilon", "v"],
+                   help="what the UNet predicts, overriding the model's scheduler config; "
+                        "single files do not record it (SD 2.x 768 models: v)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="ddim, or dpm++2m: DPM-Solver++ 2M, the paper's evaluation sampler (default: ddim)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+    s.add_argument("--guidance", type=finite, default=7.5, metavar="SCALE",
+                   help="classifier-free guidance scale; 1 or less skips the unconditional pass (default: %(default)s)")
+    s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
+    s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
+    s.add_argument("--eta", type=finite, default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only (default: 0)")
+    s.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
+
+    o = p.add_argument_group("output and hardware")
+    o.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... PATH-{N-1}.png with --batch N, "
+                                                  "overwriting (default: a new file in outputs/, never overwriting)")
+    o.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    o.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on cuda, fp32 elsewhere")
+    o.add_argument("--quiet", action="store_true", help="no progress bar (the seed and paths are still printed)")
+
+    add_vl_dnp_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
+    v = parser.add_argument_group("VL-DNP: dynamic negative prompts from what a model sees (arXiv 2510.26052)")
+    v.add_argument("--proposer", choices=["auto", "vlm", "clip", "static", "none"], default="auto",
+                   help="who looks at the predicted image: a VLM server (vlm), the built-in CLIP ViT-L/14 (clip), "
+                        "nobody but with the task's fixed negative from the start (static, the paper's baseline), "
+                        "or nobody: plain Stable Diffusion (none). auto: vlm with --vlm-url, else clip")
+    v.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1; "
+                   "an API key is read from VLM_API_KEY (or OPENAI_API_KEY)")
+    v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model name sent to the server "
+                   "(default: %(default)s)")
+    v.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity",
+                   help="nudity: the paper's question and mapping; safety: any unsafe elements; creative: the "
+                        "dominant object or style, accumulated (default: %(default)s)")
+    v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, e.g. 5,6,7 (default: the paper's "
+                   f"{','.join(map(str, PAPER_STEPS))} for 50 steps, rescaled to --steps; 'none' for no queries)")
+    v.add_argument("--vlm-async", action="store_true",
+                   help="query in the background while denoising goes on; answers apply when they arrive")
+    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S",
+                   help="seconds for each query, the whole request (default: 30)")
+    v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
+                   help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
+    v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",
+                   help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--full-decode", action="store_true",
+                   help="decode the whole x0 image at each query; by default it is decoded only as large as the "
+                        "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
+    v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u) (default: 7.5)")
+    v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
+                   "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png")
+
+
+def check_vl_dnp(args):
+    """Resolves --proposer auto and checks the VL-DNP flags; sets args.query_steps."""
+    if args.proposer == "auto":
+        args.proposer = "vlm" if args.vlm_url else "clip"
+    if args.proposer == "vlm" and not args.vlm_url:
+        raise UsageError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+    if args.vlm_url:
+        try:
+            chat_url(args.vlm_url)
+        except ValueError as e:
+            raise UsageError(f"--vlm-url {e}") from None
+    check_rules([("negative_scale", args.negative_scale >= 0, "0 or more"),
+                 ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
+                 ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")], args)
+    try:
+        args.query_steps = default_query_steps(args.steps) if args.vlm_steps is None else \
+            parse_steps(args.vlm_steps, args.steps)
+    except ValueError as e:
+        raise UsageError(f"--vlm-steps: {e}") from None
+    if args.trace is not None:
+        if args.proposer not in ("vlm", "clip"):
+            raise UsageError(f"--trace: --proposer {args.proposer} makes no queries to trace")
+        check_out(args.trace, "--trace")
+
+
+def check(args):
+    """Rejects bad arguments, before any heavy work; sets args.device, args.torch_dtype and
+    args.query_steps, and resolves --proposer auto."""
+    check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"), ("guidance", args.guidance >= 0, "0 or more"),
+                 ("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
+                 ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]
+                + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
+                   for side, size in [("height", args.height), ("width", args.width)]], args)
+    if args.eta and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta}: only --sampler ddim takes eta; {args.sampler} is deterministic")
+    check_model(args.model)
+    check_out(args.out)
+    check_vl_dnp(args)
+    args.device = pick_device(args.device)
+    args.torch_dtype = pick_dtype(args.dtype, args.device)
+
+
+def check_out(out: str | None, option: str = "--out"):
+    """--out names a file in an existing, writable folder; without it, outputs/ is made."""
+    if out is None:
+        try:
+            OUTPUTS.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"outputs/: cannot write in {OUTPUTS} ({e.strerror})") from None
+        return check_writable(OUTPUTS, "outputs/")
+    if Path(out).is_dir():
+        raise UsageError(f"{option} {out}: is a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    check_writable(Path(out).parent, f"{option} {out}")

@@ -1,0 +1,15 @@
+"""The PNG `parameters` text, in the layout AUTOMATIC1111 and other SD tools read: the prompt, the
+negative prompt, then one line of `Key: value` settings."""
+import json
+
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # as those tools write them
+
+
+def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,
+                    seed: int, width: int, height: int, model: str, extra: dict | None = None) -> str:
+    """`extra` holds further settings in order; a value with a comma is quoted, so the line still splits."""
+    settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": f"{guidance_scale:g}",
+                "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+    line = ", ".join(f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in settings.items())
+    negative = [f"Negative prompt: {negative_prompt}"] if negative_prompt else []
+    return "\n".join([prompt, *negative, line])
