@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.conv import Conv2d  # nn.Conv2d, with its weight packed once for the CPU
-
 
 @dataclass
 class UNetConfig:
@@ -40,7 +38,7 @@ class UNetConfig:
 
 
 SD15 = UNetConfig()
-SD21 = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=96)
+SD21 = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, upcast_attention=True, sample_size=96)
 SD21_BASE = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=64)
 
 
@@ -69,11 +67,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, time_dim: int | None, groups: int = 32, eps: float = 1e-5):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(time_dim, out_ch) if time_dim else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))  # [B, out, H, W]
@@ -163,7 +161,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6)
         self.linear_proj = cfg.linear_proj
-        proj = (lambda: nn.Linear(ch, ch)) if cfg.linear_proj else (lambda: Conv2d(ch, ch, 1))
+        proj = (lambda: nn.Linear(ch, ch)) if cfg.linear_proj else (lambda: nn.Conv2d(ch, ch, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(ch, num_heads, cfg.context_dim, cfg.upcast_attention) for _ in range(depth)
@@ -191,7 +189,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -200,7 +198,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size):
         # Nearest-neighbour to the skip connection's size: x2, or one less where a downsample rounded up.
@@ -264,7 +262,7 @@ class UNet(nn.Module):
         attn = lambda level, ch: SpatialTransformer(ch, cfg.num_heads[level], cfg.transformer_depth[level], cfg)
 
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
-        self.conv_in = Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
 
         skip_chs, ch = [chs[0]], chs[0]
         self.down_blocks = nn.ModuleList()
@@ -295,7 +293,7 @@ class UNet(nn.Module):
             self.up_blocks.append(Block(resnets, attentions, Upsample(ch) if level > 0 else None, up=True))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
-        self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])

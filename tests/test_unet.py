@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from helpers import assert_close_rel, randomize_
-from model.unet import UNet
 from checkpoint.configs import unet_config_from_diffusers
+from helpers import assert_close_rel, randomize_
+from model.unet import SD15, SD21, SD21_BASE, UNet
 
 SD1_SMALL = dict(
     block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=48,
@@ -84,3 +84,21 @@ def test_unsupported_diffusers_configs_are_rejected():
         unet_config_from_diffusers({**SD1_SMALL, "addition_embed_type": "text_time"})
     with pytest.raises(ValueError, match="block type"):
         unet_config_from_diffusers({**SD1_SMALL, "down_block_types": ("SimpleCrossAttnDownBlock2D", "DownBlock2D")})
+
+
+# The unet/config.json keys that matter, as the hub's SD1.5, SD2.1 (768-v) and SD2.1-base repos hold them.
+HUB_UNETS = {
+    "sd15": dict(attention_head_dim=8, cross_attention_dim=768, sample_size=64),
+    "sd21": dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                 upcast_attention=True, sample_size=96),
+    "sd21-base": dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                      upcast_attention=False, sample_size=64),
+}
+
+
+@pytest.mark.parametrize("name, preset", [("sd15", SD15), ("sd21", SD21), ("sd21-base", SD21_BASE)])
+def test_presets_are_the_hub_configs(name, preset):
+    config = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, **HUB_UNETS[name])
+    assert unet_config_from_diffusers(config) == preset
