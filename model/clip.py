@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.conv import Conv2d  # nn.Conv2d, with its weight packed once for the CPU
-
 
 @dataclass
 class CLIPTextConfig:
@@ -193,8 +191,8 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         num_patches = (config.image_size // config.patch_size) ** 2
         self.class_embedding = nn.Parameter(torch.randn(config.width))
-        self.patch_embedding = Conv2d(3, config.width, config.patch_size, stride=config.patch_size,
-                                      bias=False)
+        self.patch_embedding = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding(num_patches + 1, config.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.conv import Conv2d  # nn.Conv2d, with its weight packed once for the CPU
 from model.unet import ResnetBlock, Upsample, attention
 
 
@@ -78,7 +77,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # [B, C, H/2, W/2]
@@ -139,14 +138,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch = cfg.channels
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, downsample=i < len(ch) - 1, cfg=cfg)
             for i in range(len(ch))
         )
         self.mid_block = MidBlock(ch[-1], cfg)
         self.conv_norm_out = _group_norm(ch[-1], cfg)
-        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 128, H, W]
@@ -163,14 +162,14 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch = cfg.channels[::-1]  # deepest level first
-        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], cfg)
         self.up_blocks = nn.ModuleList(
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, upsample=i < len(ch) - 1, cfg=cfg)
             for i in range(len(ch))
         )
         self.conv_norm_out = _group_norm(ch[-1], cfg)
-        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)  # [B, 512, h, w]
@@ -193,8 +192,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8].

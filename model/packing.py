@@ -1,0 +1,125 @@
+"""CPU weight packing, applied to a loaded model: each convolution keeps its weight in oneDNN's layout.
+
+On the CPU, PyTorch runs convolutions with oneDNN, which wants the weight in a blocked layout chosen
+for the input's shape. nn.Conv2d keeps the weight as [out, in, kh, kw], so oneDNN reorders it into
+a fresh buffer on every call. In the UNet's deep levels, where a 1280-channel 3x3 weight meets an
+8x8 feature map, that reorder costs more than the convolution itself.
+
+`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d, which reorders its weight at
+its first fp32 inference call on the CPU and then holds only the reordered tensor: the plain one is
+let go, so packing costs no memory. A call with another input shape re-packs from the packed tensor.
+(torch.compile's freezing pass does the same to convolution weights.) `unpack_convolutions(model)`
+gives back nn.Conv2d modules.
+
+What the model shows the outside stays nn.Conv2d's: state_dict() gives plain [out, in, kh, kw]
+weights under the same keys, load_state_dict() takes them, `conv.weight.shape/dtype/device` read as
+before. A call that cannot use the packed weight (autograd, another dtype or device, torch.compile)
+first unpacks it, and so do .to(), .float(), .cuda(), ...; a later fp32 CPU call packs again.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PackedConv2d(nn.Module):
+    """A frozen nn.Conv2d whose weight, once called, is held only in oneDNN's blocked layout."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = conv.weight  # [out, in/groups, kh, kw] until the first packable call
+        self.register_parameter("bias", conv.bias)
+        self.packed_for = None  # the input shape self.weight is laid out for, while it is packed
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packable(x):
+            self._unpack()
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if not self.packed or self.packed_for != x.shape:
+            self._pack(x.shape)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return (frozen and not (torch.is_grad_enabled() and x.requires_grad)
+                and x.device.type == "cpu" and x.dim() == 4 and x.dtype == self.weight.dtype == torch.float32
+                and self.weight.device.type == "cpu"
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and not torch.compiler.is_compiling())
+
+    def _pack(self, shape: torch.Size):
+        w = self.weight if self.packed else self.weight.to_mkldnn()
+        self.weight = nn.Parameter(torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w, self.padding, self.stride, self.dilation, self.groups, shape), requires_grad=False)
+        self.packed_for = tuple(shape)
+
+    def _unpack(self):
+        if self.packed:
+            with torch.no_grad():
+                self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+            self.packed_for = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed:
+            destination[prefix + "weight"] = self.weight.to_dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ...
+        self._unpack()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # deepcopy and pickle: the copy holds the plain weight, and packs its own
+        state = self.__dict__.copy()
+        if self.packed:
+            plain = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+            state["_parameters"] = {**self._parameters, "weight": plain}
+            state["packed_for"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, packed_for={self.packed_for}")
+
+
+def packable(module: nn.Module) -> bool:
+    """nn.Conv2d itself (not a subclass, which may compute something else), with zero padding given
+    as numbers: what oneDNN's packed convolution computes."""
+    return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def pack_convolutions(module: nn.Module) -> nn.Module:
+    """Replaces every nn.Conv2d in `module` with a PackedConv2d, in place, and returns `module` (or,
+    for an nn.Conv2d itself, its PackedConv2d). Meant for a loaded model whose parameters do not
+    require grad: each weight is packed at its first fp32 CPU call, and one that requires grad is
+    never packed."""
+    if packable(module):
+        return PackedConv2d(module)
+    for name, child in module.named_children():
+        setattr(module, name, pack_convolutions(child))
+    return module
+
+
+def unpack_convolutions(module: nn.Module) -> nn.Module:
+    """Replaces every PackedConv2d in `module` with an nn.Conv2d holding its plain weight, in place,
+    and returns `module` (or, for a PackedConv2d itself, its nn.Conv2d)."""
+    if isinstance(module, PackedConv2d):
+        module._unpack()
+        with torch.device("meta"):
+            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, bias=module.bias is not None)
+        conv.weight, conv.bias = module.weight, module.bias
+        return conv
+    for name, child in module.named_children():
+        setattr(module, name, unpack_convolutions(child))
+    return module
