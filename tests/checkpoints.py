@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import randomize_
+from benchmarks.random_weights import SCHEDULER, randomize_
 from fake_vocab import write_clip_vocab
 
 # Text width 128 with 64-channel heads and 32-group norms: the conventions a single file cannot
@@ -35,8 +35,6 @@ FAMILIES = {
 }
 VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                 set_alpha_to_one=False, steps_offset=1)
 
 
 def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True, max_length=77):

@@ -133,8 +133,8 @@ def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys)
 
 def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
     import transformers
-    from conftest import randomize_
     from fake_vocab import write_clip_vocab
+    from helpers import randomize_
 
     folder = write_clip_vocab(tmp_path / "clip")
     vocab = json.loads((folder / "vocab.json").read_text())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import transformers
-from conftest import assert_close_rel, randomize_, rel_err
+from helpers import assert_close_rel, randomize_, rel_err
 
 from model.clip import (
     CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,

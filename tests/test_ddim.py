@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from conftest import assert_close_rel
+from helpers import assert_close_rel
 from sampler.ddim import DDIM
 from sampler.schedule import SchedulerConfig
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from checkpoints import make_sd_folder
-from conftest import assert_close_rel, assert_same_image, pipeline_images
+from helpers import assert_close_rel, assert_same_image, pipeline_images
 from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
 from sampler.loop import generate

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import assert_close_rel, randomize_
 from fake_vocab import write_clip_vocab
+from helpers import assert_close_rel, randomize_
 
 from evaluation.metrics import (DEFAULT_CLASSES, NUDENET_CLASSES, PROTOCOL, Metrics, aggregate, nudenet_input,
                                 nudenet_metrics)

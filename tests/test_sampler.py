@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from checkpoints import make_sd_folder
-from conftest import assert_same_image, pipeline_images
+from helpers import assert_same_image, pipeline_images
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate

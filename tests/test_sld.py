@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionPipelineSafe
 
 from checkpoints import make_sd_folder
-from conftest import pipeline_images
+from helpers import pipeline_images
 from sampler.loop import Guidance, generate
 from sampler.sld import PRESETS, SAFETY_CONCEPT, SafeLatentDiffusion, SLDConfig, sld_generate_kwargs
 from weights import load_pipeline

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
-from conftest import assert_close_rel, randomize_, rel_err
+from helpers import assert_close_rel, randomize_, rel_err
 from model.vae import SD, AutoencoderKL, VAEConfig, _tile_spans
 
 SMALL = VAEConfig(channels=(32, 64), layers_per_block=2, norm_groups=8)

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import weights
 from checkpoints import make_sd_folder
 from fake_vlm import LocalServer, QuietHandler, completion, dead_url
-from conftest import assert_close_rel, rel_err
+from helpers import assert_close_rel, rel_err
 from png import read_png
 from sampler.loop import generate, to_uint8
 from vlm.base import Reply

@@ -1,0 +1,32 @@
+"""Shared test helpers: randomized weights, a relative-error check, and images from a diffusers
+pipeline compared with ours."""
+import numpy as np
+import torch
+
+from benchmarks.random_weights import randomize_  # noqa: F401  the benchmarks randomize models the same way
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(a, b, tol=1e-4):
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
+    """Runs the diffusers pipeline `ref` with a CPU generator seeded `seed`, as generate() draws;
+    uint8 [B, H, W, 3], rounded as diffusers' numpy_to_pil rounds."""
+    out = ref(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+    return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def assert_same_image(ours, expected):
+    assert ours.shape == expected.shape and ours.dtype == torch.uint8
+    # Random weights saturate easily; make sure the comparison is about real pixel values.
+    assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
+    assert (ours.int() - expected.int()).abs().max() <= 2
