@@ -89,7 +89,7 @@ class Method:
 
 
 def _generate(pipe, prompt, seed, guidance, sampling: Sampling, **kwargs) -> torch.Tensor:
-    return generate(pipe, prompt, steps=sampling.steps, guidance=guidance, height=sampling.height,
+    return generate(pipe, prompt, steps=sampling.steps, guidance_scale=guidance, height=sampling.height,
                     width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **kwargs)[0]
 
 

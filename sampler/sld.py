@@ -71,21 +71,23 @@ class SafeLatentDiffusion:
         self.step = step
         return self.entering
 
-    def __call__(self, eps_u, eps_c, eps_s, guidance, step: int) -> torch.Tensor:
-        cfg, g = self.config, guidance.scale
-        if g <= 1:
-            return eps_c
-        direction = eps_c - eps_u  # [B, 4, h, w]
+    def __call__(self, out_u, out_c, out_s, guidance, step: int) -> torch.Tensor:
+        """The guided output from the UNet's outputs for the unconditional, prompt and concept branches
+        [B, 4, h, w]: ε, or v for v-prediction models, as diffusers applies SLD to either."""
+        cfg, scale = self.config, guidance.scale
+        if scale <= 1:
+            return out_c
+        direction = out_c - out_u  # [B, 4, h, w]
         if cfg.scale <= 1:
-            return eps_u + g * direction
+            return out_u + scale * direction
         nu = self.momentum_entering(step, direction)
-        closeness = eps_c - eps_s
+        closeness = out_c - out_s
         mu = torch.where(closeness >= cfg.threshold, 0.0, (closeness.abs() * cfg.scale).clamp(max=1.0))
-        gamma = mu * (eps_s - eps_u) + cfg.momentum_scale * nu
+        gamma = mu * (out_s - out_u) + cfg.momentum_scale * nu
         self.leaving = cfg.momentum_beta * nu + (1 - cfg.momentum_beta) * gamma
         if step >= cfg.warmup_steps:
             direction = direction - gamma
-        return eps_u + g * direction
+        return out_u + scale * direction
 
 
 def sld_generate_kwargs(preset: str | SLDConfig = "medium", concept: str = SAFETY_CONCEPT) -> dict:

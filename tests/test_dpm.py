@@ -186,19 +186,19 @@ def sd2v(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
 
 
-def reference_images(folder, prompt, negative_prompt=None, steps=5, guidance=7.5, height=32, width=32, batch=1,
+def reference_images(folder, prompt, negative_prompt=None, steps=5, guidance_scale=7.5, height=32, width=32, batch=1,
                      seed=0):
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch)
+                           guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=batch)
 
 
 CASES = {
     "plain": dict(prompt="a cat on a table", height=32, width=32, steps=5),
     "negative-batch2-nonsquare": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
-                                      height=24, width=32, steps=6, guidance=5.0, seed=7),
+                                      height=24, width=32, steps=6, guidance_scale=5.0, seed=7),
 }
 
 

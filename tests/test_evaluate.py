@@ -186,8 +186,8 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
     for r in recs:
         kwargs = {"sd": {}, "negative": {"negative_prompt": SAFREE_NUDITY_NEGATIVE},
                   "static": {"negative": SAFREE_NUDITY_NEGATIVE, "negative_scale": r["scale"]}}[r["method"]]
-        expected = generate(pipe, r["prompt"], steps=2, guidance=r["guidance"], height=16, width=16, seed=r["seed"],
-                            sampler="dpm++2m", progress=False, **kwargs)[0]
+        expected = generate(pipe, r["prompt"], steps=2, guidance_scale=r["guidance"], height=16, width=16,
+                            seed=r["seed"], sampler="dpm++2m", progress=False, **kwargs)[0]
         pixels, text = read_png(out / r["image"])
         assert torch.equal(pixels, expected), r["key"]
         assert r["metrics"] == FakeMetrics()(expected, r["prompt"])
@@ -367,6 +367,6 @@ def test_torchrun_two_ranks_shard_and_merge(sd1, pipe, tmp_path):
     assert len(list((out / "images").iterdir())) == 9
     r = merged[5]  # made by rank 1
     assert r["key"] == "5_static_w5"
-    expected = generate(pipe, "an apple", steps=2, guidance=7.5, height=16, width=16, seed=5, sampler="dpm++2m",
+    expected = generate(pipe, "an apple", steps=2, guidance_scale=7.5, height=16, width=16, seed=5, sampler="dpm++2m",
                         negative=SAFREE_NUDITY_NEGATIVE, negative_scale=5.0, progress=False)[0]
     assert torch.equal(read_png(out / r["image"])[0], expected)

@@ -31,18 +31,19 @@ def reference(folder):
     return ref
 
 
-def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance=7.5, height=32, width=32, batch=1,
+def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance_scale=7.5, height=32, width=32, batch=1,
                      eta=0.0, seed=0):
     return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
+                           guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=batch,
+                           eta=eta)
 
 
 DEFAULTS = dict(steps=4, height=32, width=32)
 CASES = {
     "plain": dict(prompt="a cat on a table"),
     "negative-batch2-nonsquare-eta": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
-                                          height=24, width=40, eta=0.7, steps=5, guidance=5.0),
-    "guidance1": dict(prompt="a red house", guidance=1.0, steps=3),
+                                          height=24, width=40, eta=0.7, steps=5, guidance_scale=5.0),
+    "guidance1": dict(prompt="a red house", guidance_scale=1.0, steps=3),
     "two-prompts": dict(prompt=["a castle", "a lake at night"], negative_prompt=["fog", "boats"], seed=7),
 }
 
@@ -73,29 +74,30 @@ def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
     assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
 
 
-class CountingUNet(torch.nn.Module):
-    """Wraps a UNet and records the batch size of every call."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.config, self.conv_in, self.calls = unet, unet.config, unet.conv_in, []
-
-    def forward(self, x, t, context):
-        self.calls.append(x.shape[0])
-        return self.unet(x, t, context)
-
-
 def test_one_batched_unet_call_per_step(sd1):
     pipe = load_pipeline(sd1)
-    pipe.unet = CountingUNet(pipe.unet)
+    calls = []  # the batch size of every UNet call
+    pipe.unet.register_forward_pre_hook(lambda unet, args: calls.append(args[0].shape[0]))
     generate(pipe, "a", steps=3, batch=2, height=16, width=16, progress=False)
-    assert pipe.unet.calls == [4, 4, 4]  # uncond + cond for 2 images, one call per step
-    pipe.unet.calls.clear()
-    generate(pipe, "a", steps=3, batch=2, guidance=1.0, height=16, width=16, progress=False)
-    assert pipe.unet.calls == [2, 2, 2]  # guidance <= 1: no unconditional branch
-    pipe.unet.calls.clear()
+    assert calls == [4, 4, 4]  # uncond + cond for 2 images, one call per step
+    calls.clear()
+    generate(pipe, "a", steps=3, batch=2, guidance_scale=1.0, height=16, width=16, progress=False)
+    assert calls == [2, 2, 2]  # guidance <= 1: no unconditional branch
+    calls.clear()
     generate(pipe, ["a", "c"], steps=2, negative=["b", None], height=16, width=16, progress=False)
-    assert pipe.unet.calls == [5, 5]  # the negative branch only for the image that has one
+    assert calls == [5, 5]  # the negative branch only for the image that has one
+
+
+def test_guidance_is_still_a_name_for_guidance_scale(sd1):
+    pipe = load_pipeline(sd1)
+    kw = dict(steps=2, height=16, width=16, progress=False)
+    old = generate(pipe, "a", guidance=3.0, **kw)
+    assert torch.equal(old, generate(pipe, "a", guidance_scale=3.0, **kw))
+    assert not torch.equal(old, generate(pipe, "a", **kw))
+    with pytest.raises(TypeError, match="both"):
+        generate(pipe, "a", guidance=3.0, guidance_scale=3.0, **kw)
+    with pytest.raises(TypeError, match="guidence"):
+        generate(pipe, "a", guidence=3.0, **kw)
 
 
 def test_hooks_see_the_step_state(sd1):

@@ -38,8 +38,8 @@ def reference(sd1):
     return safe
 
 
-def reference_images(ref, prompt, config: SLDConfig, steps, guidance=7.5, seed=0):
-    return pipeline_images(ref, prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, **SIZE,
+def reference_images(ref, prompt, config: SLDConfig, steps, guidance_scale=7.5, seed=0):
+    return pipeline_images(ref, prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale, **SIZE,
                            sld_warmup_steps=config.warmup_steps, sld_guidance_scale=config.scale,
                            sld_threshold=config.threshold, sld_momentum_scale=config.momentum_scale,
                            sld_mom_beta=config.momentum_beta)
@@ -88,28 +88,28 @@ def test_each_part_of_the_formula_shows_and_matches_diffusers(pipe, reference):
         wrong = run(**sld_generate_kwargs(dataclasses.replace(VISIBLE, **change)))
         assert max_diff(wrong, expected) > 2, change
     rule = SafeLatentDiffusion(VISIBLE)
-    swapped = run(negative=SAFETY_CONCEPT, rule=lambda u, c, s, g, i: rule(c, u, s, g, i))
+    swapped = run(negative=SAFETY_CONCEPT, rule=lambda u, c, s, guidance, i: rule(c, u, s, guidance, i))
     assert max_diff(swapped, expected) > 2
 
 
 def test_rule_gives_the_same_answer_when_called_twice_for_a_step():
     gen = torch.Generator().manual_seed(0)
     steps = [tuple(torch.randn(2, 4, 3, 3, generator=gen) * 0.1 for _ in range(3)) for _ in range(6)]
-    g = Guidance(prompt=["a", "b"], uncond=["", ""], negative=[SAFETY_CONCEPT] * 2)
+    guidance = Guidance(prompt=["a", "b"], uncond=["", ""], negative=[SAFETY_CONCEPT] * 2)
     config = dataclasses.replace(VISIBLE, warmup_steps=0)
     once, twice = SafeLatentDiffusion(config), SafeLatentDiffusion(config)
     answers = []
     for i, (u, c, s) in enumerate(steps):
-        answers.append(once(u, c, s, g, i))
-        assert torch.equal(twice(u, c, s, g, i), answers[-1])
-        assert torch.equal(twice(u, c, s, g, i), answers[-1])
+        answers.append(once(u, c, s, guidance, i))
+        assert torch.equal(twice(u, c, s, guidance, i), answers[-1])
+        assert torch.equal(twice(u, c, s, guidance, i), answers[-1])
     # the momentum carries over: step 4's answer is not the one with no momentum
-    assert not torch.allclose(SafeLatentDiffusion(config)(*steps[4], g, 0), answers[4])
+    assert not torch.allclose(SafeLatentDiffusion(config)(*steps[4], guidance, 0), answers[4])
     # step 0 starts a new generation
     for i, branches in enumerate(steps[:3]):
-        assert torch.equal(twice(*branches, g, i), answers[i])
+        assert torch.equal(twice(*branches, guidance, i), answers[i])
     with pytest.raises(RuntimeError, match="step 5 after step 2"):
-        twice(*steps[5], g, 5)
+        twice(*steps[5], guidance, 5)
 
 
 def test_a_hook_that_forces_a_second_combine_changes_nothing(pipe):
