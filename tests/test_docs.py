@@ -1,5 +1,6 @@
 """The README and docs/*.md against the code: every file they point at exists, the README's Python
 example runs as written, and every command uses flags its script's parser has."""
+import ast
 import functools
 import os
 import re
@@ -55,10 +56,46 @@ def broken_links(text: str, doc: Path) -> list[str]:
         elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text() if path else text):
             problems.append(f"{doc.name}: link to {target}: no such heading")
     for code in re.findall(r"`([^`\n]+)`", without_code_blocks(text)):
-        if " " in code or code.startswith("-"):
+        if " " in code or code.startswith("-") or NAME.fullmatch(code):  # names: missing_names
             continue
         if (code.endswith(".py") or code.split("/")[0] in REPO_FOLDERS) and not (ROOT / code).exists():
             problems.append(f"{doc.name}: `{code}`: no such file or folder in the repository")
+    return problems
+
+
+# `file.py:function` or `file.py:Class.method`, as the tour names the code
+NAME = re.compile(r"([\w/]+\.py):([\w.]+)")
+
+
+def defined_names(path: Path) -> set[str]:
+    """The dotted names of the functions, classes and methods, and module-level assignments, in `path`."""
+    names = set()
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(prefix + child.name)
+                visit(child, prefix + child.name + ".")
+            elif isinstance(child, (ast.Assign, ast.AnnAssign)) and not prefix:
+                targets = child.targets if isinstance(child, ast.Assign) else [child.target]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+
+    visit(ast.parse(path.read_text()), "")
+    return names
+
+
+def missing_names(text: str, doc: Path) -> list[str]:
+    """Every backticked `file.py:name` in `text` names a file of the repository that defines it."""
+    problems = []
+    for code in re.findall(r"`([^`\n]+)`", text):
+        m = NAME.fullmatch(code)
+        if not m:
+            continue
+        file = ROOT / m[1]
+        if not file.is_file():
+            problems.append(f"{doc.name}: `{code}`: no such file {m[1]}")
+        elif m[2] not in defined_names(file):
+            problems.append(f"{doc.name}: `{code}`: {m[1]} defines no {m[2]}")
     return problems
 
 
@@ -128,6 +165,21 @@ def test_links_and_paths_exist(doc):
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_named_code_exists(doc):
+    assert missing_names(doc.read_text(), doc) == []
+
+
+def test_the_tour_stops_at_every_station():
+    """tokenizer -> text encoder -> initial noise -> UNet step -> guidance -> DDIM update -> hooks -> VAE -> PNG"""
+    named = {m[0] for m in re.findall(r"`(([\w/]+\.py):[\w.]+)`", (ROOT / "docs" / "tour.md").read_text())}
+    for station in ["model/tokenizer.py:Tokenizer.__call__", "model/clip.py:CLIPTextModel.forward",
+                    "sampler/schedule.py:randn", "model/unet.py:UNet.forward", "sampler/loop.py:guide",
+                    "sampler/ddim.py:DDIM.step", "sampler/loop.py:StepState", "model/vae.py:AutoencoderKL.decode",
+                    "png.py:write_png"]:
+        assert station in named
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
 def test_command_flags_exist(doc):
     assert bad_flags(doc.read_text(), doc) == []
 
@@ -155,6 +207,10 @@ def test_the_checks_catch_mutated_docs():
         "README.md: link to docs/nowhere.md: no such file or folder",
         "README.md: link to docs/loading.md#nowhere: no such heading",
         "README.md: `sampler/nowhere.py`: no such file or folder in the repository"]
+    assert new_problems(missing_names, "\nSee `sampler/loop.py:no_such_function`, `sampler/nowhere.py:generate`, "
+                                       "`sampler/loop.py:Guidance.rows`.\n") == [
+        "README.md: `sampler/loop.py:no_such_function`: sampler/loop.py defines no no_such_function",
+        "README.md: `sampler/nowhere.py:generate`: no such file sampler/nowhere.py"]
     assert new_problems(bad_flags, "\n    python generate.py \"a cat\" --no-such-flag 3 --sampler euler\n"
                                    "    python nowhere.py --seed 1\n"
                                    "Use `--no-such-option`.\n") == [
