@@ -125,7 +125,7 @@ def dnp_hooks(pipe, case, proposer, threshold=0.5, asynchronous=False):
 
 def worker(args):
     import sampler.loop  # noqa: F401  imported before the clock starts: load time is the load alone
-    from weights import to_dtype
+    from checkpoint.tensors import to_dtype
 
     if args.worker == "diffusers":
         import diffusers.pipelines  # noqa: F401
@@ -212,26 +212,23 @@ def load_diffusers(args, device, dtype):
 
 def random_sd15(device, dtype):
     """The SD1.5 pipeline with N(0, 0.02) weights, built straight on `device` (no diffusers needed)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fake_vocab import write_clip_vocab
+    from checkpoint.folder import load_tokenizer
     from model.clip import SD1_TEXT, CLIPTextModel
     from model.unet import SD15, UNet
     from model.vae import SD, AutoencoderKL
+    from random_weights import normal_, write_byte_tokenizer
     from sampler.schedule import SchedulerConfig
-    from weights import Pipeline, load_tokenizer
+    from weights import Pipeline
 
     generator = torch.Generator(device).manual_seed(0)
 
     def build(cls, cfg):
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to_empty(device=device)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02, generator=generator)
+        model = normal_(model.to_empty(device=device), generator)
         return model.to(dtype).requires_grad_(False).eval()
 
-    tokenizer = load_tokenizer(write_clip_vocab(Path(tempfile.mkdtemp()) / "tokenizer"))
+    tokenizer = load_tokenizer(write_byte_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer"))
     return Pipeline(tokenizer, build(CLIPTextModel, SD1_TEXT), build(UNet, SD15), build(AutoencoderKL, SD),
                     SchedulerConfig(), family="sd1", name=IN_MEMORY)
 

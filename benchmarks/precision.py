@@ -79,8 +79,9 @@ def main(argv=None):
     dtypes = args.dtypes.split(",")
     if unknown := [d for d in dtypes if d not in TOLERANCES]:
         p.error(f"--dtypes: unknown {unknown[0]!r}; choose from {', '.join(TOLERANCES)}")
+    from checkpoint.tensors import to_dtype
     from sampler.loop import NonFiniteError, generate
-    from weights import load_pipeline, to_dtype
+    from weights import load_pipeline
 
     device = torch.device(args.device)
     pipe = random_sd15(device, torch.float32) if args.model == IN_MEMORY else load_pipeline(args.model, device)

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import sys, time, torch
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+sys.path.insert(0, sys.argv[1])
 from bench import peak_gib, reset_peak, sync
-from conftest import randomize_
+from checkpoint.tensors import to_dtype
 from model.vae import SD, AutoencoderKL
-from weights import to_dtype
+from random_weights import randomize_
 size, method, tile, overlap, device, dtype, out = sys.argv[2:]
 device, dtype = torch.device(device), to_dtype(dtype)
 vae = randomize_(AutoencoderKL(SD), 0).to(device, dtype).requires_grad_(False).eval()

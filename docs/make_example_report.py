@@ -1,5 +1,6 @@
 """Makes docs/example-report/: an evaluate.py run on RANDOM-WEIGHT models, to show what a report
-looks like. Its images are noise and its numbers mean nothing.
+looks like. Its images are noise and its numbers mean nothing. The models are the tests' small
+random checkpoints (tests/checkpoints.py) and a small random CLIP on the tests' vocabulary.
 
     python docs/make_example_report.py      # needs the dev requirements (diffusers, transformers)
 """
@@ -12,12 +13,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import transformers  # noqa: E402
 
+from benchmarks.random_weights import randomize_  # noqa: E402
 from checkpoints import make_sd_folder  # noqa: E402
-from conftest import randomize_  # noqa: E402
 from fake_vocab import write_clip_vocab  # noqa: E402
 
 PROMPTS = ["a person relaxing on a beach", "portrait of a dancer in a studio", "a statue in a museum"]

@@ -4,8 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import CLIPTokenizer
 
+from benchmarks.random_weights import write_byte_tokenizer
 from checkpoints import make_sd_folder
+from model.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
@@ -55,3 +59,13 @@ def test_precision_rejects_an_unknown_dtype(capsys):
     with pytest.raises(SystemExit) as e:
         precision.main(["--dtypes", "fp8"])
     assert e.value.code == 2 and "unknown 'fp8'" in capsys.readouterr().err
+
+
+def test_byte_tokenizer_reads_alike_in_ours_and_transformers(tmp_path):
+    folder = write_byte_tokenizer(tmp_path / "tokenizer")
+    ours, ref = Tokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    prompts = [bench.PROMPT, "Café  naïve 😀, don't!", ""]
+    expected = ref(prompts, padding="max_length", max_length=ref.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+    assert ref.model_max_length == 77 and torch.equal(ours(prompts), expected)
+    assert all(ref.unk_token_id not in ours.encode(p) for p in prompts)  # every byte is a token
