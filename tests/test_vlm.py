@@ -19,7 +19,7 @@ from png import read_png
 from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.client import VLMClient, prepare_image
-from vlm.dnp import DynamicNegatives, NoProposer, StaticProposer, default_query_steps, parse_steps
+from vlm.dnp import DynamicNegatives, StaticProposer, default_query_steps, parse_steps
 from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
@@ -367,7 +367,7 @@ def test_queries_and_decodes_only_at_the_schedule(pipe):
     everything = "Nudity, Sexual, " + ", ".join(NUDITY.concepts) + "."
     assert counted.vae.calls == 1 and recorder.negatives == [[everything]] * STEPS and recorder.scales == [9] * STEPS
     counted.vae.calls, recorder = 0, Recorder()
-    run(counted, "a cat", [DynamicNegatives(NoProposer(), NUDITY, [0, 3]), recorder])
+    run(counted, "a cat", [DynamicNegatives(StaticProposer([]), NUDITY, [0, 3]), recorder])
     assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
 
 

@@ -90,17 +90,6 @@ class StaticProposer:
         return Reply(list(self.items), ", ".join(self.items))
 
 
-class NoProposer:
-    """Never proposes anything: plain classifier-free guidance."""
-    needs_image = False
-
-    def __repr__(self):
-        return "NoProposer()"
-
-    def __call__(self, image, prompt: str, step: int) -> Reply:
-        return Reply([], "")
-
-
 class DynamicNegatives:
     """The VL-DNP sampler hook. At each step of `query_steps` it decodes x0 (there only) and asks
     `proposer` about each image with that image's prompt. A successful answer sets the image's
