@@ -93,7 +93,7 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
                    help="decode the whole x0 image at each query; by default it is decoded only as large as the "
                         "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
     v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
-                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u) (default: 7.5)")
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), g being --guidance (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
                    "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png")
 

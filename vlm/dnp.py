@@ -156,15 +156,15 @@ class DynamicNegatives:
         self._items, self._pending = [[] for _ in range(B)], [deque() for _ in range(B)]
 
     def _query(self, state):
-        g = state.guidance
+        guidance = state.guidance
         images = None
         if getattr(self.proposer, "needs_image", True):
             self.decode_factor = self._decode_factor(state)
             images = state.decode_x0(self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(g.prompt)),
+            self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(guidance.prompt)),
                                             thread_name_prefix="vl-dnp")
-        for b, prompt in enumerate(g.prompt):
+        for b, prompt in enumerate(guidance.prompt):
             query = Query(state.i, int(state.t))
             self.trace[b].append(query)
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
@@ -211,16 +211,16 @@ class DynamicNegatives:
 
     def _apply(self, state, b: int, query: Query, reply: Reply):
         """Makes image b's answer take effect at this step, or on a fault keeps its negative."""
-        g = state.guidance
+        guidance = state.guidance
         self._record(b, query, reply)
         query.took_effect = state.i
         if reply.error is None:
             items = list(reply.items)
             if self.task.mode == "accumulate":
                 items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
-            g.negative[b] = self.task.negative(items, state.pipe.tokenizer)
-            g.negative_scale = self.negative_scale
-        query.negative = self.negatives[b] = g.negative[b]
+            guidance.negative[b] = self.task.negative(items, state.pipe.tokenizer)
+            guidance.negative_scale = self.negative_scale
+        query.negative = self.negatives[b] = guidance.negative[b]
 
     def _record(self, b: int, query: Query, reply: Reply):
         query.raw, query.items = str(reply.raw)[:MAX_REPLY_CHARS], [str(item) for item in reply.items]
