@@ -237,9 +237,3 @@ class RetryingProposer:
         if reply.error is not None and attempt > 0:
             reply = dataclasses.replace(reply, error=f"{reply.error} (after {attempt + 1} attempts)")
         return dataclasses.replace(reply, latency=time.perf_counter() - start)
-
-
-def check_proposer(proposer) -> str | None:
-    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered."""
-    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
-    return proposer(image if proposer.needs_image else None, "", 0).error

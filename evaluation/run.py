@@ -36,10 +36,11 @@ from tqdm.auto import tqdm
 
 import png
 from cli.metadata import parameters_text
-from evaluation.methods import Method, Sampling, check_proposer
+from evaluation.methods import Method, Sampling
 from evaluation.prompts import PromptRow
 from files import write_atomic
 from sampler.loop import NonFiniteError
+from vlm.base import check_proposer
 
 SETTINGS_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"

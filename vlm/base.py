@@ -32,3 +32,10 @@ def valid_text(text: str) -> str:
     """`text` with each lone surrogate replaced by U+FFFD. JSON can carry one ("\\ud83d") but UTF-8
     cannot, so a reply holding one could be written to no file or PNG."""
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def check_proposer(proposer) -> str | None:
+    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered.
+    Run before a model loads, it finds a VLM server that is down while that costs nothing."""
+    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
+    return proposer(image if getattr(proposer, "needs_image", True) else None, "", 0).error
