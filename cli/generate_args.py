@@ -1,5 +1,6 @@
 """generate.py's command line: its options, and the checks that run before any model is loaded."""
 import argparse
+import os
 from pathlib import Path
 
 from cli.args import Parser, UsageError, check_model, check_rules, check_writable, finite, pick_device, pick_dtype
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     o = p.add_argument_group("output and hardware")
     o.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... PATH-{N-1}.png with --batch N, "
-                                                  "overwriting (default: a new file in outputs/, never overwriting)")
+                                                  "overwriting; a missing folder is made (default: a new file in "
+                                                  "outputs/, never overwriting)")
     o.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     o.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on cuda, fp32 elsewhere")
@@ -141,13 +143,22 @@ def check(args):
 
 
 def check_out(out: str | None, option: str = "--out"):
-    """--out names a file in an existing, writable folder; without it, outputs/ is made."""
+    """--out names a file; its folder is made (parents too) if missing, and must be writable.
+    Without --out, outputs/ is made."""
     if out is None:
-        try:
-            OUTPUTS.mkdir(exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"outputs/: cannot write in {OUTPUTS} ({e.strerror})") from None
-        return check_writable(OUTPUTS, "outputs/")
-    if Path(out).is_dir():
-        raise UsageError(f"{option} {out}: is a folder; give a file name, e.g. {Path(out) / 'image.png'}")
-    check_writable(Path(out).parent, f"{option} {out}")
+        return make_folder(OUTPUTS, "outputs/")
+    if Path(out).is_dir() or out.endswith(("/", os.sep)):
+        raise UsageError(f"{option} {out}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    make_folder(Path(out).parent, f"{option} {out}")
+
+
+def make_folder(folder: Path, flag: str):
+    """Makes `folder` and its missing parents, and checks that a file can be written in it."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
+    check_writable(folder, flag)

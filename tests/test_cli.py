@@ -96,8 +96,10 @@ BAD = [
     (["--height", "30"], "--height 30"), (["--width", "0"], "--width 0"), (["--width", "-16"], "--width -16"),
     (["--steps", "0"], "--steps 0"), (["--steps", "three"], "--steps"), (["--guidance", "-1"], "--guidance -1"),
     (["--eta", "-0.5"], "--eta -0.5"), (["--batch", "0"], "--batch 0"),
-    (["--out", "{tmp}/no-such-folder/x.png"], "no-such-folder"), (["--out", "{tmp}/a-file/x.png"], "a-file"),
-    (["--out", "{tmp}"], "is a folder"), (["--out", "{unwritable}/x.png"], "cannot write"),
+    (["--out", "{tmp}/a-file/x.png"], "a-file is a file, not a folder"),
+    (["--out", "{tmp}/a-file/new/x.png"], "a-file is a file, not a folder"),
+    (["--out", "{tmp}"], "names a folder"), (["--out", "{tmp}/new-folder/"], "names a folder"),
+    (["--out", "{unwritable}/x.png"], "cannot write"), (["--out", "{unwritable}/new/x.png"], "cannot create"),
     (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
@@ -252,6 +254,13 @@ def test_explicit_out_batch_names_and_overwrite(sd1, tmp_path, capsys):
         code, out, _ = run(capsys, "--model", sd1, "--seed", 1, "--batch", 3, "--out", tmp_path / "img.png", *FAST)
         assert code == 0 and out[1:] == [str(tmp_path / f"img-{i}.png") for i in range(3)]
     assert sorted(os.listdir(tmp_path)) == ["img-0.png", "img-1.png", "img-2.png"]
+
+
+def test_out_into_a_new_folder_makes_it(sd1, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "x.png"
+    code, stdout, err = run(capsys, "--model", sd1, "--seed", 1, "--out", out, *FAST)
+    assert code == 0 and stdout[1:] == [str(out)], err
+    assert read_png(out)[0].shape == (16, 16, 3)
 
 
 def test_dpm_solver_sampler(sd1, tmp_path, capsys):
