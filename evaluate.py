@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("model and sampling")
     s.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
-    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for single files")
+    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for single files: tokenizer.json, or "
+                   "vocab.json and merges.txt")
     s.add_argument("--prediction-type", choices=["epsilon", "v"], help="override the model's prediction type")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++2m",
                    help="dpm++2m: DPM-Solver++(2M), the paper's; ddim (default: %(default)s)")

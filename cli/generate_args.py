@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
     m.add_argument("--tokenizer", metavar="DIR",
-                   help="folder with vocab.json and merges.txt, for single files (default: downloaded)")
+                   help="tokenizer folder for single files: tokenizer.json, or vocab.json and merges.txt "
+                        "(default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"],
                    help="what the UNet predicts, overriding the model's scheduler config; "
                         "single files do not record it (SD 2.x 768 models: v)")

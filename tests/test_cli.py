@@ -219,6 +219,27 @@ def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, c
         assert_same_image(image, expected[i])
 
 
+def test_tokenizer_folder_of_either_layout(sd1, sd1_file, tmp_path, capsys):
+    """--help names both layouts a --tokenizer folder may have, and both make the same image."""
+    import evaluate
+    from transformers import CLIPTokenizer
+
+    for main in (generate.main, evaluate.main):
+        assert main(["--help"]) == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "tokenizer.json" in help_text and "vocab.json and merges.txt" in help_text
+    saved = tmp_path / "tokenizer-json"
+    CLIPTokenizer.from_pretrained(sd1 / "tokenizer").save_pretrained(saved)
+    assert (saved / "tokenizer.json").is_file() and not (saved / "vocab.json").exists()
+    images = []
+    for folder in (sd1 / "tokenizer", saved):
+        code, _, err = run(capsys, "a green tree", "--model", sd1_file, "--tokenizer", folder, "--seed", 5,
+                           "--out", tmp_path / f"{folder.name}.png", *FAST)
+        assert code == 0, err
+        images.append(read_png(tmp_path / f"{folder.name}.png")[0])
+    assert torch.equal(*images)
+
+
 def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path, capsys):
     code, _, _ = run(capsys, "--model", sd2v, "--prediction-type", "v", "--seed", 9, "--steps", 5,
                      "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--proposer", "none", "--quiet")
