@@ -74,8 +74,9 @@ def make_jobs(rows: list[PromptRow], methods: list[Method]) -> list[Job]:
 @dataclass
 class RunSpec:
     """Everything a run needs. The heavy parts are factories, called only on ranks with work:
-    `load_pipe()`, `make_metrics()` (None: no metrics) and `load_proposer(pipe)` for a proposer
-    that needs the model's device (CLIP). A ready `proposer` (a VLM client) is asked once before
+    `load_pipe()`, `make_metrics()` (None: no metrics) and `load_proposer()` for a proposer with
+    weights of its own (CLIP); the small ones load first, so that one that cannot load stops the run
+    before the diffusion model is fetched. A ready `proposer` (a VLM client) is asked once before
     anything is loaded when `check_proposer` is set."""
     out: Path
     rows: list[PromptRow]
@@ -168,10 +169,10 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     metrics = spec.make_metrics()
     for line in getattr(metrics, "disabled", []):
         group.say(f"warning: {line}", err=True)
-    pipe = spec.load_pipe()
     proposer = spec.proposer
     if proposer is None and spec.load_proposer is not None and any(job.method.label == "vldnp" for job in jobs):
-        proposer = spec.load_proposer(pipe)
+        proposer = spec.load_proposer()
+    pipe = spec.load_pipe()
     shard = spec.out / f"records.rank{group.rank}.jsonl"
     cut_torn_tail(shard)
     failed = 0
@@ -243,7 +244,8 @@ def image_text(prompt: str, result, seed: int, guidance: float, sampling: Sampli
 
 def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str | None:
     """Creates the run folder with its run.json, or checks that an existing run has the same
-    settings. Returns a one-line error, or None."""
+    settings. A run that made nothing (no image, no record; say it failed to load a model) does
+    not hold its folder: its settings are replaced. Returns a one-line error, or None."""
     settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
     path = out / SETTINGS_FILE
     try:
@@ -252,7 +254,9 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
                 stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
             except (ValueError, KeyError, TypeError) as e:
                 return f"--out {out}: {SETTINGS_FILE} is damaged ({e}); use a new --out folder"
-            if stored != settings:
+            if stored != settings and made_nothing(out):
+                write_atomic(path, run_json(settings, info))
+            elif stored != settings:
                 key = next(k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
                 return (f"--out {out} holds a run with other settings ({key}: {_short(stored.get(key))} there, "
                         f"{_short(settings.get(key))} now); resume it with the same arguments, or use a new --out")
@@ -260,13 +264,22 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 return f"--out {out}: exists and is not an evaluation run (no {SETTINGS_FILE}); give a new or empty folder"
             (out / IMAGES).mkdir(parents=True, exist_ok=True)
-            data = {"settings": settings, **(info or {}),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(path, run_json(settings, info))
         (out / IMAGES).mkdir(exist_ok=True)
     except OSError as e:
         return f"--out {out}: {e.strerror or e}"
     return None
+
+
+def run_json(settings: dict, info: dict | None) -> str:
+    data = {"settings": settings, **(info or {}), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def made_nothing(out: Path) -> bool:
+    """No record and no image: whatever ran here stopped before its first image."""
+    images = out / IMAGES
+    return not all_records(out) and not (images.is_dir() and any(images.iterdir()))
 
 
 def _short(value, limit: int = 120) -> str:

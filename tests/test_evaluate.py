@@ -210,6 +210,39 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
     assert code == 2 and len(err) == 1 and "not an evaluation run" in err[0]
 
 
+def offline_evaluate(tmp_path, *argv):
+    """evaluate.py in a process of its own with no way to the hub: huggingface_hub reads
+    HF_HUB_OFFLINE when it is imported, and HF_ENDPOINT points at a closed local port."""
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    return subprocess.run(evaluate_command(*argv), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_offline_clip_weights_say_who_needs_them_and_leave_the_folder_free(sd1, tmp_path):
+    csv, out = write(tmp_path / "p.csv", "prompt\na cat\n"), tmp_path / "run"
+    base = [csv, "--out", out, "--model", sd1, *SIZE]
+    result = offline_evaluate(tmp_path, *base, "--methods", "sd")  # the default metrics: nudenet and clip
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    for words in ("CLIP-score metric", "openai/clip-vit-large-patch14", "--metrics nudenet", "--metrics none",
+                  "--clip-score-model DIR"):
+        assert words in lines[0]
+
+    result = offline_evaluate(tmp_path, *base, "--methods", "vldnp", "--metrics", "none")  # the CLIP proposer
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    for words in ("CLIP proposer", "--proposer static", "--clip-model DIR"):
+        assert words in lines[0]
+
+    # neither run made an image, so neither holds the folder: other settings now run in it
+    result = offline_evaluate(tmp_path, *base, "--methods", "sd", "--metrics", "none", "--no-report")
+    assert result.returncode == 0, result.stderr
+    assert [r["key"] for r in records(out)] == ["0_sd"]
+    assert json.loads((out / "run.json").read_text())["settings"]["metrics"]["names"] == []
+    # one that did holds it
+    result = offline_evaluate(tmp_path, *base, "--methods", "sd", "--metrics", "nudenet")
+    assert result.returncode == 2 and "holds a run with other settings" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # VL-DNP through a VLM server
 
