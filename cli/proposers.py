@@ -15,7 +15,8 @@ def make_proposer(args, task: Task, device=None, dtype=None):
     if args.proposer == "static":
         return StaticProposer(list(task.concepts))
     model, tokenizer = load_clip(args.clip_model, device, dtype)
-    return CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name)
+    return CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name,
+                        name=args.clip_model)
 
 
 def describe_proposer(args) -> dict:

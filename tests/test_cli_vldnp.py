@@ -150,7 +150,9 @@ def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
     assert code == 0, err
     (query,) = json.loads((tmp_path / "c.json").read_text())["images"][0]["queries"]
     assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ")  # threshold 0: every part
-    assert json.loads((tmp_path / "c.json").read_text())["decode_factor"] == 1  # 16 px: CLIP looks at 32
+    trace = json.loads((tmp_path / "c.json").read_text())
+    assert trace["decode_factor"] == 1  # 16 px: CLIP looks at 32
+    assert trace["proposer"] == f"CLIPProposer({str(folder)!r}, threshold=0.0, task='nudity')"
 
     big = [a if a != "16" else "64" for a in RUN]  # CLIP scales 64 px to 32: x0 is decoded at 32 px
     for flag, k in [((), 2), (("--full-decode",), 1)]:

@@ -210,6 +210,13 @@ def test_template_and_anchor(clip_folder, loaded):
     assert CLIPProposer(model, tok, ["feet"], task="safety").captions == ["a photo of feet"]
 
 
+def test_describes_itself_by_model_and_threshold(clip_folder, loaded):
+    """The trace records repr(proposer): the CLIP it loaded and its settings, as VLMClient's does."""
+    proposer = CLIPProposer(*loaded, ["feet"], threshold=0.7, task="nudity", name=str(clip_folder[0]))
+    assert repr(proposer) == f"CLIPProposer({str(clip_folder[0])!r}, threshold=0.7, task='nudity')"
+    assert repr(CLIPProposer(*loaded, ["feet"])) == "CLIPProposer(threshold=0.5, task=None)"
+
+
 def test_concepts_encoded_once(loaded):
     model, tok = loaded
     calls = {"text": 0, "vision": 0}

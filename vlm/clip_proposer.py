@@ -43,9 +43,10 @@ class CLIPProposer:
 
     def __init__(self, model: CLIPModel, tokenizer: Tokenizer, concepts: list[str],
                  threshold: float = DEFAULT_THRESHOLD, template: str | None = None,
-                 task: str | None = None, anchor: str = DEFAULT_ANCHOR, top_k: int = 5):
+                 task: str | None = None, anchor: str = DEFAULT_ANCHOR, top_k: int = 5, name: str | None = None):
         """`template` turns a concept into its caption ("a photo of {}"); without one, the
-        task's entry in TEMPLATES or DEFAULT_TEMPLATE. `top_k` scores go into Reply.raw."""
+        task's entry in TEMPLATES or DEFAULT_TEMPLATE. `top_k` scores go into Reply.raw. `name`,
+        the repo id or folder the model came from, names it in the trace."""
         template = template or TEMPLATES.get(task, DEFAULT_TEMPLATE)
         if not concepts:
             raise ValueError("CLIPProposer needs at least one concept")
@@ -53,14 +54,18 @@ class CLIPProposer:
             raise ValueError(f"template {template!r} has no {{}} for the concept")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold} is a probability, in [0, 1]")
-        self.model, self.concepts, self.threshold = model, list(concepts), threshold
-        self.anchor, self.top_k = anchor, top_k
+        self.model, self.concepts, self.threshold = model, list(concepts), float(threshold)
+        self.anchor, self.top_k, self.task, self.name = anchor, top_k, task, name
         self.captions = [template.format(c) for c in self.concepts]
         device = model.logit_scale.device
         with torch.no_grad():
             ids = tokenizer([anchor, *self.captions]).to(device)                      # [1 + n, 77]
             self.text_embeds = F.normalize(model.encode_text(ids).float(), dim=-1)   # [1 + n, D]
             self.scale = model.logit_scale.float().exp()
+
+    def __repr__(self):
+        name = "" if self.name is None else f"{self.name!r}, "
+        return f"CLIPProposer({name}threshold={self.threshold!r}, task={self.task!r})"
 
     def input_scale(self, height: int, width: int) -> float:
         """CLIP scales the shorter side to its image size (224), then crops the square."""
