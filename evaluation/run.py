@@ -3,8 +3,11 @@ folder keeps everything:
 
     run.json                the settings that decide the images; a run only resumes with the same
     images/{case}_{method}[_w{scale}].png
-    records.rank{r}.jsonl   one JSON line per image made by rank r, appended as each image is done
-    records.jsonl           all ranks' records merged, one per job in job order (written at the end)
+    records.jsonl           one record per job in job order, written at the end; a single process
+                            appends a JSON line to it as each image is done, and the end folds
+                            those into one per job
+    records.rank{r}.jsonl   under torchrun, the lines rank r appends; rank 0 merges every rank's
+                            into records.jsonl at the end
     summary.md, ...         the report (evaluation/report.py), written from the merged records
 
 Nothing is lost. An image is written (atomically) before its record, and a record is one
@@ -173,7 +176,7 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     if proposer is None and spec.load_proposer is not None and any(job.method.label == "vldnp" for job in jobs):
         proposer = spec.load_proposer()
     pipe = spec.load_pipe()
-    shard = spec.out / f"records.rank{group.rank}.jsonl"
+    shard = spec.out / (RECORDS_FILE if group.world == 1 else f"records.rank{group.rank}.jsonl")
     cut_torn_tail(shard)
     failed = 0
     bar = tqdm(jobs, desc="images" if group.world == 1 else f"images (rank 0 of {group.world})", unit="image",
