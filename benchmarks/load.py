@@ -1,62 +1,60 @@
-"""Load time and peak memory of a full SD1.5-size model from a local diffusers folder: ours
-(weights.load_pipeline) against diffusers' StableDiffusionPipeline.from_pretrained.
+"""Loading, and the fp32 CPU UNet step, with and without convolution packing: ours
+(weights.load_pipeline) against diffusers' StableDiffusionPipeline.from_pretrained, on the full SD1.5
+layout (860M-parameter UNet, 84M VAE, 123M text encoder) with random weights.
 
-    python benchmarks/load.py [--folder DIR] [--repeats 3] [--dtype fp32] [--json out.json]
+    python benchmarks/load.py [--folder DIR] [--repeats 3] [--steps 5] [--json out.json]
 
-The folder is created on first use: the SD1.5 architecture (860M-parameter UNet, 84M VAE, 123M
-CLIP text encoder) with random weights, written by diffusers/transformers (test requirements).
-Each load runs in a fresh process, so peak RSS is that load's own (ru_maxrss of the child).
+Each run is a fresh process that
+  1. loads the folder and uses every weight once: the text encoder on one prompt, the UNet on
+     [1, 4, 8, 8] latents, the VAE's decoder on those latents and its encoder on the 64x64 image.
+     Recorded: the time of both, and of the imports each needs beyond torch; the peak RSS at that
+     point (imports included, for both), with the RSS then split into anonymous memory and mapped
+     file pages;
+  2. calls the UNet at batch 2 on 32x32 latents: once to warm up, then --steps times. Recorded: the
+     median wall and CPU time of a call.
+The runs are ours (load_pipeline's default, which packs the convolutions for fp32 on the CPU), ours
+with pack=False, and diffusers, taking turns (ours, plain, diffusers, ours, ...) so that all see the
+same machine load; the table shows medians over --repeats and the JSON every run. On a busy machine
+compare CPU times, which other processes change less than wall times.
+
+The folder is written once, by diffusers and transformers, and reused (warm page cache).
 """
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
 
-LOADERS = {
-    "ours": "from weights import load_pipeline; p = load_pipeline(FOLDER, dtype=DTYPE)",
-    "diffusers": ("from diffusers import StableDiffusionPipeline; "
-                  "p = StableDiffusionPipeline.from_pretrained(FOLDER, torch_dtype=DTYPE, safety_checker=None, "
-                  "requires_safety_checker=False)"),
-}
-CHILD = """
-import resource, sys, time, torch
-torch.set_num_threads(torch.get_num_threads())
-FOLDER, DTYPE = sys.argv[1], getattr(torch, sys.argv[2])
-start = time.perf_counter()
-{load}
-seconds = time.perf_counter() - start
-print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
-"""
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+IMPLS = ("ours", "plain", "diffusers")  # plain: ours with pack=False
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def build(folder: Path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The SD1.5 architecture with N(0, 0.02) weights, as diffusers and transformers save it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from checkpoints import SCHEDULER
-    from fake_vocab import write_clip_vocab
-    from diffusers import DDIMScheduler
+    from random_weights import SCHEDULER, normal_, write_byte_tokenizer
 
     g = torch.Generator().manual_seed(0)
-    def randomize(model):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02, generator=g)
-        return model
-    randomize(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)).save_pretrained(folder / "unet")
-    randomize(AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)).save_pretrained(folder / "vae")
-    randomize(CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072,
-                                           num_hidden_layers=12, num_attention_heads=12))).save_pretrained(
-        folder / "text_encoder")
-    write_clip_vocab(folder / "tokenizer")
+    tokenizer = write_byte_tokenizer(folder / "tokenizer")
+    vocab = json.loads((tokenizer / "vocab.json").read_text())
+    normal_(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8), g).save_pretrained(folder / "unet")
+    normal_(AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+            g).save_pretrained(folder / "vae")
+    text = CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                          pad_token_id=vocab["<|endoftext|>"])
+    normal_(CLIPTextModel(text), g).save_pretrained(folder / "text_encoder")
     DDIMScheduler(**SCHEDULER).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
@@ -65,33 +63,143 @@ def build(folder: Path):
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}))
 
 
-def main():
+def loader(impl: str):
+    """Imports what `impl` needs (before any clock starts) and returns folder -> (tokenize, text
+    encoder, UNet, VAE decode, VAE encode), each a function of tensors."""
+    if impl == "diffusers":
+        import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion  # noqa: F401
+        import transformers.models.clip.modeling_clip  # noqa: F401
+        from diffusers import StableDiffusionPipeline
+
+        def load(folder):
+            p = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                        requires_safety_checker=False)
+            return (lambda prompts: p.tokenizer(prompts, padding="max_length", max_length=p.tokenizer.model_max_length,
+                                                truncation=True, return_tensors="pt").input_ids,
+                    lambda ids: p.text_encoder(ids)[0],
+                    lambda x, t, context: p.unet(x, t, encoder_hidden_states=context).sample,
+                    lambda z: p.vae.decode(z).sample,
+                    lambda images: p.vae.encode(images).latent_dist.mean)
+        return load
+
+    from weights import load_pipeline
+
+    def load(folder):
+        p = load_pipeline(folder, dtype=torch.float32, pack=impl == "ours")
+        return p.tokenizer, p.text_encoder, p.unet, p.vae.decode, p.vae.encode
+    return load
+
+
+def memory_gib() -> dict:
+    """The process' peak RSS so far and its RSS now, split into anonymous memory and mapped file
+    pages (safetensors maps the file: weights read that way are file pages). Linux's VmHWM, not
+    ru_maxrss, which a process started by fork and exec inherits from its parent."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    except FileNotFoundError:  # no /proc (macOS): ru_maxrss is in bytes there
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 3
+        return dict(peak=peak, now=float("nan"), anon=float("nan"), file=float("nan"))
+    gib = {k: int(status[k].split()[0]) / 1024 ** 2 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+    return dict(peak=gib["VmHWM"], now=gib["VmRSS"], anon=gib["RssAnon"], file=gib["RssFile"])
+
+
+def worker(impl: str, folder: str, steps: int) -> dict:
+    t0 = time.perf_counter()
+    load = loader(impl)
+    imports_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    imported = memory_gib()
+    with torch.no_grad():
+        start = time.perf_counter()
+        tokenize, text, unet, decode, encode = load(folder)
+        loaded = time.perf_counter()
+        context = text(tokenize([PROMPT]))  # [1, 77, 768]
+        encode(decode(unet(torch.randn(1, 4, 8, 8, generator=g), 999, context)))  # [1, 4, 8, 8] latents
+        first_pass = time.perf_counter()
+        memory = memory_gib()
+        result = dict(imports_s=imports_s, load_s=loaded - start, first_pass_s=first_pass - loaded,
+                      total_s=first_pass - start, ready_s=imports_s + first_pass - start,
+                      peak_rss_gib=memory["peak"], rss_after_imports_gib=imported["peak"],
+                      anon_gib=memory["anon"], file_gib=memory["file"])
+
+        context = text(tokenize([PROMPT, ""]))  # [2, 77, 768]
+        x = torch.randn(2, 4, 32, 32, generator=g)
+        unet(x, 999, context)  # warm-up: packs for this shape
+        wall, cpu = [], []
+        for _ in range(steps):
+            w0, c0 = time.perf_counter(), time.process_time()
+            unet(x, 999, context)
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+    return dict(result, step_s=statistics.median(wall), step_cpu_s=statistics.median(cpu), step_runs_s=wall,
+                peak_rss_after_steps_gib=memory_gib()["peak"])
+
+
+def run(impl: str, folder: Path, steps: int, threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--folder", str(folder), "--steps", str(steps)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default="/tmp/sd15-random")
+    parser.add_argument("--folder", default="/tmp/sd15-random", help="written on first use")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=5, help="timed UNet calls per run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--json")
-    args = parser.parse_args()
-    folder = Path(args.folder)
-    if not (folder / "unet" / "config.json").exists():
-        print(f"building a random SD1.5-size checkpoint in {folder} ...", file=sys.stderr)
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.folder, args.steps)))
+        return
+    folder, impls = Path(args.folder), args.impls.split(",")
+    if not (folder / "model_index.json").exists():
+        print(f"writing a random SD1.5-size folder to {folder} ...", file=sys.stderr)
         build(folder)
+    for file in folder.rglob("*.safetensors"):  # into the page cache, for the first run as for the others
+        with open(file, "rb") as f:
+            while f.read(1 << 26):
+                pass
+    runs = {impl: [] for impl in impls}
+    for i in range(args.repeats):
+        for impl in impls:
+            runs[impl].append(run(impl, folder, args.steps, args.threads))
+            r = runs[impl][-1]
+            print(f"  round {i + 1} {impl:<9} imports {r['imports_s']:.2f} s, load+pass {r['total_s']:.2f} s, "
+                  f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.2f} s (CPU {r['step_cpu_s']:.2f} s)",
+                  file=sys.stderr)
+    columns = {"ready_s": "imports + load + first pass s", "imports_s": "(imports s)",
+               "total_s": "load + first pass s", "load_s": "(load s)", "peak_rss_gib": "peak RSS GiB",
+               "rss_after_imports_gib": "(after imports)", "anon_gib": "(anon after)", "file_gib": "(file after)",
+               "step_s": "step s", "step_cpu_s": "step CPU s"}
+    table = {impl: {k: statistics.median(r[k] for r in rs) for k in columns} for impl, rs in runs.items()}
     size = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1024 ** 3
-    results = {}
-    for _ in range(args.repeats):  # interleaved, so both see the same page-cache conditions
-        for name, load in LOADERS.items():
-            out = subprocess.run([sys.executable, "-c", CHILD.format(load=load), str(folder), args.dtype],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            seconds, rss = map(float, out.stdout.split()[-2:])
-            results.setdefault(name, []).append((seconds, rss))
-    print(f"{size:.2f} GB of safetensors, dtype {args.dtype}, median of {args.repeats} (warm page cache)")
-    print(f"{'loader':<10} {'load s':>8} {'peak RSS GB':>12}")
-    table = {}
-    for name, runs in results.items():
-        table[name] = dict(seconds=statistics.median(s for s, _ in runs), peak_rss_gb=statistics.median(r for _, r in runs))
-        print(f"{name:<10} {table[name]['seconds']:>8.2f} {table[name]['peak_rss_gb']:>12.2f}")
+    print(f"{size:.2f} GiB of fp32 safetensors, {torch.get_num_threads()} threads, medians of {args.repeats} runs; "
+          f"step: the UNet at batch 2 on 32x32 latents, median of {args.steps} calls")
+    print("| impl | " + " | ".join(columns.values()) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for impl, t in table.items():
+        print(f"| {impl} | " + " | ".join(f"{t[k]:.{3 if k.startswith('step') else 2}f}" for k in columns) + " |")
+    ratios = {}
+    if "diffusers" in table:
+        d = table["diffusers"]
+        for impl in (i for i in table if i != "diffusers"):
+            r = ratios[impl] = {k: table[impl][k] / d[k] for k in ("ready_s", "total_s", "peak_rss_gib", "step_s",
+                                                                   "step_cpu_s")}
+            print(f"{impl} / diffusers: imports + load + first pass {r['ready_s']:.2f}x, load + first pass "
+                  f"{r['total_s']:.2f}x, peak RSS {r['peak_rss_gib']:.2f}x; step {r['step_s']:.2f}x "
+                  f"(CPU {r['step_cpu_s']:.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(size_gb=size, dtype=args.dtype, results=table), indent=2))
+        Path(args.json).write_text(json.dumps(dict(size_gib=size, repeats=args.repeats, steps=args.steps,
+                                                   medians=table, ratios_to_diffusers=ratios, runs=runs), indent=2))
 
 
 if __name__ == "__main__":
