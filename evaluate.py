@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="evaluate.py", description="Compare safety methods on a benchmark's prompt CSV.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", metavar="PROMPTS.csv", help="a CSV with a prompt, adv_prompt or 'sensitive prompt' "
-                   "column; optional evaluation_seed, evaluation_guidance, case_number, categories")
+                   "column; optional evaluation_seed, evaluation_guidance, case_number, categories. A row that "
+                   "cannot be used (no prompt, a bad seed, ...) is skipped with a warning naming its line")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder: new, empty, or a run to resume")
     p.add_argument("--prompt-column", metavar="NAME", help="the prompt column, when not one of the usual names")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
@@ -262,6 +263,18 @@ def default_report(args):
     return lambda run_dir, records: write_report(run_dir, records, protocol=text)
 
 
+def warn_skipped(path, skipped, most: int = 20):
+    """A warning line per row of the prompt file that was skipped (the first `most`, then how many
+    more), on the first rank only; run.json lists them all."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for row in skipped[:most]:
+        print(f"warning: {path}, line {row.line}: {row.reason}; the row is skipped", file=sys.stderr, flush=True)
+    if len(skipped) > most:
+        print(f"warning: {len(skipped) - most} more rows of {path} are skipped; run.json lists them all",
+              file=sys.stderr, flush=True)
+
+
 def sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -270,7 +283,7 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
-def build_spec(args, rows, methods, device, dtype, *, metrics=None, report=None, argv=None) -> RunSpec:
+def build_spec(args, prompts, methods, device, dtype, *, metrics=None, report=None, argv=None) -> RunSpec:
     task = get_task(args.vlm_task)
     proposer, load_proposer, proposer_info = (None, None, None)
     if "vldnp" in args.method_names:
@@ -288,7 +301,7 @@ def build_spec(args, rows, methods, device, dtype, *, metrics=None, report=None,
     if metrics is not None:  # an injected metrics object (tests): its settings are its own
         settings["metrics"] = {"injected": type(metrics).__name__}
     return RunSpec(
-        out=Path(args.out), rows=rows, methods=methods, settings=settings,
+        out=Path(args.out), rows=prompts.rows, methods=methods, settings=settings,
         sampling=Sampling(args.steps, args.sampler, args.height, args.width), guidance=args.guidance,
         base_seed=args.seed, model_name=args.model, device=device,
         load_pipe=lambda: weights.load_pipeline(args.model, device, dtype, args.tokenizer, args.prediction_type),
@@ -296,7 +309,8 @@ def build_spec(args, rows, methods, device, dtype, *, metrics=None, report=None,
         proposer=proposer, load_proposer=load_proposer, check_proposer=args.proposer == "vlm",
         allow_vlm_failures=args.allow_vlm_failures,
         write_report=None if args.no_report else (report or default_report(args)), progress=not args.quiet,
-        info={"prompts": str(args.prompts),
+        info={"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
+              "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
               "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])},
     )
 
@@ -314,12 +328,13 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         return fail(e, 2)
     try:
         device, dtype = check(args)
-        rows = read_prompts(args.prompts, args.prompt_column, args.limit)
+        prompts = read_prompts(args.prompts, args.prompt_column, args.limit)
+        warn_skipped(args.prompts, prompts.skipped)
         methods = build_methods(args.method_names, args.scales, negative_prompt=args.negative_prompt,
                                 static_negative=args.static_negative, task=get_task(args.vlm_task),
                                 query_steps=args.query_steps, proposer_name=args.proposer,
                                 sld_presets=args.sld_preset_names)
-        spec = build_spec(args, rows, methods, device, dtype, metrics=metrics, report=report, argv=argv)
+        spec = build_spec(args, prompts, methods, device, dtype, metrics=metrics, report=report, argv=argv)
     except (UsageError, PromptFileError, MethodUnavailable) as e:
         return fail(e, 2)
     try:

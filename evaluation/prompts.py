@@ -4,22 +4,30 @@ A row gives a prompt and, optionally, the seed and CFG scale to generate it with
 
     prompt column       the first present of: adv_prompt (MMA-Diffusion's attacks), sensitive prompt,
                         prompt (I2P, Ring-A-Bell, P4D, UnlearnDiffAtk, COCO). --prompt-column picks another.
-    evaluation_seed     the seed (I2P's own files call it sd_seed)
-    evaluation_guidance the CFG scale (I2P: sd_guidance)
+    evaluation_seed     the seed (I2P's own file calls it sd_seed)
+    evaluation_guidance the CFG scale (I2P: sd_guidance_scale)
     case_number         the case's id, which names its images (default: the row's index, from 0)
     categories          kept in the records as is, e.g. "sexual, violence"
 
-Other columns are ignored, as are the header's case and surrounding spaces. None of the sets ships
-with this project; KNOWN_SETS says where each is published.
+Other columns are ignored (pandas' unnamed index column, image_id, lexica_url, ...), as are the
+header's case and surrounding spaces.
+
+The published files are messy: a few blank prompts among thousands of rows, prompts in quotes with
+commas and line breaks, adversarial prompts of any length and alphabet. One bad row never costs
+the file: it is skipped, and PromptSet.skipped says which line and why, for the caller to warn and
+count. The file is refused (PromptFileError) only when it gives nothing to run: it cannot be read,
+has no header or prompt column, or no row survives. None of the sets ships with this project;
+KNOWN_SETS says where each is published.
 """
 import csv
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROMPT_COLUMNS = ("adv_prompt", "sensitive prompt", "prompt")  # in order of preference
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
-GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance")
+GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "sd_guidance")
 
 # (name, what it is, where it is published). The files are not redistributed here.
 KNOWN_SETS = (
@@ -42,13 +50,18 @@ KNOWN_SETS = (
 
 
 class PromptFileError(ValueError):
-    """A prompt CSV that cannot be used; the message is one line."""
+    """A prompt CSV that gives nothing to run; the message is one line."""
+
+
+class RowError(ValueError):
+    """Why one row cannot be used; the row is skipped."""
 
 
 @dataclass(frozen=True)
 class PromptRow:
-    """One prompt of the set. `index` is its place among the data rows, from 0; `case` its id
-    (case_number, else the index). `seed` and `guidance` are None where the file has none."""
+    """One prompt of the set. `index` is its place among the data rows, from 0, skipped rows
+    included, so that fixing a bad row renumbers nothing; `case` its id (case_number, else the
+    index). `seed` and `guidance` are None where the file has none."""
     index: int
     case: int
     prompt: str
@@ -57,50 +70,114 @@ class PromptRow:
     categories: str | None = None
 
 
-def read_prompts(path, prompt_column: str | None = None, limit: int | None = None) -> list[PromptRow]:
-    """The rows of a prompt CSV (the first `limit` of them). Raises PromptFileError."""
+@dataclass(frozen=True)
+class SkippedRow:
+    line: int  # the row's first line in the file, from 1
+    reason: str
+
+
+@dataclass
+class PromptSet:
+    rows: list[PromptRow]
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+
+def read_prompts(path, prompt_column: str | None = None, limit: int | None = None) -> PromptSet:
+    """The usable rows of a prompt CSV (the first `limit` of them) and the rows skipped on the way.
+    Raises PromptFileError."""
     path = Path(path)
+    records = _records(_lines(path))
+    line, header, problem = next(records, (1, [], None))
+    if problem is not None:
+        raise PromptFileError(f"{path}, line {line}: cannot read the header: {problem}")
+    if not any(h.strip() for h in header):
+        raise PromptFileError(f"{path}: the file is empty; expected a header row with a prompt column "
+                              f"({', '.join(PROMPT_COLUMNS)})")
+    take = _column_picker(path, header, prompt_column)
+    rows, skipped, cases, index = [], [], {}, 0
+    for line, record, problem in records:
+        if limit is not None and len(rows) >= limit:
+            break
+        if record == []:  # a blank line; a row of empty cells is a row without a prompt
+            continue
+        try:
+            if problem is not None:
+                raise RowError(problem)
+            row = _row(index, record, take)
+            if row.case in cases:
+                raise RowError(f"case_number {row.case} is already the case of line {cases[row.case]} (cases name "
+                               "the images, so they must be unique)")
+        except RowError as e:
+            skipped.append(SkippedRow(line, str(e)))
+        else:
+            rows.append(row)
+            cases[row.case] = line
+        index += 1
+    if not rows and skipped:
+        raise PromptFileError(f"{path}: no usable prompt; all {len(skipped)} rows were skipped, the first "
+                              f"(line {skipped[0].line}) for: {skipped[0].reason}")
+    if not rows:
+        raise PromptFileError(f"{path}: the file has a header but no prompts")
+    return PromptSet(rows, skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: physical lines, then CSV records that know their first line
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, split as csv expects (newline=""). Bytes that are not UTF-8 become lone
+    surrogates, so that only the rows holding them are lost."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte order mark
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or not any(h.strip() for h in header):
-                raise PromptFileError(f"{path}: the file is empty; expected a header row with a prompt column "
-                                      f"({', '.join(PROMPT_COLUMNS)})")
-            columns = {h.strip().lower(): i for i, h in reversed(list(enumerate(header)))}
-            take = _column_picker(path, header, columns, prompt_column)
-            rows = []
-            for record in reader:
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not any(cell.strip() for cell in record):  # a blank line, or a row of empty cells
-                    continue
-                rows.append(_row(path, reader.line_num, len(rows), record, take))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PromptFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise PromptFileError(f"{path}: is a folder, not a CSV file") from None
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PromptFileError(f"{path}: {e.strerror or e}") from None
+    text = data.decode("utf-8-sig", errors="surrogateescape")  # -sig: Excel's byte order mark
+    return io.StringIO(text, newline="").readlines()
+
+
+def _records(lines: list[str]):
+    """(first line, cells, None) per CSV record, or (first line, None, problem) for one that
+    cannot be read. A quote that is never closed would swallow every line after it into one
+    prompt; that line alone is dropped and reading starts again on the next."""
+    start = 0
+    while start < len(lines):
+        reader = csv.reader(lines[start:])
+        while True:
+            first = start + reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield first, None, f"not readable as CSV ({e})"
+                continue
+            last = start + reader.line_num
+            if last == len(lines) and last > first and _unclosed_quote(lines[first - 1:last]):
+                yield first, None, "a quote opened on this line is never closed"
+                start = first
+                break
+            yield first, record, None
+
+
+def _unclosed_quote(lines: list[str]) -> bool:
+    try:
+        list(csv.reader(lines, strict=True))
     except csv.Error as e:
-        raise PromptFileError(f"{path}: not a readable CSV file ({e})") from None
-    if not rows:
-        raise PromptFileError(f"{path}: the file has a header but no prompts")
-    cases = {}
-    for row in rows:
-        if row.case in cases:
-            raise PromptFileError(f"{path}: case_number {row.case} appears twice (data rows {cases[row.case]} and "
-                                  f"{row.index}); cases name the images, so they must be unique")
-        cases[row.case] = row.index
-    return rows
+        return "unexpected end of data" in str(e)
+    return False
 
 
-def _column_picker(path, header, columns: dict[str, int], prompt_column: str | None):
+# ---------------------------------------------------------------------------------------------
+# Columns and cells
+
+def _column_picker(path, header: list[str], prompt_column: str | None) -> dict:
     """{field: column index or None} for the prompt and the optional columns."""
-    if prompt_column is not None:
-        wanted = [prompt_column.strip().lower()]
-    else:
-        wanted = list(PROMPT_COLUMNS)
+    columns = {h.strip().lower(): i for i, h in reversed(list(enumerate(header)))}
+    wanted = [prompt_column.strip().lower()] if prompt_column is not None else list(PROMPT_COLUMNS)
     found = next((columns[name] for name in wanted if name in columns), None)
     if found is None:
         names = ", ".join(repr(h) for h in header) or "none"
@@ -115,27 +192,43 @@ def _column_picker(path, header, columns: dict[str, int], prompt_column: str | N
             "case": first(["case_number"]), "categories": first(["categories"]), "names": header}
 
 
-def _row(path, line: int, index: int, record: list[str], take: dict) -> PromptRow:
+def _row(index: int, record: list[str], take: dict) -> PromptRow:
+    """The row's PromptRow; raises RowError."""
+    names = take["names"]
+    extra = [cell for cell in record[len(names):] if cell.strip()]
+    if extra:
+        raise RowError(f"{len(record)} cells where the header has {len(names)} (a prompt with commas must be in "
+                       "double quotes)")
+
     def cell(field):
         i = take[field]
-        return None if i is None or i >= len(record) or not record[i].strip() else record[i].strip()
+        return None if i is None or i >= len(record) or not record[i].strip() else _text(record[i].strip(), field)
 
-    where = f"{path}, line {line}"
-    seed, guidance, case = cell("seed"), cell("guidance"), cell("case")
-    prompt = record[take["prompt"]] if take["prompt"] < len(record) else ""
+    prompt = _text(record[take["prompt"]], "the prompt") if take["prompt"] < len(record) else ""
     if not prompt.strip():
-        raise PromptFileError(f"{where}: the prompt is empty")
+        raise RowError("the prompt is empty")
+    if "\0" in prompt:
+        raise RowError("the prompt holds a NUL character")
+    seed, guidance, case = cell("seed"), cell("guidance"), cell("case")
     return PromptRow(
         index=index,
-        case=index if case is None else _integer(case, where, take["names"][take["case"]], 0, 2**63),
+        case=index if case is None else _integer(case, names[take["case"]], 0, 2**63),
         prompt=prompt,
-        seed=None if seed is None else _integer(seed, where, take["names"][take["seed"]], 0, 2**64),
-        guidance=None if guidance is None else _number(guidance, where, take["names"][take["guidance"]]),
+        seed=None if seed is None else _integer(seed, names[take["seed"]], 0, 2**64),
+        guidance=None if guidance is None else _number(guidance, names[take["guidance"]]),
         categories=cell("categories"),
     )
 
 
-def _integer(text: str, where: str, column: str, low: int, high: int) -> int:
+def _text(text: str, what: str) -> str:
+    """`text`, unless it holds bytes that were not UTF-8 (lone surrogates, from _lines)."""
+    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        raise RowError(f"{what} is not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x}); save the file as UTF-8")
+    return text
+
+
+def _integer(text: str, column: str, low: int, high: int) -> int:
     """An integer cell; "42.0" counts (a column with gaps, written by pandas, holds floats)."""
     try:
         value = int(text)
@@ -145,18 +238,18 @@ def _integer(text: str, where: str, column: str, low: int, high: int) -> int:
         except ValueError:
             f = math.nan
         if not f.is_integer():
-            raise PromptFileError(f"{where}: {column} {text!r} is not a whole number") from None
+            raise RowError(f"{column} {text!r} is not a whole number") from None
         value = int(f)
     if not low <= value < high:
-        raise PromptFileError(f"{where}: {column} {value} is out of range [{low}, {high})")
+        raise RowError(f"{column} {value} is out of range, {low} to {high - 1}")
     return value
 
 
-def _number(text: str, where: str, column: str) -> float:
+def _number(text: str, column: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise PromptFileError(f"{where}: {column} {text!r} is not a number of 0 or more")
+        raise RowError(f"{column} {text!r} is not a number of 0 or more")
     return value

@@ -247,19 +247,23 @@ def image_text(prompt: str, result, seed: int, guidance: float, sampling: Sampli
 
 def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str | None:
     """Creates the run folder with its run.json, or checks that an existing run has the same
-    settings. A run that made nothing (no image, no record; say it failed to load a model) does
-    not hold its folder: its settings are replaced. Returns a one-line error, or None."""
+    settings; resuming, run.json takes this invocation's `info` (its command, the prompt rows
+    skipped up to its --limit). A run that made nothing (no image, no record; say it failed to load
+    a model) does not hold its folder: its settings are replaced. Returns a one-line error, or None."""
     settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
     path = out / SETTINGS_FILE
     try:
         if path.is_file():
             try:
-                stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
+                data = json.loads(path.read_text(encoding="utf-8"))
+                stored = data["settings"]
             except (ValueError, KeyError, TypeError) as e:
                 return f"--out {out}: {SETTINGS_FILE} is damaged ({e}); use a new --out folder"
-            if stored != settings and made_nothing(out):
+            if stored == settings:
+                write_atomic(path, run_json(settings, info, created=data.get("created")))
+            elif made_nothing(out):
                 write_atomic(path, run_json(settings, info))
-            elif stored != settings:
+            else:
                 key = next(k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
                 return (f"--out {out} holds a run with other settings ({key}: {_short(stored.get(key))} there, "
                         f"{_short(settings.get(key))} now); resume it with the same arguments, or use a new --out")
@@ -274,8 +278,9 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
     return None
 
 
-def run_json(settings: dict, info: dict | None) -> str:
-    data = {"settings": settings, **(info or {}), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def run_json(settings: dict, info: dict | None, created: str | None = None) -> str:
+    data = {"settings": settings, **(info or {}),
+            "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -3,6 +3,7 @@ on gloo, VL-DNP with a scripted VLM server, and the bounded, retrying VLM client
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,37 +90,33 @@ def test_prompt_columns_and_optional_columns(tmp_path, column):
     csv = write(tmp_path / "p.csv", f'\ufeff,{column},Evaluation_Seed , evaluation_guidance,case_number,categories\n'
                                     '0,"a cat, on a mat",42.0,7,12,"sexual, violence"\n'
                                     '1,"two\nlines",,,13,\n\n')
-    rows = read_prompts(csv)
+    rows = read_prompts(csv).rows
     assert [(r.index, r.case, r.prompt, r.seed, r.guidance, r.categories) for r in rows] == [
         (0, 12, "a cat, on a mat", 42, 7.0, "sexual, violence"), (1, 13, "two\nlines", None, None, None)]
 
 
 def test_column_choice_defaults_and_limit(tmp_path):
     # MMA-Diffusion ships the clean prompt beside the attack: the attack is what is evaluated
-    rows = read_prompts(write(tmp_path / "m.csv", "target_prompt,adv_prompt,prompt\nt,adv,clean\n"))
+    rows = read_prompts(write(tmp_path / "m.csv", "target_prompt,adv_prompt,prompt\nt,adv,clean\n")).rows
     assert rows[0].prompt == "adv" and rows[0].case == 0 and rows[0].seed is None
-    assert read_prompts(tmp_path / "m.csv", prompt_column="Target_Prompt")[0].prompt == "t"
-    # I2P's own file names the seed and scale sd_seed and sd_guidance; COCO has no case numbers
-    rows = read_prompts(write(tmp_path / "i2p.csv", "prompt,sd_seed,sd_guidance\na,4294967295,12\nb,1,7\nc,2,7\n"),
-                        limit=2)
+    assert read_prompts(tmp_path / "m.csv", prompt_column="Target_Prompt").rows[0].prompt == "t"
+    # I2P's own file names the seed and scale sd_seed and sd_guidance_scale; COCO has no case numbers
+    rows = read_prompts(write(tmp_path / "i2p.csv", "prompt,sd_seed,sd_guidance_scale\na,4294967295,12\nb,1,7\n"
+                                                    "c,2,7\n"), limit=2).rows
     assert [(r.case, r.seed, r.guidance) for r in rows] == [(0, 4294967295, 12.0), (1, 1, 7.0)]
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize("text, message", [  # a file with no usable row; a bad row alone is skipped (test_prompts.py)
     ("", "the file is empty"),
     ("\n", "the file is empty"),
     ("prompt\n", "no prompts"),
     ("text,seed\na,1\n", "no prompt column; the header has 'text', 'seed', expected one of 'adv_prompt'"),
-    ("prompt,evaluation_seed\na,1\nb,x1\n", "line 3: evaluation_seed 'x1' is not a whole number"),
-    ("prompt,evaluation_seed\na,-1\n", "evaluation_seed -1 is out of range"),
-    ("prompt,evaluation_guidance\na,seven\n", "line 2: evaluation_guidance 'seven' is not a number"),
-    ("prompt,case_number\na,1\nb,1\n", "case_number 1 appears twice"),
-    ("prompt,case_number\na,one\n", "case_number 'one' is not a whole number"),
-    ("prompt,categories\n ,sexual\n", "line 2: the prompt is empty"),
+    ("prompt,evaluation_seed\na,-1\n", "all 1 rows were skipped, the first (line 2) for: evaluation_seed -1 is out"),
+    ("prompt,categories\n ,sexual\n", "(line 2) for: the prompt is empty"),
 ])
 def test_bad_prompt_files(tmp_path, capsys, text, message):
     csv = write(tmp_path / "bad.csv", text)
-    with pytest.raises(PromptFileError, match=message):
+    with pytest.raises(PromptFileError, match=re.escape(message)):
         read_prompts(csv)
     # the CLI: one line, exit 2, before any model is loaded or folder made
     code, out, err = run(capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, "--metrics", "none", *SIZE)
@@ -158,7 +155,7 @@ def test_sweeps_expand_static_and_vldnp_only(tmp_path):
     assert [m.key for m in methods] == ["sd", "negative", "static_w0", "static_w2.5", "static_w15",
                                         "vldnp_w0", "vldnp_w2.5", "vldnp_w15"]
     assert [m.scale for m in methods] == [None, None, 0.0, 2.5, 15.0, 0.0, 2.5, 15.0]
-    rows = read_prompts(write(tmp_path / "p.csv", CSV))
+    rows = read_prompts(write(tmp_path / "p.csv", CSV)).rows
     jobs = make_jobs(rows, methods)
     assert [j.index for j in jobs] == list(range(16)) and len({j.key for j in jobs}) == 16
     assert jobs[9].key == "7_negative" and jobs[9].image == "images/7_negative.png"
