@@ -23,7 +23,7 @@ from cli.metadata import parameters_text
 from cli.proposers import make_proposer
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
-from vlm.dnp import DynamicNegatives
+from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
 from vlm.tasks import get_task
 
 
@@ -53,11 +53,13 @@ def run(args) -> int:
         # 1. load the model, and check what only it can tell: the steps its schedule can take
         pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
         try:
-            SAMPLERS[args.sampler](pipe.scheduler, args.steps)
+            first_timestep = int(SAMPLERS[args.sampler](pipe.scheduler, args.steps).timesteps[0])
         except ValueError as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
         # 2. the VL-DNP hook, or the fixed negative of --proposer static
         hook, static_negative = vl_dnp(args, pipe)
+        static = None if static_negative is None else static_trace(
+            get_task(args.vlm_task), static_negative, [args.prompt] * args.batch, first_timestep, args.negative_scale)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
     height, width = args.height or pipe.default_size, args.width or pipe.default_size
@@ -82,7 +84,7 @@ def run(args) -> int:
     except OSError as e:
         return fail(f"cannot write the image: {e}", 1)
     finally:  # after the images, and for a failed run too
-        trace_written = finish_trace(args, hook, saved)
+        trace_written = finish_trace(args, hook, static, saved)
     return 0 if trace_written else 1
 
 
@@ -121,16 +123,15 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
             "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
 
 
-def finish_trace(args, hook, saved: bool) -> bool:
-    """Closes the VL-DNP hook and writes its trace, if asked for. False, said in one line, when the
-    trace cannot be written; the images, if `saved`, are written already."""
-    if hook is None:
-        return True
-    hook.close()
-    if not args.trace:
+def finish_trace(args, hook, static: dict | None, saved: bool) -> bool:
+    """Closes the VL-DNP hook and writes its trace, or the `static` run's, if asked for. False, said
+    in one line, when the trace cannot be written; the images, if `saved`, are written already."""
+    if hook is not None:
+        hook.close()
+    if not args.trace or (hook is None and static is None):
         return True
     try:
-        print(f"trace: {hook.write_trace(args.trace)}")
+        print(f"trace: {hook.write_trace(args.trace) if hook is not None else write_trace_json(args.trace, static)}")
         return True
     except (OSError, ValueError) as e:
         fail(f"cannot write the trace {args.trace}: {e}" + (" (the images were saved)" if saved else ""), 1)

@@ -98,7 +98,8 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
     v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), g being --guidance (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
-                   "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png")
+                   "as JSON, and the images the proposer saw beside it as PATH.filmstrip.png; with --proposer "
+                   "static, the fixed negative from step 0")
 
 
 def check_vl_dnp(args):
@@ -121,8 +122,8 @@ def check_vl_dnp(args):
     except ValueError as e:
         raise UsageError(f"--vlm-steps: {e}") from None
     if args.trace is not None:
-        if args.proposer not in ("vlm", "clip"):
-            raise UsageError(f"--trace: --proposer {args.proposer} makes no queries to trace")
+        if args.proposer == "none":
+            raise UsageError("--trace: --proposer none has no negative to trace")
         check_out(args.trace, "--trace")
 
 

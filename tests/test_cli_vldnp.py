@@ -10,6 +10,7 @@ import generate
 from checkpoints import make_sd_folder
 from fake_vlm import dead_url
 from png import read_png
+from sampler.base import SAMPLERS
 from sampler.loop import generate as sample
 from vlm.base import Reply
 from vlm.dnp import DynamicNegatives
@@ -129,6 +130,25 @@ def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys)
     pixels, text = image(tmp_path / "static.png")
     assert torch.equal(pixels, expected[0])
     assert f'Dynamic negative: "{negative}"' in text["parameters"]
+
+
+def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys):
+    trace_path = tmp_path / "new" / "static.json"  # the folder is made
+    code, out, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5, "--batch", 2,
+                         "--trace", trace_path, "--out", tmp_path / "s.png")
+    assert code == 0 and err == [], err
+    assert out[-1] == f"trace: {trace_path}"
+    pipe = load_pipeline(sd1)
+    task = get_task("nudity")
+    negative = task.negative(list(task.concepts), pipe.tokenizer)
+    first = int(SAMPLERS["ddim"](pipe.scheduler, 5).timesteps[0])
+    trace = json.loads(trace_path.read_text())
+    assert trace["proposer"] == f"StaticProposer({list(task.concepts)!r})" and trace["negative_scale"] == 5
+    assert trace["task"] == "nudity" and trace["query_steps"] == [0] and trace["filmstrip"] is None
+    assert [image["prompt"] for image in trace["images"]] == ["a person on a beach"] * 2
+    for image in trace["images"]:
+        assert image["queries"] == [{"step": 0, "timestep": first, "raw": "", "items": list(task.concepts),
+                                     "negative": negative, "error": None, "latency": None, "took_effect": 0}]
 
 
 def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):

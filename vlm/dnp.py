@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from files import write_atomic
 from png import write_png
 from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
@@ -268,7 +269,7 @@ class DynamicNegatives:
                 data["filmstrip"] = write_png(path.with_name(path.stem + ".filmstrip.png"), strip).name
             except OSError as e:  # raised once the JSON, the trace itself, is written
                 film_error = e
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_trace_json(path, data)
         if film_error is not None:
             raise film_error
         return path
@@ -291,6 +292,24 @@ class DynamicNegatives:
                 color = (255, 64, 64) if self.trace[r][c].error else (255, 255, 255)
                 draw_digits(canvas, str(self.trace[r][c].step), y + h + pad, x, scale, color)
         return canvas
+
+
+def static_trace(task: Task, negative: str, prompts: list[str], timestep: int, negative_scale: float) -> dict:
+    """The trace of a run whose negative is the task's fixed one from the first step (generate.py
+    --proposer static), in DynamicNegatives' layout: per image one entry at step 0 (`timestep`, the
+    first), holding the task's items and the negative, which took effect there. Nothing was asked,
+    so there is no reply, latency or filmstrip."""
+    proposer = StaticProposer(list(task.concepts))
+    query = Query(0, timestep, items=list(proposer.items), negative=negative, took_effect=0)
+    return {"task": task.name, "mode": task.mode, "proposer": repr(proposer), "query_steps": [0],
+            "negative_scale": negative_scale, "asynchronous": False, "decode_factor": None,
+            "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(query)]}
+                       for b, prompt in enumerate(prompts)],
+            "filmstrip": None}
+
+
+def write_trace_json(path, trace: dict) -> Path:
+    return write_atomic(path, json.dumps(trace, indent=2, ensure_ascii=False) + "\n")
 
 
 _DIGITS = {  # 3x5 pixel font, rows top to bottom
