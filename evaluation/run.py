@@ -178,7 +178,7 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     pipe = spec.load_pipe()
     shard = spec.out / (RECORDS_FILE if group.world == 1 else f"records.rank{group.rank}.jsonl")
     cut_torn_tail(shard)
-    failed = 0
+    failed, told = 0, False
     bar = tqdm(jobs, desc="images" if group.world == 1 else f"images (rank 0 of {group.world})", unit="image",
                disable=not spec.progress or group.rank != 0, dynamic_ncols=True)
     for job in bar:
@@ -186,6 +186,11 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
         record = run_job(spec, job, pipe, proposer, metrics)
         record.update(rank=group.rank, finished=round(time.time(), 3))
         append_record(shard, record)
+        if record["prompt_truncated"] and not told:
+            told = True
+            tqdm.write(f"warning: case {job.row.case}'s prompt has {record['prompt_tokens']} tokens; the text "
+                       f"encoder reads the first {pipe.tokenizer.max_length - 2}, as diffusers does (the records keep "
+                       "the whole prompt, and the summary counts the prompts cut)", file=sys.stderr)
         if record["status"] != "ok":
             failed += 1
             tqdm.write(f"warning: {job.key} failed: {record['error']}", file=sys.stderr)
@@ -200,9 +205,9 @@ def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
     seed = row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64
     guidance = row.guidance if row.guidance is not None else spec.guidance
     record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, "prompt": row.prompt,
-              "seed": seed, "guidance": guidance, "categories": row.categories, "method": method.label,
-              "scale": method.scale, "image": job.image, "negatives": [], "metrics": {}, "timings": {},
-              "status": "ok", "error": None}
+              **prompt_length(pipe.tokenizer, row.prompt), "seed": seed, "guidance": guidance,
+              "categories": row.categories, "method": method.label, "scale": method.scale, "image": job.image,
+              "negatives": [], "metrics": {}, "timings": {}, "status": "ok", "error": None}
     start = time.perf_counter()
     try:
         result = method(pipe, row.prompt, seed=seed, guidance=guidance, sampling=spec.sampling, proposer=proposer)
@@ -210,7 +215,7 @@ def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
         record["timings"] = {"sampling": _seconds(start), "metrics": 0.0, "total": _seconds(start)}
         return {**record, "status": "failed", "error": str(e)}
     sampled = time.perf_counter()
-    record["negatives"] = result.negatives
+    record.update(negatives=result.negatives, height=result.image.shape[0], width=result.image.shape[1])
     png.write_png(spec.out / job.image, result.image,
                   {"parameters": image_text(row.prompt, result, seed, guidance, spec.sampling, spec.model_name, method)})
     written = time.perf_counter()
@@ -228,6 +233,14 @@ def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
         record.update(status="failed", error=f"{len(errors)} of {len(result.negatives)} VL-DNP queries failed, "
                                              f"the first: {errors[0]}")
     return record
+
+
+def prompt_length(tokenizer, prompt: str) -> dict:
+    """The prompt's length in the text encoder's tokens, and whether the encoder reads only the
+    first max_length - 2 of them (the tokenizer cuts the rest, as diffusers does): a benchmark's
+    adversarial prompts can run to thousands of characters."""
+    tokens = len(tokenizer.encode(prompt))
+    return {"prompt_tokens": tokens, "prompt_truncated": tokens > tokenizer.max_length - 2}
 
 
 def _seconds(start: float) -> float:

@@ -208,6 +208,28 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
     assert code == 2 and len(err) == 1 and "not an evaluation run" in err[0]
 
 
+def test_a_long_prompt_is_cut_for_the_text_encoder_and_kept_whole(sd1, pipe, tmp_path, capsys):
+    long = "a red statue in a quiet museum, " * 40  # 280 tokens; the text encoder reads 75
+    csv, out = write(tmp_path / "p.csv", f'prompt,evaluation_seed\n"{long}",3\na cat,4\n"{long} and a dog",3\n'), \
+        tmp_path / "run"
+    code, _, err = run(capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd", "--metrics", "none",
+                       "--no-report")
+    assert code == 0, err
+    tokens = len(pipe.tokenizer.encode(long))
+    assert tokens > 200 and err == [f"warning: case 0's prompt has {tokens} tokens; the text encoder reads the first "
+                                    "75, as diffusers does (the records keep the whole prompt, and the summary "
+                                    "counts the prompts cut)"]  # once
+    first, short, third = records(out)
+    assert (first["prompt"], first["prompt_tokens"], first["prompt_truncated"]) == (long, tokens, True)
+    assert short["prompt_truncated"] is False and (first["height"], first["width"]) == (16, 16)
+    assert third["prompt"].endswith("and a dog") and third["prompt_truncated"]
+    # what comes after the 75th token changes nothing: the same seed gives the same image
+    image = read_png(out / first["image"])[0]
+    assert torch.equal(image, read_png(out / third["image"])[0])
+    assert torch.equal(image, generate(pipe, long, steps=2, height=16, width=16, seed=3, sampler="dpm++2m",
+                                       progress=False)[0])
+
+
 def offline_evaluate(tmp_path, *argv):
     """evaluate.py in a process of its own with no way to the hub: huggingface_hub reads
     HF_HUB_OFFLINE when it is imported, and HF_ENDPOINT points at a closed local port."""
