@@ -252,15 +252,16 @@ def needs_clip(who: str, without: str, option: str):
                                       f"give a local CLIP folder with {option} DIR") from None
 
 
-def default_report(args):
-    """evaluation.report.write_report, with the protocol text of this run's metric settings."""
+def default_report(args, run: dict):
+    """evaluation.report.write_report, with the protocol text of this run's metric settings and
+    `run`, what run.json says of it."""
     try:
         nudenet = importlib.metadata.version("nudenet") if "nudenet" in args.metric_names else None
     except importlib.metadata.PackageNotFoundError:
         nudenet = None
     text = protocol(args.nudenet_class_names or DEFAULT_CLASSES, args.nudenet_threshold,
                     args.clip_score_model if "clip" in args.metric_names else None, nudenet)
-    return lambda run_dir, records: write_report(run_dir, records, protocol=text)
+    return lambda run_dir, records: write_report(run_dir, records, protocol=text, run=run)
 
 
 def warn_skipped(path, skipped, most: int = 20):
@@ -300,6 +301,9 @@ def build_spec(args, prompts, methods, device, dtype, *, metrics=None, report=No
     }
     if metrics is not None:  # an injected metrics object (tests): its settings are its own
         settings["metrics"] = {"injected": type(metrics).__name__}
+    info = {"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
+            "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
+            "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])}
     return RunSpec(
         out=Path(args.out), rows=prompts.rows, methods=methods, settings=settings,
         sampling=Sampling(args.steps, args.sampler, args.height, args.width), guidance=args.guidance,
@@ -308,10 +312,8 @@ def build_spec(args, prompts, methods, device, dtype, *, metrics=None, report=No
         make_metrics=(lambda: metrics) if metrics is not None else metrics_factory(args, device, dtype),
         proposer=proposer, load_proposer=load_proposer, check_proposer=args.proposer == "vlm",
         allow_vlm_failures=args.allow_vlm_failures,
-        write_report=None if args.no_report else (report or default_report(args)), progress=not args.quiet,
-        info={"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
-              "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
-              "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])},
+        write_report=None if args.no_report else (report or default_report(args, {"settings": settings, **info})),
+        progress=not args.quiet, info=info,
     )
 
 

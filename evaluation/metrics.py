@@ -49,6 +49,9 @@ INSTALL = "pip install -r requirements-eval.txt"
 NUDENET_VERSION = "3.4.2"  # the version requirements-eval.txt pins; nudenet_input depends on its image reader
 NUDENET_KEYS = ("p_unsafe", "unsafe", "nudenet_detections")
 
+NO_METRICS = ("No metric was computed (--metrics none, or the metrics' packages are missing): the images are "
+              "made and recorded but not scored, so the ASR, toxic rate and CLIP score columns are empty.")
+
 
 def protocol(classes=DEFAULT_CLASSES, threshold: float = DEFAULT_THRESHOLD, clip_model: str | None = DEFAULT_CLIP,
              nudenet: str | None = NUDENET_VERSION) -> str:
@@ -82,7 +85,7 @@ def protocol(classes=DEFAULT_CLASSES, threshold: float = DEFAULT_THRESHOLD, clip
             "interpolation on float pixels (PIL resizes 8-bit pixels, so values differ slightly from "
             "CLIPImageProcessor's), center-cropped, normalized with CLIP's mean and std "
             "(model/clip.py preprocess).")
-    return "\n\n".join(parts)
+    return "\n\n".join(parts) or NO_METRICS
 
 
 PROTOCOL = protocol()

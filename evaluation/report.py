@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from evaluation.metrics import PROTOCOL, aggregate
+from cli.metadata import SAMPLER_NAMES
+from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate
 from files import write_atomic
 
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito
@@ -22,17 +23,22 @@ CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_sc
 THUMBNAIL = 192  # CSS pixels
 
 
-def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL) -> dict[str, Path]:
+def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL, run: dict | None = None
+                 ) -> dict[str, Path]:
     """Writes summary.md, summary.csv, pareto.svg and index.html into `run_dir` (each atomically)
-    and returns their paths by kind. `protocol` is the metrics' protocol text (Metrics.protocol)."""
+    and returns their paths by kind. `protocol` is the metrics' protocol text (Metrics.protocol);
+    `run` what run.json holds (its settings, the prompt file, the rows skipped), which the summary
+    states beside what the records say."""
     run_dir = Path(run_dir)
     rows = aggregate(records)
     svg = pareto_svg(rows)
+    facts = run_facts(run or {}, records)
+    protocol = protocol.strip() or NO_METRICS
     files = {
-        "markdown": ("summary.md", summary_markdown(rows, protocol)),
+        "markdown": ("summary.md", summary_markdown(rows, protocol, facts)),
         "csv": ("summary.csv", summary_csv(rows)),
         "plot": ("pareto.svg", svg),
-        "html": ("index.html", report_html(run_dir.name, records, rows, svg, protocol)),
+        "html": ("index.html", report_html(run_dir.name, records, rows, svg, protocol, facts)),
     }
     return {kind: write_atomic(run_dir / name, text) for kind, (name, text) in files.items()}
 
@@ -69,13 +75,71 @@ def summary_cells(row: dict) -> tuple[str, ...]:
             number(row["toxic_rate"], 3), clip_text(row))
 
 
+# ---------------------------------------------------------------- what was run
+
+def run_facts(run: dict, records: list[dict]) -> list[tuple[str, str]]:
+    """(label, text) pairs saying how the images were made: the model, sampler, steps, guidance and
+    size from run.json's settings, checked against the records (a CSV can set each prompt's
+    guidance), and what became of the prompt file's rows."""
+    settings = run.get("settings") or {}
+    facts = []
+    if settings.get("model"):
+        dtype = f" ({settings['dtype']})" if settings.get("dtype") else ""
+        facts.append(("Model", f"{settings['model']}{dtype}"))
+    if settings.get("sampler"):
+        facts.append(("Sampler", f"{SAMPLER_NAMES.get(settings['sampler'], settings['sampler'])}, "
+                                 f"{settings.get('steps')} steps"))
+    facts.append(("Guidance", guidance_text(settings.get("guidance"), records)))
+    facts.append(("Size", size_text(settings, records)))
+    facts.append(("Prompts", prompts_text(run, records)))
+    return [(label, text) for label, text in facts if text]
+
+
+def guidance_text(default, records: list[dict]) -> str:
+    """The CFG scale: --guidance, and the prompt file's own values where they differ."""
+    values = sorted({r["guidance"] for r in records if isinstance(r.get("guidance"), (int, float))})
+    if default is None:
+        return ", ".join(f"{v:g}" for v in values)
+    others = [v for v in values if v != default]
+    text = f"CFG {default:g}"
+    return text + (f"; the prompt file's own where it gives one ({', '.join(f'{v:g}' for v in others)})"
+                   if others else "")
+
+
+def size_text(settings: dict, records: list[dict]) -> str:
+    sizes = sorted({(r["width"], r["height"]) for r in records if r.get("width") and r.get("height")})
+    if sizes:
+        return ", ".join(f"{w}×{h}" for w, h in sizes)
+    if settings.get("width") and settings.get("height"):
+        return f"{settings['width']}×{settings['height']}"
+    return "the model's default" if settings else ""
+
+
+def prompts_text(run: dict, records: list[dict]) -> str:
+    """How many prompts were used, how many rows of the file were skipped and why it says where,
+    and how many prompts the text encoder read only in part."""
+    cases = {r.get("case"): r for r in records}
+    parts = [f"{Path(run['prompts']).name}" if run.get("prompts") else "",
+             f"{run.get('prompts_used', len(cases))} used"]
+    skipped = run.get("skipped_rows")
+    if skipped is not None:
+        parts.append(f"{len(skipped)} {'row' if len(skipped) == 1 else 'rows'} of the file skipped"
+                     + (" (run.json lists them, each with its line and why)" if skipped else ""))
+    cut = sum(1 for r in cases.values() if r.get("prompt_truncated"))
+    if cut:
+        parts.append(f"{cut} longer than the text encoder's 75 tokens, cut there as diffusers does (the records "
+                     "keep them whole)")
+    return ", ".join(p for p in parts if p)
+
+
 # ---------------------------------------------------------------- summary table
 
-def summary_markdown(rows: list[dict], protocol: str) -> str:
+def summary_markdown(rows: list[dict], protocol: str, facts: list[tuple[str, str]] = ()) -> str:
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
 
-    text = "# Evaluation summary\n\n" + line(SUMMARY_HEADER) + line(["---"] * len(SUMMARY_HEADER))
+    text = "# Evaluation summary\n\n" + "".join(f"- {label}: {value}\n" for label, value in facts)
+    text += ("\n" if facts else "") + line(SUMMARY_HEADER) + line(["---"] * len(SUMMARY_HEADER))
     text += "".join(line(summary_cells(row)) for row in rows)
     text += ("\nASR: share of images judged unsafe. Toxic rate: mean p_unsafe. CLIP score: mean ± standard "
              "deviation over images. Failed images are left out of every column but `failed`.\n")
@@ -174,6 +238,7 @@ table { border-collapse: collapse; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
 table.summary td { text-align: right; } table.summary td:first-child { text-align: left; }
 table.summary th, table.grid thead th { background: #f4f4f4; }
+table.run th { text-align: left; font-weight: normal; color: #666; }
 table.grid th.prompt { position: sticky; left: 0; background: #fafafa; min-width: 200px; max-width: 280px;
   text-align: left; font-weight: normal; z-index: 1; }
 .prompt-text { white-space: pre-wrap; overflow-wrap: anywhere; }
@@ -217,9 +282,11 @@ SCRIPT = """
 """
 
 
-def report_html(title: str, records: list[dict], rows: list[dict], svg: str, protocol: str) -> str:
+def report_html(title: str, records: list[dict], rows: list[dict], svg: str, protocol: str,
+                facts: list[tuple[str, str]] = ()) -> str:
     e = html.escape
     grid = image_grid(records, rows)
+    run = "".join(f"<tr><th>{e(label)}</th><td>{e(value)}</td></tr>" for label, value in facts)
     summary = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in summary_cells(row)) + "</tr>\n" for row in rows)
     return f"""<!doctype html>
 <html lang="en">
@@ -232,6 +299,7 @@ def report_html(title: str, records: list[dict], rows: list[dict], svg: str, pro
 <h1>Evaluation: {e(title)}</h1>
 <p class="meta">{len(records)} images ({sum(r['failures'] for r in rows)} failed), {len(rows)} method and scale
 combinations. ASR: share of images judged unsafe; toxic rate: mean p_unsafe; CLIP score: mean ± std.</p>
+<table class="run">{run}</table>
 <h2>Summary</h2>
 <table class="summary">
 <thead><tr>{"".join(f"<th>{e(h)}</th>" for h in SUMMARY_HEADER)}</tr></thead>

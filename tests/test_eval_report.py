@@ -1,6 +1,7 @@
 """The evaluation report: summary.md/.csv, the Pareto SVG, and index.html opened in headless
 Chromium (images loaded, traces shown, untrusted prompts escaped)."""
 import csv
+import html
 import re
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from evaluation.metrics import PROTOCOL, aggregate
+from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate, protocol
 from evaluation.report import write_report
 from png import write_png
 
@@ -77,6 +78,42 @@ def test_report_with_no_metrics(tmp_path):
     paths = write_report(tmp_path, records)
     assert "no image has both metrics" in paths["plot"].read_text()
     assert "| sd | – | 3 | 0 | – | – | – |" in paths["markdown"].read_text(encoding="utf-8")
+
+
+RUN = {"settings": {"model": "CompVis/stable-diffusion-v1-4", "dtype": "float16", "sampler": "dpm++2m", "steps": 50,
+                    "guidance": 7.5, "height": None, "width": None},
+       "prompts": "/data/i2p/nudity.csv", "prompts_used": 3,
+       "skipped_rows": [{"line": 7, "reason": "the prompt is empty"}, {"line": 9, "reason": "the prompt is empty"}]}
+
+
+def test_the_report_says_how_the_images_were_made(tmp_path):
+    records = make_run(tmp_path)
+    for r in records:
+        r.update(width=512, height=512, prompt_truncated=r["prompt"] == HOSTILE)
+        r["guidance"] = 12.0 if r["case"] == 2 else 7.5  # the prompt file's own, for one prompt
+    paths = write_report(tmp_path, records, run=RUN)
+    md = paths["markdown"].read_text(encoding="utf-8")
+    facts = ["Model: CompVis/stable-diffusion-v1-4 (float16)", "Sampler: DPM++ 2M, 50 steps",
+             "Guidance: CFG 7.5; the prompt file's own where it gives one (12)", "Size: 512×512",
+             "Prompts: nudity.csv, 3 used, 2 rows of the file skipped (run.json lists them, each with its line and "
+             "why), 1 longer than the text encoder's 75 tokens, cut there as diffusers does"]
+    for fact in facts:
+        assert f"- {fact}" in md
+    page = paths["html"].read_text(encoding="utf-8")
+    for fact in facts:
+        label, value = fact.split(": ", 1)
+        assert f"<tr><th>{label}</th><td>{html.escape(value)}" in page
+
+
+def test_with_no_metric_the_protocol_says_so(tmp_path):
+    records = make_run(tmp_path)
+    for r in records:
+        r["metrics"] = {}
+    assert protocol(clip_model=None, nudenet=None) == NO_METRICS
+    paths = write_report(tmp_path, records, protocol=protocol(clip_model=None, nudenet=None), run=RUN)
+    assert paths["markdown"].read_text(encoding="utf-8").endswith(f"## Protocol\n\n{NO_METRICS}\n")
+    assert f'<pre class="protocol">{html.escape(NO_METRICS)}</pre>' in paths["html"].read_text(encoding="utf-8")
+    assert NO_METRICS in write_report(tmp_path, records, protocol="")["markdown"].read_text(encoding="utf-8")
 
 
 class DOM(HTMLParser):

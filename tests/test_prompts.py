@@ -205,7 +205,7 @@ def sd1(tmp_path_factory):
 def test_evaluate_skips_bad_rows_and_counts_them(sd1, tmp_path, capsys):
     csv, out = write(tmp_path / "ring.csv", RING_A_BELL.replace("3,20\n", "3,x\n")), tmp_path / "run"
     code = evaluate.main([str(csv), "--out", str(out), "--model", str(sd1), *SIZE, "--methods", "sd",
-                          "--metrics", "none", "--no-report"])
+                          "--metrics", "none"])
     _, err = capsys.readouterr()
     assert code == 0, err
     assert err.splitlines() == [f"warning: {csv}, line 4: the prompt is empty; the row is skipped",
@@ -214,6 +214,9 @@ def test_evaluate_skips_bad_rows_and_counts_them(sd1, tmp_path, capsys):
     assert run["prompts_used"] == 2 and run["skipped_rows"] == [
         {"line": 4, "reason": "the prompt is empty"}, {"line": 5, "reason": "evaluation_seed 'x' is not a whole number"}]
     assert [json.loads(line)["case"] for line in (out / "records.jsonl").read_text().splitlines()] == [0, 1]
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "- Prompts: ring.csv, 2 used, 2 rows of the file skipped (run.json lists them" in summary
+    assert f"- Model: {sd1} (float32)" in summary and "- Size: 16×16" in summary
 
 
 def test_evaluate_warns_about_the_first_twenty_rows(sd1, tmp_path, capsys):
