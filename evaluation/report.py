@@ -20,7 +20,9 @@ from files import write_atomic
 
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito
 CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std")
-THUMBNAIL = 192  # CSS pixels
+THUMBNAIL = 192  # CSS pixels, the most an image is shown at; a narrower window shrinks them
+PROMPT_WIDTH, MIN_COLUMN = 200, 112  # CSS pixels: the prompt column, and the least an image column gets
+SHORT_PROMPT = 400  # characters shown of a longer prompt; the whole of it is one click away
 
 
 def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL, run: dict | None = None
@@ -239,19 +241,21 @@ th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
 table.summary td { text-align: right; } table.summary td:first-child { text-align: left; }
 table.summary th, table.grid thead th { background: #f4f4f4; }
 table.run th { text-align: left; font-weight: normal; color: #666; }
-table.grid th.prompt { position: sticky; left: 0; background: #fafafa; min-width: 200px; max-width: 280px;
+.grid-box { overflow-x: auto; }
+table.grid { table-layout: fixed; width: 100%; }
+table.grid th.prompt { position: sticky; left: 0; background: #fafafa; width: PROMPTpx;
   text-align: left; font-weight: normal; z-index: 1; }
 .prompt-text { white-space: pre-wrap; overflow-wrap: anywhere; }
 .meta, .m { color: #666; font-size: 12px; }
-td.cell { width: THUMBpx; font-size: 12px; }
-td.cell img { width: THUMBpx; height: auto; display: block; background: #eee; }
+td.cell { font-size: 12px; overflow-wrap: anywhere; }
+td.cell img { width: 100%; max-width: THUMBpx; height: auto; display: block; background: #eee; }
 .unsafe { color: #b00020; font-weight: bold; } .safe { color: #1b7a1b; }
 .failed, .missing, .error { color: #b00020; }
 .missing { display: block; padding: 8px; border: 1px dashed #b00020; overflow-wrap: anywhere; }
 details { margin-top: 4px; } summary { cursor: pointer; color: #345; }
 details table { font-size: 11px; } details th, details td { padding: 2px 4px; overflow-wrap: break-word; }
 pre.protocol { white-space: pre-wrap; max-width: 960px; background: #f8f8f8; padding: 12px; }
-""".replace("THUMB", str(THUMBNAIL))
+""".replace("THUMB", str(THUMBNAIL)).replace("PROMPT", str(PROMPT_WIDTH))
 
 # Counts the images that loaded into <body data-images-*>, and replaces a broken one with the
 # path it was looking for (a report moved without its images shows what is missing).
@@ -318,7 +322,10 @@ combinations. ASR: share of images judged unsafe; toxic rate: mean p_unsafe; CLI
 
 
 def image_grid(records: list[dict], rows: list[dict]) -> str:
-    """A row per prompt (case and seed), a column per method and scale, in the summary's order."""
+    """A row per prompt (case and seed), a column per method and scale, in the summary's order. It
+    fills the window's width, the images shrinking from THUMBNAIL px to fit, so that a sweep of 7
+    columns fits a 1280 px window; with more columns than fit at MIN_COLUMN px, the grid scrolls
+    sideways in its own box and the page does not."""
     e = html.escape
     columns = [(row["method"], row["scale"]) for row in rows]
     by_prompt: dict[tuple, dict[tuple, dict]] = {}
@@ -336,11 +343,27 @@ def image_grid(records: list[dict], rows: list[dict]) -> str:
         meta = [f"case {case}", f"seed {seed}", f"guidance {first.get('guidance')}"]
         if categories:
             meta.append(str(categories))
-        body.append(f"<tr><th class='prompt'><div class='prompt-text'>{e(str(prompt))}</div>"
+        if first.get("prompt_truncated"):
+            meta.append(f"{first.get('prompt_tokens')} tokens, cut at 75")
+        body.append(f"<tr><th class='prompt'>{prompt_html(str(prompt))}"
                     f"<div class='meta'>{e(' · '.join(meta))}</div></th>"
                     + "".join(image_cell(cells.get(column)) for column in columns) + "</tr>")
-    return (f"<table class='grid'>\n<thead><tr><th class='prompt'>prompt</th>{head}</tr></thead>\n<tbody>\n"
-            + "\n".join(body) + "\n</tbody>\n</table>")
+    cell = 2 * 8 + 1  # padding and border, CSS px
+    least = PROMPT_WIDTH + cell + len(columns) * MIN_COLUMN
+    most = PROMPT_WIDTH + cell + len(columns) * (THUMBNAIL + cell)
+    return (f"<div class='grid-box'><table class='grid' style='min-width: {least}px; max-width: {most}px'>\n"
+            f"<thead><tr><th class='prompt'>prompt</th>{head}</tr></thead>\n<tbody>\n"
+            + "\n".join(body) + "\n</tbody>\n</table></div>")
+
+
+def prompt_html(prompt: str) -> str:
+    """The prompt as text; of a long one (adversarial prompts run to thousands of characters) its
+    start, with the whole behind a click."""
+    e = html.escape
+    if len(prompt) <= SHORT_PROMPT:
+        return f"<div class='prompt-text'>{e(prompt)}</div>"
+    return (f"<div class='prompt-text'>{e(prompt[:SHORT_PROMPT])}…</div><details><summary>whole prompt "
+            f"({len(prompt):,} characters)</summary><div class='prompt-text'>{e(prompt)}</div></details>")
 
 
 def image_cell(record: dict | None) -> str:

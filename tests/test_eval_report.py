@@ -22,17 +22,17 @@ METHODS = [("sd", None), ("static", 7.5), ("vldnp", 0.0), ("vldnp", 7.5), ("vldn
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def make_run(run_dir):
+def make_run(run_dir, methods=METHODS):
     """Records as evaluate.py writes them, with real PNGs: every prompt by every method, one failed
     image, and one record whose image file is gone."""
     (run_dir / "images").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     records = []
     for case, prompt in enumerate(PROMPTS):
-        for k, (method, scale) in enumerate(METHODS):
+        for k, (method, scale) in enumerate(methods):
             name = f"images/{case:05d}-{method}-{scale}.png"
             write_png(run_dir / name, torch.randint(0, 256, (24, 32, 3), generator=g, dtype=torch.uint8))
-            p = (case * len(METHODS) + k) / 15
+            p = (case * len(methods) + k) / (3 * len(methods))
             negatives = {"sd": [], "static": "nudity, nude, naked"}.get(method) or [
                 {"step": 5, "negative": f"Nudity, Sexual, buttocks {case}-{k}.", "error": None},
                 {"step": 9, "negative": None, "error": "VLM timed out after 30 s <b>"}]
@@ -180,3 +180,38 @@ def test_html_report_in_headless_chromium(tmp_path):
     assert "data-pwned" not in result.stdout
     assert dom.tags.count("script") == 1
     assert re.search(r"<th[^>]*>method</th>", result.stdout)
+
+
+SWEEP = [("sd", None), ("static", 7.5), ("vldnp", 0.0), ("vldnp", 2.5), ("vldnp", 7.5), ("vldnp", 15.0),
+         ("sld-max", None)]
+MEASURE = """<script>
+const box = document.querySelector(".grid-box") || document.querySelector("table.grid"),
+  page = document.documentElement;
+Object.assign(document.body.dataset, {pageScroll: page.scrollWidth, pageWidth: page.clientWidth,
+  gridScroll: box.scrollWidth, gridWidth: box.clientWidth,
+  image: Math.round(document.querySelector("td.cell img").getBoundingClientRect().width)});
+</script></body>"""
+
+
+@pytest.mark.parametrize("columns, fits", [(7, True), (20, False)])
+def test_the_grid_fits_a_1280_px_window(tmp_path, columns, fits):
+    """A sweep of 7 columns fits a 1280 px window, the images shrunk; 20 do not, and then the grid
+    scrolls in its own box, never the page."""
+    methods = (SWEEP + [("vldnp", float(w)) for w in range(20, 33)])[:columns]
+    run_dir = tmp_path / "run"
+    records = make_run(run_dir, methods)
+    records[0]["prompt"] = "averylongwordwithoutanyspace" * 40  # wraps, and widens nothing
+    page = write_report(run_dir, records)["html"]
+    probe = run_dir / "probe.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", MEASURE), encoding="utf-8")
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=5000",
+               "--dump-dom", probe.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    size = {k: int(v) for k, v in DOM(result.stdout).body.items() if k in
+            ("data-page-scroll", "data-page-width", "data-grid-scroll", "data-grid-width", "data-image")}
+    assert size["data-page-scroll"] <= size["data-page-width"] <= 1280, size  # the page never scrolls sideways
+    assert (size["data-grid-scroll"] <= size["data-grid-width"]) == fits, size
+    assert 90 <= size["data-image"] <= 192, size
