@@ -24,6 +24,7 @@ from cli.proposers import make_proposer
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
 from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
+from vlm.base import check_proposer
 from vlm.tasks import get_task
 
 
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The run after the arguments are checked; returns the exit status."""
+    server_error = check_vlm_server(args)
+    if server_error:
+        return fail(server_error, 2)
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
     print(f"seed: {seed}", flush=True)
     try:
@@ -85,7 +89,47 @@ def run(args) -> int:
         return fail(f"cannot write the image: {e}", 1)
     finally:  # after the images, and for a failed run too
         trace_written = finish_trace(args, hook, static, saved)
+    if report_failed_queries(hook, args.batch):  # an image without the guard asked for outranks a lost trace
+        return 3
     return 0 if trace_written else 1
+
+
+def check_vlm_server(args) -> str | None:
+    """Asks the --vlm-url server about a grey image before the model loads: a server that is down
+    then costs seconds, not a model load and images made without the guard asked for. Returns the
+    error line, or None to go on (--allow-vlm-failures: a warning, and the run goes on)."""
+    if args.proposer != "vlm" or not args.query_steps:
+        return None
+    problem = check_proposer(make_proposer(args, get_task(args.vlm_task)))
+    if problem is None:
+        return None
+    if not args.allow_vlm_failures:
+        return (f"the VLM does not answer: {problem}. Start it or fix --vlm-url; --allow-vlm-failures runs anyway, "
+                "recording each failed query")
+    print(f"warning: the VLM does not answer ({problem}); running anyway, recording each failed query",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def report_failed_queries(hook, batch: int) -> bool:
+    """Says in a closing line on stderr how many VL-DNP queries failed, if any. True when an image
+    had queries but no answer: it was made without the dynamic negative."""
+    if hook is None:
+        return False
+    counts = [hook.failed_queries(b) for b in range(batch)]
+    failed, asked = sum(f for f, _ in counts), sum(a for _, a in counts)
+    unguarded = [b for b, (f, a) in enumerate(counts) if a and f == a]
+    if not failed:
+        return False
+    line = f"warning: {failed} of {asked} VL-DNP queries failed; "
+    if unguarded:
+        images = f"image {unguarded[0]}: it was" if len(unguarded) == 1 else \
+            f"images {', '.join(map(str, unguarded))}: they were"
+        line += f"no answer for {images} made without the dynamic negative (exit status 3)"
+    else:
+        line += f"the negative in force was kept, and the PNG{'s count' if batch > 1 else ' counts'} them"
+    print(line, file=sys.stderr, flush=True)
+    return bool(unguarded)
 
 
 def vl_dnp(args, pipe):
@@ -119,8 +163,13 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
     settings = {"VL-DNP": f"{args.proposer} {args.vlm_task}", "Negative scale": f"{args.negative_scale:g}"}
     if hook is None:
         return {**settings, "Dynamic negative": static_negative}
-    return {**settings, "VL-DNP steps": " ".join(map(str, args.query_steps)) or "none",
-            "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
+    settings["VL-DNP steps"] = " ".join(map(str, args.query_steps)) or "none"
+    failed, asked = hook.failed_queries(index)
+    if failed:
+        settings["VL-DNP failed queries"] = f"{failed}/{asked}"
+    if failed and failed == asked:  # not "none": the proposer never saw the image
+        return {**settings, "Dynamic negative": "unguarded (all queries failed)"}
+    return {**settings, "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
 
 
 def finish_trace(args, hook, static: dict | None, saved: bool) -> bool:

@@ -22,8 +22,14 @@ examples:
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
 
 Prints the seed, then the path of each image written.
-Exit status: 0 done, 1 sampling failed (nothing saved) or the --trace could not be written (the images
-were), 2 bad argument or model, 130 interrupted. A bug ends with Python's traceback (status 1).
+Exit status:
+  0    done
+  1    sampling failed (nothing saved), or the --trace could not be written (the images were)
+  2    bad argument or model, or a --vlm-url server that does not answer (see --allow-vlm-failures)
+  3    images saved, but for one or more of them every VL-DNP query failed: they were made without
+       the dynamic negative, and their PNGs say so
+  130  interrupted
+A bug ends with Python's traceback (status 1).
 """
 
 
@@ -88,6 +94,9 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
                    help="query in the background while denoising goes on; answers apply when they arrive")
     v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S",
                    help="seconds for each query, the whole request (default: 30)")
+    v.add_argument("--allow-vlm-failures", action="store_true",
+                   help="run even if the VLM server does not answer a test query before the model loads "
+                        "(default: exit 2); failed queries are still counted in the PNG and on stderr")
     v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
                    help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
     v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",

@@ -37,11 +37,11 @@ def image(path):
 
 
 def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
-    vlm = server("I can see feet and a belly.", "none")
+    vlm = server("none", "I can see feet and a belly.", "none")  # the first answers the check before loading
     code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1,3",
                          "--trace", tmp_path / "trace.json", "--out", tmp_path / "dnp.png")
-    assert code == 0, err
-    assert len(vlm.requests) == 2 and vlm.requests[0]["json"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert code == 0 and err == [], err
+    assert len(vlm.requests) == 3 and vlm.requests[0]["json"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     trace = json.loads((tmp_path / "trace.json").read_text())
     queries = trace["images"][0]["queries"]
     assert [q["step"] for q in queries] == [1, 3] and [q["took_effect"] for q in queries] == [1, 3]
@@ -54,17 +54,67 @@ def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
     assert code == 0 and not torch.equal(pixels, image(tmp_path / "plain.png")[0])
 
 
-def test_a_dead_server_loses_nothing(sd1, tmp_path, capsys):
+def test_a_dead_server_stops_the_run_before_the_model_loads(tmp_path, capsys):
+    empty = tmp_path / "empty-model"  # loading it would fail with another message
+    empty.mkdir()
+    code, out, err = run(capsys, *RUN, "--model", empty, "--vlm-url", dead_url(), "--out", tmp_path / "x.png")
+    assert code == 2 and out == [] and len(err) == 1, err
+    assert err[0].startswith("error: the VLM does not answer: cannot reach") and "--allow-vlm-failures" in err[0]
+    assert list(tmp_path.iterdir()) == [empty]
+
+
+def test_no_query_steps_no_server_check(sd1, tmp_path, capsys):
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "none",
+                       "--out", tmp_path / "x.png")
+    assert code == 0 and err == [], err
+
+
+def test_a_dead_server_allowed_makes_an_image_that_says_it_is_unguarded(sd1, tmp_path, capsys):
     code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "0,2",
-                         "--trace", tmp_path / "t.json", "--out", tmp_path / "dead.png")
-    assert code == 0
-    warnings = [line for line in err if line.startswith("warning:")]
-    assert len(warnings) == 2 and all("step" in w for w in warnings)
+                         "--allow-vlm-failures", "--trace", tmp_path / "t.json", "--out", tmp_path / "dead.png")
+    assert code == 3, err
+    assert err[0].startswith("warning: the VLM does not answer (cannot reach")
+    assert sum("VL-DNP query at step" in line for line in err) == 2
+    assert err[-1] == ("warning: 2 of 2 VL-DNP queries failed; no answer for image 0: it was made without the "
+                       "dynamic negative (exit status 3)")
     queries = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
     assert all(q["error"] and q["negative"] is None for q in queries)
+    text = image(tmp_path / "dead.png")[1]["parameters"]
+    assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in text
+    assert "Dynamic negative: none" not in text
     # no answer, no negative: the image is plain SD's
     run(capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
     assert torch.equal(image(tmp_path / "dead.png")[0], image(tmp_path / "plain.png")[0])
+
+
+ERROR_500 = {"status": 500, "body": {"error": {"message": "overloaded"}}}
+
+
+def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, server):
+    """Every query fails: exit 3 without any flag, since the check passed. One of two fails: exit 0,
+    and the PNG and stderr count it."""
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", ERROR_500).url,
+                       "--vlm-steps", "1,3", "--batch", 2, "--out", tmp_path / "all.png")
+    assert code == 3 and "HTTP 500" in err[0], err
+    assert err[-1] == ("warning: 4 of 4 VL-DNP queries failed; no answer for images 0, 1: they were made without "
+                       "the dynamic negative (exit status 3)")
+    for i in range(2):
+        assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in \
+            image(tmp_path / f"all-{i}.png")[1]["parameters"]
+
+    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", "feet", ERROR_500).url,
+                         "--vlm-steps", "1,3", "--out", tmp_path / "some.png")
+    assert code == 0 and out[-1] == str(tmp_path / "some.png"), err
+    assert err[-1] == "warning: 1 of 2 VL-DNP queries failed; the negative in force was kept, and the PNG counts them"
+    text = image(tmp_path / "some.png")[1]["parameters"]
+    assert 'VL-DNP failed queries: 1/2, Dynamic negative: "Nudity, Sexual, feet."' in text
+
+
+def test_help_documents_exit_status_3_and_the_flag(capsys):
+    assert generate.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--allow-vlm-failures" in text
+    assert "3 images saved, but for one or more of them every VL-DNP query failed" in text
 
 
 def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys, server):

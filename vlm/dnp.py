@@ -247,6 +247,11 @@ class DynamicNegatives:
                     self._record(b, query, self._wait(future, left))
                 query.negative = self.negatives[b]
 
+    def failed_queries(self, b: int) -> tuple[int, int]:
+        """(failed, asked) for image b. A query fails with an error, a timeout, or when sampling ended
+        before it ran; then no answer came, and the negative in force was kept."""
+        return sum(query.error is not None for query in self.trace[b]), len(self.trace[b])
+
     def trace_dict(self) -> dict:
         return {
             "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
