@@ -40,23 +40,31 @@ def clip_folder(folder: Path) -> Path:
 
 def main():
     out = ROOT / "docs" / "example-report"
-    shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
+        # Run inside the temporary folder with relative paths, so that the report, run.json and the
+        # PNGs name "random-sd1" and "random-clip" rather than a path of this machine.
         tmp = Path(tmp)
-        model = make_sd_folder(tmp / "sd", "sd1", seed=1)
-        clip = clip_folder(tmp / "clip")
+        make_sd_folder(tmp / "random-sd1", "sd1", seed=1)
+        clip_folder(tmp / "random-clip")
         with open(tmp / "prompts.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["case_number", "prompt", "evaluation_seed", "categories"])
             writer.writerows([i, p, 100 + i, "sexual"] for i, p in enumerate(PROMPTS))
-        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp / "prompts.csv"), "--out", str(out),
-                        "--model", str(model), "--methods", "sd,negative,static,vldnp,sld",
-                        "--negative-scale", "0,7.5,15", "--proposer", "clip", "--clip-model", str(clip),
-                        "--clip-threshold", "0.2", "--clip-score-model", str(clip), "--steps", "10",
-                        "--height", "64", "--width", "64", "--device", "cpu", "--quiet"], check=True, cwd=ROOT)
-    run = json.loads((out / "run.json").read_text())
-    run["note"] = "RANDOM WEIGHTS: an example of the report's layout; the images are noise and the numbers mean nothing"
-    (out / "run.json").write_text(json.dumps(run, indent=2))
+        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "prompts.csv", "--out", "example-report",
+                        "--model", "random-sd1", "--methods", "sd,negative,static,vldnp,sld",
+                        "--negative-scale", "0,7.5,15", "--proposer", "clip", "--clip-model", "random-clip",
+                        "--clip-threshold", "0.2", "--clip-score-model", "random-clip", "--steps", "10",
+                        "--height", "64", "--width", "64", "--device", "cpu", "--quiet"], check=True, cwd=tmp)
+        run = json.loads((tmp / "example-report" / "run.json").read_text())
+        run["note"] = ("RANDOM WEIGHTS: an example of the report's layout; the images are noise and the numbers "
+                       "mean nothing")
+        (tmp / "example-report" / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n")
+        readme = out / "README.md"
+        kept = readme.read_text() if readme.exists() else None  # written by hand
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp / "example-report", out)
+        if kept is not None:
+            readme.write_text(kept)
     print(f"wrote {out}")
 
 

@@ -18,7 +18,11 @@ from cli.metadata import SAMPLER_NAMES
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate
 from files import write_atomic
 
-COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito
+# A colour per method: Okabe-Ito's, then Paul Tol's muted, then hues a golden angle apart; each
+# round of seven also changes the marker, so no two methods look alike however many there are.
+COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+          "#882255", "#117733", "#332288", "#999933", "#AA4499", "#44AA99", "#CC6677")
+MARKERS = ("circle", "square", "triangle", "diamond")
 CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std")
 THUMBNAIL = 192  # CSS pixels, the most an image is shown at; a narrower window shrinks them
 PROMPT_WIDTH, MIN_COLUMN = 200, 112  # CSS pixels: the prompt column, and the least an image column gets
@@ -209,26 +213,41 @@ def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
 
     methods = list(dict.fromkeys(r["method"] for r in points))
     for i, method in enumerate(methods):
-        color = COLORS[i % len(COLORS)]
+        color, marker = series_style(i)
         line = [r for r in points if r["method"] == method]  # aggregate() sorts scales ascending
         coords = " ".join(f"{px(r['clip_score']):.1f},{py(100 * r['asr']):.1f}" for r in line)
-        out.append(f'<g><title>{e(method)}</title>')
+        out.append(f'<g data-method="{e(method)}" fill="{color}"><title>{e(method)}</title>')
         if len(line) > 1:
             out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         for r in line:
             x, y = px(r["clip_score"]), py(100 * r["asr"])
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}">'
-                       f'<title>{e(column_label(method, r["scale"]))}: ASR {percent(r["asr"])}, '
-                       f'CLIP {r["clip_score"]:.2f}</title></circle>')
+            title = f'{e(column_label(method, r["scale"]))}: ASR {percent(r["asr"])}, CLIP {r["clip_score"]:.2f}'
+            out.append(marker_svg(marker, x, y, f"<title>{title}</title>"))
             if r["scale"] is not None:
-                out.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" fill="{color}" font-size="10">'
-                           f'{r["scale"]:g}</text>')
-        out.append("</g>")
+                out.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" font-size="10">{r["scale"]:g}</text>')
         ly = top + 8 + 18 * i
         out.append(f'<line x1="{x1 + 14}" y1="{ly}" x2="{x1 + 34}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
-                   f'<circle cx="{x1 + 24}" cy="{ly}" r="3.5" fill="{color}"/>'
-                   f'<text x="{x1 + 40}" y="{ly + 4}">{e(method)}</text>')
+                   + marker_svg(marker, x1 + 24, ly) + f'<text x="{x1 + 40}" y="{ly + 4}" fill="black">{e(method)}</text>')
+        out.append("</g>")
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def series_style(i: int) -> tuple[str, str]:
+    """The colour and marker of the i-th method: a colour of its own for every method."""
+    color = COLORS[i] if i < len(COLORS) else f"hsl({(i * 137.508) % 360:.1f}, 70%, 38%)"
+    return color, MARKERS[i // 7 % len(MARKERS)]
+
+
+def marker_svg(shape: str, x: float, y: float, inner: str = "") -> str:
+    """A marker about 7 px across at (x, y), filled with its group's colour."""
+    r = 3.5
+    if shape == "circle":
+        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}">{inner}</circle>'
+    if shape == "square":
+        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}">{inner}</rect>'
+    corners = ([(x, y - 4.5), (x + 4.5, y + 3.5), (x - 4.5, y + 3.5)] if shape == "triangle"
+               else [(x, y - 4.5), (x + 4.5, y), (x, y + 4.5), (x - 4.5, y)])
+    return f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in corners)}">{inner}</polygon>'
 
 
 # ---------------------------------------------------------------- HTML page

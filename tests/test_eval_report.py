@@ -7,13 +7,14 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
 
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate, protocol
-from evaluation.report import write_report
-from png import write_png
+from evaluation.report import pareto_svg, write_report
+from png import read_png, write_png
 
 HOSTILE = ("""<script>document.body.dataset.pwned = "1"</script>"""
            """<img src=x onerror="document.body.dataset.pwned='1'"> & 'x'""")
@@ -215,3 +216,36 @@ def test_the_grid_fits_a_1280_px_window(tmp_path, columns, fits):
     assert size["data-page-scroll"] <= size["data-page-width"] <= 1280, size  # the page never scrolls sideways
     assert (size["data-grid-scroll"] <= size["data-grid-width"]) == fits, size
     assert 90 <= size["data-image"] <= 192, size
+
+
+def method_colours(svg_text: str) -> dict[str, str]:
+    return {g.get("data-method"): g.get("fill") for g in ET.fromstring(svg_text).iter(f"{SVG}g")}
+
+
+def test_every_method_has_a_colour_of_its_own():
+    rows = [{"method": f"method-{i}", "scale": None, "asr": i / 40, "clip_score": 20.0 + i} for i in range(30)]
+    svg = pareto_svg(rows)
+    colours = method_colours(svg)
+    assert len(colours) == 30 and len(set(colours.values())) == 30
+    assert {colours["method-0"], colours["method-7"]} == {"#0072B2", "#882255"}  # no cycling back
+    root = ET.fromstring(svg)
+    assert {el.tag.removeprefix(SVG) for g in root.iter(f"{SVG}g") for el in g} >= {"circle", "rect", "polygon"}
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example-report"
+
+
+def test_the_committed_example_report():
+    """docs/example-report, as docs/make_example_report.py makes it: a colour per method, no path
+    of the machine that made it, one records file."""
+    colours = method_colours((EXAMPLE / "pareto.svg").read_text(encoding="utf-8"))
+    assert len(colours) >= 8 and len(set(colours.values())) == len(colours)
+    for path in EXAMPLE.rglob("*"):
+        if path.suffix == ".png":
+            text = " ".join(read_png(path)[1].values())
+        elif path.is_file():
+            text = path.read_text(encoding="utf-8")
+        else:
+            continue
+        assert "/tmp" not in text and str(EXAMPLE.parent.parent) not in text, path
+    assert not list(EXAMPLE.glob("records.rank*.jsonl"))
