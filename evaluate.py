@@ -41,8 +41,10 @@ examples:
       --negative-scale 0,2.5,5,7.5,10,15,20 --vlm-url http://localhost:8000/v1
   torchrun --nproc_per_node=8 evaluate.py nudity.csv --out runs/sweep ...   # the same, on 8 GPUs
 
-Re-run the same command to resume. Exit status: 0 all images done, 1 some failed (re-run to retry
-them), 2 bad argument, prompt file, model, run folder or VLM, 130 interrupted.
+Re-run the same command to resume; a folder whose run made no image takes other settings. Rows
+of PROMPTS.csv that cannot be used are skipped, each named in a warning and listed in run.json.
+Exit status: 0 all images done, 1 some failed (re-run to retry them), 2 bad argument, prompt file
+with no usable row, model, run folder or VLM, 130 interrupted.
 """
 
 
