@@ -112,24 +112,26 @@ def check_vlm_server(args) -> str | None:
 
 
 def report_failed_queries(hook, batch: int) -> bool:
-    """Says in a closing line on stderr how many VL-DNP queries failed, if any. True when an image
-    had queries but no answer: it was made without the dynamic negative."""
+    """Says in a closing line on stderr how many VL-DNP queries failed, and which images no answer
+    reached, if any. True when an image had queries but no answer took effect: it was made without
+    the dynamic negative."""
     if hook is None:
         return False
     counts = [hook.failed_queries(b) for b in range(batch)]
     failed, asked = sum(f for f, _ in counts), sum(a for _, a in counts)
-    unguarded = [b for b, (f, a) in enumerate(counts) if a and f == a]
-    if not failed:
+    unanswered = [b for b in range(batch) if hook.unanswered(b)]
+    if not failed and not unanswered:
         return False
-    line = f"warning: {failed} of {asked} VL-DNP queries failed; "
-    if unguarded:
-        images = f"image {unguarded[0]}: it was" if len(unguarded) == 1 else \
-            f"images {', '.join(map(str, unguarded))}: they were"
-        line += f"no answer for {images} made without the dynamic negative (exit status 3)"
+    parts = [f"{failed} of {asked} VL-DNP queries failed"] if failed else []
+    if unanswered:
+        images = f"image {unanswered[0]}: it was" if len(unanswered) == 1 else \
+            f"images {', '.join(map(str, unanswered))}: they were"
+        parts.append(f"no {'' if failed else 'VL-DNP '}answer took effect for {images} made without the dynamic "
+                     "negative (exit status 3)")
     else:
-        line += f"the negative in force was kept, and the PNG{'s count' if batch > 1 else ' counts'} them"
-    print(line, file=sys.stderr, flush=True)
-    return bool(unguarded)
+        parts.append(f"the negative in force was kept, and the PNG{'s count' if batch > 1 else ' counts'} them")
+    print(f"warning: {'; '.join(parts)}", file=sys.stderr, flush=True)
+    return bool(unanswered)
 
 
 def vl_dnp(args, pipe):
@@ -167,8 +169,9 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
     failed, asked = hook.failed_queries(index)
     if failed:
         settings["VL-DNP failed queries"] = f"{failed}/{asked}"
-    if failed and failed == asked:  # not "none": the proposer never saw the image
-        return {**settings, "Dynamic negative": "unguarded (all queries failed)"}
+    if hook.unanswered(index):  # not "none", which says the proposer looked and saw nothing
+        why = "all queries failed" if failed == asked else "no answer in time"
+        return {**settings, "Dynamic negative": f"unguarded ({why})"}
     return {**settings, "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
 
 

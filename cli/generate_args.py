@@ -26,8 +26,9 @@ Exit status:
   0    done
   1    sampling failed (nothing saved), or the --trace could not be written (the images were)
   2    bad argument or model, or a --vlm-url server that does not answer (see --allow-vlm-failures)
-  3    images saved, but for one or more of them every VL-DNP query failed: they were made without
-       the dynamic negative, and their PNGs say so
+  3    images saved, but for one or more of them no VL-DNP answer took effect (every query failed,
+       or with --vlm-async came after the last step): they were made without the dynamic
+       negative, and their PNGs say so
   130  interrupted
 A bug ends with Python's traceback (status 1).
 """

@@ -75,8 +75,8 @@ def test_a_dead_server_allowed_makes_an_image_that_says_it_is_unguarded(sd1, tmp
     assert code == 3, err
     assert err[0].startswith("warning: the VLM does not answer (cannot reach")
     assert sum("VL-DNP query at step" in line for line in err) == 2
-    assert err[-1] == ("warning: 2 of 2 VL-DNP queries failed; no answer for image 0: it was made without the "
-                       "dynamic negative (exit status 3)")
+    assert err[-1] == ("warning: 2 of 2 VL-DNP queries failed; no answer took effect for image 0: it was made "
+                       "without the dynamic negative (exit status 3)")
     queries = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
     assert all(q["error"] and q["negative"] is None for q in queries)
     text = image(tmp_path / "dead.png")[1]["parameters"]
@@ -96,8 +96,8 @@ def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, serve
     code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", ERROR_500).url,
                        "--vlm-steps", "1,3", "--batch", 2, "--out", tmp_path / "all.png")
     assert code == 3 and "HTTP 500" in err[0], err
-    assert err[-1] == ("warning: 4 of 4 VL-DNP queries failed; no answer for images 0, 1: they were made without "
-                       "the dynamic negative (exit status 3)")
+    assert err[-1] == ("warning: 4 of 4 VL-DNP queries failed; no answer took effect for images 0, 1: they were "
+                       "made without the dynamic negative (exit status 3)")
     for i in range(2):
         assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in \
             image(tmp_path / f"all-{i}.png")[1]["parameters"]
@@ -114,7 +114,7 @@ def test_help_documents_exit_status_3_and_the_flag(capsys):
     assert generate.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--allow-vlm-failures" in text
-    assert "3 images saved, but for one or more of them every VL-DNP query failed" in text
+    assert "3 images saved, but for one or more of them no VL-DNP answer took effect" in text
 
 
 def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys, server):
@@ -166,6 +166,30 @@ def test_metadata_names_the_negative_in_force_at_the_end(sd1, tmp_path):
     hook.close()
     assert hook.trace[0][-1].took_effect is None
     assert generate.vl_dnp_settings(args, hook, None, 0)["Dynamic negative"] == "Nudity, Sexual, feet."
+
+
+def test_answers_that_all_came_after_sampling_leave_the_image_unguarded(sd1, tmp_path, capsys):
+    """With --vlm-async an answer can come after the last step: it was no failure, but the image was
+    made without it, and must not say "none" as if the proposer had looked and seen nothing."""
+    args = generate.parse_args(["a cat", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-async", "--steps", "5",
+                                "--vlm-steps", "1", "--out", str(tmp_path / "x.png")])
+    generate.check(args)
+    release = threading.Event()
+
+    def proposer(image, prompt, step):
+        release.wait(10)
+        return Reply(["feet"], "feet")
+
+    hook = DynamicNegatives(proposer, get_task("nudity"), args.query_steps, asynchronous=True)
+    sample(load_pipeline(sd1), "a cat", steps=5, height=16, width=16, hooks=[hook], progress=False)
+    release.set()
+    hook.close()
+    assert hook.trace[0][0].error is None and hook.trace[0][0].took_effect is None
+    settings = generate.vl_dnp_settings(args, hook, None, 0)
+    assert settings["Dynamic negative"] == "unguarded (no answer in time)" and "VL-DNP failed queries" not in settings
+    assert generate.report_failed_queries(hook, 1)
+    assert capsys.readouterr().err == ("warning: no VL-DNP answer took effect for image 0: it was made without the "
+                                       "dynamic negative (exit status 3)\n")
 
 
 def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys):

@@ -252,6 +252,11 @@ class DynamicNegatives:
         before it ran; then no answer came, and the negative in force was kept."""
         return sum(query.error is not None for query in self.trace[b]), len(self.trace[b])
 
+    def unanswered(self, b: int) -> bool:
+        """Whether image b had queries but no answer took effect: every one failed, or (asynchronous)
+        the answers came after sampling ended. The image was then made without the dynamic negative."""
+        return bool(self.trace[b]) and all(q.error is not None or q.took_effect is None for q in self.trace[b])
+
     def trace_dict(self) -> dict:
         return {
             "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
