@@ -1,6 +1,7 @@
 """Text to image with Stable Diffusion 1.x / 2.x:  python generate.py "a photo of a cat"
 
-parse the arguments -> load the model -> build the VL-DNP hook -> generate -> save PNGs.
+parse the arguments -> ask a VLM server, if any -> load the model -> build the VL-DNP hook -> generate
+-> save PNGs.
 
 The PNGs' `parameters` text chunk holds the prompt and settings in the layout AUTOMATIC1111 and other
 SD tools read. With the same checkpoint, prompt, seed and settings, the image is the one diffusers'
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The run after the arguments are checked; returns the exit status."""
+    # 0. a VLM server that does not answer stops the run before the model loads
     server_error = check_vlm_server(args)
     if server_error:
         return fail(server_error, 2)
