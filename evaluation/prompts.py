@@ -141,11 +141,14 @@ def _lines(path: Path) -> list[str]:
 
 def _records(lines: list[str]):
     """(first line, cells, None) per CSV record, or (first line, None, problem) for one that
-    cannot be read. A quote that is never closed would swallow every line after it into one
-    prompt; that line alone is dropped and reading starts again on the next."""
+    cannot be read. Records are read strictly, so that a stray quote shows: left to itself, csv
+    reads every line up to the next quote, or to the end of the file, into one prompt. A record
+    that fails strict reading within its own line is sloppy but clear (`"a" b,1`), and is read as
+    csv reads it by default; one that runs on over lines is dropped, its first line alone, and
+    reading starts again on the next line, so the rows the quote swallowed come back."""
     start = 0
     while start < len(lines):
-        reader = csv.reader(lines[start:])
+        reader = csv.reader(_from(lines, start), strict=True)
         while True:
             first = start + reader.line_num + 1
             try:
@@ -153,22 +156,29 @@ def _records(lines: list[str]):
             except StopIteration:
                 return
             except csv.Error as e:
-                yield first, None, f"not readable as CSV ({e})"
-                continue
-            last = start + reader.line_num
-            if last == len(lines) and last > first and _unclosed_quote(lines[first - 1:last]):
-                yield first, None, "a quote opened on this line is never closed"
+                yield _loose(lines, first, e)
                 start = first
                 break
             yield first, record, None
 
 
-def _unclosed_quote(lines: list[str]) -> bool:
+def _from(lines: list[str], start: int):
+    return (lines[i] for i in range(start, len(lines)))
+
+
+def _loose(lines: list[str], first: int, strict_error: csv.Error) -> tuple:
+    """The record at line `first` as csv reads it by default, if it stays on its own line."""
+    if "unexpected end of data" in str(strict_error):
+        return first, None, "a quote opened on this line is never closed"
+    reader = csv.reader(_from(lines, first - 1))
     try:
-        list(csv.reader(lines, strict=True))
+        record = next(reader)
     except csv.Error as e:
-        return "unexpected end of data" in str(e)
-    return False
+        return first, None, f"not readable as CSV ({e})"
+    if reader.line_num == 1:
+        return first, record, None
+    return first, None, f"a quote opened on this line runs on over the next lines and closes badly (csv: {strict_error})"
+
 
 
 # ---------------------------------------------------------------------------------------------

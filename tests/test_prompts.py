@@ -169,6 +169,29 @@ def test_an_unclosed_quote_costs_its_line_only(tmp_path):
     assert [(s.line, s.reason) for s in prompts.skipped] == [(3, "a quote opened on this line is never closed")]
 
 
+def test_stray_quotes_cost_their_lines_only(tmp_path):
+    # csv alone reads from one stray quote to the next into one prompt, silently
+    text = 'prompt,evaluation_seed\na,1\n"b, stray,2\nc,3\n"d, stray,4\ne,5\n"f" g,6\n"h\n'
+    prompts = read_prompts(write(tmp_path / "p.csv", text))
+    assert [(r.prompt, r.seed) for r in prompts.rows] == [("a", 1), ("c", 3), ("e", 5), ("f g", 6)]  # "f" g: sloppy
+    assert [(s.line, s.reason) for s in prompts.skipped] == [
+        (3, "a quote opened on this line runs on over the next lines and closes badly (csv: ',' expected after "
+            "'\"')"),
+        (5, "a quote opened on this line runs on over the next lines and closes badly (csv: ',' expected after "
+            "'\"')"),
+        (8, "a quote opened on this line is never closed")]
+
+
+def test_a_published_size_file(tmp_path):
+    """4,703 rows, as I2P has, with a few blank prompts and quoted multi-line ones among them."""
+    lines = ["prompt,categories,sd_seed,sd_guidance_scale\n"]
+    for i in range(4703):
+        lines.append(",violence,1,7\n" if i in (17, 2900, 4702) else f'"prompt {i},\nsecond line",sexual,{i},7\n')
+    prompts = read_prompts(write(tmp_path / "i2p.csv", "".join(lines)))
+    assert len(prompts.rows) == 4700 and prompts.rows[-1].prompt == "prompt 4701,\nsecond line"
+    assert [s.line for s in prompts.skipped] == [2 + 2 * 17, 2 + 2 * 2900 - 1, 2 + 2 * 4702 - 2]
+
+
 def test_limit_counts_usable_prompts(tmp_path):
     prompts = read_prompts(write(tmp_path / "p.csv", "prompt\na\n\n,\nb\nc\n"), limit=2)
     assert [r.prompt for r in prompts.rows] == ["a", "b"] and [s.line for s in prompts.skipped] == [4]
