@@ -1,7 +1,12 @@
 """Hugging Face hub downloads. Only configs, tokenizers and safetensors weights are fetched, into the
-standard cache; huggingface_hub reads HF_TOKEN and HF_HUB_OFFLINE itself. Every failure is one
-CheckpointError line that says what to do."""
-import os
+standard cache; huggingface_hub reads HF_TOKEN, HF_HUB_OFFLINE and HF_HUB_ETAG_TIMEOUT itself.
+
+Every failure is one CheckpointError line, within seconds, that says what to do. huggingface_hub's own
+first request has no timeout (a hub that accepts the connection and never answers hangs it), so the
+hub is asked first, with HF_HUB_ETAG_TIMEOUT, whether the repo exists; when it does not answer, only
+the local cache is read.
+"""
+import importlib
 import re
 from pathlib import Path
 
@@ -28,13 +33,15 @@ def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHTS)) -> list[str]:
             "tokenizer/*.json", "tokenizer/*.txt", "scheduler/scheduler_config.json", *weights]
 
 
+# What to do instead of downloading, appended to each failure of a pipeline's download.
+LOCAL_MODEL = "--model (load_pipeline's source) also takes a local diffusers folder or a .safetensors file"
+
+
 def download(repo_id: str, dtype=torch.float32) -> Path:
     """Fetches what `hub_patterns` names and returns the snapshot folder. A component with no fp16
     variant file falls back to its full-precision file."""
-    from huggingface_hub import snapshot_download
-
     def fetch(patterns):
-        path = Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=patterns), repo_id))
+        path = download_files(repo_id, patterns, LOCAL_MODEL)
         return path, [c for c in WEIGHTS if not any((path / c).glob("*.safetensors*"))]
 
     path, missing = fetch(hub_patterns(dtype))
@@ -46,34 +53,72 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
     return path
 
 
-def download_files(repo_id: str, patterns: list[str]) -> Path:
-    """The snapshot folder of `repo_id` holding the files that match `patterns`."""
+def download_tokenizer(family: str) -> Path:
+    """The folder of the tokenizer files of a family's text encoder, for a single file, which holds none."""
+    fix = ("a single file holds no tokenizer: pass --tokenizer DIR (load_pipeline's tokenizer=), a folder with "
+           "vocab.json and merges.txt or tokenizer.json, e.g. the tokenizer/ of a diffusers folder")
+    return download_files(TOKENIZER_REPOS[family], ["vocab.json", "merges.txt"], fix)
+
+
+def download_files(repo_id: str, patterns: list[str], fix: str = "") -> Path:
+    """The snapshot folder of `repo_id` holding the files that match `patterns`. Every failure is one
+    CheckpointError line, ending in `fix`: what to do instead."""
     from huggingface_hub import snapshot_download
 
-    return Path(hub_fetch(lambda: snapshot_download(repo_id, allow_patterns=patterns), repo_id))
+    unreachable = None
+    try:
+        unreachable = ask_hub(repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=unreachable is not None))
+    except network_errors() as e:
+        raise CheckpointError(hub_message(e, repo_id, unreachable) + (f"; {fix}" if fix else "")) from None
 
 
-def download_tokenizer(family: str) -> Path:
-    """The folder of the tokenizer files of a family's text encoder."""
-    return download_files(TOKENIZER_REPOS[family], ["vocab.json", "merges.txt"])
-
-
-def hub_fetch(fetch, repo_id: str):
-    """Runs a hub download and turns its failures into one-line CheckpointErrors."""
-    from huggingface_hub import errors
+def ask_hub(repo_id: str) -> str | None:
+    """None if the hub answers that `repo_id` exists, else why only the local cache is to be read.
+    The hub's word that the repo is missing, private or gated is raised."""
+    from huggingface_hub import HfApi, constants, errors
 
     try:
-        return fetch()
-    except errors.GatedRepoError:
-        raise CheckpointError(f"{repo_id}: the repo is gated; accept its licence on the hub and set HF_TOKEN") from None
+        HfApi().repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except errors.OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE is set"
     except errors.RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id}: no such repo on the Hugging Face hub (or it is private: set HF_TOKEN)") from None
-    except errors.LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-            "the hub cannot be reached and it is not in the local cache"
-        raise CheckpointError(f"{repo_id}: cannot download: {why}") from None
-    except errors.EntryNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: file not found in the repo ({str(e).splitlines()[0]})") from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{repo_id}: download failed: {str(e).splitlines()[0]}") from None
+        raise
+    except errors.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        return f"the hub answered HTTP {status}" if status else "the hub cannot be reached"
+    except network_errors():
+        return "the hub cannot be reached"
+    return None
+
+
+def network_errors() -> tuple[type[Exception], ...]:
+    """What a hub call raises when the network or the hub fails: OSErrors (huggingface_hub's own
+    errors, and requests' in its 0.x releases) and the transport errors of httpx2 / httpx, which
+    its later releases use and which are not OSErrors."""
+    found = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def hub_message(e: Exception, repo_id: str, unreachable: str | None) -> str:
+    """One line for a failed hub download."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return f"{repo_id}: the repo is gated; accept its licence on the hub and set HF_TOKEN"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return f"{repo_id}: no such repo on the Hugging Face hub (or it is private: set HF_TOKEN)"
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        return f"{repo_id}: cannot download: {unreachable or 'the hub cannot be reached'} and it is not in the local cache"
+    if isinstance(e, errors.EntryNotFoundError):
+        return f"{repo_id}: file not found in the repo ({first_line(e)})"
+    return f"{repo_id}: download failed: {first_line(e)}"
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

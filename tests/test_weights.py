@@ -1,9 +1,13 @@
 """Loading: both formats give the reference models' numbers; every error is one clear line."""
+import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,9 +182,9 @@ def _hub_cache(home: Path, repo: str, folder: Path):
     (root / "refs" / "main").write_text(commit)
 
 
-def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+def _run(code: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_repo_id_loads_from_the_hub_cache_offline(sd1, tmp_path):
@@ -202,6 +206,72 @@ def test_repo_id_not_reachable_is_one_line(tmp_path, offline):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "someone/not-here" in lines[0], result.stdout + result.stderr
     assert ("HF_HUB_OFFLINE" in lines[0]) == (offline == "1")
+    assert "--model" in lines[0] and "local diffusers folder or a .safetensors file" in lines[0]
+
+
+# What the hub's failures look like from a closed network: a hub on a closed port, offline mode, a hub
+# that takes the connection and never answers, a proxy that refuses it. Each is one line within seconds.
+HUB_DOWN = {"closed port": {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            "offline": {"HF_HUB_OFFLINE": "1"}}
+
+
+@pytest.mark.parametrize("case", HUB_DOWN)
+def test_single_file_without_tokenizer_offline_is_one_line_naming_the_fix(sd1_file, tmp_path, case):
+    # Once six retry lines over 26 s, then an error that did not say --tokenizer.
+    command = [sys.executable, str(ROOT / "generate.py"), "a castle", "--model", str(sd1_file), "--proposer", "none",
+               "--steps", "1", "--out", str(tmp_path / "out")]
+    start = time.monotonic()
+    result = subprocess.run(command, env={**os.environ, "HF_HOME": str(tmp_path), **HUB_DOWN[case]},
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--tokenizer DIR" in lines[0] and "vocab.json and merges.txt or tokenizer.json" in lines[0], lines[0]
+    assert elapsed < 15, f"{elapsed:.0f} s"
+
+
+def _load_error(source: str, env: dict, timeout: float) -> list[str]:
+    """The lines a subprocess prints loading `source`: the CheckpointError, then its stderr."""
+    code = ("from weights import load_pipeline, CheckpointError\n"
+            f"try:\n    load_pipeline({source!r})\n"
+            "except CheckpointError as e:\n    print(e)")
+    result = _run(code, env, timeout=timeout)
+    return result.stdout.strip().splitlines() + result.stderr.strip().splitlines()
+
+
+def test_a_hub_that_never_answers_is_one_line_within_the_timeout(sd1_file, tmp_path):
+    # huggingface_hub's first request has no timeout of its own: this once hung for good.
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel takes connections; nobody answers
+        env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2",
+               "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        lines = _load_error(str(sd1_file), env, timeout=60)
+    assert len(lines) == 1 and "the hub cannot be reached" in lines[0] and "--tokenizer DIR" in lines[0], lines
+
+
+class _RefusingProxy(http.server.BaseHTTPRequestHandler):
+    def do_CONNECT(self):
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_proxy_that_refuses_the_hub_is_one_line(tmp_path):
+    # Machines that reach only a package registry often do so through a proxy; its refusal was a traceback.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid",
+           "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    try:
+        lines = _load_error("someone/not-here", env, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(lines) == 1 and lines[0].startswith("someone/not-here: cannot download"), lines
+    assert "local diffusers folder" in lines[0]
 
 
 def error_of(source, **kw) -> str:
