@@ -7,14 +7,18 @@ a fresh buffer on every call. In the UNet's deep levels, where a 1280-channel 3x
 
 `pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d, which reorders its weight at
 its first fp32 inference call on the CPU and then holds only the reordered tensor: the plain one is
-let go, so packing costs no memory. A call with another input shape re-packs from the packed tensor.
+let go, so packing costs no memory, provided that memory was the weight's own (pages of a file mapping
+shared with other tensors stay resident while any of those lives). A call with another input shape
+re-packs from the packed tensor.
 (torch.compile's freezing pass does the same to convolution weights.) `unpack_convolutions(model)`
 gives back nn.Conv2d modules.
 
 What the model shows the outside stays nn.Conv2d's: state_dict() gives plain [out, in, kh, kw]
 weights under the same keys, load_state_dict() takes them, `conv.weight.shape/dtype/device` read as
-before. A call that cannot use the packed weight (autograd, another dtype or device, torch.compile)
-first unpacks it, and so do .to(), .float(), .cuda(), ...; a later fp32 CPU call packs again.
+before. A call that cannot use the packed weight (autograd, another dtype or device) first unpacks
+it, and so do .to(), .float(), .cuda(), ...; a later fp32 CPU call packs again. In-place writes into
+a packed weight fail. torch.compile needs the weights plain: compile before the first call, or do not
+pack (its freezing pass packs weights itself).
 """
 import torch
 import torch.nn.functional as F
