@@ -5,6 +5,7 @@
     folder.py       diffusers folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     original.py     original single files: the original-name tables, and the architecture read off shapes
     single_file.py  loading and writing original single files with those tables
+    prediction.py   what a single file says about its prediction type (ε or v), which its shapes cannot
     hub.py          Hugging Face hub downloads, every failure one line
     clip.py         the two-tower CLIP that the CLIP proposer and the CLIP score use
     pipeline.py     the Pipeline: what a loaded model is

@@ -1,4 +1,5 @@
 """Loading and writing original single files with the tables of original.py."""
+import sys
 from pathlib import Path
 
 import torch
@@ -8,7 +9,8 @@ from checkpoint.folder import load_tokenizer
 from checkpoint.hub import download_tokenizer
 from checkpoint.original import IGNORED, PREFIX, inspect_single_file, text_table, to_original, to_ours, unet_table, vae_table
 from checkpoint.pipeline import Pipeline
-from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys
+from checkpoint.prediction import MARKERS, NAMES, Prediction, assumed_warning, read_prediction, written_metadata
+from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, safetensors_metadata
 from model.clip import CLIPTextModel
 from model.unet import UNet
 from model.vae import AutoencoderKL
@@ -17,8 +19,9 @@ from sampler.schedule import SchedulerConfig
 
 def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=None) -> Pipeline:
     """The pipeline in an original .safetensors file. Single files hold no tokenizer: `tokenizer` is
-    a folder, else the text encoder's own is downloaded. They do not record the prediction type
-    either; a v-prediction SD2 file is the 768 px model."""
+    a folder, else the text encoder's own is downloaded. Some say their prediction type
+    (checkpoint/prediction.py); `prediction_type` overrides it, and an SD2 file that does not say it
+    is taken as ε with a warning on stderr. A v-prediction SD2 file is the 768 px model."""
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
                               "use the .safetensors release or convert it")
@@ -32,10 +35,11 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     else:
         unused = set()
     wanted = {PREFIX[p] + o.key for p, _, _, table in parts for o in table.values()}
-    stray = [k for k in shapes if k not in wanted and k not in unused and not IGNORED.fullmatch(k)]
+    stray = [k for k in shapes if k not in wanted and k not in unused and k not in MARKERS and not IGNORED.fullmatch(k)]
     if stray:
         raise CheckpointError(f"{path}: {len(stray)} unexpected tensors (first: {stray[0]}); "
                               "not a plain SD1/SD2 checkpoint (inpainting, SDXL or a merged add-on?)")
+    prediction = file_prediction(path, shapes, family, prediction_type)
     stored = read_safetensors(path, device, dtype, keys=sorted(wanted & shapes.keys()))
     models = {}
     for prefix, cls, cfg, table in parts:
@@ -43,11 +47,24 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
         models[cls] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file",
                                   names={k: PREFIX[prefix] + o.key for k, o in table.items()})
     del stored
-    if prediction_type in ("v", "v_prediction") and family == "sd2":
+    if prediction.type == "v_prediction" and family == "sd2":
         unet_cfg.sample_size = 96  # the 768-v models
     tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[family])
+    if prediction.said_by is None:
+        print(assumed_warning(path.name), file=sys.stderr, flush=True)
+    scheduler = SchedulerConfig(prediction_type=prediction.type, rescale_betas_zero_snr=prediction.zero_snr)
     return Pipeline(tokenizer=tokenizer, text_encoder=models[CLIPTextModel], unet=models[UNet],
-                    vae=models[AutoencoderKL], scheduler=SchedulerConfig(), family=family, name=path.name)
+                    vae=models[AutoencoderKL], scheduler=scheduler, family=family, name=path.name)
+
+
+def file_prediction(path: Path, shapes: dict, family: str, prediction_type=None) -> Prediction:
+    """The prediction type the caller chose, else the one the file says (or assumes, said_by None)."""
+    markers = read_safetensors(path, keys=[k for k in MARKERS if k in shapes])
+    if prediction_type is not None:
+        if prediction_type not in NAMES:
+            raise CheckpointError(f"prediction_type={prediction_type!r}: use epsilon or v")
+        return Prediction(NAMES[prediction_type], "the caller", "ztsnr" in markers)
+    return read_prediction(safetensors_metadata(path), markers, family, str(path))
 
 
 # The pad token of each family's tokenizer, which the text encoders' hub repos do not all record.
@@ -57,7 +74,8 @@ TOKENIZER_PAD = {"sd1": "<|endoftext|>", "sd2": "!"}
 def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     """Writes `pipe` as an original-layout single file (CompVis / Stability key names) that diffusers'
     and other tools' single-file loaders read. SD2 files get OpenCLIP's last text layer as zeros,
-    because real SD2 files carry that (unused) layer and loaders drop it."""
+    because real SD2 files carry that (unused) layer and loaders drop it. The prediction type goes
+    into the metadata, as ModelSpec's modelspec.prediction_type, which load_single_file reads back."""
     parts = [("unet", pipe.unet, unet_table(pipe.unet.config)), ("vae", pipe.vae, vae_table(pipe.vae.config)),
              (pipe.family, pipe.text_encoder, text_table(pipe.text_encoder.config, pipe.family))]
     out_state = {}
@@ -74,5 +92,5 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
             out_state[k.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.")] = torch.zeros_like(out_state[k])
     out_state = {k: v.to(dtype or v.dtype).contiguous() for k, v in out_state.items()}
     out = Path(out)
-    save_file(out_state, str(out), metadata={"format": "pt"})
+    save_file(out_state, str(out), metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
     return out

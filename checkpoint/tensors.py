@@ -60,6 +60,15 @@ def safetensors_keys(path: Path) -> dict[str, tuple]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The file's free-form string metadata (its header's __metadata__), {} when it has none."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
     """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
     exactly the model's tensors, each of the model's shape. The result needs no initialization and

@@ -47,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokenizer folder for single files: tokenizer.json, or vocab.json and merges.txt "
                         "(default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"],
-                   help="what the UNet predicts, overriding the model's scheduler config; "
-                        "single files do not record it (SD 2.x 768 models: v)")
+                   help="what the UNet predicts, overriding the model's scheduler config or what a single "
+                        "file says (ModelSpec metadata, a v_pred tensor); an SD2 file that says nothing is "
+                        "taken as epsilon, with a warning (SD 2.x 768 models: v)")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")

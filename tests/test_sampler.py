@@ -67,7 +67,7 @@ def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
     assert pipe.family == "sd2" and pipe.scheduler.prediction_type == "v_prediction"
     kw = dict(prompt="a mountain, oil painting!", batch=2, steps=4, eta=0.3, height=32, width=32)
     assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
-    # a single file does not record the prediction type: prediction_type="v" gives it back
+    # a single file says its prediction type only sometimes: prediction_type="v" gives it, whatever the file says
     file = export_single_file(sd2v, tmp_path / "v.safetensors")
     pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer", prediction_type="v")
     kw = dict(prompt="a mountain", height=32, width=32, steps=3)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
@@ -462,3 +463,78 @@ def test_sd2_single_files_run_the_text_layers_diffusers_runs(tmp_path):
     for layers in (24, 23):
         family, *_, text = inspect_single_file({**others, **vit_h_text_shapes(layers)}, "sd2.safetensors")[:4]
         assert family == "sd2" and text.width == 1024 and text.num_layers == 23, layers
+
+
+@pytest.fixture(scope="module")
+def sd2v(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
+
+
+def _resaved(file: Path, out: Path, metadata=None, **markers) -> Path:
+    """`file` saved again with only `metadata` (besides format) and `markers` added as tensors."""
+    save_file({**load_file(file), **markers}, out, metadata={"format": "pt", **(metadata or {})})
+    return out
+
+
+def test_a_v_model_exported_says_so_and_makes_diffusers_image(sd2v, tmp_path, capsys):
+    # Before, the file did not say it, epsilon was assumed in silence and the image was wrong.
+    file = export_single_file(sd2v, tmp_path / "v.safetensors")
+    assert safe_open(str(file), "pt").metadata()["modelspec.prediction_type"] == "v"
+    pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer")
+    assert pipe.scheduler.prediction_type == "v_prediction" and pipe.unet.config.sample_size == 96
+    assert capsys.readouterr().err == ""
+    ref = StableDiffusionPipeline.from_pretrained(sd2v, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a lighthouse", negative_prompt="fog", height=32, width=32)
+    assert_same_image(generate(pipe, **kw, steps=4, progress=False), pipeline_images(ref, num_inference_steps=4, **kw))
+
+
+@pytest.mark.parametrize("metadata, markers, expected", [
+    ({"modelspec.prediction_type": "v"}, {}, "v_prediction"),
+    ({"modelspec.prediction_type": "epsilon"}, {}, "epsilon"),
+    ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, {}, "v_prediction"),
+    ({"modelspec.architecture": "stable-diffusion-v2-512"}, {}, "epsilon"),
+    ({}, {"v_pred": torch.tensor([])}, "v_prediction"),
+    ({}, {"global_step": torch.tensor(875000)}, "epsilon"),
+    ({"modelspec.prediction_type": "epsilon", "modelspec.architecture": "stable-diffusion-v2-768-v"}, {}, "epsilon"),
+], ids=["modelspec-v", "modelspec-eps", "architecture-768-v", "architecture-512", "v_pred-key", "sd2-base-step",
+        "stated-type-wins"])
+def test_sd2_files_that_say_their_prediction_type_are_read_so(sd2v, tmp_path, capsys, metadata, markers, expected):
+    file = _resaved(export_single_file(sd2v, tmp_path / "exported.safetensors"), tmp_path / "m.safetensors",
+                    metadata, **markers)
+    pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer")
+    assert pipe.scheduler.prediction_type == expected and not pipe.scheduler.rescale_betas_zero_snr
+    assert capsys.readouterr().err == ""
+
+
+def test_sd2_file_that_does_not_say_is_epsilon_with_one_warning(sd2v, tmp_path, capsys):
+    plain = _resaved(export_single_file(sd2v, tmp_path / "exported.safetensors"), tmp_path / "plain.safetensors",
+                     global_step=torch.tensor(110000))  # a step that tells nothing
+    pipe = load_pipeline(plain, tokenizer=sd2v / "tokenizer")
+    assert pipe.scheduler.prediction_type == "epsilon"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: plain.safetensors:"), lines
+    assert "assuming epsilon" in lines[0] and "--prediction-type v" in lines[0] and 'prediction_type="v"' in lines[0]
+    # the caller's choice is no guess: no warning, and it wins over what a file says
+    assert load_pipeline(plain, tokenizer=sd2v / "tokenizer", prediction_type="v").scheduler.prediction_type == "v_prediction"
+    stated = _resaved(plain, tmp_path / "stated.safetensors", {"modelspec.prediction_type": "v"})
+    assert load_pipeline(stated, tokenizer=sd2v / "tokenizer", prediction_type="epsilon").scheduler.prediction_type == "epsilon"
+    assert capsys.readouterr().err == ""
+
+
+def test_sd1_files_are_epsilon_without_a_warning(sd1_file, sd1, tmp_path, capsys):
+    plain = _resaved(sd1_file, tmp_path / "plain.safetensors")
+    assert load_pipeline(plain, tokenizer=sd1 / "tokenizer").scheduler.prediction_type == "epsilon"
+    v = _resaved(sd1_file, tmp_path / "v.safetensors", v_pred=torch.tensor([]))  # SD1 v fine-tunes exist
+    assert load_pipeline(v, tokenizer=sd1 / "tokenizer").scheduler.prediction_type == "v_prediction"
+    assert capsys.readouterr().err == ""
+
+
+def test_zero_terminal_snr_marker_and_unknown_stated_types(sd1_file, sd1, tmp_path):
+    zsnr = _resaved(sd1_file, tmp_path / "zsnr.safetensors", v_pred=torch.tensor([]), ztsnr=torch.tensor([]))
+    scheduler = load_pipeline(zsnr, tokenizer=sd1 / "tokenizer").scheduler
+    assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
+    flow = _resaved(sd1_file, tmp_path / "flow.safetensors", {"modelspec.prediction_type": "flow"})
+    message = error_of(flow, tokenizer=sd1 / "tokenizer")
+    assert "modelspec.prediction_type='flow'" in message and "--prediction-type" in message
+    assert load_pipeline(flow, tokenizer=sd1 / "tokenizer", prediction_type="epsilon").scheduler.prediction_type == "epsilon"
