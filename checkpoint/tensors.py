@@ -4,6 +4,7 @@ Tensors are read one at a time, straight to the target device and dtype, into mo
 memory until the tensors are assigned, so loading never holds a second full copy of the weights.
 """
 import json
+import mmap
 from pathlib import Path
 
 import torch
@@ -37,18 +38,48 @@ def read_json(file: Path, needed: str = "") -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_safetensors(path: Path, device=None, dtype=None, keys=None) -> dict[str, torch.Tensor]:
     """Reads (some of) a safetensors file, one tensor at a time, to `device` and `dtype`
-    (floating-point tensors only). A corrupt or truncated file gives a CheckpointError."""
+    (floating-point tensors only). A corrupt or truncated file gives a CheckpointError.
+
+    On the CPU each tensor is a copy-on-write view of a mapping of its own bytes of the file: nothing
+    is copied until it is used, and its pages go back when it is dropped. safetensors' own reader maps
+    the whole file once, which keeps every page read resident while any tensor of the file lives, so
+    weights replaced after loading (model/packing.py) would cost their memory twice."""
     try:
-        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+        with safe_open(str(path), framework="pt") as f:  # checks the header: offsets in order, within the file
+            keys = list(f.keys()) if keys is None else keys
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(size))
             out = {}
-            for k in f.keys() if keys is None else keys:
-                t = f.get_tensor(k)
+            for k in keys:
+                t = _mapped(file, header[k], 8 + size).to(device or "cpu")
                 out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
             return out
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _mapped(file, entry: dict, data_start: int) -> torch.Tensor:
+    """The tensor a header entry describes, over a private mapping of its bytes."""
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {entry['dtype']} is not supported")
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    start, end = (data_start + offset for offset in entry["data_offsets"])
+    if end == start:
+        return torch.empty(entry["shape"], dtype=dtype)
+    first = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a granularity boundary
+    mapping = mmap.mmap(file.fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+    count = (end - start) // dtype.itemsize
+    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - first).view(entry["shape"])
 
 
 def safetensors_keys(path: Path) -> dict[str, tuple]:
