@@ -23,7 +23,7 @@ from checkpoint.single_file import load_single_file, write_single_file
 from checkpoint.tensors import CheckpointError, to_dtype
 from model.packing import pack_convolutions
 
-__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline"]
+__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline", "pack_for_cpu"]
 
 
 def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None,
@@ -56,7 +56,13 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         )
     # diffusers pads prompts to the tokenizer's model_max_length; they must fit the text encoder
     pipe.tokenizer.max_length = min(pipe.tokenizer.max_length, pipe.text_encoder.config.max_positions)
-    if pack and device.type == "cpu" and dtype == torch.float32:
+    return pack_for_cpu(pipe) if pack else pipe
+
+
+def pack_for_cpu(pipe: Pipeline) -> Pipeline:
+    """Packs the convolution weights of a pipeline in fp32 on the CPU for oneDNN (model/packing.py),
+    in place; elsewhere it leaves the pipeline as it is."""
+    if pipe.device.type == "cpu" and pipe.dtype == torch.float32:
         for model in (pipe.text_encoder, pipe.unet, pipe.vae):
             pack_convolutions(model)
     return pipe

@@ -218,7 +218,7 @@ def random_sd15(device, dtype):
     from model.vae import SD, AutoencoderKL
     from random_weights import normal_, write_byte_tokenizer
     from sampler.schedule import SchedulerConfig
-    from weights import Pipeline
+    from weights import Pipeline, pack_for_cpu
 
     generator = torch.Generator(device).manual_seed(0)
 
@@ -229,8 +229,9 @@ def random_sd15(device, dtype):
         return model.to(dtype).requires_grad_(False).eval()
 
     tokenizer = load_tokenizer(write_byte_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer"))
-    return Pipeline(tokenizer, build(CLIPTextModel, SD1_TEXT), build(UNet, SD15), build(AutoencoderKL, SD),
+    pipe = Pipeline(tokenizer, build(CLIPTextModel, SD1_TEXT), build(UNet, SD15), build(AutoencoderKL, SD),
                     SchedulerConfig(), family="sd1", name=IN_MEMORY)
+    return pack_for_cpu(pipe)  # as load_pipeline does
 
 
 def reply(**values):
