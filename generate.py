@@ -168,13 +168,7 @@ def vl_dnp_settings(args, hook, static_negative, index: int) -> dict:
     if hook is None:
         return {**settings, "Dynamic negative": static_negative}
     settings["VL-DNP steps"] = " ".join(map(str, args.query_steps)) or "none"
-    failed, asked = hook.failed_queries(index)
-    if failed:
-        settings["VL-DNP failed queries"] = f"{failed}/{asked}"
-    if hook.unanswered(index):  # not "none", which says the proposer looked and saw nothing
-        why = "all queries failed" if failed == asked else "no answer in time"
-        return {**settings, "Dynamic negative": f"unguarded ({why})"}
-    return {**settings, "Dynamic negative": hook.negatives[index] or "none"}  # in force at the last step
+    return {**settings, **hook.outcome(index)}
 
 
 def finish_trace(args, hook, static: dict | None, saved: bool) -> bool:

@@ -146,10 +146,9 @@ class VLDNP(Method):
         finally:
             hook.close()
         queries = [dataclasses.asdict(q) for q in hook.trace[0]]
-        final = next((q["negative"] for q in reversed(queries) if q["took_effect"] is not None), None)
         return Result(image, queries, parameters={
             "VL-DNP": f"{self.proposer_name} {self.task.name}", "Negative scale": f"{self.scale:g}",
-            "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none", "Dynamic negative": final or "none"})
+            "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none", **hook.outcome(0)})
 
 
 @dataclass(frozen=True)

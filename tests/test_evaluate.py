@@ -311,6 +311,8 @@ def test_unreachable_and_failing_vlm(sd1, tmp_path, capsys, server):
     code, _, err = run(capsys, *base, "--out", tmp_path / "allowed", "--vlm-url", dead_url(), "--allow-vlm-failures")
     (rec,) = records(tmp_path / "allowed")
     assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["error"].startswith("cannot reach")
+    text = read_png(tmp_path / "allowed" / rec["image"])[1]["parameters"]  # made unguarded: never "none"
+    assert "VL-DNP failed queries: 1/1" in text and "Dynamic negative: unguarded (all queries failed)" in text
 
 
 def test_retrying_proposer(server):

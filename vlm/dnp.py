@@ -257,6 +257,17 @@ class DynamicNegatives:
         the answers came after sampling ended. The image was then made without the dynamic negative."""
         return bool(self.trace[b]) and all(q.error is not None or q.took_effect is None for q in self.trace[b])
 
+    def outcome(self, b: int) -> dict:
+        """What the hook did to image b, for its metadata: the negative in force at the last step, "none"
+        when the proposer looked and saw nothing, or "unguarded (...)" when no answer took effect, which
+        must never read as "none"; and how many queries failed, if any did."""
+        failed, asked = self.failed_queries(b)
+        out = {"VL-DNP failed queries": f"{failed}/{asked}"} if failed else {}
+        if self.unanswered(b):
+            why = "all queries failed" if failed == asked else "no answer in time"
+            return {**out, "Dynamic negative": f"unguarded ({why})"}
+        return {**out, "Dynamic negative": self.negatives[b] or "none"}
+
     def trace_dict(self) -> dict:
         return {
             "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
