@@ -1,5 +1,8 @@
 """Shared test helpers: randomized weights, a relative-error check, and images from a diffusers
-pipeline compared with ours."""
+pipeline compared with ours, a hub cache laid out by hand."""
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -30,3 +33,12 @@ def assert_same_image(ours, expected):
     # Random weights saturate easily; make sure the comparison is about real pixel values.
     assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
     assert (ours.int() - expected.int()).abs().max() <= 2
+
+
+def hub_cache(home: Path, repo: str, folder: Path):
+    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)

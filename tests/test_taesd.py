@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close_rel, randomize_
+from helpers import assert_close_rel, hub_cache, randomize_
 from checkpoint.taesd import load_taesd
 from checkpoint.tensors import CheckpointError
 from model.taesd import SD, TAESD, TAESDConfig
@@ -142,15 +142,6 @@ def test_loads_madebyollins_files(ref, tmp_path):
         alone.encode(torch.zeros(1, 3, 8, 8))
 
 
-def _hub_cache(home: Path, repo: str, folder: Path):
-    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = home / "hub" / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 def _run(code: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -171,7 +162,7 @@ def test_hub_id_offline_is_one_line(tmp_path):
 
 def test_hub_id_loads_from_the_cache_offline(ref, tmp_path):
     ref.save_pretrained(tmp_path / "repo")
-    _hub_cache(tmp_path / "home", "madebyollin/taesd", tmp_path / "repo")
+    hub_cache(tmp_path / "home", "madebyollin/taesd", tmp_path / "repo")
     result = _run(LOAD_FROM_HUB, tmp_path / "home")
     assert result.returncode == 0, result.stderr
     expected = reference_decode(ref, torch.ones(1, 4, 2, 2)).sum().item()

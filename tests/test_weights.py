@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from checkpoints import FAMILIES, make_sd_folder
-from helpers import assert_close_rel, assert_same_image, pipeline_images, randomize_
+from helpers import assert_close_rel, assert_same_image, hub_cache, pipeline_images, randomize_
 from checkpoint.hub import hub_patterns
 from checkpoint.original import inspect_single_file
 from checkpoint.tensors import safetensors_keys
@@ -174,22 +174,13 @@ def test_hub_patterns_fetch_no_pickles_and_no_safety_checker():
     assert any(".fp16." in p for p in hub_patterns(torch.float16))
 
 
-def _hub_cache(home: Path, repo: str, folder: Path):
-    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = home / "hub" / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 def _run(code: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_repo_id_loads_from_the_hub_cache_offline(sd1, tmp_path):
-    _hub_cache(tmp_path, "someone/tiny-sd", sd1)
+    hub_cache(tmp_path, "someone/tiny-sd", sd1)
     code = "from weights import load_pipeline; p = load_pipeline('someone/tiny-sd'); print(p.name, p.family)"
     result = _run(code, {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
