@@ -20,6 +20,16 @@ class Pipeline:
     family: str  # "sd1" or "sd2"
     name: str  # where it came from, for image metadata
 
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's conditioning for each text: the hidden states [N, 77, D] it cross-attends to,
+        and the pooled embedding [N, P] of models with added conditioning (None for SD 1.x/2.x)."""
+        ids = self.tokenizer(texts).to(self.device)  # [N, 77]
+        return self.text_encoder(ids), None
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor | None:
+        """The size and crop micro-conditioning [6] of models that take it; None for SD 1.x/2.x."""
+        return None
+
     @property
     def vae_scale(self) -> int:
         """Image pixels per latent pixel: 8 in SD."""
