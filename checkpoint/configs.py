@@ -29,10 +29,16 @@ def read_config(file: Path, parse, needed: str = ""):
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
-    """UNetConfig from a diffusers unet/config.json. Rejects what SD1/SD2 do not use."""
+    """UNetConfig from a diffusers unet/config.json. Rejects what SD1/SD2/SDXL do not use."""
     if c.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise CheckpointError(f"holds a {c['_class_name']}, not the UNet2DConditionModel of SD1/SD2")
-    for key, ok in [("addition_embed_type", None), ("class_embed_type", None), ("encoder_hid_dim_type", None),
+        raise CheckpointError(f"holds a {c['_class_name']}, not the UNet2DConditionModel of SD1/SD2/SDXL")
+    added = c.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise CheckpointError(f"addition_embed_type={added!r} is not supported; only SDXL's 'text_time' is")
+    if added and not (c.get("addition_time_embed_dim") and c.get("projection_class_embeddings_input_dim")):
+        raise CheckpointError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
+    for key, ok in [("class_embed_type", None), ("encoder_hid_dim_type", None),
                     ("time_cond_proj_dim", None), ("dual_cross_attention", False), ("only_cross_attention", False),
                     ("resnet_time_scale_shift", "default"), ("act_fn", "silu"), ("time_embedding_type", "positional"),
                     ("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
@@ -40,13 +46,12 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
                     ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("resnet_out_scale_factor", 1.0),
                     ("mid_block_scale_factor", 1)]:
         if c.get(key, ok) != ok:
-            hint = " (this looks like SDXL)" if key == "addition_embed_type" else ""
-            raise CheckpointError(f"{key}={c[key]!r} is not supported; only SD1/SD2 UNets are{hint}")
+            raise CheckpointError(f"{key}={c[key]!r} is not supported; only SD1/SD2/SDXL UNets are")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     attention = []
     for d, u in zip(down, reversed(up)):
         if (d, u) not in [("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")]:
-            raise CheckpointError(f"block types {d}/{u} are not supported (SD1/SD2 use "
+            raise CheckpointError(f"block types {d}/{u} are not supported (SD1/SD2/SDXL use "
                                   "CrossAttnDownBlock2D/CrossAttnUpBlock2D and DownBlock2D/UpBlock2D)")
         attention.append(d == "CrossAttnDownBlock2D")
     n = len(down)
@@ -66,8 +71,10 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
         num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
         linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
-        norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention", False),
+        norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention") or False,
         sample_size=c.get("sample_size") or 64,
+        addition_time_embed_dim=c["addition_time_embed_dim"] if added else 0,
+        projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"] if added else 0,
     )
 
 

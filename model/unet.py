@@ -3,7 +3,9 @@ and, through cross-attention, on the text encoder's hidden states.
 
 Ronneberger et al. 2015 (the UNet), Ho et al. 2020 (its use as a noise predictor ε_θ(x_t, t)),
 Rombach et al. 2022 (latent diffusion, cross-attention conditioning; the architecture here is
-their openaimodel.py UNet with SpatialTransformer blocks).
+their openaimodel.py UNet with SpatialTransformer blocks). SDXL (Podell et al. 2023) is the same
+code with another config: per-level transformer depths, no attention at the top level, and the
+pooled text embedding and size/crop ids added to the time embedding.
 
 Parameter names follow diffusers' UNet2DConditionModel, so a diffusers state dict loads as is;
 weights.py maps the original CompVis/Stability names onto these.
@@ -31,6 +33,11 @@ class UNetConfig:
     norm_eps: float = 1e-5
     upcast_attention: bool = False  # compute attention in fp32 (SD2.1 needs it in fp16)
     sample_size: int = 64  # latent size the model was trained at (image size / 8)
+    # SDXL's added conditioning (Podell et al. 2023, sec. 2.2): the pooled text embedding and the
+    # size/crop ids, each id embedded like a timestep in `addition_time_embed_dim` sinusoids, go
+    # through one MLP of `projection_class_embeddings_input_dim` inputs into the time embedding.
+    addition_time_embed_dim: int = 0  # 256 in SDXL; 0: no added conditioning
+    projection_class_embeddings_input_dim: int = 0  # pooled width + 6 ids x 256 = 2816 in SDXL
 
     @property
     def time_dim(self) -> int:
@@ -40,6 +47,11 @@ class UNetConfig:
 SD15 = UNetConfig()
 SD21 = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, upcast_attention=True, sample_size=96)
 SD21_BASE = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=64)
+# SDXL base 1.0: three levels, no attention at the top one, 64 channels per head, 10 transformer
+# blocks at the deepest level (and in the middle block).
+SDXL = UNetConfig(channels=(320, 640, 1280), attention=(False, True, True), num_heads=(5, 10, 20),
+                  transformer_depth=(1, 2, 10), context_dim=2048, linear_proj=True, sample_size=128,
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -262,6 +274,8 @@ class UNet(nn.Module):
         attn = lambda level, ch: SpatialTransformer(ch, cfg.num_heads[level], cfg.transformer_depth[level], cfg)
 
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
+        if cfg.addition_time_embed_dim:
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
 
         skip_chs, ch = [chs[0]], chs[0]
@@ -295,9 +309,14 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooled` [B, P] and `time_ids` [B, 6] (or [6] for every row) are SDXL's added conditioning;
+        models without it ignore them."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # [B, 4*320]
+        if self.config.addition_time_embed_dim:
+            temb = temb + self.added_embedding(pooled, time_ids, x.shape[0])
 
         x = self.conv_in(x)  # [B, 320, H/8, W/8]
         skips = [x]
@@ -307,3 +326,14 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             x = block(x, temb, context, skips)  # [B, 320, H/8, W/8] after the last
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # [B, 4, H/8, W/8]
+
+    def added_embedding(self, pooled, time_ids, batch: int) -> torch.Tensor:
+        """SDXL's added conditioning (Podell et al. 2023, sec. 2.2): MLP(pooled ‖ sinusoids of each id)."""
+        if pooled is None or time_ids is None:
+            raise ValueError("this UNet (SDXL) needs the pooled text embedding and the size/crop time_ids: "
+                             "call it as unet(x, t, context, pooled=..., time_ids=...)")
+        time_ids = torch.as_tensor(time_ids, device=pooled.device)
+        time_ids = time_ids.expand(batch, -1) if time_ids.dim() == 1 else time_ids  # [B, 6]
+        ids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim)  # [B*6, 256]
+        added = torch.cat([pooled.float(), ids.reshape(batch, -1)], dim=-1)  # [B, P + 6*256]
+        return self.add_embedding(added.to(self.add_embedding.linear_1.weight.dtype))  # [B, 4*320]
