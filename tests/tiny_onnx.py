@@ -1,0 +1,62 @@
+"""Small ONNX models written straight in protobuf's wire format, for tests of the code that loads
+NudeNet's classifier with onnxruntime (neither the `onnx` package nor torch.onnx, which needs it,
+is installed). Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, ...).
+
+    linear_softmax(w, b)   x [N, 256, 256, 3] -> softmax(reshape(x, [N, -1]) @ w + b)   [N, K]
+"""
+import numpy as np
+
+FLOAT, INT64 = 1, 7  # TensorProto.DataType
+ATTRIBUTE_INT = 2  # AttributeProto.AttributeType
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(number: int, value) -> bytes:
+    """One field: an int as a varint, bytes / str / a message's bytes length-delimited."""
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def tensor(name: str, array: np.ndarray) -> bytes:
+    data_type = {np.dtype(np.float32): FLOAT, np.dtype(np.int64): INT64}[array.dtype]
+    return (b"".join(field(1, d) for d in array.shape) + field(2, data_type) + field(8, name)
+            + field(9, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()))
+
+
+def value_info(name: str, shape) -> bytes:
+    """A float tensor's name and shape; a str dimension is symbolic."""
+    dims = b"".join(field(1, field(2, d) if isinstance(d, str) else field(1, d)) for d in shape)
+    return field(1, name) + field(2, field(1, field(1, FLOAT) + field(2, dims)))
+
+
+def node(op: str, inputs, outputs, **ints) -> bytes:
+    attributes = b"".join(field(5, field(1, k) + field(3, v) + field(20, ATTRIBUTE_INT)) for k, v in ints.items())
+    return (b"".join(field(1, i) for i in inputs) + b"".join(field(2, o) for o in outputs) + field(4, op)
+            + attributes)
+
+
+def model(nodes, initializers, inputs, outputs, opset: int = 13) -> bytes:
+    graph = (b"".join(field(1, n) for n in nodes) + field(2, "tiny") + b"".join(field(5, t) for t in initializers)
+             + b"".join(field(11, v) for v in inputs) + b"".join(field(12, v) for v in outputs))
+    return field(1, 7) + field(2, "tests/tiny_onnx.py") + field(7, graph) + field(8, field(2, opset))
+
+
+def linear_softmax(w: np.ndarray, b: np.ndarray, input_shape=("N", 256, 256, 3), softmax: bool = True) -> bytes:
+    """softmax(reshape(x, [N, -1]) @ w + b): w [H*W*C, K], b [K] float32; softmax=False gives logits."""
+    k = w.shape[1]
+    nodes = [node("Reshape", ["x", "flat_shape"], ["flat"]), node("MatMul", ["flat", "w"], ["logits_nb"]),
+             node("Add", ["logits_nb", "b"], ["logits" if softmax else "probs"])]
+    if softmax:
+        nodes.append(node("Softmax", ["logits"], ["probs"], axis=1))
+    inits = [tensor("flat_shape", np.array([-1, w.shape[0]], dtype=np.int64)), tensor("w", w), tensor("b", b)]
+    return model(nodes, inits, [value_info("x", input_shape)], [value_info("probs", ["N", k])])
