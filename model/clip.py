@@ -25,6 +25,12 @@ class CLIPTextConfig:
     max_positions: int = 77
     act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (exact; OpenCLIP)
     eps: float = 1e-5
+    # What the UNet cross-attends to: the hidden state after layer `num_layers + 1 + context_layer`
+    # (-1: the last layer, -2: the penultimate, as SDXL reads both of its encoders), with the final
+    # LayerNorm applied or not.
+    context_layer: int = -1
+    context_norm: bool = True
+    projection_dim: int = 0  # a text_projection of the pooled output (SDXL's bigG: 1280); 0: none
 
 
 @dataclass
@@ -52,6 +58,13 @@ SD1_TEXT = CLIPTextConfig(width=768, num_layers=12, num_heads=12, mlp_dim=3072, 
 # SD2: OpenCLIP ViT-H/14 text tower. SD2 reads the penultimate layer and then applies the
 # final LayerNorm, which is the same as keeping only the first 23 of its 24 layers.
 SD2_TEXT = CLIPTextConfig(width=1024, num_layers=23, num_heads=16, mlp_dim=4096, act="gelu")
+# SDXL (Podell et al. 2023, sec. 2.1): both encoders' penultimate hidden states, without the final
+# LayerNorm, concatenated to 768 + 1280 = 2048 per token; and OpenCLIP ViT-bigG/14's pooled output,
+# its final-LayerNormed EOS token of the last layer through its text projection.
+SDXL_TEXT_L = CLIPTextConfig(width=768, num_layers=12, num_heads=12, mlp_dim=3072, act="quick_gelu",
+                             context_layer=-2, context_norm=False)
+SDXL_TEXT_G = CLIPTextConfig(width=1280, num_layers=32, num_heads=20, mlp_dim=5120, act="gelu",
+                             context_layer=-2, context_norm=False, projection_dim=1280)
 
 # openai/clip-vit-large-patch14 (SD1's text encoder is its text tower).
 VIT_L14 = CLIPConfig(
@@ -155,7 +168,11 @@ class CLIPTextEmbeddings(nn.Module):
 class CLIPTextModel(nn.Module):
     """CLIP text tower: token + learned position embeddings, a causal transformer, a final
     LayerNorm. No padding mask: SD pipelines pass none, so pad tokens are attended to (only
-    by later positions, because of the causal mask)."""
+    by later positions, because of the causal mask).
+
+    `forward` gives the states the UNet reads (the config's `context_layer` and `context_norm`);
+    `encode` gives them together with the pooled output, projected when the config has a
+    `projection_dim` (transformers' CLIPTextModelWithProjection.text_embeds)."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
@@ -163,11 +180,33 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._run(ids, pooled=False)[0]  # [B, 77, width]
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, 77, width], pooled [B, projection_dim or width]). The pooled output is the
+        final-LayerNormed last layer at the EOS token, whatever layer the context comes from."""
+        return self._run(ids, pooled=True)
+
+    def _run(self, ids: torch.Tensor, pooled: bool):
+        cfg = self.config
+        read = cfg.num_layers + 1 + cfg.context_layer  # layers run before the context is read
+        layers = self.encoder.layers if pooled else self.encoder.layers[:read]
         x = self.embeddings(ids)                # [B, 77, width]
-        x = self.encoder(x, causal=True)        # [B, 77, width]
-        return self.final_layer_norm(x)         # [B, 77, width]
+        context = x if read == 0 else None
+        for i, layer in enumerate(layers, 1):
+            x = layer(x, causal=True)           # [B, 77, width]
+            if i == read:
+                context = x
+        if cfg.context_norm:
+            context = self.final_layer_norm(context)
+        if not pooled:
+            return context, None
+        out = self.pooled(self.final_layer_norm(x), ids)  # [B, width]
+        return context, self.text_projection(out) if cfg.projection_dim else out
 
     @staticmethod
     def pooled(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
