@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x weights from safetensors, strictly, and exporting them.
+"""Loading Stable Diffusion 1.x / 2.x / XL weights from safetensors, strictly, and exporting them.
 
     pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")   # a Hugging Face repo id
     pipe = load_pipeline("path/to/diffusers-folder")                        # unet/, vae/, text_encoder/, ...
@@ -49,22 +49,40 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         raise CheckpointError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
     if prediction_type is not None:
         pipe.scheduler.prediction_type = {"v": "v_prediction", "eps": "epsilon"}.get(prediction_type, prediction_type)
-    if pipe.text_encoder.config.width != pipe.unet.config.context_dim:
-        raise CheckpointError(
-            f"{source}: the text encoder's width {pipe.text_encoder.config.width} does not match the UNet's "
-            f"cross-attention width {pipe.unet.config.context_dim}; the parts come from different models"
-        )
+    check_widths(pipe, source)
     # diffusers pads prompts to the tokenizer's model_max_length; they must fit the text encoder
-    pipe.tokenizer.max_length = min(pipe.tokenizer.max_length, pipe.text_encoder.config.max_positions)
+    for tok, encoder in [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]:
+        if tok is not None:
+            tok.max_length = min(tok.max_length, encoder.config.max_positions)
     return pack_for_cpu(pipe) if pack else pipe
+
+
+def check_widths(pipe: Pipeline, source):
+    """The text encoders' outputs must be what the UNet takes: their widths side by side its
+    cross-attention width, and (SDXL) the pooled width plus the size ids its added embedding's inputs."""
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    width, unet = sum(e.config.width for e in encoders), pipe.unet.config
+    if width != unet.context_dim:
+        raise CheckpointError(
+            f"{source}: the text encoder's width {' + '.join(str(e.config.width) for e in encoders)} does not match "
+            f"the UNet's cross-attention width {unet.context_dim}; the parts come from different models")
+    if unet.addition_time_embed_dim:
+        pooled = encoders[-1].config.projection_dim or encoders[-1].config.width
+        ids = (unet.projection_class_embeddings_input_dim - pooled) / unet.addition_time_embed_dim
+        if ids != 6:
+            raise CheckpointError(
+                f"{source}: the UNet's added embedding takes {unet.projection_class_embeddings_input_dim} inputs, not "
+                f"the pooled text width {pooled} + 6 size ids x {unet.addition_time_embed_dim}; the parts come from "
+                "different models")
 
 
 def pack_for_cpu(pipe: Pipeline) -> Pipeline:
     """Packs the convolution weights of a pipeline in fp32 on the CPU for oneDNN (model/packing.py),
     in place; elsewhere it leaves the pipeline as it is."""
     if pipe.device.type == "cpu" and pipe.dtype == torch.float32:
-        for model in (pipe.text_encoder, pipe.unet, pipe.vae):
-            pack_convolutions(model)
+        for model in (pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae):
+            if model is not None:
+                pack_convolutions(model)
     return pipe
 
 

@@ -1,9 +1,11 @@
-"""diffusers folders: unet/, vae/, text_encoder/, tokenizer/ and scheduler/, as the hub holds them.
+"""diffusers folders: unet/, vae/, text_encoder/, tokenizer/ and scheduler/, as the hub holds them;
+SDXL's also text_encoder_2/ and tokenizer_2/.
 
 Our modules use diffusers' and transformers' parameter names, so the tensors load as they are, but for
 two older spellings: the text encoder's `text_model.` prefix (hub files have it, transformers 5 writes
 none) and the VAE attention's query/key/value/proj_attn.
 """
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,53 +22,103 @@ from model.vae import AutoencoderKL
 from sampler.schedule import SchedulerConfig
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
+SDXL_SUBFOLDERS = SUBFOLDERS + ("text_encoder_2", "tokenizer_2")
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionPipelineSafe", "OnnxStableDiffusionPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 
 
 def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
-    """The pipeline in a diffusers folder; `tokenizer` is another tokenizer folder to use."""
-    check_folder(path)
+    """The pipeline in a diffusers folder; `tokenizer` is another tokenizer folder to use (for SDXL,
+    a pipeline folder whose tokenizer/ and tokenizer_2/ are used)."""
+    index = check_folder(path)
     unet_cfg = read_config(path / "unet" / "config.json", unet_config_from_diffusers)
     check_text_to_image(unet_cfg, str(path / "unet" / "config.json"))
+    sdxl = bool(unet_cfg.addition_time_embed_dim)
+    if sdxl != ((path / "text_encoder_2").is_dir() or index.get("_class_name") in SDXL_PIPELINES):
+        raise CheckpointError(f"{path}: the UNet {'takes' if sdxl else 'takes no'} SDXL's added conditioning but "
+                              f"the folder {'has no' if sdxl else 'has a'} second text encoder (text_encoder_2/)")
     vae_cfg = read_config(path / "vae" / "config.json", vae_config_from_diffusers)
     text_cfg = read_config(path / "text_encoder" / "config.json", text_config_from_transformers)
 
     unet_state = read_component(path / "unet", "diffusion_pytorch_model", device, dtype)
-    vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, dtype))
-    text_state = read_component(path / "text_encoder", "model", device, dtype)
-    text_state = {k.removeprefix("text_model."): v for k, v in text_state.items() if not k.endswith("position_ids")}
+    # SDXL's VAE overflows in fp16: diffusers decodes it in fp32 unless its config says it is safe
+    # (force_upcast false, as in madebyollin/sdxl-vae-fp16-fix).
+    vae_dtype = torch.float32 if sdxl and dtype == torch.float16 and upcast_vae(path / "vae") else dtype
+    vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, vae_dtype))
 
     sched_file = path / "scheduler" / "scheduler_config.json"
     try:
         scheduler = SchedulerConfig.from_dict(read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{sched_file}: {e}") from None
-    family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
+    if sdxl:
+        # Both encoders are read at their penultimate layer, without the final LayerNorm (the
+        # hub configs are plain transformers configs and do not say so); bigG is projected.
+        text_cfg = dataclasses.replace(text_cfg, context_layer=-2, context_norm=False)
+        text_cfg_2 = read_config(path / "text_encoder_2" / "config.json", text_config_from_transformers)
+        projection = read_json(path / "text_encoder_2" / "config.json").get("projection_dim")
+        text_cfg_2 = dataclasses.replace(text_cfg_2, context_layer=-2, context_norm=False, projection_dim=projection)
+        tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or path)
+        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2),
+                     text_encoder_2=load_text_encoder(path / "text_encoder_2", text_cfg_2, device, dtype),
+                     force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+        family = "sdxl"
+    else:
+        extra = {}
+        family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
     return Pipeline(
         tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
-        text_encoder=load_strict(CLIPTextModel, text_cfg, text_state, str(path / "text_encoder")),
+        text_encoder=load_text_encoder(path / "text_encoder", text_cfg, device, dtype),
         unet=load_strict(UNet, unet_cfg, unet_state, str(path / "unet")),
         vae=load_strict(AutoencoderKL, vae_cfg, vae_state, str(path / "vae")),
-        scheduler=scheduler, family=family, name=path.name,
+        scheduler=scheduler, family=family, name=path.name, **extra,
     )
 
 
-def check_folder(path: Path):
-    """A diffusers folder of SD1/SD2, with every subfolder it needs; else one line saying what it is."""
-    index = path / "model_index.json"
-    cls = read_json(index).get("_class_name", "") if index.is_file() else ""
-    if "XL" in cls or (path / "text_encoder_2").is_dir():
-        raise CheckpointError(f"{path}: this looks like an SDXL model ({cls or 'text_encoder_2/'}); "
-                              "only SD1/SD2 are supported")
-    if cls and cls not in ("StableDiffusionPipeline", "StableDiffusionPipelineSafe", "OnnxStableDiffusionPipeline"):
-        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline models (SD1/SD2) "
-                              "are supported")
-    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+def load_text_encoder(folder: Path, cfg, device, dtype) -> CLIPTextModel:
+    """A transformers CLIPTextModel (or ...WithProjection) folder, with or without the hub files'
+    `text_model.` prefix."""
+    state = read_component(folder, "model", device, dtype)
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    return load_strict(CLIPTextModel, cfg, state, str(folder))
+
+
+def sdxl_tokenizers(folder) -> tuple[Path, Path]:
+    """SDXL's two tokenizer folders: tokenizer/ and tokenizer_2/ of a diffusers SDXL folder."""
+    folder = Path(folder)
+    if not (folder / "tokenizer_2").is_dir():
+        raise CheckpointError(f"tokenizer: {folder} has no tokenizer_2/; SDXL needs two tokenizers, pass a diffusers "
+                              "SDXL folder holding tokenizer/ and tokenizer_2/")
+    return folder / "tokenizer", folder / "tokenizer_2"
+
+
+def upcast_vae(folder: Path) -> bool:
+    """diffusers' AutoencoderKL.force_upcast (true unless the config says otherwise)."""
+    return read_json(folder / "config.json").get("force_upcast", True) is not False
+
+
+def check_folder(path: Path) -> dict:
+    """A diffusers folder of SD1/SD2/SDXL, with every subfolder it needs; else one line saying what it
+    is. Returns its model_index.json ({} when it has none)."""
+    file = path / "model_index.json"
+    index = read_json(file) if file.is_file() else {}
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{file}: holds no JSON object")
+    cls = index.get("_class_name", "")
+    if cls and cls not in SD_PIPELINES + SDXL_PIPELINES:
+        hint = " (the SDXL refiner is not supported)" if "Img2Img" in cls and "XL" in cls else ""
+        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline (SD1/SD2) and "
+                              f"StableDiffusionXLPipeline models are supported{hint}")
+    sdxl = cls in SDXL_PIPELINES or (path / "text_encoder_2").is_dir()
+    needed = SDXL_SUBFOLDERS if sdxl else SUBFOLDERS
+    missing = [s for s in needed if not (path / s).is_dir()]
     if len(missing) == len(SUBFOLDERS):
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint folder (expected subfolders "
                               f"{', '.join(s + '/' for s in SUBFOLDERS)}; or pass a .safetensors file)")
     if missing:
-        raise CheckpointError(f"{path}: missing subfolder {missing[0]}/ (a diffusers folder needs "
-                              f"{', '.join(s + '/' for s in SUBFOLDERS)})")
+        raise CheckpointError(f"{path}: missing subfolder {missing[0]}/ (a diffusers folder{' of SDXL' if sdxl else ''}"
+                              f" needs {', '.join(s + '/' for s in needed)})")
+    return index
 
 
 def read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Tensor]:

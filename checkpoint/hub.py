@@ -14,7 +14,8 @@ import torch
 
 from checkpoint.tensors import CheckpointError
 
-WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+           "text_encoder_2": "model"}  # SDXL's second text encoder: only in repos whose config names it
 
 # Where a single file's tokenizer comes from: the hub repo of its text encoder.
 TOKENIZER_REPOS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
@@ -30,7 +31,8 @@ def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHTS)) -> list[str]:
     variant = ".fp16" if dtype in (torch.float16, torch.bfloat16) else ""
     weights = [f"{c}/{WEIGHTS[c]}{variant}.safetensors*" for c in components]
     return ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-            "tokenizer/*.json", "tokenizer/*.txt", "scheduler/scheduler_config.json", *weights]
+            "tokenizer/*.json", "tokenizer/*.txt", "text_encoder_2/config.json", "tokenizer_2/*.json",
+            "tokenizer_2/*.txt", "scheduler/scheduler_config.json", *weights]
 
 
 # What to do instead of downloading, appended to each failure of a pipeline's download.
@@ -42,7 +44,8 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
     variant file falls back to its full-precision file."""
     def fetch(patterns):
         path = download_files(repo_id, patterns, LOCAL_MODEL)
-        return path, [c for c in WEIGHTS if not any((path / c).glob("*.safetensors*"))]
+        needed = [c for c in WEIGHTS if c != "text_encoder_2" or (path / c / "config.json").is_file()]
+        return path, [c for c in needed if not any((path / c).glob("*.safetensors*"))]
 
     path, missing = fetch(hub_patterns(dtype))
     if missing and dtype != torch.float32:

@@ -14,21 +14,46 @@ from sampler.schedule import SchedulerConfig
 class Pipeline:
     tokenizer: Tokenizer  # list[str] -> LongTensor[B, 77] (its max_length)
     text_encoder: CLIPTextModel  # ids -> [B, 77, D]
-    unet: UNet  # (latents[B, 4, h, w], t, context[B, 77, D]) -> [B, 4, h, w]
+    unet: UNet  # (latents[B, 4, h, w], t, context[B, 77, D], pooled=None, time_ids=None) -> [B, 4, h, w]
     vae: AutoencoderKL  # decode(latents) -> images in [-1, 1]; encode(images) -> latents
     scheduler: SchedulerConfig
-    family: str  # "sd1" or "sd2"
+    family: str  # "sd1", "sd2" or "sdxl"
     name: str  # where it came from, for image metadata
+    # SDXL: the second tokenizer and text encoder (OpenCLIP ViT-bigG), whose pooled output the UNet
+    # also takes; and its repos' rule that the empty text is conditioned on zeros, not encoded.
+    tokenizer_2: Tokenizer | None = None
+    text_encoder_2: CLIPTextModel | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's conditioning for each text: the hidden states [N, 77, D] it cross-attends to,
-        and the pooled embedding [N, P] of models with added conditioning (None for SD 1.x/2.x)."""
-        ids = self.tokenizer(texts).to(self.device)  # [N, 77]
-        return self.text_encoder(ids), None
+        and the pooled embedding [N, P] of models with added conditioning (None for SD 1.x/2.x).
 
-    def time_ids(self, height: int, width: int) -> torch.Tensor | None:
-        """The size and crop micro-conditioning [6] of models that take it; None for SD 1.x/2.x."""
-        return None
+        SDXL (Podell et al. 2023, sec. 2.1): both encoders' states side by side (768 + 1280 = 2048),
+        and bigG's projected pooled output; with `force_zeros_for_empty_prompt`, "" gives zeros for
+        both, as diffusers' StableDiffusionXLPipeline conditions the unconditional branch."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        hidden = self.text_encoder(self.tokenizer(texts).to(self.device))  # [N, 77, D]
+        if self.text_encoder_2 is None:
+            return hidden, None
+        hidden_2, pooled = self.text_encoder_2.encode(self.tokenizer_2(texts).to(self.device))
+        hidden = torch.cat([hidden, hidden_2.to(hidden.dtype)], dim=-1)  # [N, 77, 768 + 1280]
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([t == "" for t in texts], device=hidden.device)
+            hidden = hidden.masked_fill(empty[:, None, None], 0)
+            pooled = pooled.masked_fill(empty[:, None], 0)
+        return hidden, pooled  # [N, 77, 2048], [N, 1280]
+
+    def time_ids(self, height: int, width: int, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None
+                 ) -> torch.Tensor | None:
+        """SDXL's size and crop micro-conditioning [6] (Podell et al. 2023, sec. 2.2): the original
+        image size, the crop's top-left corner and the target size, each (height, width); the sizes
+        default to the image's, as in diffusers. None for models without it (SD 1.x/2.x)."""
+        if not self.unet.config.addition_time_embed_dim:
+            return None
+        values = [*(original_size or (height, width)), *crop_top_left, *(target_size or (height, width))]
+        return torch.tensor(values, dtype=self.dtype, device=self.device)  # [6]
 
     @property
     def vae_scale(self) -> int:

@@ -217,9 +217,10 @@ class AutoencoderKL(nn.Module):
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w].
 
         Values are roughly in [-1, 1] but NOT clamped; map to [0, 1] with
-        `(images / 2 + 0.5).clamp(0, 1)` when converting to pixels.
+        `(images / 2 + 0.5).clamp(0, 1)` when converting to pixels. The latents are cast to the
+        VAE's dtype, which may be wider than the UNet's (SDXL's VAE decodes in fp32).
         """
-        z = latents / self.config.scaling_factor
+        z = latents.to(self.post_quant_conv.weight.dtype) / self.config.scaling_factor
         return self.decoder(self.post_quant_conv(z))
 
     def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
@@ -243,6 +244,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
         B, _, h, w = latents.shape
         f = 2 ** (len(self.config.channels) - 1)  # image pixels per latent pixel
+        latents = latents.to(self.post_quant_conv.weight.dtype)
         z = self.post_quant_conv(latents / self.config.scaling_factor)  # 1x1: exact per tile
         rows, cols = _tile_spans(h, tile, overlap), _tile_spans(w, tile, overlap)
         images = latents.new_zeros(B, self.config.out_channels, f * h, f * w)

@@ -66,3 +66,50 @@ def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_te
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }))
     return root
+
+
+# SDXL's structure, small: no attention at the top level, per-level depths, linear proj_in; two text
+# encoders (ViT-L-like quick_gelu, bigG-like gelu with a projection) whose widths add to the UNet's
+# cross-attention width, and the pooled width plus six 8-d size ids as add_embedding's inputs.
+SDXL = dict(
+    unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=96,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              attention_head_dim=(1, 1, 2), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+              addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=40 + 6 * 8, sample_size=8),
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+              hidden_act="quick_gelu"),
+    text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                hidden_act="gelu", projection_dim=40),
+)
+# SDXL base 1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+                      prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, clip_sample=False)
+
+
+def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True):
+    """Writes an SDXL diffusers folder with StableDiffusionXLPipeline.save_pretrained, every tensor
+    random; tokenizer_2 pads with "!" as SDXL's does. Returns its path."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = Path(root)
+    vocab = write_clip_vocab(root / "vocab-1")
+    vocab_2 = write_clip_vocab(root / "vocab-2", pad_token="!")
+    vocab_size = len(json.loads((vocab / "vocab.json").read_text()))
+    text_config = lambda spec: CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=2,
+                                              pad_token_id=1, bos_token_id=0, **spec)
+    pipe = StableDiffusionXLPipeline(
+        vae=randomize_(AutoencoderKL(**VAE, sample_size=16, scaling_factor=0.13025, force_upcast=force_upcast),
+                       seed + 1),
+        text_encoder=randomize_(CLIPTextModel(text_config(SDXL["text"])), seed + 2),
+        text_encoder_2=randomize_(CLIPTextModelWithProjection(text_config(SDXL["text_2"])), seed + 3),
+        tokenizer=CLIPTokenizer.from_pretrained(vocab), tokenizer_2=CLIPTokenizer.from_pretrained(vocab_2),
+        unet=randomize_(UNet2DConditionModel(**SDXL["unet"]), seed),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
+    )
+    pipe.save_pretrained(root / "sdxl")
+    return root / "sdxl"
