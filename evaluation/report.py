@@ -89,6 +89,11 @@ def run_facts(run: dict, records: list[dict]) -> list[tuple[str, str]]:
     guidance), and what became of the prompt file's rows."""
     settings = run.get("settings") or {}
     facts = []
+    if isinstance(run.get("protocol"), dict):
+        departures = run["protocol"].get("departures") or []
+        facts.append(("Protocol", f"{run['protocol'].get('name')}, "
+                                  + (f"with {len(departures)} {'departure' if len(departures) == 1 else 'departures'}"
+                                     if departures else "followed") + " (see Protocol below)"))
     if settings.get("model"):
         dtype = f" ({settings['dtype']})" if settings.get("dtype") else ""
         facts.append(("Model", f"{settings['model']}{dtype}"))
