@@ -7,6 +7,11 @@ image, and it can change `state.guidance`: negative prompts, their scale, the CF
 apply from the step the hook ran at, so the loop re-runs the UNet on the branches whose text
 changed, and only on those, before it takes the step.
 
+A branch's conditioning is a text, encoded once per run by the pipeline's text encoders; or an
+`Embedded`, hidden states made some other way (SAFREE's projected prompt, sampler/safree.py); or a
+schedule, any object whose `at(step)` gives the text or Embedded for that step (`Switch`). So a
+method that changes what a branch sees over the steps is a Guidance entry, not a fork of this loop.
+
 The UNet's output is ε, or v for v-prediction models (x0 for "sample" ones): the branches'
 outputs are named `out_u`, `out_c`, `out_n`, not ε. Guidance is linear, so it combines any of
 them by the same formula, and the sampler's `predict` turns the result into (x0, ε).
@@ -22,9 +27,45 @@ from sampler.base import SAMPLERS
 from sampler.schedule import randn
 
 
+@dataclass(frozen=True, eq=False)
+class Embedded:
+    """A branch conditioned on given text-encoder states instead of a text. Equal only to itself,
+    so the loop caches it by identity. `text` is the words it stands for, for metadata and for a
+    hook that asks about the prompt."""
+    hidden: torch.Tensor  # [77, D], as Pipeline.encode_text gives for one text
+    pooled: torch.Tensor | None = None  # [P], for models with added conditioning
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Conditioning that changes once: `before` at steps i <= last_step (0-based), `after` later."""
+    before: "str | Embedded"
+    after: "str | Embedded"
+    last_step: int
+
+    def at(self, step: int) -> "str | Embedded":
+        return self.before if step <= self.last_step else self.after
+
+
+Conditioning = str | Embedded | Switch  # or any object with at(step) -> str | Embedded
+
+
+def at_step(entry, step: int):
+    """What a Guidance entry conditions on at `step`: a text or an Embedded (None stays None)."""
+    return entry.at(step) if hasattr(entry, "at") else entry
+
+
+def words(entry) -> str | None:
+    """The text a Guidance entry stands for (at step 0, for a schedule), for metadata and VLM queries."""
+    entry = at_step(entry, 0)
+    return entry.text if isinstance(entry, Embedded) else entry
+
+
 @dataclass
 class Guidance:
-    """The conditioning for each image in the batch. Hooks may change any field.
+    """The conditioning for each image in the batch. Hooks may change any field. Each entry of
+    prompt, uncond and negative is a text or another `Conditioning`.
 
     uncond:    what the unconditional branch sees, "" by default. A classic negative prompt goes
                here: it replaces the unconditional branch.
@@ -37,9 +78,9 @@ class Guidance:
                It may be called twice for one step (after a hook changed a branch) and must then
                give the same answer.
     """
-    prompt: list[str]
-    uncond: list[str]
-    negative: list[str | None]
+    prompt: list[Conditioning]
+    uncond: list[Conditioning]
+    negative: list[Conditioning | None]
     scale: float = 7.5
     negative_scale: float = 7.5
     rule: Callable | None = None
@@ -49,14 +90,14 @@ class Guidance:
         return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), self.scale, self.negative_scale,
                 self.rule)
 
-    def rows(self) -> list[tuple[str, int, str]]:
-        """The (branch, image, text) rows the UNet must run: u, c and n for uncond, cond, negative.
-        A row's text is all its conditioning, encoded by `TextCache`."""
+    def rows(self, step: int) -> list[tuple[str, int, str | Embedded]]:
+        """The (branch, image, conditioning) rows the UNet must run at `step`: u, c and n for uncond,
+        cond, negative. A row's conditioning (a text or an Embedded) is all it depends on besides x_t."""
         B = len(self.prompt)
         has_negative = any(n is not None for n in self.negative)
-        rows = [("u", b, self.uncond[b]) for b in range(B)] if self.scale > 1 or has_negative else []
-        rows += [("c", b, self.prompt[b]) for b in range(B)]
-        return rows + [("n", b, n) for b, n in enumerate(self.negative) if n is not None]
+        rows = [("u", b, at_step(self.uncond[b], step)) for b in range(B)] if self.scale > 1 or has_negative else []
+        rows += [("c", b, at_step(self.prompt[b], step)) for b in range(B)]
+        return rows + [("n", b, at_step(n, step)) for b, n in enumerate(self.negative) if n is not None]
 
 
 def guide(out_u, out_c, out_n, scale: float, negative_scales: torch.Tensor | None):
@@ -110,19 +151,24 @@ class NonFiniteError(RuntimeError):
 
 
 class TextCache:
-    """The UNet's conditioning by text: the text encoder's hidden states, so each distinct text is
-    encoded once per run. The loop asks for conditioning only through here."""
+    """The UNet's conditioning per text or Embedded: the pipeline's text-encoder states, so each
+    distinct text is encoded once per run. The loop asks for conditioning only through here."""
 
     def __init__(self, pipe):
         self.pipe, self.cache = pipe, {}
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [N, 77, D] and pooled [N, P] (None for models without pooled conditioning)."""
+        new = list(dict.fromkeys(t for t in items if isinstance(t, str) and t not in self.cache))
         if new:
-            ids = self.pipe.tokenizer(new).to(self.pipe.device)
-            for text, hidden in zip(new, self.pipe.text_encoder(ids)):
-                self.cache[text] = hidden
-        return torch.stack([self.cache[t] for t in texts])  # [len(texts), 77, D]
+            hidden, pooled = self.pipe.encode_text(new)
+            for k, text in enumerate(new):
+                self.cache[text] = (hidden[k], None if pooled is None else pooled[k])
+        pairs = [self.cache[t] if isinstance(t, str) else (t.hidden, t.pooled) for t in items]
+        hidden = torch.stack([h.to(self.pipe.device, self.pipe.dtype) for h, _ in pairs])  # [N, 77, D]
+        if pairs[0][1] is None:
+            return hidden, None
+        return hidden, torch.stack([p.to(self.pipe.device, self.pipe.dtype) for _, p in pairs])  # [N, P]
 
 
 @torch.no_grad()
@@ -131,7 +177,8 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
              rule=None, sampler="ddim", progress=True, **renamed) -> torch.Tensor:
     """Generates images; returns uint8 [B, H, W, 3].
 
-    prompt / negative_prompt: a string or one per image. `batch` images are made per prompt.
+    prompt / negative_prompt: a text or other Conditioning, or a list of them, one per prompt.
+    `batch` images are made per prompt.
     guidance_scale: g, the classifier-free guidance scale, 7.5 when not given. `guidance=` is its
     old name and still works.
     negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
@@ -149,8 +196,9 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     solver = SAMPLERS[sampler](pipe.scheduler, steps)
 
-    # 1. Text: the rows of guidance.rows() name their texts; each is encoded once, when a row first needs it.
+    # 1. Text: the rows of guidance.rows(i) name their texts; each is encoded once, when a row first needs it.
     text = TextCache(pipe)
+    time_ids = pipe.time_ids(height, width)  # [6] for models with size conditioning, else None
 
     # 2. x_T ~ N(0, I), drawn in the model's dtype from a CPU generator, as diffusers draws it.
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -160,7 +208,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     # 3. Per step: UNet over the active branches, guidance, x0, hooks, solver step.
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
     for i, t in enumerate(tqdm(solver.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
-        outputs = run_unet(pipe, x, t, guidance.rows(), text)  # {(branch, b, text): [4, h, w]}
+        outputs = run_unet(pipe, x, t, guidance.rows(i), text, time_ids)  # {(branch, b, cond): [4, h, w]}
         out_pos, out = combine(outputs, guidance, i)  # [B, 4, h, w] each: without the negative term, and with
         x0, eps = solver.predict(out_pos, i, x)  # [B, 4, h, w] each
         if hooks:
@@ -169,7 +217,8 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
             for hook in hooks:
                 hook(state)
             if guidance.snapshot() != before:  # a text, a scale or the rule changed: re-run new rows only
-                outputs.update(run_unet(pipe, x, t, [r for r in guidance.rows() if r not in outputs], text))
+                outputs.update(run_unet(pipe, x, t, [r for r in guidance.rows(i) if r not in outputs], text,
+                                        time_ids))
                 _, out = combine(outputs, guidance, i)
         x, _ = solver.step(out, i, x, eta=eta, generator=generator)  # [B, 4, h, w], x at the next timestep
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
@@ -198,11 +247,11 @@ def cfg_scale(guidance_scale, renamed: dict) -> float:
 
 def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative_scale, rule) -> Guidance:
     """The Guidance of generate()'s arguments, `batch` images per prompt."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     B = len(prompts) * batch
 
     def per_image(v):  # one value for all, or one per prompt, repeated for the prompt's batch images
-        if v is None or isinstance(v, str):
+        if not isinstance(v, (list, tuple)):
             return [v] * B
         if len(v) != len(prompts):
             raise ValueError(f"got {len(v)} negative prompts for {len(prompts)} prompts")
@@ -212,26 +261,30 @@ def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative
                     scale=scale, negative_scale=negative_scale, rule=rule)
 
 
-def run_unet(pipe, x, t, rows, text) -> dict:
-    """One batched UNet call over `rows` of (branch, image, text); returns {row: model output}."""
+def run_unet(pipe, x, t, rows, text, time_ids=None) -> dict:
+    """One batched UNet call over `rows` of (branch, image, conditioning); returns {row: model output}."""
     if not rows:
         return {}
     latents = x[[b for _, b, _ in rows]]  # [R, 4, h, w]
-    out = pipe.unet(latents, t, text([txt for _, _, txt in rows]))  # [R, 4, h, w]
+    hidden, pooled = text([cond for _, _, cond in rows])  # [R, 77, D], [R, P] or None
+    if pooled is None:
+        out = pipe.unet(latents, t, hidden)  # [R, 4, h, w]
+    else:
+        out = pipe.unet(latents, t, hidden, pooled=pooled, time_ids=time_ids.expand(len(rows), -1))
     return dict(zip(rows, out))
 
 
 def combine(outputs: dict, guidance: Guidance, step: int):
     """Stacks the branch outputs per image and applies `guide` (or `guidance.rule`). Returns the
     guided output without the negative term, and the full guided output, each [B, 4, h, w]."""
-    rows = guidance.rows()
-    pick = lambda branch, texts: torch.stack([outputs[(branch, b, text)] for b, text in enumerate(texts)])
-    out_c = pick("c", guidance.prompt)
-    out_u = pick("u", guidance.uncond) if rows[0][0] == "u" else out_c  # no uncond branch: the output is out_c
+    rows = guidance.rows(step)
+    pick = lambda branch: torch.stack([outputs[row] for row in rows if row[0] == branch])  # [B, 4, h, w]
+    out_c = pick("c")
+    out_u = pick("u") if rows[0][0] == "u" else out_c  # no uncond branch: the output is out_c
     positive = guide(out_u, out_c, None, guidance.scale, None)
     if guidance.rule is None and all(n is None for n in guidance.negative):
         return positive, positive
-    out_n = torch.stack([outputs[("n", b, n)] if n is not None else out_u[b]
+    out_n = torch.stack([outputs[("n", b, at_step(n, step))] if n is not None else out_u[b]
                          for b, n in enumerate(guidance.negative)])
     if guidance.rule is not None:
         return positive, guidance.rule(out_u, out_c, out_n, guidance, step)
