@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("sampling")
     s.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
-                   help="ddim, or dpm++2m: DPM-Solver++ 2M, the paper's evaluation sampler (default: ddim)")
+                   help="ddim; dpm++2m: DPM-Solver++ 2M, the paper's evaluation sampler; euler; or euler-a: "
+                        "Euler ancestral, SDXL-Turbo's (default: ddim)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
     s.add_argument("--guidance", type=finite, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale; 1 or less skips the unconditional pass (default: %(default)s)")
@@ -147,7 +148,8 @@ def check(args):
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
     if args.eta and args.sampler != "ddim":
-        raise UsageError(f"--eta {args.eta}: only --sampler ddim takes eta; {args.sampler} is deterministic")
+        kind = "has fixed noise" if args.sampler == "euler-a" else "is deterministic"
+        raise UsageError(f"--eta {args.eta}: only --sampler ddim takes eta; {args.sampler} {kind}")
     check_model(args.model)
     check_out(args.out)
     check_vl_dnp(args)

@@ -2,7 +2,8 @@
 negative prompt, then one line of `Key: value` settings."""
 import json
 
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M"}  # as those tools write them
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler",
+                 "euler-a": "Euler a"}  # as those tools write them
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,

@@ -6,6 +6,7 @@ import torch
 
 from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
+from sampler.euler import Euler, EulerAncestral
 
 
 class Sampler(Protocol):
@@ -14,7 +15,9 @@ class Sampler(Protocol):
     timesteps[i] towards clean data; x0 is the clean latents the model output predicts there."""
 
     num_steps: int
-    timesteps: torch.Tensor  # [num_steps], training timesteps in descending order, int64
+    # [num_steps], training timesteps in descending order: int64, or float32 for a sampler that also visits
+    # points between them (Euler's "linspace" layout, as diffusers), where the UNet runs at the fractional t
+    timesteps: torch.Tensor
 
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, ε) that the model output at step i implies. Pure: it may be called any time."""
@@ -27,4 +30,4 @@ class Sampler(Protocol):
         ...
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "dpm++2m": DPMSolverPP}
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "dpm++2m": DPMSolverPP, "euler": Euler, "euler-a": EulerAncestral}

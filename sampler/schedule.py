@@ -1,10 +1,10 @@
 """What every sampler shares: the training noise schedule (SchedulerConfig, the β and ᾱ tables), the
 timesteps a sampler visits, the model output read as (x0, ε), and noise drawn as diffusers draws it.
-The samplers themselves are sampler/ddim.py and sampler/dpm.py.
+The samplers themselves are sampler/ddim.py, sampler/dpm.py and sampler/euler.py.
 """
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 import torch
@@ -17,9 +17,14 @@ class SchedulerConfig:
 
     timestep_spacing None means the config did not say, as SD 1.x/2.x's scheduler_config.json files
     do not. diffusers then uses the default of whichever scheduler class reads the config, and so do
-    we: DDIM takes "leading" (DDIMScheduler's default), DPM-Solver++ takes "linspace"
-    (DPMSolverMultistepScheduler's), which is what `DPMSolverMultistepScheduler.from_config(
-    pipe.scheduler.config)` gives on an SD folder."""
+    we: DDIM takes "leading" (DDIMScheduler's default), DPM-Solver++ and Euler take "linspace"
+    (DPMSolverMultistepScheduler's and EulerDiscreteScheduler's), which is what
+    `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` gives on an SD folder.
+
+    `other_settings` holds the config's keys that are not fields, as `from_dict` read them: the
+    settings of some scheduler classes only, such as EulerDiscreteScheduler's use_karras_sigmas. A
+    sampler that implements only their defaults refuses other values (sampler/euler.py). They are
+    not fields, so two configs that differ only there are equal: DDIM reads none of them."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -31,8 +36,10 @@ class SchedulerConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
+    other_settings: InitVar[dict | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, other_settings):
+        self.other_settings = dict(other_settings or {})
         for name, allowed in [("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
                               ("prediction_type", ("epsilon", "v_prediction", "sample")),
                               ("timestep_spacing", ("leading", "trailing", "linspace", None))]:
@@ -41,19 +48,23 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        """Read a diffusers scheduler_config.json of any scheduler class. Unknown keys are ignored,
-        and missing keys keep SD's defaults (timestep_spacing: None, the sampler's own)."""
+        """Read a diffusers scheduler_config.json of any scheduler class. Missing keys keep SD's
+        defaults (timestep_spacing: None, the sampler's own); keys that are not fields go to
+        other_settings, but for those set to null, which diffusers' classes take as unset."""
         if d.get("thresholding"):
             raise ValueError("thresholding=true (dynamic thresholding) is not supported")
         if d.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; give beta_start/beta_end/beta_schedule")
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)}
         # diffusers' in-memory configs list in `_use_default_values` the keys it filled with the defaults of
         # the class that made them, and from_config() gives such keys the reading class's defaults instead.
-        # For timestep_spacing the sampler's default then applies, as for a key absent from the file.
-        if "timestep_spacing" in d.get("_use_default_values", ()):
-            known.remove("timestep_spacing")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # For timestep_spacing the sampler's default then applies, as for a key absent from the file; such
+        # keys of other classes are left out of other_settings.
+        defaulted = set(d.get("_use_default_values", ()))
+        read = fields - {"timestep_spacing"} if "timestep_spacing" in defaulted else fields
+        other = {k: v for k, v in d.items()
+                 if k not in fields and not k.startswith("_") and k not in defaulted and v is not None}
+        return cls(**{k: v for k, v in d.items() if k in read}, other_settings=other)
 
 
 def make_betas(cfg: SchedulerConfig) -> torch.Tensor:
