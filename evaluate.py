@@ -30,6 +30,7 @@ from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, execute
 from sampler.base import SAMPLERS
+from sampler.safree import CONCEPT_SETS, concept_set
 from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
 from vlm.tasks import TASKS, get_task
 
@@ -79,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the fixed three-branch negative of method 'static' (default: SAFREE's 17 nudity concepts)")
     m.add_argument("--sld-presets", default=",".join(SLD_PRESETS), metavar="LIST",
                    help="the SLD presets run by method 'sld' (default: %(default)s)")
+    m.add_argument("--safree-concepts", metavar="LIST", help="the concepts of method 'safree': comma-separated, "
+                   f"or one of its released sets {', '.join(CONCEPT_SETS)} (default: nudity, SAFREE's 17 concepts)")
 
     s = p.add_argument_group("model and sampling")
     s.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
@@ -182,6 +185,7 @@ def check(args):
         raise UsageError(f"--negative-scale {args.negative_scale}: expected numbers of 0 or more, e.g. 0,2.5,5,7.5")
     args.scales = list(dict.fromkeys(args.scales))
     args.sld_preset_names = split(args.sld_presets)
+    args.safree_concept_set = safree_concepts(args)
 
     args.metric_names = [] if args.metrics.strip().lower() == "none" else split(args.metrics)
     unknown = [m for m in args.metric_names if m not in METRICS]
@@ -209,6 +213,18 @@ def check(args):
     check_model(args.model)
     device = pick_rank_device(args.device)
     return device, pick_dtype(args.dtype, device)
+
+
+def safree_concepts(args):
+    """The concept set of --safree-concepts (nudity when not given), for method safree only."""
+    if args.safree_concepts is None:
+        return CONCEPT_SETS["nudity"]
+    if "safree" not in args.method_names:
+        raise UsageError(f"--safree-concepts is for method safree, which --methods {args.methods} leaves out")
+    try:
+        return concept_set(args.safree_concepts)
+    except ValueError as e:
+        raise UsageError(f"--safree-concepts: {e}") from None
 
 
 def check_nudenet_classes(classes: list[str]):
@@ -381,7 +397,7 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         methods = build_methods(args.method_names, args.scales, negative_prompt=args.negative_prompt,
                                 static_negative=args.static_negative, task=get_task(args.vlm_task),
                                 query_steps=args.query_steps, proposer_name=args.proposer,
-                                sld_presets=args.sld_preset_names)
+                                sld_presets=args.sld_preset_names, safree_concepts=args.safree_concept_set)
         spec = build_spec(args, prompts, methods, device, dtype, metrics=metrics, report=report, argv=argv)
     except (UsageError, PromptFileError, MethodUnavailable) as e:
         return fail(e, 2)

@@ -10,6 +10,8 @@
     sld       Safe Latent Diffusion (Schramowski et al. 2023): sampler/sld.py's guidance rule with
               its safety concept as the negative branch, one method per preset (weak, medium,
               strong, max).
+    safree    SAFREE (Yoon et al. 2025): sampler/safree.py's filtered prompt embedding for the first
+              steps, and the concepts joined with ", " as the classic negative.
 
 static and vldnp are swept over w_neg (--negative-scale 0,2.5,5,...): one method per scale, so
 that one run gives a safety/fidelity Pareto front. The others do not depend on w_neg.
@@ -25,6 +27,7 @@ import torch
 
 from sampler import sld
 from sampler.loop import generate
+from sampler.safree import CONCEPT_SETS, NUDITY, ConceptSet, safree
 from vlm.base import Reply
 from vlm.dnp import DynamicNegatives
 from vlm.tasks import Task
@@ -33,15 +36,11 @@ from vlm.tasks import Task
 # Text-to-Image and Video Generation", arXiv 2410.12761): the `negative_prompt_space` of the
 # nudity category in the generation scripts of their code, github.com/jaehong31/SAFREE, which
 # joins them with ", " into the negative prompt. The VL-DNP paper's static baseline uses this
-# string. Copied verbatim, capitals included (CLIP's tokenizer lowercases anyway).
-SAFREE_NUDITY = (
-    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
-    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
-    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
-)
+# string. Copied verbatim, capitals included (CLIP's tokenizer lowercases anyway), in sampler/safree.py.
+SAFREE_NUDITY = NUDITY
 SAFREE_NUDITY_NEGATIVE = ", ".join(SAFREE_NUDITY)
 
-METHODS = ("sd", "negative", "static", "vldnp", "sld")
+METHODS = ("sd", "negative", "static", "vldnp", "sld", "safree")
 SWEPT = ("static", "vldnp")  # the methods --negative-scale expands
 SLD_PRESETS = ("weak", "medium", "strong", "max")
 
@@ -67,10 +66,22 @@ class Result:
     parameters: dict = field(default_factory=dict)  # the method's settings, for the PNG's parameters
 
 
+@dataclass
+class Setup:
+    """A method's generate() arguments for one prompt (the prompt's conditioning, and keywords), and
+    what it records: the negatives per query, the classic negative prompt and the PNG parameters."""
+    prompt: object  # a text or a sampler.loop Conditioning
+    kwargs: dict
+    negatives: list[dict]
+    negative_prompt: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Method:
     """One method at one setting. `label` is what the records call it ("sd", "static", "sld-max");
-    `scale` is w_neg for the swept methods, None for the others. Calling it makes one image."""
+    `scale` is w_neg for the swept methods, None for the others. Calling it makes one image; a
+    method without a hook says how in `setup`, which generate.py --method uses too."""
     label = "?"
     scale = None
 
@@ -84,8 +95,13 @@ class Method:
         return {"method": self.label, "scale": self.scale, **{f.name: getattr(self, f.name)
                                                                for f in dataclasses.fields(self) if f.name != "scale"}}
 
-    def __call__(self, pipe, prompt: str, *, seed: int, guidance: float, sampling: Sampling, proposer=None) -> Result:
+    def setup(self, pipe, prompt: str) -> Setup:
         raise NotImplementedError
+
+    def __call__(self, pipe, prompt: str, *, seed: int, guidance: float, sampling: Sampling, proposer=None) -> Result:
+        s = self.setup(pipe, prompt)
+        image = _generate(pipe, s.prompt, seed, guidance, sampling, **s.kwargs)
+        return Result(image, s.negatives, negative_prompt=s.negative_prompt, parameters=s.parameters)
 
 
 def _generate(pipe, prompt, seed, guidance, sampling: Sampling, **kwargs) -> torch.Tensor:
@@ -97,8 +113,8 @@ def _generate(pipe, prompt, seed, guidance, sampling: Sampling, **kwargs) -> tor
 class PlainSD(Method):
     label = "sd"
 
-    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
-        return Result(_generate(pipe, prompt, seed, guidance, sampling), [])
+    def setup(self, pipe, prompt):
+        return Setup(prompt, {}, [])
 
 
 @dataclass(frozen=True)
@@ -106,9 +122,9 @@ class ClassicNegative(Method):
     text: str = SAFREE_NUDITY_NEGATIVE
     label = "negative"
 
-    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
-        image = _generate(pipe, prompt, seed, guidance, sampling, negative_prompt=self.text)
-        return Result(image, [{"step": 0, "negative": self.text, "error": None}], negative_prompt=self.text)
+    def setup(self, pipe, prompt):
+        return Setup(prompt, {"negative_prompt": self.text}, [{"step": 0, "negative": self.text, "error": None}],
+                     negative_prompt=self.text)
 
 
 @dataclass(frozen=True)
@@ -117,10 +133,10 @@ class StaticNegative(Method):
     text: str = SAFREE_NUDITY_NEGATIVE
     label = "static"
 
-    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
-        image = _generate(pipe, prompt, seed, guidance, sampling, negative=self.text, negative_scale=self.scale)
-        return Result(image, [{"step": 0, "negative": self.text, "error": None}],
-                      parameters={"Negative scale": f"{self.scale:g}", "Static negative": self.text})
+    def setup(self, pipe, prompt):
+        return Setup(prompt, {"negative": self.text, "negative_scale": self.scale},
+                     [{"step": 0, "negative": self.text, "error": None}],
+                     parameters={"Negative scale": f"{self.scale:g}", "Static negative": self.text})
 
 
 @dataclass(frozen=True)
@@ -164,15 +180,37 @@ class SLD(Method):
     def settings(self) -> dict:
         return {"method": self.label, "scale": None, "preset": self.preset}
 
-    def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
-        image = _generate(pipe, prompt, seed, guidance, sampling, **sld.sld_generate_kwargs(self.preset))
-        return Result(image, [{"step": 0, "negative": sld.SAFETY_CONCEPT, "error": None}],
-                      parameters={"SLD": self.preset, "Safety concept": sld.SAFETY_CONCEPT})
+    def setup(self, pipe, prompt):
+        return Setup(prompt, sld.sld_generate_kwargs(self.preset), [{"step": 0, "negative": sld.SAFETY_CONCEPT,
+                                                                      "error": None}],
+                     parameters={"SLD": self.preset, "Safety concept": sld.SAFETY_CONCEPT})
+
+
+@dataclass(frozen=True)
+class Safree(Method):
+    """SAFREE (sampler/safree.py) with one concept set: the prompt branch sees the filtered states
+    up to t*, and the concepts joined with ", " replace the unconditional branch."""
+    concepts: ConceptSet = CONCEPT_SETS["nudity"]
+    label = "safree"
+
+    def settings(self) -> dict:
+        return {"method": self.label, "scale": None, "concept_set": self.concepts.name,
+                "concepts": list(self.concepts.concepts)}
+
+    def setup(self, pipe, prompt):
+        s, negative = safree(pipe, prompt, self.concepts), self.concepts.negative
+        found = s.summary()
+        return Setup(s.conditioning(pipe.dtype), {"negative_prompt": negative},
+                     [{"step": 0, "negative": negative, "error": None, "safree": found}], negative_prompt=negative,
+                     parameters={"SAFREE": self.concepts.name, "SAFREE triggers": " ".join(map(str, found["triggers"]))
+                                 or "none", "SAFREE tokens": found["tokens"], "SAFREE beta": f"{s.beta:.4f}",
+                                 "SAFREE t*": s.last_step})
 
 
 def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,
                   static_negative: str = SAFREE_NUDITY_NEGATIVE, task: Task | None = None, query_steps=(),
-                  proposer_name: str = "clip", sld_presets=SLD_PRESETS) -> list[Method]:
+                  proposer_name: str = "clip", sld_presets=SLD_PRESETS,
+                  safree_concepts: ConceptSet = CONCEPT_SETS["nudity"]) -> list[Method]:
     """The method instances of a run, in the order named; static and vldnp once per scale."""
     methods = []
     for name in dict.fromkeys(names):
@@ -191,6 +229,8 @@ def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIV
             if unknown:
                 raise MethodUnavailable(f"unknown SLD preset {unknown[0]!r}; use {', '.join(sld.PRESETS)}")
             methods += [SLD(p) for p in sld_presets]
+        elif name == "safree":
+            methods.append(Safree(safree_concepts))
         else:
             raise ValueError(f"unknown method {name!r}; use {', '.join(METHODS)}")
     return methods
