@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import weights
-from cli.args import Parser, UsageError, check_model, check_rules, fail, pick_device, pick_dtype
-from cli.proposers import describe_proposer, make_proposer
+from cli.args import (PREVIEW_HELP, Parser, UsageError, check_model, check_preview_decoder, check_rules, fail,
+                      pick_device, pick_dtype)
+from cli.proposers import describe_proposer, make_preview, make_proposer
 from evaluation.methods import (METHODS, SAFREE_NUDITY_NEGATIVE, SLD_PRESETS, SWEPT, MethodUnavailable,
                                 RetryingProposer, Sampling, build_methods)
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
@@ -121,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
                    help="CLIP for --proposer clip (default: %(default)s)")
     v.add_argument("--clip-threshold", type=float, default=0.5, metavar="P", help="(default: %(default)s)")
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,PATH}", help=PREVIEW_HELP)
 
     e = p.add_argument_group("metrics")
     e.add_argument("--metrics", default=",".join(METRICS), metavar="LIST",
@@ -200,6 +202,7 @@ def check(args):
         args.proposer = "vlm" if args.vlm_url else "clip"
     if "vldnp" in args.method_names and args.proposer == "vlm" and not args.vlm_url:
         raise UsageError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+    check_preview_decoder(args.preview_decoder)
     if args.vlm_url and not args.vlm_url.startswith(("http://", "https://")):
         raise UsageError(f"--vlm-url {args.vlm_url}: must be an http:// or https:// URL")
     try:
@@ -394,9 +397,11 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         device, dtype = check(args)
         prompts = read_prompts(args.prompts, args.prompt_column, args.limit)
         warn_skipped(args.prompts, prompts.skipped)
+        looks = "vldnp" in args.method_names and args.proposer != "static" and args.query_steps
+        preview = make_preview(args.preview_decoder if looks else "vae", device, dtype)
         methods = build_methods(args.method_names, args.scales, negative_prompt=args.negative_prompt,
                                 static_negative=args.static_negative, task=get_task(args.vlm_task),
-                                query_steps=args.query_steps, proposer_name=args.proposer,
+                                query_steps=args.query_steps, proposer_name=args.proposer, preview=preview,
                                 sld_presets=args.sld_preset_names, safree_concepts=args.safree_concept_set)
         spec = build_spec(args, prompts, methods, device, dtype, metrics=metrics, report=report, argv=argv)
     except (UsageError, PromptFileError, MethodUnavailable) as e:

@@ -21,10 +21,11 @@ import weights
 from cli.args import UsageError, fail
 from cli.generate_args import OUTPUTS, check, parse_args
 from cli.metadata import parameters_text
-from cli.proposers import make_proposer
+from cli.proposers import make_preview, make_proposer
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
 from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
+from vlm.preview import VAE_PREVIEW
 from vlm.base import check_proposer
 from vlm.tasks import get_task
 
@@ -56,14 +57,16 @@ def run(args) -> int:
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
     print(f"seed: {seed}", flush=True)
     try:
-        # 1. load the model, and check what only it can tell: the steps its schedule can take
+        # 1. load the x0 preview decoder, if not the model's VAE (TAESD is small: a missing one fails in
+        # seconds), then the model, and check what only it can tell: the steps its schedule can take
+        preview = make_preview(args.preview_decoder if makes_previews(args) else "vae", args.device, args.torch_dtype)
         pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
         try:
             first_timestep = int(SAMPLERS[args.sampler](pipe.scheduler, args.steps).timesteps[0])
         except ValueError as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
         # 2. the VL-DNP hook, or the fixed negative of --proposer static
-        hook, static_negative = vl_dnp(args, pipe)
+        hook, static_negative = vl_dnp(args, pipe, preview)
         static = None if static_negative is None else static_trace(
             get_task(args.vlm_task), static_negative, [args.prompt] * args.batch, first_timestep, args.negative_scale)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
@@ -136,8 +139,14 @@ def report_failed_queries(hook, batch: int) -> bool:
     return bool(unanswered)
 
 
-def vl_dnp(args, pipe):
-    """(the hook or None, the fixed three-branch negative or None) for the chosen proposer."""
+def makes_previews(args) -> bool:
+    """Whether VL-DNP will decode x0 previews: a proposer that looks, at one step or more."""
+    return args.proposer in ("vlm", "clip") and bool(args.query_steps)
+
+
+def vl_dnp(args, pipe, preview=VAE_PREVIEW):
+    """(the hook or None, the fixed three-branch negative or None) for the chosen proposer; `preview`
+    decodes the hook's x0 previews."""
     task = get_task(args.vlm_task)
     if args.proposer == "none":
         return None, None
@@ -149,7 +158,7 @@ def vl_dnp(args, pipe):
         raise weights.CheckpointError(f"{e} (or run without VL-DNP: --proposer none)") from None
     timeout = args.vlm_timeout + 5 if args.proposer == "vlm" else None  # past the client's own, a backstop
     return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async,
-                            full_decode=args.full_decode, timeout=timeout), None
+                            full_decode=args.full_decode, timeout=timeout, preview=preview), None
 
 
 def settings(args, hook, static_negative, index: int) -> dict:

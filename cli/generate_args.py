@@ -3,7 +3,8 @@ import argparse
 import os
 from pathlib import Path
 
-from cli.args import Parser, UsageError, check_model, check_rules, check_writable, finite, pick_device, pick_dtype
+from cli.args import (PREVIEW_HELP, Parser, UsageError, check_model, check_preview_decoder, check_rules,
+                      check_writable, finite, pick_device, pick_dtype)
 from sampler.base import SAMPLERS
 from vlm.client import chat_url
 from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
@@ -107,6 +108,7 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
     v.add_argument("--full-decode", action="store_true",
                    help="decode the whole x0 image at each query; by default it is decoded only as large as the "
                         "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,PATH}", help=PREVIEW_HELP)
     v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), g being --guidance (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "
@@ -133,6 +135,7 @@ def check_vl_dnp(args):
             parse_steps(args.vlm_steps, args.steps)
     except ValueError as e:
         raise UsageError(f"--vlm-steps: {e}") from None
+    check_preview_decoder(args.preview_decoder)
     if args.trace is not None:
         if args.proposer == "none":
             raise UsageError("--trace: --proposer none has no negative to trace")

@@ -1,8 +1,13 @@
 """The VL-DNP proposer a command line names: who looks at the predicted image (vlm/base.py's Proposer)."""
 from checkpoint.clip import load_clip
+from checkpoint.taesd import REPO as TAESD_REPO
+from checkpoint.taesd import load_taesd
+from checkpoint.tensors import CheckpointError
+from cli.args import UsageError
 from vlm.client import VLMClient
 from vlm.clip_proposer import CLIPProposer
 from vlm.dnp import StaticProposer
+from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import Task
 
 
@@ -17,6 +22,21 @@ def make_proposer(args, task: Task, device=None, dtype=None):
     model, tokenizer = load_clip(args.clip_model, device, dtype)
     return CLIPProposer(model, tokenizer, list(task.concepts), threshold=args.clip_threshold, task=task.name,
                         name=args.clip_model)
+
+
+def make_preview(choice: str, device=None, dtype=None) -> Preview:
+    """The x0 preview decoder --preview-decoder names (cli/args.py:check_preview_decoder checked it):
+    the model's VAE, or TAESD (madebyollin/taesd, or a folder or file) loaded on `device` in `dtype`.
+    TAESD that cannot be had (offline and not cached, a damaged file) is a UsageError line."""
+    if choice == "vae":
+        return VAE_PREVIEW
+    source = TAESD_REPO if choice == "taesd" else choice
+    try:
+        model = load_taesd(source, device or "cpu", dtype or "fp32")
+    except CheckpointError as e:
+        raise UsageError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
+                         "--preview-decoder vae)") from None
+    return Preview(model.decode, f"taesd ({TAESD_REPO})" if choice == "taesd" else choice)
 
 
 def describe_proposer(args) -> dict:

@@ -30,6 +30,7 @@ from sampler.loop import generate
 from sampler.safree import CONCEPT_SETS, NUDITY, ConceptSet, safree
 from vlm.base import Reply
 from vlm.dnp import DynamicNegatives
+from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import Task
 
 # SAFREE's nudity concepts (Yoon et al. 2024, "SAFREE: Training-Free and Adaptive Guard for Safe
@@ -147,16 +148,18 @@ class VLDNP(Method):
     task: Task = None
     query_steps: tuple[int, ...] = ()
     proposer_name: str = "clip"
+    preview: Preview = VAE_PREVIEW  # the x0 previews' decoder (vlm/preview.py)
     label = "vldnp"
 
     def settings(self) -> dict:
         return {"method": self.label, "scale": self.scale, "task": self.task.name,
-                "query_steps": list(self.query_steps), "proposer": self.proposer_name}
+                "query_steps": list(self.query_steps), "proposer": self.proposer_name,
+                "preview_decoder": self.preview.name}
 
     def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
         if proposer is None:
             raise ValueError("vldnp needs a proposer")
-        hook = DynamicNegatives(proposer, self.task, self.query_steps, self.scale)
+        hook = DynamicNegatives(proposer, self.task, self.query_steps, self.scale, preview=self.preview)
         try:
             image = _generate(pipe, prompt, seed, guidance, sampling, hooks=[hook])
         finally:
@@ -209,6 +212,7 @@ class Safree(Method):
 
 def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,
                   static_negative: str = SAFREE_NUDITY_NEGATIVE, task: Task | None = None, query_steps=(),
+                  preview: Preview = VAE_PREVIEW,
                   proposer_name: str = "clip", sld_presets=SLD_PRESETS,
                   safree_concepts: ConceptSet = CONCEPT_SETS["nudity"]) -> list[Method]:
     """The method instances of a run, in the order named; static and vldnp once per scale."""
@@ -223,7 +227,7 @@ def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIV
         elif name == "vldnp":
             if task is None:
                 raise ValueError("vldnp needs a task")
-            methods += [VLDNP(w, task, tuple(query_steps), proposer_name) for w in scales]
+            methods += [VLDNP(w, task, tuple(query_steps), proposer_name, preview) for w in scales]
         elif name == "sld":
             unknown = [p for p in sld_presets if p not in sld.PRESETS]
             if unknown:

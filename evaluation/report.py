@@ -445,6 +445,8 @@ def trace_details(negatives) -> str:
 def detections_details(metrics: dict, timings: dict) -> str:
     e = html.escape
     lines = [f"{d['class']} {d['score']:.2f} at {d['box']}" for d in metrics.get("nudenet_detections", [])]
+    if isinstance(metrics.get("nudenet_classifier"), dict):
+        lines.append("NudeNet classifier: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["nudenet_classifier"].items()))
     lines += [f"{k}: {v:.2f} s" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in timings.items()]
     if not lines:
         return ""

@@ -120,6 +120,8 @@ def test_a_protocol_run_reports_the_protocol_and_the_classifier(tmp_path, capsys
     assert ("Departures from it: --model " + str(sd1)) in protocol
     assert "--negative-scale 15 (the protocol's: 2.5,5,7.5,10,15,20)" in protocol
     assert "Safety metric (ASR, toxic rate): NudeNet's older classifier" in protocol and "detector" not in protocol
+    page = (out / "index.html").read_text()
+    assert f"NudeNet classifier: unsafe {records[0]['metrics']['p_unsafe']:.3f}, safe " in page
     asr = np.mean([r["metrics"]["unsafe"] for r in records if r["method"] == "sd"])
     assert f"| sd | – | 2 | 0 | {100 * asr:.1f}% |" in summary
 

@@ -1,9 +1,9 @@
 """VL-DNP: dynamic, VLM-guided negative prompts (Chang, Kim, Choi 2025, arXiv 2510.26052).
 
 At chosen steps i, the sampler's prediction of the clean image, x0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t
-with the positive guided ε = ε_u + g(ε_c − ε_u), is decoded by the VAE and shown to a proposer
-(a VLM, CLIP, ...). What it sees becomes a negative prompt that applies from step i on, as a
-third guidance branch:
+with the positive guided ε = ε_u + g(ε_c − ε_u), is decoded by the VAE (or, on request, a cheaper
+preview decoder: vlm/preview.py) and shown to a proposer (a VLM, CLIP, ...). What it sees becomes a
+negative prompt that applies from step i on, as a third guidance branch:
 
     ε = ε_u + g(ε_c − ε_u) − w_neg(ε_neg − ε_u)
 
@@ -26,6 +26,7 @@ from files import write_atomic
 from png import write_png
 from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
+from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
@@ -106,7 +107,9 @@ class DynamicNegatives:
     proposer with `input_scale` (vlm/base.py), as the k times smaller preview of
     StepState.decode_x0(k) with the largest k that still gives it every pixel it keeps. CLIP's
     224 pixels make k = 2 at 512² (4× less decoding); the VLM's 448 make k = 1. `full_decode`
-    decodes the whole image always. One instance serves one generate() call; call
+    decodes the whole image always. `preview` is the decoder (vlm/preview.py): the pipeline's VAE, as
+    in the paper, by default; any decoder at the VAE's 8× scale, such as TAESD, takes the same k. One
+    instance serves one generate() call; call
     `close()` (or `write_trace`, or use it as a context manager) afterwards to collect the answers
     still outstanding. The hook owns `guidance.negative`: a negative passed to generate() is kept
     until the first successful answer replaces it.
@@ -115,8 +118,10 @@ class DynamicNegatives:
     close(); a query that takes longer fails (its thread runs on, unheeded). None: no limit."""
 
     def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
-                 max_workers: int = 4, full_decode: bool = False, timeout: float | None = None):
+                 max_workers: int = 4, full_decode: bool = False, timeout: float | None = None,
+                 preview: Preview = VAE_PREVIEW):
         self.proposer, self.task, self.full_decode, self.timeout = proposer, task, full_decode, timeout
+        self.preview = preview
         self.query_steps = sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []
@@ -161,7 +166,7 @@ class DynamicNegatives:
         images = None
         if getattr(self.proposer, "needs_image", True):
             self.decode_factor = self._decode_factor(state)
-            images = state.decode_x0(self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
+            images = self.preview(state, self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(guidance.prompt)),
                                             thread_name_prefix="vl-dnp")
@@ -260,19 +265,22 @@ class DynamicNegatives:
     def outcome(self, b: int) -> dict:
         """What the hook did to image b, for its metadata: the negative in force at the last step, "none"
         when the proposer looked and saw nothing, or "unguarded (...)" when no answer took effect, which
-        must never read as "none"; and how many queries failed, if any did."""
+        must never read as "none"; how many queries failed, if any did; and which decoder made the
+        x0 previews, if any were made."""
         failed, asked = self.failed_queries(b)
         out = {"VL-DNP failed queries": f"{failed}/{asked}"} if failed else {}
+        previews = {"VL-DNP previews": self.preview.name} if self.decode_factor is not None else {}
         if self.unanswered(b):
             why = "all queries failed" if failed == asked else "no answer in time"
-            return {**out, "Dynamic negative": f"unguarded ({why})"}
-        return {**out, "Dynamic negative": self.negatives[b] or "none"}
+            return {**out, "Dynamic negative": f"unguarded ({why})", **previews}
+        return {**out, "Dynamic negative": self.negatives[b] or "none", **previews}
 
     def trace_dict(self) -> dict:
         return {
             "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
             "query_steps": self.query_steps, "negative_scale": self.negative_scale,
             "asynchronous": self.asynchronous, "decode_factor": self.decode_factor,
+            "preview_decoder": None if self.decode_factor is None else self.preview.name,
             "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(q) for q in self.trace[b]]}
                        for b, prompt in enumerate(self.prompts)],
         }
@@ -323,7 +331,7 @@ def static_trace(task: Task, negative: str, prompts: list[str], timestep: int, n
     proposer = StaticProposer(list(task.concepts))
     query = Query(0, timestep, items=list(proposer.items), negative=negative, took_effect=0)
     return {"task": task.name, "mode": task.mode, "proposer": repr(proposer), "query_steps": [0],
-            "negative_scale": negative_scale, "asynchronous": False, "decode_factor": None,
+            "negative_scale": negative_scale, "asynchronous": False, "decode_factor": None, "preview_decoder": None,
             "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(query)]}
                        for b, prompt in enumerate(prompts)],
             "filmstrip": None}

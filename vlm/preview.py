@@ -1,0 +1,42 @@
+"""Which decoder turns VL-DNP's x0 prediction into the image a proposer sees (and the filmstrip shows).
+
+The paper (Chang, Kim, Choi 2025, arXiv 2510.26052) decodes x0 with the model's own VAE; that is
+`VAE_PREVIEW`, the default. A `Preview` built around another decoder, such as TAESD (model/taesd.py,
+the tiny autoencoder SD interfaces use for live previews), makes the same image more cheaply and a
+little softer. Any decoder with the VAE's convention fits: scaled latents [B, 4, h, w] in, images
+[B, 3, 8h, 8w] in about [-1, 1] out.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Preview:
+    """`decode`: scaled latents -> images in [-1, 1] at the VAE's 8x scale; None for the pipeline's
+    own VAE (StepState.decode_x0). `name` says which decoder it is, for the trace and the PNG text:
+    "vae", "taesd (madebyollin/taesd)", a path."""
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    name: str = "vae"
+
+    def __call__(self, state, factor: int = 1) -> torch.Tensor:
+        """state.x0 as images [B, 3, H/k, W/k] in [-1, 1]: with k = `factor` > 1, decoded from x0
+        average-pooled over k×k latents, as StepState.decode_x0(k) does for the VAE."""
+        if self.decode is None:
+            return state.decode_x0(factor)
+        return self.decode(pool_latents(state.x0, factor))
+
+
+VAE_PREVIEW = Preview()
+
+
+def pool_latents(x0: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, 4, h, w] -> [B, 4, ⌈h/k⌉, ⌈w/k⌉], the average of each k×k block (k = `factor`); each latent
+    mostly encodes its own 8×8 pixels, so this decodes to about the whole image scaled down.
+    The same pooling as sampler/loop.py:StepState.decode_x0."""
+    if factor <= 1:
+        return x0
+    h, w = x0.shape[-2:]
+    return F.adaptive_avg_pool2d(x0, (-(-h // factor), -(-w // factor)))
