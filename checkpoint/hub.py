@@ -18,7 +18,9 @@ WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", 
            "text_encoder_2": "model"}  # SDXL's second text encoder: only in repos whose config names it
 
 # Where a single file's tokenizer comes from: the hub repo of its text encoder.
-TOKENIZER_REPOS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+# SDXL's two come from its own repo, whose tokenizer_2/ records its "!" padding.
+TOKENIZER_REPOS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                   "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 def looks_like_repo_id(s: str) -> bool:
@@ -59,8 +61,13 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
 def download_tokenizer(family: str) -> Path:
     """The folder of the tokenizer files of a family's text encoder, for a single file, which holds none."""
     fix = ("a single file holds no tokenizer: pass --tokenizer DIR (load_pipeline's tokenizer=), a folder with "
-           "vocab.json and merges.txt or tokenizer.json, e.g. the tokenizer/ of a diffusers folder")
-    return download_files(TOKENIZER_REPOS[family], ["vocab.json", "merges.txt"], fix)
+           "vocab.json and merges.txt or tokenizer.json, e.g. the tokenizer/ of a diffusers folder"
+           + (" (for SDXL a diffusers SDXL folder, with tokenizer/ and tokenizer_2/)" if family == "sdxl" else ""))
+    files = ["vocab.json", "merges.txt"]
+    if family == "sdxl":
+        files = [f"{folder}/{name}" for folder in ("tokenizer", "tokenizer_2")
+                 for name in (*files, "special_tokens_map.json", "tokenizer_config.json")]
+    return download_files(TOKENIZER_REPOS[family], files, fix)
 
 
 def download_files(repo_id: str, patterns: list[str], fix: str = "") -> Path:

@@ -62,7 +62,8 @@ def unet_table(cfg: UNetConfig) -> dict[str, Original]:
     L, n = cfg.layers_per_block, len(cfg.channels)
     pairs = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
              ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
-             ("mid_block.attentions.0", "middle_block.1")]
+             ("mid_block.attentions.0", "middle_block.1"),
+             ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
     resnets = [("mid_block.resnets.0", "middle_block.0"), ("mid_block.resnets.1", "middle_block.2")]
     for i in range(n):
         for j in range(L):
@@ -116,11 +117,12 @@ OPENCLIP_LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1
 
 
 def text_table(cfg: CLIPTextConfig, family: str) -> dict[str, Original]:
-    """Ours -> the single file's text encoder names: transformers' CLIP names for SD1, OpenCLIP's
-    for SD2 (with q, k, v fused into one in_proj)."""
+    """Ours -> the single file's text encoder names: transformers' CLIP names for SD1 and SDXL's first
+    encoder ("sd1", "sdxl_l"), OpenCLIP's for SD2 and SDXL's bigG ("sd2", "sdxl_g"; q, k, v fused
+    into one in_proj, and the projection stored transposed)."""
     with torch.device("meta"):
         keys = CLIPTextModel(cfg).state_dict().keys()
-    if family == "sd1":
+    if family in ("sd1", "sdxl_l"):
         return {k: Original(k) for k in keys}
     pairs = list(OPENCLIP)
     for i in range(cfg.num_layers):
@@ -130,11 +132,16 @@ def text_table(cfg: CLIPTextConfig, family: str) -> dict[str, Original]:
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
         if m:
             table[key] = Original(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", part="qkv".index(m[2]))
+    if cfg.projection_dim:
+        table["text_projection.weight"] = Original("text_projection", transpose=True)  # [width, projection]
     return table
 
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-          "sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
+          "sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model.",
+          "sdxl_l": "conditioner.embedders.0.transformer.text_model.", "sdxl_g": "conditioner.embedders.1.model."}
+# The text encoders of each family, by their PREFIX names.
+TEXT_ENCODERS = {"sd1": ("sd1",), "sd2": ("sd2",), "sdxl": ("sdxl_l", "sdxl_g")}
 
 # What real single files carry besides the three models. Nothing else is skipped.
 IGNORED = re.compile("|".join([
@@ -142,11 +149,12 @@ IGNORED = re.compile("|".join([
     r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)",  # DDPM buffers
-    r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids",  # arange(77), sometimes float
+    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids",  # arange(77)
     r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)",  # OpenCLIP parts SD2 does not use
+    r"conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)",  # nor SDXL
 ]))
 
-FOREIGN = [("conditioner.embedders", "an SDXL checkpoint"), ("model.diffusion_model.label_emb", "an SDXL checkpoint"),
+FOREIGN = [("conditioner.embedders.0.model.", "the SDXL refiner (not supported)"),
            ("model.diffusion_model.joint_blocks", "an SD3 checkpoint"), ("double_blocks", "a Flux checkpoint"),
            ("model.diffusion_model.double_blocks", "a Flux checkpoint"), ("lora_", "a LoRA, not a full model"),
            ("encoder.down.0.block", "a VAE alone, not a full model"), ("text_model.encoder", "a text encoder alone")]
@@ -161,23 +169,28 @@ class Shapes(dict):
         self.prefix, self.where = prefix, where
 
     def __missing__(self, key):
-        raise CheckpointError(f"{self.where}: no {self.prefix}{key}; not a complete SD1/SD2 single file")
+        raise CheckpointError(f"{self.where}: no {self.prefix}{key}; not a complete SD1/SD2/SDXL single file")
 
 
 def inspect_single_file(shapes: dict[str, tuple], where: str):
-    """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig)."""
+    """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig,
+    and SDXL's second CLIPTextConfig or None)."""
     for marker, what in FOREIGN:
         if any(k.startswith(marker) for k in shapes):
-            raise CheckpointError(f"{where}: this looks like {what}; only SD1/SD2 single files are supported")
+            raise CheckpointError(f"{where}: this looks like {what}; only SD1/SD2/SDXL single files are supported")
     if f"{PREFIX['unet']}input_blocks.0.0.weight" not in shapes:
         found = sorted({k.split(".")[0] + ".*" for k in shapes})[:3]
         raise CheckpointError(f"{where}: no UNet ({PREFIX['unet']}*), only {', '.join(found) or 'nothing'}; "
-                              "not a full SD1/SD2 single file")
-    family = "sd2" if any(k.startswith(PREFIX["sd2"]) for k in shapes) else "sd1"
-    if not any(k.startswith(PREFIX[family]) for k in shapes):
-        raise CheckpointError(f"{where}: no text encoder ({PREFIX['sd1']}* or {PREFIX['sd2']}*)")
+                              "not a full SD1/SD2/SDXL single file")
+    sdxl = any(k.startswith(("conditioner.embedders.", f"{PREFIX['unet']}label_emb.")) for k in shapes)
+    family = "sdxl" if sdxl else "sd2" if any(k.startswith(PREFIX["sd2"]) for k in shapes) else "sd1"
+    for name in TEXT_ENCODERS[family]:
+        if not any(k.startswith(PREFIX[name]) for k in shapes):
+            expected = f"{PREFIX[name]}*" if sdxl else f"{PREFIX['sd1']}* or {PREFIX['sd2']}*"
+            raise CheckpointError(f"{where}: no text encoder ({expected}){' of an SDXL file' if sdxl else ''}")
     if not any(k.startswith(PREFIX["vae"]) for k in shapes):
         raise CheckpointError(f"{where}: no VAE ({PREFIX['vae']}*)")
+    texts = [text_config_from_shapes(Shapes(shapes, PREFIX[name], where), name) for name in TEXT_ENCODERS[family]]
 
     u = Shapes(shapes, PREFIX["unet"], where)
     inputs = sorted({int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")})
@@ -191,15 +204,21 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
                   for b in first)
     attn_keys = [k for k in u if k.endswith("attn2.to_k.weight")]
     if not attn_keys:
-        raise CheckpointError(f"{where}: no cross-attention ({PREFIX['unet']}*.attn2.to_k.weight); not an SD1/SD2 UNet")
+        raise CheckpointError(f"{where}: no cross-attention ({PREFIX['unet']}*.attn2.to_k.weight); "
+                              "not an SD1/SD2/SDXL UNet")
     proj = next((s for k, s in u.items() if k.endswith(("proj_in.weight", "proj_out.weight"))), (0, 0, 1, 1))
-    # SD1 uses 8 heads everywhere; SD2 uses 64 channels per head.
+    # SD1 uses 8 heads everywhere; SD2 and SDXL use 64 channels per head.
     heads = (8,) * n if family == "sd1" else tuple(max(c // 64, 1) for c in channels)
+    added = {}
+    if sdxl:  # the pooled output and six size ids, each in the same number of sinusoids
+        inputs_added, pooled = u["label_emb.0.0.weight"][1], texts[-1].projection_dim
+        added = dict(addition_time_embed_dim=(inputs_added - pooled) // 6,
+                     projection_class_embeddings_input_dim=inputs_added)
     unet = UNetConfig(
         in_channels=u["input_blocks.0.0.weight"][1], out_channels=u["out.2.weight"][0], channels=channels,
         layers_per_block=L, attention=attention, num_heads=heads,
         transformer_depth=tuple(d if a else 1 for d, a in zip(depth, attention)),
-        context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=64,
+        context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=128 if sdxl else 64, **added,
     )
     check_text_to_image(unet, where)
 
@@ -211,24 +230,33 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
         latent_channels=v["post_quant_conv.weight"][0],
         channels=tuple(v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels),
         layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
+        scaling_factor=0.13025 if sdxl else VAEConfig.scaling_factor,
     )
+    return family, unet, vae, texts[0], texts[1] if sdxl else None
 
-    t = Shapes(shapes, PREFIX[family], where)
-    if family == "sd1":
+
+def text_config_from_shapes(t: Shapes, name: str) -> CLIPTextConfig:
+    """A text encoder's config from its tensors' shapes; `name` is its PREFIX name."""
+    if name in ("sd1", "sdxl_l"):  # transformers' CLIP names
         vocab, width = t["embeddings.token_embedding.weight"]
         layers_in_file = len({k.split(".")[2] for k in t if k.startswith("encoder.layers.")})
         mlp = t["encoder.layers.0.mlp.fc1.weight"][0]
         positions = t["embeddings.position_embedding.weight"][0]
-    else:
+    else:  # OpenCLIP's
         vocab, width = t["token_embedding.weight"]
         layers_in_file = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
         mlp = t["transformer.resblocks.0.mlp.c_fc.weight"][0]
         positions = t["positional_embedding"][0]
-    # SD2 uses the penultimate layer of OpenCLIP: its last layer is never run. Real files hold all 24
-    # layers of ViT-H, a few only the 23 run (diffusers runs 23 either way); at other sizes the file is
-    # taken to hold the unused layer too, as export_single_file writes it.
-    num_layers = layers_in_file if family == "sd1" else \
-        SD2_TEXT.num_layers if width == SD2_TEXT.width else layers_in_file - 1
-    text = CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
-                          num_heads=max(width // 64, 1), mlp_dim=mlp, act="gelu" if family == "sd2" else "quick_gelu")
-    return family, unet, vae, text
+    num_layers = layers_in_file
+    if name == "sd2":
+        # SD2 uses the penultimate layer of OpenCLIP: its last layer is never run. Real files hold all 24
+        # layers of ViT-H, a few only the 23 run (diffusers runs 23 either way); at other sizes the file is
+        # taken to hold the unused layer too, as export_single_file writes it.
+        num_layers = SD2_TEXT.num_layers if width == SD2_TEXT.width else layers_in_file - 1
+    # SDXL reads both encoders' penultimate layer, unnormed; bigG's last layer still makes the pooled output.
+    sdxl = dict(context_layer=-2, context_norm=False) if name.startswith("sdxl") else {}
+    if name == "sdxl_g":
+        sdxl["projection_dim"] = t["text_projection"][1]
+    return CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
+                          num_heads=max(width // 64, 1), mlp_dim=mlp,
+                          act="quick_gelu" if name in ("sd1", "sdxl_l") else "gelu", **sdxl)

@@ -54,7 +54,8 @@ def read_prediction(metadata: dict[str, str], markers: dict, family: str, where:
     step = markers.get("global_step")
     if family == "sd2" and step is not None and step.numel() == 1 and int(step.item()) == SD2_BASE_GLOBAL_STEP:
         return Prediction("epsilon", f"global_step {SD2_BASE_GLOBAL_STEP} (SD 2.0-base)", zero_snr)
-    return Prediction("epsilon", "the SD1 family" if family == "sd1" else None, zero_snr)
+    # SD1 and SDXL base are ε models (SDXL's v fine-tunes carry v_pred); SD2 has both kinds.
+    return Prediction("epsilon", {"sd1": "the SD1 family", "sdxl": "the SDXL family"}.get(family), zero_snr)
 
 
 def written_metadata(prediction_type: str) -> dict[str, str]:

@@ -5,9 +5,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint.folder import load_tokenizer
+from checkpoint.folder import load_tokenizer, sdxl_tokenizers
 from checkpoint.hub import download_tokenizer
-from checkpoint.original import IGNORED, PREFIX, inspect_single_file, text_table, to_original, to_ours, unet_table, vae_table
+from checkpoint.original import (IGNORED, PREFIX, TEXT_ENCODERS, inspect_single_file, text_table, to_original, to_ours,
+                                 unet_table, vae_table)
 from checkpoint.pipeline import Pipeline
 from checkpoint.prediction import MARKERS, NAMES, Prediction, assumed_warning, read_prediction, written_metadata
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, safetensors_metadata
@@ -19,18 +20,20 @@ from sampler.schedule import SchedulerConfig
 
 def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=None) -> Pipeline:
     """The pipeline in an original .safetensors file. Single files hold no tokenizer: `tokenizer` is
-    a folder, else the text encoder's own is downloaded. Some say their prediction type
-    (checkpoint/prediction.py); `prediction_type` overrides it, and an SD2 file that does not say it
-    is taken as ε with a warning on stderr. A v-prediction SD2 file is the 768 px model."""
+    a folder (for SDXL a diffusers SDXL folder, whose tokenizer/ and tokenizer_2/ are used), else the
+    text encoder's own is downloaded. Some say their prediction type (checkpoint/prediction.py);
+    `prediction_type` overrides it, and an SD2 file that does not say it is taken as ε with a warning
+    on stderr. A v-prediction SD2 file is the 768 px model."""
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
                               "use the .safetensors release or convert it")
     shapes = safetensors_keys(path)
-    family, unet_cfg, vae_cfg, text_cfg = inspect_single_file(shapes, str(path))
-    parts = [("unet", UNet, unet_cfg, unet_table(unet_cfg)), ("vae", AutoencoderKL, vae_cfg, vae_table(vae_cfg)),
-             (family, CLIPTextModel, text_cfg, text_table(text_cfg, family))]
+    family, unet_cfg, vae_cfg, *text_cfgs = inspect_single_file(shapes, str(path))
+    texts = dict(zip(TEXT_ENCODERS[family], text_cfgs))
+    parts = [("unet", UNet, unet_cfg, unet_table(unet_cfg)), ("vae", AutoencoderKL, vae_cfg, vae_table(vae_cfg))]
+    parts += [(name, CLIPTextModel, cfg, text_table(cfg, name)) for name, cfg in texts.items()]
     if family == "sd2":
-        last = f"{PREFIX['sd2']}transformer.resblocks.{text_cfg.num_layers}."  # the unused layer, if there
+        last = f"{PREFIX['sd2']}transformer.resblocks.{texts['sd2'].num_layers}."  # the unused layer, if there
         unused = {k for k in shapes if k.startswith(last)}
     else:
         unused = set()
@@ -38,23 +41,34 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     stray = [k for k in shapes if k not in wanted and k not in unused and k not in MARKERS and not IGNORED.fullmatch(k)]
     if stray:
         raise CheckpointError(f"{path}: {len(stray)} unexpected tensors (first: {stray[0]}); "
-                              "not a plain SD1/SD2 checkpoint (inpainting, SDXL or a merged add-on?)")
+                              f"not a plain {family.upper()} checkpoint (inpainting, a refiner or a merged add-on?)")
     prediction = file_prediction(path, shapes, family, prediction_type)
-    stored = read_safetensors(path, device, dtype, keys=sorted(wanted & shapes.keys()))
+    # SDXL's VAE overflows in fp16: it decodes in fp32, as diffusers does with SDXL's VAE config
+    vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
     models = {}
     for prefix, cls, cfg, table in parts:
+        keys = sorted({PREFIX[prefix] + o.key for o in table.values()} & shapes.keys())
+        stored = read_safetensors(path, device, vae_dtype if prefix == "vae" else dtype, keys=keys)
         state = {k: to_ours(stored[PREFIX[prefix] + o.key], o) for k, o in table.items() if PREFIX[prefix] + o.key in stored}
-        models[cls] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file",
-                                  names={k: PREFIX[prefix] + o.key for k, o in table.items()})
-    del stored
+        models[prefix] = load_strict(cls, cfg, state, str(path), hint=f"read as an {family.upper()} single file",
+                                     names={k: PREFIX[prefix] + o.key for k, o in table.items()})
+        del stored
     if prediction.type == "v_prediction" and family == "sd2":
         unet_cfg.sample_size = 96  # the 768-v models
-    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[family])
     if prediction.said_by is None:
         print(assumed_warning(path.name), file=sys.stderr, flush=True)
     scheduler = SchedulerConfig(prediction_type=prediction.type, rescale_betas_zero_snr=prediction.zero_snr)
-    return Pipeline(tokenizer=tokenizer, text_encoder=models[CLIPTextModel], unet=models[UNet],
-                    vae=models[AutoencoderKL], scheduler=scheduler, family=family, name=path.name)
+    names = TEXT_ENCODERS[family]
+    if family == "sdxl":
+        scheduler.timestep_spacing = "leading"  # SDXL's scheduler_config.json says so, for every sampler
+        tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or download_tokenizer(family))
+        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, TOKENIZER_PAD["sdxl_g"]),
+                     text_encoder_2=models[names[1]], force_zeros_for_empty_prompt=True)
+    else:
+        extra = {}
+    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[names[0]])
+    return Pipeline(tokenizer=tokenizer, text_encoder=models[names[0]], unet=models["unet"],
+                    vae=models["vae"], scheduler=scheduler, family=family, name=path.name, **extra)
 
 
 def file_prediction(path: Path, shapes: dict, family: str, prediction_type=None) -> Prediction:
@@ -68,7 +82,7 @@ def file_prediction(path: Path, shapes: dict, family: str, prediction_type=None)
 
 
 # The pad token of each family's tokenizer, which the text encoders' hub repos do not all record.
-TOKENIZER_PAD = {"sd1": "<|endoftext|>", "sd2": "!"}
+TOKENIZER_PAD = {"sd1": "<|endoftext|>", "sd2": "!", "sdxl_l": "<|endoftext|>", "sdxl_g": "!"}
 
 
 def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
@@ -76,8 +90,9 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     and other tools' single-file loaders read. SD2 files get OpenCLIP's last text layer as zeros,
     because real SD2 files carry that (unused) layer and loaders drop it. The prediction type goes
     into the metadata, as ModelSpec's modelspec.prediction_type, which load_single_file reads back."""
-    parts = [("unet", pipe.unet, unet_table(pipe.unet.config)), ("vae", pipe.vae, vae_table(pipe.vae.config)),
-             (pipe.family, pipe.text_encoder, text_table(pipe.text_encoder.config, pipe.family))]
+    encoders = dict(zip(TEXT_ENCODERS[pipe.family], (pipe.text_encoder, pipe.text_encoder_2)))
+    parts = [("unet", pipe.unet, unet_table(pipe.unet.config)), ("vae", pipe.vae, vae_table(pipe.vae.config))]
+    parts += [(name, model, text_table(model.config, name)) for name, model in encoders.items()]
     out_state = {}
     for prefix, model, table in parts:
         state = model.state_dict()

@@ -70,17 +70,18 @@ def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_te
 
 # SDXL's structure, small: no attention at the top level, per-level depths, linear proj_in; two text
 # encoders (ViT-L-like quick_gelu, bigG-like gelu with a projection) whose widths add to the UNet's
-# cross-attention width, and the pooled width plus six 8-d size ids as add_embedding's inputs.
+# cross-attention width, and the pooled width plus six 8-d size ids as add_embedding's inputs. 64-channel
+# heads and 32-group norms, as in the real model: a single file cannot record them.
 SDXL = dict(
-    unet=dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=96,
+    unet=dict(block_out_channels=(64, 128, 128), layers_per_block=2, cross_attention_dim=64 + 128,
               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-              attention_head_dim=(1, 1, 2), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+              attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
               addition_embed_type="text_time", addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=40 + 6 * 8, sample_size=8),
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
               hidden_act="quick_gelu"),
-    text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+    text_2=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                 hidden_act="gelu", projection_dim=40),
 )
 # SDXL base 1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler)

@@ -13,6 +13,7 @@ from checkpoints import SDXL, make_sdxl_folder
 from helpers import assert_close_rel
 from weights import CheckpointError, load_pipeline
 
+WIDTH = SDXL["unet"]["cross_attention_dim"]  # 64 + 128
 PROMPTS = ["a photo of a cat", "A castle on a hill, highly detailed, 8k!!", "", "wow! " * 40]
 
 
@@ -31,7 +32,7 @@ def test_loads_as_sdxl(pair):
     ours, ref = pair
     assert ours.family == "sdxl" and ours.force_zeros_for_empty_prompt
     assert ours.vae.config.scaling_factor == 0.13025
-    assert ours.unet.config.context_dim == 96 and ours.text_encoder_2.config.projection_dim == 40
+    assert ours.unet.config.context_dim == WIDTH and ours.text_encoder_2.config.projection_dim == 40
     assert ours.tokenizer_2.pad_id == ref.tokenizer_2.convert_tokens_to_ids("!")
     assert ours.default_size == ref.default_sample_size * ref.vae_scale_factor == 2 * SDXL["unet"]["sample_size"]
     assert ours.scheduler.timestep_spacing == "leading" and ours.scheduler.steps_offset == 1
@@ -53,10 +54,10 @@ def test_encode_text_matches_encode_prompt(pair):
         embeds, negative, pooled, negative_pooled = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                                       do_classifier_free_guidance=True)
         hidden, ours_pooled = ours.encode_text([prompt, ""])
-        assert hidden.shape == (2, 77, 96) and ours_pooled.shape == (2, 40)
+        assert hidden.shape == (2, 77, WIDTH) and ours_pooled.shape == (2, 40)
         assert_close_rel(hidden[:1], embeds)
         assert_close_rel(ours_pooled[:1], pooled)
-        assert torch.equal(negative, torch.zeros_like(negative)) and torch.equal(hidden[1], torch.zeros(77, 96))
+        assert torch.equal(negative, torch.zeros_like(negative)) and torch.equal(hidden[1], torch.zeros(77, WIDTH))
         assert torch.equal(negative_pooled, torch.zeros_like(negative_pooled)) and not ours_pooled[1].any()
 
 
@@ -89,7 +90,7 @@ def test_time_ids_are_diffusers(pair, height, width, extra):
 def test_unet_matches_diffusers(pair):
     ours, ref = pair
     g = torch.Generator().manual_seed(0)
-    x, hidden, pooled = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 77, 96, generator=g), \
+    x, hidden, pooled = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 77, WIDTH, generator=g), \
         torch.randn(2, 40, generator=g)
     time_ids = ours.time_ids(96, 80)
     expected = ref.unet(x, torch.tensor([901, 3]), encoder_hidden_states=hidden,
