@@ -22,7 +22,6 @@ import torch
 from sampler.schedule import SchedulerConfig, checked_timesteps, make_betas, make_timesteps, randn, x0_and_eps
 
 
-
 def euler_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
     """diffusers' layout for its Euler schedulers: "leading" and "trailing" as DDIM's, int64; "linspace"
     is not rounded: num_steps float32 points evenly spaced over [0, T − 1], mostly between training

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionPipeline)
+from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       PNDMScheduler, StableDiffusionPipeline)
 
 from checkpoints import make_sd_folder
 from cli.args import UsageError
