@@ -22,6 +22,7 @@ from cli.args import UsageError, fail
 from cli.generate_args import OUTPUTS, check, parse_args
 from cli.metadata import parameters_text
 from cli.proposers import make_preview, make_proposer
+from evaluation.methods import Setup, build_methods
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
 from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
@@ -69,22 +70,26 @@ def run(args) -> int:
         hook, static_negative = vl_dnp(args, pipe, preview)
         static = None if static_negative is None else static_trace(
             get_task(args.vlm_task), static_negative, [args.prompt] * args.batch, first_timestep, args.negative_scale)
+        # 2b. what --method sets instead of the flags: the prompt's conditioning and the branches
+        setup = method_setup(args, pipe)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
     height, width = args.height or pipe.default_size, args.width or pipe.default_size
     saved = False
     try:
         # 3. sample
-        images = generate(pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-                          height=height, width=width, batch=args.batch, seed=seed, eta=args.eta,
-                          sampler=args.sampler, hooks=[hook] if hook else [], negative=static_negative,
-                          negative_scale=args.negative_scale, progress=not args.quiet)
+        branches = {"negative_prompt": args.negative_prompt, "negative": static_negative,
+                    "negative_scale": args.negative_scale, **setup.kwargs}
+        images = generate(pipe, setup.prompt, steps=args.steps, guidance_scale=args.guidance, height=height,
+                          width=width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
+                          hooks=[hook] if hook else [], progress=not args.quiet, **branches)
         if hook is not None:
             hook.close()  # collects the answers still outstanding
         # 4. save
-        texts = [parameters_text(args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler,
+        texts = [parameters_text(args.prompt, branches["negative_prompt"], steps=args.steps, sampler=args.sampler,
                                  guidance_scale=args.guidance, seed=seed, width=width, height=height, model=pipe.name,
-                                 extra=settings(args, hook, static_negative, i)) for i in range(args.batch)]
+                                 extra={**setup.parameters, **settings(args, hook, static_negative, i)})
+                 for i in range(args.batch)]
         for path in save(images, args.out, texts, seed):
             print(path)
         saved = True
@@ -159,6 +164,23 @@ def vl_dnp(args, pipe, preview=VAE_PREVIEW):
     timeout = args.vlm_timeout + 5 if args.proposer == "vlm" else None  # past the client's own, a backstop
     return DynamicNegatives(proposer, task, args.query_steps, args.negative_scale, args.vlm_async,
                             full_decode=args.full_decode, timeout=timeout, preview=preview), None
+
+
+def method_setup(args, pipe) -> Setup:
+    """What --method NAME sets, as evaluate.py's method NAME (evaluation/methods.py) sets it: the
+    prompt's conditioning, generate()'s branch arguments and the PNG's parameters, led by "Method".
+    Without --method, the prompt and nothing else; vldnp is the hook of vl_dnp()."""
+    if args.method is None:
+        return Setup(args.prompt, {}, [])
+    if args.method == "vldnp":
+        return Setup(args.prompt, {}, [], parameters={"Method": "vldnp"})
+    name, _, preset = args.method.partition("-")
+    negative = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
+    method, = build_methods([name], [args.negative_scale], sld_presets=[preset] if preset else (),
+                            safree_concepts=args.safree_concept_set, **negative)
+    setup = method.setup(pipe, args.prompt)
+    setup.parameters = {"Method": method.label, **setup.parameters}
+    return setup
 
 
 def settings(args, hook, static_negative, index: int) -> dict:

@@ -6,11 +6,14 @@ from pathlib import Path
 from cli.args import (PREVIEW_HELP, Parser, UsageError, check_model, check_preview_decoder, check_rules,
                       check_writable, finite, pick_device, pick_dtype)
 from sampler.base import SAMPLERS
+from sampler.safree import CONCEPT_SETS, concept_set
+from sampler.sld import PRESETS as SLD_PRESETS
 from vlm.client import chat_url
 from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
 from vlm.tasks import TASKS
 
 DEMO_PROMPT = "a photograph of an astronaut riding a horse"
+METHODS = ("sd", "negative", "static", "vldnp", *(f"sld-{p}" for p in SLD_PRESETS), "safree")  # evaluate.py's
 OUTPUTS = Path("outputs")
 
 EXAMPLES = """\
@@ -20,6 +23,7 @@ examples:
   python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
   python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
   python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
+  python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
 
 Prints the seed, then the path of each image written.
@@ -40,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
     p.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
+    p.add_argument("--method", choices=METHODS, help="make the image as evaluate.py's method NAME makes it (with "
+                   "the same --sampler, --steps, --guidance and --seed, the same image): sd plain; negative the "
+                   "classic --negative-prompt, by default SAFREE's 17 nudity concepts; static those as a three-branch "
+                   "negative at --negative-scale; vldnp VL-DNP (--proposer vlm or clip); sld-* Safe Latent Diffusion; "
+                   "safree SAFREE. Without it, --proposer decides (default: VL-DNP)")
+    p.add_argument("--safree-concepts", metavar="LIST", help="the concepts of --method safree: comma-separated, "
+                   f"or one of {', '.join(CONCEPT_SETS)} (default: nudity)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
@@ -81,10 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
     v = parser.add_argument_group("VL-DNP: dynamic negative prompts from what a model sees (arXiv 2510.26052)")
-    v.add_argument("--proposer", choices=["auto", "vlm", "clip", "static", "none"], default="auto",
+    v.add_argument("--proposer", choices=["auto", "vlm", "clip", "static", "none"],
                    help="who looks at the predicted image: a VLM server (vlm), the built-in CLIP ViT-L/14 (clip), "
                         "nobody but with the task's fixed negative from the start (static, the paper's baseline), "
-                        "or nobody: plain Stable Diffusion (none). auto: vlm with --vlm-url, else clip")
+                        "or nobody: plain Stable Diffusion (none). auto (the default without --method): vlm with "
+                        "--vlm-url, else clip")
     v.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1; "
                    "an API key is read from VLM_API_KEY (or OPENAI_API_KEY)")
     v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model name sent to the server "
@@ -145,6 +157,7 @@ def check_vl_dnp(args):
 def check(args):
     """Rejects bad arguments, before any heavy work; sets args.device, args.torch_dtype and
     args.query_steps, and resolves --proposer auto."""
+    check_method(args)
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"), ("guidance", args.guidance >= 0, "0 or more"),
                  ("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
                  ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]
@@ -180,3 +193,32 @@ def make_folder(folder: Path, flag: str):
     except OSError as e:
         raise UsageError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
     check_writable(folder, flag)
+
+def check_method(args):
+    """--method against the flags it stands in for: without it, --proposer decides as before (auto
+    when not given). With it, --proposer is only vldnp's (vlm or clip), --negative-prompt only
+    negative's text, --safree-concepts only safree's, and --trace only vldnp's. Sets
+    args.proposer ("none" for every method but vldnp) and args.safree_concept_set."""
+    method = args.method
+    conflicts = [
+        (args.proposer is not None and method not in (None, "vldnp"),
+         f"--proposer {args.proposer} conflicts with --method {method}, which names the whole method"),
+        (method == "vldnp" and args.proposer in ("static", "none"),
+         f"--proposer {args.proposer} conflicts with --method vldnp, which takes --proposer vlm or clip"),
+        (method not in (None, "negative") and args.negative_prompt is not None,
+         f"--negative-prompt conflicts with --method {method}: it is the text of --method negative"),
+        (method != "safree" and args.safree_concepts is not None, "--safree-concepts needs --method safree"),
+        (method not in (None, "vldnp") and args.trace is not None,
+         f"--trace records VL-DNP's queries; --method {method} makes none"),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise UsageError(message)
+    if method not in (None, "vldnp"):
+        args.proposer = "none"
+    elif args.proposer is None:
+        args.proposer = "auto"
+    try:
+        args.safree_concept_set = concept_set(args.safree_concepts or "nudity")
+    except ValueError as e:
+        raise UsageError(f"--safree-concepts: {e}") from None

@@ -1,0 +1,128 @@
+"""generate.py --method NAME: one image as evaluate.py's method NAME makes it, its PNG naming the method,
+and the flags it conflicts with refused in one line (exit 2). Random-weight SD1 checkpoint."""
+import pytest
+import torch
+
+import evaluate
+import generate
+from checkpoints import make_sd_folder
+from cli.generate_args import METHODS
+from png import read_png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+PROMPT = "a person on a beach at sunset"
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
+
+
+def run(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_the_names_are_evaluates_methods():
+    assert METHODS == ("sd", "negative", "static", "vldnp", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree")
+
+
+@pytest.fixture(scope="module")
+def evaluated(sd1, tmp_path_factory):
+    """One evaluate.py run over every method but vldnp, DPM-Solver++, prompt case 4 with seed 11."""
+    folder = tmp_path_factory.mktemp("eval")
+    csv = folder / "p.csv"
+    csv.write_text(f"case_number,prompt,evaluation_seed,evaluation_guidance\n4,{PROMPT},11,6\n")
+    code = evaluate.main([str(csv), "--out", str(folder / "run"), "--model", str(sd1), *SMALL[:6],
+                          "--methods", "sd,negative,static,sld,safree", "--negative-scale", "5", "--metrics", "none",
+                          "--no-report", "--device", "cpu", "--quiet"])
+    assert code == 0
+    return folder / "run" / "images"
+
+
+@pytest.mark.parametrize("method, key", [("sd", "sd"), ("negative", "negative"), ("static", "static_w5"),
+                                         ("sld-weak", "sld-weak"), ("sld-max", "sld-max"), ("safree", "safree")])
+def test_the_image_is_evaluates(sd1, evaluated, tmp_path, capsys, method, key):
+    out = tmp_path / "x.png"
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--sampler", "dpm++2m",
+                       "--seed", 11, "--guidance", 6, "--negative-scale", 5, "--out", out)
+    assert code == 0, err
+    ours, text = read_png(out)
+    theirs, their_text = read_png(evaluated / f"4_{key}.png")
+    assert torch.equal(ours, theirs)
+    without_model = lambda t: [kv for kv in t["parameters"].splitlines()[-1].split(", ") if not kv.startswith("Model:")]
+    assert f"Method: {method}" in without_model(text) and without_model(text) == without_model(their_text)
+    assert text["parameters"].splitlines()[:-1] == their_text["parameters"].splitlines()[:-1]  # prompt, negative
+
+
+def test_each_method_names_itself(sd1, tmp_path, capsys):
+    """Every method makes an image whose PNG says which; the guarded ones say with what."""
+    seen = {}
+    for method in [m for m in METHODS if m != "vldnp"]:
+        out = tmp_path / f"{method}.png"
+        code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--seed", 1, "--out", out)
+        assert code == 0, (method, err)
+        pixels, text = read_png(out)
+        lines = text["parameters"].splitlines()
+        assert f"Method: {method}," in lines[-1] + ","
+        seen[method] = pixels
+        negative = [line for line in lines if line.startswith("Negative prompt: ")]
+        assert bool(negative) == (method in ("negative", "safree")), method
+    assert "Static negative: \"Sexual Acts, " in read_png(tmp_path / "static.png")[1]["parameters"]
+    assert "SLD: max" in read_png(tmp_path / "sld-max.png")[1]["parameters"]
+    safree_text = read_png(tmp_path / "safree.png")[1]["parameters"]
+    assert "SAFREE: nudity" in safree_text and "SAFREE t*: " in safree_text and "SAFREE triggers: " in safree_text
+    assert not torch.equal(seen["sd"], seen["safree"]) and not torch.equal(seen["sd"], seen["negative"])
+
+
+def test_vldnp_with_a_vlm(sd1, server, tmp_path, capsys):
+    vlm = server("none", "feet")  # the first answers the check before loading
+    out = tmp_path / "v.png"
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "vldnp", "--vlm-url", vlm.url,
+                       "--vlm-steps", "1", "--out", out)
+    assert code == 0, err
+    settings = read_png(out)[1]["parameters"].splitlines()[-1]
+    assert "Method: vldnp" in settings and "VL-DNP: vlm nudity" in settings
+
+
+def test_safree_concepts(sd1, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "safree", "--safree-concepts",
+                       "beach, sunset", "--out", out)
+    assert code == 0, err
+    text = read_png(out)[1]["parameters"]
+    assert "Negative prompt: beach, sunset\n" in text and "SAFREE: custom" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "sd", "--proposer", "clip"], "--proposer clip conflicts with --method sd, which names the whole"),
+    (["--method", "safree", "--proposer", "auto"], "--proposer auto conflicts with --method safree"),
+    (["--method", "vldnp", "--proposer", "static"], "--proposer static conflicts with --method vldnp, which takes"),
+    (["--method", "static", "--negative-prompt", "x"], "--negative-prompt conflicts with --method static"),
+    (["--method", "sld-max", "--negative-prompt", "x"], "--negative-prompt conflicts with --method sld-max"),
+    (["--safree-concepts", "a, b"], "--safree-concepts needs --method safree"),
+    (["--method", "negative", "--safree-concepts", "a"], "--safree-concepts needs --method safree"),
+    (["--method", "static", "--trace", "t.json"], "--trace records VL-DNP's queries; --method static makes none"),
+    (["--method", "safree", "--safree-concepts", " ,"], "--safree-concepts: no concepts in ' ,'"),
+    (["--method", "sld"], "argument --method: invalid choice: 'sld'"),
+])
+def test_conflicts_are_one_line(sd1, capsys, argv, message):
+    code, out, err = run(capsys, "a cat", "--model", sd1, *SMALL, *argv)
+    assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+def test_without_method_the_flags_decide_as_before(sd1, tmp_path, capsys):
+    """--proposer none and --negative-prompt still make plain SD with a classic negative, unnamed."""
+    out = tmp_path / "n.png"
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--proposer", "none", "--negative-prompt", "blurry",
+                       "--seed", 1, "--out", out)
+    assert code == 0, err
+    text = read_png(out)[1]["parameters"]
+    assert "Method:" not in text and "Negative prompt: blurry\n" in text
+    same = tmp_path / "m.png"
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "negative", "--negative-prompt", "blurry",
+                       "--seed", 1, "--out", same)
+    assert code == 0, err
+    assert torch.equal(read_png(same)[0], read_png(out)[0])
