@@ -194,6 +194,7 @@ def make_folder(folder: Path, flag: str):
         raise UsageError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
     check_writable(folder, flag)
 
+
 def check_method(args):
     """--method against the flags it stands in for: without it, --proposer decides as before (auto
     when not given). With it, --proposer is only vldnp's (vlm or clip), --negative-prompt only
