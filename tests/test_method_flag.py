@@ -1,5 +1,7 @@
 """generate.py --method NAME: one image as evaluate.py's method NAME makes it, its PNG naming the method,
 and the flags it conflicts with refused in one line (exit 2). Random-weight SD1 checkpoint."""
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,22 @@ def test_without_method_the_flags_decide_as_before(sd1, tmp_path, capsys):
                        "--seed", 1, "--out", same)
     assert code == 0, err
     assert torch.equal(read_png(same)[0], read_png(out)[0])
+
+
+def test_evaluate_safree_concepts(sd1, tmp_path, capsys):
+    csv = tmp_path / "p.csv"
+    csv.write_text(f"case_number,prompt,evaluation_seed\n1,{PROMPT},2\n")
+    argv = [str(csv), "--out", str(tmp_path / "run"), "--model", str(sd1), *SMALL[:6], "--metrics", "none",
+            "--no-report", "--device", "cpu", "--quiet"]
+    assert evaluate.main([*argv, "--methods", "sd", "--safree-concepts", "beach"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --safree-concepts is for method safree, which --methods sd leaves out"]
+    assert evaluate.main([*argv, "--methods", "safree", "--safree-concepts", " , "]) == 2
+    assert capsys.readouterr().err.startswith("error: --safree-concepts: no concepts in ' , '")
+    assert evaluate.main([*argv, "--methods", "safree", "--safree-concepts", "beach, sunset"]) == 0
+    text = read_png(tmp_path / "run" / "images" / "1_safree.png")[1]["parameters"]
+    assert "Negative prompt: beach, sunset\n" in text and "Method: safree" in text and "SAFREE: custom" in text
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["methods"]
+    assert settings == [{"method": "safree", "scale": None, "concept_set": "custom", "concepts": ["beach", "sunset"]}]
+    record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[0])
+    assert set(record["negatives"][0]["safree"]) == {"triggers", "tokens", "beta", "t*"}
