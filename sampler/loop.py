@@ -174,7 +174,8 @@ class TextCache:
 @torch.no_grad()
 def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=None, height=None, width=None,
              batch=1, seed=0, eta=0.0, hooks: list[Hook] = (), negative=None, negative_scale=7.5,
-             rule=None, sampler="ddim", progress=True, **renamed) -> torch.Tensor:
+             rule=None, sampler="ddim", original_size=None, crop_top_left=None, target_size=None, progress=True,
+             **renamed) -> torch.Tensor:
     """Generates images; returns uint8 [B, H, W, 3].
 
     prompt / negative_prompt: a text or other Conditioning, or a list of them, one per prompt.
@@ -184,6 +185,8 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
     rule: another way to combine the branches than `guide` (see Guidance.rule).
     sampler: a key of SAMPLERS, "ddim" or "dpm++2m" (deterministic: eta must be 0).
+    original_size, crop_top_left, target_size: SDXL's micro-conditioning, (height, width) pairs;
+    by default the image's size, (0, 0) and the image's size (Pipeline.time_ids).
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
     guidance = guidance_per_image(prompt, batch, negative_prompt, negative, cfg_scale(guidance_scale, renamed),
@@ -198,7 +201,11 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
 
     # 1. Text: the rows of guidance.rows(i) name their texts; each is encoded once, when a row first needs it.
     text = TextCache(pipe)
-    time_ids = pipe.time_ids(height, width)  # [6] for models with size conditioning, else None
+    sizes = dict(original_size=original_size, crop_top_left=crop_top_left or (0, 0), target_size=target_size)
+    time_ids = pipe.time_ids(height, width, **sizes)  # [6] for models with size conditioning, else None
+    if time_ids is None and (original_size or crop_top_left or target_size):
+        raise ValueError("original_size, crop_top_left and target_size are SDXL's; "
+                         "this model takes no size conditioning")
 
     # 2. x_T ~ N(0, I), drawn in the model's dtype from a CPU generator, as diffusers draws it.
     generator = torch.Generator("cpu").manual_seed(seed)

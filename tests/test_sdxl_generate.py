@@ -58,3 +58,20 @@ def test_a_three_branch_negative_runs_on_sdxl(folder):
     plain = generate(pipe, "a dog", **DEFAULTS, progress=False)
     guided = generate(pipe, "a dog", **DEFAULTS, negative="a cat", negative_scale=5.0, progress=False)
     assert (plain.int() - guided.int()).abs().max() > 2
+
+
+def test_micro_conditioning_matches_diffusers(folder):
+    sizes = dict(original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 40))
+    ours = generate(load_pipeline(folder), "a cat", **DEFAULTS, **sizes, progress=False)
+    expected = pipeline_images(reference(folder, "ddim"), "a cat", num_inference_steps=4, guidance_scale=7.5,
+                               height=32, width=32, original_size=sizes["original_size"], crops_coords_top_left=sizes["crop_top_left"],
+                               target_size=sizes["target_size"])
+    assert_same_image(ours, expected)
+    assert (ours.int() - generate(load_pipeline(folder), "a cat", **DEFAULTS, progress=False).int()).abs().max() > 2
+
+
+def test_micro_conditioning_is_refused_for_a_model_without_it(tmp_path):
+    from checkpoints import make_sd_folder
+    pipe = load_pipeline(make_sd_folder(tmp_path, "sd1"))
+    with pytest.raises(ValueError, match="SDXL's"):
+        generate(pipe, "a cat", **DEFAULTS, original_size=(64, 64), progress=False)
