@@ -147,3 +147,12 @@ def test_evaluate_safree_concepts(sd1, tmp_path, capsys):
     assert settings == [{"method": "safree", "scale": None, "concept_set": "custom", "concepts": ["beach", "sunset"]}]
     record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[0])
     assert set(record["negatives"][0]["safree"]) == {"triggers", "tokens", "beta", "t*"}
+
+
+def test_safree_refuses_sdxl_in_one_line(tmp_path, capsys):
+    from checkpoints import make_sdxl_folder
+    sdxl = make_sdxl_folder(tmp_path / "sdxl")
+    capsys.readouterr()
+    code, out, err = run(capsys, "a cat", "--model", sdxl, *SMALL, "--method", "safree", "--out", tmp_path / "x.png")
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"]
