@@ -18,6 +18,7 @@ class Sampler(Protocol):
     # [num_steps], training timesteps in descending order: int64, or float32 for a sampler that also visits
     # points between them (Euler's "linspace" layout, as diffusers), where the UNet runs at the fractional t
     timesteps: torch.Tensor
+    init_noise_scale: float  # x at timesteps[0] is init_noise_scale · z, z ~ N(0, I): diffusers' init_noise_sigma in x
 
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, ε) that the model output at step i implies. Pure: it may be called any time."""

@@ -19,6 +19,8 @@ class DDIM:
     prev_timesteps[i] = timesteps[i] - T // num_steps. If that is below 0, ᾱ_prev is 1 when
     set_alpha_to_one is set and ᾱ_0 otherwise."""
 
+    init_noise_scale = 1.0  # x_T ~ N(0, I)
+
     def __init__(self, config: SchedulerConfig, num_steps: int):
         T = config.num_train_timesteps
         spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default

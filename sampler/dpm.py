@@ -41,6 +41,8 @@ class DPMSolverPP:
     runs in float32 and the result has model_output's dtype, as in diffusers. It is deterministic:
     `eta` > 0 raises ValueError, and `generator` is unused."""
 
+    init_noise_scale = 1.0  # x_T ~ N(0, I)
+
     def __init__(self, config: SchedulerConfig, num_steps: int):
         spacing = config.timestep_spacing or "linspace"  # DPMSolverMultistepScheduler's default
         self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps)  # [N]

@@ -207,10 +207,12 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
         raise ValueError("original_size, crop_top_left and target_size are SDXL's; "
                          "this model takes no size conditioning")
 
-    # 2. x_T ~ N(0, I), drawn in the model's dtype from a CPU generator, as diffusers draws it.
+    # 2. x_T = s·z, z ~ N(0, I) drawn in the model's dtype from a CPU generator, as diffusers draws it;
+    #    s is the sampler's init_noise_scale (1 but for Euler's "linspace" and "trailing" layouts).
     generator = torch.Generator("cpu").manual_seed(seed)
     B, h, w = len(guidance.prompt), height // pipe.vae_scale, width // pipe.vae_scale
     x = randn((B, pipe.unet.config.in_channels, h, w), generator, pipe.device, pipe.dtype)  # [B, 4, h, w]
+    x = x * solver.init_noise_scale
 
     # 3. Per step: UNet over the active branches, guidance, x0, hooks, solver step.
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step

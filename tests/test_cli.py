@@ -103,7 +103,7 @@ BAD = [
     (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
-    (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "euler"], "--sampler"),
+    (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "heun"], "--sampler"),
     (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"), (["--guidance", "nan"], "finite"),
     (["--eta", "inf"], "--eta: 'inf' is not a finite number"),
 ]

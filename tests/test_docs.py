@@ -211,10 +211,10 @@ def test_the_checks_catch_mutated_docs():
                                        "`sampler/loop.py:Guidance.rows`.\n") == [
         "README.md: `sampler/loop.py:no_such_function`: sampler/loop.py defines no no_such_function",
         "README.md: `sampler/nowhere.py:generate`: no such file sampler/nowhere.py"]
-    assert new_problems(bad_flags, "\n    python generate.py \"a cat\" --no-such-flag 3 --sampler euler\n"
+    assert new_problems(bad_flags, "\n    python generate.py \"a cat\" --no-such-flag 3 --sampler heun\n"
                                    "    python nowhere.py --seed 1\n"
                                    "Use `--no-such-option`.\n") == [
         "README.md: generate.py has no --no-such-flag",
-        "README.md: generate.py --sampler euler: not one of ['ddim', 'dpm++2m']",
+        "README.md: generate.py --sampler heun: not one of ['ddim', 'dpm++2m', 'euler', 'euler-a']",
         "README.md: nowhere.py: no such script",
         "README.md: `--no-such-option` is no flag of " + ", ".join(HELP)]

@@ -225,4 +225,4 @@ def test_generate_rejects_eta_and_unknown_samplers(sd1):
     with pytest.raises(ValueError, match="eta"):
         generate(pipe, "a", steps=2, height=16, width=16, eta=0.5, sampler="dpm++2m", progress=False)
     with pytest.raises(ValueError, match="unknown sampler"):
-        generate(pipe, "a", steps=2, height=16, width=16, sampler="euler", progress=False)
+        generate(pipe, "a", steps=2, height=16, width=16, sampler="heun", progress=False)

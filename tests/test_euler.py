@@ -232,6 +232,8 @@ def reference_images(folder, ref_class, prompt, negative_prompt=None, steps=5, g
 
 CASES = {  # (scheduler config, diffusers class, generate() arguments)
     "sd1-euler": (SD14_SCHEDULER_JSON, EulerDiscreteScheduler, dict(prompt="a cat on a table", steps=7)),
+    # "linspace" with one step visits t = 0 alone, from diffusers' x_T = z·ρ(0): init_noise_scale matters
+    "sd1-euler-1-step": (SD14_SCHEDULER_JSON, EulerDiscreteScheduler, dict(prompt="a cat", steps=1, seed=2)),
     "sd1-euler-a-negative-batch2-nonsquare": (
         SD14_SCHEDULER_JSON, EulerAncestralDiscreteScheduler,
         dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2, height=24, width=32, steps=6,

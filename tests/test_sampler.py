@@ -243,7 +243,10 @@ def test_nan_from_the_decoder_is_an_error_not_a_black_image(sd1):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_has_the_interface_the_loop_uses(name):
     sampler = SAMPLERS[name](SchedulerConfig(), 7)
-    assert sampler.num_steps == 7 and sampler.timesteps.shape == (7,) and sampler.timesteps.dtype == torch.int64
+    assert sampler.num_steps == 7 and sampler.timesteps.shape == (7,)
+    # whole training timesteps are int64; Euler's default "linspace" layout visits fractional ones, as diffusers
+    assert sampler.timesteps.dtype == (torch.float32 if name.startswith("euler") else torch.int64)
+    assert isinstance(sampler.init_noise_scale, float) and 0 < sampler.init_noise_scale <= 1
     for method in ("predict", "step"):
         ours = inspect.signature(getattr(sampler, method)).parameters
         declared = list(inspect.signature(getattr(Sampler, method)).parameters)[1:]  # less self
