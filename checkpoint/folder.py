@@ -146,8 +146,11 @@ def rename_legacy_vae_keys(state: dict) -> dict:
 
 
 def load_tokenizer(folder, pad_token=None, max_length=None) -> Tokenizer:
-    """A tokenizer folder (vocab.json + merges.txt, or tokenizer.json); its own pad token wins over
-    `pad_token`."""
+    """A tokenizer folder (vocab.json + merges.txt, or tokenizer.json), or a diffusers pipeline folder
+    holding one as tokenizer/; its own pad token wins over `pad_token`."""
+    folder = Path(folder)
+    if (folder / "tokenizer").is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        folder = folder / "tokenizer"
     try:
         return Tokenizer.from_folder(folder, pad_token=pad_token, max_length=max_length)
     except (OSError, ValueError) as e:

@@ -149,7 +149,8 @@ IGNORED = re.compile("|".join([
     r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)",  # DDPM buffers
-    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids",  # arange(77)
+    # arange(77), sometimes float
+    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids",
     r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)",  # OpenCLIP parts SD2 does not use
     r"conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)",  # nor SDXL
 ]))

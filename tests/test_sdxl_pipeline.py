@@ -155,3 +155,45 @@ def test_tokenizer_argument_takes_an_sdxl_folder(folder, tmp_path):
     assert pipe.tokenizer_2.pad_id != pipe.tokenizer.pad_id
     with pytest.raises(CheckpointError, match="has no tokenizer_2/; SDXL needs two tokenizers"):
         load_pipeline(folder, tokenizer=folder / "tokenizer")
+
+
+def test_repo_id_loads_sdxl_from_the_hub_cache_offline(folder, tmp_path):
+    """The hub patterns take text_encoder_2/ and tokenizer_2/ (and the fp16 variant for fp16 loads,
+    falling back to the full-precision files a repo without one holds)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import hub_cache
+    hub_cache(tmp_path, "someone/tiny-sdxl", folder)
+    code = ("import torch; from weights import load_pipeline\n"
+            "for dtype in (torch.float32, torch.float16):\n"
+            "    p = load_pipeline('someone/tiny-sdxl', dtype=dtype)\n"
+            "    print(p.name, p.family, p.text_encoder_2.config.projection_dim, p.tokenizer_2.pad_id)")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path),
+                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    pad = str(StableDiffusionXLPipeline.from_pretrained(folder).tokenizer_2.convert_tokens_to_ids("!"))
+    assert result.stdout.split() == ["someone/tiny-sdxl", "sdxl", "40", pad] * 2
+
+
+def test_hub_patterns_take_sdxls_second_encoder_and_tokenizer():
+    from fnmatch import fnmatch
+
+    from checkpoint.hub import hub_patterns
+    # files of stabilityai/stable-diffusion-xl-base-1.0
+    wanted = {torch.float16: ["text_encoder_2/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"],
+              torch.float32: ["text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]}
+    common = ["text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+              "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "model_index.json"]
+    unwanted = ["text_encoder_2/pytorch_model.bin", "text_encoder_2/model.onnx", "text_encoder_2/flax_model.msgpack",
+                "vae_1_0/diffusion_pytorch_model.safetensors"]
+    for dtype, files in wanted.items():
+        patterns = hub_patterns(dtype)
+        for file in files + common:
+            assert any(fnmatch(file, p) for p in patterns), file
+        for file in unwanted:
+            assert not any(fnmatch(file, p) for p in patterns), file

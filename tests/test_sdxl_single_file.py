@@ -104,7 +104,8 @@ def test_full_sdxl_key_set_is_read_as_sdxl_base():
     # the sgm names of the real release, a few of each kind
     for key, shape in [("model.diffusion_model.label_emb.0.0.weight", (1280, 2816)),
                        ("model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight", (1280, 2048)),
-                       ("model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.0.proj.weight", (10240, 1280)),
+                       ("model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.0.proj.weight",
+                        (10240, 1280)),
                        ("model.diffusion_model.output_blocks.2.2.conv.weight", (1280, 1280, 3, 3)),
                        ("model.diffusion_model.output_blocks.5.2.conv.weight", (640, 640, 3, 3)),
                        ("conditioner.embedders.1.model.text_projection", (1280, 1280)),
@@ -116,7 +117,8 @@ def test_full_sdxl_key_set_is_read_as_sdxl_base():
 
 def test_damaged_sdxl_files_are_one_line_errors(exported, folder, tmp_path):
     state = load_file(exported)
-    save_file({k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}, tmp_path / "a.safetensors")
+    no_bigg = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}
+    save_file(no_bigg, tmp_path / "a.safetensors")
     with pytest.raises(CheckpointError, match=r"no text encoder \(conditioner\.embedders\.1\.model\.\*\)"):
         load_pipeline(tmp_path / "a.safetensors", tokenizer=folder)
     key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias"

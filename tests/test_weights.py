@@ -529,3 +529,12 @@ def test_zero_terminal_snr_marker_and_unknown_stated_types(sd1_file, sd1, tmp_pa
     message = error_of(flow, tokenizer=sd1 / "tokenizer")
     assert "modelspec.prediction_type='flow'" in message and "--prediction-type" in message
     assert load_pipeline(flow, tokenizer=sd1 / "tokenizer", prediction_type="epsilon").scheduler.prediction_type == "epsilon"
+
+
+def test_single_file_tokenizer_may_be_a_diffusers_folder(sd1_file, sd1):
+    """--tokenizer DIR takes a pipeline folder too, whose tokenizer/ is used (SDXL's: tokenizer/ and
+    tokenizer_2/)."""
+    from_folder = load_pipeline(sd1_file, tokenizer=sd1)
+    from_tokenizer = load_pipeline(sd1_file, tokenizer=sd1 / "tokenizer")
+    texts = ["a photo of a cat", ""]
+    assert from_folder.tokenizer(texts).tolist() == from_tokenizer.tokenizer(texts).tolist()
