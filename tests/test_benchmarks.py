@@ -14,6 +14,7 @@ from model.tokenizer import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
 import precision  # noqa: E402
+import sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,17 @@ def test_byte_tokenizer_reads_alike_in_ours_and_transformers(tmp_path):
                    return_tensors="pt").input_ids
     assert ref.model_max_length == 77 and torch.equal(ours(prompts), expected)
     assert all(ref.unk_token_id not in ours.encode(p) for p in prompts)  # every byte is a token
+
+
+def test_sdxl_times_our_unet_against_diffusers_on_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "sdxl.json"
+    sdxl.main(["--folder", str(tmp_path / "unet"), "--config", "small", "--latent", "8", "--steps", "1",
+               "--rounds", "1", "--impls", "ours,plain,diffusers", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["settings"]["config"]["addition_embed_type"] == "text_time"
+    assert sorted(report["ratios_to_reference"]) == ["ours", "plain"]
+    for impl in ("ours", "plain", "diffusers"):
+        m = report["medians"][impl]
+        assert m["step_s"] > 0 and m["peak_rss_gib"] > 0
+        assert m["rel_diff_to_diffusers"] < 1e-5  # the same weights and inputs: the same prediction
+    assert "| ours |" in capsys.readouterr().out
