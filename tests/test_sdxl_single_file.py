@@ -5,16 +5,17 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file, save_file
 
 from checkpoint.original import PREFIX, TEXT_ENCODERS, inspect_single_file, text_table, unet_table, vae_table
 from checkpoints import make_sdxl_folder
-from helpers import assert_close_rel
+from helpers import assert_close_rel, assert_same_image, pipeline_images
 from model.clip import SDXL_TEXT_G, SDXL_TEXT_L, CLIPTextModel
 from model.unet import SDXL, UNet
-from model.vae import VAEConfig, AutoencoderKL
+from model.vae import AutoencoderKL, VAEConfig
+from sampler.loop import generate
 from weights import CheckpointError, export_single_file, load_pipeline
 
 
@@ -69,6 +70,20 @@ def test_diffusers_reads_our_export_as_the_same_weights(folder, exported):
                                       do_classifier_free_guidance=False)
     assert_close_rel(got[0], expected[0])
     assert_close_rel(got[2], expected[2])
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", DDIMScheduler), ("dpm++2m", DPMSolverMultistepScheduler)])
+def test_images_from_the_file_are_diffusers_from_single_file(folder, exported, sampler, scheduler):
+    """Same seed, same image (within 2 levels) as StableDiffusionXLPipeline.from_single_file on our
+    export, with the empty negative as zeros and the size ids of a non-square image."""
+    ref = StableDiffusionXLPipeline.from_single_file(str(exported), config=str(folder), local_files_only=True)
+    ref.scheduler = scheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    ours = generate(load_pipeline(exported, tokenizer=folder), "a lighthouse at dusk", steps=4, height=32, width=48,
+                    sampler=sampler, seed=5, progress=False)
+    expected = pipeline_images(ref, "a lighthouse at dusk", seed=5, num_inference_steps=4, height=32, width=48,
+                               guidance_scale=7.5)  # generate()'s default; StableDiffusionXLPipeline's is 5
+    assert_same_image(ours, expected)
 
 
 def full_sdxl_shapes() -> dict[str, tuple]:
