@@ -1,16 +1,29 @@
 """SDXL images from sampler.loop.generate against diffusers' StableDiffusionXLPipeline, same seed,
 on a random SDXL folder: the pooled embedding and size ids reach the UNet through the loop's
-conditioning, with no SDXL branch in the loop."""
+conditioning, with no SDXL branch in the loop. Every sampler from SDXL's own scheduler config, SDXL-Turbo's
+settings, and the same image from an original single file."""
+import json
+import shutil
+
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, StableDiffusionXLPipeline)
 
-from checkpoints import make_sdxl_folder
+from checkpoints import SDXL_SCHEDULER, make_sdxl_folder
 from helpers import assert_same_image, pipeline_images
 from sampler.loop import generate
 from weights import load_pipeline
 
-SCHEDULERS = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+              "euler-a": EulerAncestralDiscreteScheduler}
+# stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
+# "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
+TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
+                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                   "steps_offset": 1, "timestep_spacing": "trailing", "interpolation_type": "linear",
+                   "use_karras_sigmas": False, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                   "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 CASES = {
     "plain": dict(prompt="a cat on a table"),
     "negative-batch2-nonsquare": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
@@ -75,3 +88,50 @@ def test_micro_conditioning_is_refused_for_a_model_without_it(tmp_path):
     pipe = load_pipeline(make_sd_folder(tmp_path, "sd1"))
     with pytest.raises(ValueError, match="SDXL's"):
         generate(pipe, "a cat", **DEFAULTS, original_size=(64, 64), progress=False)
+
+
+def test_sdxl_scheduler_config_is_sdxl_base_1_0s(folder):
+    """The folder's scheduler is what the euler cases above read: SDXL base's own, leading, offset 1."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "EulerDiscreteScheduler"
+    assert {k: config[k] for k in ("timestep_spacing", "steps_offset")} == {"timestep_spacing": "leading",
+                                                                            "steps_offset": 1}
+    assert SDXL_SCHEDULER["timestep_spacing"] == "leading"
+
+
+@pytest.fixture(scope="module")
+def turbo(folder, tmp_path_factory):
+    """The small SDXL folder with SDXL-Turbo's scheduler, as the sdxl-turbo repo names and configures it."""
+    root = tmp_path_factory.mktemp("turbo") / "sdxl-turbo"
+    shutil.copytree(folder, root)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER))
+    index = json.loads((root / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]  # as sdxl-turbo's model_index.json
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_settings_match_diffusers(turbo, steps):
+    """SDXL-Turbo as its model card runs it: euler-a, trailing, 1 or 4 steps, guidance 0."""
+    kw = dict(prompt="a cinematic shot of a raccoon", steps=steps, guidance_scale=0.0, height=32, width=32)
+    ours = generate(load_pipeline(turbo), **kw, sampler="euler-a", progress=False)
+    ref = StableDiffusionXLPipeline.from_pretrained(turbo)
+    assert type(ref.scheduler) is EulerAncestralDiscreteScheduler and ref.scheduler.config.timestep_spacing == "trailing"
+    ref.set_progress_bar_config(disable=True)
+    assert_same_image(ours, reference_images(ref, **kw))
+
+
+@pytest.fixture(scope="module")
+def single_file(folder, tmp_path_factory):
+    from weights import export_single_file
+    return export_single_file(folder, tmp_path_factory.mktemp("single") / "sdxl.safetensors")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_sdxl_single_file_image_is_diffusers(folder, single_file, sampler):
+    """An original single file, its tokenizers from the folder (--tokenizer DIR), gives diffusers' image
+    of the folder it was exported from."""
+    kw = dict(DEFAULTS, prompt="a lighthouse at dawn", negative_prompt="fog")
+    ours = generate(load_pipeline(single_file, tokenizer=folder), **kw, sampler=sampler, progress=False)
+    assert_same_image(ours, reference_images(reference(folder, sampler), **kw))
