@@ -99,6 +99,10 @@ class Method:
     def setup(self, pipe, prompt: str) -> Setup:
         raise NotImplementedError
 
+    def check(self, pipe) -> str | None:
+        """Why this method cannot run on the loaded model, in one line, asked before any image; None if it can."""
+        return None
+
     def __call__(self, pipe, prompt: str, *, seed: int, guidance: float, sampling: Sampling, proposer=None) -> Result:
         s = self.setup(pipe, prompt)
         image = _generate(pipe, s.prompt, seed, guidance, sampling, **s.kwargs)
@@ -208,6 +212,13 @@ class Safree(Method):
                      parameters={"SAFREE": self.concepts.name, "SAFREE triggers": " ".join(map(str, found["triggers"]))
                                  or "none", "SAFREE tokens": found["tokens"], "SAFREE beta": f"{s.beta:.4f}",
                                  "SAFREE t*": s.last_step})
+
+    def check(self, pipe):
+        try:
+            safree(pipe, "a", self.concepts)  # refuses a model it is not implemented for (SDXL's two encoders)
+        except ValueError as e:
+            return str(e)
+        return None
 
 
 def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,

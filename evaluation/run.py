@@ -176,6 +176,10 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     if proposer is None and spec.load_proposer is not None and any(job.method.label == "vldnp" for job in jobs):
         proposer = spec.load_proposer()
     pipe = spec.load_pipe()
+    for method in {job.method.key: job.method for job in jobs}.values():
+        problem = method.check(pipe)
+        if problem:
+            raise RunError(problem, quiet=group.rank != 0)
     shard = spec.out / (RECORDS_FILE if group.world == 1 else f"records.rank{group.rank}.jsonl")
     cut_torn_tail(shard)
     failed, told = 0, False
