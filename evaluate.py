@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "vocab.json and merges.txt")
     s.add_argument("--prediction-type", choices=["epsilon", "v"], help="override the model's prediction type")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++2m",
-                   help="dpm++2m: DPM-Solver++(2M), the paper's; ddim (default: %(default)s)")
+                   help="dpm++2m: DPM-Solver++(2M), the paper's; ddim; euler; euler-a: Euler ancestral "
+                        "(default: %(default)s)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
     s.add_argument("--guidance", type=float, default=7.5, metavar="SCALE",
                    help="CFG scale for prompts without evaluation_guidance (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Text to image with Stable Diffusion 1.x / 2.x:  python generate.py "a photo of a cat"
+"""Text to image with Stable Diffusion 1.x, 2.x or SDXL:  python generate.py "a photo of a cat"
 
 parse the arguments -> ask a VLM server, if any -> load the model -> build the VL-DNP hook -> generate
 -> save PNGs.
@@ -66,6 +66,7 @@ def run(args) -> int:
             first_timestep = int(SAMPLERS[args.sampler](pipe.scheduler, args.steps).timesteps[0])
         except ValueError as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
+        check_size_conditioning(args, pipe)
         # 2. the VL-DNP hook, or the fixed negative of --proposer static
         hook, static_negative = vl_dnp(args, pipe, preview)
         static = None if static_negative is None else static_trace(
@@ -75,6 +76,7 @@ def run(args) -> int:
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
     height, width = args.height or pipe.default_size, args.width or pipe.default_size
+    sizes = dict(original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size)
     saved = False
     try:
         # 3. sample
@@ -82,13 +84,14 @@ def run(args) -> int:
                     "negative_scale": args.negative_scale, **setup.kwargs}
         images = generate(pipe, setup.prompt, steps=args.steps, guidance_scale=args.guidance, height=height,
                           width=width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
-                          hooks=[hook] if hook else [], progress=not args.quiet, **branches)
+                          hooks=[hook] if hook else [], progress=not args.quiet, **sizes, **branches)
         if hook is not None:
             hook.close()  # collects the answers still outstanding
         # 4. save
         texts = [parameters_text(args.prompt, branches["negative_prompt"], steps=args.steps, sampler=args.sampler,
                                  guidance_scale=args.guidance, seed=seed, width=width, height=height, model=pipe.name,
-                                 extra={**setup.parameters, **settings(args, hook, static_negative, i)})
+                                 extra={**size_settings(sizes, height, width), **setup.parameters,
+                                        **settings(args, hook, static_negative, i)})
                  for i in range(args.batch)]
         for path in save(images, args.out, texts, seed):
             print(path)
@@ -142,6 +145,23 @@ def report_failed_queries(hook, batch: int) -> bool:
         parts.append(f"the negative in force was kept, and the PNG{'s count' if batch > 1 else ' counts'} them")
     print(f"warning: {'; '.join(parts)}", file=sys.stderr, flush=True)
     return bool(unanswered)
+
+
+def check_size_conditioning(args, pipe):
+    """SDXL's micro-conditioning flags need a model that takes it, which is known once it is loaded."""
+    given = [flag for flag, value in [("--original-size", args.original_size), ("--crop-top-left", args.crop_top_left),
+                                      ("--target-size", args.target_size)] if value is not None]
+    if given and pipe.time_ids(pipe.default_size, pipe.default_size) is None:
+        raise UsageError(f"{', '.join(given)}: SDXL's size and crop conditioning; the model {pipe.name} "
+                         f"({pipe.family}) takes none")
+
+
+def size_settings(sizes: dict, height: int, width: int) -> dict:
+    """The micro-conditioning for the PNG, where it is not the default (the image's size, 0,0)."""
+    names = {"original_size": ("Original size", "x", (height, width)),
+             "crop_top_left": ("Crop top-left", ",", (0, 0)), "target_size": ("Target size", "x", (height, width))}
+    return {name: f"{value[0]}{sep}{value[1]}" for key, (name, sep, default) in names.items()
+            if (value := sizes[key]) is not None and tuple(value) != default}
 
 
 def makes_previews(args) -> bool:

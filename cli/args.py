@@ -29,6 +29,17 @@ def finite(text: str) -> float:
     return value
 
 
+def int_pair(separator: str, minimum: int):
+    """argparse type: two integers joined by `separator`, e.g. "1024x768", each at least `minimum`."""
+    def parse(text: str) -> tuple[int, int]:
+        parts = text.lower().split(separator)
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(map(int, parts)) < minimum:
+            what = "positive" if minimum > 0 else "non-negative"
+            raise argparse.ArgumentTypeError(f"{text!r} is not two {what} integers like 1024{separator}768")
+        return int(parts[0]), int(parts[1])
+    return parse
+
+
 def check_rules(rules: list[tuple[str, bool, str]], args):
     """Each rule is (argument name, whether its value is good, what it must be)."""
     for name, ok, rule in rules:

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from cli.args import (PREVIEW_HELP, Parser, UsageError, check_model, check_preview_decoder, check_rules,
-                      check_writable, finite, pick_device, pick_dtype)
+                      check_writable, finite, int_pair, pick_device, pick_dtype)
 from sampler.base import SAMPLERS
 from sampler.safree import CONCEPT_SETS, concept_set
 from sampler.sld import PRESETS as SLD_PRESETS
@@ -22,6 +22,8 @@ examples:
   python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
   python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
   python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
+  python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-xl-base-1.0 --sampler euler
+  python generate.py "a castle on a hill" --model stabilityai/sdxl-turbo --sampler euler-a --steps 1 --guidance 0
   python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
   python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
@@ -40,7 +42,8 @@ A bug ends with Python's traceback (status 1).
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x / 2.x (DDIM or DPM-Solver++ 2M), optionally with VL-DNP.",
+    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x, 2.x or SDXL (DDIM, "
+               "DPM-Solver++ 2M, Euler or Euler ancestral), optionally with VL-DNP.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
     p.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
@@ -76,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--eta", type=finite, default=0.0,
                    help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only (default: 0)")
     s.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
+    s.add_argument("--original-size", type=int_pair("x", 1), metavar="HxW", help="SDXL's micro-conditioning: the "
+                   "size of the training image the model should imitate; small sizes look upscaled (default: the "
+                   "image's size)")
+    s.add_argument("--crop-top-left", type=int_pair(",", 0), metavar="Y,X", help="SDXL's micro-conditioning: the "
+                   "top-left corner of the crop the model should imitate; 0,0 is centred (default: 0,0)")
+    s.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW",
+                   help="SDXL's micro-conditioning: the size aimed at (default: the image's size)")
 
     o = p.add_argument_group("output and hardware")
     o.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... PATH-{N-1}.png with --batch N, "

@@ -161,7 +161,8 @@ def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip, tmp_path, capsys):
                           "--clip-model", str(clip), "--clip-threshold", "0", "--vlm-steps", "1"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert sorted(r["method"] for r in records) == sorted(methods.split(",")) and all(r["status"] == "ok" for r in records)
+    assert sorted(r["method"] for r in records) == sorted(methods.split(","))
+    assert all(r["status"] == "ok" for r in records)
     images = {r["method"]: pixels(out / r["image"]).int() for r in records}
     for r in records:
         assert f"Method: {r['method']}" in parameters(out / r["image"]) and "Model: " in parameters(out / r["image"])
