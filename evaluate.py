@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
     s.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for single files: tokenizer.json, or "
-                   "vocab.json and merges.txt")
+                   "vocab.json and merges.txt; for SDXL a diffusers SDXL folder (tokenizer/ and tokenizer_2/)")
     s.add_argument("--prediction-type", choices=["epsilon", "v"], help="override the model's prediction type")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++2m",
                    help="dpm++2m: DPM-Solver++(2M), the paper's; ddim; euler; euler-a: Euler ancestral "

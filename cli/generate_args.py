@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
     m.add_argument("--tokenizer", metavar="DIR",
-                   help="tokenizer folder for single files: tokenizer.json, or vocab.json and merges.txt "
+                   help="tokenizer folder for single files: tokenizer.json, or vocab.json and merges.txt; for "
+                        "SDXL a diffusers SDXL folder, whose tokenizer/ and tokenizer_2/ are used "
                         "(default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"],
                    help="what the UNet predicts, overriding the model's scheduler config or what a single "
