@@ -77,8 +77,8 @@ def test_micro_conditioning_matches_diffusers(folder):
     sizes = dict(original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 40))
     ours = generate(load_pipeline(folder), "a cat", **DEFAULTS, **sizes, progress=False)
     expected = pipeline_images(reference(folder, "ddim"), "a cat", num_inference_steps=4, guidance_scale=7.5,
-                               height=32, width=32, original_size=sizes["original_size"], crops_coords_top_left=sizes["crop_top_left"],
-                               target_size=sizes["target_size"])
+                               height=32, width=32, original_size=sizes["original_size"],
+                               crops_coords_top_left=sizes["crop_top_left"], target_size=sizes["target_size"])
     assert_same_image(ours, expected)
     assert (ours.int() - generate(load_pipeline(folder), "a cat", **DEFAULTS, progress=False).int()).abs().max() > 2
 
