@@ -74,3 +74,35 @@ def test_malformed_micro_conditioning_is_one_line(flag, value, tmp_path, capsys)
     code, out, err = run(capsys, *RUN, "--model", tmp_path, flag, value, "--out", tmp_path / "x.png")
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: argument {flag}: "), err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_documented_sdxl_commands_run_from_the_hub_cache(sdxl, tmp_path):
+    """README's and the --help examples' SDXL base and SDXL-Turbo commands, offline, with the small folder laid
+    out in the hub cache under those repo ids (and SDXL-Turbo's scheduler): the PNG names the repo."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import hub_cache
+    from test_sdxl_generate import TURBO_SCHEDULER
+
+    turbo = tmp_path / "turbo-folder"
+    shutil.copytree(sdxl, turbo)
+    (turbo / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER))
+    hub_cache(tmp_path / "home", "stabilityai/stable-diffusion-xl-base-1.0", sdxl)
+    hub_cache(tmp_path / "home", "stabilityai/sdxl-turbo", turbo)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    commands = {"base": ["--model", "stabilityai/stable-diffusion-xl-base-1.0", "--sampler", "euler", "--steps", "2"],
+                "turbo": ["--model", "stabilityai/sdxl-turbo", "--sampler", "euler-a", "--steps", "1",
+                          "--guidance", "0"]}
+    for name, argv in commands.items():
+        result = subprocess.run([sys.executable, str(root / "generate.py"), "a castle on a hill", *argv, "--proposer",
+                                 "none", "--quiet", "--device", "cpu", "--out", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        pixels, text = read_png(tmp_path / f"{name}.png")
+        assert f"Model: {argv[1]}" in text["parameters"] and pixels.shape[0] == load_pipeline(sdxl).default_size
