@@ -211,3 +211,13 @@ def test_evaluate_takes_the_preview_decoder(sd1, taesd, tmp_path, capsys, server
                                            "--vlm-url", vlm.url, "--preview-decoder", tmp_path / "nothing-here"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --preview-decoder"), err
+
+
+def test_the_cost_benchmark_keeps_the_papers_query_density():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vldnp_cost import paper_density_steps
+    from vlm.dnp import PAPER_STEPS
+
+    assert paper_density_steps(50) == list(PAPER_STEPS)
+    assert paper_density_steps(10) == [1, 8] and paper_density_steps(5) == [1]  # one query per 5 steps
+    assert paper_density_steps(25) == [3, 5, 8, 14, 21]
