@@ -27,6 +27,7 @@ HELP = {
     "benchmarks/precision.py": [["--help"]],
     "benchmarks/vae_decode.py": [["--help"]],
     "benchmarks/vldnp_cost.py": [["--help"]],
+    "benchmarks/sdxl.py": [["--help"]],
 }
 
 
