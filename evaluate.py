@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
                    help="CLIP for --proposer clip (default: %(default)s)")
     v.add_argument("--clip-threshold", type=float, default=0.5, metavar="P", help="(default: %(default)s)")
-    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,PATH}", help=PREVIEW_HELP)
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help=PREVIEW_HELP)
 
     e = p.add_argument_group("metrics")
     e.add_argument("--metrics", default=",".join(METRICS), metavar="LIST",

@@ -67,6 +67,8 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
         check_size_conditioning(args, pipe)
+        if preview.mismatch(pipe.family):
+            raise UsageError(preview.mismatch(pipe.family))
         # 2. the VL-DNP hook, or the fixed negative of --proposer static
         hook, static_negative = vl_dnp(args, pipe, preview)
         static = None if static_negative is None else static_trace(

@@ -20,7 +20,11 @@ from checkpoint.hub import download_files, looks_like_repo_id
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, to_dtype
 from model.taesd import SD, TAESD, Decoder, Encoder, TAESDConfig
 
-REPO = "madebyollin/taesd"  # SD 1.x and 2.x; madebyollin/taesdxl is SDXL's
+# madebyollin's TAESDs on the hub by the name --preview-decoder gives them, and the model families
+# whose latents each was trained to decode: the networks are the same, the latent spaces are not.
+REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
+FAMILIES = {"taesd": ("sd1", "sd2"), "taesdxl": ("sdxl",)}
+REPO = REPOS["taesd"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 HUB_FILES = ["config.json", WEIGHTS]
 

@@ -55,7 +55,8 @@ def check_model(model: str):
 
 PREVIEW_HELP = ("what decodes VL-DNP's x0 previews, the images the proposer sees and the --trace filmstrip shows: "
                 "vae, the model's own VAE, as in the paper; taesd, madebyollin/taesd, the tiny autoencoder SD "
-                "interfaces use for live previews (about 17x fewer FLOPs, softer images; 10 MB, downloaded once); "
+                "interfaces use for live previews (about 17x fewer FLOPs, softer images; 10 MB, downloaded once), "
+                "or taesdxl, madebyollin/taesdxl, SDXL's; "
                 "or a TAESD folder (diffusers AutoencoderTiny) or madebyollin's taesd_decoder.safetensors "
                 "(default: vae)")
 
@@ -63,13 +64,13 @@ PREVIEW_HELP = ("what decodes VL-DNP's x0 previews, the images the proposer sees
 def check_preview_decoder(choice: str):
     """--preview-decoder is vae, taesd, or an existing folder or .safetensors file (read when it loads,
     before the diffusion model)."""
-    if choice in ("vae", "taesd"):
+    if choice in ("vae", "taesd", "taesdxl"):
         return
     path = Path(choice).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
         return
     what = "not a .safetensors file" if path.is_file() else "no such file or folder"
-    raise UsageError(f"--preview-decoder {choice}: {what}; use vae, taesd, a TAESD folder or a "
+    raise UsageError(f"--preview-decoder {choice}: {what}; use vae, taesd, taesdxl, a TAESD folder or a "
                      "taesd_decoder.safetensors file")
 
 

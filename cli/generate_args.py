@@ -131,7 +131,7 @@ def add_vl_dnp_arguments(parser: argparse.ArgumentParser):
     v.add_argument("--full-decode", action="store_true",
                    help="decode the whole x0 image at each query; by default it is decoded only as large as the "
                         "proposer looks at it (CLIP: 224 px, so 256 px for a 512 px image)")
-    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,PATH}", help=PREVIEW_HELP)
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help=PREVIEW_HELP)
     v.add_argument("--negative-scale", type=finite, default=7.5, metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), g being --guidance (default: 7.5)")
     v.add_argument("--trace", metavar="PATH.json", help="write each query (step, reply, negative, error, latency) "

@@ -1,6 +1,7 @@
 """The VL-DNP proposer a command line names: who looks at the predicted image (vlm/base.py's Proposer)."""
 from checkpoint.clip import load_clip
-from checkpoint.taesd import REPO as TAESD_REPO
+from checkpoint.taesd import FAMILIES as TAESD_FAMILIES
+from checkpoint.taesd import REPOS as TAESD_REPOS
 from checkpoint.taesd import load_taesd
 from checkpoint.tensors import CheckpointError
 from cli.args import UsageError
@@ -26,17 +27,21 @@ def make_proposer(args, task: Task, device=None, dtype=None):
 
 def make_preview(choice: str, device=None, dtype=None) -> Preview:
     """The x0 preview decoder --preview-decoder names (cli/args.py:check_preview_decoder checked it):
-    the model's VAE, or TAESD (madebyollin/taesd, or a folder or file) loaded on `device` in `dtype`.
-    TAESD that cannot be had (offline and not cached, a damaged file) is a UsageError line."""
+    the model's VAE, or TAESD (madebyollin/taesd or taesdxl, or a folder or file) loaded on `device`
+    in `dtype`. TAESD that cannot be had (offline and not cached, a damaged file) is a UsageError line.
+    It loads before the diffusion model, so whether it fits the model is checked after that
+    (Preview.mismatch)."""
     if choice == "vae":
         return VAE_PREVIEW
-    source = TAESD_REPO if choice == "taesd" else choice
+    source = TAESD_REPOS.get(choice, choice)
     try:
         model = load_taesd(source, device or "cpu", dtype or "fp32")
     except CheckpointError as e:
         raise UsageError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
                          "--preview-decoder vae)") from None
-    return Preview(model.decode, f"taesd ({TAESD_REPO})" if choice == "taesd" else choice)
+    if choice in TAESD_REPOS:
+        return Preview(model.decode, f"{choice} ({source})", TAESD_FAMILIES[choice])
+    return Preview(model.decode, choice)
 
 
 def describe_proposer(args) -> dict:

@@ -160,6 +160,9 @@ class VLDNP(Method):
                 "query_steps": list(self.query_steps), "proposer": self.proposer_name,
                 "preview_decoder": self.preview.name}
 
+    def check(self, pipe):
+        return self.preview.mismatch(pipe.family)
+
     def __call__(self, pipe, prompt, *, seed, guidance, sampling, proposer=None):
         if proposer is None:
             raise ValueError("vldnp needs a proposer")

@@ -221,3 +221,46 @@ def test_the_cost_benchmark_keeps_the_papers_query_density():
     assert paper_density_steps(50) == list(PAPER_STEPS)
     assert paper_density_steps(10) == [1, 8] and paper_density_steps(5) == [1]  # one query per 5 steps
     assert paper_density_steps(25) == [3, 5, 8, 14, 21]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from checkpoints import make_sdxl_folder
+    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"), seed=4)
+
+
+def test_taesd_and_taesdxl_each_decode_their_own_familys_latents(sd1, sdxl, taesd, tmp_path, server):
+    """The two TAESDs are the same network for different latent spaces: the hub name says which, and
+    a mismatch is one line and exit 2 after the model loads, with nothing written."""
+    home = tmp_path / "home"
+    hub_cache(home, "madebyollin/taesd", taesd)
+    hub_cache(home, "madebyollin/taesdxl", taesd)  # any TAESD weights; what is checked is the name
+    vlm = server("none", "I can see feet.", "none", "I can see feet.")
+    common = [*RUN, "--vlm-url", vlm.url, "--vlm-steps", "1"]
+    result = _generate_offline(home, *common, "--model", sdxl, "--preview-decoder", "taesdxl", "--trace",
+                               tmp_path / "t.json", "--out", tmp_path / "xl")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "t.json").read_text())["preview_decoder"] == "taesdxl (madebyollin/taesdxl)"
+    for model, choice, family in [(sdxl, "taesd", "sdxl"), (sd1, "taesdxl", "sd1")]:
+        out = tmp_path / f"{choice}-on-{family}"
+        result = _generate_offline(home, *common, "--model", model, "--preview-decoder", choice, "--out", out)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: --preview-decoder: {choice} (madebyollin/{choice}) decodes ")
+        assert f"this is an {family} model" in lines[0] and not out.exists()
+
+
+def test_evaluate_refuses_a_taesd_of_another_family_before_any_image(sdxl, taesd, tmp_path, capsys, server):
+    hub = tmp_path / "home"
+    hub_cache(hub, "madebyollin/taesd", taesd)
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,evaluation_seed\na person on a beach,5\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, [
+        csv, "--out", tmp_path / "run", "--model", sdxl, "--steps", "2", "--height", "16", "--width", "16",
+        "--device", "cpu", "--quiet", "--methods", "vldnp", "--vlm-url", server("none").url, "--vlm-steps", "1",
+        "--metrics", "none", "--no-report", "--preview-decoder", "taesd"])], env=env, capture_output=True, text=True,
+        timeout=300, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "this is an sdxl model" in lines[0], result.stderr
+    assert not list((tmp_path / "run").glob("**/*.png"))

@@ -17,9 +17,19 @@ import torch.nn.functional as F
 class Preview:
     """`decode`: scaled latents -> images in [-1, 1] at the VAE's 8x scale; None for the pipeline's
     own VAE (StepState.decode_x0). `name` says which decoder it is, for the trace and the PNG text:
-    "vae", "taesd (madebyollin/taesd)", a path."""
+    "vae", "taesd (madebyollin/taesd)", a path. `families`: the model families (Pipeline.family)
+    whose latents it decodes, or None when that is not known (the VAE, which is the model's own;
+    a decoder from a path)."""
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     name: str = "vae"
+    families: tuple[str, ...] | None = None
+
+    def mismatch(self, family: str) -> str | None:
+        """Why this decoder cannot make previews of a `family` model's latents, in one line; None if it can."""
+        if self.families is None or family in self.families:
+            return None
+        return (f"--preview-decoder: {self.name} decodes {'/'.join(self.families)} latents, and this is an "
+                f"{family} model; use taesdxl for SDXL, taesd for SD 1.x/2.x, or vae")
 
     def __call__(self, state, factor: int = 1) -> torch.Tensor:
         """state.x0 as images [B, 3, H/k, W/k] in [-1, 1]: with k = `factor` > 1, decoded from x0
