@@ -114,3 +114,20 @@ def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upca
     )
     pipe.save_pretrained(root / "sdxl")
     return root / "sdxl"
+
+
+def make_clip_folder(folder, seed=1):
+    """A small two-tower CLIPModel folder as transformers writes it, every tensor random: for the CLIP
+    proposer (--clip-model). Returns its path."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    folder = write_clip_vocab(Path(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2),
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16)
+    randomize_(CLIPModel(config), seed).save_pretrained(folder)
+    return folder

@@ -226,19 +226,9 @@ def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys
 
 
 def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
-    import transformers
-    from fake_vocab import write_clip_vocab
-    from helpers import randomize_
+    from checkpoints import make_clip_folder
 
-    folder = write_clip_vocab(tmp_path / "clip")
-    vocab = json.loads((folder / "vocab.json").read_text())
-    config = transformers.CLIPConfig(
-        text_config=transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=1, num_attention_heads=2),
-        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
-    randomize_(transformers.CLIPModel(config), 1).save_pretrained(folder)
+    folder = make_clip_folder(tmp_path / "clip")
     code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", folder, "--clip-threshold", 0,
                        "--vlm-steps", "2", "--trace", tmp_path / "c.json", "--out", tmp_path / "clip.png")
     assert code == 0, err

@@ -29,20 +29,9 @@ def sdxl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """A random-weight CLIPModel folder, as transformers writes it, for the CLIP proposer."""
-    import transformers
-    from fake_vocab import write_clip_vocab
-    from helpers import randomize_
+    from checkpoints import make_clip_folder
 
-    folder = write_clip_vocab(tmp_path_factory.mktemp("clip"))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    config = transformers.CLIPConfig(
-        text_config=transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=1, num_attention_heads=2),
-        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
-    randomize_(transformers.CLIPModel(config), 1).save_pretrained(folder)
-    return folder
+    return make_clip_folder(tmp_path_factory.mktemp("clip"))
 
 
 def run(capsys, *argv):
