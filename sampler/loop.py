@@ -136,11 +136,16 @@ class StepState:
         x0 average-pooled over k×k latents (8⌈h/k⌉ × 8⌈w/k⌉ pixels for h × w latents): about k²
         times cheaper, and an approximation of the whole image scaled down, since each latent
         mostly encodes its own 8×8 pixels."""
-        x0 = self.x0
-        if factor > 1:
-            h, w = x0.shape[-2:]
-            x0 = F.adaptive_avg_pool2d(x0, (-(-h // factor), -(-w // factor)))  # [B, 4, ⌈h/k⌉, ⌈w/k⌉]
-        return self.pipe.vae.decode(x0)
+        return self.pipe.vae.decode(pool_latents(self.x0, factor))
+
+
+def pool_latents(x0: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, 4, h, w] -> [B, 4, ⌈h/k⌉, ⌈w/k⌉], the average of each k×k block (k = `factor`); each latent
+    mostly encodes its own 8×8 pixels, so this decodes to about the whole image scaled down."""
+    if factor <= 1:
+        return x0
+    h, w = x0.shape[-2:]
+    return F.adaptive_avg_pool2d(x0, (-(-h // factor), -(-w // factor)))
 
 
 Hook = Callable[[StepState], None]

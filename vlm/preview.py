@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from sampler.loop import pool_latents
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,3 @@ class Preview:
 
 VAE_PREVIEW = Preview()
 
-
-def pool_latents(x0: torch.Tensor, factor: int) -> torch.Tensor:
-    """[B, 4, h, w] -> [B, 4, ⌈h/k⌉, ⌈w/k⌉], the average of each k×k block (k = `factor`); each latent
-    mostly encodes its own 8×8 pixels, so this decodes to about the whole image scaled down.
-    The same pooling as sampler/loop.py:StepState.decode_x0."""
-    if factor <= 1:
-        return x0
-    h, w = x0.shape[-2:]
-    return F.adaptive_avg_pool2d(x0, (-(-h // factor), -(-w // factor)))
