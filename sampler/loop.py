@@ -123,7 +123,7 @@ class StepState:
     it predicts, so a hook sees what the prompt is forming. `decode_x0()` gives them as images in
     [-1, 1]; `decode_x0(k)` a k times smaller preview, for a viewer that looks at no more."""
     i: int
-    t: int
+    t: int | float  # Euler's "linspace" layout runs the UNet at fractional timesteps
     num_steps: int
     x: torch.Tensor  # [B, 4, h, w], x_t
     eps: torch.Tensor  # [B, 4, h, w]

@@ -676,3 +676,18 @@ def test_trace_file(pipe, tmp_path, capsys):
             assert torch.equal(label[:, :, 0] == 255, torch.tensor([[p == "1" for p in row] for row in glyph.split()]))
             failed = b == 1 and step == 3
             assert (label[:, :, 1].max() == 64) == failed  # red label for the failed query
+
+
+def test_the_trace_keeps_fractional_timesteps_whole_ones_stay_ints(pipe):
+    """Euler's default "linspace" layout runs the UNet at fractional timesteps: the trace records
+    each query at the timestep the sampler was at, not truncated."""
+    from sampler.base import SAMPLERS
+
+    pipe = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler, timestep_spacing="linspace"))
+    for sampler in ("euler", "ddim"):
+        hook = DynamicNegatives(StaticProposer(["a dog"]), NUDITY, [0, 1, 2])
+        generate(pipe, "a cat", steps=3, height=16, width=16, sampler=sampler, hooks=[hook], progress=False)
+        expected = SAMPLERS[sampler](pipe.scheduler, 3).timesteps.tolist()
+        recorded = [q.timestep for q in hook.trace[0]]
+        assert recorded == expected and any(t != int(t) for t in expected) == (sampler == "euler")
+        assert all(isinstance(t, int) for t in recorded if t == int(t))

@@ -68,7 +68,7 @@ class Query:
     queries a later one. An answer that came after sampling ended took effect nowhere
     (`took_effect` None), and its `negative` is the one in force at the end."""
     step: int
-    timestep: int
+    timestep: int | float  # a training timestep; Euler's "linspace" layout visits fractional ones
     raw: str = ""
     items: list[str] = field(default_factory=list)
     negative: str | None = None
@@ -171,7 +171,7 @@ class DynamicNegatives:
             self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(guidance.prompt)),
                                             thread_name_prefix="vl-dnp")
         for b, prompt in enumerate(guidance.prompt):
-            query = Query(state.i, int(state.t))
+            query = Query(state.i, int(state.t) if float(state.t).is_integer() else float(state.t))
             self.trace[b].append(query)
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
             if image is not None:
