@@ -25,6 +25,7 @@ from cli.proposers import make_preview, make_proposer
 from evaluation.methods import Setup, build_methods
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
+from sampler.schedule import UnsupportedSetting
 from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
 from vlm.preview import VAE_PREVIEW
 from vlm.base import check_proposer
@@ -64,6 +65,8 @@ def run(args) -> int:
         pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
         try:
             first_timestep = int(SAMPLERS[args.sampler](pipe.scheduler, args.steps).timesteps[0])
+        except UnsupportedSetting as e:
+            raise UsageError(f"--sampler {args.sampler}: {e}") from None
         except ValueError as e:
             raise UsageError(f"--steps {args.steps}: {e}") from None
         check_size_conditioning(args, pipe)

@@ -5,12 +5,16 @@ in terms of the predicted clean image x0, which keeps guided sampling stable at 
 Matches diffusers' `DPMSolverMultistepScheduler.from_config(<SD's scheduler config>)`, the paper's
 evaluation sampler, number for number: algorithm_type "dpmsolver++", solver_order 2, solver_type
 "midpoint", lower_order_final, final_sigmas_type "zero", no Karras/exponential/beta sigmas, no
-thresholding. Those settings are what "dpm++2m" means here; other DPM-Solver keys in a config are
-ignored, and so are DDIM's clip_sample and set_alpha_to_one.
+thresholding. Those settings are what "dpm++2m" means here: a config that sets another value for
+one of them (a fine-tune shipping Karras sigmas, say) is refused with ValueError rather than sampled
+differently from diffusers. DDIM's clip_sample and set_alpha_to_one are ignored, as diffusers does.
 """
+import math
+
 import torch
 
-from sampler.schedule import SchedulerConfig, checked_timesteps, make_betas, make_timesteps, x0_and_eps
+from sampler.schedule import (SchedulerConfig, checked_timesteps, make_betas, make_timesteps, refuse_other_settings,
+                              x0_and_eps)
 
 
 def dpm_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
@@ -42,8 +46,16 @@ class DPMSolverPP:
     `eta` > 0 raises ValueError, and `generator` is unused."""
 
     init_noise_scale = 1.0  # x_T ~ N(0, I)
+    # DPMSolverMultistepScheduler's settings that change its 2M update, with the value this class
+    # implements; diffusers reads UniPC's names of the solver type as "midpoint".
+    # (lower_order_final and euler_at_final change nothing here: the last step, to σ = 0, is first order.)
+    settings = {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                "solver_type": ("midpoint", "logrho", "bh1", "bh2"), "use_karras_sigmas": False,
+                "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                "use_flow_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf}
 
     def __init__(self, config: SchedulerConfig, num_steps: int):
+        refuse_other_settings(config, "dpm++2m", self.settings)
         spacing = config.timestep_spacing or "linspace"  # DPMSolverMultistepScheduler's default
         self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps)  # [N]
         self.config, self.num_steps = config, num_steps

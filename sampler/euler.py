@@ -19,7 +19,8 @@ updates, and with the same x_T the trajectories agree.
 import numpy as np
 import torch
 
-from sampler.schedule import SchedulerConfig, checked_timesteps, make_betas, make_timesteps, randn, x0_and_eps
+from sampler.schedule import (SchedulerConfig, checked_timesteps, make_betas, make_timesteps, randn,
+                              refuse_other_settings, x0_and_eps)
 
 
 def euler_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
@@ -56,10 +57,7 @@ class Euler:
                 "use_beta_sigmas": False, "timestep_type": "discrete", "final_sigmas_type": "zero"}
 
     def __init__(self, config: SchedulerConfig, num_steps: int):
-        for key, value in self.settings.items():
-            if config.other_settings.get(key, value) != value:
-                raise ValueError(f"the model's scheduler config sets {key}={config.other_settings[key]!r}; the euler "
-                                 f"sampler implements only {key}={value!r} (euler-a has no such setting)")
+        refuse_other_settings(config, "euler", self.settings, " (euler-a has no such setting)")
         T = config.num_train_timesteps
         spacing = config.timestep_spacing or "linspace"  # the default of diffusers' Euler schedulers
         self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=euler_timesteps)  # [N]

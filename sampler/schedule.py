@@ -67,6 +67,21 @@ class SchedulerConfig:
         return cls(**{k: v for k, v in d.items() if k in read}, other_settings=other)
 
 
+class UnsupportedSetting(ValueError):
+    """The model's scheduler config asks the sampler for something it does not implement."""
+
+
+def refuse_other_settings(cfg: SchedulerConfig, sampler: str, implemented: dict, note: str = ""):
+    """UnsupportedSetting when the config sets one of a scheduler class's `implemented` settings (name ->
+    the value this sampler implements, or a tuple of the names diffusers reads as it) to another
+    value, which diffusers would honour."""
+    for key, value in implemented.items():
+        accepted = value if isinstance(value, tuple) else (value,)
+        if key in cfg.other_settings and cfg.other_settings[key] not in accepted:
+            raise UnsupportedSetting(f"the model's scheduler config sets {key}={cfg.other_settings[key]!r}; the "
+                                     f"{sampler} sampler implements only {key}={accepted[0]!r}{note}")
+
+
 def make_betas(cfg: SchedulerConfig) -> torch.Tensor:
     """β_1..β_T that the model was trained with, float32 [T]."""
     T = cfg.num_train_timesteps

@@ -1,5 +1,6 @@
 """generate.py: arguments, bad input, output files and their metadata, and the written pixels against
 diffusers' StableDiffusionPipeline + DDIMScheduler on random-weight checkpoints."""
+import json
 import os
 import re
 import shutil
@@ -162,6 +163,22 @@ def test_steps_the_schedule_cannot_take_exit_2_after_loading(sd1, tmp_path, caps
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: --steps 1000: ") and "steps_offset 1" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheduler_setting_the_sampler_lacks_is_one_line_naming_the_sampler(sd1, tmp_path, capsys):
+    """A fine-tune whose scheduler config asks for Karras sigmas: diffusers' DPM-Solver++ would use
+    them, so dpm++2m refuses rather than make another image; ddim reads no such setting."""
+    model = tmp_path / "karras"
+    shutil.copytree(sd1, model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_karras_sigmas": True}))
+    code, out, err = run(capsys, "--model", model, *FAST, "--sampler", "dpm++2m", "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("error: --sampler dpm++2m: the model's scheduler config sets use_karras_sigmas=True; the "
+                      "dpm++2m sampler implements only use_karras_sigmas=False")
+    assert not (tmp_path / "x.png").exists()
+    code, out, err = run(capsys, "--model", model, *FAST, "--out", tmp_path / "x.png")
+    assert code == 0 and (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("error, message", [

@@ -1,6 +1,7 @@
 """Parity of sampler/dpm.py with diffusers' DPMSolverMultistepScheduler as SD uses it
 (`DPMSolverMultistepScheduler.from_config(<SD's scheduler config>)`), alone and inside the loop."""
 import json
+import re
 
 import pytest
 import torch
@@ -226,3 +227,21 @@ def test_generate_rejects_eta_and_unknown_samplers(sd1):
         generate(pipe, "a", steps=2, height=16, width=16, eta=0.5, sampler="dpm++2m", progress=False)
     with pytest.raises(ValueError, match="unknown sampler"):
         generate(pipe, "a", steps=2, height=16, width=16, sampler="heun", progress=False)
+
+
+def test_settings_diffusers_would_honour_are_refused_not_ignored():
+    """A scheduler config whose DPM-Solver settings differ from what dpm++2m implements would give
+    diffusers' DPMSolverMultistepScheduler another trajectory: refused, in a line naming the key."""
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    for key, value in [("use_karras_sigmas", True), ("solver_order", 3), ("algorithm_type", "sde-dpmsolver++"),
+                       ("solver_type", "heun"), ("final_sigmas_type", "sigma_min"), ("use_lu_lambdas", True)]:
+        with pytest.raises(ValueError, match=re.escape(f"sets {key}={value!r}; the dpm++2m sampler")):
+            DPMSolverPP(SchedulerConfig.from_dict({**sd, key: value}), 10)
+    # what diffusers reads as the 2M update: its own defaults, and UniPC's names for the solver type
+    for config in [DPMSolverMultistepScheduler.from_config(sd).config, {**sd, "solver_type": "bh2"},
+                   {**sd, "lower_order_final": False}]:
+        ours = DPMSolverPP(SchedulerConfig.from_dict(dict(config)), 10)
+        ref = DPMSolverMultistepScheduler.from_config(config)
+        ref.set_timesteps(10)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+        assert ref.config.solver_type == "midpoint" and ref.config.algorithm_type == "dpmsolver++"
