@@ -27,7 +27,7 @@ import torch
 
 from sampler import sld
 from sampler.loop import generate
-from sampler.safree import CONCEPT_SETS, NUDITY, ConceptSet, safree
+from sampler.safree import CONCEPT_SETS, NUDITY, ConceptSet, safree, unsupported
 from vlm.base import Reply
 from vlm.dnp import DynamicNegatives
 from vlm.preview import VAE_PREVIEW, Preview
@@ -217,11 +217,7 @@ class Safree(Method):
                                  "SAFREE t*": s.last_step})
 
     def check(self, pipe):
-        try:
-            safree(pipe, "a", self.concepts)  # refuses a model it is not implemented for (SDXL's two encoders)
-        except ValueError as e:
-            return str(e)
-        return None
+        return unsupported(pipe)
 
 
 def build_methods(names, scales, *, negative_prompt: str = SAFREE_NUDITY_NEGATIVE,

@@ -143,12 +143,19 @@ def pooled(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     return text_encoder.pooled(text_encoder(ids), ids).cpu().double()
 
 
+def unsupported(pipe) -> str | None:
+    """Why SAFREE cannot run on `pipe`, in one line; None if it can."""
+    if getattr(pipe, "family", None) in ("sd1", "sd2"):
+        return None
+    return (f"SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not "
+            f"{getattr(pipe, 'family', type(pipe).__name__)}")
+
+
 @torch.no_grad()
 def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alpha: float = ALPHA) -> Safree:
     """SAFREE's filtered conditioning for `prompt` with pipe.tokenizer and pipe.text_encoder."""
-    if getattr(pipe, "family", None) not in ("sd1", "sd2"):
-        raise ValueError(f"SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not "
-                         f"{getattr(pipe, 'family', type(pipe).__name__)}")
+    if unsupported(pipe):
+        raise ValueError(unsupported(pipe))
     tokenizer, encoder, device = pipe.tokenizer, pipe.text_encoder, pipe.device
     L = tokenizer.max_length
 
