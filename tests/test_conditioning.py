@@ -68,3 +68,21 @@ def test_words_of_an_entry():
     assert words("a cat") == "a cat" and words(None) is None
     assert words(Embedded(hidden, None, "a dog")) == "a dog"
     assert words(Switch(Embedded(hidden, None, "a dog"), "a cat", last_step=3)) == "a dog"
+
+
+def test_vl_dnp_asks_about_the_words_of_a_prompt_given_as_states(sd1):
+    """A hook that asks a proposer about the prompt gets its words, whatever conditions the branch."""
+    from vlm.dnp import DynamicNegatives
+    from vlm.tasks import NUDITY
+
+    pipe = load_pipeline(sd1)
+    asked = []
+
+    def proposer(image, prompt, step):
+        from vlm.base import Reply
+        asked.append(prompt)
+        return Reply([], "")
+
+    hook = DynamicNegatives(proposer, NUDITY, [0, 2])
+    generate(pipe, Switch(embedded(pipe, "a dog", 1.5), "a cat", last_step=1), hooks=[hook], **SMALL)
+    assert asked == ["a dog", "a dog"] and hook.prompts == ["a dog"]

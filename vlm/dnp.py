@@ -24,6 +24,7 @@ import torch
 
 from files import write_atomic
 from png import write_png
+from sampler.loop import words
 from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
 from vlm.preview import VAE_PREVIEW, Preview
@@ -156,7 +157,7 @@ class DynamicNegatives:
         if self._started:
             raise RuntimeError("a DynamicNegatives hook serves one generate() call; make a new one per call")
         self._started = True
-        self.prompts, self.negatives = list(state.guidance.prompt), list(state.guidance.negative)
+        self.prompts, self.negatives = [words(p) for p in state.guidance.prompt], list(state.guidance.negative)
         B = len(self.prompts)
         self.trace, self._frames = [[] for _ in range(B)], [[] for _ in range(B)]
         self._items, self._pending = [[] for _ in range(B)], [deque() for _ in range(B)]
@@ -170,7 +171,7 @@ class DynamicNegatives:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(guidance.prompt)),
                                             thread_name_prefix="vl-dnp")
-        for b, prompt in enumerate(guidance.prompt):
+        for b, prompt in enumerate(map(words, guidance.prompt)):  # the words, for a prompt given as states
             query = Query(state.i, int(state.t) if float(state.t).is_integer() else float(state.t))
             self.trace[b].append(query)
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
