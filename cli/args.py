@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.hub import looks_like_repo_id
+from checkpoint.taesd import REPOS as TAESD_REPOS
 from checkpoint.tensors import DTYPES
 
 
@@ -64,7 +65,7 @@ PREVIEW_HELP = ("what decodes VL-DNP's x0 previews, the images the proposer sees
 def check_preview_decoder(choice: str):
     """--preview-decoder is vae, taesd, or an existing folder or .safetensors file (read when it loads,
     before the diffusion model)."""
-    if choice in ("vae", "taesd", "taesdxl"):
+    if choice == "vae" or choice in TAESD_REPOS:
         return
     path = Path(choice).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
