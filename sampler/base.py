@@ -1,12 +1,11 @@
 """What every sampler is, and the samplers by name: `SAMPLERS[name](config, num_steps)` makes one for
-a generation, and sampler/loop.py drives it through this interface alone."""
+a generation, and sampler/loop.py drives it through this interface alone. Only DDIM is needed by the
+rest of the project; the others are leaves (leaves.py), imported when first named."""
 from typing import Protocol
 
 import torch
 
-from sampler.ddim import DDIM
-from sampler.dpm import DPMSolverPP
-from sampler.euler import Euler, EulerAncestral
+from leaves import Leaves
 
 
 class Sampler(Protocol):
@@ -31,4 +30,9 @@ class Sampler(Protocol):
         ...
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIM, "dpm++2m": DPMSolverPP, "euler": Euler, "euler-a": EulerAncestral}
+SAMPLERS: Leaves = Leaves("sampler", {
+    "ddim": "sampler.ddim:DDIM",
+    "dpm++2m": "sampler.dpm:DPMSolverPP",
+    "euler": "sampler.euler:Euler",
+    "euler-a": "sampler.euler:EulerAncestral",
+})
