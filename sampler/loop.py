@@ -1,4 +1,4 @@
-"""The sampling loop: text -> latents -> DDIM or DPM-Solver++ steps with classifier-free guidance -> images.
+"""The sampling loop: text -> latents -> sampler steps (sampler/base.py) with classifier-free guidance -> images.
 
 Each step runs the UNet once, batched over every active branch, combines the branches with the
 guidance formula (`guide`, the one place it is written), and then calls the hooks. A hook is any
@@ -72,7 +72,7 @@ class Guidance:
     negative:  a negative for the three-branch form, or None. Images with None run no extra branch.
     scale:     g, the classifier-free guidance scale (generate's guidance_scale). At g <= 1 with no
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
-    negative_scale: w_neg, how hard the three-branch negative pushes.
+    negative_scale: w_neg per image, how hard its three-branch negative pushes.
     rule:      None for `guide`; else a callable (out_u, out_c, out_n, guidance, step) -> guided output
                that combines the same branches differently, e.g. Safe Latent Diffusion (sampler/sld.py).
                It may be called twice for one step (after a hook changed a branch) and must then
@@ -81,13 +81,13 @@ class Guidance:
     prompt: list[Conditioning]
     uncond: list[Conditioning]
     negative: list[Conditioning | None]
+    negative_scale: list[float]
     scale: float = 7.5
-    negative_scale: float = 7.5
     rule: Callable | None = None
 
     def snapshot(self) -> tuple:
         """Everything the guided output depends on, copied: equal snapshots give the same output."""
-        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), self.scale, self.negative_scale,
+        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), tuple(self.negative_scale), self.scale,
                 self.rule)
 
     def rows(self, step: int) -> list[tuple[str, int, str | Embedded]]:
@@ -187,9 +187,10 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     `batch` images are made per prompt.
     guidance_scale: g, the classifier-free guidance scale, 7.5 when not given. `guidance=` is its
     old name and still works.
-    negative: a fixed three-branch negative (str, or one per image); hooks can set it later.
+    negative: a fixed three-branch negative (str, or one per prompt); hooks can set it later.
+    negative_scale: w_neg, one for all images or one per prompt; hooks can set it per image.
     rule: another way to combine the branches than `guide` (see Guidance.rule).
-    sampler: a key of SAMPLERS, "ddim" or "dpm++2m" (deterministic: eta must be 0).
+    sampler: a key of SAMPLERS: "ddim" (eta > 0 adds DDIM's noise), "dpm++2m", "euler" or "euler-a".
     original_size, crop_top_left, target_size: SDXL's micro-conditioning, (height, width) pairs;
     by default the image's size, (0, 0) and the image's size (Pipeline.time_ids).
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
@@ -268,11 +269,11 @@ def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative
         if not isinstance(v, (list, tuple)):
             return [v] * B
         if len(v) != len(prompts):
-            raise ValueError(f"got {len(v)} negative prompts for {len(prompts)} prompts")
+            raise ValueError(f"got {len(v)} values for {len(prompts)} prompts; give one, or one per prompt")
         return [p for p in v for _ in range(batch)]
 
     return Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
-                    scale=scale, negative_scale=negative_scale, rule=rule)
+                    negative_scale=per_image(negative_scale), scale=scale, rule=rule)
 
 
 def run_unet(pipe, x, t, rows, text, time_ids=None) -> dict:
@@ -302,8 +303,8 @@ def combine(outputs: dict, guidance: Guidance, step: int):
                          for b, n in enumerate(guidance.negative)])
     if guidance.rule is not None:
         return positive, guidance.rule(out_u, out_c, out_n, guidance, step)
-    w = torch.tensor([0.0 if n is None else guidance.negative_scale for n in guidance.negative], dtype=out_c.dtype,
-                     device=out_c.device)
+    w = torch.tensor([0.0 if n is None else w for n, w in zip(guidance.negative, guidance.negative_scale)],
+                     dtype=out_c.dtype, device=out_c.device)
     return positive, guide(out_u, out_c, out_n, guidance.scale, w[:, None, None, None])
 
 
