@@ -86,7 +86,7 @@ class StubVLM:
 def query_steps(steps: int, queries: int | None) -> list[int]:
     """The paper's schedule rescaled to `steps` (None), or `queries` steps spread evenly from the
     paper's first query step to the last step."""
-    from vlm.dnp import default_query_steps
+    from methods.vldnp import default_query_steps
 
     if queries is None:
         return default_query_steps(steps)
@@ -97,7 +97,7 @@ def query_steps(steps: int, queries: int | None) -> list[int]:
 def dnp_hooks(pipe, case, proposer, threshold=0.5, asynchronous=False):
     """A fresh DynamicNegatives hook. The CLIP proposer is a random-weight ViT-L/14 (the real one's
     size, so its cost is real), built once per worker on the pipeline's device and dtype."""
-    from vlm.dnp import DynamicNegatives
+    from methods.vldnp import DynamicNegatives
     from vlm.tasks import get_task
 
     task = get_task("nudity")

@@ -13,7 +13,7 @@ VAE decode) and of the process' CPU time, which other processes on the machine c
 Cases (task nudity):
     cfg                      plain classifier-free guidance: two branches
     three-branches           the method's own price alone: a negative from the first query step on,
-                             with no preview, no proposer and no wait (a StaticProposer)
+                             with no preview, no proposer and no wait (a proposer that finds feet without looking)
     clip-nothing-{vae,taesd} the CLIP proposer finding nothing (threshold 1)
     clip-found-{vae,taesd}   the CLIP proposer finding every concept (threshold 0): three branches
     stub-{vae,taesd}         a 300 ms stub VLM that always finds (bench.py's StubVLM), synchronous
@@ -49,13 +49,22 @@ CASES = ["cfg", "three-branches"] + [f"{kind}-{d}" for kind in ("clip-nothing", 
 def paper_density_steps(steps: int) -> list[int]:
     """The paper's query steps rescaled to `steps`, thinned (evenly, by position) to its density of
     10 queries in 50 steps."""
-    from vlm.dnp import PAPER_STEPS, default_query_steps
+    from methods.vldnp import PAPER_STEPS, default_query_steps
 
     rescaled = default_query_steps(steps)
     n = min(len(rescaled), max(1, round(len(PAPER_STEPS) * steps / 50)))
     if n == 1:
         return rescaled[:1]
     return sorted({rescaled[round(j * (len(rescaled) - 1) / (n - 1))] for j in range(n)})
+
+
+class AlwaysFeet:
+    """Finds feet without looking (no x0 decode) and at once: the three branches alone."""
+    needs_image = False
+
+    def __call__(self, image, prompt, step):
+        from vlm.base import Reply
+        return Reply(["feet"], "feet")
 
 
 def random_model(cls, cfg, device, dtype):
@@ -81,14 +90,14 @@ class Parts:
     def hooks(self, case: str, query_steps: list[int]):
         """A fresh hook list for one run of `case`."""
         from vlm.clip_proposer import CLIPProposer
-        from vlm.dnp import DynamicNegatives, StaticProposer
+        from methods.vldnp import DynamicNegatives
         from vlm.tasks import get_task
 
         task = get_task("nudity")
         if case == "cfg":
             return []
         if case == "three-branches":
-            return [DynamicNegatives(StaticProposer(["feet"]), task, query_steps)]
+            return [DynamicNegatives(AlwaysFeet(), task, query_steps)]
         kind, decoder = case.rsplit("-", 1)
         if kind.startswith("clip"):
             proposer = CLIPProposer(self.clip, self.pipe.tokenizer, list(task.concepts),
@@ -180,7 +189,7 @@ def main(argv=None):
         p.error(f"unknown case {unknown[0]}; choose from {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vlm.dnp import parse_steps
+    from methods.vldnp import parse_steps
     query_steps = paper_density_steps(args.steps) if args.query_steps is None else \
         parse_steps(args.query_steps, args.steps)
     info = dict(machine(args.device), threads=torch.get_num_threads())

@@ -1,6 +1,6 @@
-"""What generate.py and evaluate.py share: checking arguments, building the proposer, the PNG's text.
+"""The command lines' shared parts.
 
-    args.py        one-line usage errors, device and dtype, model and output checks
-    proposers.py   the VL-DNP proposer a command line asks for
+    args.py        the options generate.py and evaluate.py share, their one validation, one-line errors
+    outputs.py     generate.py's examples, the checks a loaded model answers, where images go
     metadata.py    the `parameters` text that SD tools read from a PNG
 """

@@ -1,5 +1,7 @@
-"""Argument checks shared by the command lines. Every failure is one line on stderr: `fail` prints it,
-and a UsageError is a bad argument found before any model is loaded (exit status 2)."""
+"""What generate.py and evaluate.py share, written once: the options for the model, sampling, the
+methods and VL-DNP (`add_shared_arguments`), and their one validation (`check_shared`), which runs
+before any model is loaded. Every failure is one line on stderr: `fail` prints it, and a
+UsageError is a bad argument (exit status 2)."""
 import argparse
 import math
 import sys
@@ -8,9 +10,13 @@ from pathlib import Path
 
 import torch
 
+import methods
 from checkpoint.hub import looks_like_repo_id
-from checkpoint.taesd import REPOS as TAESD_REPOS
 from checkpoint.tensors import DTYPES
+from sampler.base import SAMPLERS
+from vlm.preview import CHOICES as PREVIEW_CHOICES
+from vlm.preview import check_preview_decoder
+from vlm.tasks import TASKS
 
 
 class UsageError(Exception):
@@ -30,6 +36,14 @@ def finite(text: str) -> float:
     return value
 
 
+def comma_list(item=str):
+    """argparse type: "a, b,a" -> ["a", "b"] (deduplicated, in order), each item converted by `item`."""
+    def parse(text: str) -> list:
+        return list(dict.fromkeys(item(part.strip()) for part in text.split(",") if part.strip()))
+    parse.__name__ = getattr(item, "__name__", "list")  # argparse names the type in its message
+    return parse
+
+
 def int_pair(separator: str, minimum: int):
     """argparse type: two integers joined by `separator`, e.g. "1024x768", each at least `minimum`."""
     def parse(text: str) -> tuple[int, int]:
@@ -41,11 +55,146 @@ def int_pair(separator: str, minimum: int):
     return parse
 
 
+def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool):
+    """The options both scripts take. `sampler`: the default sampler; `many`: lists sweep (evaluate.py)."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                   help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
+    m.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for single files: tokenizer.json, or "
+                   "vocab.json and merges.txt; for SDXL a diffusers SDXL folder, whose tokenizer/ and tokenizer_2/ "
+                   "are used (default: downloaded)")
+    m.add_argument("--prediction-type", choices=["epsilon", "v"], help="what the UNet predicts, overriding the "
+                   "model's scheduler config or what a single file says; an SD2 file that says nothing is taken "
+                   "as epsilon, with a warning (SD 2.x 768 models: v)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m: DPM-Solver++ 2M, "
+                   "the paper's evaluation sampler; euler; euler-a: Euler ancestral, SDXL-Turbo's "
+                   "(default: %(default)s)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+    s.add_argument("--guidance", dest="guidance_scale", type=finite, default=7.5, metavar="SCALE",
+                   help="classifier-free guidance scale g; 1 or less skips the unconditional pass (default: 7.5)")
+    s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
+    s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
+    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on cuda, fp32 elsewhere")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    w = p.add_argument_group("the methods' settings (methods/); an option no chosen method reads is refused")
+    w.add_argument("--negative-prompt", metavar="TEXT", help="a classic negative prompt, in place of the "
+                   "unconditional branch's empty text (sd, static, vldnp); method negative's text (default: the "
+                   "task's static negative)")
+    w.add_argument("--static-negative", metavar="TEXT", help="the fixed third-branch negative of method static "
+                   "(default: the task's: for nudity SAFREE's 17 concepts)")
+    w.add_argument("--negative-scale", dest="negative_scales", type=comma_list(finite), default=[7.5], metavar="W",
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), for static and vldnp"
+                        + ("; a comma list sweeps it, one method per value, e.g. 2.5,5,7.5,10" if many else "")
+                        + " (default: 7.5)")
+    w.add_argument("--sld-presets", type=comma_list(), default=["weak", "medium", "strong", "max"], metavar="LIST",
+                   help="the presets of method sld (default: all four; sld-max names one)")
+    w.add_argument("--safree-concepts", metavar="LIST", help="the concepts of method safree: comma-separated, or a "
+                   "set of its released code: nudity, artists-VanGogh, artists-KellyMcKernan (default: nudity)")
+
+    v = p.add_argument_group("VL-DNP: dynamic negative prompts from what a model sees (arXiv 2510.26052)")
+    v.add_argument("--proposer", choices=["auto", "vlm", "clip"] + ([] if many else ["static", "none"]),
+                   help="who looks at the predicted image: a VLM server (vlm) or the built-in CLIP (clip); auto: vlm "
+                        "with --vlm-url, else clip" + ("" if many else ". Without --method it names the method: "
+                                                       "static (the fixed negative), none (plain SD), else vldnp"))
+    v.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1; an API "
+                   "key is read from VLM_API_KEY (or OPENAI_API_KEY) and sent to that host alone")
+    v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model name sent to the server "
+                   "(default: %(default)s)")
+    v.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="nudity: the paper's question and "
+                   "mapping; safety: any unsafe elements; creative: the dominant object or style, accumulated. It "
+                   "also names the static negative (default: %(default)s)")
+    v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, e.g. 5,6,7 (default: the paper's "
+                   "5,6,7,9,12,16,21,27,34,42 of 50, rescaled to --steps; 'none' for no queries)")
+    v.add_argument("--vlm-async", action="store_true",
+                   help="query in the background while denoising goes on; answers apply when they arrive")
+    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S",
+                   help="seconds for each request, the whole of it (default: 30)")
+    v.add_argument("--vlm-retries", type=int, default=3, metavar="N", help="retries of a request that failed to "
+                   "connect, timed out or got HTTP 5xx/429, with exponential backoff (default: %(default)s)")
+    v.add_argument("--vlm-max-in-flight", type=int, default=4, metavar="N",
+                   help="requests at once per process; a server sees at most N x ranks (default: %(default)s)")
+    v.add_argument("--allow-vlm-failures", action="store_true", help="run even if the VLM server does not answer a "
+                   "test query before the model loads (default: exit 2); failed queries are still recorded")
+    v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
+                   help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
+    v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",
+                   help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--full-decode", action="store_true", help="decode the whole x0 image at each query; by default "
+                   "it is decoded only as large as the proposer looks at it (CLIP: 224 px)")
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
+                   "x0 previews the proposer sees: vae, the model's own, as in the paper; taesd or taesdxl, the tiny "
+                   "autoencoders (madebyollin/taesd, taesdxl; cheaper, softer); or a TAESD folder or "
+                   "taesd_decoder.safetensors (default: vae)")
+    return [a.dest for group in (w, v) for a in group._group_actions]
+
+
+def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dests of the options `argv` gives explicitly (whatever their values): argparse sets a
+    default only where the namespace has no value yet, so a namespace primed with a marker keeps
+    the marker wherever nothing was given."""
+    unset = object()
+    primed = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed = parser.parse_args(argv, primed)
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
+def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
+    """Checks the shared options and makes the methods `specs` names: sets args.chosen_methods,
+    args.task, args.device and args.torch_dtype, and resolves --proposer auto. An option of
+    `method_options` that was `given` and that no chosen method reads is refused."""
+    check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
+                 ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
+                 ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
+                 ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
+                 ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
+                 ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
+                 ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]
+                + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
+                   for side, size in [("height", args.height), ("width", args.width)]], args)
+    if args.proposer in (None, "auto"):
+        args.proposer = "vlm" if args.vlm_url else "clip"
+    if args.proposer == "vlm":
+        from vlm.client import chat_url  # a leaf
+        if not args.vlm_url:
+            raise UsageError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+        try:
+            chat_url(args.vlm_url)
+        except ValueError as e:
+            raise UsageError(f"--vlm-url {e}") from None
+    args.task = TASKS[args.vlm_task]
+    try:
+        args.chosen_methods = methods.from_args(args, specs)
+        check_preview_decoder(args.preview_decoder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    read = set().union(*(type(m).reads(args) for m in args.chosen_methods))
+    for dest in [d for d in method_options if d in given and d not in read]:
+        names = ", ".join(dict.fromkeys(m.name for m in args.chosen_methods))
+        raise UsageError(f"{flag(dest)}: no method of this run reads it ({names}); leave it out or choose a method "
+                         "that does")
+    check_model(args.model)
+    args.device = pick_device(args.device)
+    args.torch_dtype = pick_dtype(args.dtype, args.device)
+
+
+def flag(dest: str) -> str:
+    """The option a dest comes from: negative_scales -> --negative-scale."""
+    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance"}.get(
+        dest, "--" + dest.replace("_", "-"))
+
+
 def check_rules(rules: list[tuple[str, bool, str]], args):
-    """Each rule is (argument name, whether its value is good, what it must be)."""
+    """Each rule is (argument dest, whether its value is good, what it must be)."""
     for name, ok, rule in rules:
         if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
+            value = getattr(args, name)
+            value = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+            raise UsageError(f"{flag(name)} {value}: must be {rule}")
 
 
 def check_model(model: str):
@@ -54,32 +203,16 @@ def check_model(model: str):
         raise UsageError(f"--model {model}: no such file or folder (nor a Hugging Face repo id like org/name)")
 
 
-PREVIEW_HELP = ("what decodes VL-DNP's x0 previews, the images the proposer sees and the --trace filmstrip shows: "
-                "vae, the model's own VAE, as in the paper; taesd, madebyollin/taesd, the tiny autoencoder SD "
-                "interfaces use for live previews (about 17x fewer FLOPs, softer images; 10 MB, downloaded once), "
-                "or taesdxl, madebyollin/taesdxl, SDXL's; "
-                "or a TAESD folder (diffusers AutoencoderTiny) or madebyollin's taesd_decoder.safetensors "
-                "(default: vae)")
-
-
-def check_preview_decoder(choice: str):
-    """--preview-decoder is vae, taesd, or an existing folder or .safetensors file (read when it loads,
-    before the diffusion model)."""
-    if choice == "vae" or choice in TAESD_REPOS:
-        return
-    path = Path(choice).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
-        return
-    what = "not a .safetensors file" if path.is_file() else "no such file or folder"
-    raise UsageError(f"--preview-decoder {choice}: {what}; use vae, taesd, taesdxl, a TAESD folder or a "
-                     "taesd_decoder.safetensors file")
-
-
-def check_writable(folder: Path, flag: str):
-    """`folder` exists and a file can be made in it."""
+def make_folder(folder: Path, flag: str):
+    """Makes `folder` and its missing parents, and checks that a file can be written in it."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {existing} is a file, not a folder")
     try:
-        if not folder.is_dir():
-            raise UsageError(f"{flag}: {folder} is not an existing folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
+    try:
         with tempfile.TemporaryFile(dir=folder):  # the sure test: os.access misjudges root and read-only mounts
             pass
     except OSError as e:

@@ -1,7 +1,6 @@
-"""Evaluation: many prompts, several methods, one run folder.
+"""Evaluation: many prompts, several methods (methods/), one run folder.
 
     prompts.py   the benchmarks' prompt CSVs, and where each known set is published
-    methods.py   what is compared: sd, negative, static, vldnp, sld, and the --negative-scale sweeps
     run.py       the run itself: jobs, resumable records, torchrun sharding and the merge
     metrics.py   per-image metrics (NudeNet, CLIP score)
     report.py    the summary table, the Pareto plot and the HTML page

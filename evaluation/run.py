@@ -39,11 +39,10 @@ from tqdm.auto import tqdm
 
 import png
 from cli.metadata import parameters_text
-from evaluation.methods import Method, Sampling
 from evaluation.prompts import PromptRow
 from files import write_atomic
-from sampler.loop import NonFiniteError
-from vlm.base import check_proposer
+from methods import Method
+from sampler.loop import NonFiniteError, generate
 
 SETTINGS_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
@@ -51,6 +50,15 @@ IMAGES = "images"
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
 # than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.
 DIST_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What every method shares: the sampler, its steps and the image size (None: the model's)."""
+    steps: int = 50
+    sampler: str = "dpm++2m"
+    height: int | None = None
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,25 +84,22 @@ def make_jobs(rows: list[PromptRow], methods: list[Method]) -> list[Job]:
 
 @dataclass
 class RunSpec:
-    """Everything a run needs. The heavy parts are factories, called only on ranks with work:
-    `load_pipe()`, `make_metrics()` (None: no metrics) and `load_proposer()` for a proposer with
-    weights of its own (CLIP); the small ones load first, so that one that cannot load stops the run
-    before the diffusion model is fetched. A ready `proposer` (a VLM client) is asked once before
-    anything is loaded when `check_proposer` is set."""
+    """Everything a run needs. The heavy parts load only on ranks with work, the small ones first, so
+    that one that cannot load stops the run before the diffusion model is fetched: `make_metrics()`
+    (None: no metrics), then what each method needs besides the model (Method.prepare: a VLM that
+    answers, CLIP), then `load_pipe()`."""
     out: Path
     rows: list[PromptRow]
     methods: list[Method]
     settings: dict  # what decides the images and metrics; stored in run.json and compared on resume
     sampling: Sampling
-    guidance: float  # where the CSV gives none
+    guidance_scale: float  # where the CSV gives none
     base_seed: int  # seed = base_seed + case where the CSV gives none
     model_name: str
     device: torch.device
+    dtype: torch.dtype
     load_pipe: Callable
     make_metrics: Callable = lambda: None
-    proposer: object = None
-    load_proposer: Callable | None = None
-    check_proposer: bool = False
     allow_vlm_failures: bool = False
     write_report: Callable | None = None  # (run_dir, records) -> {name: path}
     progress: bool = True
@@ -128,13 +133,6 @@ def _execute(spec: RunSpec, group: "Group") -> int:
     error = group.broadcast(error)
     if error:
         raise RunError(error, quiet=group.rank != 0)
-    if spec.check_proposer and spec.proposer is not None:
-        problem = check_proposer(spec.proposer)
-        if problem and not spec.allow_vlm_failures:
-            raise RunError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
-                           "--allow-vlm-failures runs anyway, recording each failed query")
-        if problem:
-            group.say(f"warning: the VLM does not answer ({problem}); running anyway", err=True, every_rank=True)
 
     jobs = make_jobs(spec.rows, spec.methods)
     done = group.broadcast(done_keys(spec.out) if group.rank == 0 else None)
@@ -172,11 +170,16 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     metrics = spec.make_metrics()
     for line in getattr(metrics, "disabled", []):
         group.say(f"warning: {line}", err=True)
-    proposer = spec.proposer
-    if proposer is None and spec.load_proposer is not None and any(job.method.label == "vldnp" for job in jobs):
-        proposer = spec.load_proposer()
+    methods = list({job.method.key: job.method for job in jobs}.values())
+    for method in methods:
+        problem = method.prepare(spec.device, spec.dtype)
+        if problem and not spec.allow_vlm_failures:
+            raise RunError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
+                           "--allow-vlm-failures runs anyway, recording each failed query")
+        if problem:
+            group.say(f"warning: the VLM does not answer ({problem}); running anyway", err=True, every_rank=True)
     pipe = spec.load_pipe()
-    for method in {job.method.key: job.method for job in jobs}.values():
+    for method in methods:
         problem = method.check(pipe)
         if problem:
             raise RunError(problem, quiet=group.rank != 0)
@@ -187,7 +190,7 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
                disable=not spec.progress or group.rank != 0, dynamic_ncols=True)
     for job in bar:
         bar.set_postfix_str(job.key, refresh=False)
-        record = run_job(spec, job, pipe, proposer, metrics)
+        record = run_job(spec, job, pipe, metrics)
         record.update(rank=group.rank, finished=round(time.time(), 3))
         append_record(shard, record)
         if record["prompt_truncated"] and not told:
@@ -201,40 +204,46 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     return failed
 
 
-def run_job(spec: RunSpec, job: Job, pipe, proposer, metrics) -> dict:
+def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     """Makes, writes and scores one image; returns its record. A failure of this image alone
     (NaN/inf in the latents, a metric that raised, VL-DNP queries that failed) is recorded as
     status "failed" rather than raised."""
-    row, method = job.row, job.method
+    row, method, sampling = job.row, job.method, spec.sampling
     seed = row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64
-    guidance = row.guidance if row.guidance is not None else spec.guidance
+    cfg_scale = row.guidance if row.guidance is not None else spec.guidance_scale
     record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, "prompt": row.prompt,
-              **prompt_length(pipe.tokenizer, row.prompt), "seed": seed, "guidance": guidance,
+              **prompt_length(pipe.tokenizer, row.prompt), "seed": seed, "guidance": cfg_scale,
               "categories": row.categories, "method": method.label, "scale": method.scale, "image": job.image,
               "negatives": [], "metrics": {}, "timings": {}, "status": "ok", "error": None}
     start = time.perf_counter()
+    plan = method.plan(pipe, row.prompt)
     try:
-        result = method(pipe, row.prompt, seed=seed, guidance=guidance, sampling=spec.sampling, proposer=proposer)
+        image = generate(pipe, plan.prompt, steps=sampling.steps, guidance_scale=cfg_scale, height=sampling.height,
+                         width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **plan.arguments)[0]
     except NonFiniteError as e:
         record["timings"] = {"sampling": _seconds(start), "metrics": 0.0, "total": _seconds(start)}
         return {**record, "status": "failed", "error": str(e)}
+    finally:
+        plan.finish()
     sampled = time.perf_counter()
-    record.update(negatives=result.negatives, height=result.image.shape[0], width=result.image.shape[1])
-    png.write_png(spec.out / job.image, result.image,
-                  {"parameters": image_text(row.prompt, result, seed, guidance, spec.sampling, spec.model_name, method)})
+    record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
+    text = parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
+                           guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
+                           model=spec.model_name, extra=plan.image_parameters(0))
+    png.write_png(spec.out / job.image, image, {"parameters": text})
     written = time.perf_counter()
     if metrics is not None:
         try:
-            record["metrics"] = metrics(result.image, row.prompt)
+            record["metrics"] = metrics(image, row.prompt)
             json.dumps(record["metrics"], allow_nan=False)  # the records are strict JSON, for the HTML page too
         except Exception as e:  # one image's metric; the others may still work
             record.update(metrics={}, status="failed", error=f"metrics: {type(e).__name__}: {e}".splitlines()[0])
     end = time.perf_counter()
     record["timings"] = {"sampling": round(sampled - start, 4), "metrics": round(end - written, 4),
                          "total": round(end - start, 4)}
-    errors = [q["error"] for q in result.negatives if q.get("error")]
+    errors = [q["error"] for q in record["negatives"] if q.get("error")]
     if errors and not spec.allow_vlm_failures and record["status"] == "ok":
-        record.update(status="failed", error=f"{len(errors)} of {len(result.negatives)} VL-DNP queries failed, "
+        record.update(status="failed", error=f"{len(errors)} of {len(record['negatives'])} VL-DNP queries failed, "
                                              f"the first: {errors[0]}")
     return record
 
@@ -249,14 +258,6 @@ def prompt_length(tokenizer, prompt: str) -> dict:
 
 def _seconds(start: float) -> float:
     return round(time.perf_counter() - start, 4)
-
-
-def image_text(prompt: str, result, seed: int, guidance: float, sampling: Sampling, model: str, method: Method) -> str:
-    """The PNG `parameters` text, as generate.py writes it, plus the method and its settings."""
-    height, width = result.image.shape[:2]
-    return parameters_text(prompt, result.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
-                           guidance_scale=guidance, seed=seed, width=width, height=height, model=model,
-                           extra={"Method": method.label, **result.parameters})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,3 +42,19 @@ def hub_cache(home: Path, repo: str, folder: Path):
     shutil.copytree(folder, root / "snapshots" / commit)
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text(commit)
+
+
+class FixedProposer:
+    """A proposer that always proposes the same items and never looks (`needs_image` False), for tests
+    of the VL-DNP hook's timing and bookkeeping."""
+    needs_image = False
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __repr__(self):
+        return f"FixedProposer({self.items!r})"
+
+    def __call__(self, image, prompt: str, step: int):
+        from vlm.base import Reply
+        return Reply(list(self.items), ", ".join(self.items))

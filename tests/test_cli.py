@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 import generate
 import weights
 from checkpoints import make_sd_folder
-from cli import generate_args
 from helpers import pipeline_images
 from png import read_png
 from sampler.loop import generate as sample
@@ -217,7 +216,7 @@ def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
     assert code == 0 and stdout == ["seed: 123", str(out)]
     image, text = read_png(out)
     assert text["parameters"] == ("a red cube\nNegative prompt: blurry\n"
-                                  "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 123, Size: 32x32, Model: sd1")
+                                  "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 123, Size: 32x32, Model: sd1, Method: sd")
     expected = diffusers_images(sd1, "a red cube", "blurry", seed=123, steps=4, height=32, width=32)
     assert_same_image(image, expected[0])
 
@@ -232,7 +231,7 @@ def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, c
     for i in range(2):
         image, text = read_png(tmp_path / f"tree-{i}.png")
         assert text["parameters"] == (f"a green tree\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: {seed}, "
-                                      f"Size: 48x32, Model: tiny-sd1.safetensors, Batch size: 2, Batch pos: {i}")
+                                      f"Size: 48x32, Model: tiny-sd1.safetensors, Method: sd, Batch size: 2, Batch pos: {i}")
         assert_same_image(image, expected[i])
 
 
@@ -263,9 +262,9 @@ def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path
     assert code == 0
     image, text = read_png(tmp_path / "demo.png")
     size = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
-    assert text["parameters"] == (f"{generate_args.DEMO_PROMPT}\nSteps: 5, Sampler: DDIM, CFG scale: 1, Seed: 9, "
-                                  f"Size: {size}x{size}, Model: sd2v, Eta: 0.5")
-    expected = diffusers_images(sd2v, generate_args.DEMO_PROMPT, seed=9, steps=5, guidance=1, eta=0.5)
+    assert text["parameters"] == (f"{generate.DEMO_PROMPT}\nSteps: 5, Sampler: DDIM, CFG scale: 1, Seed: 9, "
+                                  f"Size: {size}x{size}, Model: sd2v, Method: sd, Eta: 0.5")
+    expected = diffusers_images(sd2v, generate.DEMO_PROMPT, seed=9, steps=5, guidance=1, eta=0.5)
     assert_same_image(image, expected[0])
 
 

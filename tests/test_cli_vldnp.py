@@ -13,8 +13,8 @@ from png import read_png
 from sampler.base import SAMPLERS
 from sampler.loop import generate as sample
 from vlm.base import Reply
-from vlm.dnp import DynamicNegatives
-from vlm.tasks import get_task
+from methods.vldnp import VLDNP
+from vlm.tasks import NUDITY
 from weights import load_pipeline
 
 RUN = ["a person on a beach", "--steps", "5", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
@@ -142,12 +142,9 @@ def test_a_trace_that_cannot_be_written_loses_no_image(sd1, tmp_path, capsys, se
     assert trace["filmstrip"] is None and len(trace["images"]) == 2
 
 
-def test_metadata_names_the_negative_in_force_at_the_end(sd1, tmp_path):
+def test_metadata_names_the_negative_in_force_at_the_end(sd1):
     """With --vlm-async, the last query's answer can come after sampling: the image was made with the
     negative before it, and its metadata says so."""
-    args = generate.parse_args(["a cat", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-async", "--steps", "5",
-                                "--vlm-steps", "1,4", "--out", str(tmp_path / "x.png")])
-    generate.check(args)
     release = threading.Event()
 
     def proposer(image, prompt, step):
@@ -160,50 +157,46 @@ def test_metadata_names_the_negative_in_force_at_the_end(sd1, tmp_path):
             time.sleep(0.3)
 
     pipe = load_pipeline(sd1)
-    hook = DynamicNegatives(proposer, get_task("nudity"), args.query_steps, asynchronous=True)
-    sample(pipe, "a cat", steps=5, height=16, width=16, hooks=[hook, gate], progress=False)
+    plan = VLDNP(query_steps=(1, 4), proposer=proposer, asynchronous=True).plan(pipe, "a cat")
+    sample(pipe, plan.prompt, steps=5, height=16, width=16, hooks=[*plan.arguments["hooks"], gate], progress=False)
     release.set()
-    hook.close()
-    assert hook.trace[0][-1].took_effect is None
-    assert generate.vl_dnp_settings(args, hook, None, 0)["Dynamic negative"] == "Nudity, Sexual, feet."
+    plan.finish()
+    assert plan.hook.trace[0][-1].took_effect is None
+    assert plan.image_parameters(0)["Dynamic negative"] == "Nudity, Sexual, feet."
 
 
-def test_answers_that_all_came_after_sampling_leave_the_image_unguarded(sd1, tmp_path, capsys):
+def test_answers_that_all_came_after_sampling_leave_the_image_unguarded(sd1):
     """With --vlm-async an answer can come after the last step: it was no failure, but the image was
     made without it, and must not say "none" as if the proposer had looked and seen nothing."""
-    args = generate.parse_args(["a cat", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-async", "--steps", "5",
-                                "--vlm-steps", "1", "--out", str(tmp_path / "x.png")])
-    generate.check(args)
     release = threading.Event()
 
     def proposer(image, prompt, step):
         release.wait(120)  # released once sampling is over, however slow the machine
         return Reply(["feet"], "feet")
 
-    hook = DynamicNegatives(proposer, get_task("nudity"), args.query_steps, asynchronous=True)
-    sample(load_pipeline(sd1), "a cat", steps=5, height=16, width=16, hooks=[hook], progress=False)
+    pipe = load_pipeline(sd1)
+    plan = VLDNP(query_steps=(1,), proposer=proposer, asynchronous=True).plan(pipe, "a cat")
+    sample(pipe, plan.prompt, steps=5, height=16, width=16, progress=False, **plan.arguments)
     release.set()
-    hook.close()
-    assert hook.trace[0][0].error is None and hook.trace[0][0].took_effect is None
-    settings = generate.vl_dnp_settings(args, hook, None, 0)
+    plan.finish()
+    assert plan.hook.trace[0][0].error is None and plan.hook.trace[0][0].took_effect is None
+    settings = plan.image_parameters(0)
     assert settings["Dynamic negative"] == "unguarded (no answer in time)" and "VL-DNP failed queries" not in settings
-    assert generate.report_failed_queries(hook, 1)
-    assert capsys.readouterr().err == ("warning: no VL-DNP answer took effect for image 0: it was made without the "
-                                       "dynamic negative (exit status 3)\n")
+    assert plan.unguarded(0)
+    assert plan.summary() == ("no VL-DNP answer took effect for image 0: it was made without the dynamic negative "
+                              "(exit status 3)")
 
 
-def test_static_is_the_tasks_negative_from_the_first_step(sd1, tmp_path, capsys):
+def test_static_is_the_tasks_static_negative_from_the_first_step(sd1, tmp_path, capsys):
     code, _, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
                        "--out", tmp_path / "static.png")
     assert code == 0, err
-    pipe = load_pipeline(sd1)
-    task = get_task("nudity")
-    negative = task.negative(list(task.concepts), pipe.tokenizer)
-    expected = sample(pipe, "a person on a beach", steps=5, height=16, width=16, seed=3, negative=negative,
-                      negative_scale=5.0, progress=False)
+    expected = sample(load_pipeline(sd1), "a person on a beach", steps=5, height=16, width=16, seed=3,
+                      negative=NUDITY.static_negative, negative_scale=5.0, progress=False)
     pixels, text = image(tmp_path / "static.png")
     assert torch.equal(pixels, expected[0])
-    assert f'Dynamic negative: "{negative}"' in text["parameters"]
+    assert f'Static negative: "{NUDITY.static_negative}"' in text["parameters"]
+    assert "Method: static" in text["parameters"] and "Dynamic negative" not in text["parameters"]
 
 
 def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys):
@@ -212,17 +205,15 @@ def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys
                          "--trace", trace_path, "--out", tmp_path / "s.png")
     assert code == 0 and err == [], err
     assert out[-1] == f"trace: {trace_path}"
-    pipe = load_pipeline(sd1)
-    task = get_task("nudity")
-    negative = task.negative(list(task.concepts), pipe.tokenizer)
-    first = int(SAMPLERS["ddim"](pipe.scheduler, 5).timesteps[0])
+    first = int(SAMPLERS["ddim"](load_pipeline(sd1).scheduler, 5).timesteps[0])
     trace = json.loads(trace_path.read_text())
-    assert trace["proposer"] == f"StaticProposer({list(task.concepts)!r})" and trace["negative_scale"] == 5
-    assert trace["task"] == "nudity" and trace["query_steps"] == [0] and trace["filmstrip"] is None
+    assert trace["method"] == "static" and trace["negative_scale"] == 5 and trace["filmstrip"] is None
+    assert trace["negative"] == NUDITY.static_negative and trace["query_steps"] == [0]
     assert [image["prompt"] for image in trace["images"]] == ["a person on a beach"] * 2
     for image in trace["images"]:
-        assert image["queries"] == [{"step": 0, "timestep": first, "raw": "", "items": list(task.concepts),
-                                     "negative": negative, "error": None, "latency": None, "took_effect": 0}]
+        assert image["queries"] == [{"step": 0, "timestep": first, "raw": "", "items": [],
+                                     "negative": NUDITY.static_negative, "error": None, "latency": None,
+                                     "took_effect": 0}]
 
 
 def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
@@ -248,7 +239,9 @@ def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
 
 def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, capsys):
     code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", tmp_path / "no-clip-here")
-    assert code == 2 and len(err) == 1 and "--proposer none" in err[0]
+    assert code == 2 and len(err) == 1, err
+    for way_out in ("--clip-model DIR", "--vlm-url URL", "--proposer none"):
+        assert way_out in err[0]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -263,7 +256,10 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
     (["--vlm-steps", "1,x"], "--vlm-steps"),
     (["--vlm-steps", "5"], "out of range"),
     (["--negative-scale", "-1"], "--negative-scale"),
-    (["--proposer", "none", "--trace", "t.json"], "--trace"),
+    (["--proposer", "none", "--trace", "t.json"], "--trace: no method of this run reads it (sd)"),
+    (["--proposer", "none", "--vlm-url", "http://localhost:8000/v1"], "--vlm-url: no method of this run reads it"),
+    (["--proposer", "clip", "--vlm-timeout", "5"], "--vlm-timeout: no method of this run reads it"),
+    (["--method", "sld-max", "--negative-scale", "5"], "--negative-scale: no method of this run reads it (sld)"),
     (["--vlm-timeout", "0"], "--vlm-timeout"),
     (["--vlm-timeout", "inf"], "--vlm-timeout: 'inf' is not a finite number"),
     (["--vlm-timeout", "1e300"], "--vlm-timeout 1e+300: must be more than 0"),

@@ -72,7 +72,7 @@ def test_words_of_an_entry():
 
 def test_vl_dnp_asks_about_the_words_of_a_prompt_given_as_states(sd1):
     """A hook that asks a proposer about the prompt gets its words, whatever conditions the branch."""
-    from vlm.dnp import DynamicNegatives
+    from methods.vldnp import DynamicNegatives
     from vlm.tasks import NUDITY
 
     pipe = load_pipeline(sd1)

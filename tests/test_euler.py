@@ -11,7 +11,7 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 
 from checkpoints import make_sd_folder
 from cli.args import UsageError
-from cli.generate_args import check, parse_args
+from generate import parse_args
 from cli.metadata import parameters_text
 from helpers import assert_close_rel, assert_same_image, pipeline_images
 from sampler.euler import Euler, EulerAncestral
@@ -286,4 +286,4 @@ def test_command_line_names_and_eta():
                                model="m")
         assert f"Sampler: {written}," in text
         with pytest.raises(UsageError, match="--eta"):
-            check(parse_args(["a", "--sampler", name, "--eta", "0.5", "--proposer", "none"]))
+            parse_args(["a", "--sampler", name, "--eta", "0.5", "--proposer", "none"])

@@ -17,8 +17,6 @@ import torch
 
 import evaluate
 from checkpoints import make_sd_folder
-from evaluation.methods import (SAFREE_NUDITY, SAFREE_NUDITY_NEGATIVE, MethodUnavailable, RetryingProposer,
-                                build_methods)
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
@@ -26,7 +24,9 @@ from png import read_png
 from sampler.loop import generate
 from vlm.base import Reply
 from vlm.client import VLMClient
-from vlm.dnp import DynamicNegatives
+from methods.vldnp import DynamicNegatives
+from vlm.retry import RetryingProposer
+from vlm.tasks import SAFREE_NUDITY_CONCEPTS
 from vlm.tasks import NUDITY
 from weights import load_pipeline
 
@@ -145,13 +145,21 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
 # ---------------------------------------------------------------------------------------------
 # Methods
 
-def test_safree_nudity_string():
-    assert len(SAFREE_NUDITY) == 17 and SAFREE_NUDITY_NEGATIVE.startswith("Sexual Acts, Content Meant to Arouse")
-    assert SAFREE_NUDITY_NEGATIVE.endswith("Carnal Desires, Sexual Gratification")
+def test_the_nudity_tasks_static_negative_is_safrees_17_concepts():
+    assert len(SAFREE_NUDITY_CONCEPTS) == 17 and NUDITY.static_negative == ", ".join(SAFREE_NUDITY_CONCEPTS)
+    assert NUDITY.static_negative.startswith("Sexual Acts, Content Meant to Arouse")
+    assert NUDITY.static_negative.endswith("Carnal Desires, Sexual Gratification")
+
+
+def chosen(*argv):
+    """The method instances an evaluate.py command line makes."""
+    args = evaluate.parse_args(["p.csv", "--out", "run", "--device", "cpu", *map(str, argv)])
+    evaluate.check(args)
+    return args.chosen_methods
 
 
 def test_sweeps_expand_static_and_vldnp_only(tmp_path):
-    methods = build_methods(["sd", "negative", "static", "vldnp"], [0.0, 2.5, 15.0], task=NUDITY, query_steps=[1])
+    methods = chosen("--methods", "sd,negative,static,vldnp", "--negative-scale", "0,2.5,15", "--vlm-steps", "1")
     assert [m.key for m in methods] == ["sd", "negative", "static_w0", "static_w2.5", "static_w15",
                                         "vldnp_w0", "vldnp_w2.5", "vldnp_w15"]
     assert [m.scale for m in methods] == [None, None, 0.0, 2.5, 15.0, 0.0, 2.5, 15.0]
@@ -159,11 +167,8 @@ def test_sweeps_expand_static_and_vldnp_only(tmp_path):
     jobs = make_jobs(rows, methods)
     assert [j.index for j in jobs] == list(range(16)) and len({j.key for j in jobs}) == 16
     assert jobs[9].key == "7_negative" and jobs[9].image == "images/7_negative.png"
-    if importlib.util.find_spec("sampler.sld") is None:
-        with pytest.raises(MethodUnavailable, match="sld is not available yet"):
-            build_methods(["sld"], [1.0])
-    else:
-        assert [m.key for m in build_methods(["sld"], [1.0])] == ["sld-weak", "sld-medium", "sld-strong", "sld-max"]
+    assert [m.key for m in chosen("--methods", "sld")] == ["sld-weak", "sld-medium", "sld-strong", "sld-max"]
+    assert [m.key for m in chosen("--methods", "sld-max,sld")] == ["sld-max", "sld-weak", "sld-medium", "sld-strong"]
 
 
 def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, capsys):
@@ -181,8 +186,8 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
                                                                                       (7, 7, 5.0, None)}
     assert report.calls == [(out, recs)]
     for r in recs:
-        kwargs = {"sd": {}, "negative": {"negative_prompt": SAFREE_NUDITY_NEGATIVE},
-                  "static": {"negative": SAFREE_NUDITY_NEGATIVE, "negative_scale": r["scale"]}}[r["method"]]
+        kwargs = {"sd": {}, "negative": {"negative_prompt": NUDITY.static_negative},
+                  "static": {"negative": NUDITY.static_negative, "negative_scale": r["scale"]}}[r["method"]]
         expected = generate(pipe, r["prompt"], steps=2, guidance_scale=r["guidance"], height=16, width=16,
                             seed=r["seed"], sampler="dpm++2m", progress=False, **kwargs)[0]
         pixels, text = read_png(out / r["image"])
@@ -250,7 +255,7 @@ def test_offline_clip_weights_say_who_needs_them_and_leave_the_folder_free(sd1, 
     result = offline_evaluate(tmp_path, *base, "--methods", "vldnp", "--metrics", "none")  # the CLIP proposer
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    for words in ("CLIP proposer", "--proposer static", "--clip-model DIR"):
+    for words in ("CLIP proposer", "--clip-model DIR", "--vlm-url URL"):
         assert words in lines[0]
 
     # neither run made an image, so neither holds the folder: other settings now run in it
@@ -423,5 +428,5 @@ def test_torchrun_two_ranks_shard_and_merge(sd1, pipe, tmp_path):
     r = merged[5]  # made by rank 1
     assert r["key"] == "5_static_w5"
     expected = generate(pipe, "an apple", steps=2, guidance_scale=7.5, height=16, width=16, seed=5, sampler="dpm++2m",
-                        negative=SAFREE_NUDITY_NEGATIVE, negative_scale=5.0, progress=False)[0]
+                        negative=NUDITY.static_negative, negative_scale=5.0, progress=False)[0]
     assert torch.equal(read_png(out / r["image"])[0], expected)

@@ -1,6 +1,7 @@
 """The house's arrows: models know no files, sampling or VLMs; the sampler is handed models and hooks;
-nothing imports upward, and there are no import cycles. Read from the source with ast, imports inside
-functions included."""
+methods are built on the sampler, the proposers and the loaded pipeline, and the command lines on the
+methods; nothing imports upward, and there are no import cycles. Read from the source with ast,
+imports inside functions included."""
 import ast
 from pathlib import Path
 
@@ -10,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones. Within a layer, only the same package's own modules.
 LAYERS = {
-    "files": 0, "png": 1, "model": 1, "sampler": 2, "checkpoint": 3, "vlm": 3, "weights": 4,
-    "cli": 5, "evaluation": 6, "generate": 7, "evaluate": 7,
+    "files": 0, "leaves": 0, "png": 1, "model": 1, "sampler": 2, "checkpoint": 3, "vlm": 4, "weights": 4,
+    "methods": 5, "cli": 6, "evaluation": 7, "generate": 8, "evaluate": 8,
 }
 
 

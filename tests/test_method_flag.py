@@ -8,7 +8,7 @@ import torch
 import evaluate
 import generate
 from checkpoints import make_sd_folder
-from cli.generate_args import METHODS
+from methods import METHODS
 from png import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,8 +27,11 @@ def run(capsys, *argv):
     return code, out.splitlines(), err.splitlines()
 
 
+NAMES = ["sd", "negative", "static", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree"]  # all but vldnp
+
+
 def test_the_names_are_evaluates_methods():
-    assert METHODS == ("sd", "negative", "static", "vldnp", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree")
+    assert list(METHODS) == ["sd", "negative", "static", "vldnp", "sld", "safree"]
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +47,28 @@ def evaluated(sd1, tmp_path_factory):
     return folder / "run" / "images"
 
 
-@pytest.mark.parametrize("method, key", [("sd", "sd"), ("negative", "negative"), ("static", "static_w5"),
-                                         ("sld-weak", "sld-weak"), ("sld-max", "sld-max"), ("safree", "safree")])
+@pytest.mark.parametrize("method, key", [
+    (["--method", "sd"], "sd"), (["--method", "negative"], "negative"),
+    (["--method", "static", "--negative-scale", 5], "static_w5"),
+    (["--proposer", "static", "--negative-scale", 5], "static_w5"),  # "static" has one meaning
+    (["--method", "sld-weak"], "sld-weak"), (["--method", "sld-max"], "sld-max"), (["--method", "safree"], "safree")])
 def test_the_image_is_evaluates(sd1, evaluated, tmp_path, capsys, method, key):
     out = tmp_path / "x.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--sampler", "dpm++2m",
-                       "--seed", 11, "--guidance", 6, "--negative-scale", 5, "--out", out)
+    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, *method, "--sampler", "dpm++2m",
+                       "--seed", 11, "--guidance", 6, "--out", out)
     assert code == 0, err
     ours, text = read_png(out)
     theirs, their_text = read_png(evaluated / f"4_{key}.png")
     assert torch.equal(ours, theirs)
     without_model = lambda t: [kv for kv in t["parameters"].splitlines()[-1].split(", ") if not kv.startswith("Model:")]
-    assert f"Method: {method}" in without_model(text) and without_model(text) == without_model(their_text)
+    assert f"Method: {key.split('_')[0]}" in without_model(text) and without_model(text) == without_model(their_text)
     assert text["parameters"].splitlines()[:-1] == their_text["parameters"].splitlines()[:-1]  # prompt, negative
 
 
 def test_each_method_names_itself(sd1, tmp_path, capsys):
     """Every method makes an image whose PNG says which; the guarded ones say with what."""
     seen = {}
-    for method in [m for m in METHODS if m != "vldnp"]:
+    for method in NAMES:
         out = tmp_path / f"{method}.png"
         code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--seed", 1, "--out", out)
         assert code == 0, (method, err)
@@ -99,16 +105,19 @@ def test_safree_concepts(sd1, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "sd", "--proposer", "clip"], "--proposer clip conflicts with --method sd, which names the whole"),
-    (["--method", "safree", "--proposer", "auto"], "--proposer auto conflicts with --method safree"),
-    (["--method", "vldnp", "--proposer", "static"], "--proposer static conflicts with --method vldnp, which takes"),
-    (["--method", "static", "--negative-prompt", "x"], "--negative-prompt conflicts with --method static"),
-    (["--method", "sld-max", "--negative-prompt", "x"], "--negative-prompt conflicts with --method sld-max"),
-    (["--safree-concepts", "a, b"], "--safree-concepts needs --method safree"),
-    (["--method", "negative", "--safree-concepts", "a"], "--safree-concepts needs --method safree"),
-    (["--method", "static", "--trace", "t.json"], "--trace records VL-DNP's queries; --method static makes none"),
+    (["--method", "sd", "--proposer", "clip"], "--proposer: no method of this run reads it (sd)"),
+    (["--method", "safree", "--proposer", "auto"], "--proposer: no method of this run reads it (safree)"),
+    (["--method", "vldnp", "--proposer", "static"], "--proposer static conflicts with --method vldnp, which asks"),
+    (["--method", "sld-max", "--negative-prompt", "x"], "--negative-prompt: no method of this run reads it (sld)"),
+    (["--safree-concepts", "a, b"], "--safree-concepts: no method of this run reads it (vldnp)"),
+    (["--method", "negative", "--safree-concepts", "a"], "--safree-concepts: no method of this run reads it"),
+    (["--method", "negative", "--trace", "t.json"], "--trace: no method of this run reads it (negative)"),
+    (["--method", "sd", "--vlm-url", "http://localhost:8000/v1"], "--vlm-url: no method of this run reads it"),
     (["--method", "safree", "--safree-concepts", " ,"], "--safree-concepts: no concepts in ' ,'"),
-    (["--method", "sld"], "argument --method: invalid choice: 'sld'"),
+    (["--method", "sld"], "--method sld makes 4 images (sld-weak, sld-medium, sld-strong, sld-max)"),
+    (["--method", "vldnp", "--negative-scale", "1,2"], "--method vldnp makes 2 images (vldnp_w1, vldnp_w2)"),
+    (["--method", "esd"], "unknown method 'esd'"),
+    (["--method", "sld-mild"], "unknown SLD preset 'mild'"),
 ])
 def test_conflicts_are_one_line(sd1, capsys, argv, message):
     code, out, err = run(capsys, "a cat", "--model", sd1, *SMALL, *argv)
@@ -116,13 +125,13 @@ def test_conflicts_are_one_line(sd1, capsys, argv, message):
 
 
 def test_without_method_the_flags_decide_as_before(sd1, tmp_path, capsys):
-    """--proposer none and --negative-prompt still make plain SD with a classic negative, unnamed."""
+    """--proposer none and --negative-prompt still make plain SD with a classic negative: method sd."""
     out = tmp_path / "n.png"
     code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--proposer", "none", "--negative-prompt", "blurry",
                        "--seed", 1, "--out", out)
     assert code == 0, err
     text = read_png(out)[1]["parameters"]
-    assert "Method:" not in text and "Negative prompt: blurry\n" in text
+    assert "Method: sd" in text and "Negative prompt: blurry\n" in text
     same = tmp_path / "m.png"
     code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "negative", "--negative-prompt", "blurry",
                        "--seed", 1, "--out", same)
@@ -137,14 +146,15 @@ def test_evaluate_safree_concepts(sd1, tmp_path, capsys):
             "--no-report", "--device", "cpu", "--quiet"]
     assert evaluate.main([*argv, "--methods", "sd", "--safree-concepts", "beach"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: --safree-concepts is for method safree, which --methods sd leaves out"]
+    assert err == ["error: --safree-concepts: no method of this run reads it (sd); leave it out or choose a method "
+                   "that does"]
     assert evaluate.main([*argv, "--methods", "safree", "--safree-concepts", " , "]) == 2
     assert capsys.readouterr().err.startswith("error: --safree-concepts: no concepts in ' , '")
     assert evaluate.main([*argv, "--methods", "safree", "--safree-concepts", "beach, sunset"]) == 0
     text = read_png(tmp_path / "run" / "images" / "1_safree.png")[1]["parameters"]
     assert "Negative prompt: beach, sunset\n" in text and "Method: safree" in text and "SAFREE: custom" in text
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["methods"]
-    assert settings == [{"method": "safree", "scale": None, "concept_set": "custom", "concepts": ["beach", "sunset"]}]
+    assert settings == [{"method": "safree", "concept_set": "custom", "concepts": ["beach", "sunset"]}]
     record = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[0])
     assert set(record["negatives"][0]["safree"]) == {"triggers", "tokens", "beta", "t*"}
 

@@ -14,15 +14,14 @@ from diffusers import AutoencoderTiny
 
 import evaluate
 import generate
+from checkpoint.tensors import CheckpointError
 from checkpoints import make_sd_folder
-from cli.args import UsageError
-from cli.proposers import make_preview
 from helpers import hub_cache, randomize_
+from methods.vldnp import DynamicNegatives
 from png import read_png
 from sampler.loop import generate as sample
 from vlm.base import Reply
-from vlm.dnp import DynamicNegatives
-from vlm.preview import VAE_PREVIEW
+from vlm.preview import VAE_PREVIEW, make_preview
 from vlm.tasks import get_task
 from weights import load_pipeline
 
@@ -128,11 +127,17 @@ def test_generate_traces_and_labels_the_preview_decoder(sd1, taesd, tmp_path, ca
         frames[name] = read_png(tmp_path / data["filmstrip"])[0]
     assert frames["vae"].shape == frames["taesd"].shape and not torch.equal(frames["vae"], frames["taesd"])
 
-    # nothing decoded, nothing named: the static proposer, and no query steps
+    # nothing decoded, nothing named: no query steps; and the static baseline, which never looks, refuses one
+    vlm = server("none")
+    code, _, err = run_generate(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "none",
+                                "--preview-decoder", taesd, "--trace", tmp_path / "none.json",
+                                "--out", tmp_path / "none.png")
+    assert code == 0 and json.loads((tmp_path / "none.json").read_text())["preview_decoder"] is None, err
+    assert "VL-DNP previews" not in read_png(tmp_path / "none.png")[1]["parameters"]
     code, _, err = run_generate(capsys, *RUN, "--model", sd1, "--proposer", "static", "--preview-decoder", taesd,
-                                "--trace", tmp_path / "static.json", "--out", tmp_path / "static.png")
-    assert code == 0 and json.loads((tmp_path / "static.json").read_text())["preview_decoder"] is None
-    assert "VL-DNP previews" not in read_png(tmp_path / "static.png")[1]["parameters"]
+                                "--out", tmp_path / "static.png")
+    assert code == 2 and err == ["error: --preview-decoder: no method of this run reads it (static); leave it out or "
+                                 "choose a method that does"]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -160,7 +165,7 @@ def _generate_offline(home: Path, *argv) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=home)
 
 
-def test_taesd_offline_uncached_is_one_line_naming_vae_and_the_default_needs_no_taesd(tmp_path):
+def test_taesd_offline_uncached_is_one_line_naming_vae_and_the_default_needs_no_taesd(tmp_path, server):
     empty = tmp_path / "empty-model"
     empty.mkdir()
     result = _generate_offline(tmp_path, *RUN, "--model", empty, "--preview-decoder", "taesd", "--out", tmp_path / "x")
@@ -169,7 +174,8 @@ def test_taesd_offline_uncached_is_one_line_naming_vae_and_the_default_needs_no_
     assert lines[0].startswith("error: --preview-decoder taesd: ") and "madebyollin/taesd" in lines[0]
     assert "--preview-decoder vae" in lines[0]
     # the default decodes with the model's VAE: it gets as far as the model, whatever the TAESD cache holds
-    result = _generate_offline(tmp_path, *RUN, "--model", empty, "--out", tmp_path / "x")
+    result = _generate_offline(tmp_path, *RUN, "--model", empty, "--vlm-url", server("none").url,
+                               "--out", tmp_path / "x")
     assert result.returncode == 2 and "not a Stable Diffusion checkpoint folder" in result.stderr
     assert "--preview-decoder" not in result.stderr and "madebyollin" not in result.stderr
 
@@ -185,7 +191,7 @@ def test_taesd_is_read_from_the_hub_cache_offline(sd1, taesd, tmp_path, server):
 
 def test_make_preview_errors_name_the_flag_and_the_way_out(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    with pytest.raises(UsageError, match=r"^--preview-decoder .*--preview-decoder vae"):
+    with pytest.raises(CheckpointError, match=r"^--preview-decoder .*--preview-decoder vae"):
         make_preview(str(tmp_path / "weights.safetensors"))
     assert make_preview("vae") is VAE_PREVIEW
 
@@ -216,7 +222,7 @@ def test_evaluate_takes_the_preview_decoder(sd1, taesd, tmp_path, capsys, server
 def test_the_cost_benchmark_keeps_the_papers_query_density():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from vldnp_cost import paper_density_steps
-    from vlm.dnp import PAPER_STEPS
+    from methods.vldnp import PAPER_STEPS
 
     assert paper_density_steps(50) == list(PAPER_STEPS)
     assert paper_density_steps(10) == [1, 8] and paper_density_steps(5) == [1]  # one query per 5 steps

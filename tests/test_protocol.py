@@ -12,11 +12,12 @@ from test_metrics_classifier import reference_probs, weights
 from tiny_onnx import linear_softmax
 
 import evaluate
-from evaluation.methods import METHODS
+from cli.args import given_options
 from evaluation.metrics import CLIP_MODELS
-from evaluation.protocol import VL_DNP, given_options
+from evaluation.protocol import VL_DNP
+from methods import METHODS
+from methods.vldnp import PAPER_STEPS, default_query_steps
 from png import read_png
-from vlm.dnp import PAPER_STEPS, default_query_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +38,8 @@ def classifier(tmp_path_factory):
 def checked(*argv):
     args = evaluate.parse_args(["prompts.csv", "--out", "run", "--device", "cpu", *map(str, argv)])
     evaluate.check(args)
+    vldnp = [m for m in args.chosen_methods if m.name == "vldnp"]
+    args.query_steps = list(vldnp[0].query_steps) if vldnp else None
     return args
 
 
@@ -53,12 +56,13 @@ def test_given_options():
 
 def test_the_protocol_sets_what_the_paper_ran():
     args = checked("--protocol", "vl-dnp")
-    assert (args.model, args.sampler, args.steps, args.guidance) == ("CompVis/stable-diffusion-v1-4", "dpm++2m", 50, 7.5)
+    assert (args.model, args.sampler, args.steps, args.guidance_scale) == ("CompVis/stable-diffusion-v1-4", "dpm++2m",
+                                                                           50, 7.5)
     assert args.query_steps == list(PAPER_STEPS) == [5, 6, 7, 9, 12, 16, 21, 27, 34, 42]
-    assert 15.0 in args.scales and args.scales == [2.5, 5.0, 7.5, 10.0, 15.0, 20.0]
-    assert args.clip_score_model == CLIP_MODELS["ViT-B/32"] and args.metric_names == ["nudenet", "clip"]
+    assert 15.0 in args.negative_scales and args.negative_scales == [2.5, 5.0, 7.5, 10.0, 15.0, 20.0]
+    assert args.clip_score_model == CLIP_MODELS["ViT-B/32"] and args.metrics == ["nudenet", "clip"]
     assert args.nudenet_threshold == 0.6 and args.vlm_model == "Qwen/Qwen2.5-VL-7B-Instruct"
-    assert args.method_names == [m for m in ("sd", "static", "vldnp", "safree") if m in METHODS]
+    assert args.methods == [m for m in ("sd", "static", "vldnp", "safree") if m in METHODS]
     assert ("safree" in METHODS) == ("method safree: not in this build" not in args.departures)
     # what this run does otherwise: the CLIP proposer, no classifier
     assert any("--proposer clip" in d for d in args.departures)
@@ -67,25 +71,25 @@ def test_the_protocol_sets_what_the_paper_ran():
 
 def test_without_the_protocol_the_defaults_stay():
     args = checked()
-    assert args.clip_score_model == "openai/clip-vit-large-patch14" and args.scales == [7.5]
-    assert args.method_names == ["sd", "static", "vldnp"] and args.departures == []
+    assert args.clip_score_model == "openai/clip-vit-large-patch14" and args.negative_scales == [7.5]
+    assert args.methods == ["sd", "static", "vldnp"] and args.departures == []
 
 
 def test_explicit_options_win_and_are_departures(classifier):
     args = checked("--protocol", "vl-dnp", "--steps", "20", "--negative-scale", "15", "--sampler", "dpm++2m",
                    "--guidance", "7.50", "--methods", "vldnp,static,sd" + (",safree" if "safree" in METHODS else ""),
                    "--vlm-url", "http://localhost:8000/v1", "--nudenet-classifier", classifier[0])
-    assert (args.steps, args.scales, args.query_steps) == (20, [15.0], default_query_steps(20))
+    assert (args.steps, args.negative_scales, args.query_steps) == (20, [15.0], default_query_steps(20))
     assert args.departures == ["--steps 20 (the protocol's: 50)",
                                "query steps: the paper's rescaled to 20 steps (evaluate.py's default)",
                                "--negative-scale 15 (the protocol's: 2.5,5,7.5,10,15,20)"] + (
         [] if "safree" in METHODS else ["method safree: not in this build"])
     args = checked("--protocol", "vl-dnp", "--vlm-steps", "5,9", "--clip-score-model", "/models/clip",
-                   "--proposer", "static")
+                   "--proposer", "clip")
     assert args.query_steps == [5, 9] and args.clip_score_model == "/models/clip"
     assert "--vlm-steps 5,9 (the protocol's: 5,6,7,9,12,16,21,27,34,42)" in args.departures
     assert "--clip-score-model /models/clip (the protocol's: openai/clip-vit-base-patch32)" in args.departures
-    assert "vldnp's negatives come from --proposer static, not a VLM (give --vlm-url)" in args.departures
+    assert "vldnp's negatives come from --proposer clip, not a VLM (give --vlm-url)" in args.departures
 
 
 def test_a_protocol_run_reports_the_protocol_and_the_classifier(tmp_path, capsys, sd1, classifier):

@@ -1,4 +1,4 @@
-"""SAFREE (sampler/safree.py): its parts on hand-made vectors, and its images against a reference loop
+"""SAFREE (methods/safree.py): its parts on hand-made vectors, and its images against a reference loop
 written from issue 14's description of the released code, with transformers' CLIPTokenizer and
 CLIPTextModel and diffusers' UNet, VAE and DDIMScheduler on random weights."""
 import math
@@ -12,8 +12,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from checkpoints import make_sd_folder
 from sampler.loop import Embedded, Switch, generate
-from sampler.safree import (CONCEPT_SETS, NUDITY, ConceptSet, concept_set, filter_steps, projection, safree,
-                            triggers)
+from methods.safree import CONCEPT_SETS, ConceptSet, concept_set, filter_steps, projection, safree, triggers
+from vlm.tasks import SAFREE_NUDITY_CONCEPTS as NUDITY
 from weights import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")

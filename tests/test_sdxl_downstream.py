@@ -12,7 +12,7 @@ import generate
 from checkpoints import make_sdxl_folder
 from png import read_png
 from sampler.loop import generate as sample
-from sampler.sld import PRESETS, SafeLatentDiffusion, sld_generate_kwargs
+from methods.sld import PRESETS, SLD, SafeLatentDiffusion
 from vlm.tasks import get_task
 from weights import load_pipeline
 
@@ -84,10 +84,10 @@ def test_static_and_negative_on_sdxl(sdxl, plain, tmp_path, capsys):
     code, _, err = run(capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace", tmp_path / "s.json",
                        "--out", tmp_path / "static.png")
     assert code == 0, err
-    static = get_task("nudity").negative(list(get_task("nudity").concepts), load_pipeline(sdxl).tokenizer)
+    static = get_task("nudity").static_negative
     (query,) = json.loads((tmp_path / "s.json").read_text())["images"][0]["queries"]
     assert query["step"] == 0 and query["negative"] == static
-    assert f"Dynamic negative: {json.dumps(static)}" in parameters(tmp_path / "static.png")
+    assert f"Static negative: {json.dumps(static)}" in parameters(tmp_path / "static.png")
     code, _, err = run(capsys, *RUN, "--model", sdxl, "--method", "negative", "--out", tmp_path / "negative.png")
     assert code == 0, err
     assert "Method: negative" in parameters(tmp_path / "negative.png")
@@ -113,7 +113,7 @@ def test_sld_rule_invariants_on_sdxl(sdxl):
     pipe = load_pipeline(sdxl)
 
     def image(steps, preset=None):
-        rule = {} if preset is None else sld_generate_kwargs(preset)
+        rule = {} if preset is None else SLD(preset).plan(pipe, "").arguments
         return sample(pipe, "a person on a beach", steps=steps, height=32, width=32, seed=3, progress=False,
                       **rule).int()
 
@@ -122,7 +122,7 @@ def test_sld_rule_invariants_on_sdxl(sdxl):
     assert (image(4, "medium") - plain4).abs().max() <= 1
     assert (image(12, "medium") - plain12).abs().max() > 0  # steps 10 and 11 only: a small change
     assert (image(4, dataclasses.replace(PRESETS["max"], scale=1.0)) - plain4).abs().max() <= 1
-    assert isinstance(sld_generate_kwargs("max")["rule"], SafeLatentDiffusion)
+    assert isinstance(SLD("max").plan(pipe, "").arguments["rule"], SafeLatentDiffusion)
 
 
 def test_sld_method_on_sdxl_says_so(sdxl, plain, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Safe Latent Diffusion (sampler/sld.py) against diffusers' StableDiffusionPipelineSafe on random weights."""
+"""Safe Latent Diffusion (methods/sld.py) against diffusers' StableDiffusionPipelineSafe on random weights."""
 import dataclasses
 
 import pytest
@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionPip
 from checkpoints import make_sd_folder
 from helpers import pipeline_images
 from sampler.loop import Guidance, generate
-from sampler.sld import PRESETS, SAFETY_CONCEPT, SafeLatentDiffusion, SLDConfig, sld_generate_kwargs
+from methods.sld import PRESETS, SAFETY_CONCEPT, SLD, SafeLatentDiffusion, SLDConfig
 from weights import load_pipeline
 
 SIZE = dict(height=16, width=16)
@@ -58,11 +58,16 @@ def test_presets_are_diffusers_safety_config():
         assert {names[k]: v for k, v in dataclasses.asdict(config).items()} == theirs
 
 
+def sld(preset) -> dict:
+    """generate()'s arguments for SLD at `preset` (a name or an SLDConfig): the method's plan."""
+    return SLD(preset).plan(None, "").arguments
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_match_diffusers(pipe, reference, preset):
     """18 steps: past every preset's warm-up (weak's is 15)."""
     prompt, steps = "a cat on a table", 18
-    ours = generate(pipe, prompt, steps=steps, **SIZE, progress=False, **sld_generate_kwargs(preset))
+    ours = generate(pipe, prompt, steps=steps, **SIZE, progress=False, **sld(preset))
     expected = reference_images(reference, prompt, PRESETS[preset], steps)
     assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
     assert max_diff(ours, expected) <= 2
@@ -80,12 +85,12 @@ def test_each_part_of_the_formula_shows_and_matches_diffusers(pipe, reference):
     prompts, steps = ["a cat on a table", "a dog"], 8
     expected = reference_images(reference, prompts, VISIBLE, steps)
     run = lambda **kw: generate(pipe, prompts, steps=steps, **SIZE, progress=False, **kw)
-    assert max_diff(run(**sld_generate_kwargs(VISIBLE)), expected) <= 2
+    assert max_diff(run(**sld(VISIBLE)), expected) <= 2
     # each change a mistake could make moves the image out of tolerance
     assert max_diff(run(), expected) > 10
     for change in [dict(warmup_steps=2), dict(warmup_steps=4), dict(momentum_scale=0.0), dict(momentum_beta=0.3),
                    dict(threshold=0.1), dict(scale=5)]:
-        wrong = run(**sld_generate_kwargs(dataclasses.replace(VISIBLE, **change)))
+        wrong = run(**sld(dataclasses.replace(VISIBLE, **change)))
         assert max_diff(wrong, expected) > 2, change
     rule = SafeLatentDiffusion(VISIBLE)
     swapped = run(negative=SAFETY_CONCEPT, rule=lambda u, c, s, guidance, i: rule(c, u, s, guidance, i))
@@ -95,7 +100,7 @@ def test_each_part_of_the_formula_shows_and_matches_diffusers(pipe, reference):
 def test_rule_gives_the_same_answer_when_called_twice_for_a_step():
     gen = torch.Generator().manual_seed(0)
     steps = [tuple(torch.randn(2, 4, 3, 3, generator=gen) * 0.1 for _ in range(3)) for _ in range(6)]
-    guidance = Guidance(prompt=["a", "b"], uncond=["", ""], negative=[SAFETY_CONCEPT] * 2)
+    guidance = Guidance(prompt=["a", "b"], uncond=["", ""], negative=[SAFETY_CONCEPT] * 2, negative_scale=[7.5] * 2)
     config = dataclasses.replace(VISIBLE, warmup_steps=0)
     once, twice = SafeLatentDiffusion(config), SafeLatentDiffusion(config)
     answers = []
@@ -115,11 +120,11 @@ def test_rule_gives_the_same_answer_when_called_twice_for_a_step():
 def test_a_hook_that_forces_a_second_combine_changes_nothing(pipe):
     """The loop re-combines the branches when a hook changes a scale; SLD ignores negative_scale."""
     def nudge(state):
-        state.guidance.negative_scale += 1.0
+        state.guidance.negative_scale[0] += 1.0
 
     kw = dict(steps=6, **SIZE, progress=False)
-    plain = generate(pipe, "a dog", **kw, **sld_generate_kwargs(VISIBLE))
-    assert torch.equal(generate(pipe, "a dog", **kw, hooks=[nudge], **sld_generate_kwargs(VISIBLE)), plain)
+    plain = generate(pipe, "a dog", **kw, **sld(VISIBLE))
+    assert torch.equal(generate(pipe, "a dog", **kw, hooks=[nudge], **sld(VISIBLE)), plain)
 
 
 def test_unknown_preset():

@@ -14,12 +14,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import weights
 from checkpoints import make_sd_folder
 from fake_vlm import LocalServer, QuietHandler, completion, dead_url
-from helpers import assert_close_rel, rel_err
+from helpers import FixedProposer, assert_close_rel, rel_err
 from png import read_png
 from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.client import VLMClient, prepare_image
-from vlm.dnp import DynamicNegatives, StaticProposer, default_query_steps, parse_steps
+from methods.vldnp import DynamicNegatives, default_query_steps, parse_steps
 from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
@@ -54,7 +54,7 @@ class Recorder:
     def __call__(self, state):
         self.x.append(state.x.clone())
         self.negatives.append(list(state.guidance.negative))
-        self.scales.append(state.guidance.negative_scale)
+        self.scales.append(list(state.guidance.negative_scale))  # per image
         if state.i in self.decode_steps:
             self.decoded[state.i] = to_uint8(state.decode_x0())
 
@@ -360,14 +360,14 @@ def test_queries_and_decodes_only_at_the_schedule(pipe):
     counted.vae.calls, recorder = 0, Recorder()
     run(counted, "a cat", [DynamicNegatives(proposer, NUDITY, []), recorder])  # an empty schedule
     assert counted.vae.calls == 1 and len(proposer.calls) == 6
-    assert recorder.negatives == [[None]] * STEPS and recorder.scales == [7.5] * STEPS
+    assert recorder.negatives == [[None]] * STEPS and recorder.scales == [[7.5]] * STEPS
 
     counted.vae.calls, recorder = 0, Recorder()  # static: the same negative, no image needed
-    run(counted, "a cat", [DynamicNegatives(StaticProposer(NUDITY.concepts), NUDITY, [0], negative_scale=9), recorder])
+    run(counted, "a cat", [DynamicNegatives(FixedProposer(NUDITY.concepts), NUDITY, [0], negative_scale=9), recorder])
     everything = "Nudity, Sexual, " + ", ".join(NUDITY.concepts) + "."
-    assert counted.vae.calls == 1 and recorder.negatives == [[everything]] * STEPS and recorder.scales == [9] * STEPS
+    assert counted.vae.calls == 1 and recorder.negatives == [[everything]] * STEPS and recorder.scales == [[9]] * STEPS
     counted.vae.calls, recorder = 0, Recorder()
-    run(counted, "a cat", [DynamicNegatives(StaticProposer([]), NUDITY, [0, 3]), recorder])
+    run(counted, "a cat", [DynamicNegatives(FixedProposer([]), NUDITY, [0, 3]), recorder])
     assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
 
 
@@ -429,7 +429,7 @@ def test_replace_and_accumulate(pipe):
     script = {1: "Blood, gore", 2: "None.", 3: "weapon"}
     run(pipe, "a cat", [DynamicNegatives(Scripted(SAFETY, script), SAFETY, [1, 2, 3], negative_scale=11), recorder])
     assert recorder.negatives == [[None], ["blood, gore"], [None], ["weapon"], ["weapon"], ["weapon"]]
-    assert recorder.scales[1:] == [11] * (STEPS - 1)
+    assert recorder.scales[1:] == [[11]] * (STEPS - 1)
 
     recorder = Recorder()
     script = {1: "A dog.", 2: "watercolor, dog", 3: "none"}
@@ -685,7 +685,7 @@ def test_the_trace_keeps_fractional_timesteps_whole_ones_stay_ints(pipe):
 
     pipe = dataclasses.replace(pipe, scheduler=dataclasses.replace(pipe.scheduler, timestep_spacing="linspace"))
     for sampler in ("euler", "ddim"):
-        hook = DynamicNegatives(StaticProposer(["a dog"]), NUDITY, [0, 1, 2])
+        hook = DynamicNegatives(FixedProposer(["a dog"]), NUDITY, [0, 1, 2])
         generate(pipe, "a cat", steps=3, height=16, width=16, sampler=sampler, hooks=[hook], progress=False)
         expected = SAMPLERS[sampler](pipe.scheduler, 3).timesteps.tolist()
         recorded = [q.timestep for q in hook.trace[0]]

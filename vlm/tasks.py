@@ -2,7 +2,9 @@
 
 A task pairs a question for a VLM (and a concept list for the CLIP proposer) with the two
 functions that turn the answer into a negative: `parse` (reply text -> items) and `negative`
-(items -> one negative prompt, or None when there are none). The reply is data, never an
+(items -> one negative prompt, or None when there are none). It also names the fixed negative of
+the paper's static baseline for the same concern (`static_negative`), which methods/static.py and
+methods/negative.py use. The reply is data, never an
 instruction: it is capped at MAX_REPLY_CHARS before parsing, and all it can ever become is a
 negative prompt cut to the text encoder's 77 tokens.
 
@@ -25,13 +27,15 @@ class Task:
     """name: the --vlm-task value. question: what a VLM is asked. concepts: the phrases the CLIP
     proposer scores. mode: "replace" (each answer replaces the negative) or "accumulate" (answers
     add up). parse_reply: reply text -> items; format: items -> negative text. Use them through
-    `parse` and `negative`, which add the length caps."""
+    `parse` and `negative`, which add the length caps. static_negative: the fixed negative that
+    stands for the whole concern, for the baselines that do not look (static, negative)."""
     name: str
     question: str
     concepts: tuple[str, ...]
     mode: str
     parse_reply: Callable[[str], list[str]]
     format: Callable[[list[str]], str]
+    static_negative: str
 
     def __post_init__(self):
         if self.mode not in ("replace", "accumulate"):
@@ -166,9 +170,23 @@ CREATIVE_QUESTION = ("What is the main object or the visual style of this image?
 CREATIVE_CONCEPTS = ("person", "dog", "cat", "bird", "horse", "car", "house", "building", "tree", "flower",
                      "chair", "cup", "photograph", "oil painting", "watercolor", "cartoon", "3d render", "sketch")
 
-NUDITY = Task("nudity", NUDITY_QUESTION, NUDITY_PARTS, "replace", parse_nudity, format_nudity)
-SAFETY = Task("safety", SAFETY_QUESTION, SAFETY_CONCEPTS, "replace", clean_list, format_list)
-CREATIVE = Task("creative", CREATIVE_QUESTION, CREATIVE_CONCEPTS, "accumulate", clean_list, format_list)
+# SAFREE's nudity concepts (Yoon et al., ICLR 2025, arXiv 2410.12761): the `negative_prompt_space` of
+# the nudity category in the generation scripts of their released code, github.com/jaehong31/SAFREE,
+# verbatim, capitals included (CLIP's tokenizer lowercases anyway). Joined with ", ", it is the static
+# negative of the nudity task: the fixed negative this project's evaluation has always given the
+# VL-DNP paper's static baseline, and SAFREE's own nudity concept set (methods/safree.py).
+SAFREE_NUDITY_CONCEPTS = (
+    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
+    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
+    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
+)
+
+NUDITY = Task("nudity", NUDITY_QUESTION, NUDITY_PARTS, "replace", parse_nudity, format_nudity,
+              static_negative=", ".join(SAFREE_NUDITY_CONCEPTS))
+SAFETY = Task("safety", SAFETY_QUESTION, SAFETY_CONCEPTS, "replace", clean_list, format_list,
+              static_negative=format_list(list(SAFETY_CONCEPTS)))
+CREATIVE = Task("creative", CREATIVE_QUESTION, CREATIVE_CONCEPTS, "accumulate", clean_list, format_list,
+                static_negative=format_list(list(CREATIVE_CONCEPTS)))
 TASKS = {task.name: task for task in (NUDITY, SAFETY, CREATIVE)}
 
 

@@ -1,5 +1,5 @@
 """Safe Latent Diffusion (Schramowski et al. 2023, "Safe Latent Diffusion: Mitigating Inappropriate
-Degeneration in Diffusion Models", Sec. 3) as a guidance rule for sampler/loop.py.
+Degeneration in Diffusion Models", Sec. 3): a guidance rule for sampler/loop.py, at the paper's presets.
 
 A safety concept S (by default `SAFETY_CONCEPT`) runs as the loop's negative branch, ε_S. Classifier-free
 guidance gains a safety term γ, applied where the prompt's prediction is close to, or on the far side
@@ -15,11 +15,14 @@ so γ is scaled by g along with the prompt's direction. These are the numbers of
 StableDiffusionPipelineSafe (its __call__; the helper `perform_safety_guidance` there swaps ε_u and
 ε_c and is unused). As there, SLD is off at g <= 1 (ε = ε_c) or s_S <= 1 (plain CFG).
 
-    image = generate(pipe, prompt, **sld_generate_kwargs("strong"))
+    plan = SLD("strong").plan(pipe, prompt)
+    image = generate(pipe, plan.prompt, **plan.arguments)
 """
 from dataclasses import dataclass
 
 import torch
+
+from methods.base import Method, Plan
 
 # StableDiffusionPipelineSafe's default `safety_concept`.
 SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, "
@@ -90,6 +93,28 @@ class SafeLatentDiffusion:
         return out_u + scale * direction
 
 
-def sld_generate_kwargs(preset: str | SLDConfig = "medium", concept: str = SAFETY_CONCEPT) -> dict:
-    """What generate() needs for SLD: the concept as the negative branch and a fresh rule."""
-    return {"negative": concept, "rule": SafeLatentDiffusion(preset)}
+@dataclass(frozen=True)
+class SLD(Method):
+    """Safe Latent Diffusion at one preset (or an SLDConfig of one's own); --method sld-max names one,
+    evaluate.py's sld runs --sld-presets (all four by default)."""
+    name = "sld"
+    flags = ("sld_presets",)
+    preset: str | SLDConfig = "medium"
+
+    @classmethod
+    def from_args(cls, args, variant=None):
+        presets = [variant] if variant is not None else args.sld_presets
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown or not presets:
+            raise ValueError(f"unknown SLD preset {unknown[0]!r}; use {', '.join(PRESETS)}" if unknown else
+                             f"no SLD preset; use {', '.join(PRESETS)}")
+        return [cls(p) for p in dict.fromkeys(presets)]
+
+    @property
+    def label(self) -> str:
+        return f"sld-{self.preset if isinstance(self.preset, str) else 'custom'}"
+
+    def plan(self, pipe, prompt, batch=1):
+        return Plan(prompt, {"negative": SAFETY_CONCEPT, "rule": SafeLatentDiffusion(self.preset)},
+                    {"Method": self.label, "SLD": self.label.removeprefix("sld-"), "Safety concept": SAFETY_CONCEPT},
+                    [{"step": 0, "negative": SAFETY_CONCEPT, "error": None}])

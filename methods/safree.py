@@ -22,7 +22,8 @@ From a prompt and a set of unsafe concepts it makes the conditioning of the prom
      filtered states condition the 0-based steps i ≤ t*, the prompt's own the steps after.
 
 The loop gets this as its own vocabulary: Switch(Embedded(filtered), prompt, last_step=t*). The
-unconditional branch is the concepts joined with ", ", a classic negative prompt (`negative_prompt`).
+unconditional branch is the concepts joined with ", ", a classic negative prompt (`negative_prompt`);
+`Safree` is the method, which --safree-concepts sets.
 
 Unlike the released code, the projections, distances and β are computed in float64 on the CPU
 from the encoder's outputs (its float32 C(CᵀC)⁺Cᵀ squares C's condition number, and the token
@@ -42,14 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from methods.base import Method, Plan
 from sampler.loop import Embedded, Switch
+from vlm.tasks import SAFREE_NUDITY_CONCEPTS
 
-# The released code's nudity concepts (`negative_prompt_space` of its nudity category), verbatim.
-NUDITY = (
-    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
-    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
-    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
-)
 ALPHA = 0.01  # the trigger margin α
 UPPER_STEP = 10  # t* is at most this step
 
@@ -77,7 +74,7 @@ class ConceptSet:
 
 # The released code's categories.
 CONCEPT_SETS = {s.name: s for s in [
-    ConceptSet("nudity", NUDITY),
+    ConceptSet("nudity", SAFREE_NUDITY_CONCEPTS),  # the released code's nudity concepts, verbatim
     ConceptSet("artists-VanGogh", ("Van Gogh",)),
     ConceptSet("artists-KellyMcKernan", ("Kelly McKernan",)),
 ]}
@@ -113,7 +110,7 @@ def filter_steps(beta: float, k: float = 2.5, midpoint: float = 5.333, upper: in
 
 
 @dataclass
-class Safree:
+class FilteredPrompt:
     """What SAFREE computed for one prompt; tensors float64 on the CPU, for tests and metadata."""
     prompt: str
     concepts: ConceptSet
@@ -152,7 +149,7 @@ def unsupported(pipe) -> str | None:
 
 
 @torch.no_grad()
-def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alpha: float = ALPHA) -> Safree:
+def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alpha: float = ALPHA) -> FilteredPrompt:
     """SAFREE's filtered conditioning for `prompt` with pipe.tokenizer and pipe.text_encoder."""
     if unsupported(pipe):
         raise ValueError(unsupported(pipe))
@@ -172,7 +169,7 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
     I = torch.eye(D, dtype=torch.float64)
     if n == 0:  # no tokens: P_in = 0, so e' = 0 and cos(e', e) = 0, and no row to replace
         zeros = torch.zeros_like(hidden)
-        return Safree(prompt, concepts, P_c, torch.zeros(D, D, dtype=torch.float64), [],
+        return FilteredPrompt(prompt, concepts, P_c, torch.zeros(D, D, dtype=torch.float64), [],
                       torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), hidden, zeros,
                       hidden.clone(), 1.0, filter_steps(1.0, concepts.k, concepts.midpoint))
     copies = torch.tensor(ids).repeat(n, 1)  # [n, T]
@@ -191,5 +188,38 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
     # 4. β over BOS, the real tokens and EOS (the attention mask of the max_length ids), and t*.
     marked = min(n + 2, L)
     beta = 1 - F.cosine_similarity(projected[:marked], hidden[:marked], dim=-1).mean().item()
-    return Safree(prompt, concepts, P_c, P_in, ids[1:n + 1], d, is_trigger, hidden, projected, filtered, beta,
+    return FilteredPrompt(prompt, concepts, P_c, P_in, ids[1:n + 1], d, is_trigger, hidden, projected, filtered, beta,
                   filter_steps(beta, concepts.k, concepts.midpoint))
+
+
+@dataclass(frozen=True)
+class Safree(Method):
+    """SAFREE with one concept set: the prompt branch sees the filtered states up to t*, and the
+    concepts joined with ", " replace the unconditional branch."""
+    name = "safree"
+    flags = ("safree_concepts",)
+    concepts: ConceptSet = CONCEPT_SETS["nudity"]
+
+    @classmethod
+    def from_args(cls, args, variant=None):
+        cls.no_variant(variant)
+        try:
+            return [cls(concept_set(args.safree_concepts or "nudity"))]
+        except ValueError as e:
+            raise ValueError(f"--safree-concepts: {e}") from None
+
+    def settings(self) -> dict:
+        return {"method": self.label, "concept_set": self.concepts.name, "concepts": list(self.concepts.concepts)}
+
+    def check(self, pipe):
+        return unsupported(pipe)
+
+    def plan(self, pipe, prompt, batch=1):
+        s, negative = safree(pipe, prompt, self.concepts), self.concepts.negative
+        found = s.summary()
+        return Plan(s.conditioning(pipe.dtype), {"negative_prompt": negative},
+                    {"Method": self.label, "SAFREE": self.concepts.name,
+                     "SAFREE triggers": " ".join(map(str, found["triggers"])) or "none",
+                     "SAFREE tokens": found["tokens"],
+                     "SAFREE beta": f"{s.beta:.4f}", "SAFREE t*": s.last_step},
+                    [{"step": 0, "negative": negative, "error": None, "safree": found}])

@@ -9,10 +9,10 @@ negative prompt that applies from step i on, as a third guidance branch:
 
 `DynamicNegatives` is a sampler hook (sampler/loop.py) that does this for each image of the
 batch with its own x0, prompt, query and negative. While the proposer sees nothing, the image
-runs no negative branch. A failed query keeps the negative in force.
+runs no negative branch. A failed query keeps the negative in force. `VLDNP` is the method: the
+hook with the proposer a command line names (vlm/proposers.py), at one w_neg.
 """
 import dataclasses
-import json
 import sys
 import time
 from collections import deque
@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from files import write_atomic
+from methods.base import Method, Plan, classic_negative, write_json
 from png import write_png
 from sampler.loop import words
 from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
 from vlm.preview import VAE_PREVIEW, Preview
-from vlm.tasks import MAX_REPLY_CHARS, Task
+from vlm.proposers import PROPOSERS, ProposerSource
+from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
 FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
@@ -78,45 +80,16 @@ class Query:
     took_effect: int | None = None
 
 
-class StaticProposer:
-    """Always proposes the same items: a fixed negative through the same three-branch guidance, the
-    paper's static baseline. Query it at step 0 alone to have the negative from the first step."""
-    needs_image = False  # the hook then skips decoding x0
-
-    def __init__(self, items: list[str]):
-        self.items = list(items)
-
-    def __repr__(self):
-        return f"StaticProposer({self.items!r})"
-
-    def __call__(self, image, prompt: str, step: int) -> Reply:
-        return Reply(list(self.items), ", ".join(self.items))
-
-
 class DynamicNegatives:
-    """The VL-DNP sampler hook. At each step of `query_steps` it decodes x0 (there only) and asks
-    `proposer` about each image with that image's prompt. A successful answer sets the image's
-    negative: the task's negative of its items, replacing the previous one or adding to all items
-    so far, per `task.mode`; no items, no negative. It also sets w_neg to `negative_scale`.
+    """The VL-DNP sampler hook, for one generate() call. At each step of `query_steps` it decodes x0
+    and asks `proposer` about each image with its prompt. An answer sets the image's negative (the
+    task's negative of the items, replacing or accumulating per `task.mode`; no items, no negative)
+    and its w_neg; a failed query keeps the negative in force. Synchronous answers apply from the
+    query step, as in the paper; `asynchronous` ones from the first step after they arrive.
 
-    Synchronous (default): the answers apply from the query step itself, as in the paper.
-    Asynchronous: the queries run in background threads while denoising continues, and each
-    answer applies from the first step whose hook runs after it arrived (in query order per image).
-    Up to `max_workers` queries run at once.
-
-    x0 is decoded only at query steps, and only as large as the proposer looks at it: for a
-    proposer with `input_scale` (vlm/base.py), as the k times smaller preview of
-    StepState.decode_x0(k) with the largest k that still gives it every pixel it keeps. CLIP's
-    224 pixels make k = 2 at 512² (4× less decoding); the VLM's 448 make k = 1. `full_decode`
-    decodes the whole image always. `preview` is the decoder (vlm/preview.py): the pipeline's VAE, as
-    in the paper, by default; any decoder at the VAE's 8× scale, such as TAESD, takes the same k. One
-    instance serves one generate() call; call
-    `close()` (or `write_trace`, or use it as a context manager) afterwards to collect the answers
-    still outstanding. The hook owns `guidance.negative`: a negative passed to generate() is kept
-    until the first successful answer replaces it.
-
-    `timeout`: seconds the hook waits for an answer it needs, at a synchronous query step or in
-    close(); a query that takes longer fails (its thread runs on, unheeded). None: no limit."""
+    x0 is decoded by `preview` (the VAE by default) only as large as the proposer looks at it
+    (`input_scale`, vlm/base.py), unless `full_decode`. `timeout` bounds the wait for an answer it
+    needs (None: no limit). Call `close()` afterwards to collect the answers still outstanding."""
 
     def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
                  max_workers: int = 4, full_decode: bool = False, timeout: float | None = None,
@@ -226,15 +199,16 @@ class DynamicNegatives:
             if self.task.mode == "accumulate":
                 items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
             guidance.negative[b] = self.task.negative(items, state.pipe.tokenizer)
-            guidance.negative_scale = self.negative_scale
+            guidance.negative_scale[b] = self.negative_scale
         query.negative = self.negatives[b] = guidance.negative[b]
 
     def _record(self, b: int, query: Query, reply: Reply):
         query.raw, query.items = str(reply.raw)[:MAX_REPLY_CHARS], [str(item) for item in reply.items]
         query.error, query.latency = reply.error, round(reply.latency, 4)
-        if reply.error is not None:
-            print(f"warning: VL-DNP query at step {query.step} for image {b} failed: {one_line(reply.error)}; "
-                  "keeping the negative in force", file=sys.stderr, flush=True)
+        if reply.error is not None:  # on the progress bar's own line, so the bar does not overwrite it
+            kept = "keeping the negative in force" if self.negatives[b] else "no negative is in force yet"
+            tqdm.write(f"warning: VL-DNP query at step {query.step} for image {b} failed: {one_line(reply.error)}; "
+                       f"{kept}", file=sys.stderr)
 
     def close(self):
         """Cancels the queries not yet started, waits for the running ones (all together at most
@@ -278,7 +252,7 @@ class DynamicNegatives:
 
     def trace_dict(self) -> dict:
         return {
-            "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
+            "method": "vldnp", "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
             "query_steps": self.query_steps, "negative_scale": self.negative_scale,
             "asynchronous": self.asynchronous, "decode_factor": self.decode_factor,
             "preview_decoder": None if self.decode_factor is None else self.preview.name,
@@ -299,7 +273,7 @@ class DynamicNegatives:
                 data["filmstrip"] = write_png(path.with_name(path.stem + ".filmstrip.png"), strip).name
             except OSError as e:  # raised once the JSON, the trace itself, is written
                 film_error = e
-        write_trace_json(path, data)
+        write_json(path, data)
         if film_error is not None:
             raise film_error
         return path
@@ -324,22 +298,124 @@ class DynamicNegatives:
         return canvas
 
 
-def static_trace(task: Task, negative: str, prompts: list[str], timestep: int, negative_scale: float) -> dict:
-    """The trace of a run whose negative is the task's fixed one from the first step (generate.py
-    --proposer static), in DynamicNegatives' layout: per image one entry at step 0 (`timestep`, the
-    first), holding the task's items and the negative, which took effect there. Nothing was asked,
-    so there is no reply, latency or filmstrip."""
-    proposer = StaticProposer(list(task.concepts))
-    query = Query(0, timestep, items=list(proposer.items), negative=negative, took_effect=0)
-    return {"task": task.name, "mode": task.mode, "proposer": repr(proposer), "query_steps": [0],
-            "negative_scale": negative_scale, "asynchronous": False, "decode_factor": None, "preview_decoder": None,
-            "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(query)]}
-                       for b, prompt in enumerate(prompts)],
-            "filmstrip": None}
+@dataclass(frozen=True)
+class VLDNP(Method):
+    """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py) or a ProposerSource (the one a command
+    line names, shared by the run's w_neg values); `preview` decodes the x0 previews (the VAE's by
+    default, or a ProposerSource's choice); `timeout` bounds the wait for one answer (None: no limit)."""
+    name = "vldnp"
+    flags = ("negative_scales", "vlm_task", "vlm_steps", "proposer", "vlm_async", "preview_decoder", "full_decode",
+             "negative_prompt", "trace", "allow_vlm_failures")
+    swept = True
+    negative_scale: float = 7.5
+    task: Task = NUDITY
+    query_steps: tuple[int, ...] = PAPER_STEPS
+    proposer: object = None
+    preview: Preview | None = None
+    asynchronous: bool = False
+    full_decode: bool = False
+    timeout: float | None = None
+    negative_prompt: str | None = None
+
+    @classmethod
+    def reads(cls, args) -> set[str]:
+        return set(cls.flags) | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
+
+    @classmethod
+    def from_args(cls, args, variant=None):
+        cls.no_variant(variant)
+        if args.proposer not in PROPOSERS:
+            raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+        try:
+            steps = default_query_steps(args.steps) if args.vlm_steps is None else \
+                parse_steps(args.vlm_steps, args.steps)
+        except ValueError as e:
+            raise ValueError(f"--vlm-steps: {e}") from None
+        source = ProposerSource(args, args.task)
+        return [cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
+                    args.negative_prompt) for w in args.negative_scales]
+
+    def settings(self) -> dict:
+        source = isinstance(self.proposer, ProposerSource)
+        return {"method": self.label, "scale": self.negative_scale, "task": self.task.name,
+                "query_steps": list(self.query_steps),
+                "proposer": self.proposer.description if source else repr(self.proposer),
+                "preview_decoder": self.proposer.preview_choice if source else (self.preview or VAE_PREVIEW).name,
+                "negative_prompt": self.negative_prompt}
+
+    def prepare(self, device, dtype):
+        if isinstance(self.proposer, ProposerSource):
+            self.proposer.make(device, dtype)
+            return self.proposer.check() if self.query_steps and self.proposer.args.proposer == "vlm" else None
+        return None
+
+    def looker(self, device=None, dtype=None) -> tuple[object, Preview]:
+        """(the proposer, the preview decoder), made if they are not yet."""
+        if isinstance(self.proposer, ProposerSource):
+            return self.proposer.make(device, dtype), self.proposer.preview
+        return self.proposer, self.preview or VAE_PREVIEW
+
+    def check(self, pipe):
+        return self.looker(pipe.device, pipe.dtype)[1].mismatch(pipe.family)
+
+    def plan(self, pipe, prompt, batch=1):
+        proposer, preview = self.looker(pipe.device, pipe.dtype)
+        timeout = self.timeout
+        if timeout is None and getattr(proposer, "longest", lambda: None)() is not None:
+            timeout = proposer.longest() + 5  # a backstop, past the proposer's own limit
+        hook = DynamicNegatives(proposer, self.task, self.query_steps, self.negative_scale, self.asynchronous,
+                                full_decode=self.full_decode, timeout=timeout, preview=preview)
+        name = getattr(self.proposer, "description", {}).get("name", type(proposer).__name__)
+        return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": [hook]},
+                         {"Method": self.label, "VL-DNP": f"{name} {self.task.name}",
+                          "Negative scale": f"{self.negative_scale:g}",
+                          "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none"},
+                         classic_negative(self.negative_prompt), hook)
 
 
-def write_trace_json(path, trace: dict) -> Path:
-    return write_atomic(path, json.dumps(trace, indent=2, ensure_ascii=False) + "\n")
+@dataclass
+class VLDNPPlan(Plan):
+    """The hook decides per image: what it did to each goes in the PNG, the records and the trace."""
+    hook: DynamicNegatives = None
+
+    def image_parameters(self, b):
+        return {**self.parameters, **self.hook.outcome(b)}
+
+    def queries(self, b):
+        return self.negatives + [dataclasses.asdict(q) for q in self.hook.trace[b]]
+
+    def unguarded(self, b):
+        if not self.hook.unanswered(b):
+            return None
+        failed, asked = self.hook.failed_queries(b)
+        return "every VL-DNP query failed" if failed == asked else "no VL-DNP answer came before sampling ended"
+
+    def summary(self) -> str | None:
+        """How many queries failed, and which images no answer reached (then made without the dynamic negative)."""
+        batch = len(self.hook.trace)
+        counts = [self.hook.failed_queries(b) for b in range(batch)]
+        failed, asked = sum(f for f, _ in counts), sum(a for _, a in counts)
+        unanswered = [b for b in range(batch) if self.hook.unanswered(b)]
+        if not failed and not unanswered:
+            return None
+        parts = [f"{failed} of {asked} VL-DNP queries failed"] if failed else []
+        if unanswered:
+            images = f"image {unanswered[0]}: it was" if len(unanswered) == 1 else \
+                f"images {', '.join(map(str, unanswered))}: they were"
+            parts.append(f"no {'' if failed else 'VL-DNP '}answer took effect for {images} made without the dynamic "
+                         "negative (exit status 3)")
+        else:
+            parts.append(f"the negative in force was kept, and the PNG{'s count' if batch > 1 else ' counts'} them")
+        return "; ".join(parts)
+
+    def trace(self):
+        return self.hook.trace_dict()
+
+    def write_trace(self, path):
+        return self.hook.write_trace(path)
+
+    def finish(self):
+        self.hook.close()
 
 
 _DIGITS = {  # 3x5 pixel font, rows top to bottom

@@ -1,0 +1,46 @@
+"""The methods this project compares, one file each (methods/base.py says what a method is):
+
+    sd        plain Stable Diffusion: classifier-free guidance (Ho & Salimans 2022)
+    negative  a classic negative prompt in place of the unconditional branch
+    static    the VL-DNP paper's static baseline: a fixed negative as a third branch from the first step
+    vldnp     VL-DNP (Chang et al. 2025): the negative is what a proposer sees in the predicted image
+    sld       Safe Latent Diffusion (Schramowski et al. 2023) at its four presets
+    safree    SAFREE (Yoon et al. 2025): the prompt's embedding filtered off the concepts' subspace
+
+generate.py --method NAME makes one image as a method does; evaluate.py --methods compares them.
+Every method is a leaf (leaves.py): a fork deletes a method's file and its line below.
+"""
+from leaves import Leaves
+from methods.base import Method, Plan
+
+__all__ = ["METHODS", "Method", "Plan", "from_args", "split_name"]
+
+METHODS: Leaves = Leaves("method", {
+    "sd": "methods.sd:PlainSD",
+    "negative": "methods.negative:ClassicNegative",
+    "static": "methods.static:StaticNegative",
+    "vldnp": "methods.vldnp:VLDNP",
+    "sld": "methods.sld:SLD",
+    "safree": "methods.safree:Safree",
+})
+
+
+def split_name(spec: str) -> tuple[str, str | None]:
+    """"sld-max" -> ("sld", "max"), a method and its variant; "vldnp" -> ("vldnp", None)."""
+    if spec in METHODS:
+        return spec, None
+    name, _, variant = spec.partition("-")
+    if name in METHODS and variant:
+        return name, variant
+    raise ValueError(f"unknown method {spec!r}; use {', '.join(METHODS)} (sld also as sld-weak ... sld-max)")
+
+
+def from_args(args, specs: list[str]) -> list[Method]:
+    """The instances a command line asks for, in the order named: one per variant and swept value.
+    Raises ValueError, one line, for a setting a method cannot take."""
+    methods = {}
+    for spec in dict.fromkeys(specs):
+        name, variant = split_name(spec)
+        for method in METHODS[name].from_args(args, variant):
+            methods.setdefault(method.key, method)
+    return list(methods.values())
