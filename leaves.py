@@ -6,6 +6,7 @@ runs; asking for the deleted leaf is then one line saying which file it needs. d
 the leaves and the minimal set of files.
 """
 import importlib
+import importlib.util
 from collections.abc import Mapping
 
 
@@ -32,6 +33,10 @@ class Leaves(Mapping):
 
     def __contains__(self, name) -> bool:  # without importing anything
         return name in self.entries
+
+    def present(self, name: str) -> bool:
+        """Whether the leaf is listed and its file is there, for a leaf that only makes things faster."""
+        return name in self.entries and importlib.util.find_spec(self.entries[name].partition(":")[0]) is not None
 
     def __iter__(self):
         return iter(self.entries)

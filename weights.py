@@ -6,7 +6,8 @@
 
 This is the public front; checkpoint/ holds the parts (its __init__ lists them). Loading is strict:
 every tensor of the file must be used and every tensor of the model filled, each of its shape, and a
-failure is one CheckpointError line that names the file and what to do.
+failure is one CheckpointError line that names the file and what to do. Single files, hub downloads
+and CPU packing are leaves (leaves.py), imported here only when used.
 
 Command line: `python weights.py export SOURCE OUT.safetensors [--dtype fp16]` writes a single file.
 """
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import looks_like_repo_id
 from checkpoint.folder import load_folder
-from checkpoint.hub import download, looks_like_repo_id
 from checkpoint.pipeline import Pipeline
-from checkpoint.single_file import load_single_file, write_single_file
 from checkpoint.tensors import CheckpointError, to_dtype
-from model.packing import pack_convolutions
+from leaves import Leaves
+
+LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
+                           "export": "checkpoint.single_file:write_single_file",
+                           "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions"})
 
 __all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline", "pack_for_cpu"]
 
@@ -39,11 +43,11 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_file():
-        pipe = load_single_file(path, device, dtype, tokenizer, prediction_type)
+        pipe = LEAVES["single file"](path, device, dtype, tokenizer, prediction_type)
     elif path.is_dir():
         pipe = load_folder(path, device, dtype, tokenizer)
     elif looks_like_repo_id(str(source)):
-        pipe = load_folder(download(str(source), dtype), device, dtype, tokenizer)
+        pipe = load_folder(LEAVES["hub"](str(source), dtype), device, dtype, tokenizer)
         pipe.name = str(source)
     else:
         raise CheckpointError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
@@ -77,12 +81,12 @@ def check_widths(pipe: Pipeline, source):
 
 
 def pack_for_cpu(pipe: Pipeline) -> Pipeline:
-    """Packs the convolution weights of a pipeline in fp32 on the CPU for oneDNN (model/packing.py),
-    in place; elsewhere it leaves the pipeline as it is."""
-    if pipe.device.type == "cpu" and pipe.dtype == torch.float32:
+    """Packs the convolution weights of a pipeline in fp32 on the CPU for oneDNN (model/packing.py, a
+    leaf: without it, nothing is packed), in place; elsewhere it leaves the pipeline as it is."""
+    if pipe.device.type == "cpu" and pipe.dtype == torch.float32 and LEAVES.present("packing"):
         for model in (pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae):
             if model is not None:
-                pack_convolutions(model)
+                LEAVES["packing"](model)
     return pipe
 
 
@@ -90,7 +94,7 @@ def export_single_file(source, out, dtype=None) -> Path:
     """Writes an original-layout single file (CompVis / Stability key names) that diffusers' and
     other tools' single-file loaders read, from a Pipeline or anything load_pipeline takes."""
     pipe = source if isinstance(source, Pipeline) else load_pipeline(source, dtype=dtype or torch.float32)
-    return write_single_file(pipe, Path(out), dtype)
+    return LEAVES["export"](pipe, Path(out), dtype)
 
 
 def main(argv=None):

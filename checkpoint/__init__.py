@@ -10,3 +10,9 @@
     clip.py         the two-tower CLIP that the CLIP proposer and the CLIP score use
     pipeline.py     the Pipeline: what a loaded model is
 """
+import re
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """Whether `source` names a Hugging Face repo ("org/name") rather than a path."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not source.startswith((".", "/"))

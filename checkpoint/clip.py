@@ -6,7 +6,8 @@ import torch
 
 from checkpoint.configs import clip_config_from_transformers, read_config
 from checkpoint.folder import load_tokenizer, read_component
-from checkpoint.hub import download_files, looks_like_repo_id
+from checkpoint import looks_like_repo_id
+from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, to_dtype
 from model.clip import CLIPModel
 from model.tokenizer import Tokenizer

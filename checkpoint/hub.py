@@ -7,7 +7,6 @@ hub is asked first, with HF_HUB_ETAG_TIMEOUT, whether the repo exists; when it d
 the local cache is read.
 """
 import importlib
-import re
 from pathlib import Path
 
 import torch
@@ -21,10 +20,6 @@ WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", 
 # SDXL's two come from its own repo, whose tokenizer_2/ records its "!" padding.
 TOKENIZER_REPOS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
-
-
-def looks_like_repo_id(s: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not s.startswith((".", "/"))
 
 
 def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHTS)) -> list[str]:

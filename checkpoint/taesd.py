@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from checkpoint.configs import read_config
-from checkpoint.hub import download_files, looks_like_repo_id
+from checkpoint import looks_like_repo_id
+from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, to_dtype
 from model.taesd import SD, TAESD, Decoder, Encoder, TAESDConfig
 

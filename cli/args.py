@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import methods
-from checkpoint.hub import looks_like_repo_id
+from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from sampler.base import SAMPLERS
 from vlm.preview import CHOICES as PREVIEW_CHOICES
@@ -55,82 +55,63 @@ def int_pair(separator: str, minimum: int):
     return parse
 
 
-def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool):
-    """The options both scripts take. `sampler`: the default sampler; `many`: lists sweep (evaluate.py)."""
-    m = p.add_argument_group("model")
+def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool) -> list[str]:
+    """The options both scripts take; returns the methods' (those an unused one of is refused). `sampler`:
+    the default sampler; `many`: evaluate.py, where --negative-scale sweeps and --proposer is vldnp's."""
+    m = p.add_argument_group("model and sampling")
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
-    m.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for single files: tokenizer.json, or "
-                   "vocab.json and merges.txt; for SDXL a diffusers SDXL folder, whose tokenizer/ and tokenizer_2/ "
-                   "are used (default: downloaded)")
+    m.add_argument("--tokenizer", metavar="DIR", help="for single files: a tokenizer folder (tokenizer.json, or "
+                   "vocab.json and merges.txt), or for SDXL a diffusers SDXL folder (default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"], help="what the UNet predicts, overriding the "
-                   "model's scheduler config or what a single file says; an SD2 file that says nothing is taken "
-                   "as epsilon, with a warning (SD 2.x 768 models: v)")
-
-    s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m: DPM-Solver++ 2M, "
-                   "the paper's evaluation sampler; euler; euler-a: Euler ancestral, SDXL-Turbo's "
-                   "(default: %(default)s)")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
-    s.add_argument("--guidance", dest="guidance_scale", type=finite, default=7.5, metavar="SCALE",
+                   "model's config or file (SD 2.x 768 models: v)")
+    m.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m, the paper's; euler; "
+                   "euler-a, SDXL-Turbo's (default: %(default)s)")
+    m.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+    m.add_argument("--guidance", dest="guidance_scale", type=finite, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale g; 1 or less skips the unconditional pass (default: 7.5)")
-    s.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's)")
-    s.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's)")
-    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp16 on cuda, fp32 elsewhere")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--height", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
+    m.add_argument("--width", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
+    m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    w = p.add_argument_group("the methods' settings (methods/); an option no chosen method reads is refused")
-    w.add_argument("--negative-prompt", metavar="TEXT", help="a classic negative prompt, in place of the "
-                   "unconditional branch's empty text (sd, static, vldnp); method negative's text (default: the "
-                   "task's static negative)")
-    w.add_argument("--static-negative", metavar="TEXT", help="the fixed third-branch negative of method static "
-                   "(default: the task's: for nudity SAFREE's 17 concepts)")
+    w = p.add_argument_group("the methods' settings (an option no chosen method reads is refused)")
+    w.add_argument("--negative-prompt", metavar="TEXT", help="a classic negative prompt, in place of the empty "
+                   "unconditional text (sd, static, vldnp); method negative's text (default: the task's static one)")
+    w.add_argument("--static-negative", metavar="TEXT", help="method static's fixed negative (default: the task's; "
+                   "for nudity SAFREE's 17 concepts)")
     w.add_argument("--negative-scale", dest="negative_scales", type=comma_list(finite), default=[7.5], metavar="W",
-                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_neg - eps_u), for static and vldnp"
-                        + ("; a comma list sweeps it, one method per value, e.g. 2.5,5,7.5,10" if many else "")
-                        + " (default: 7.5)")
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_n - eps_u), for static and vldnp"
+                   + ("; a list sweeps it, e.g. 2.5,5,10" if many else "") + " (default: 7.5)")
     w.add_argument("--sld-presets", type=comma_list(), default=["weak", "medium", "strong", "max"], metavar="LIST",
-                   help="the presets of method sld (default: all four; sld-max names one)")
-    w.add_argument("--safree-concepts", metavar="LIST", help="the concepts of method safree: comma-separated, or a "
-                   "set of its released code: nudity, artists-VanGogh, artists-KellyMcKernan (default: nudity)")
-
-    v = p.add_argument_group("VL-DNP: dynamic negative prompts from what a model sees (arXiv 2510.26052)")
-    v.add_argument("--proposer", choices=["auto", "vlm", "clip"] + ([] if many else ["static", "none"]),
-                   help="who looks at the predicted image: a VLM server (vlm) or the built-in CLIP (clip); auto: vlm "
-                        "with --vlm-url, else clip" + ("" if many else ". Without --method it names the method: "
-                                                       "static (the fixed negative), none (plain SD), else vldnp"))
-    v.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1; an API "
-                   "key is read from VLM_API_KEY (or OPENAI_API_KEY) and sent to that host alone")
-    v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model name sent to the server "
+                   help="method sld's presets (default: all four; sld-max names one)")
+    w.add_argument("--safree-concepts", metavar="LIST", help="method safree's concepts: a comma list, or nudity, "
+                   "artists-VanGogh, artists-KellyMcKernan (default: nudity)")
+    w.add_argument("--proposer", choices=["auto", "vlm", "clip"] + ([] if many else ["static", "none"]),
+                   help="vldnp's: who looks at the predicted image, a VLM server or CLIP (auto: vlm with --vlm-url)"
+                   + ("" if many else "; without --method, static and none name those methods"))
+    w.add_argument("--vlm-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1; "
+                   "VLM_API_KEY (or OPENAI_API_KEY) goes to that host alone")
+    w.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="(default: %(default)s)")
+    w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="what is asked, and the static "
+                   "negative: nudity (the paper's), safety, creative (default: %(default)s)")
+    w.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, or none (default: the paper's "
+                   "5,6,7,9,12,16,21,27,34,42 of 50, rescaled)")
+    w.add_argument("--vlm-async", action="store_true", help="query in the background; answers apply on arrival")
+    w.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S", help="seconds per request (default: 30)")
+    w.add_argument("--vlm-retries", type=int, default=3, metavar="N", help="retries after a transient fault "
                    "(default: %(default)s)")
-    v.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="nudity: the paper's question and "
-                   "mapping; safety: any unsafe elements; creative: the dominant object or style, accumulated. It "
-                   "also names the static negative (default: %(default)s)")
-    v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, e.g. 5,6,7 (default: the paper's "
-                   "5,6,7,9,12,16,21,27,34,42 of 50, rescaled to --steps; 'none' for no queries)")
-    v.add_argument("--vlm-async", action="store_true",
-                   help="query in the background while denoising goes on; answers apply when they arrive")
-    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S",
-                   help="seconds for each request, the whole of it (default: 30)")
-    v.add_argument("--vlm-retries", type=int, default=3, metavar="N", help="retries of a request that failed to "
-                   "connect, timed out or got HTTP 5xx/429, with exponential backoff (default: %(default)s)")
-    v.add_argument("--vlm-max-in-flight", type=int, default=4, metavar="N",
-                   help="requests at once per process; a server sees at most N x ranks (default: %(default)s)")
-    v.add_argument("--allow-vlm-failures", action="store_true", help="run even if the VLM server does not answer a "
-                   "test query before the model loads (default: exit 2); failed queries are still recorded")
-    v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
-                   help="CLIP for --proposer clip: repo id or folder (default: %(default)s)")
-    v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P",
-                   help="how sure CLIP must be that a concept beats a neutral caption (default: 0.5)")
-    v.add_argument("--full-decode", action="store_true", help="decode the whole x0 image at each query; by default "
-                   "it is decoded only as large as the proposer looks at it (CLIP: 224 px)")
-    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
-                   "x0 previews the proposer sees: vae, the model's own, as in the paper; taesd or taesdxl, the tiny "
-                   "autoencoders (madebyollin/taesd, taesdxl; cheaper, softer); or a TAESD folder or "
-                   "taesd_decoder.safetensors (default: vae)")
-    return [a.dest for group in (w, v) for a in group._group_actions]
+    w.add_argument("--vlm-max-in-flight", type=int, default=4, metavar="N", help="requests at once (default: 4)")
+    w.add_argument("--allow-vlm-failures", action="store_true", help="run even if the VLM does not answer up front")
+    w.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
+                   help="CLIP's repo id or folder (default: %(default)s)")
+    w.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P", help="how sure CLIP must be that a "
+                   "concept beats a neutral caption (default: 0.5)")
+    w.add_argument("--full-decode", action="store_true", help="decode all of x0, not just what the proposer sees")
+    w.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
+                   "x0 previews: the model's vae, as in the paper, or TAESD, cheaper and softer (default: vae)")
+    return [a.dest for a in w._group_actions]
 
 
 def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -168,6 +149,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
             raise UsageError(f"--vlm-url {e}") from None
     args.task = TASKS[args.vlm_task]
     try:
+        SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
         args.chosen_methods = methods.from_args(args, specs)
         check_preview_decoder(args.preview_decoder)
     except ValueError as e:

@@ -17,24 +17,15 @@ EXAMPLES = """\
 examples:
   python generate.py "a watercolor of a lighthouse at dawn" --seed 42
   python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
-  python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-2-1-base
-  python generate.py "a castle on a hill" --model v2-1_768-ema-pruned.safetensors --prediction-type v
   python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-xl-base-1.0 --sampler euler
   python generate.py "a castle on a hill" --model stabilityai/sdxl-turbo --sampler euler-a --steps 1 --guidance 0
-  python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
-  python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
+  python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
 
-Prints the seed, then the path of each image written.
-Exit status:
-  0    done
-  1    sampling failed (nothing saved), or the --trace could not be written (the images were)
-  2    bad argument or model, or a --vlm-url server that does not answer (see --allow-vlm-failures)
-  3    images saved, but for one or more of them no VL-DNP answer took effect (every query failed,
-       or with --vlm-async came after the last step): they were made without the dynamic
-       negative, and their PNGs say so
-  130  interrupted
-A bug ends with Python's traceback (status 1).
+Prints the seed, then each image's path. Exit status: 0 done; 1 sampling failed (nothing saved), or
+the trace could not be written; 2 bad argument or model, or a VLM that does not answer (see
+--allow-vlm-failures); 3 images saved, but for one or more of them no VL-DNP answer took effect: they
+were made without the dynamic negative, as their PNGs say; 130 interrupted. A bug is a traceback.
 """
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from leaves import Leaves
 from methods.base import Method, Plan, classic_negative, write_json
 from png import write_png
 from sampler.loop import words
@@ -34,6 +35,7 @@ from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
 FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
+LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:filmstrip"})
 
 
 def default_query_steps(num_steps: int) -> list[int]:
@@ -261,12 +263,14 @@ class DynamicNegatives:
         }
 
     def write_trace(self, path) -> Path:
-        """Writes the trace as JSON at `path` and, if images were sent, the filmstrip beside it as
-        <stem>.filmstrip.png. Closes the hook first, so the trace is complete. A filmstrip that
+        """Writes the trace as JSON at `path` and, if images were sent, the filmstrip (vlm/filmstrip.py, a
+        leaf) beside it as <stem>.filmstrip.png. Closes the hook first, so the trace is complete. A filmstrip that
         cannot be written raises after the JSON is written."""
         self.close()
         path = Path(path)
-        data, strip, film_error = self.trace_dict(), self.filmstrip(), None
+        strip = LEAVES["filmstrip"](self._frames, [[(q.step, q.error is not None) for q in row] for row in self.trace]) \
+            if LEAVES.present("filmstrip") else None
+        data, film_error = self.trace_dict(), None
         data["filmstrip"] = None
         if strip is not None:
             try:
@@ -278,24 +282,6 @@ class DynamicNegatives:
             raise film_error
         return path
 
-    def filmstrip(self) -> torch.Tensor | None:
-        """uint8 [H, W, 3]: a row per image, a frame per query (the x0 image sent, at most
-        FRAME_SIZE pixels), each labelled below with its step, in red when the query failed."""
-        frames = [frame for row in self._frames for frame in row]
-        if not frames:
-            return None
-        h, w = max(f.shape[0] for f in frames), max(f.shape[1] for f in frames)
-        scale = max(1, min(4, w // 48))  # label pixel size
-        pad, band = 2 * scale, 5 * scale + 4 * scale  # band: frame bottom to the next row's top
-        cols = max(len(row) for row in self._frames)
-        canvas = torch.full((len(self._frames) * (h + band) + pad, cols * (w + pad) + pad, 3), 40, dtype=torch.uint8)
-        for r, row in enumerate(self._frames):
-            for c, frame in enumerate(row):
-                y, x = pad + r * (h + band), pad + c * (w + pad)
-                canvas[y:y + frame.shape[0], x:x + frame.shape[1]] = frame
-                color = (255, 64, 64) if self.trace[r][c].error else (255, 255, 255)
-                draw_digits(canvas, str(self.trace[r][c].step), y + h + pad, x, scale, color)
-        return canvas
 
 
 @dataclass(frozen=True)
@@ -416,22 +402,3 @@ class VLDNPPlan(Plan):
 
     def finish(self):
         self.hook.close()
-
-
-_DIGITS = {  # 3x5 pixel font, rows top to bottom
-    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111",
-    "3": "111 001 111 001 111", "4": "101 101 111 001 001", "5": "111 100 111 001 111",
-    "6": "111 100 111 101 111", "7": "111 001 001 001 001", "8": "111 101 111 101 111",
-    "9": "111 101 111 001 111",
-}
-
-
-def draw_digits(canvas: torch.Tensor, digits: str, y: int, x: int, scale: int, color) -> None:
-    """Draws `digits` into uint8 [H, W, 3] `canvas` with its top-left corner at (y, x), each font
-    pixel `scale` pixels wide; whatever falls outside the canvas is clipped."""
-    for k, digit in enumerate(digits):
-        glyph = torch.tensor([[bit == "1" for bit in row] for row in _DIGITS[digit].split()])  # [5, 3]
-        glyph = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-        x0 = x + 4 * scale * k
-        region = canvas[y:y + glyph.shape[0], x0:x0 + glyph.shape[1]]
-        region[glyph[:region.shape[0], :region.shape[1]]] = torch.tensor(color, dtype=torch.uint8)

@@ -1,9 +1,16 @@
-"""Fixtures shared by the tests: a scripted VLM server, a fixed torch seed, one CPU thread. Plain
-helper functions live in helpers.py."""
+"""Fixtures shared by the tests: the random-weight checkpoints (one per kind, made once per session), a
+scripted VLM server, a fixed torch seed, one CPU thread. Plain helper functions live in helpers.py."""
 import pytest
 import torch
 
+from checkpoints import make_sd_folder
 from fake_vlm import ScriptedVLM
+
+
+@pytest.fixture(scope="session")
+def sd1(tmp_path_factory):
+    """A small random-weight SD 1.x diffusers folder, as the hub holds one."""
+    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1")
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 them, so each is a leaf a fork may delete (its file and its line in PROPOSERS):
 
     vlm    a vision-language model behind an OpenAI-compatible server (vlm/client.py), retried on
-           transient faults (vlm/retry.py)
+           transient faults (vlm/retry.py, a leaf of its own)
     clip   CLIP ViT scores the image against the task's concepts (vlm/clip_proposer.py)
 """
 from dataclasses import dataclass
@@ -17,6 +17,8 @@ from vlm.tasks import Task
 
 def make_vlm(args, task: Task, device, dtype):
     client = LEAVES["vlm"](args.vlm_url, args.vlm_model, task, timeout=args.vlm_timeout)
+    if not LEAVES.present("retry"):  # a fork without vlm/retry.py asks once
+        return client
     return LEAVES["retry"](client, retries=args.vlm_retries, max_in_flight=args.vlm_max_in_flight)
 
 
