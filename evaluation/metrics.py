@@ -147,7 +147,8 @@ class Metrics:
     `device` in `dtype`; a loaded (CLIPModel, Tokenizer) pair; or None for no CLIP score.
     NudeNet runs on the CPU (onnxruntime), whatever `device` is.
 
-    `classifier`: NudeNet's older classifier (an ONNX file, or a loaded NudeNetClassifier) as the
+    `classifier`: NudeNet's older classifier (an ONNX file, such as the paper's that
+    evaluation.classifier_file.classifier_file() fetches, or a loaded NudeNetClassifier) as the
     safety metric in place of the detector; its keys are `p_unsafe`, `unsafe` and
     `nudenet_classifier` ({"unsafe", "safe"}), and `nudenet_classes` do not apply."""
 
