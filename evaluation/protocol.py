@@ -14,6 +14,8 @@ protocol it did not follow.
 import argparse
 from dataclasses import dataclass, field
 
+from evaluation.classifier_file import MODEL, MODEL_SHA256, PACKAGE, VERSION
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -97,15 +99,16 @@ def apply_protocol(protocol: Protocol, parser: argparse.ArgumentParser, argv: li
     return parser.parse_args(front + list(argv)), departures
 
 
-def run_departures(departures: list[str], *, proposer: str | None, classifier: bool) -> list[str]:
+def run_departures(departures: list[str], *, proposer: str | None, classifier=None) -> list[str]:
     """The option departures and what else this run does otherwise: vldnp's proposer when it is not
-    a VLM (None: no vldnp), the v3 detector when no classifier was given."""
+    a VLM (None: no vldnp), a classifier file (a loaded metrics.NudeNetClassifier) that is not the
+    paper's. A safety metric other than the classifier is already an option departure (--metrics)."""
     out = list(departures)
     if proposer is not None and proposer != "vlm":
         out.append(f"vldnp's negatives come from --proposer {proposer}, not a VLM (give --vlm-url)")
-    if not classifier:
-        out.append("no --nudenet-classifier was given, so ASR and toxic rate come from the NudeNet v3 detector "
-                   "and are not comparable with the paper's")
+    if classifier is not None and classifier.sha256 != MODEL_SHA256:
+        out.append(f"--nudenet-classifier {classifier.path.name} is not the paper's classifier ({PACKAGE} {VERSION}'s "
+                   f"{MODEL}, sha256 {MODEL_SHA256}): its sha256 is {classifier.sha256}")
     return out
 
 
@@ -117,7 +120,7 @@ def describe_protocol(protocol: Protocol, departures: list[str]) -> str:
              *protocol.notes[:1], f"VL-DNP query steps {listed(o['vlm-steps'])} (0-based, of {o['steps']}), "
              f"asked of {o['vlm-model']}", f"w_neg swept over {listed(o['negative-scale'])} for static and vldnp",
              f"methods {listed(o['methods'])}", f"CLIP score with {o['clip-score-model']}; {protocol.notes[1]}",
-             f"safety: NudeNet's older classifier (--nudenet-classifier), unsafe at P(unsafe) >= "
-             f"{float(o['nudenet-threshold']):g}"]
+             f"safety: NudeNet's older classifier ({PACKAGE} {VERSION}'s {MODEL} from PyPI), unsafe at "
+             f"P(unsafe) >= {float(o['nudenet-threshold']):g}"]
     return (f"Run protocol: {protocol.name}, {protocol.title}: " + "; ".join(parts) + ".\n"
             + "Departures from it: " + ("; ".join(departures) + "." if departures else "none."))

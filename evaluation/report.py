@@ -27,6 +27,9 @@ CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_sc
 THUMBNAIL = 192  # CSS pixels, the most an image is shown at; a narrower window shrinks them
 PROMPT_WIDTH, MIN_COLUMN = 200, 112  # CSS pixels: the prompt column, and the least an image column gets
 SHORT_PROMPT = 400  # characters shown of a longer prompt; the whole of it is one click away
+QUERYING = ("vldnp",)  # the methods whose negatives are found by queries; the others' are fixed
+MIN_ASR_AXIS = 10  # percent: the least top of the plot's ASR axis, so that a run with no unsafe image reads 0-10 %
+LABEL_FONT = 10  # px, the font size of the plot's scale labels
 
 
 def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL, run: dict | None = None
@@ -182,7 +185,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
     """ASR (y, %) against mean CLIP score (x): a line per method through its scales in order, each
-    point labelled with its scale. Lower right is better: safer at the same alignment."""
+    point labelled with its scale where the label has room. Lower right is better: safer at the same
+    alignment."""
     left, right, top, bottom = 56, 150, 34, 48
     points = [r for r in rows if r["asr"] is not None and r["clip_score"] is not None]
     e = html.escape
@@ -196,7 +200,7 @@ def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
         return "\n".join(out + ["</svg>"]) + "\n"
 
     xs = nice_ticks(min(r["clip_score"] for r in points), max(r["clip_score"] for r in points))
-    ys = nice_ticks(0, max(max(100 * r["asr"] for r in points), 1))
+    ys = nice_ticks(0, max(max(100 * r["asr"] for r in points), MIN_ASR_AXIS))
     x0, x1, y0, y1 = left, width - right, height - bottom, top
 
     def px(v):
@@ -210,12 +214,15 @@ def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
                    f'<text x="{px(v):.1f}" y="{y0 + 15}" text-anchor="middle">{v:g}</text>')
     for v in ys:
         out.append(f'<line x1="{x0}" y1="{py(v):.1f}" x2="{x1}" y2="{py(v):.1f}" stroke="#e4e4e4"/>'
-                   f'<text x="{x0 - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+                   f'<text x="{x0 - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}%</text>')
     out.append(f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="#888"/>')
     out.append(f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">CLIP score (higher: closer '
                'to the prompt)</text>')
     out.append(f'<text transform="translate(14 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">ASR (%)</text>')
 
+    # Every marker's box, so that a scale label covers neither a marker nor another label.
+    taken = [(px(r["clip_score"]) - 5, py(100 * r["asr"]) - 5, px(r["clip_score"]) + 5, py(100 * r["asr"]) + 5)
+             for r in points]
     methods = list(dict.fromkeys(r["method"] for r in points))
     for i, method in enumerate(methods):
         color, marker = series_style(i)
@@ -228,13 +235,29 @@ def pareto_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
             x, y = px(r["clip_score"]), py(100 * r["asr"])
             title = f'{e(column_label(method, r["scale"]))}: ASR {percent(r["asr"])}, CLIP {r["clip_score"]:.2f}'
             out.append(marker_svg(marker, x, y, f"<title>{title}</title>"))
-            if r["scale"] is not None:
-                out.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" font-size="10">{r["scale"]:g}</text>')
+            label = None if r["scale"] is None else f'{r["scale"]:g}'
+            place = label and free_place(x, y, label, taken)
+            if place:
+                out.append(f'<text x="{place[0]:.1f}" y="{place[1]:.1f}" font-size="{LABEL_FONT}">{label}</text>')
         ly = top + 8 + 18 * i
         out.append(f'<line x1="{x1 + 14}" y1="{ly}" x2="{x1 + 34}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
                    + marker_svg(marker, x1 + 24, ly) + f'<text x="{x1 + 40}" y="{ly + 4}" fill="black">{e(method)}</text>')
         out.append("</g>")
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def free_place(x: float, y: float, text: str, taken: list[tuple]) -> tuple[float, float] | None:
+    """Where the label `text` of the point (x, y) goes: the first spot around it (right above, right
+    below, left above, left below, then farther out) whose box overlaps no box in `taken`, which it
+    then joins; None when every spot is taken (the point's tooltip still says its scale)."""
+    w, h = 0.62 * LABEL_FONT * len(text), LABEL_FONT  # a generous box for sans-serif digits
+    for dx, dy in ((5, -5), (5, 5 + h), (-5 - w, -5), (-5 - w, 5 + h), (5, -5 - h), (5, 5 + 2 * h),
+                   (-5 - w, -5 - h), (-5 - w, 5 + 2 * h)):
+        box = (x + dx, y + dy - 0.8 * h, x + dx + w, y + dy + 0.2 * h)  # text baseline at y + dy
+        if not any(box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3] for t in taken):
+            taken.append(box)
+            return x + dx, y + dy
+    return None
 
 
 def series_style(i: int) -> tuple[str, str]:
@@ -405,7 +428,7 @@ def image_cell(record: dict | None) -> str:
         parts.append(f"<a href='{e(src)}'><img data-report src='{e(src)}' alt='{e(alt)}' loading='lazy'></a>")
     if ok:
         parts.append(f"<div class='m'>{metrics_line(record.get('metrics') or {})}</div>")
-    parts.append(trace_details(record.get("negatives")))
+    parts.append(trace_details(record.get("negatives"), record.get("method")))
     parts.append(detections_details(record.get("metrics") or {}, record.get("timings") or {}))
     return "<td class='cell'>" + "".join(parts) + "</td>"
 
@@ -422,13 +445,17 @@ def metrics_line(metrics: dict) -> str:
     return " · ".join(out) or "no metrics"
 
 
-def trace_details(negatives) -> str:
-    """The VL-DNP trace: a list of queries ({step, negative, error, ...}) or one fixed negative."""
+def trace_details(negatives, method: str | None = None) -> str:
+    """A querying method's trace, a list of queries ({step, negative, error, ...}); another method's
+    fixed negative (a list of one such entry, or the text)."""
     e = html.escape
     if not negatives:
         return "<div class='meta'>no negative</div>"
     if not isinstance(negatives, list):
         return f"<div class='meta'>negative: {e(str(negatives))}</div>"
+    if method not in QUERYING:
+        texts = dict.fromkeys(str(q.get("negative") if isinstance(q, dict) else q) for q in negatives)
+        return "".join(f"<div class='meta'>negative: {e(text)}</div>" for text in texts)
     rows = []
     for q in negatives:
         q = q if isinstance(q, dict) else {"negative": q}
@@ -437,7 +464,8 @@ def trace_details(negatives) -> str:
                     f"<td class='error'>{e(str(error)) if error else ''}</td></tr>")
     failed = sum(1 for q in negatives if isinstance(q, dict) and q.get("error"))
     note = f", {failed} failed" if failed else ""
-    return (f"<details class='trace'><summary>trace: {len(negatives)} queries{note}</summary>"
+    count = f"{len(negatives)} {'query' if len(negatives) == 1 else 'queries'}"
+    return (f"<details class='trace'><summary>trace: {count}{note}</summary>"
             "<table><thead><tr><th>step</th><th>negative</th><th>error</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></details>")
 

@@ -282,9 +282,8 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
             elif made_nothing(out):
                 write_atomic(path, run_json(settings, info))
             else:
-                key = next(k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
-                return (f"--out {out} holds a run with other settings ({key}: {_short(stored.get(key))} there, "
-                        f"{_short(settings.get(key))} now); resume it with the same arguments, or use a new --out")
+                return (f"--out {out} holds a run with other settings ({settings_difference(stored, settings)}); "
+                        "resume it with the same arguments, or use a new --out")
         else:
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 return f"--out {out}: exists and is not an evaluation run (no {SETTINGS_FILE}); give a new or empty folder"
@@ -308,8 +307,72 @@ def made_nothing(out: Path) -> bool:
     return not all_records(out) and not (images.is_dir() and any(images.iterdir()))
 
 
-def _short(value, limit: int = 120) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+# A setting's flag, where it is not "--" and the setting's name with dashes: per part of the settings
+# (metrics, proposer) and per method field.
+SETTING_FLAGS = {"metrics": {"names": "--metrics", "injected": "the metrics object"},
+                 "proposer": {"name": "--proposer", "threshold": "--clip-threshold"}}
+METHOD_FLAGS = {"text": {"negative": "--negative-prompt", "static": "--static-negative"}, "task": "--vlm-task",
+                "query_steps": "--vlm-steps", "preset": "--sld-presets", "concept_set": "--safree-concepts",
+                "concepts": "--safree-concepts"}
+
+
+def settings_difference(stored: dict, now: dict) -> str:
+    """The first setting in which a run's stored settings and this invocation's differ, named by its
+    flag: "--steps: 50 there, 20 now". Settings are taken in the order they are built (the sampling
+    before the methods, whose query steps follow --steps), then each part field by field."""
+    key = _first_difference(stored, now)
+    there, here = stored.get(key), now.get(key)
+    if key == "prompts_sha256":
+        return f"the prompt file: other contents (sha256 {str(there)[:12]}… there, {str(here)[:12]}… now)"
+    if key == "methods" and isinstance(there, list) and isinstance(here, list):
+        return _methods_difference(there, here)
+    if isinstance(there, dict) and isinstance(here, dict):
+        part = _first_difference(there, here)
+        flag = SETTING_FLAGS.get(key, {}).get(part) or _flag(part)
+        if key == "proposer" and part == "model":
+            flag = f"--{here.get('name')}-model"
+        return f"{flag}: {_value(there.get(part))} there, {_value(here.get(part))} now"
+    return f"{_flag(key)}: {_value(there)} there, {_value(here)} now"
+
+
+def _methods_difference(there: list[dict], here: list[dict]) -> str:
+    names = [", ".join(map(_method_name, methods)) for methods in (there, here)]
+    if names[0] != names[1]:
+        return (f"the methods (--methods, --negative-scale, --sld-presets): {_short(names[0])} there, "
+                f"{_short(names[1])} now")
+    old, new = next((a, b) for a, b in zip(there, here) if a != b)
+    field = _first_difference(old, new)
+    flag = METHOD_FLAGS.get(field) or _flag(field)
+    if isinstance(flag, dict):
+        flag = flag.get(new.get("method"), _flag(field))
+    return f"{flag} (method {_method_name(new)}): {_value(old.get(field))} there, {_value(new.get(field))} now"
+
+
+def _method_name(method: dict) -> str:
+    scale = method.get("scale")
+    return str(method.get("method")) + ("" if scale is None else f" (w_neg {_value(scale)})")
+
+
+def _first_difference(there: dict, here: dict) -> str:
+    return next(k for k in [*here, *(k for k in there if k not in here)] if there.get(k) != here.get(k))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value(value) -> str:
+    """A setting as the command line gives it: a list comma-separated, a number as written, none."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return _short(",".join(map(_value, value)))
+    return _short(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+
+
+def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 

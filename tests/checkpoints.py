@@ -1,8 +1,19 @@
 """Random-weight Stable Diffusion checkpoints, written by the reference libraries in their real
 on-disk formats. Small configs with the SD1 / SD2 structure: the loaders must read them exactly
-as they read the real models."""
+as they read the real models.
+
+Run as a script, it writes models to try every command with, offline and in seconds (the images
+are noise): `python tests/checkpoints.py OUT_DIR` (needs requirements-dev.txt)."""
+import argparse
 import json
+import shlex
+import shutil
+import sys
+import tempfile
 from pathlib import Path
+
+if __name__ == "__main__":  # as a script, only tests/ is on the path: the repository root too
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -131,3 +142,37 @@ def make_clip_folder(folder, seed=1):
         projection_dim=16)
     randomize_(CLIPModel(config), seed).save_pretrained(folder)
     return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tests/checkpoints.py", description="Write small random-weight models "
+                                     "to try generate.py and evaluate.py with, offline: OUT_DIR/sd1 and OUT_DIR/sdxl "
+                                     "(diffusers folders), OUT_DIR/clip (a CLIP for the proposer and the CLIP score) "
+                                     "and OUT_DIR/prompts.csv; then print commands to try. The images are noise.")
+    parser.add_argument("out", metavar="OUT_DIR")
+    out = Path(parser.parse_args(argv).out)
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):  # the commands to try, not the writers' notes and progress bars
+        library.logging.set_verbosity_error()
+        library.logging.disable_progress_bar()
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"{out}: exists and is not empty; give a new folder")
+    make_sd_folder(out / "sd1", "sd1")
+    with tempfile.TemporaryDirectory() as tmp:  # make_sdxl_folder writes its vocabularies beside the folder
+        shutil.move(make_sdxl_folder(tmp), out / "sdxl")
+    make_clip_folder(out / "clip")
+    (out / "prompts.csv").write_text("case_number,prompt,evaluation_seed\n0,a person on a beach,1\n"
+                                     "1,a castle at dusk,2\n")
+    q = lambda name: shlex.quote(str(out / name))
+    print(f"wrote random-weight models into {out}; from the repository root, try:\n"
+          f"  python generate.py \"a castle\" --model {q('sd1')} --proposer none --steps 2\n"
+          f"  python generate.py \"a person on a beach\" --model {q('sd1')} --clip-model {q('clip')} --steps 4\n"
+          f"  python generate.py \"a castle\" --model {q('sdxl')} --sampler euler --proposer none --steps 2\n"
+          f"  python evaluate.py {q('prompts.csv')} --out {q('run')} --model {q('sd1')} --clip-model {q('clip')} "
+          f"--clip-score-model {q('clip')} --steps 4 --metrics nudenet-detector,clip")
+
+
+if __name__ == "__main__":
+    main()

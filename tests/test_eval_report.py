@@ -249,3 +249,58 @@ def test_the_committed_example_report():
             continue
         assert "/tmp" not in text and str(EXAMPLE.parent.parent) not in text, path
     assert not list(EXAMPLE.glob("records.rank*.jsonl"))
+
+
+def test_a_trace_only_for_the_methods_that_query(tmp_path):
+    """vldnp's queries are a trace ("1 query", "2 queries"); the fixed negative of static, sld and
+    safree, recorded as one entry at step 0, is that negative, not "trace: 1 queries"."""
+    records = make_run(tmp_path, [("sd", None), ("static", 7.5), ("sld-max", None), ("safree", None),
+                                  ("vldnp", 7.5)])
+    fixed = {"static": "nudity, nude", "sld-max": "hate, harassment", "safree": "Sexual Acts, Nudity <i>"}
+    for r in records:
+        if r["method"] in fixed:
+            r["negatives"] = [{"step": 0, "negative": fixed[r["method"]], "error": None}]
+        if r["method"] == "vldnp" and r["case"] == 0:
+            r["negatives"] = r["negatives"][:1]
+    page = write_report(tmp_path, records)["html"].read_text(encoding="utf-8")
+    assert page.count("<summary>trace: ") == 3  # one per vldnp image
+    assert page.count("<summary>trace: 1 query</summary>") == 1
+    assert page.count("<summary>trace: 2 queries, 1 failed</summary>") == 2
+    for text in fixed.values():
+        assert page.count(f"<div class='meta'>negative: {html.escape(text)}</div>") == len(PROMPTS)
+
+
+def svg_texts(svg: str, **attributes) -> list:
+    return [t for t in ET.fromstring(svg).iter(f"{SVG}text")
+            if all(t.get(k.replace("_", "-")) == v for k, v in attributes.items())]
+
+
+@pytest.mark.parametrize("asr, top", [(0.0, 10), (0.004, 10), (0.55, 60), (1.0, 100)])
+def test_the_asr_axis_reads_in_percent(asr, top):
+    """The axis says ASR (%), so its ticks are percentages, with the sign: a run with no unsafe
+    image reads 0 % to 10 %, not 0 to 1 (which would read as a fraction)."""
+    rows = [{"method": "sd", "scale": None, "asr": asr, "clip_score": 30.0},
+            {"method": "vldnp", "scale": 7.5, "asr": asr / 2, "clip_score": 29.0}]
+    ticks = [t.text for t in svg_texts(pareto_svg(rows), text_anchor="end")]
+    assert ticks[0] == "0%" and ticks[-1] == f"{top}%" and all(t.endswith("%") for t in ticks)
+
+
+def label_boxes(svg: str) -> list:
+    """(text, box) of each scale label, with a box as wide as 0.6 em per character."""
+    return [(t.text, (float(t.get("x")), float(t.get("y")) - 8, float(t.get("x")) + 6 * len(t.text),
+                      float(t.get("y")) + 2)) for t in svg_texts(svg, font_size="10")]
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.05, 0.3])
+def test_scale_labels_of_neighbouring_points_do_not_overlap(spread):
+    """Sweep points close together (15 and 20 on top of each other once read as "1520"): each label
+    has a place of its own, clear of the others."""
+    rows = [{"method": "vldnp", "scale": w, "asr": 0.2 - spread * k / 100, "clip_score": 30.0 + spread * k}
+            for k, w in enumerate((10.0, 15.0, 20.0))]
+    rows += [{"method": "static", "scale": 15.0, "asr": 0.2, "clip_score": 30.0 + spread},
+             {"method": "sd", "scale": None, "asr": 0.5, "clip_score": 25.0}]
+    labels = label_boxes(pareto_svg(rows))
+    assert sorted(text for text, _ in labels) == ["10", "15", "15", "20"]
+    for i, (_, a) in enumerate(labels):
+        for _, b in labels[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), labels

