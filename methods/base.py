@@ -103,10 +103,10 @@ class Method:
         return self.label if self.scale is None else f"{self.label}_w{self.scale:g}"
 
     def settings(self) -> dict:
-        """What decides its images, for run.json."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) \
-            else {}
-        return {"method": self.label, **{k: describe(v) for k, v in fields.items()}}
+        """What decides its images, for run.json: its label, w_neg as "scale" when swept, its other fields."""
+        fields = {f.name: describe(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "negative_scale"} if dataclasses.is_dataclass(self) else {}
+        return {"method": self.label, **({"scale": self.scale} if self.swept else {}), **fields}
 
     def prepare(self, device, dtype) -> str | None:
         """Makes what it needs besides the model (a proposer, a preview decoder) on `device`, before the

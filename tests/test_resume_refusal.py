@@ -2,7 +2,7 @@
 settings_difference): the message names the first flag that changed, with its value there and now,
 as the command line gives it."""
 import pytest
-from checkpoints import make_sd_folder
+from checkpoints import make_clip_folder, make_sd_folder
 
 import evaluate
 
@@ -17,7 +17,8 @@ def held(tmp_path_factory):
     csv = root / "p.csv"
     csv.write_text("prompt\na cat\n")
     base = [str(csv), "--out", str(root / "run"), "--model", str(sd1), "--height", "16", "--width", "16",
-            "--device", "cpu", "--quiet", "--metrics", "none", "--no-report", "--proposer", "static"]
+            "--device", "cpu", "--quiet", "--metrics", "none", "--no-report", "--proposer", "clip",
+            "--clip-model", str(make_clip_folder(root / "clip"))]
     argv = {"--steps": "2", "--methods": "sd,static,vldnp", "--negative-scale": "5", "--vlm-steps": "0,1",
             "--seed": "4"}
     assert evaluate.main(base + [a for pair in argv.items() for a in pair]) == 0
