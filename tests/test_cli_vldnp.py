@@ -96,6 +96,7 @@ def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, serve
     code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", ERROR_500).url,
                        "--vlm-steps", "1,3", "--batch", 2, "--out", tmp_path / "all.png")
     assert code == 3 and "HTTP 500" in err[0], err
+    assert err[0].endswith("; no negative is in force yet")  # nothing was kept: none had been found
     assert err[-1] == ("warning: 4 of 4 VL-DNP queries failed; no answer took effect for images 0, 1: they were "
                        "made without the dynamic negative (exit status 3)")
     for i in range(2):
@@ -105,6 +106,8 @@ def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, serve
     code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", "feet", ERROR_500).url,
                          "--vlm-steps", "1,3", "--out", tmp_path / "some.png")
     assert code == 0 and out[-1] == str(tmp_path / "some.png"), err
+    assert err[0].startswith("warning: VL-DNP query at step 3 for image 0 failed: HTTP 500")
+    assert err[0].endswith("; keeping the negative in force")  # feet, from step 1
     assert err[-1] == "warning: 1 of 2 VL-DNP queries failed; the negative in force was kept, and the PNG counts them"
     text = image(tmp_path / "some.png")[1]["parameters"]
     assert 'VL-DNP failed queries: 1/2, Dynamic negative: "Nudity, Sexual, feet."' in text
