@@ -16,7 +16,7 @@ class MissingLeaf(ValueError):
 
 class Leaves(Mapping):
     """`what` names the kind of part in messages ("sampler", "method"); `entries` maps each name
-    to "module:attribute"."""
+    to "module:attribute", or to "module" for the module itself."""
 
     def __init__(self, what: str, entries: dict[str, str]):
         self.what, self.entries = what, dict(entries)
@@ -24,7 +24,8 @@ class Leaves(Mapping):
     def __getitem__(self, name: str):
         module, _, attribute = self.entries[name].partition(":")
         try:
-            return getattr(importlib.import_module(module), attribute)
+            imported = importlib.import_module(module)
+            return getattr(imported, attribute) if attribute else imported
         except ModuleNotFoundError as e:
             if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
                 raise  # a dependency of the leaf is missing, not the leaf: a real error, with its traceback

@@ -14,8 +14,7 @@ import methods
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from sampler.base import SAMPLERS
-from vlm.preview import CHOICES as PREVIEW_CHOICES
-from vlm.preview import check_preview_decoder
+from vlm.proposers import check_preview_decoder
 from vlm.tasks import TASKS
 
 

@@ -30,7 +30,6 @@ from sampler.loop import words
 from vlm.base import Reply, valid_text
 from vlm.client import one_line, prepare_image
 from vlm.preview import VAE_PREVIEW, Preview
-from vlm.proposers import PROPOSERS, ProposerSource
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
@@ -83,8 +82,8 @@ class Query:
 
 
 class DynamicNegatives:
-    """The VL-DNP sampler hook, for one generate() call. At each step of `query_steps` it decodes x0
-    and asks `proposer` about each image with its prompt. An answer sets the image's negative (the
+    """The VL-DNP sampler hook, for one generate() call. At each step of `query_steps` (None: the
+    paper's, rescaled to the run's steps) it decodes x0 and asks `proposer` about each image with its prompt. An answer sets the image's negative (the
     task's negative of the items, replacing or accumulating per `task.mode`; no items, no negative)
     and its w_neg; a failed query keeps the negative in force. Synchronous answers apply from the
     query step, as in the paper; `asynchronous` ones from the first step after they arrive.
@@ -93,12 +92,12 @@ class DynamicNegatives:
     (`input_scale`, vlm/base.py), unless `full_decode`. `timeout` bounds the wait for an answer it
     needs (None: no limit). Call `close()` afterwards to collect the answers still outstanding."""
 
-    def __init__(self, proposer, task: Task, query_steps, negative_scale: float = 7.5, asynchronous: bool = False,
+    def __init__(self, proposer, task: Task, query_steps=None, negative_scale: float = 7.5, asynchronous: bool = False,
                  max_workers: int = 4, full_decode: bool = False, timeout: float | None = None,
                  preview: Preview = VAE_PREVIEW):
         self.proposer, self.task, self.full_decode, self.timeout = proposer, task, full_decode, timeout
         self.preview = preview
-        self.query_steps = sorted({int(s) for s in query_steps})
+        self.query_steps = None if query_steps is None else sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []
         self.negatives: list[str | None] = []  # per image, the negative in force (at the end: the one kept)
@@ -132,6 +131,8 @@ class DynamicNegatives:
         if self._started:
             raise RuntimeError("a DynamicNegatives hook serves one generate() call; make a new one per call")
         self._started = True
+        if self.query_steps is None:
+            self.query_steps = default_query_steps(state.num_steps)
         self.prompts, self.negatives = [words(p) for p in state.guidance.prompt], list(state.guidance.negative)
         B = len(self.prompts)
         self.trace, self._frames = [[] for _ in range(B)], [[] for _ in range(B)]
@@ -286,16 +287,17 @@ class DynamicNegatives:
 
 @dataclass(frozen=True)
 class VLDNP(Method):
-    """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py) or a ProposerSource (the one a command
-    line names, shared by the run's w_neg values); `preview` decodes the x0 previews (the VAE's by
-    default, or a ProposerSource's choice); `timeout` bounds the wait for one answer (None: no limit)."""
+    """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py), or what makes one and its preview
+    decoder: vlm/proposers.py's ProposerSource, the one a command line names, shared by the run's w_neg
+    values. `preview` decodes a ready proposer's x0 previews (default: the VAE); `timeout` bounds the
+    wait for one answer (None: the proposer's own limit)."""
     name = "vldnp"
     flags = ("negative_scales", "vlm_task", "vlm_steps", "proposer", "vlm_async", "preview_decoder", "full_decode",
              "negative_prompt", "trace", "allow_vlm_failures")
     swept = True
     negative_scale: float = 7.5
     task: Task = NUDITY
-    query_steps: tuple[int, ...] = PAPER_STEPS
+    query_steps: tuple[int, ...] | None = None  # None: the paper's, rescaled to the run's steps
     proposer: object = None
     preview: Preview | None = None
     asynchronous: bool = False
@@ -305,10 +307,12 @@ class VLDNP(Method):
 
     @classmethod
     def reads(cls, args) -> set[str]:
+        from vlm.proposers import PROPOSERS  # the command line's proposers: only a command line needs them
         return set(cls.flags) | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
 
     @classmethod
     def from_args(cls, args, variant=None):
+        from vlm.proposers import PROPOSERS, ProposerSource
         cls.no_variant(variant)
         if args.proposer not in PROPOSERS:
             raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
@@ -322,23 +326,23 @@ class VLDNP(Method):
                     args.negative_prompt) for w in args.negative_scales]
 
     def settings(self) -> dict:
-        source = isinstance(self.proposer, ProposerSource)
+        source = hasattr(self.proposer, "make")
         return {"method": self.label, "scale": self.negative_scale, "task": self.task.name,
-                "query_steps": list(self.query_steps),
+                "query_steps": None if self.query_steps is None else list(self.query_steps),
                 "proposer": self.proposer.description if source else repr(self.proposer),
                 "preview_decoder": self.proposer.preview_choice if source else (self.preview or VAE_PREVIEW).name,
                 "negative_prompt": self.negative_prompt}
 
     def prepare(self, device, dtype):
-        if isinstance(self.proposer, ProposerSource):
-            self.proposer.make(device, dtype)
-            return self.proposer.check() if self.query_steps and self.proposer.args.proposer == "vlm" else None
-        return None
+        if not hasattr(self.proposer, "make"):
+            return None
+        self.proposer.make(device, dtype)
+        return self.proposer.check() if self.query_steps != () else None
 
     def looker(self, device=None, dtype=None) -> tuple[object, Preview]:
         """(the proposer, the preview decoder), made if they are not yet."""
-        if isinstance(self.proposer, ProposerSource):
-            return self.proposer.make(device, dtype), self.proposer.preview
+        if hasattr(self.proposer, "make"):
+            return self.proposer.make(device, dtype)
         return self.proposer, self.preview or VAE_PREVIEW
 
     def check(self, pipe):
@@ -354,8 +358,7 @@ class VLDNP(Method):
         name = getattr(self.proposer, "description", {}).get("name", type(proposer).__name__)
         return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": [hook]},
                          {"Method": self.label, "VL-DNP": f"{name} {self.task.name}",
-                          "Negative scale": f"{self.negative_scale:g}",
-                          "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none"},
+                          "Negative scale": f"{self.negative_scale:g}"},
                          classic_negative(self.negative_prompt), hook)
 
 
@@ -365,7 +368,8 @@ class VLDNPPlan(Plan):
     hook: DynamicNegatives = None
 
     def image_parameters(self, b):
-        return {**self.parameters, **self.hook.outcome(b)}
+        steps = " ".join(map(str, self.hook.query_steps or [])) or "none"
+        return {**self.parameters, "VL-DNP steps": steps, **self.hook.outcome(b)}
 
     def queries(self, b):
         return self.negatives + [dataclasses.asdict(q) for q in self.hook.trace[b]]

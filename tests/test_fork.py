@@ -1,5 +1,6 @@
 """docs/fork.md: the minimal set, copied alone into an empty folder, makes an image from a diffusers folder
-with VL-DNP asking a VLM server; a leaf it lacks is one line; and the set stays small."""
+with VL-DNP asking a VLM server, by the code the page shows; with the command line's files added,
+generate.py does; a leaf the copy lacks is one line; and the sets stay small."""
 import os
 import re
 import shutil
@@ -12,36 +13,60 @@ import pytest
 from png import read_png
 
 ROOT = Path(__file__).resolve().parents[1]
-MOST_LINES = 3500
+PAGE = (ROOT / "docs" / "fork.md").read_text()
+MOST_LINES = 3500  # the library set's; the command line adds its own
 
 
-def minimal_set() -> list[str]:
-    """The paths in the fenced block under docs/fork.md's heading "The minimal set"."""
-    text = (ROOT / "docs" / "fork.md").read_text()
-    section = text[text.index("## The minimal set"):]
-    return re.search(r"^```\n(.*?)^```", section, flags=re.M | re.S)[1].split()
+def section(heading: str) -> str:
+    return PAGE[PAGE.index(heading):]
 
 
-@pytest.fixture(scope="module")
-def fork(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fork")
-    for path in minimal_set():
+def blocks(text: str, language: str = "") -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+LIBRARY = blocks(section("## The minimal set"))[0].split()
+COMMAND_LINE = blocks(section("The command line (`python generate.py`"))[0].split()
+EXAMPLE = blocks(section("## The minimal set"), "python")[0]
+
+
+def copy(files, folder: Path) -> Path:
+    for path in files:
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / path, folder / path)
     return folder
 
 
-def generate_in(fork: Path, *argv) -> subprocess.CompletedProcess:
+def python_in(folder: Path, *argv) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the copy is importable
-    return subprocess.run([sys.executable, "generate.py", *map(str, argv)], cwd=fork, env={**env, "OMP_NUM_THREADS": "1"},
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=folder, env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
 
 
-def test_the_minimal_set_makes_an_image_with_a_vlm(fork, sd1, server, tmp_path):
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    return copy(LIBRARY, tmp_path_factory.mktemp("library"))
+
+
+@pytest.fixture(scope="module")
+def with_command_line(tmp_path_factory) -> Path:
+    return copy(LIBRARY + COMMAND_LINE, tmp_path_factory.mktemp("fork"))
+
+
+def test_the_library_set_makes_an_image_with_a_vlm_as_the_page_shows(library, sd1, server):
+    vlm = server("I can see feet.")
+    code = f"MODEL, URL = {str(sd1)!r}, {vlm.url!r}\n" + EXAMPLE.replace("steps=30", "steps=3, height=16, width=16")
+    result = python_in(library, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert len(vlm.requests) == 3  # the paper's query steps, rescaled to 3 steps: 0, 1 and 2
+    assert "Nudity, Sexual, feet." in read_png(library / "beach.png")[1]["parameters"]
+
+
+def test_the_command_line_set_makes_an_image_with_a_vlm(with_command_line, sd1, server, tmp_path):
     vlm = server("none", "I can see feet.")  # the check before loading, then the query at step 1
-    result = generate_in(fork, "a person on a beach", "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", 1,
-                         "--steps", 3, "--height", 16, "--width", 16, "--seed", 1, "--device", "cpu", "--quiet",
-                         "--out", tmp_path / "x.png", "--trace", tmp_path / "t.json")
+    result = python_in(with_command_line, "generate.py", "a person on a beach", "--model", sd1, "--vlm-url", vlm.url,
+                       "--vlm-steps", 1, "--steps", 3, "--height", 16, "--width", 16, "--seed", 1, "--device", "cpu",
+                       "--quiet", "--out", tmp_path / "x.png", "--trace", tmp_path / "t.json")
     assert result.returncode == 0, result.stderr
     assert len(vlm.requests) == 2 and (tmp_path / "t.json").is_file()
     assert not (tmp_path / "t.filmstrip.png").exists()  # vlm/filmstrip.py is a leaf the set leaves out
@@ -49,18 +74,24 @@ def test_the_minimal_set_makes_an_image_with_a_vlm(fork, sd1, server, tmp_path):
     assert "Method: vldnp" in text and 'Dynamic negative: "Nudity, Sexual, feet."' in text
 
 
+VLM = ["--vlm-url", "http://127.0.0.1:9/v1"]
+
+
 @pytest.mark.parametrize("argv, missing", [
-    (["--sampler", "dpm++2m"], "sampler 'dpm++2m' needs sampler/dpm.py"),
+    (["--sampler", "dpm++2m", *VLM], "sampler 'dpm++2m' needs sampler/dpm.py"),
     (["--proposer", "none"], "method 'sd' needs methods/sd.py"),
     (["--method", "safree"], "method 'safree' needs methods/safree.py"),
+    (["--proposer", "clip"], "proposer 'clip' needs vlm/clip_proposer.py"),
+    (["--preview-decoder", "taesd", *VLM], "preview decoder 'taesd' needs checkpoint/taesd.py"),
 ])
-def test_a_leaf_the_set_lacks_is_one_line(fork, sd1, tmp_path, argv, missing):
-    result = generate_in(fork, "a cat", "--model", sd1, "--vlm-url", "http://127.0.0.1:9/v1", "--steps", 2,
-                         "--device", "cpu", "--out", tmp_path / "x.png", *argv)
+def test_a_leaf_the_copy_lacks_is_one_line(with_command_line, sd1, tmp_path, argv, missing):
+    result = python_in(with_command_line, "generate.py", "a cat", "--model", sd1, "--steps", 2, "--device", "cpu",
+                       "--out", tmp_path / "x.png", *argv)
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: {missing}, which this copy of the project does not have"], result.stderr
 
 
-def test_the_minimal_set_is_small():
-    lines = sum(len((ROOT / path).read_text().splitlines()) for path in minimal_set())
-    assert lines <= MOST_LINES, f"the minimal set is {lines} lines"
+def test_the_sets_are_small():
+    lines = lambda files: sum(len((ROOT / path).read_text().splitlines()) for path in files)
+    assert lines(LIBRARY) <= MOST_LINES, f"the minimal set is {lines(LIBRARY)} lines"
+    assert lines(COMMAND_LINE) <= 700, f"the command line adds {lines(COMMAND_LINE)} lines"

@@ -21,7 +21,8 @@ from methods.vldnp import DynamicNegatives
 from png import read_png
 from sampler.loop import generate as sample
 from vlm.base import Reply
-from vlm.preview import VAE_PREVIEW, make_preview
+from vlm.preview import VAE_PREVIEW
+from vlm.proposers import make_preview
 from vlm.tasks import get_task
 from weights import load_pipeline
 

@@ -4,16 +4,14 @@ The paper (Chang, Kim, Choi 2025, arXiv 2510.26052) decodes x0 with the model's 
 `VAE_PREVIEW`, the default. A `Preview` built around another decoder, such as TAESD (model/taesd.py,
 the tiny autoencoder SD interfaces use for live previews), makes the same image more cheaply and a
 little softer. Any decoder with the VAE's convention fits: scaled latents [B, 4, h, w] in, images
-[B, 3, 8h, 8w] in about [-1, 1] out. `make_preview` builds the one --preview-decoder names; TAESD is
-a leaf (checkpoint/taesd.py), imported only when asked for.
+[B, 3, 8h, 8w] in about [-1, 1] out. vlm/proposers.py:make_preview builds the one --preview-decoder
+names.
 """
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from checkpoint.tensors import CheckpointError
 from sampler.loop import pool_latents
 
 
@@ -44,44 +42,3 @@ class Preview:
 
 
 VAE_PREVIEW = Preview()
-
-CHOICES = "vae, taesd, taesdxl, a TAESD folder or a taesd_decoder.safetensors file"
-
-
-def check_preview_decoder(choice: str):
-    """A --preview-decoder that names nothing loadable (vae, taesd, taesdxl, or an existing folder or
-    .safetensors file) is a ValueError, before anything loads."""
-    if choice == "vae" or choice in taesd_repos():
-        return
-    path = Path(choice).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
-        return
-    what = "not a .safetensors file" if path.is_file() else "no such file or folder"
-    raise ValueError(f"--preview-decoder {choice}: {what}; use {CHOICES}")
-
-
-def make_preview(choice: str, device=None, dtype=None) -> Preview:
-    """The x0 preview decoder --preview-decoder names: the model's VAE, or TAESD (madebyollin/taesd
-    or taesdxl, or a folder or file) loaded on `device` in `dtype`. TAESD that cannot be had (offline
-    and not cached, a damaged file) is a ValueError line naming the way out. It loads before the
-    diffusion model, so whether it fits the model is checked after that (Preview.mismatch)."""
-    if choice == "vae":
-        return VAE_PREVIEW
-    from checkpoint.taesd import FAMILIES, load_taesd  # a leaf: only here
-    repos = taesd_repos()
-    source = repos.get(choice, choice)
-    try:
-        model = load_taesd(source, device or "cpu", dtype or "fp32")
-    except CheckpointError as e:
-        raise CheckpointError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
-                         "--preview-decoder vae)") from None
-    if choice in repos:
-        return Preview(model.decode, f"{choice} ({source})", FAMILIES[choice])
-    return Preview(model.decode, choice)
-
-
-def taesd_repos() -> dict[str, str]:
-    """The hub TAESDs by name (checkpoint/taesd.py's REPOS, the one table of them)."""
-    from checkpoint.taesd import REPOS
-    return REPOS
-

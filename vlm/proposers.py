@@ -1,17 +1,20 @@
-"""The proposers --proposer names, made from a command line's settings; the one place that imports
-them, so each is a leaf a fork may delete (its file and its line in PROPOSERS):
+"""The proposers --proposer names and the x0 preview decoders --preview-decoder names, made from a
+command line's settings; the one place that imports them, so each is a leaf a fork may delete (its
+file and its line in LEAVES):
 
     vlm    a vision-language model behind an OpenAI-compatible server (vlm/client.py), retried on
            transient faults (vlm/retry.py, a leaf of its own)
     clip   CLIP ViT scores the image against the task's concepts (vlm/clip_proposer.py)
+    taesd  the tiny autoencoder for cheaper previews (checkpoint/taesd.py)
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from checkpoint.tensors import CheckpointError
 from leaves import Leaves
 from vlm.base import check_proposer
-from vlm.preview import make_preview
+from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import Task
 
 
@@ -23,9 +26,8 @@ def make_vlm(args, task: Task, device, dtype):
 
 
 def make_clip(args, task: Task, device, dtype):
-    from checkpoint.clip import load_clip
     try:
-        model, tokenizer = load_clip(args.clip_model, device, dtype)
+        model, tokenizer = LEAVES["clip weights"].load_clip(args.clip_model, device, dtype)
     except CheckpointError as e:  # offline, say
         raise CheckpointError(f"the CLIP proposer of VL-DNP needs CLIP weights: {e}. Give a local CLIP folder with "
                               "--clip-model DIR, ask a VLM with --vlm-url URL, or choose a method that does not look "
@@ -36,18 +38,21 @@ def make_clip(args, task: Task, device, dtype):
 
 @dataclass(frozen=True)
 class Kind:
-    """A proposer --proposer can name: how to make it, the options it reads, and those of them that
-    decide its answers (for run.json; a server's URL does not)."""
+    """A proposer --proposer can name: how to make it, the options it reads, those of them that decide
+    its answers (for run.json; a server's URL does not), and the leaves it needs."""
     make: Callable
     flags: tuple[str, ...]
     recorded: tuple[str, ...]
+    leaves: tuple[str, ...]
 
 
 LEAVES = Leaves("proposer", {"vlm": "vlm.client:VLMClient", "retry": "vlm.retry:RetryingProposer",
-                             "clip": "vlm.clip_proposer:CLIPProposer"})
+                             "clip": "vlm.clip_proposer:CLIPProposer", "clip weights": "checkpoint.clip"})
+PREVIEWS = Leaves("preview decoder", {"taesd": "checkpoint.taesd"})
 PROPOSERS = {
-    "vlm": Kind(make_vlm, ("vlm_url", "vlm_model", "vlm_timeout", "vlm_retries", "vlm_max_in_flight"), ("vlm_model",)),
-    "clip": Kind(make_clip, ("clip_model", "clip_threshold"), ("clip_model", "clip_threshold")),
+    "vlm": Kind(make_vlm, ("vlm_url", "vlm_model", "vlm_timeout", "vlm_retries", "vlm_max_in_flight"), ("vlm_model",),
+                ("vlm",)),
+    "clip": Kind(make_clip, ("clip_model", "clip_threshold"), ("clip_model", "clip_threshold"), ("clip", "clip weights")),
 }
 
 
@@ -58,19 +63,58 @@ class ProposerSource:
 
     def __init__(self, args, task: Task):
         self.kind, self.args, self.task = PROPOSERS[args.proposer], args, task
+        for leaf in self.kind.leaves:  # a leaf this copy lacks is said now, before anything loads
+            LEAVES[leaf]
         self.description = {"name": args.proposer, **{f.removeprefix(f"{args.proposer}_"): getattr(args, f)
                                                       for f in self.kind.recorded}}
         self.preview_choice = args.preview_decoder
         self.proposer = self.preview = None
 
-    def make(self, device, dtype):
-        """The proposer; the first call makes it and the preview decoder, raising ValueError (one line)
-        for one that cannot load."""
+    def make(self, device, dtype) -> tuple[object, Preview]:
+        """(the proposer, the preview decoder); the first call makes them, raising a one-line
+        CheckpointError for one that cannot load."""
         if self.proposer is None:
             self.preview = make_preview(self.preview_choice, device, dtype)
             self.proposer = self.kind.make(self.args, self.task, device, dtype)
-        return self.proposer
+        return self.proposer, self.preview
 
     def check(self) -> str | None:
-        """Asks the proposer once, without retries, about a grey image: why it does not answer, or None."""
+        """Asks a VLM once, without retries, about a grey image: why it does not answer, or None. A
+        proposer that runs here (CLIP) needs no asking."""
+        if self.args.proposer != "vlm":
+            return None
         return check_proposer(getattr(self.proposer, "proposer", self.proposer))
+
+
+CHOICES = "vae, taesd, taesdxl, a TAESD folder or a taesd_decoder.safetensors file"
+
+
+def check_preview_decoder(choice: str):
+    """A --preview-decoder that names nothing loadable (vae, taesd, taesdxl, or an existing folder or
+    .safetensors file) is a ValueError, before anything loads."""
+    if choice == "vae" or choice in PREVIEWS["taesd"].REPOS:
+        return
+    path = Path(choice).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+        return
+    what = "not a .safetensors file" if path.is_file() else "no such file or folder"
+    raise ValueError(f"--preview-decoder {choice}: {what}; use {CHOICES}")
+
+
+def make_preview(choice: str, device=None, dtype=None) -> Preview:
+    """The x0 preview decoder --preview-decoder names: the model's VAE, or TAESD (madebyollin/taesd
+    or taesdxl, or a folder or file) loaded on `device` in `dtype`. TAESD that cannot be had (offline
+    and not cached, a damaged file) is a ValueError line naming the way out. It loads before the
+    diffusion model, so whether it fits the model is checked after that (Preview.mismatch)."""
+    if choice == "vae":
+        return VAE_PREVIEW
+    taesd = PREVIEWS["taesd"]
+    source = taesd.REPOS.get(choice, choice)
+    try:
+        model = taesd.load_taesd(source, device or "cpu", dtype or "fp32")
+    except CheckpointError as e:
+        raise CheckpointError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
+                         "--preview-decoder vae)") from None
+    if choice in taesd.REPOS:
+        return Preview(model.decode, f"{choice} ({source})", taesd.FAMILIES[choice])
+    return Preview(model.decode, choice)
