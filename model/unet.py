@@ -315,7 +315,13 @@ class UNet(nn.Module):
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`pooled` [B, P] and `time_ids` [B, 6] (or [6] for every row) are SDXL's added conditioning;
         models without it ignore them."""
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        B = x.shape[0]
+        # A number (the sampling loop's t) becomes a tensor by torch.full, which torch.compile traces
+        # with t symbolic; through torch.as_tensor it would trace the UNet again for every timestep.
+        if isinstance(t, (int, float)):
+            t = torch.full((B,), t, device=x.device)  # [B]
+        else:
+            t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # [B]
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # [B, 4*320]
         if self.config.addition_time_embed_dim:
             temb = temb + self.added_embedding(pooled, time_ids, x.shape[0])
