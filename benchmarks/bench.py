@@ -368,8 +368,8 @@ def main(argv=None):
         args.model = IN_MEMORY if "diffusers" not in impls else args.folder
         if args.model == args.folder and not (Path(args.folder) / "unet" / "config.json").exists():
             print(f"writing random SD1.5 weights to {args.folder} (once) ...", file=sys.stderr)
-            from load import build
-            build(Path(args.folder))
+            from random_weights import write_sd_folder
+            write_sd_folder(args.folder)
 
     info = machine(args.device)
     workers = [Worker(impl, args) for impl in impls]
