@@ -28,6 +28,8 @@ a folder (--folder) that both implementations load; without diffusers, ours is b
 import argparse
 import ctypes
 import gc
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -302,10 +304,9 @@ def machine(device: str) -> dict:
     info = dict(cpu=cpu.group(1) if cpu else platform.processor(), cores=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(),
                 platform=platform.platform(), load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    try:
-        import diffusers
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
+    try:  # the installed version, without the seconds of importing it
+        info["diffusers"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
         pass
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -358,18 +359,15 @@ def main(argv=None):
         p.error(f"unknown mode {unknown[0]}; choose from {', '.join(MODES)}")
     if args.steps < 2:
         p.error("--steps must be at least 2 (a step's time is the gap between two steps)")
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        if "diffusers" in impls:
-            print("diffusers is not installed: timing ours alone", file=sys.stderr)
-            impls.remove("diffusers")
+    if importlib.util.find_spec("diffusers") is None and "diffusers" in impls:
+        print("diffusers is not installed: timing ours alone", file=sys.stderr)
+        impls.remove("diffusers")
     if args.model is None:
         args.model = IN_MEMORY if "diffusers" not in impls else args.folder
         if args.model == args.folder and not (Path(args.folder) / "unet" / "config.json").exists():
             print(f"writing random SD1.5 weights to {args.folder} (once) ...", file=sys.stderr)
-            from load import build
-            build(Path(args.folder))
+            from random_weights import write_sd_folder
+            write_sd_folder(args.folder)
 
     info = machine(args.device)
     workers = [Worker(impl, args) for impl in impls]

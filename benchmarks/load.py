@@ -36,33 +36,6 @@ IMPLS = ("ours", "plain", "diffusers")  # plain: ours with pack=False
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def build(folder: Path):
-    """The SD1.5 architecture with N(0, 0.02) weights, as diffusers and transformers save it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from random_weights import SCHEDULER, normal_, write_byte_tokenizer
-
-    g = torch.Generator().manual_seed(0)
-    tokenizer = write_byte_tokenizer(folder / "tokenizer")
-    vocab = json.loads((tokenizer / "vocab.json").read_text())
-    normal_(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8), g).save_pretrained(folder / "unet")
-    normal_(AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
-                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-            g).save_pretrained(folder / "vae")
-    text = CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                          pad_token_id=vocab["<|endoftext|>"])
-    normal_(CLIPTextModel(text), g).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**SCHEDULER).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}))
-
-
 def loader(impl: str):
     """Imports what `impl` needs (before any clock starts) and returns folder -> (tokenize, text
     encoder, UNet, VAE decode, VAE encode), each a function of tensors."""
@@ -163,7 +136,8 @@ def main(argv=None):
     folder, impls = Path(args.folder), args.impls.split(",")
     if not (folder / "model_index.json").exists():
         print(f"writing a random SD1.5-size folder to {folder} ...", file=sys.stderr)
-        build(folder)
+        from random_weights import write_sd_folder
+        write_sd_folder(folder)
     for file in folder.rglob("*.safetensors"):  # into the page cache, for the first run as for the others
         with open(file, "rb") as f:
             while f.read(1 << 26):

@@ -13,6 +13,11 @@ Per dtype it measures, against fp32:
   little and the steps compound, so the images are compared by their mean and largest pixel
   difference, in levels of 255.
 
+On a GPU the fp32 run is fp32 throughout: TF32 is turned off for matmuls and convolutions (cuDNN
+allows it by default), or the reference itself would carry fp16's 10-bit mantissa. The time of a
+run is its model calls and its `generate`, after --warmup untimed steps in that dtype (a GPU loads
+each kernel at its first call) and between two synchronisations.
+
 It prints a table, writes JSON, and exits with 1 when a figure is past its tolerance (TOLERANCES) or
 a run gives NaN/inf. Without --model it uses the random-weight SD1.5 of bench.py, built in memory,
 so it needs no diffusers and no download. Random weights are not trained ones: their activations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench import IN_MEMORY, PROMPT, machine, random_sd15  # bench puts the repository on sys.path
+from bench import IN_MEMORY, PROMPT, machine, random_sd15, sync  # bench puts the repository on sys.path
 
 # Largest accepted error per dtype. Models: max |low - fp32| / max |fp32|. Images: levels of 255.
 TOLERANCES = {
@@ -60,7 +65,7 @@ def model_outputs(pipe, height: int, width: int, context=None) -> dict[str, torc
     ids = pipe.tokenizer([PROMPT, ""]).to(pipe.device)
     text = pipe.text_encoder(ids)  # [2, 77, D]
     context = text if context is None else context
-    eps = pipe.unet(latents.to(pipe.device, pipe.dtype), 500, context.to(pipe.dtype))
+    eps = pipe.unet(latents.to(pipe.device, pipe.dtype), 500, context.to(pipe.device, pipe.dtype))
     image = pipe.vae.decode(z.to(pipe.device, pipe.dtype))
     return dict(text=text.float().cpu(), unet=eps.float().cpu(), vae=image.float().cpu())
 
@@ -74,6 +79,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=512, help="image size, square (%(default)s)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the end-to-end run (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps of generate per dtype first (%(default)s)")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
     dtypes = args.dtypes.split(",")
@@ -84,11 +90,20 @@ def main(argv=None):
     from weights import load_pipeline
 
     device = torch.device(args.device)
+    if device.type == "cuda":  # the reference in IEEE fp32, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     pipe = random_sd15(device, torch.float32) if args.model == IN_MEMORY else load_pipeline(args.model, device)
     if args.size % pipe.vae_scale:
         p.error(f"--size must be a multiple of {pipe.vae_scale}")
 
     def run(pipe, context=None):
+        if args.warmup:
+            try:
+                generate(pipe, PROMPT, steps=args.warmup, height=args.size, width=args.size, progress=False)
+            except NonFiniteError:
+                pass  # the timed run records it
+        sync(device)
         start = time.perf_counter()
         outputs = model_outputs(pipe, args.size, args.size, context)
         try:
@@ -96,6 +111,7 @@ def main(argv=None):
                                          seed=args.seed, progress=False)
         except NonFiniteError as e:
             outputs["images"] = str(e)
+        sync(device)
         outputs["seconds"] = time.perf_counter() - start
         return outputs
 

@@ -3,12 +3,15 @@
     python benchmarks/vldnp_cost.py                                  # 512², 10 steps, queries at 1 and 8
     python benchmarks/vldnp_cost.py --steps 50 --rounds 1            # the paper's 10 queries of 50 steps
     python benchmarks/vldnp_cost.py --size 256 --steps 5 --rounds 1 --cases cfg,clip-nothing-taesd
+    python benchmarks/vldnp_cost.py --device cuda --dtype fp16 --steps 50 --rounds 2
 
 One process holds the full SD1.5 architecture with random weights (bench.py's `random_sd15`, packed
-as load_pipeline packs it), a random CLIP ViT-L/14 (the real one's size, so its cost is real) and a
-random TAESD. Each round runs every case once, in turn, so all cases see the same machine load; the
-figures are medians over rounds of the end-to-end time of one generate() call (text, sampling, final
-VAE decode) and of the process' CPU time, which other processes on the machine change less.
+as load_pipeline packs it, or --model's), a random CLIP ViT-L/14 (the real one's size, so its cost is
+real; `--clip small` for a smoke test) and a random TAESD. Each round runs every case once, in turn,
+so all cases see the same machine load; the figures are medians over rounds of the end-to-end time of
+one generate() call (text, sampling, final VAE decode; on a GPU, up to a synchronisation) and of the
+process' CPU time, which other processes on the machine change less, and the largest peak memory of
+a run (torch.cuda.max_memory_allocated on a GPU, peak RSS on the CPU).
 
 Cases (task nudity):
     cfg                      plain classifier-free guidance: two branches
@@ -38,12 +41,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import PROMPT, STUB_LATENCY, StubVLM, machine, random_sd15, sync  # noqa: E402
+from bench import (IN_MEMORY, PROMPT, STUB_LATENCY, StubVLM, machine, peak_gib, random_sd15,  # noqa: E402
+                   reset_peak, sync)
+from model.clip import VIT_L14, CLIPConfig, CLIPTextConfig, CLIPVisionConfig  # noqa: E402
 from random_weights import normal_  # noqa: E402
 
 DECODERS = ("vae", "taesd")
 CASES = ["cfg", "three-branches"] + [f"{kind}-{d}" for kind in ("clip-nothing", "clip-found", "stub", "stub-async")
                                      for d in DECODERS]
+# The proposer's CLIP: ViT-L/14's shape, or its structure at width 32 for a smoke test.
+CLIPS = {"vit-l14": VIT_L14,
+         "small": CLIPConfig(text=CLIPTextConfig(width=32, num_layers=1, num_heads=2, mlp_dim=64),
+                             vision=CLIPVisionConfig(width=32, num_layers=1, num_heads=2, mlp_dim=64, patch_size=32),
+                             projection_dim=32)}
 
 
 def paper_density_steps(steps: int) -> list[int]:
@@ -77,13 +87,14 @@ def random_model(cls, cfg, device, dtype):
 class Parts:
     """What the cases are made of, built once."""
 
-    def __init__(self, device, dtype):
-        from model.clip import VIT_L14, CLIPModel
+    def __init__(self, model: str, clip: str, device, dtype):
+        from model.clip import CLIPModel
         from model.taesd import SD, TAESD
         from vlm.preview import VAE_PREVIEW, Preview
+        from weights import load_pipeline
 
-        self.pipe = random_sd15(device, dtype)
-        self.clip = random_model(CLIPModel, VIT_L14, device, dtype)
+        self.pipe = random_sd15(device, dtype) if model == IN_MEMORY else load_pipeline(model, device, dtype)
+        self.clip = random_model(CLIPModel, CLIPS[clip], device, dtype)
         self.taesd = random_model(TAESD, SD, device, dtype)
         self.previews = {"vae": VAE_PREVIEW, "taesd": Preview(self.taesd.decode, "taesd (random weights)")}
 
@@ -108,20 +119,24 @@ class Parts:
                                  preview=self.previews[decoder])]
 
     def run(self, case: str, args, query_steps) -> dict:
-        """One generate() call of `case`: wall and CPU seconds, and what the hook did."""
+        """One generate() call of `case`: wall and CPU seconds, peak memory, and what the hook did."""
         from sampler.loop import generate
 
         hooks = self.hooks(case, query_steps)
         load = os.getloadavg()[0]
+        device = self.pipe.device
+        sync(device)
+        reset_peak(device)
         start, cpu = time.perf_counter(), time.process_time()
         try:
             generate(self.pipe, PROMPT, steps=args.steps, height=args.size, width=args.size, seed=0, hooks=hooks,
                      progress=False)
-            sync(self.pipe.device)
+            sync(device)
         finally:
             for hook in hooks:
                 hook.close()
-        row = dict(total_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu, load_before=load)
+        row = dict(total_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu, load_before=load,
+                   peak_gib=peak_gib(device))
         if hooks:
             trace = hooks[0].trace_dict()
             queries = trace["images"][0]["queries"]
@@ -130,17 +145,15 @@ class Parts:
         return row
 
 
-DEVICE = ["cpu"]  # the device the components run on, for sync
-
-
-def median_seconds(fn, repeats: int) -> dict:
+def median_seconds(fn, repeats: int, device: torch.device) -> dict:
     """The median wall and CPU seconds of `repeats` calls of fn, after one untimed call."""
     fn()  # warm-up: kernels, allocator, packing
     wall, cpu = [], []
     for _ in range(repeats):
+        sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        sync(torch.device(DEVICE[0]))
+        sync(device)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return dict(wall_s=statistics.median(wall), cpu_s=statistics.median(cpu))
@@ -149,27 +162,31 @@ def median_seconds(fn, repeats: int) -> dict:
 @torch.no_grad()
 def components(parts: Parts, args) -> dict:
     """The UNet at batch 1, 2, 3 and each decoder, full size and the 2x preview, alone."""
-    pipe, h = parts.pipe, args.size // 8
+    pipe, h, n = parts.pipe, args.size // parts.pipe.vae_scale, args.component_repeats
     gen = torch.Generator().manual_seed(0)
-    context = torch.randn(3, 77, 768, generator=gen).to(pipe.device, pipe.dtype)
-    x = torch.randn(3, 4, h, h, generator=gen).to(pipe.device, pipe.dtype)
+    context = torch.randn(3, 77, pipe.unet.config.context_dim, generator=gen).to(pipe.device, pipe.dtype)
+    x = torch.randn(3, pipe.unet.config.in_channels, h, h, generator=gen).to(pipe.device, pipe.dtype)
     out = {}
     for b in (1, 2, 3):
-        out[f"unet_b{b}_s"] = median_seconds(lambda: pipe.unet(x[:b], 500, context[:b]), args.component_repeats)
+        out[f"unet_b{b}_s"] = median_seconds(lambda: pipe.unet(x[:b], 500, context[:b]), n, pipe.device)
     for name, decode in [("vae", pipe.vae.decode), ("taesd", parts.taesd.decode)]:
         for k in (1, 2):
             z = x[:1, :, :-(-h // k), :-(-h // k)]
-            out[f"{name}_decode_{args.size // k}_s"] = median_seconds(lambda: decode(z), args.component_repeats)
+            out[f"{name}_decode_{args.size // k}_s"] = median_seconds(lambda: decode(z), n, pipe.device)
     image = torch.zeros(3, 224, 224)
     from vlm.clip_proposer import CLIPProposer
     from vlm.tasks import get_task
     clip = CLIPProposer(parts.clip, pipe.tokenizer, list(get_task("nudity").concepts), threshold=1.0)
-    out["clip_query_s"] = median_seconds(lambda: clip(image, PROMPT, 0), args.component_repeats)
+    out["clip_query_s"] = median_seconds(lambda: clip(image, PROMPT, 0), n, pipe.device)
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=IN_MEMORY, help="repo id, diffusers folder or .safetensors file (default: "
+                                                      "random SD1.5 weights, built in memory)")
+    p.add_argument("--clip", choices=sorted(CLIPS), default="vit-l14",
+                   help="the proposer's random CLIP: ViT-L/14's shape, or small for a smoke test (%(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (%(default)s)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (%(default)s)")
     p.add_argument("--query-steps", metavar="LIST", help="0-based query steps (default: the paper's, rescaled to "
@@ -197,8 +214,7 @@ def main(argv=None):
           f"{info['cpu']}, {info['threads']} threads", file=sys.stderr, flush=True)
 
     from checkpoint.tensors import to_dtype
-    DEVICE[0] = args.device
-    parts = Parts(torch.device(args.device), to_dtype(args.dtype))
+    parts = Parts(args.model, args.clip, torch.device(args.device), to_dtype(args.dtype))
     from sampler.loop import generate
     if args.rounds:  # warm-up, so that no case pays for first calls: packing, kernels, the allocator
         generate(parts.pipe, PROMPT, steps=1, height=args.size, width=args.size, progress=False)
@@ -219,15 +235,17 @@ def main(argv=None):
     save()
 
     results = {case: dict(total_s=statistics.median(r["total_s"] for r in rs),
-                          cpu_s=statistics.median(r["cpu_s"] for r in rs), runs=rs) for case, rs in runs.items() if rs}
-    print(f"| case | total s | CPU s | × plain CFG | × three branches | CPU × plain CFG | CPU × three branches |")
-    print("|---|---|---|---|---|---|---|")
+                          cpu_s=statistics.median(r["cpu_s"] for r in rs), peak_gib=max(r["peak_gib"] for r in rs),
+                          runs=rs) for case, rs in runs.items() if rs}
+    print("| case | total s | CPU s | × plain CFG | × three branches | CPU × plain CFG | CPU × three branches "
+          "| peak GiB |\n|---|---|---|---|---|---|---|---|")
     for case, res in results.items():
         ratio = lambda key, base: f"{res[key] / results[base][key]:.3f}" if base in results else "–"
         res.update({f"{key}_over_{base}": res[key] / results[base][key] for key in ("total_s", "cpu_s")
                     for base in ("cfg", "three-branches") if base in results})
         print(f"| {case} | {res['total_s']:.1f} | {res['cpu_s']:.1f} | {ratio('total_s', 'cfg')} | "
-              f"{ratio('total_s', 'three-branches')} | {ratio('cpu_s', 'cfg')} | {ratio('cpu_s', 'three-branches')} |")
+              f"{ratio('total_s', 'three-branches')} | {ratio('cpu_s', 'cfg')} | {ratio('cpu_s', 'three-branches')} | "
+              f"{res['peak_gib']:.2f} |")
     if comp:
         print("\n| component | wall s | CPU s |\n|---|---|---|")
         for key, value in comp.items():

@@ -13,8 +13,8 @@ import torch
 
 from checkpoint.tensors import CheckpointError
 
-WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-           "text_encoder_2": "model"}  # SDXL's second text encoder: only in repos whose config names it
+WEIGHT_FILE_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                     "text_encoder_2": "model"}  # SDXL's second text encoder: only in repos whose config names it
 
 # Where a single file's tokenizer comes from: the hub repo of its text encoder.
 # SDXL's two come from its own repo, whose tokenizer_2/ records its "!" padding.
@@ -22,11 +22,11 @@ TOKENIZER_REPOS = {"sd1": "openai/clip-vit-large-patch14", "sd2": "laion/CLIP-Vi
                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
-def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHTS)) -> list[str]:
+def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHT_FILE_STEMS)) -> list[str]:
     """The files a diffusers repo needs: configs, tokenizer and safetensors weights only (no
     pickles, no safety checker). fp16 variants are taken for half-precision loads."""
     variant = ".fp16" if dtype in (torch.float16, torch.bfloat16) else ""
-    weights = [f"{c}/{WEIGHTS[c]}{variant}.safetensors*" for c in components]
+    weights = [f"{c}/{WEIGHT_FILE_STEMS[c]}{variant}.safetensors*" for c in components]
     return ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
             "tokenizer/*.json", "tokenizer/*.txt", "text_encoder_2/config.json", "tokenizer_2/*.json",
             "tokenizer_2/*.txt", "scheduler/scheduler_config.json", *weights]
@@ -41,7 +41,7 @@ def download(repo_id: str, dtype=torch.float32) -> Path:
     variant file falls back to its full-precision file."""
     def fetch(patterns):
         path = download_files(repo_id, patterns, LOCAL_MODEL)
-        needed = [c for c in WEIGHTS if c != "text_encoder_2" or (path / c / "config.json").is_file()]
+        needed = [c for c in WEIGHT_FILE_STEMS if c != "text_encoder_2" or (path / c / "config.json").is_file()]
         return path, [c for c in needed if not any((path / c).glob("*.safetensors*"))]
 
     path, missing = fetch(hub_patterns(dtype))

@@ -19,15 +19,15 @@ from checkpoint.configs import read_config
 from checkpoint import looks_like_repo_id
 from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, to_dtype
-from model.taesd import SD, TAESD, Decoder, Encoder, TAESDConfig
+from model.taesd import SD, TAESD, TAESDConfig, TAESDDecoder, TAESDEncoder
 
 # madebyollin's TAESDs on the hub by the name --preview-decoder gives them, and the model families
 # whose latents each was trained to decode: the networks are the same, the latent spaces are not.
 REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 FAMILIES = {"taesd": ("sd1", "sd2"), "taesdxl": ("sdxl",)}
 REPO = REPOS["taesd"]
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-HUB_FILES = ["config.json", WEIGHTS]
+TAESD_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+HUB_FILES = ["config.json", TAESD_WEIGHTS_FILE]
 
 
 def load_taesd(source, device="cpu", dtype=torch.float32) -> TAESD:
@@ -77,18 +77,19 @@ def load_taesd_folder(path: Path, device, dtype) -> TAESD:
     if (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: a whole pipeline folder, not a TAESD (AutoencoderTiny) folder")
     cfg = read_config(path / "config.json", taesd_config_from_diffusers,
-                      f"a TAESD folder holds config.json and {WEIGHTS}")
-    if not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"{path / WEIGHTS}: missing (a TAESD folder holds config.json and {WEIGHTS})")
-    state = read_safetensors(path / WEIGHTS, device, dtype)
-    return load_strict(TAESD, cfg, state, str(path / WEIGHTS),
+                      f"a TAESD folder holds config.json and {TAESD_WEIGHTS_FILE}")
+    if not (path / TAESD_WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path / TAESD_WEIGHTS_FILE}: missing "
+                              f"(a TAESD folder holds config.json and {TAESD_WEIGHTS_FILE})")
+    state = read_safetensors(path / TAESD_WEIGHTS_FILE, device, dtype)
+    return load_strict(TAESD, cfg, state, str(path / TAESD_WEIGHTS_FILE),
                        hint="the weights do not fit config.json, or are not AutoencoderTiny's")
 
 
 def decoder_table(cfg: TAESDConfig) -> dict[str, str]:
     """Our decoder keys -> madebyollin's: `decoder.layers.N.rest` -> `N+1.rest` (his Clamp is index 0)."""
     with torch.device("meta"):
-        keys = Decoder(cfg).state_dict().keys()
+        keys = TAESDDecoder(cfg).state_dict().keys()
     table = {}
     for key in keys:
         index, rest = key.removeprefix("layers.").split(".", 1)
@@ -99,7 +100,7 @@ def decoder_table(cfg: TAESDConfig) -> dict[str, str]:
 def encoder_table(cfg: TAESDConfig) -> dict[str, str]:
     """Our encoder keys -> madebyollin's: `encoder.layers.N.rest` -> `N.rest`."""
     with torch.device("meta"):
-        keys = Encoder(cfg).state_dict().keys()
+        keys = TAESDEncoder(cfg).state_dict().keys()
     return {f"encoder.{key}": key.removeprefix("layers.") for key in keys}
 
 

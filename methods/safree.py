@@ -135,9 +135,9 @@ class FilteredPrompt:
                 "beta": round(self.beta, 6), "t*": self.last_step}
 
 
-def pooled(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+def pooled_outputs(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     """[N, D] float64: the final-normed hidden state at the argmax of each row of ids [N, T]."""
-    return text_encoder.pooled(text_encoder(ids), ids).cpu().double()
+    return text_encoder.at_eos(text_encoder(ids), ids).cpu().double()
 
 
 def unsupported(pipe) -> str | None:
@@ -157,7 +157,7 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
     L = tokenizer.max_length
 
     # 1. P_c from the concepts' pooled outputs, each padded to max_length.
-    C = pooled(encoder, tokenizer(list(concepts.concepts)).to(device)).T  # [D, K]
+    C = pooled_outputs(encoder, tokenizer(list(concepts.concepts)).to(device)).T  # [D, K]
     P_c = projection(C)  # [D, D]
     D = P_c.shape[0]
 
@@ -174,7 +174,7 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
                       hidden.clone(), 1.0, filter_steps(1.0, concepts.k, concepts.midpoint))
     copies = torch.tensor(ids).repeat(n, 1)  # [n, T]
     copies[torch.arange(n), torch.arange(1, n + 1)] = 0
-    p = pooled(encoder, copies.to(device))  # [n, D]
+    p = pooled_outputs(encoder, copies.to(device))  # [n, D]
     P_in = projection(p.T)  # [D, D]
 
     # 3. Trigger tokens, and their rows of e replaced by e' = (I − P_c) P_in e.

@@ -3,7 +3,7 @@ Models From Natural Language Supervision").
 
 Stable Diffusion conditions its UNet on the text tower's last hidden state; the full
 two-tower model is used for CLIP scores. Both towers are the same pre-LN transformer
-(`Encoder`); they differ only in how they embed their input and what they read out.
+(`CLIPEncoder`); they differ only in how they embed their input and what they read out.
 State-dict names equal transformers' CLIP names, except that transformers' typo
 `pre_layrnorm` is spelled `pre_layernorm` here.
 """
@@ -90,7 +90,7 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 # ---------------------------------------------------------------- shared transformer
 
-class Attention(nn.Module):
+class CLIPAttention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections (all with bias)."""
 
     def __init__(self, width: int, num_heads: int):
@@ -122,13 +122,13 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class EncoderLayer(nn.Module):
+class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
     def __init__(self, config: "CLIPTextConfig | CLIPVisionConfig"):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.eps)
-        self.self_attn = Attention(config.width, config.num_heads)
+        self.self_attn = CLIPAttention(config.width, config.num_heads)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.eps)
         self.mlp = MLP(config.width, config.mlp_dim, config.act)
 
@@ -137,12 +137,12 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Encoder(nn.Module):
+class CLIPEncoder(nn.Module):
     """The stack of `num_layers` pre-LN blocks both towers share."""
 
     def __init__(self, config: "CLIPTextConfig | CLIPVisionConfig"):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_layers))
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         for layer in self.layers:
@@ -178,23 +178,23 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = CLIPTextEmbeddings(config)
-        self.encoder = Encoder(config)
+        self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
         if config.projection_dim:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._run(ids, pooled=False)[0]  # [B, 77, width]
+        return self._run(ids, with_pooled=False)[0]  # [B, 77, width]
 
     def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, 77, width], pooled [B, projection_dim or width]). The pooled output is the
         final-LayerNormed last layer at the EOS token, whatever layer the context comes from."""
-        return self._run(ids, pooled=True)
+        return self._run(ids, with_pooled=True)
 
-    def _run(self, ids: torch.Tensor, pooled: bool):
+    def _run(self, ids: torch.Tensor, with_pooled: bool):
         cfg = self.config
         read = cfg.num_layers + 1 + cfg.context_layer  # layers run before the context is read
-        layers = self.encoder.layers if pooled else self.encoder.layers[:read]
+        layers = self.encoder.layers if with_pooled else self.encoder.layers[:read]
         x = self.embeddings(ids)                # [B, 77, width]
         context = x if read == 0 else None
         for i, layer in enumerate(layers, 1):
@@ -203,13 +203,13 @@ class CLIPTextModel(nn.Module):
                 context = x
         if cfg.context_norm:
             context = self.final_layer_norm(context)
-        if not pooled:
+        if not with_pooled:
             return context, None
-        out = self.pooled(self.final_layer_norm(x), ids)  # [B, width]
+        out = self.at_eos(self.final_layer_norm(x), ids)  # [B, width]
         return context, self.text_projection(out) if cfg.projection_dim else out
 
     @staticmethod
-    def pooled(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def at_eos(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The hidden state at the EOS token, [B, width].
 
         EOS (49407) is the largest id in CLIP's vocabulary and `argmax` returns the first
@@ -251,7 +251,7 @@ class CLIPVisionModel(nn.Module):
         self.config = config
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layernorm = nn.LayerNorm(config.width, eps=config.eps)
-        self.encoder = Encoder(config)
+        self.encoder = CLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.width, eps=config.eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -260,8 +260,8 @@ class CLIPVisionModel(nn.Module):
         x = self.pre_layernorm(self.embeddings(pixels))   # [B, 1 + N, width]
         return self.encoder(x, causal=False)              # [B, 1 + N, width]
 
-    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LayerNormed class token, [B, width]."""
+    def class_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LayerNormed class token, [B, width]: the tower's pooled output."""
         return self.post_layernorm(hidden[:, 0])          # [B, width]
 
 
@@ -282,12 +282,12 @@ class CLIPModel(nn.Module):
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 77] ids -> [B, projection_dim], NOT L2-normalized (normalize before cosines)."""
-        pooled = self.text_model.pooled(self.text_model(ids), ids)
+        pooled = self.text_model.at_eos(self.text_model(ids), ids)
         return self.text_projection(pooled)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] pixels from `preprocess` -> [B, projection_dim], NOT L2-normalized."""
-        pooled = self.vision_model.pooled(self.vision_model(pixels))
+        pooled = self.vision_model.class_token(self.vision_model(pixels))
         return self.visual_projection(pooled)
 
 

@@ -7,8 +7,8 @@ parameters per half against the VAE's 34M (encoder) and 49M (decoder): no normal
 attention, only 3x3 convolutions 64 channels wide with ReLUs, in residual blocks. Its images are a
 little softer than the VAE's, which is why interfaces use it for live previews.
 
-    image [-1, 1] --(x + 1) / 2--> Encoder --> latents        (the UNet's, already scaled)
-    latents --tanh clamp--> Decoder --> [0, 1] --2x - 1--> image [-1, 1]
+    image [-1, 1] --(x + 1) / 2--> TAESDEncoder --> latents        (the UNet's, already scaled)
+    latents --tanh clamp--> TAESDDecoder --> [0, 1] --2x - 1--> image [-1, 1]
 
 It was trained on the latents the UNet sees, that is the VAE's latents times the VAE's scaling factor
 (0.18215 for SD1/SD2), so its own scaling_factor is 1.0. `TAESD.encode` and `decode` follow
@@ -67,7 +67,7 @@ class Block(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
-class Encoder(nn.Module):
+class TAESDEncoder(nn.Module):
     """Image [B, 3, H, W] in [0, 1] -> latents [B, 4, H/8, W/8] (ceil for sizes not divisible by 8).
     One nn.Sequential, so that its indices are diffusers' EncoderTiny's and madebyollin's."""
 
@@ -87,7 +87,7 @@ class Encoder(nn.Module):
         return self.layers(images)  # [B, 4, H/8, W/8]
 
 
-class Decoder(nn.Module):
+class TAESDDecoder(nn.Module):
     """Latents [B, 4, h, w] -> image [B, 3, 8h, 8w] in about [0, 1] (not clamped).
     The latents are first soft-clamped to (-3, 3) by 3 tanh(z / 3), which leaves the UNet's latents
     of about unit variance nearly as they are (1 -> 0.97) and bounds outliers. madebyollin's Decoder
@@ -119,8 +119,8 @@ class TAESD(nn.Module):
     def __init__(self, cfg: TAESDConfig = SD):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg) if cfg.encoder else None
-        self.decoder = Decoder(cfg)
+        self.encoder = TAESDEncoder(cfg) if cfg.encoder else None
+        self.decoder = TAESDDecoder(cfg)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]. Deterministic: TAESD's

@@ -106,8 +106,10 @@ def attention(q, k, v, num_heads: int, upcast: bool = False):
     return out.transpose(1, 2).flatten(2).to(dtype)  # [B, N, C]
 
 
-class Attention(nn.Module):
-    """Self-attention (context=None) or cross-attention to the text states."""
+class CrossAttention(nn.Module):
+    """Multi-head attention from the feature map's positions to a context: the text states
+    (cross-attention, attn2), or with context=None the positions themselves (self-attention, attn1).
+    CompVis' name for it; diffusers calls it Attention."""
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
@@ -153,9 +155,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int, upcast: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, num_heads, upcast=upcast)
+        self.attn1 = CrossAttention(dim, num_heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, num_heads, context_dim, upcast=upcast)
+        self.attn2 = CrossAttention(dim, num_heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -219,16 +221,16 @@ class Upsample(nn.Module):
 
 class Block(nn.Module):
     """One resolution level: res blocks, each optionally followed by a spatial transformer,
-    then an optional down- or upsampler. Down blocks push their outputs onto the skip stack;
-    up blocks pop one skip per res block and concatenate it to their input."""
+    then an optional resampler (a Downsample or an Upsample). Down blocks push their outputs
+    onto the skip stack; up blocks pop one skip per res block and concatenate it to their input."""
 
-    def __init__(self, resnets, attentions, sampler=None, up=False):
+    def __init__(self, resnets, attentions, resampler=None, up=False):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         if attentions:
             self.attentions = nn.ModuleList(attentions)
-        if sampler is not None:
-            setattr(self, "upsamplers" if up else "downsamplers", nn.ModuleList([sampler]))
+        if resampler is not None:
+            setattr(self, "upsamplers" if up else "downsamplers", nn.ModuleList([resampler]))
         self.up = up
 
     def forward(self, x, temb, context, skips):
@@ -313,7 +315,13 @@ class UNet(nn.Module):
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`pooled` [B, P] and `time_ids` [B, 6] (or [6] for every row) are SDXL's added conditioning;
         models without it ignore them."""
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        B = x.shape[0]
+        # A number (the sampling loop's t) becomes a tensor by torch.full, which torch.compile traces
+        # with t symbolic; through torch.as_tensor it would trace the UNet again for every timestep.
+        if isinstance(t, (int, float)):
+            t = torch.full((B,), t, device=x.device)  # [B]
+        else:
+            t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # [B]
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # [B, 4*320]
         if self.config.addition_time_embed_dim:
             temb = temb + self.added_embedding(pooled, time_ids, x.shape[0])

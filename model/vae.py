@@ -6,8 +6,8 @@ space of an autoencoder trained with a perceptual + adversarial loss and a small
 penalty towards N(0, I). For SD 1.x and 2.x the encoder maps an RGB image [B, 3, H, W]
 to a diagonal Gaussian over latents [B, 4, H/8, W/8]; the decoder maps latents back.
 
-    image --Encoder--> (mean, logvar) --quant_conv--> z ~ N(mean, exp(logvar))
-    z --post_quant_conv--> Decoder --> image
+    image --VAEEncoder--> (mean, logvar) --quant_conv--> z ~ N(mean, exp(logvar))
+    z --post_quant_conv--> VAEDecoder --> image
 
 Module and parameter names mirror diffusers' AutoencoderKL, so a diffusers VAE state dict
 loads with `load_state_dict(sd, strict=True)`. The resnet block, attention and upsampler are the
@@ -50,7 +50,7 @@ def _resnets(in_channels: int, out_channels: int, num_layers: int, cfg: VAEConfi
                                      cfg.norm_eps) for i in range(num_layers))
 
 
-class Attention(nn.Module):
+class VAEAttention(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
     Used once, in the bottleneck. q/k/v/out are Linear layers over channels (the
     original LDM checkpoints store them as 1x1 convs; same numbers, other shape)."""
@@ -123,7 +123,7 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, cfg: VAEConfig):
         super().__init__()
         self.resnets = _resnets(channels, channels, 2, cfg)
-        self.attentions = nn.ModuleList([Attention(channels, cfg)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, cfg)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -131,7 +131,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Encoder(nn.Module):
+class VAEEncoder(nn.Module):
     """Image [B, 3, H, W] -> Gaussian parameters [B, 2*latent, H/f, W/f], f = 2^(levels-1),
     stacked as (mean, logvar) along channels."""
 
@@ -155,7 +155,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # [B, 8, H/8, W/8]
 
 
-class Decoder(nn.Module):
+class VAEDecoder(nn.Module):
     """Latents [B, latent, h, w] -> image [B, 3, h*f, w*f]. Mirrors the encoder, with one
     more resnet per level. up_blocks[0] is the deepest (lowest-resolution) level."""
 
@@ -190,8 +190,8 @@ class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig = SD):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 

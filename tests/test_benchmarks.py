@@ -1,5 +1,7 @@
 """The benchmark scripts, run end to end on a small random-weight folder."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from model.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
+import gpu_table  # noqa: E402
 import precision  # noqa: E402
 import sdxl  # noqa: E402
 
@@ -84,3 +87,57 @@ def test_sdxl_times_our_unet_against_diffusers_on_the_same_weights(tmp_path, cap
         assert m["step_s"] > 0 and m["peak_rss_gib"] > 0
         assert m["rel_diff_to_diffusers"] < 1e-5  # the same weights and inputs: the same prediction
     assert "| ours |" in capsys.readouterr().out
+
+
+GPU_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def run_gpu_sh(out: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(GPU_SH), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=1800)
+
+
+def test_gpu_script_dry_run_writes_every_part_and_the_table(tmp_path):
+    """benchmarks/gpu.sh's commands, on the CPU with tiny models: each part's JSON, at its settings,
+    and the table made from them."""
+    result = run_gpu_sh(tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:]
+    runs = {r["part"]: r for r in map(json.loads, (tmp_path / "gpu-runs.jsonl").read_text().splitlines())}
+    assert sorted(runs) == sorted(["sd15-setup", "sdxl-setup", *gpu_table.PARTS])
+    assert all(r["rc"] == 0 for r in runs.values()), runs
+    report = {part: json.loads((tmp_path / name).read_text()) for part, name in gpu_table.PARTS.items()}
+    assert [r["mode"] for r in report["sd15-fp16"]["results"]] == ["cfg", "negative"]
+    assert report["sd15-compile"]["settings"]["compile"] == "default"
+    assert all("diffusers" in r for part in ("sd15-fp16", "sd15-compile") for r in report[part]["results"])
+    assert sorted(report["sdxl-fp16"]["medians"]) == ["diffusers-fp16", "fp16"]
+    assert [r["dtype"] for r in report["precision"]["results"]] == ["fp16", "bf16"]
+    assert "decode_tiled" in report["vae-decode"]["results"][0]
+    assert {"cfg", "three-branches", "clip-nothing-taesd", "stub-async-taesd"} <= set(report["vldnp-cost"]["results"])
+    table = (tmp_path / "gpu-table.md").read_text()
+    assert table.startswith("**DRY RUN") and "Not measured" not in table
+    assert table.count("| mode | size | ours ms/step |") == 2 and "| **fp16 / diffusers-fp16** |" in table
+    assert "    python benchmarks/bench.py --model " in table and f"{tmp_path}/" not in table
+    assert "[" in result.stdout.splitlines()[0] and "sd15-compile: done" in result.stdout  # progress, timestamped
+
+
+def test_gpu_script_records_the_parts_it_has_no_time_for(tmp_path):
+    """With its budget spent, every part is recorded as skipped, the table says so, and it exits 1."""
+    result = run_gpu_sh(tmp_path, BUDGET_S="0")
+    assert result.returncode == 1
+    runs = [json.loads(line) for line in (tmp_path / "gpu-runs.jsonl").read_text().splitlines()]
+    assert {r["part"] for r in runs} >= set(gpu_table.PARTS) and all(r["rc"] == -1 for r in runs)
+    table = (tmp_path / "gpu-table.md").read_text()
+    assert table.count("Not measured: skipped: the budget was spent.") == len(gpu_table.PARTS)
+
+
+def test_gpu_table_says_which_part_failed_and_where_its_log_is(tmp_path, capsys):
+    runs = [dict(part="precision", rc=1, seconds=3, limit_s=90, command=["python", "benchmarks/precision.py"],
+                 log="gpu-precision.log"),
+            dict(part="sdxl-fp16", rc=124, seconds=120, limit_s=120, command=["python", "benchmarks/sdxl.py"],
+                 log="gpu-sdxl-fp16.log")]
+    (tmp_path / "gpu-runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert gpu_table.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "Not measured: failed with exit code 1; see gpu-precision.log." in out
+    assert "Not measured: out of time after 120 s; see gpu-sdxl-fp16.log." in out
+    assert "Not measured: not run." in out  # a part with no record at all

@@ -81,7 +81,7 @@ def test_text_model_matches_transformers(config, pad_id, eos_token_id):
 
     hidden = ours(ids)
     assert_close_rel(hidden, expected.last_hidden_state)
-    assert_close_rel(ours.pooled(hidden, ids), expected.pooler_output)
+    assert_close_rel(ours.at_eos(hidden, ids), expected.pooler_output)
 
 
 @torch.no_grad()
@@ -121,7 +121,7 @@ def test_vision_model_matches_transformers():
 
     hidden = ours(pixels)
     assert_close_rel(hidden, expected.last_hidden_state)
-    assert_close_rel(ours.pooled(hidden), expected.pooler_output)
+    assert_close_rel(ours.class_token(hidden), expected.pooler_output)
 
 
 # ---------------------------------------------------------------- both towers

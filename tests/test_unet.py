@@ -102,3 +102,23 @@ def test_presets_are_the_hub_configs(name, preset):
                   down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                   up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, **HUB_UNETS[name])
     assert unet_config_from_diffusers(config) == preset
+
+
+def test_torch_compile_traces_once_for_every_timestep():
+    """The sampling loop passes each timestep as a Python int. torch.compile must make it symbolic
+    (a second trace) rather than trace the UNet again for each value: past its cache limit of 8
+    traces it would fall back to eager for the rest of the run."""
+    ours, _ = build_pair(SD1_SMALL)
+    graphs = []
+
+    def count_graphs(graph, example_inputs):  # a torch.compile backend that runs the traced graph as it is
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=count_graphs)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 48)
+    with torch.no_grad():
+        for t in (981, 961, 941, 921):
+            assert_close_rel(compiled(x, t, context), ours(x, t, context), tol=1e-6)
+    assert len(graphs) <= 2
