@@ -11,6 +11,7 @@ import torch
 from checkpoint.hub import looks_like_repo_id
 from checkpoint.taesd import REPOS as TAESD_REPOS
 from checkpoint.tensors import DTYPES
+from vlm.client import printable
 
 
 class UsageError(Exception):
@@ -112,7 +113,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def fail(message, code: int) -> int:
-    """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`."""
+    """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`.
+    Control characters are shown as escapes (vlm.client.printable), whoever wrote the message."""
     lines = str(message).strip().splitlines()
-    print(f"error: {lines[0] if lines else message}", file=sys.stderr)
+    print(f"error: {printable(lines[0] if lines else str(message))}", file=sys.stderr)
     return code

@@ -1,0 +1,219 @@
+"""What bad input gets: a redirect, a slow or huge server reply, terminal escapes in server text, NUL
+in a prompt, two runs on one folder, sizes that cannot fit in memory and an allocation that fails.
+Each is a failed query or one line and a non-zero exit; nothing already made is lost, and no
+secret goes to a host the user did not name."""
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import generate
+from checkpoints import make_sd_folder
+from cli.args import fail
+from evaluation.methods import RetryingProposer
+from fake_vlm import Trickle, completion, redirect
+from png import SIGNATURE, encode_png, read_png
+from sampler.loop import generate as sample
+from vlm.base import check_proposer
+from vlm.client import VLMClient, printable
+from vlm.dnp import DynamicNegatives
+from vlm.tasks import NUDITY, SAFETY
+from weights import load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "sk-secret-0123456789"
+SIZE = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+IMAGE = torch.zeros(3, 8, 8)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1):
+    return load_pipeline(sd1)
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("VLM_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def run(main, capsys, *argv):
+    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A redirect is not followed: the key would go with it, and another host's answer would be the guard's
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_failed_query_naming_where_it_points(server, api_key, status):
+    elsewhere = server("feet", host="127.0.0.2")
+    named = server(redirect(f"{elsewhere.url}/chat/completions", status))
+    reply = VLMClient(named.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert reply.items == [] and reply.error.startswith(f"HTTP {status} ")
+    assert f"redirects to {elsewhere.url}/chat/completions; not followed" in reply.error, reply.error
+    assert elsewhere.requests == []  # neither the key nor the query went there
+    assert named.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"  # the host named gets it
+
+
+def test_a_redirects_location_is_shown_without_credentials_query_or_escapes(server, api_key):
+    named = server(redirect("http://user:hunter2@127.0.0.2:9/v1/chat/completions?token=abc#x\x1b[2J"))
+    reply = VLMClient(named.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert "redirects to http://127.0.0.2:9/v1/chat/completions?…; not followed" in reply.error, reply.error
+    assert not [secret for secret in ("hunter2", "token", "abc", "\x1b") if secret in reply.error]
+    relative = server(redirect("/v2/chat/completions", 307))
+    reply = VLMClient(relative.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert f"redirects to {relative.url.removesuffix('/v1')}/v2/chat/completions; not followed" in reply.error
+
+
+def test_no_path_that_asks_follows_a_redirect(server, api_key, pipe):
+    """The up-front check, the retries around the client and the hook's asynchronous queries all
+    end at the host named."""
+    elsewhere = server("feet", host="127.0.0.2")
+    named = server(redirect(f"{elsewhere.url}/chat/completions", 303))
+    client = VLMClient(named.url, "m", NUDITY, timeout=5)
+    assert "not followed" in check_proposer(client)
+    retrying = RetryingProposer(client, retries=3, backoff=0)
+    assert "not followed" in retrying(IMAGE, "p", 0).error
+    assert len(named.requests) == 2  # the check's and one more: a redirect is no transient fault, not retried
+    hook = DynamicNegatives(retrying, NUDITY, [0, 1], asynchronous=True)
+    sample(pipe, "p", steps=2, height=16, width=16, hooks=[hook], progress=False)
+    hook.close()
+    errors = [q.error for q in hook.trace[0]]
+    assert "not followed" in errors[0] and None not in errors, errors  # the second may be cancelled at the end
+    assert elsewhere.requests == [] and len(named.requests) >= 3
+
+
+def test_generate_and_evaluate_stop_at_a_redirect_before_loading(server, api_key, tmp_path, capsys):
+    elsewhere = server("feet", host="127.0.0.2")
+    named = server(redirect(f"{elsewhere.url}/chat/completions"))
+    code, out, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", named.url,
+                         *SIZE, "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1 and "the VLM does not answer: HTTP 302 Found" in err[0], err
+    csv = write(tmp_path / "p.csv", "prompt\na cat\n")
+    code, out, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", "org/not-loaded",
+                         "--methods", "vldnp", "--vlm-url", named.url, *SIZE, "--metrics", "none")
+    assert code == 2 and len(err) == 1 and "the VLM does not answer: HTTP 302 Found" in err[0], err
+    assert elsewhere.requests == [] and not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One deadline per query; a reply too large is refused
+
+def test_a_chain_of_slow_redirects_costs_one_timeout_not_one_per_hop(server):
+    hops = [server("feet")]
+    for _ in range(9):
+        hops.append(server({**redirect(f"{hops[-1].url}/chat/completions"), "delay": 0.3}))
+    start = time.perf_counter()
+    reply = VLMClient(hops[-1].url, "m", NUDITY, timeout=1)(IMAGE, "p", 0)
+    took = time.perf_counter() - start
+    assert reply.items == [] and "not followed" in reply.error, reply
+    assert sum(len(hop.requests) for hop in hops) == 1
+    assert took < 1.8  # one query, one deadline (following, the chain took 2.7 s)
+
+
+def test_a_slow_start_then_a_slow_drip_share_one_deadline():
+    """Headers after 0.6 s, then the body a byte every 0.1 s: the query ends at its 1 s deadline."""
+    trickle = Trickle(headers=False, interval=0.1, delay=0.6)
+    try:
+        start = time.perf_counter()
+        reply = VLMClient(trickle.url, "m", NUDITY, timeout=1)(IMAGE, "p", 0)
+        took = time.perf_counter() - start
+    finally:
+        trickle.close()
+    assert reply.error == f"no complete answer from {trickle.url}/chat/completions within 1 s", reply
+    assert took < 1.8
+
+
+def test_a_reply_over_the_size_limit_is_refused(server):
+    huge = server({"body": b"{" + b" " * (2 << 20) + b"}"})
+    reply = VLMClient(huge.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert reply.items == [] and reply.error == "response over 1048576 bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal escapes in server text are shown, not obeyed
+
+ESCAPES = "\x1b[2J\x1b]0;owned\x07\x9b31m\u202e\x7f"  # clear screen, window title, C1 CSI, right-to-left, DEL
+SHOWN = "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e\\x7f"
+OBEYED = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # all but \t and \n
+
+
+def test_printable_escapes_what_a_terminal_obeys_and_nothing_else():
+    assert printable(f"a{ESCAPES}b") == f"a{SHOWN}b"
+    assert printable("line\n\tnext\r", keep="\n\t") == "line\n\tnext\\r"
+    text = "naïve café, 日本語, ✓ — «quoted» \u00a0"
+    assert printable(text) == text
+
+
+def test_escapes_in_server_text_reach_no_reply_or_error_raw(server):
+    vlm = server({"status": 500, "reason": "Oops\x1b[2J\x9b31m\x07", "body": {"error": {"message": f"boom{ESCAPES}"}}},
+                 f"blood{ESCAPES}, gore", f"I'm sorry, I can't help with that.{ESCAPES}",
+                 {"body": f"not json{ESCAPES}".encode()})
+    client = VLMClient(vlm.url, "m", SAFETY, timeout=5)
+    replies = [client(IMAGE, "p", 0) for _ in range(4)]
+    assert "Oops\\x1b[2J\\x9b31m\\x07" in replies[0].error and f"boom{SHOWN}" in replies[0].error, replies[0]
+    assert replies[1].error is None and replies[1].raw == f"blood{SHOWN}, gore"
+    assert replies[1].items[-1] == "gore" and not OBEYED.search("".join(replies[1].items))
+    assert SHOWN in replies[2].error and SHOWN in replies[3].raw
+    for reply in replies:
+        assert not OBEYED.search(reply.raw + (reply.error or "")), reply
+
+
+def test_fail_shows_escapes_as_a_last_defence(capsys):
+    assert fail(f"bad{ESCAPES}\nsecond line", 2) == 2
+    assert capsys.readouterr().err == f"error: bad{SHOWN}\n"
+
+
+def test_generate_and_evaluate_show_a_servers_escapes(server, tmp_path, capsys):
+    vlm = server({"status": 503, "body": {"error": {"message": f"down{ESCAPES}"}}})
+    code, _, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", vlm.url, *SIZE,
+                       "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1 and f"down{SHOWN}" in err[0] and not OBEYED.search(err[0]), err
+    csv = write(tmp_path / "p.csv", "prompt\na cat\n")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", "org/not-loaded",
+                       "--methods", "vldnp", "--vlm-url", vlm.url, "--vlm-retries", "0", *SIZE, "--metrics", "none")
+    assert code == 2 and len(err) == 1 and f"down{SHOWN}" in err[0] and not OBEYED.search(err[0]), err
+
+
+def strings(data):
+    """Every string in a JSON value."""
+    if isinstance(data, str):
+        yield data
+    for value in data.values() if isinstance(data, dict) else data if isinstance(data, list) else ():
+        yield from strings(value)
+
+
+def test_escapes_in_replies_reach_no_warning_trace_or_png(sd1, server, tmp_path, capsys):
+    vlm = server("none", f"I'm sorry, I can't help with that.{ESCAPES}", f"blood{ESCAPES}, gore")
+    out, trace = tmp_path / "x.png", tmp_path / "trace.json"
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--vlm-url", vlm.url, "--vlm-task", "safety",
+                       "--vlm-steps", "0,1", *SIZE, "--out", out, "--trace", trace)
+    assert code == 0, err
+    assert any(SHOWN in line for line in err) and not any(OBEYED.search(line) for line in err), err
+    text = trace.read_text(encoding="utf-8")
+    assert not OBEYED.search(text) and any(SHOWN in s for s in strings(json.loads(text)))
+    assert not OBEYED.search(read_png(out)[1]["parameters"])
