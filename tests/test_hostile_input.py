@@ -217,3 +217,48 @@ def test_escapes_in_replies_reach_no_warning_trace_or_png(sd1, server, tmp_path,
     text = trace.read_text(encoding="utf-8")
     assert not OBEYED.search(text) and any(SHOWN in s for s in strings(json.loads(text)))
     assert not OBEYED.search(read_png(out)[1]["parameters"])
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG text: no NUL in it (the PNG spec forbids it), whatever the prompt holds, and the image is kept
+
+def text_chunks(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(type, keyword, text) of each tEXt and iTXt chunk of PNG `data`."""
+    pos, chunks = len(SIGNATURE), []
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"tEXt":
+            chunks.append((kind, *body.split(b"\0", 1)))
+        elif kind == b"iTXt":  # keyword, compression flag and method, language, translated keyword, text
+            key, rest = body.split(b"\0", 1)
+            chunks.append((kind, key, rest[2:].split(b"\0", 2)[2]))
+        pos += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize("value, kind, shown", [
+    ("a\0b", b"tEXt", "a\\x00b"),
+    ("caf\xe9\0", b"tEXt", "caf\xe9\\x00"),
+    ("日本\0語", b"iTXt", "日本\\x00語"),
+    ("lone \ud800 surrogate", b"iTXt", "lone \\ud800 surrogate"),
+])
+def test_png_text_never_holds_a_nul_and_always_encodes(value, kind, shown):
+    data = encode_png(torch.zeros(2, 2, 3, dtype=torch.uint8), {"parameters": value})
+    (found, key, text), = text_chunks(data)
+    assert (found, key) == (kind, b"parameters") and b"\0" not in text
+    assert text.decode("latin-1" if kind == b"tEXt" else "utf-8") == shown
+
+
+@pytest.mark.parametrize("key", ["", "k" * 80, "a\0b", "日本", " lead", "two  spaces", "tab\t"])
+def test_a_png_keyword_outside_the_spec_is_refused(key):
+    with pytest.raises(ValueError, match="PNG keyword"):
+        encode_png(torch.zeros(2, 2, 3, dtype=torch.uint8), {key: "text"})
+
+
+def test_a_nul_in_a_prompt_keeps_the_image_and_its_png_valid(sd1, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    code, _, err = run(generate.main, capsys, "a\0b 日本", "--model", sd1, "--proposer", "none", *SIZE, "--out", out)
+    assert code == 0, err
+    (kind, key, text), = text_chunks(out.read_bytes())
+    assert kind == b"iTXt" and b"\0" not in text and text.decode("utf-8").startswith("a\\x00b 日本\n")
