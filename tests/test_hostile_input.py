@@ -262,3 +262,45 @@ def test_a_nul_in_a_prompt_keeps_the_image_and_its_png_valid(sd1, tmp_path, caps
     assert code == 0, err
     (kind, key, text), = text_chunks(out.read_bytes())
     assert kind == b"iTXt" and b"\0" not in text and text.decode("utf-8").startswith("a\\x00b 日本\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two evaluate.py runs on one folder: the second is refused while the first holds it
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_killed_run_frees_it(sd1, server, tmp_path, capsys):
+    vlm = server({"content": "none", "delay": 0.3})  # every query takes 0.3 s: the first run is busy a while
+    csv = write(tmp_path / "p.csv", "prompt\n" + "".join(f"person {i}\n" for i in range(6)))
+    out = tmp_path / "run"
+    argv = [csv, "--out", out, "--model", sd1, *SIZE, "--methods", "vldnp", "--vlm-url", vlm.url, "--vlm-steps", "1",
+            "--metrics", "none", "--no-report"]
+    first = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)], cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "records.jsonl").exists():  # it holds the folder and has made an image
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "no record within 60 s"
+            time.sleep(0.02)
+        code, lines, err = run(evaluate.main, capsys, *argv)
+        assert code == 2 and lines == [] and len(err) == 1, err
+        assert err[0].startswith(f"error: --out {out}: another evaluate.py run is using it (pid {first.pid})"), err
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait()
+        first.stderr.close()
+    code, lines, err = run(evaluate.main, capsys, *argv)  # the kernel let go of the killed run's lock
+    assert code == 0, err
+    keys = [json.loads(line)["key"] for line in (out / "records.jsonl").read_text().splitlines()]
+    assert keys == [f"{i}_vldnp_w7.5" for i in range(6)]
+
+
+def test_a_folder_that_is_no_run_gets_no_lock_file(sd1, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    csv = write(tmp_path / "p.csv", "prompt\na cat\n")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", busy, "--model", sd1, *SIZE, "--methods", "sd",
+                       "--metrics", "none")
+    assert code == 2 and "not an evaluation run" in err[0]
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
