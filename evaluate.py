@@ -31,6 +31,7 @@ from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, execute
 from sampler.base import SAMPLERS
+from sampler.memory import TooLargeError, is_out_of_memory
 from sampler.safree import CONCEPT_SETS, concept_set
 from vlm.dnp import PAPER_STEPS, default_query_steps, parse_steps
 from vlm.tasks import TASKS, get_task
@@ -415,8 +416,12 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         return fail(e, 2)
     except OSError as e:
         return fail(e, 1)
-    except torch.cuda.OutOfMemoryError:
-        return fail("out of memory; try a smaller image size or --dtype fp16", 1)
+    except TooLargeError as e:  # found before the first image was sampled
+        return fail(e, 2)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise  # a bug: Python's traceback
+        return fail(f"out of memory; try a smaller image size or --dtype fp16 ({type(e).__name__}: {e})", 1)
     except KeyboardInterrupt:
         return fail(f"interrupted; re-run the same command to resume from {args.out}", 130)
 

@@ -25,6 +25,7 @@ from cli.proposers import make_preview, make_proposer
 from evaluation.methods import Setup, build_methods
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
+from sampler.memory import TooLargeError, is_out_of_memory
 from sampler.schedule import UnsupportedSetting
 from vlm.dnp import DynamicNegatives, static_trace, write_trace_json
 from vlm.preview import VAE_PREVIEW
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     except (RuntimeError, MemoryError) as e:
-        if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e) or "not enough memory" in str(e):
+        if is_out_of_memory(e):
             return fail(f"out of memory; try a smaller --batch or image size ({type(e).__name__}: {e})", 1)
         raise  # a bug: Python's traceback
 
@@ -103,6 +104,8 @@ def run(args) -> int:
         saved = True
     except NonFiniteError as e:
         return fail(f"{e}. Nothing was saved.", 1)
+    except TooLargeError as e:  # found before sampling
+        return fail(f"{e}. Nothing was made.", 2)
     except OSError as e:
         return fail(f"cannot write the image: {e}", 1)
     finally:  # after the images, and for a failed run too

@@ -16,13 +16,17 @@ import pytest
 import torch
 
 import evaluate
+import evaluation.methods
 import generate
 from checkpoints import make_sd_folder
 from cli.args import fail
 from evaluation.methods import RetryingProposer
 from fake_vlm import Trickle, completion, redirect
+from model.unet import SD15, SDXL
+from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png, read_png
-from sampler.loop import generate as sample
+from sampler.loop import Guidance, generate as sample
+from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, unet_bytes, vae_bytes
 from vlm.base import check_proposer
 from vlm.client import VLMClient, printable
 from vlm.dnp import DynamicNegatives
@@ -304,3 +308,104 @@ def test_a_folder_that_is_no_run_gets_no_lock_file(sd1, tmp_path, capsys):
                        "--metrics", "none")
     assert code == 2 and "not an evaluation run" in err[0]
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes that cannot fit in memory are refused before sampling; an allocation that fails is one line
+
+def cfg_peak(unet, batch: int, size: int, rows_per_image: int = 2) -> float:
+    """The estimate, in GiB, for `batch` fp32 images of size x size with SD's VAE (8x)."""
+    return max(unet_bytes(unet, rows_per_image * batch, size // 8, size // 8, 4),
+               vae_bytes(SD_VAE, batch, size, size, 4)) / GiB
+
+
+def test_the_estimate_refuses_nothing_that_runs_on_a_24_gb_machine():
+    """SD1 at 512² in batches of 1 to 4 beside its 4 GiB of fp32 weights, SDXL at 1024² beside its
+    12.9 GiB (docs/performance.md), with VL-DNP's three branches and 2 GiB for everything else."""
+    assert all(cfg_peak(SD15, batch, 512, 3) < 24 - 4 - 2 for batch in (1, 2, 3, 4))
+    assert cfg_peak(SDXL, 1, 1024, 3) < 24 - 12.92 - 2
+
+
+def test_the_estimate_is_above_the_peaks_measured_on_a_cpu():
+    """docs/performance.md, "Activation peaks" (benchmarks/memory_peaks.py): one UNet call and one
+    VAE decode of SD1.5's shapes in fp32; and the growth of whole runs' peaks with size and batch."""
+    for rows, latents, measured in [(2, 64, 0.325), (16, 32, 0.658), (2, 128, 1.002)]:
+        assert unet_bytes(SD15, rows, latents, latents, 4) / GiB >= measured
+    for images, pixels, measured in [(1, 512, 0.989), (4, 256, 0.981), (1, 1024, 3.766)]:
+        assert vae_bytes(SD_VAE, images, pixels, pixels, 4) / GiB >= measured
+    assert cfg_peak(SD15, 1, 1024) - cfg_peak(SD15, 1, 512) >= 10.06 - 7.60  # "With resolution"
+    assert cfg_peak(SD15, 8, 256) - cfg_peak(SD15, 1, 256) >= 8.72 - 7.21  # "With batch"
+
+
+NEEDS = r"need(?:s)? about [\d.]+ GiB for (?:the UNet|the VAE's decode), and cpu has [\d.]+ GiB free; "
+
+
+@pytest.mark.parametrize("flags, advice", [
+    (["--height", "100000", "--width", "100000"], rf"an image of 100000x100000 {NEEDS}at most \d+x\d+ fits, one at a"),
+    (["--height", "16", "--width", "16", "--batch", "1000000"], rf"1000000 images of 16x16 {NEEDS}at most \d+ at once"),
+])
+def test_images_that_cannot_fit_are_refused_before_sampling(sd1, tmp_path, capsys, flags, advice):
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--proposer", "none", "--steps", "2",
+                       "--device", "cpu", "--quiet", *flags, "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1 and re.search(advice, err[0]), err
+    assert list(tmp_path.iterdir()) == []
+    csv = write(tmp_path / "p.csv", "prompt\na cat\n")
+    if "--batch" not in flags:
+        code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "sd",
+                           "--metrics", "none", "--steps", "2", "--device", "cpu", "--quiet", *flags)
+        assert code == 2 and len(err) == 1 and re.search(advice, err[0]), err
+        assert list((tmp_path / "run" / "images").iterdir()) == []
+
+
+def test_what_a_refusal_names_fits(pipe):
+    one, left = Guidance(["a cat"], [""], [None]), 8 * GiB
+    with pytest.raises(TooLargeError, match=r"at most (\d+)x(\d+) fits") as refused:
+        check_memory(pipe, one, 100000, 60000, [], available=left)
+    height, width = map(int, re.search(r"at most (\d+)x(\d+) fits", str(refused.value)).groups())
+    assert height > width and height % 16 == 0 and width % 16 == 0  # 8 latents
+    check_memory(pipe, one, height, width, [], available=left)
+    with pytest.raises(TooLargeError):
+        check_memory(pipe, one, height + 16, width + 16, [], available=left)
+
+    many = lambda n: Guidance(["a cat"] * n, [""] * n, [None] * n)
+    with pytest.raises(TooLargeError, match=r"at most (\d+) at once fit") as refused:
+        check_memory(pipe, many(10**6), 16, 16, [], available=left)
+    batch = int(re.search(r"at most (\d+) at once", str(refused.value))[1])
+    check_memory(pipe, many(batch), 16, 16, [], available=left)
+    with pytest.raises(TooLargeError):
+        check_memory(pipe, many(batch + 1), 16, 16, [], available=left)
+
+
+def cpu_allocation_failure() -> RuntimeError:
+    """The RuntimeError of the CPU allocator, from asking it for 1 PiB (more than any address space)."""
+    try:
+        torch.empty(1 << 50, dtype=torch.uint8)
+    except RuntimeError as e:
+        return e
+    raise AssertionError("1 PiB was allocated")
+
+
+def test_is_out_of_memory_knows_each_devices_failure():
+    assert is_out_of_memory(cpu_allocation_failure()) and is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: "
+                                         "1.00 GB, max allowed: 18.13 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_an_allocation_that_fails_is_one_line_exit_1(sd1, tmp_path, capsys, monkeypatch):
+    error = cpu_allocation_failure()
+
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(generate, "generate", failing)
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--proposer", "none", *SIZE,
+                       "--out", tmp_path / "x.png")
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: out of memory; try a smaller --batch"), err
+    monkeypatch.setattr(evaluation.methods, "generate", failing)
+    csv = write(tmp_path / "p.csv", "prompt\na cat\n")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "sd",
+                       "--metrics", "none", *SIZE)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: out of memory; try a smaller"), err
+    assert not (tmp_path / "x.png").exists() and list((tmp_path / "run" / "images").iterdir()) == []
