@@ -21,7 +21,7 @@ import generate
 from checkpoints import make_sd_folder
 from cli.args import fail
 from evaluation.methods import RetryingProposer
-from fake_vlm import Trickle, completion, redirect
+from fake_vlm import Trickle, redirect
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png, read_png
