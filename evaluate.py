@@ -28,6 +28,7 @@ from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
 from leaves import MissingLeaf
 from methods import METHODS
+from sampler.memory import TooLargeError, is_out_of_memory
 
 METRICS = ("nudenet", "nudenet-detector", "clip")
 DEFAULT_CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"
@@ -284,8 +285,12 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         return fail(e, 2)
     except OSError as e:
         return fail(e, 1)
-    except torch.cuda.OutOfMemoryError:
-        return fail("out of memory; try a smaller image size or --dtype fp16", 1)
+    except TooLargeError as e:  # found before the first image was sampled
+        return fail(e, 2)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise  # a bug: Python's traceback
+        return fail(f"out of memory; try a smaller image size or --dtype fp16 ({type(e).__name__}: {e})", 1)
     except KeyboardInterrupt:
         return fail(f"interrupted; re-run the same command to resume from {args.out}", 130)
 

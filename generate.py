@@ -12,9 +12,10 @@ import sys
 
 import weights
 from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, finite, given_options, int_pair
-from cli.outputs import EXAMPLES, check_out, check_sizes, is_out_of_memory, png_text, save, write_trace
+from cli.outputs import EXAMPLES, check_out, check_sizes, png_text, save, write_trace
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
+from sampler.memory import TooLargeError, is_out_of_memory
 
 DEMO_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -117,6 +118,8 @@ def run(args, method) -> int:
         saved = True
     except NonFiniteError as e:
         return fail(f"{e}. Nothing was saved.", 1)
+    except TooLargeError as e:  # found before sampling
+        return fail(f"{e}. Nothing was made.", 2)
     except OSError as e:
         return fail(f"cannot write the image: {e}", 1)
     finally:  # after the images, and for a failed run too

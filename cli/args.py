@@ -14,6 +14,7 @@ import methods
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from sampler.base import SAMPLERS
+from vlm.base import printable
 from vlm.proposers import check_preview_decoder
 from vlm.tasks import TASKS
 
@@ -226,7 +227,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def fail(message, code: int) -> int:
-    """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`."""
+    """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`.
+    Control characters are shown as escapes (vlm.client.printable), whoever wrote the message."""
     lines = str(message).strip().splitlines()
-    print(f"error: {lines[0] if lines else message}", file=sys.stderr)
+    print(f"error: {printable(lines[0] if lines else str(message))}", file=sys.stderr)
     return code

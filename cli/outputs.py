@@ -55,11 +55,6 @@ def check_sizes(args, pipe, sampler):
                          f"({pipe.family}) takes none")
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e) \
-        or "not enough memory" in str(e)
-
-
 def png_text(args, plan, seed: int, height: int, width: int, model: str, sizes: dict, b: int) -> str:
     """Image b's `parameters` text: the common settings, SDXL's micro-conditioning where it is not
     the default, the method's, and the batch's."""

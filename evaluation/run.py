@@ -9,6 +9,8 @@ folder keeps everything:
     records.rank{r}.jsonl   under torchrun, the lines rank r appends; rank 0 merges every rank's
                             into records.jsonl at the end
     summary.md, ...         the report (evaluation/report.py), written from the merged records
+    .lock                   locked (flock) while a run works here: a second run on the folder is
+                            refused; the kernel lets go when the process ends, killed or not
 
 Nothing is lost. An image is written (atomically) before its record, and a record is one
 os.write on an O_APPEND file followed by fsync, so a crash or Ctrl-C loses at most the image in
@@ -23,6 +25,7 @@ and lists the jobs still to do; they are dealt round-robin, job i of that list t
 i mod world_size; each rank writes its own records file; after a barrier, rank 0 merges the
 files and writes the report. Rank r uses cuda:LOCAL_RANK.
 """
+import errno
 import json
 import os
 import sys
@@ -44,8 +47,14 @@ from files import write_atomic
 from methods import Method
 from sampler.loop import NonFiniteError, generate
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 SETTINGS_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
+LOCK_FILE = ".lock"
 IMAGES = "images"
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
 # than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.
@@ -121,15 +130,16 @@ class RunError(Exception):
 def execute(spec: RunSpec) -> int:
     """Runs (or resumes) the evaluation on this rank. Returns the exit status: 0 when every image
     is done, 1 when some failed (a re-run retries them). Raises RunError before the work starts."""
-    group = Group.start(spec.device)
+    group, lock = Group.start(spec.device), RunLock(spec.out)
     try:
-        return _execute(spec, group)
+        return _execute(spec, group, lock)
     finally:
+        lock.release()
         group.close()
 
 
-def _execute(spec: RunSpec, group: "Group") -> int:
-    error = prepare_run_dir(spec.out, spec.settings, spec.info) if group.rank == 0 else None
+def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
+    error = (lock.take() or prepare_run_dir(spec.out, spec.settings, spec.info)) if group.rank == 0 else None
     error = group.broadcast(error)
     if error:
         raise RunError(error, quiet=group.rank != 0)
@@ -285,7 +295,7 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
                 return (f"--out {out} holds a run with other settings ({settings_difference(stored, settings)}); "
                         "resume it with the same arguments, or use a new --out")
         else:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if out.exists() and (not out.is_dir() or _holds_files(out)):
                 return f"--out {out}: exists and is not an evaluation run (no {SETTINGS_FILE}); give a new or empty folder"
             (out / IMAGES).mkdir(parents=True, exist_ok=True)
             write_atomic(path, run_json(settings, info))
@@ -293,6 +303,54 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
     except OSError as e:
         return f"--out {out}: {e.strerror or e}"
     return None
+
+
+def _holds_files(out: Path) -> bool:
+    """Whether folder `out` holds anything but a lock file."""
+    return any(p.name != LOCK_FILE for p in out.iterdir())
+
+
+class RunLock:
+    """An exclusive flock(2) on RUN_DIR/.lock, held by rank 0 while a run works in the folder, so
+    that a second run on it is refused rather than making every image again beside the first. The
+    kernel lets go of it when the process ends, however it ends: a killed run leaves nothing stuck.
+    The file stays (unlinking it would let two runs lock two files); it holds the holder's pid."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = out / LOCK_FILE, None
+
+    def take(self) -> str | None:
+        """Takes the lock, without waiting; returns a one-line error when another run holds it. A
+        folder that is no run (prepare_run_dir refuses it) gets no lock file."""
+        out = self.path.parent
+        if fcntl is None or (out.exists() and (not out.is_dir() or (not (out / SETTINGS_FILE).exists()
+                                                                      and _holds_files(out)))):
+            return None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            return f"--out {out}: {e.strerror or e}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks: run unlocked
+                return None
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return (f"--out {out}: another evaluate.py run is using it" + (f" (pid {holder})" if holder else "")
+                        + "; wait for it to end, or give another --out")
+            return f"--out {out}: cannot lock {LOCK_FILE} ({e.strerror})"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+        return None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing it drops the lock
+            self.fd = None
 
 
 def run_json(settings: dict, info: dict | None, created: str | None = None) -> str:

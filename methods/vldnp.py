@@ -27,8 +27,7 @@ from leaves import Leaves
 from methods.base import Method, Plan, classic_negative, write_json
 from png import write_png
 from sampler.loop import words
-from vlm.base import Reply, valid_text
-from vlm.client import one_line, prepare_image
+from vlm.base import Reply, one_line, prepare_image, valid_text
 from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 

@@ -15,9 +15,9 @@ def sd1(tmp_path_factory):
 
 @pytest.fixture
 def server():
-    """server(*script) starts a ScriptedVLM on 127.0.0.1; all are closed after the test."""
+    """server(*script, host="127.0.0.1") starts a ScriptedVLM; all are closed after the test."""
     servers = []
-    yield lambda *script: servers.append(ScriptedVLM(script)) or servers[-1]
+    yield lambda *script, **kwargs: servers.append(ScriptedVLM(script, **kwargs)) or servers[-1]
     for s in servers:
         s.close()
 

@@ -1,4 +1,4 @@
-"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1, for the VLM tests."""
+"""A scripted OpenAI-compatible chat-completions server on a loopback address, for the VLM tests."""
 import json
 import socket
 import threading
@@ -17,11 +17,12 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class LocalServer:
-    """Serves `handler` (a QuietHandler class) on a free loopback port, in a thread, until close()."""
+    """Serves `handler` (a QuietHandler class) on a free port of loopback address `host` (all of
+    127.0.0.0/8 is loopback: a second host for redirect tests), in a thread, until close()."""
 
-    def __init__(self, handler):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def __init__(self, handler, host: str = "127.0.0.1"):
+        self.server = ThreadingHTTPServer((host, 0), handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -31,19 +32,22 @@ class LocalServer:
 
 class ScriptedVLM(LocalServer):
     """Answers POSTs from a script, one entry per request (the last entry repeats), and records
-    each request's path, headers and JSON body. An entry is the reply content (str) or a dict:
-    content | body (bytes, or an object sent as JSON), status, delay (s), wait (an Event to wait
+    each request's method, path, headers and JSON body (None for a GET, which a client following a
+    302 or 303 sends, and which is answered alike). An entry is the reply content (str) or a dict:
+    content | body (bytes, or an object sent as JSON), status, reason (the status line's phrase),
+    headers (more response headers, e.g. a redirect's Location), delay (s), wait (an Event to wait
     for before answering), answered (an Event set once the answer is sent)."""
 
-    def __init__(self, script):
+    def __init__(self, script, host: str = "127.0.0.1"):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
         vlm = self
 
         class Handler(QuietHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with vlm.lock:
-                    vlm.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
+                    vlm.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                         "json": json.loads(body) if body else None})
                     entry = vlm.script.pop(0) if len(vlm.script) > 1 else vlm.script[0]
                 entry = {"content": entry} if isinstance(entry, str) else entry
                 data = entry.get("body", completion(entry.get("content")))
@@ -52,7 +56,9 @@ class ScriptedVLM(LocalServer):
                     entry["wait"].wait(10)
                 time.sleep(entry.get("delay", 0))
                 try:
-                    self.send_response(entry.get("status", 200))
+                    self.send_response(entry.get("status", 200), entry.get("reason"))
+                    for name, value in entry.get("headers", {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -62,7 +68,45 @@ class ScriptedVLM(LocalServer):
                 if "answered" in entry:
                     entry["answered"].set()
 
+            do_GET = do_POST
+
+        super().__init__(Handler, host)
+
+
+class Trickle(LocalServer):
+    """A server that waits `delay` seconds, then answers "feet" one byte every `interval` seconds:
+    the whole response, or with `headers=False` the body only."""
+
+    def __init__(self, headers: bool, interval: float = 0.1, delay: float = 0.0):
+        stop = self.stop = threading.Event()
+
+        class Handler(QuietHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps(completion("feet")).encode()
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                if stop.wait(delay):
+                    return
+                self.wfile.write(b"" if headers else head)
+                for byte in (head if headers else b"") + body:
+                    if stop.wait(interval):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                    except OSError:  # the client gave up
+                        return
+
         super().__init__(Handler)
+
+    def close(self):
+        self.stop.set()
+        super().close()
+
+
+def redirect(location: str, status: int = 302) -> dict:
+    """A ScriptedVLM entry that redirects to `location`."""
+    return {"status": status, "headers": {"Location": location}, "body": b""}
 
 
 def dead_url() -> str:

@@ -26,6 +26,7 @@ HELP = {
     "benchmarks/load.py": [["--help"]],
     "benchmarks/precision.py": [["--help"]],
     "benchmarks/vae_decode.py": [["--help"]],
+    "benchmarks/memory_peaks.py": [["--help"]],
     "benchmarks/vldnp_cost.py": [["--help"]],
     "benchmarks/sdxl.py": [["--help"]],
 }

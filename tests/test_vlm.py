@@ -13,12 +13,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import weights
 from checkpoints import make_sd_folder
-from fake_vlm import LocalServer, QuietHandler, completion, dead_url
+from fake_vlm import Trickle, completion, dead_url
 from helpers import FixedProposer, assert_close_rel, rel_err
 from png import read_png
 from sampler.loop import generate, to_uint8
 from vlm.base import Reply
-from vlm.client import VLMClient, prepare_image
+from vlm.base import prepare_image
+from vlm.client import VLMClient
 from methods.vldnp import DynamicNegatives, default_query_steps, parse_steps
 from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
 
@@ -291,35 +292,6 @@ def test_reply_forms(server):
     reply = client(image, "p", 0)
     assert reply.raw == "feet \ufffd" and reply.items == ["feet"]
     reply.raw.encode("utf-8")
-
-
-class Trickle(LocalServer):
-    """A server on 127.0.0.1 that answers "feet" one byte every `interval` seconds: the whole
-    response, or with `headers=False` the body only."""
-
-    def __init__(self, headers: bool, interval: float = 0.1):
-        stop = self.stop = threading.Event()
-
-        class Handler(QuietHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                body = json.dumps(completion("feet")).encode()
-                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
-                self.wfile.write(b"" if headers else head)
-                for byte in (head if headers else b"") + body:
-                    if stop.wait(interval):
-                        return
-                    try:
-                        self.wfile.write(bytes([byte]))
-                    except OSError:  # the client gave up
-                        return
-
-        super().__init__(Handler)
-
-    def close(self):
-        self.stop.set()
-        super().close()
 
 
 @pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])

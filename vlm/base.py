@@ -1,9 +1,13 @@
-"""What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply."""
+"""What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply; and the text and image
+helpers every proposer and the VL-DNP hook share (server text made printable, x0 as uint8)."""
 import re
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
+
+from sampler.loop import to_uint8
 
 
 @dataclass
@@ -32,6 +36,37 @@ def valid_text(text: str) -> str:
     """`text` with each lone surrogate replaced by U+FFFD. JSON can carry one ("\\ud83d") but UTF-8
     cannot, so a reply holding one could be written to no file or PNG."""
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides and isolates that reorder
+# what a terminal shows (as in "Trojan Source", Boucher & Anderson 2021)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with each control character (C0, DEL, C1) and bidirectional override written as its
+    Python escape, \\x1b or \\u202e, so that a terminal shows it rather than obeys it (ESC [2J
+    clears the screen, ESC ]0; sets the window title); the characters in `keep` (say "\\n") stay."""
+    return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (each run of white space one space), `printable`, cut to `limit` characters."""
+    text = printable(" ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """[3, H, W] in [-1, 1] -> uint8 [h, w, 3], scaled (bicubic, antialiased) so that its longer
+    side is `size`, which keeps the aspect ratio; at size None or the image's own size, exactly
+    `to_uint8` of the image."""
+    H, W = image.shape[-2:]
+    if size is None or max(H, W) == size:
+        return to_uint8(image[None])[0]
+    h, w = max(1, round(H * size / max(H, W))), max(1, round(W * size / max(H, W)))
+    x = (image[None].float() * 0.5 + 0.5).clamp(0, 1)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return (x[0].permute(1, 2, 0).cpu() * 255).round().to(torch.uint8)
 
 
 def check_proposer(proposer) -> str | None:

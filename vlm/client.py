@@ -11,8 +11,14 @@ request: one user message whose content is the question and the image as a data 
 and answer with choices[0].message.content, a string (some servers: a list of text parts).
 Standard library only. A query never raises: every failure is a Reply with no items and a
 one-line error, so the sampler keeps the negative already in force.
+
+The server is not trusted. A redirect is not followed: the request, with its API key, goes to the
+URL given and nowhere else. One deadline bounds a whole query, and one size limit its reply.
+Server text (errors, replies) is kept as `printable` text, with no control character a terminal
+would obey.
 """
 import base64
+import functools
 import http.client
 import ipaddress
 import json
@@ -23,14 +29,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import torch
-import torch.nn.functional as F
 
 from png import encode_png
-from sampler.loop import to_uint8
-from vlm.base import Reply, valid_text
+from vlm.base import Reply, one_line, prepare_image, printable, valid_text
 from vlm.tasks import MAX_REPLY_CHARS, Task, is_refusal
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
@@ -43,19 +47,6 @@ class QueryError(Exception):
     def __init__(self, message: str, raw: str = ""):
         super().__init__(message)
         self.raw = raw
-
-
-def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """[3, H, W] in [-1, 1] -> uint8 [h, w, 3], scaled (bicubic, antialiased) so that its longer
-    side is `size`, which keeps the aspect ratio; at size None or the image's own size, exactly
-    `to_uint8` of the image."""
-    H, W = image.shape[-2:]
-    if size is None or max(H, W) == size:
-        return to_uint8(image[None])[0]
-    h, w = max(1, round(H * size / max(H, W))), max(1, round(W * size / max(H, W)))
-    x = (image[None].float() * 0.5 + 0.5).clamp(0, 1)
-    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    return (x[0].permute(1, 2, 0).cpu() * 255).round().to(torch.uint8)
 
 
 def chat_url(base_url: str) -> str:
@@ -85,19 +76,16 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 class VLMClient:
     """Asks `task.question` about each image; the reply, parsed by `task`, is the Reply's items.
 
     image_size: the longer side the image is scaled to before sending. 448 is the paper's size
                 (448x448 for SD's square images); None sends the decoded image as it is.
-    timeout:    seconds for the whole request; slower answers are faults.
+    timeout:    seconds for the whole query (connect, send, read the whole reply); slower
+                answers are faults.
     The API key, if any, is read once from $VLM_API_KEY, else $OPENAI_API_KEY (or from
-    `api_key_env`), and sent as a Bearer token. Requests to loopback hosts bypass proxies."""
+    `api_key_env`), and sent as a Bearer token to `base_url`'s host alone: a redirect is a failed
+    query. Requests to loopback hosts bypass proxies."""
 
     def __init__(self, base_url: str, model: str, task: Task, *, max_tokens: int = 64, timeout: float = 30.0,
                  image_size: int | None = 448, api_key_env: str | None = None):
@@ -106,7 +94,7 @@ class VLMClient:
         names = (api_key_env,) if api_key_env else API_KEY_VARS
         self.api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
         no_proxy = [urllib.request.ProxyHandler({})] if _is_loopback(urlsplit(self.url).hostname) else []
-        self._opener = urllib.request.build_opener(*no_proxy, _HTTPHandler, _HTTPSHandler)
+        self._opener = urllib.request.build_opener(*no_proxy, _HTTPHandler, _HTTPSHandler, _NoRedirects)
 
     def __repr__(self):
         return f"VLMClient({self.url!r}, model={self.model!r}, task={self.task.name!r})"
@@ -128,9 +116,9 @@ class VLMClient:
         start = time.perf_counter()
         try:
             content = reply_text(self._post(json.dumps(self.request(image)).encode("utf-8")))
-            return Reply(self.task.parse(content), content, None, time.perf_counter() - start)
+            return Reply(self.task.parse(content), printable(content, keep="\n\t"), None, time.perf_counter() - start)
         except QueryError as e:
-            return Reply([], e.raw, str(e), time.perf_counter() - start)
+            return Reply([], printable(e.raw, keep="\n\t"), str(e), time.perf_counter() - start)
         except Exception as e:  # anything else is a bug somewhere, but still only a lost query
             return Reply([], "", one_line(f"{type(e).__name__}: {e}"), time.perf_counter() - start)
 
@@ -139,13 +127,18 @@ class VLMClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        deadline = time.monotonic() + self.timeout
+        deadline = request.deadline = time.monotonic() + self.timeout  # read by the connection (_Deadline)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 body = _read(response)
         except QueryError:
             raise
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                raise QueryError(one_line(f"HTTP {e.code} {e.reason} from {self.url}: redirects to "
+                                          f"{_where(e.headers.get('Location'), self.url)}; not followed, so that "
+                                          "the query and its API key reach no host but the one given (give that "
+                                          "URL instead if it is the server)")) from None
             try:
                 detail = _error_detail(e.read(4096))
             except OSError:
@@ -181,16 +174,40 @@ def _read(response) -> bytes:
     return body
 
 
+def _where(location: str | None, base: str) -> str:
+    """Where a redirect points, as an error may show it: resolved against `base`, without the user
+    name, password, query or fragment it may carry (a query is shown as ?…), `printable`, short."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        parts = urlsplit(urljoin(base, location.strip()))
+        where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + ("?…" if parts.query else "")
+    except ValueError:  # e.g. an unclosed [ in an IPv6 host
+        where = location
+    return one_line(where, 200)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect. urllib's would send the headers, the API key among them, to any host a
+    Location names (a 302 as a GET, without the image) and return that host's answer as the VLM's.
+    A 3xx then reaches the client as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 # The socket's timeout bounds each read, not the request: a server sending a byte a second would
-# hold a request for ever. These connections shut their socket down `timeout` seconds after they
-# were made, whatever the request is waiting for then (the connection, the headers or the body).
+# hold a request for ever. These connections shut their socket down at the query's deadline
+# (request.deadline, set by VLMClient._post), whatever the request is waiting for then (the
+# connection, the headers or the body); connecting waits until then at most.
 
 class _Deadline:
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, deadline: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self.deadline = time.monotonic() + self.timeout
+        self.deadline = deadline
 
     def connect(self):
+        self.timeout = max(0.001, self.deadline - time.monotonic())  # the socket's timeout for connecting
         super().connect()
         timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), _shut_down, [self.sock])
         timer.daemon = True
@@ -214,12 +231,13 @@ class _HTTPSConnection(_Deadline, http.client.HTTPSConnection):
 
 class _HTTPHandler(urllib.request.HTTPHandler):
     def http_open(self, request):
-        return self.do_open(_HTTPConnection, request)
+        return self.do_open(functools.partial(_HTTPConnection, deadline=request.deadline), request)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, request):
-        return self.do_open(_HTTPSConnection, request, context=self._context)
+        return self.do_open(functools.partial(_HTTPSConnection, deadline=request.deadline), request,
+                            context=self._context)
 
 
 def _error_detail(body: bytes) -> str:
