@@ -130,7 +130,26 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
                    "x0 previews the proposer sees: vae, the model's own, as in the paper; taesd or taesdxl, the tiny "
                    "autoencoders (madebyollin/taesd, taesdxl; cheaper, softer); or a TAESD folder or "
                    "taesd_decoder.safetensors (default: vae)")
-    return [a.dest for group in (w, v) for a in group._group_actions]
+
+    d = p.add_argument_group("Dynamic Negative Guidance (Koulischer et al., ICLR 2025): w_neg = lambda p_t/(1 - p_t), "
+                             "p_t the posterior that the image holds the negative (methods/dng.py)")
+    d.add_argument("--dng-lambda", dest="dng_lambdas", type=comma_list(finite), default=[20.0], metavar="L",
+                   help="lambda, for dng and vldnp's --negative-schedule dng"
+                        + ("; a comma list sweeps it, one method per value, e.g. 10,20,30" if many else "")
+                        + " (default: 20)")
+    d.add_argument("--dng-prior", type=finite, default=0.01, metavar="P", help="p_t at the first step, or at the step "
+                   "a negative appears (default: %(default)s)")
+    d.add_argument("--dng-temperature", type=finite, default=0.2, metavar="T", help="how fast p_t follows the steps; "
+                   "0 with --dng-offset 0 keeps it at the prior (default: %(default)s)")
+    d.add_argument("--dng-offset", type=finite, default=0.003, metavar="D", help="added to the log-likelihood ratio of "
+                   "each step, before the division by 2 sigma^2 (default: %(default)s)")
+    d.add_argument("--dng-p-min", type=finite, default=1e-6, metavar="P", help="p_t's floor (default: %(default)s)")
+    d.add_argument("--dng-p-max", type=finite, default=0.99, metavar="P", help="p_t's ceiling (default: %(default)s)")
+    d.add_argument("--negative-schedule", type=comma_list(), default=["constant"], metavar="LIST",
+                   help="vldnp's negative strength: constant, the paper's w_neg (--negative-scale); dng, DNG's "
+                        "w_neg for the negative it sees, from the prior at the step it appears (--dng-*)"
+                        + ("; a comma list runs each, e.g. constant,dng" if many else "") + " (default: constant)")
+    return [a.dest for group in (w, v, d) for a in group._group_actions]
 
 
 def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -150,6 +169,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
                  ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
+                 ("dng_lambdas", args.dng_lambdas and min(args.dng_lambdas) >= 0, "numbers of 0 or more"),
                  ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
                  ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
                  ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
@@ -184,7 +204,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
 
 def flag(dest: str) -> str:
     """The option a dest comes from: negative_scales -> --negative-scale."""
-    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance"}.get(
+    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance", "dng_lambdas": "--dng-lambda"}.get(
         dest, "--" + dest.replace("_", "-"))
 
 
