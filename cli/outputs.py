@@ -24,6 +24,7 @@ examples:
   python generate.py "a person at the beach" --proposer none          # plain Stable Diffusion
   python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
+  python generate.py "a person at the beach" --method dng --sampler euler-a --trace trace.json
 
 Prints the seed, then the path of each image written.
 Exit status:
