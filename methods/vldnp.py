@@ -348,8 +348,10 @@ class VLDNP(Method):
         except ValueError as e:
             raise ValueError(f"--vlm-steps: {e}") from None
         source = ProposerSource(args, args.task)
-        made = lambda w, strength=None: cls(w, args.task, tuple(steps), source, None, args.vlm_async,  # noqa: E731
-                                            args.full_decode, None, args.negative_prompt, strength)
+
+        def made(w, strength=None):
+            return cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
+                       args.negative_prompt, strength)
         methods = [made(w) for w in args.negative_scales] if "constant" in args.negative_schedule else []
         if "dng" in args.negative_schedule:
             methods += [made(s.scale(s.prior), s) for s in SCHEDULES["dng"].from_args(args, "vldnp+dng")]
@@ -399,7 +401,8 @@ class VLDNP(Method):
         strength = None if self.strength is None else self.strength.hook()  # after `hook`, which sets the negatives
         scale = {"Negative scale": f"{self.negative_scale:g}"} if strength is None else \
             {"VL-DNP schedule": "dng", "DNG": self.strength.text()}
-        return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": [hook] + ([strength] if strength else [])},
+        hooks = [hook] if strength is None else [hook, strength]
+        return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": hooks},
                          {"Method": self.label, "VL-DNP": f"{name} {self.task.name}", **scale,
                           "VL-DNP steps": " ".join(map(str, self.query_steps)) or "none"},
                          classic_negative(self.negative_prompt), hook, strength)
