@@ -26,7 +26,7 @@ def parse_args(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
     p.add_argument("--method", metavar="NAME", help="how the image is guided: sd, negative, static, vldnp, "
-                   "sld-weak ... sld-max, safree, as evaluate.py's method NAME makes it (default: --proposer decides)")
+                   "sld-weak ... sld-max, safree, dng, as evaluate.py's method NAME makes it (default: --proposer decides)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
     p.add_argument("--eta", type=finite, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... with --batch; a missing folder "
                    "is made (default: a new file in outputs/, never overwriting)")
     p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: "
-                   "each query, and the images the proposer saw as PATH.filmstrip.png)")
+                   "each query, and the images the proposer saw as PATH.filmstrip.png; DNG: p_t and w_neg at each step)")
     options = add_shared_arguments(p, sampler="ddim", many=False)
     args = p.parse_args(argv)
     given = given_options(p, argv)

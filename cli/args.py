@@ -111,7 +111,23 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     w.add_argument("--full-decode", action="store_true", help="decode all of x0, not just what the proposer sees")
     w.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
                    "x0 previews: the model's vae, as in the paper, or TAESD, cheaper and softer (default: vae)")
-    return [a.dest for a in w._group_actions]
+
+    d = p.add_argument_group("Dynamic Negative Guidance (Koulischer et al., ICLR 2025; methods/dng.py)")
+    d.add_argument("--dng-lambda", dest="dng_lambdas", type=comma_list(finite), default=[20.0], metavar="L",
+                   help="lambda in w_neg = lambda p_t/(1 - p_t), for dng and --negative-schedule dng"
+                   + ("; a list sweeps it" if many else "") + " (default: 20)")
+    d.add_argument("--dng-prior", type=finite, default=0.01, metavar="P", help="p_t where a negative starts "
+                   "(default: %(default)s)")
+    d.add_argument("--dng-temperature", type=finite, default=0.2, metavar="T", help="how fast p_t follows the steps; "
+                   "0 with --dng-offset 0 keeps it at the prior (default: %(default)s)")
+    d.add_argument("--dng-offset", type=finite, default=0.003, metavar="D", help="added to each step's "
+                   "log-likelihood ratio (default: %(default)s)")
+    d.add_argument("--dng-p-min", type=finite, default=1e-6, metavar="P", help="p_t's floor (default: %(default)s)")
+    d.add_argument("--dng-p-max", type=finite, default=0.99, metavar="P", help="p_t's ceiling (default: %(default)s)")
+    d.add_argument("--negative-schedule", type=comma_list(), default=["constant"], metavar="LIST", help="vldnp's "
+                   "strength: constant (--negative-scale), or dng, DNG's for the negative it sees (--dng-*)"
+                   + ("; a list runs each" if many else "") + " (default: constant)")
+    return [a.dest for group in (w, d) for a in group._group_actions]
 
 
 def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -131,6 +147,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
                  ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
+                 ("dng_lambdas", args.dng_lambdas and min(args.dng_lambdas) >= 0, "numbers of 0 or more"),
                  ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
                  ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
                  ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
@@ -166,7 +183,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
 
 def flag(dest: str) -> str:
     """The option a dest comes from: negative_scales -> --negative-scale."""
-    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance"}.get(
+    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance", "dng_lambdas": "--dng-lambda"}.get(
         dest, "--" + dest.replace("_", "-"))
 
 

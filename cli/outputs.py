@@ -21,6 +21,7 @@ examples:
   python generate.py "a castle on a hill" --model stabilityai/sdxl-turbo --sampler euler-a --steps 1 --guidance 0
   python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
   python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
+  python generate.py "a person at the beach" --method dng --sampler euler-a --trace trace.json
 
 Prints the seed, then each image's path. Exit status: 0 done; 1 sampling failed (nothing saved), or
 the trace could not be written; 2 bad argument or model, or a VLM that does not answer (see

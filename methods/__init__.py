@@ -6,6 +6,8 @@
     vldnp     VL-DNP (Chang et al. 2025): the negative is what a proposer sees in the predicted image
     sld       Safe Latent Diffusion (Schramowski et al. 2023) at its four presets
     safree    SAFREE (Yoon et al. 2025): the prompt's embedding filtered off the concepts' subspace
+    dng       Dynamic Negative Guidance (Koulischer et al. 2025): a fixed negative whose strength follows
+              the posterior that the image holds it
 
 generate.py --method NAME makes one image as a method does; evaluate.py --methods compares them.
 Every method is a leaf (leaves.py): a fork deletes a method's file and its line below.
@@ -22,6 +24,7 @@ METHODS: Leaves = Leaves("method", {
     "vldnp": "methods.vldnp:VLDNP",
     "sld": "methods.sld:SLD",
     "safree": "methods.safree:Safree",
+    "dng": "methods.dng:DNG",
 })
 
 

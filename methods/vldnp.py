@@ -10,7 +10,9 @@ negative prompt that applies from step i on, as a third guidance branch:
 `DynamicNegatives` is a sampler hook (sampler/loop.py) that does this for each image of the
 batch with its own x0, prompt, query and negative. While the proposer sees nothing, the image
 runs no negative branch. A failed query keeps the negative in force. `VLDNP` is the method: the
-hook with the proposer a command line names (vlm/proposers.py), at one w_neg.
+hook with the proposer a command line names (vlm/proposers.py), at one w_neg, or with
+--negative-schedule dng at a strength that follows Dynamic Negative Guidance's posterior for the
+negative it sees (methods/dng.py, a leaf imported only then).
 """
 import dataclasses
 import sys
@@ -32,6 +34,8 @@ from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
+# --negative-schedule: "constant" is the paper's fixed w_neg and needs nothing more
+SCHEDULES: Leaves = Leaves("negative schedule", {"dng": "methods.dng:Strength"})
 FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
 LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:filmstrip"})
 
@@ -262,15 +266,15 @@ class DynamicNegatives:
                        for b, prompt in enumerate(self.prompts)],
         }
 
-    def write_trace(self, path) -> Path:
-        """Writes the trace as JSON at `path` and, if images were sent, the filmstrip (vlm/filmstrip.py, a
-        leaf) beside it as <stem>.filmstrip.png. Closes the hook first, so the trace is complete. A filmstrip that
-        cannot be written raises after the JSON is written."""
+    def write_trace(self, path, data: dict | None = None) -> Path:
+        """Writes the trace as JSON at `path` (`data`, by default trace_dict()) and, if images were sent,
+        the filmstrip (vlm/filmstrip.py, a leaf) beside it as <stem>.filmstrip.png. Closes the hook first,
+        so the trace is complete. A filmstrip that cannot be written raises after the JSON is written."""
         self.close()
         path = Path(path)
         strip = LEAVES["filmstrip"](self._frames, [[(q.step, q.error is not None) for q in row] for row in self.trace]) \
             if LEAVES.present("filmstrip") else None
-        data, film_error = self.trace_dict(), None
+        data, film_error = dict(data or self.trace_dict()), None
         data["filmstrip"] = None
         if strip is not None:
             try:
@@ -289,10 +293,12 @@ class VLDNP(Method):
     """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py), or what makes one and its preview
     decoder: vlm/proposers.py's ProposerSource, the one a command line names, shared by the run's w_neg
     values. `preview` decodes a ready proposer's x0 previews (default: the VAE); `timeout` bounds the
-    wait for one answer (None: the proposer's own limit)."""
+    wait for one answer (None: the proposer's own limit). `strength`, a methods.dng.Strength, makes the
+    strength DNG's (--negative-schedule dng, named vldnp+dng): a new negative applies at
+    w_neg = λπ/(1 − π) and then follows its posterior p_t."""
     name = "vldnp"
     flags = ("negative_scales", "vlm_task", "vlm_steps", "proposer", "vlm_async", "preview_decoder", "full_decode",
-             "negative_prompt", "trace", "allow_vlm_failures")
+             "negative_prompt", "trace", "allow_vlm_failures", "negative_schedule")
     swept = True
     negative_scale: float = 7.5
     task: Task = NUDITY
@@ -303,11 +309,16 @@ class VLDNP(Method):
     full_decode: bool = False
     timeout: float | None = None
     negative_prompt: str | None = None
+    strength: object = None  # a methods.dng.Strength, or None for the constant w_neg
 
     @classmethod
     def reads(cls, args) -> set[str]:
         from vlm.proposers import PROPOSERS  # the command line's proposers: only a command line needs them
-        return set(cls.flags) | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
+        schedules = set(args.negative_schedule)
+        read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
+        if "dng" in schedules:
+            read |= set(SCHEDULES["dng"].flags)
+        return read | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
 
     @classmethod
     def from_args(cls, args, variant=None):
@@ -315,22 +326,42 @@ class VLDNP(Method):
         cls.no_variant(variant)
         if args.proposer not in PROPOSERS:
             raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+        unknown = [s for s in args.negative_schedule if s not in ("constant", *SCHEDULES)]
+        if unknown or not args.negative_schedule:
+            raise ValueError(f"--negative-schedule: {'unknown schedule ' + repr(unknown[0]) if unknown else 'empty'}; "
+                             f"use constant or {', '.join(SCHEDULES)}")
         try:
             steps = default_query_steps(args.steps) if args.vlm_steps is None else \
                 parse_steps(args.vlm_steps, args.steps)
         except ValueError as e:
             raise ValueError(f"--vlm-steps: {e}") from None
         source = ProposerSource(args, args.task)
-        return [cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
-                    args.negative_prompt) for w in args.negative_scales]
+
+        def made(w, strength=None):
+            return cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
+                       args.negative_prompt, strength)
+        methods = [made(w) for w in args.negative_scales] if "constant" in args.negative_schedule else []
+        if "dng" in args.negative_schedule:
+            methods += [made(s.scale(s.prior), s) for s in SCHEDULES["dng"].from_args(args, "vldnp+dng")]
+        return methods
+
+    @property
+    def label(self) -> str:
+        return self.name if self.strength is None else f"{self.name}+dng"
+
+    @property
+    def scale(self) -> float:
+        """w_neg, or for vldnp+dng λ: the value swept."""
+        return self.negative_scale if self.strength is None else self.strength.lam
 
     def settings(self) -> dict:
         source = hasattr(self.proposer, "make")
-        return {"method": self.label, "scale": self.negative_scale, "task": self.task.name,
+        dng = {} if self.strength is None else {"negative_schedule": "dng", "dng": self.strength.description}
+        return {"method": self.label, "scale": self.scale, "task": self.task.name,
                 "query_steps": None if self.query_steps is None else list(self.query_steps),
                 "proposer": self.proposer.description if source else repr(self.proposer),
                 "preview_decoder": self.proposer.preview_choice if source else (self.preview or VAE_PREVIEW).name,
-                "negative_prompt": self.negative_prompt}
+                "negative_prompt": self.negative_prompt, **dng}
 
     def prepare(self, device, dtype):
         if not hasattr(self.proposer, "make"):
@@ -355,20 +386,26 @@ class VLDNP(Method):
         hook = DynamicNegatives(proposer, self.task, self.query_steps, self.negative_scale, self.asynchronous,
                                 full_decode=self.full_decode, timeout=timeout, preview=preview)
         name = getattr(self.proposer, "description", {}).get("name", type(proposer).__name__)
-        return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": [hook]},
-                         {"Method": self.label, "VL-DNP": f"{name} {self.task.name}",
-                          "Negative scale": f"{self.negative_scale:g}"},
-                         classic_negative(self.negative_prompt), hook)
+        strength = None if self.strength is None else self.strength.hook()  # after `hook`, which sets the negatives
+        scale = {"Negative scale": f"{self.negative_scale:g}"} if strength is None else \
+            {"VL-DNP schedule": "dng", "DNG": self.strength.text()}
+        hooks = [hook] if strength is None else [hook, strength]
+        return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": hooks},
+                         {"Method": self.label, "VL-DNP": f"{name} {self.task.name}", **scale},
+                         classic_negative(self.negative_prompt), hook, strength)
 
 
 @dataclass
 class VLDNPPlan(Plan):
-    """The hook decides per image: what it did to each goes in the PNG, the records and the trace."""
+    """The hook decides per image: what it did to each goes in the PNG, the records and the trace;
+    with the dng schedule, so does each image's p_t (`strength`, methods/dng.py's DynamicStrength)."""
     hook: DynamicNegatives = None
+    strength: object = None
 
     def image_parameters(self, b):
         steps = " ".join(map(str, self.hook.query_steps or [])) or "none"
-        return {**self.parameters, "VL-DNP steps": steps, **self.hook.outcome(b)}
+        dng = {} if self.strength is None else {"DNG p_t": self.strength.summary(b)}
+        return {**self.parameters, "VL-DNP steps": steps, **self.hook.outcome(b), **dng}
 
     def queries(self, b):
         return self.negatives + [dataclasses.asdict(q) for q in self.hook.trace[b]]
@@ -398,10 +435,15 @@ class VLDNPPlan(Plan):
         return "; ".join(parts)
 
     def trace(self):
-        return self.hook.trace_dict()
+        data = self.hook.trace_dict()
+        if self.strength is not None:  # p_t and w_neg at each step, beside each image's queries
+            data.update(negative_schedule="dng", dng=self.strength.strength.description)
+            for image, dng in zip(data["images"], self.strength.trace_images()):
+                image["steps"] = dng["steps"]
+        return data
 
     def write_trace(self, path):
-        return self.hook.write_trace(path)
+        return self.hook.write_trace(path, self.trace())
 
     def finish(self):
         self.hook.close()

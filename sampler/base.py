@@ -29,6 +29,10 @@ class Sampler(Protocol):
         from `generator`, for a sampler that has any."""
         ...
 
+    # A sampler that draws fresh noise (ddim at eta > 0, euler-a) also has
+    #   transition(model_output, i, x, eta=0.0) -> (mean, σ): step i draws x_prev ~ N(mean, σ²I),
+    # which Dynamic Negative Guidance (methods/dng.py) weighs. The deterministic ones have none.
+
 
 SAMPLERS: Leaves = Leaves("sampler", {
     "ddim": "sampler.ddim:DDIM",

@@ -46,11 +46,20 @@ class DDIM:
         """One update from x at timesteps[i] to x_prev at prev_timesteps[i]. Returns (x_prev, x0).
         For eta > 0, z is drawn from `generator` as diffusers draws it: shaped like model_output, in
         its dtype."""
+        mean, sigma, x0 = self._gaussian(model_output, i, x, eta)
+        if eta > 0:
+            z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            return mean + sigma * z, x0
+        return mean, x0
+
+    def transition(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0):
+        """(mean, σ): step i draws x_prev ~ N(mean, σ²I) (eq. 12). σ is 0 at eta = 0, and at eta = 1
+        DDPM's posterior deviation between the two timesteps (Ho et al. 2020, eq. 7)."""
+        return self._gaussian(model_output, i, x, eta)[:2]
+
+    def _gaussian(self, model_output, i, x, eta):
+        """(mean, σ, x0) of step i."""
         x0, eps = self.predict(model_output, i, x)
         a, a_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-        x_prev = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
-        if eta > 0:
-            z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
-            x_prev = x_prev + sigma * z
-        return x_prev, x0
+        return a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps, sigma, x0

@@ -119,3 +119,11 @@ class EulerAncestral(Euler):
         z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
         x_prev = self.alpha[i + 1] * (x0 + self.rho_down[i] * eps + self.rho_up[i] * z.float())
         return x_prev.to(model_output.dtype), x0.to(model_output.dtype)
+
+    def transition(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0):
+        """(mean, σ), float32: step i draws x_prev ~ N(mean, σ²I), mean = α_{i+1}(x0 + ρ_down·ε) and
+        σ = α_{i+1}·ρ_up, 0 at the last step."""
+        if eta > 0:
+            raise ValueError(f"euler-a's noise has a fixed strength, as in diffusers; eta must be 0, got {eta}")
+        x0, eps = self.predict(model_output.float(), i, x.float())
+        return self.alpha[i + 1] * (x0 + self.rho_down[i] * eps), self.alpha[i + 1] * self.rho_up[i]

@@ -122,7 +122,12 @@ class StepState:
     """What a hook sees at step i (of num_steps) at timestep t. `eps` is the positive guided
     prediction as ε, ε_u + g(ε_c − ε_u) with the negative term left out, and `x0` the clean latents
     it predicts, so a hook sees what the prompt is forming. `decode_x0()` gives them as images in
-    [-1, 1]; `decode_x0(k)` a k times smaller preview, for a viewer that looks at no more."""
+    [-1, 1]; `decode_x0(k)` a k times smaller preview, for a viewer that looks at no more.
+
+    `outputs` holds the UNet's output per row of `guidance.rows(i)`, (branch, image, conditioning) ->
+    [4, h, w]; the rows a hook's change adds are added to the same dict once the hooks have run, so a
+    hook that keeps it finds them at the next step. `sampler` is the Sampler (sampler/base.py) taking
+    the steps and `eta` the noise it is given, for a hook that weighs a step (methods/dng.py)."""
     i: int
     t: int | float  # Euler's "linspace" layout runs the UNet at fractional timesteps
     num_steps: int
@@ -131,6 +136,9 @@ class StepState:
     x0: torch.Tensor  # [B, 4, h, w]
     guidance: Guidance
     pipe: object = field(repr=False)
+    outputs: dict = field(default_factory=dict, repr=False)
+    sampler: object = field(default=None, repr=False)
+    eta: float = 0.0
 
     def decode_x0(self, factor: int = 1) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1]. With factor k > 1, a preview of about H/k × W/k decoded from
@@ -230,7 +238,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
         x0, eps = solver.predict(out_pos, i, x)  # [B, 4, h, w] each
         if hooks:
             before = guidance.snapshot()
-            state = StepState(i, t, steps, x, eps, x0, guidance, pipe)
+            state = StepState(i, t, steps, x, eps, x0, guidance, pipe, outputs, solver, eta)
             for hook in hooks:
                 hook(state)
             if guidance.snapshot() != before:  # a text, a scale or the rule changed: re-run new rows only

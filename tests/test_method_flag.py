@@ -31,7 +31,7 @@ NAMES = ["sd", "negative", "static", "sld-weak", "sld-medium", "sld-strong", "sl
 
 
 def test_the_names_are_evaluates_methods():
-    assert list(METHODS) == ["sd", "negative", "static", "vldnp", "sld", "safree"]
+    assert list(METHODS) == ["sd", "negative", "static", "vldnp", "sld", "safree", "dng"]
 
 
 @pytest.fixture(scope="module")
