@@ -9,7 +9,7 @@ from checkpoint.folder import load_tokenizer, read_component
 from checkpoint import looks_like_repo_id
 from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, to_dtype
-from model.clip import CLIPModel
+from model.clip_vision import CLIPModel
 from model.tokenizer import Tokenizer
 
 # What transformers' CLIPModel.save_pretrained and CLIPTokenizer.save_pretrained write, minus

@@ -7,7 +7,8 @@ CheckpointError line that names the file.
 from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
-from model.clip import ACTIVATIONS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from model.clip import ACTIVATIONS, CLIPTextConfig
+from model.clip_vision import CLIPConfig, CLIPVisionConfig
 from model.unet import UNetConfig
 from model.vae import VAEConfig
 

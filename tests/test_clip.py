@@ -1,13 +1,11 @@
-"""Parity of model/clip.py with transformers' CLIP on random weights (small configs)."""
+"""Parity of model/clip.py and model/clip_vision.py with transformers' CLIP on random weights (small configs)."""
 import pytest
 import torch
 import transformers
 from helpers import assert_close_rel, randomize_, rel_err
 
-from model.clip import (
-    CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-    CLIPVisionConfig, CLIPVisionModel, preprocess,
-)
+from model.clip import CLIPTextConfig, CLIPTextModel
+from model.clip_vision import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, preprocess
 
 VOCAB = 1000
 BOS, EOS = VOCAB - 2, VOCAB - 1  # as in CLIP, EOS is the largest id

@@ -15,7 +15,7 @@ from fake_vocab import write_clip_vocab
 from helpers import assert_close_rel, randomize_
 from safetensors.torch import load_file, save_file
 
-from model.clip import preprocess
+from model.clip_vision import preprocess
 from checkpoint.clip import load_clip
 from vlm.clip_proposer import TEMPLATES, CLIPProposer
 from weights import CheckpointError

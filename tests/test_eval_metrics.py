@@ -15,7 +15,7 @@ from helpers import assert_close_rel, randomize_
 
 from evaluation.metrics import (DEFAULT_CLASSES, NUDENET_CLASSES, PROTOCOL, Metrics, aggregate, nudenet_input,
                                 nudenet_metrics)
-from model.clip import preprocess
+from model.clip_vision import preprocess
 
 IMAGE_SIZE = 32
 
