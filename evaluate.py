@@ -18,7 +18,7 @@ import torch
 
 import weights
 from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, comma_list, fail, \
-    given_options, pick_device
+    given_options
 from evaluation.classifier_file import classifier_file
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
 from evaluation.prompts import PromptFileError, read_prompts

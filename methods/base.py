@@ -8,8 +8,10 @@ and says what it records: the PNG's parameters and, per image, the negatives it 
     plan.finish()                                  # hooks that run in the background are collected
     plan.image_parameters(0), plan.queries(0)      # what the PNG and the records say of image 0
 """
+import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -72,6 +74,16 @@ class Method:
     swept: ClassVar[bool] = False  # one instance per --negative-scale value
 
     @classmethod
+    def add_options(cls, parser, many: bool):
+        """Adds the command-line options of this method alone (cli/args.py adds the shared ones);
+        `many`: evaluate.py's, where a list of values sweeps."""
+
+    @classmethod
+    def rules(cls, args) -> list[tuple[str, bool, str]]:
+        """(option dest, whether its value is good, what it must be) for this method's own options."""
+        return []
+
+    @classmethod
     def reads(cls, args) -> set[str]:
         """The options this method reads with these arguments (a VLM's options only with a VLM, say)."""
         return set(cls.flags)
@@ -121,6 +133,22 @@ class Method:
     def plan(self, pipe, prompt: str, batch: int = 1) -> Plan:
         """generate()'s arguments for `batch` images of `prompt`, and what the method records."""
         raise NotImplementedError
+
+
+def finite(text: str) -> float:
+    """argparse type: a float that is neither inf nor NaN, which would only end in a NaN image."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def comma_list(item=str):
+    """argparse type: "a, b,a" -> ["a", "b"] (deduplicated, in order), each item converted by `item`."""
+    def parse(text: str) -> list:
+        return list(dict.fromkeys(item(part.strip()) for part in text.split(",") if part.strip()))
+    parse.__name__ = getattr(item, "__name__", "list")  # argparse names the type in its message
+    return parse
 
 
 def classic_negative(text: str | None) -> list[dict]:

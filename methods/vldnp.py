@@ -312,8 +312,18 @@ class VLDNP(Method):
     strength: object = None  # a methods.dng.Strength, or None for the constant w_neg
 
     @classmethod
+    def add_options(cls, parser, many):
+        from methods.vldnp_cli import add_options  # only a command line needs it
+        add_options(parser, many)
+
+    @classmethod
+    def rules(cls, args):
+        from methods.vldnp_cli import rules
+        return rules(args)
+
+    @classmethod
     def reads(cls, args) -> set[str]:
-        from vlm.proposers import PROPOSERS  # the command line's proposers: only a command line needs them
+        from vlm.proposers import PROPOSERS
         schedules = set(args.negative_schedule)
         read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
         if "dng" in schedules:
@@ -322,10 +332,10 @@ class VLDNP(Method):
 
     @classmethod
     def from_args(cls, args, variant=None):
-        from vlm.proposers import PROPOSERS, ProposerSource
+        from methods.vldnp_cli import resolve
+        from vlm.proposers import ProposerSource
         cls.no_variant(variant)
-        if args.proposer not in PROPOSERS:
-            raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+        resolve(args)
         unknown = [s for s in args.negative_schedule if s not in ("constant", *SCHEDULES)]
         if unknown or not args.negative_schedule:
             raise ValueError(f"--negative-schedule: {'unknown schedule ' + repr(unknown[0]) if unknown else 'empty'}; "

@@ -12,8 +12,8 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 from checkpoints import make_sd_folder
 from cli.args import UsageError
 from generate import parse_args
-from cli.metadata import parameters_text
 from helpers import assert_close_rel, assert_same_image, pipeline_images
+from png import parameters_text
 from sampler.euler import Euler, EulerAncestral
 from sampler.loop import generate
 from sampler.schedule import SchedulerConfig
