@@ -13,6 +13,7 @@ from model.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
+import load  # noqa: E402
 import precision  # noqa: E402
 import sdxl  # noqa: E402
 
@@ -83,4 +84,16 @@ def test_sdxl_times_our_unet_against_diffusers_on_the_same_weights(tmp_path, cap
         m = report["medians"][impl]
         assert m["step_s"] > 0 and m["peak_rss_gib"] > 0
         assert m["rel_diff_to_diffusers"] < 1e-5  # the same weights and inputs: the same prediction
+    assert "| ours |" in capsys.readouterr().out
+
+
+def test_load_times_loading_and_a_first_pass_side_by_side(folder, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    load.main(["--folder", str(folder), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert sorted(report["ratios_to_diffusers"]) == ["ours", "plain"]
+    for impl in ("ours", "plain", "diffusers"):
+        (run,) = report["runs"][impl]
+        assert run["total_s"] >= run["load_s"] > 0 and run["total_cpu_s"] > 0 and run["warmup_cpu_s"] > 0
+        assert run["peak_rss_gib"] > 0 and run["load_average"] >= 0
     assert "| ours |" in capsys.readouterr().out
