@@ -2,7 +2,7 @@
 (weights.load_pipeline) against diffusers' StableDiffusionPipeline.from_pretrained, on the full SD1.5
 layout (860M-parameter UNet, 84M VAE, 123M text encoder) with random weights.
 
-    python benchmarks/load.py [--folder DIR] [--repeats 3] [--steps 5] [--json out.json]
+    python benchmarks/load.py [--folder DIR] [--repeats 3] [--steps 5] [--json out.json] [--baseline CHECKOUT]
 
 Each run is a fresh process that
   1. loads the folder and uses every weight once: the text encoder on one prompt, the UNet on
@@ -17,7 +17,9 @@ The runs are ours (load_pipeline's default, which packs the convolutions for fp3
 with pack=False, and diffusers, taking turns (ours, plain, diffusers, ours, ...) so that all see the
 same machine load; the table shows medians over --repeats and the JSON every run, each with the
 load average when it started. On a busy machine compare CPU times (the process' own, all threads),
-which other processes change less than wall times.
+which other processes change less than wall times. --baseline adds a fourth, "baseline": ours (the
+default, packed) as another checkout of this project has it (an older commit, say), run by this
+script's worker, in the same turns.
 
 The folder is written once, by diffusers and transformers, and reused (warm page cache).
 """
@@ -141,10 +143,13 @@ def worker(impl: str, folder: str, steps: int) -> dict:
                 peak_rss_after_steps_gib=memory_gib()["peak"])
 
 
-def run(impl: str, folder: Path, steps: int, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--folder", str(folder), "--steps", str(steps)]
+def run(impl: str, folder: Path, steps: int, threads: int | None, baseline: Path | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "ours" if impl == "baseline" else impl, "--folder", str(folder),
+           "--steps", str(steps)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if impl == "baseline":
+        cmd += ["--root", str(baseline)]
     load_average = os.getloadavg()[0]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
@@ -160,14 +165,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--json")
+    parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline'")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)  # the worker imports the project from here
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.root:
+        sys.path.insert(0, args.root)
     if args.worker:
         print(json.dumps(worker(args.worker, args.folder, args.steps)))
         return
-    folder, impls = Path(args.folder), args.impls.split(",")
+    folder, impls = Path(args.folder), args.impls.split(",") + (["baseline"] if args.baseline else [])
+    if args.baseline and not (args.baseline / "weights.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a checkout of this project (no weights.py)")
     if not (folder / "model_index.json").exists():
         print(f"writing a random SD1.5-size folder to {folder} ...", file=sys.stderr)
         build(folder)
@@ -178,7 +189,7 @@ def main(argv=None):
     runs = {impl: [] for impl in impls}
     for i in range(args.repeats):
         for impl in impls:
-            runs[impl].append(run(impl, folder, args.steps, args.threads))
+            runs[impl].append(run(impl, folder, args.steps, args.threads, args.baseline))
             r = runs[impl][-1]
             print(f"  round {i + 1} {impl:<9} load average {r['load_average']:.1f}, imports {r['imports_s']:.2f} s, "
                   f"load+pass {r['total_s']:.2f} s (CPU {r['total_cpu_s']:.2f} s), peak {r['peak_rss_gib']:.2f} GiB, "

@@ -89,10 +89,12 @@ def test_sdxl_times_our_unet_against_diffusers_on_the_same_weights(tmp_path, cap
 
 def test_load_times_loading_and_a_first_pass_side_by_side(folder, tmp_path, capsys):
     out = tmp_path / "load.json"
-    load.main(["--folder", str(folder), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out)])
+    root = Path(__file__).resolve().parents[1]  # as the baseline too: a checkout of this project
+    load.main(["--folder", str(folder), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out),
+               "--baseline", str(root)])
     report = json.loads(out.read_text())
-    assert sorted(report["ratios_to_diffusers"]) == ["ours", "plain"]
-    for impl in ("ours", "plain", "diffusers"):
+    assert sorted(report["ratios_to_diffusers"]) == ["baseline", "ours", "plain"]
+    for impl in ("ours", "plain", "diffusers", "baseline"):
         (run,) = report["runs"][impl]
         assert run["total_s"] >= run["load_s"] > 0 and run["total_cpu_s"] > 0 and run["warmup_cpu_s"] > 0
         assert run["peak_rss_gib"] > 0 and run["load_average"] >= 0
