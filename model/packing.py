@@ -5,15 +5,11 @@ for the input's shape. nn.Conv2d keeps the weight as [out, in, kh, kw], so oneDN
 a fresh buffer on every call. In the UNet's deep levels, where a 1280-channel 3x3 weight meets an
 8x8 feature map, that reorder costs more than the convolution itself.
 
-`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d. Its first fp32 inference
-call on the CPU runs as nn.Conv2d's does; the second reorders the weight and from then on the module
-holds only the reordered tensor: the plain one is let go, so packing costs no memory, provided that
-memory was the weight's own (pages of a file mapping shared with other tensors stay resident while
-any of those lives). A call with another input shape re-packs from the packed tensor.
-Packing writes the weight twice into fresh memory, which costs more than a plain call on a small
-input (there PyTorch does not reorder at all), so a model called once (the VAE for one image, a
-first step) never pays for it; a model called again (the UNet, step after step) pays once. The
-first call's result is nn.Conv2d's to the bit; later calls round differently, by float rounding.
+`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d, which reorders its weight at
+its first fp32 inference call on the CPU and then holds only the reordered tensor: the plain one is
+let go, so packing costs no memory, provided that memory was the weight's own (pages of a file mapping
+shared with other tensors stay resident while any of those lives). A call with another input shape
+re-packs from the packed tensor.
 (torch.compile's freezing pass does the same to convolution weights.) `unpack_convolutions(model)`
 gives back nn.Conv2d modules.
 
@@ -30,25 +26,22 @@ from torch import nn
 
 
 class PackedConv2d(nn.Module):
-    """A frozen nn.Conv2d whose weight, from its second call on, is held only in oneDNN's blocked layout."""
+    """A frozen nn.Conv2d whose weight, once called, is held only in oneDNN's blocked layout."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.weight = conv.weight  # [out, in/groups, kh, kw] until it is packed
+        self.weight = conv.weight  # [out, in/groups, kh, kw] until the first packable call
         self.register_parameter("bias", conv.bias)
         self.packed_for = None  # the input shape self.weight is laid out for, while it is packed
-        self.called = False  # the last call could have packed: the next one that can, does
 
     @property
     def packed(self) -> bool:
         return self.weight.is_mkldnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packable = self._packable(x)
-        if not packable or not (self.packed or self.called):  # as nn.Conv2d
-            self.called = packable
+        if not self._packable(x):
             self._unpack()
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if not self.packed or self.packed_for != x.shape:
@@ -112,7 +105,7 @@ def packable(module: nn.Module) -> bool:
 def pack_convolutions(module: nn.Module) -> nn.Module:
     """Replaces every nn.Conv2d in `module` with a PackedConv2d, in place, and returns `module` (or,
     for an nn.Conv2d itself, its PackedConv2d). Meant for a loaded model whose parameters do not
-    require grad: each weight is packed at its second fp32 CPU call, and one that requires grad is
+    require grad: each weight is packed at its first fp32 CPU call, and one that requires grad is
     never packed."""
     if packable(module):
         return PackedConv2d(module)
