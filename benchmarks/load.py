@@ -10,9 +10,9 @@ Each run is a fresh process that
      Recorded: the wall and CPU time of both, and of the imports each needs beyond torch; the peak
      RSS at that point (imports included, for both), with the RSS then split into anonymous memory
      and mapped file pages;
-  2. calls the UNet at batch 2 on 32x32 latents: once to warm up (ours packs its convolutions in
-     this, their second call: model/packing.py), then --steps times. Recorded: the wall and CPU
-     time of the warm-up call, and the median of the others.
+  2. calls the UNet at batch 2 on 32x32 latents: once to warm up (ours, packed in step 1 for the
+     8x8 input, packs again for this shape: model/packing.py), then --steps times. Recorded: the
+     wall and CPU time of the warm-up call, and the median of the others.
 The runs are ours (load_pipeline's default, which packs the convolutions for fp32 on the CPU), ours
 with pack=False, and diffusers, taking turns (ours, plain, diffusers, ours, ...) so that all see the
 same machine load; the table shows medians over --repeats and the JSON every run, each with the
@@ -131,7 +131,7 @@ def worker(impl: str, folder: str, steps: int) -> dict:
         context = text(tokenize([PROMPT, ""]))  # [2, 77, 768]
         x = torch.randn(2, 4, 32, 32, generator=g)
         w0, c0 = time.perf_counter(), time.process_time()
-        unet(x, 999, context)  # warm-up: ours packs here, at the UNet's second call
+        unet(x, 999, context)  # warm-up: ours re-packs for this shape
         result.update(warmup_s=time.perf_counter() - w0, warmup_cpu_s=time.process_time() - c0)
         wall, cpu = [], []
         for _ in range(steps):
