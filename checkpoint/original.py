@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint.configs import check_text_to_image
-from checkpoint.tensors import CheckpointError
+from checkpoint.tensors import CheckpointError, meta_model
 from model.clip import SD2_TEXT, CLIPTextConfig, CLIPTextModel
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
@@ -76,8 +76,7 @@ def unet_table(cfg: UNetConfig) -> dict[str, Original]:
             pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * (L + 1) + j}.1"))
         pairs.append((f"up_blocks.{i}.upsamplers.0", f"output_blocks.{i * (L + 1) + L}.{2 if cfg.attention[level] else 1}"))
     pairs += [(f"{a}.{x}", f"{b}.{y}") for a, b in resnets for x, y in RESNET]
-    with torch.device("meta"):
-        keys = UNet(cfg).state_dict().keys()
+    keys = meta_model(UNet, cfg).state_dict().keys()
     return _prefixes_to_keys(keys, pairs)
 
 
@@ -95,8 +94,7 @@ def vae_table(cfg: VAEConfig) -> dict[str, Original]:
                   (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample"),
                   (f"decoder.up_blocks.{i}.resnets", f"decoder.up.{n - 1 - i}.block"),
                   (f"decoder.up_blocks.{i}.upsamplers.0", f"decoder.up.{n - 1 - i}.upsample")]
-    with torch.device("meta"):
-        keys = AutoencoderKL(cfg).state_dict().keys()
+    keys = meta_model(AutoencoderKL, cfg).state_dict().keys()
     table = _prefixes_to_keys(keys, pairs)
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     for key, o in table.items():
@@ -120,8 +118,7 @@ def text_table(cfg: CLIPTextConfig, family: str) -> dict[str, Original]:
     """Ours -> the single file's text encoder names: transformers' CLIP names for SD1 and SDXL's first
     encoder ("sd1", "sdxl_l"), OpenCLIP's for SD2 and SDXL's bigG ("sd2", "sdxl_g"; q, k, v fused
     into one in_proj, and the projection stored transposed)."""
-    with torch.device("meta"):
-        keys = CLIPTextModel(cfg).state_dict().keys()
+    keys = meta_model(CLIPTextModel, cfg).state_dict().keys()
     if family in ("sd1", "sdxl_l"):
         return {k: Original(k) for k in keys}
     pairs = list(OPENCLIP)

@@ -16,6 +16,7 @@ from model.tokenizer import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
 import gpu_table  # noqa: E402
+import load  # noqa: E402
 import precision  # noqa: E402
 import sdxl  # noqa: E402
 
@@ -141,3 +142,17 @@ def test_gpu_table_says_which_part_failed_and_where_its_log_is(tmp_path, capsys)
     assert "Not measured: failed with exit code 1; see gpu-precision.log." in out
     assert "Not measured: out of time after 120 s; see gpu-sdxl-fp16.log." in out
     assert "Not measured: not run." in out  # a part with no record at all
+
+
+def test_load_times_loading_and_a_first_pass_side_by_side(folder, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    root = Path(__file__).resolve().parents[1]  # as the baseline too: a checkout of this project
+    load.main(["--folder", str(folder), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out),
+               "--baseline", str(root)])
+    report = json.loads(out.read_text())
+    assert sorted(report["ratios_to_diffusers"]) == ["baseline", "ours", "plain"]
+    for impl in ("ours", "plain", "diffusers", "baseline"):
+        (run,) = report["runs"][impl]
+        assert run["total_s"] >= run["load_s"] > 0 and run["total_cpu_s"] > 0 and run["warmup_cpu_s"] > 0
+        assert run["peak_rss_gib"] > 0 and run["load_average"] >= 0
+    assert "| ours |" in capsys.readouterr().out

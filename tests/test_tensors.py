@@ -1,5 +1,8 @@
 """checkpoint/tensors.read_safetensors against safetensors' own reader, and the memory it gives back."""
 import gc
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint.tensors import CheckpointError, read_safetensors
+from checkpoints import make_sd_folder
 
 STATE = {"f32": torch.randn(3, 4, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
          "i64": torch.arange(5), "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 3),
@@ -68,3 +72,14 @@ def test_a_dropped_tensor_gives_its_pages_back(tmp_path):
     gc.collect()
     assert touched - before > 48 and rss_file_mib() - before < 8, (before, touched, rss_file_mib())
     assert state["small"].shape == (8,)
+
+
+def test_loading_builds_the_models_without_their_initializers(tmp_path):
+    """Models built on the meta device to be filled from a file run no nn.init fill: nn.Embedding's
+    normal_ there would import torch._dynamo, the largest cost of a first load. In a fresh process."""
+    folder = make_sd_folder(tmp_path / "sd1", "sd1")
+    code = (f"import sys; from weights import load_pipeline; load_pipeline({str(folder)!r}); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False"]
