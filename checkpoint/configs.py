@@ -8,7 +8,6 @@ from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
 from model.clip import ACTIVATIONS, CLIPTextConfig
-from model.clip_vision import CLIPConfig, CLIPVisionConfig
 from model.unet import UNetConfig
 from model.vae import VAEConfig
 
@@ -106,20 +105,19 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
 TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
                            intermediate_size=2048)
-VISION_TOWER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                             hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32, num_channels=3)
 
 
-def _value(c: dict, key: str, defaults: dict):
+
+def value_or_default(c: dict, key: str, defaults: dict):
     """c[key], or its default; a key with no default is required (KeyError)."""
     if c.get(key) is None:
         return defaults[key] if key in defaults else c[key]
     return c[key]
 
 
-def _tower(c: dict, defaults: dict, where: str = "") -> dict:
+def tower_fields(c: dict, defaults: dict, where: str = "") -> dict:
     """The fields both CLIP towers share."""
-    get = lambda key: _value(c, key, defaults)
+    get = lambda key: value_or_default(c, key, defaults)
     if get("hidden_act") not in ACTIVATIONS:
         raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported (only {', '.join(ACTIVATIONS)})")
     return dict(width=get("hidden_size"), num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
@@ -132,28 +130,5 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     c = c.get("text_config", c)
     if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
-    return CLIPTextConfig(**_tower(c, defaults, where), vocab_size=_value(c, "vocab_size", defaults),
-                          max_positions=_value(c, "max_position_embeddings", defaults))
-
-
-def clip_config_from_transformers(c: dict) -> CLIPConfig:
-    """Our CLIPConfig from a transformers CLIPModel config.json (text_config, vision_config,
-    projection_dim)."""
-    # Some old configs hold the towers in text_config_dict / vision_config_dict only.
-    text = c.get("text_config") or c.get("text_config_dict")
-    vision = c.get("vision_config") or c.get("vision_config_dict")
-    model_type = c.get("model_type")
-    if model_type not in (None, "clip") or not isinstance(text, dict) or not isinstance(vision, dict):
-        what = f"a {model_type!r} model" if model_type else "no text_config and vision_config"
-        raise CheckpointError(f"config.json holds {what}, not a CLIP two-tower model "
-                              "(transformers' CLIPModel, model_type 'clip')")
-    if _value(vision, "num_channels", VISION_TOWER_DEFAULTS) != 3:
-        raise CheckpointError("vision_config.num_channels must be 3 (RGB)")
-    get = lambda key: _value(vision, key, VISION_TOWER_DEFAULTS)
-    return CLIPConfig(
-        text=text_config_from_transformers(text, TEXT_TOWER_DEFAULTS, "text_config: "),
-        vision=CLIPVisionConfig(**_tower(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
-                                image_size=get("image_size"), patch_size=get("patch_size")),
-        projection_dim=_value(c, "projection_dim", {"projection_dim": 512}),
-        logit_scale_init=_value(c, "logit_scale_init_value", {"logit_scale_init_value": 2.6592}),
-    )
+    return CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=value_or_default(c, "vocab_size", defaults),
+                          max_positions=value_or_default(c, "max_position_embeddings", defaults))
