@@ -11,7 +11,7 @@ import methods
 import weights
 from checkpoint import looks_like_repo_id
 from methods import METHODS
-from methods.base import comma_list, finite  # noqa: F401  the option types, for the scripts too
+from methods.options import comma_list, finite
 from sampler.base import SAMPLERS
 from vlm.base import printable
 from vlm.tasks import TASKS

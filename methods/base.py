@@ -8,10 +8,8 @@ and says what it records: the PNG's parameters and, per image, the negatives it 
     plan.finish()                                  # hooks that run in the background are collected
     plan.image_parameters(0), plan.queries(0)      # what the PNG and the records say of image 0
 """
-import argparse
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -133,22 +131,6 @@ class Method:
     def plan(self, pipe, prompt: str, batch: int = 1) -> Plan:
         """generate()'s arguments for `batch` images of `prompt`, and what the method records."""
         raise NotImplementedError
-
-
-def finite(text: str) -> float:
-    """argparse type: a float that is neither inf nor NaN, which would only end in a NaN image."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def comma_list(item=str):
-    """argparse type: "a, b,a" -> ["a", "b"] (deduplicated, in order), each item converted by `item`."""
-    def parse(text: str) -> list:
-        return list(dict.fromkeys(item(part.strip()) for part in text.split(",") if part.strip()))
-    parse.__name__ = getattr(item, "__name__", "list")  # argparse names the type in its message
-    return parse
 
 
 def classic_negative(text: str | None) -> list[dict]:

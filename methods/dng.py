@@ -32,7 +32,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, Plan, comma_list, finite
+from methods.base import Method, Plan
+from methods.options import comma_list, finite
 from sampler.loop import at_step, words
 from vlm.tasks import NUDITY
 

@@ -1,6 +1,6 @@
 """VL-DNP's command line (methods/vldnp.py): its options, their checks, and the proposer they name
 (vlm/proposers.py). Only a command line needs this file."""
-from methods.base import comma_list, finite
+from methods.options import comma_list, finite
 from vlm.proposers import LEAVES, PROPOSERS, check_preview_decoder
 
 

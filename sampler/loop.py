@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from leaves import Leaves
 from sampler.base import SAMPLERS
-from sampler.memory import check_memory
 from sampler.schedule import randn
+
+# An optional guard: whether the images asked for fit in memory, checked before sampling (TooLargeError).
+GUARDS = Leaves("guard", {"memory": "sampler.memory:check_memory"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +213,8 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     if height % pipe.vae_scale or width % pipe.vae_scale:
         raise ValueError(f"size {height}x{width}: height and width must be multiples of {pipe.vae_scale}, "
                          "the VAE's scale")
-    check_memory(pipe, guidance, height, width, hooks)  # TooLargeError when the images cannot fit
+    if GUARDS.present("memory"):
+        GUARDS["memory"](pipe, guidance, height, width, hooks)  # TooLargeError when the images cannot fit
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     solver = SAMPLERS[sampler](pipe.scheduler, steps)
