@@ -8,7 +8,7 @@ apply from the step the hook ran at, so the loop re-runs the UNet on the branche
 changed, and only on those, before it takes the step.
 
 A branch's conditioning is a text, encoded once per run by the pipeline's text encoders; or an
-`Embedded`, hidden states made some other way (SAFREE's projected prompt, sampler/safree.py); or a
+`Embedded`, hidden states made some other way (SAFREE's projected prompt, methods/safree.py); or a
 schedule, any object whose `at(step)` gives the text or Embedded for that step (`Switch`). So a
 method that changes what a branch sees over the steps is a Guidance entry, not a fork of this loop.
 
@@ -78,7 +78,7 @@ class Guidance:
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
     negative_scale: w_neg per image, how hard its three-branch negative pushes.
     rule:      None for `guide`; else a callable (out_u, out_c, out_n, guidance, step) -> guided output
-               that combines the same branches differently, e.g. Safe Latent Diffusion (sampler/sld.py).
+               that combines the same branches differently, e.g. Safe Latent Diffusion (methods/sld.py).
                It may be called twice for one step (after a hook changed a branch) and must then
                give the same answer.
     """
