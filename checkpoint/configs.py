@@ -3,13 +3,20 @@
 Each parser rejects what the model code does not implement, so an unsupported checkpoint fails here
 with its config named, not later with a tensor shape. `read_config` turns every failure into one
 CheckpointError line that names the file.
+
+A config decides what is built before any weight is read, so the `check_*` functions hold every config,
+read from a file or off a single file's shapes, to sizes that real models are far inside: a broken or
+hostile one is refused in one line instead of building a model that exhausts memory.
 """
+import dataclasses
 from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
 from model.clip import ACTIVATIONS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from model.taesd import TAESDConfig
 from model.unet import UNetConfig
 from model.vae import VAEConfig
+from sampler.schedule import SchedulerConfig
 
 
 def read_config(file: Path, parse, needed: str = ""):
@@ -24,8 +31,141 @@ def read_config(file: Path, parse, needed: str = ""):
         raise CheckpointError(f"{file}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{file}: no {e.args[0]!r}, which the model needs (a config of another model?)") from None
-    except (TypeError, AttributeError) as e:
+    except (TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{file}: a value of the wrong type ({e})") from None
+
+
+# The most a config may ask for. SD1/SD2/SDXL are far inside: UNets of 3 or 4 levels of at most 1280
+# channels, 2 res blocks a level and at most 70 transformer blocks in all (SDXL: 10 deep at its last two
+# levels), 2048-wide text states; VAEs of 4 levels of at most 512; text encoders of at most 32 layers 1280
+# wide (OpenCLIP bigG) and 77 positions; CLIP vision towers of at most 48 layers (ViT-bigG); schedules
+# of 1000 training timesteps.
+MOST = dict(image_channels=64, levels=8, channels=8192, layers_per_block=8, transformer_depth=32,
+            transformer_blocks=256, width=16384, layers=128, mlp=65536, vocab=1_000_000, positions=4096,
+            sample_size=512, image_size=4096, taesd_blocks=16, train_timesteps=100_000)
+
+
+def _whole(name: str, value, least: int, most: int) -> int:
+    """`value` if it is a whole number in least..most, else a CheckpointError naming it by `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{name}={value!r} is not a whole number")
+    if not least <= value <= most:
+        raise CheckpointError(f"{name}={value} is outside {least}..{most}, beyond any SD1/SD2/SDXL model")
+    return value
+
+
+def _per_level(name: str, values, levels: int, least: int, most: int) -> tuple:
+    """One whole number in least..most for each of `levels` levels."""
+    if not isinstance(values, (list, tuple)) or len(values) != levels:
+        raise CheckpointError(f"{name} must hold one value for each of the {levels} levels")
+    return tuple(_whole(f"{name}[{i}]", v, least, most) for i, v in enumerate(values))
+
+
+def _positive(name: str, value) -> float:
+    """`value` if it is a number above 0, else a CheckpointError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CheckpointError(f"{name}={value!r} is not a positive number")
+    return value
+
+
+def _divides(name: str, divisor: int, of: str, value: int):
+    """A CheckpointError unless `divisor` (heads, norm groups) divides `value` (a width)."""
+    if value % divisor:
+        raise CheckpointError(f"{name}={divisor} does not divide {of}={value}")
+
+
+def check_unet(c: UNetConfig) -> UNetConfig:
+    """`c`, if its sizes are within MOST and fit together; else a CheckpointError naming the value by its
+    diffusers config key."""
+    n = _whole("len(block_out_channels)", len(c.channels), 1, MOST["levels"])
+    channels = _per_level("block_out_channels", c.channels, n, 1, MOST["channels"])
+    heads = _per_level("attention_head_dim", c.num_heads, n, 1, MOST["channels"])
+    depth = _per_level("transformer_layers_per_block", c.transformer_depth, n, 1, MOST["transformer_depth"])
+    if len(c.attention) != n:
+        raise CheckpointError(f"down_block_types must hold one block type for each of the {n} levels")
+    for key in ("in_channels", "out_channels"):
+        _whole(key, getattr(c, key), 1, MOST["image_channels"])
+    layers = _whole("layers_per_block", c.layers_per_block, 1, MOST["layers_per_block"])
+    _whole("cross_attention_dim", c.context_dim, 1, MOST["width"])
+    groups = _whole("norm_num_groups", c.norm_groups, 1, MOST["channels"])
+    _whole("sample_size", c.sample_size, 1, MOST["sample_size"])
+    _whole("addition_time_embed_dim", c.addition_time_embed_dim, 0, MOST["width"])
+    _whole("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 0, MOST["mlp"])
+    _positive("norm_eps", c.norm_eps)
+    for level, width in enumerate(channels):
+        _divides("norm_num_groups", groups, f"block_out_channels[{level}]", width)
+        if c.attention[level] or level == n - 1:  # the middle block attends at the last level's width
+            _divides(f"attention_head_dim[{level}]", heads[level], f"block_out_channels[{level}]", width)
+    # down: L per attention level, up: L + 1, and the middle block's at the last level's depth
+    blocks = sum(d for d, a in zip(depth, c.attention) if a) * (2 * layers + 1) + depth[-1]
+    if blocks > MOST["transformer_blocks"]:
+        raise CheckpointError(f"transformer_layers_per_block={list(depth)} with layers_per_block={layers} makes "
+                              f"{blocks} transformer blocks, more than {MOST['transformer_blocks']}")
+    return c
+
+
+def check_vae(c: VAEConfig) -> VAEConfig:
+    """`c`, if its sizes are within MOST and fit together; else a CheckpointError naming the value."""
+    n = _whole("len(block_out_channels)", len(c.channels), 1, MOST["levels"])
+    channels = _per_level("block_out_channels", c.channels, n, 1, MOST["channels"])
+    for key in ("in_channels", "out_channels", "latent_channels"):
+        _whole(key, getattr(c, key), 1, MOST["image_channels"])
+    _whole("layers_per_block", c.layers_per_block, 1, MOST["layers_per_block"])
+    groups = _whole("norm_num_groups", c.norm_groups, 1, MOST["channels"])
+    for level, width in enumerate(channels):
+        _divides("norm_num_groups", groups, f"block_out_channels[{level}]", width)
+    _positive("norm_eps", c.norm_eps)
+    _positive("scaling_factor", c.scaling_factor)
+    return c
+
+
+def _check_tower(c, where: str):
+    """What text and vision towers share, by transformers' config keys."""
+    width = _whole(f"{where}hidden_size", c.width, 1, MOST["width"])
+    _whole(f"{where}num_hidden_layers", c.num_layers, 1, MOST["layers"])
+    _divides(f"{where}num_attention_heads", _whole(f"{where}num_attention_heads", c.num_heads, 1, width),
+             "hidden_size", width)
+    _whole(f"{where}intermediate_size", c.mlp_dim, 1, MOST["mlp"])
+    _positive(f"{where}layer_norm_eps", c.eps)
+
+
+def check_text(c: CLIPTextConfig, where: str = "") -> CLIPTextConfig:
+    """`c`, if its sizes are within MOST; else a CheckpointError naming the value by its transformers key."""
+    _check_tower(c, where)
+    _whole(f"{where}vocab_size", c.vocab_size, 1, MOST["vocab"])
+    _whole(f"{where}max_position_embeddings", c.max_positions, 1, MOST["positions"])
+    _whole(f"{where}projection_dim", c.projection_dim, 0, MOST["width"])
+    return c
+
+
+def check_vision(c: CLIPVisionConfig, where: str = "") -> CLIPVisionConfig:
+    """`c`, if its sizes are within MOST and its patches fit its images; else a CheckpointError."""
+    _check_tower(c, where)
+    size = _whole(f"{where}image_size", c.image_size, 1, MOST["image_size"])
+    if _whole(f"{where}patch_size", c.patch_size, 1, MOST["image_size"]) > size:
+        raise CheckpointError(f"{where}patch_size={c.patch_size} is larger than image_size={size}")
+    return c
+
+
+def check_scheduler(c: SchedulerConfig) -> SchedulerConfig:
+    """`c`, if its schedule is within MOST (the samplers build tables of num_train_timesteps values)."""
+    _whole("num_train_timesteps", c.num_train_timesteps, 1, MOST["train_timesteps"])
+    _positive("beta_start", c.beta_start)
+    _positive("beta_end", c.beta_end)
+    return c
+
+
+def check_taesd(c: TAESDConfig) -> TAESDConfig:
+    """`c`, if its sizes are within MOST; else a CheckpointError naming the value by its diffusers key."""
+    for key in ("in_channels", "out_channels", "latent_channels"):
+        _whole(key, getattr(c, key), 1, MOST["image_channels"])
+    for part in ("encoder", "decoder"):
+        _whole(f"{part}_block_out_channels", getattr(c, f"{part}_width"), 1, MOST["channels"])
+        blocks = getattr(c, f"{part}_blocks")
+        _whole(f"len(num_{part}_blocks)", len(blocks), 1, MOST["levels"])
+        _per_level(f"num_{part}_blocks", blocks, len(blocks), 0, MOST["taesd_blocks"])
+    _positive("scaling_factor", c.scaling_factor)
+    return c
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
@@ -66,7 +206,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     depth = per_level(c.get("transformer_layers_per_block", 1))
     if any(isinstance(d, (list, tuple)) for d in depth):
         raise CheckpointError("per-block transformer depths are not supported")
-    return UNetConfig(
+    return check_unet(UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
         channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
         num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
@@ -75,7 +215,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         sample_size=c.get("sample_size") or 64,
         addition_time_embed_dim=c["addition_time_embed_dim"] if added else 0,
         projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"] if added else 0,
-    )
+    ))
 
 
 def check_text_to_image(unet: UNetConfig, where: str):
@@ -91,12 +231,12 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
         raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
     if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
         raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
-    return VAEConfig(
+    return check_vae(VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),
         layers_per_block=c.get("layers_per_block", 2), norm_groups=c.get("norm_num_groups", 32),
         scaling_factor=c.get("scaling_factor", 0.18215),
-    )
+    ))
 
 
 # transformers' defaults for the keys a CLIP config may leave out. An SD text_encoder/config.json
@@ -131,8 +271,15 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     c = c.get("text_config", c)
     if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
-    return CLIPTextConfig(**_tower(c, defaults, where), vocab_size=_value(c, "vocab_size", defaults),
-                          max_positions=_value(c, "max_position_embeddings", defaults))
+    return check_text(CLIPTextConfig(**_tower(c, defaults, where), vocab_size=_value(c, "vocab_size", defaults),
+                                     max_positions=_value(c, "max_position_embeddings", defaults)), where)
+
+
+def text_config_with_projection(c: dict) -> CLIPTextConfig:
+    """CLIPTextConfig from a transformers CLIPTextModelWithProjection config (SDXL's text_encoder_2/config.json):
+    the text tower and its projection of the pooled output (transformers' default width 512 when unset)."""
+    projection = _value(c, "projection_dim", {"projection_dim": 512})
+    return check_text(dataclasses.replace(text_config_from_transformers(c), projection_dim=projection))
 
 
 def clip_config_from_transformers(c: dict) -> CLIPConfig:
@@ -151,8 +298,10 @@ def clip_config_from_transformers(c: dict) -> CLIPConfig:
     get = lambda key: _value(vision, key, VISION_TOWER_DEFAULTS)
     return CLIPConfig(
         text=text_config_from_transformers(text, TEXT_TOWER_DEFAULTS, "text_config: "),
-        vision=CLIPVisionConfig(**_tower(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
-                                image_size=get("image_size"), patch_size=get("patch_size")),
-        projection_dim=_value(c, "projection_dim", {"projection_dim": 512}),
+        vision=check_vision(CLIPVisionConfig(**_tower(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
+                                             image_size=get("image_size"), patch_size=get("patch_size")),
+                            "vision_config: "),
+        projection_dim=_whole("projection_dim", _value(c, "projection_dim", {"projection_dim": 512}), 1,
+                              MOST["width"]),
         logit_scale_init=_value(c, "logit_scale_init_value", {"logit_scale_init_value": 2.6592}),
     )

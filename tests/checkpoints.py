@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -131,3 +131,9 @@ def make_clip_folder(folder, seed=1):
         projection_dim=16)
     randomize_(CLIPModel(config), seed).save_pretrained(folder)
     return folder
+
+
+def make_taesd_folder(folder, seed=0):
+    """TAESD as diffusers writes it (AutoencoderTiny.save_pretrained), every tensor random. Returns its path."""
+    randomize_(AutoencoderTiny(), seed).save_pretrained(folder)
+    return Path(folder)
