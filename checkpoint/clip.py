@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import looks_like_repo_id
+from checkpoint.bounds import MOST, check_vision, whole
 from checkpoint.configs import (TEXT_TOWER_DEFAULTS, read_config, text_config_from_transformers, tower_fields,
                                 value_or_default)
 from checkpoint.folder import load_tokenizer, read_component
@@ -71,8 +72,10 @@ def clip_config_from_transformers(c: dict) -> CLIPConfig:
     get = lambda key: value_or_default(vision, key, VISION_TOWER_DEFAULTS)
     return CLIPConfig(
         text=text_config_from_transformers(text, TEXT_TOWER_DEFAULTS, "text_config: "),
-        vision=CLIPVisionConfig(**tower_fields(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
-                                image_size=get("image_size"), patch_size=get("patch_size")),
-        projection_dim=value_or_default(c, "projection_dim", {"projection_dim": 512}),
+        vision=check_vision(CLIPVisionConfig(**tower_fields(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
+                                             image_size=get("image_size"), patch_size=get("patch_size")),
+                            "vision_config: "),
+        projection_dim=whole("projection_dim", value_or_default(c, "projection_dim", {"projection_dim": 512}), 1,
+                             MOST["width"]),
         logit_scale_init=value_or_default(c, "logit_scale_init_value", {"logit_scale_init_value": 2.6592}),
     )

@@ -71,8 +71,8 @@ class Guidance:
     """The conditioning for each image in the batch. Hooks may change any field. Each entry of
     prompt, uncond and negative is a text or another `Conditioning`.
 
-    uncond:    what the unconditional branch sees, "" by default. A classic negative prompt goes
-               here: it replaces the unconditional branch.
+    uncond:    what the unconditional branch sees: by default the pipeline's `unconditional`, the
+               empty text (SDXL: zeros). A classic negative prompt goes here: it replaces the branch.
     negative:  a negative for the three-branch form, or None. Images with None run no extra branch.
     scale:     g, the classifier-free guidance scale (generate's guidance_scale). At g <= 1 with no
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
@@ -208,7 +208,7 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
     guidance = guidance_per_image(prompt, batch, negative_prompt, negative, cfg_scale(guidance_scale, renamed),
-                                  negative_scale, rule)
+                                  negative_scale, rule, pipe.unconditional)
     height, width = height or pipe.default_size, width or pipe.default_size
     if height % pipe.vae_scale or width % pipe.vae_scale:
         raise ValueError(f"size {height}x{width}: height and width must be multiples of {pipe.vae_scale}, "
@@ -274,7 +274,8 @@ def cfg_scale(guidance_scale, renamed: dict) -> float:
     return renamed["guidance"]
 
 
-def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative_scale, rule) -> Guidance:
+def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative_scale, rule,
+                       unconditional="") -> Guidance:
     """The Guidance of generate()'s arguments, `batch` images per prompt."""
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     B = len(prompts) * batch
@@ -286,7 +287,8 @@ def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative
             raise ValueError(f"got {len(v)} values for {len(prompts)} prompts; give one, or one per prompt")
         return [p for p in v for _ in range(batch)]
 
-    return Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
+    return Guidance(prompt=per_image(prompts), negative=per_image(negative),
+                    uncond=per_image(unconditional if negative_prompt is None else negative_prompt),
                     negative_scale=per_image(negative_scale), scale=scale, rule=rule)
 
 

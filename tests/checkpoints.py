@@ -16,7 +16,7 @@ if __name__ == "__main__":  # as a script, only tests/ is on the path: the repos
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -142,6 +142,12 @@ def make_clip_folder(folder, seed=1):
         projection_dim=16)
     randomize_(CLIPModel(config), seed).save_pretrained(folder)
     return folder
+
+
+def make_taesd_folder(folder, seed=0):
+    """TAESD as diffusers writes it (AutoencoderTiny.save_pretrained), every tensor random. Returns its path."""
+    randomize_(AutoencoderTiny(), seed).save_pretrained(folder)
+    return Path(folder)
 
 
 def main(argv=None):

@@ -1,6 +1,8 @@
 """Shared test helpers: randomized weights, a relative-error check, and images from a diffusers
-pipeline compared with ours, a hub cache laid out by hand."""
+pipeline compared with ours, a hub cache laid out by hand, a command run in bounded memory."""
+import resource
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,12 @@ class FixedProposer:
     def __call__(self, image, prompt: str, step: int):
         from vlm.base import Reply
         return Reply(list(self.items), ", ".join(self.items))
+
+
+def run_bounded(args, memory: int, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Runs the command `args` from the repository root with its address space limited to `memory` bytes
+    (RLIMIT_AS): a process that would grow without bound fails there with a MemoryError instead of
+    taking the machine with it. `timeout` only keeps a hang from stalling the suite."""
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    return subprocess.run(args, preexec_fn=limit, capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parents[1], **kwargs)

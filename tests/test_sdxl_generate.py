@@ -60,6 +60,16 @@ def test_sdxl_images_match_diffusers(folder, case, sampler):
     assert_same_image(ours, reference_images(reference(folder, sampler), **kw))
 
 
+@pytest.mark.parametrize("negative_prompt", [None, "blurry, ugly", ""],
+                         ids=["no-negative", "negative", "negative-empty"])
+def test_an_empty_prompt_matches_diffusers(folder, negative_prompt):
+    """force_zeros_for_empty_prompt zeros only the unconditional branch of a call without a negative prompt
+    (negative_prompt None): an empty prompt is encoded like any text, and so is negative_prompt=""."""
+    kw = dict(DEFAULTS, prompt="", negative_prompt=negative_prompt)
+    ours = generate(load_pipeline(folder), **kw, progress=False)
+    assert_same_image(ours, reference_images(reference(folder, "ddim"), **kw))
+
+
 def test_sdxl_default_size_is_diffusers(folder):
     ref = reference(folder, "ddim")
     assert load_pipeline(folder).default_size == ref.default_sample_size * ref.vae_scale_factor

@@ -48,27 +48,36 @@ def test_tokenizers_match_transformers(pair, folder, tokenizer):
 
 @torch.no_grad()
 def test_encode_text_matches_encode_prompt(pair):
-    """The prompt, and the empty negative: zeros for both outputs (force_zeros_for_empty_prompt)."""
+    """Every prompt, "" included, is encoded; without a negative prompt the unconditional branch is zeros
+    for both outputs (force_zeros_for_empty_prompt), and an explicit negative_prompt="" is encoded."""
     ours, ref = pair
-    for prompt in PROMPTS[:2] + PROMPTS[3:]:
+    for prompt in PROMPTS:
         embeds, negative, pooled, negative_pooled = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                                       do_classifier_free_guidance=True)
-        hidden, ours_pooled = ours.encode_text([prompt, ""])
-        assert hidden.shape == (2, 77, WIDTH) and ours_pooled.shape == (2, 40)
-        assert_close_rel(hidden[:1], embeds)
-        assert_close_rel(ours_pooled[:1], pooled)
-        assert torch.equal(negative, torch.zeros_like(negative)) and torch.equal(hidden[1], torch.zeros(77, WIDTH))
-        assert torch.equal(negative_pooled, torch.zeros_like(negative_pooled)) and not ours_pooled[1].any()
+        hidden, ours_pooled = ours.encode_text([prompt])
+        assert hidden.shape == (1, 77, WIDTH) and ours_pooled.shape == (1, 40)
+        assert_close_rel(hidden, embeds)
+        assert_close_rel(ours_pooled, pooled)
+        assert not negative.any() and not negative_pooled.any()
+    unconditional = ours.unconditional
+    assert torch.equal(unconditional.hidden, torch.zeros(77, WIDTH)) and torch.equal(unconditional.pooled,
+                                                                                     torch.zeros(40))
+    _, negative, _, negative_pooled = ref.encode_prompt("a dog", device="cpu", num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=True, negative_prompt="")
+    hidden, pooled = ours.encode_text([""])
+    assert negative.abs().max() > 0.1
+    assert_close_rel(hidden, negative)
+    assert_close_rel(pooled, negative_pooled)
 
 
 @torch.no_grad()
-def test_empty_prompt_is_encoded_without_force_zeros(tmp_path):
+def test_unconditional_is_the_encoded_empty_text_without_force_zeros(tmp_path):
     folder = make_sdxl_folder(tmp_path, seed=4, force_zeros_for_empty_prompt=False)
     ours, ref = load_pipeline(folder), StableDiffusionXLPipeline.from_pretrained(folder)
-    assert not ours.force_zeros_for_empty_prompt
+    assert not ours.force_zeros_for_empty_prompt and ours.unconditional == ""
     _, negative, _, negative_pooled = ref.encode_prompt("a dog", device="cpu", num_images_per_prompt=1,
                                                         do_classifier_free_guidance=True)
-    hidden, pooled = ours.encode_text([""])
+    hidden, pooled = ours.encode_text([ours.unconditional])
     assert negative.abs().max() > 0.1
     assert_close_rel(hidden, negative)
     assert_close_rel(pooled, negative_pooled)
