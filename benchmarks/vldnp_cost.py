@@ -207,7 +207,7 @@ def main(argv=None):
         p.error(f"unknown case {unknown[0]}; choose from {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from methods.vldnp import parse_steps
+    from methods.vldnp_cli import parse_steps
     query_steps = paper_density_steps(args.steps) if args.query_steps is None else \
         parse_steps(args.query_steps, args.steps)
     info = dict(machine(args.device), threads=torch.get_num_threads())

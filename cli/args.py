@@ -94,8 +94,8 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
                  ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more")]
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
-    args.task = TASKS[args.vlm_task]
     try:
+        args.task = TASKS[args.vlm_task]
         SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
         args.chosen_methods = methods.from_args(args, specs)
     except ValueError as e:

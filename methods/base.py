@@ -2,7 +2,7 @@
 sampler/loop.py's `generate` (the prompt's conditioning, the branches, a guidance rule, step hooks)
 and says what it records: the PNG's parameters and, per image, the negatives it used.
 
-    method = Static(scale=7.5)                      # or methods.from_args(args) from a command line
+    method = StaticNegative(negative_scale=7.5)     # methods/static.py; or methods.from_args(args, ["static"])
     plan = method.plan(pipe, "a person on a beach")
     images = generate(pipe, plan.prompt, **plan.arguments, seed=1)
     plan.finish()                                  # hooks that run in the background are collected

@@ -47,26 +47,6 @@ def default_query_steps(num_steps: int) -> list[int]:
     return sorted({int(s * num_steps / 50 + 0.5) for s in PAPER_STEPS} & set(range(num_steps)))
 
 
-def parse_steps(text: str, num_steps: int | None = None) -> list[int]:
-    """"5,6,7" -> [5, 6, 7], sorted and deduplicated; "" or "none" -> [] (no queries)."""
-    if text.strip().lower() in ("", "none"):
-        return []
-    steps = set()
-    for part in text.split(","):
-        try:
-            step = int(part.strip())
-        except ValueError:
-            raise ValueError(f"query steps {text!r}: {part.strip()!r} is not a step index; "
-                             "expected comma-separated integers such as 5,6,7") from None
-        if step < 0:
-            raise ValueError(f"query steps {text!r}: step {step} is negative; steps are 0-based indices")
-        if num_steps is not None and step >= num_steps:
-            raise ValueError(f"query steps {text!r}: step {step} is out of range for {num_steps} steps "
-                             f"(0 to {num_steps - 1})")
-        steps.add(step)
-    return sorted(steps)
-
-
 @dataclass
 class Query:
     """One query for one image, as the trace records it. `negative` is the negative in force for
@@ -332,7 +312,7 @@ class VLDNP(Method):
 
     @classmethod
     def from_args(cls, args, variant=None):
-        from methods.vldnp_cli import resolve
+        from methods.vldnp_cli import parse_steps, resolve
         from vlm.proposers import ProposerSource
         cls.no_variant(variant)
         resolve(args)

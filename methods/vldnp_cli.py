@@ -54,3 +54,23 @@ def resolve(args):
         except ValueError as e:
             raise ValueError(f"--vlm-url {e}") from None
     check_preview_decoder(args.preview_decoder)
+
+
+def parse_steps(text: str, num_steps: int | None = None) -> list[int]:
+    """"5,6,7" -> [5, 6, 7], sorted and deduplicated; "" or "none" -> [] (no queries)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    steps = set()
+    for part in text.split(","):
+        try:
+            step = int(part.strip())
+        except ValueError:
+            raise ValueError(f"query steps {text!r}: {part.strip()!r} is not a step index; "
+                             "expected comma-separated integers such as 5,6,7") from None
+        if step < 0:
+            raise ValueError(f"query steps {text!r}: step {step} is negative; steps are 0-based indices")
+        if num_steps is not None and step >= num_steps:
+            raise ValueError(f"query steps {text!r}: step {step} is out of range for {num_steps} steps "
+                             f"(0 to {num_steps - 1})")
+        steps.add(step)
+    return sorted(steps)

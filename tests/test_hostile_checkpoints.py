@@ -23,11 +23,11 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPTextConfig
 
+from checkpoint.clip import clip_config_from_transformers, load_clip
+from checkpoint.configs import (text_config_from_transformers, text_config_with_projection, unet_config_from_diffusers,
+                                vae_config_from_diffusers)
 from checkpoints import make_clip_folder, make_sd_folder, make_sdxl_folder, make_taesd_folder
 from helpers import run_bounded
-from checkpoint.clip import load_clip
-from checkpoint.configs import (clip_config_from_transformers, text_config_from_transformers,
-                                text_config_with_projection, unet_config_from_diffusers, vae_config_from_diffusers)
 from checkpoint.taesd import load_taesd, taesd_config_from_diffusers
 from weights import CheckpointError, export_single_file, load_pipeline
 

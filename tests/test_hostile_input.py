@@ -30,7 +30,8 @@ from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, u
 from vlm.base import check_proposer, printable
 from vlm.client import VLMClient
 from vlm.retry import RetryingProposer
-from vlm.tasks import NUDITY, SAFETY
+from vlm.open_tasks import SAFETY
+from vlm.tasks import NUDITY
 from weights import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,8 +20,10 @@ from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.base import prepare_image
 from vlm.client import VLMClient
-from methods.vldnp import DynamicNegatives, default_query_steps, parse_steps
-from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
+from methods.vldnp import DynamicNegatives, default_query_steps
+from methods.vldnp_cli import parse_steps
+from vlm.open_tasks import CREATIVE, SAFETY
+from vlm.tasks import NUDITY, get_task, is_refusal
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
