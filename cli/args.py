@@ -97,11 +97,14 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     try:
         args.task = TASKS[args.vlm_task]
         SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
+        classes = list(dict.fromkeys(methods.METHODS[methods.split_name(spec)[0]] for spec in specs))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_rules([rule for cls in classes for rule in cls.rules(args)], args)  # each option, before any method uses it
+    try:
         args.chosen_methods = methods.from_args(args, specs)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    classes = list(dict.fromkeys(type(m) for m in args.chosen_methods))
-    check_rules([rule for cls in classes for rule in cls.rules(args)], args)
     read = set().union(*(cls.reads(args) for cls in classes))
     for dest in [d for d in method_options if d in given and d not in read]:
         names = ", ".join(cls.name for cls in classes)

@@ -132,7 +132,7 @@ class DynamicStrength:
             p = self._p[b]
             w = None if p is None else self.strength.scale(p)
             if w is not None:
-                guidance.negative_scale[b] = w
+                guidance.set_negative_scale(b, w)
             rows.append(None if p is None else (("u", b, at_step(guidance.uncond[b], state.i)), ("n", b, negative)))
             t = int(state.t) if float(state.t).is_integer() else float(state.t)
             self.steps[b].append({"step": state.i, "timestep": t, "p": p, "w_neg": w})

@@ -185,7 +185,7 @@ class DynamicNegatives:
             if self.task.mode == "accumulate":
                 items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
             guidance.negative[b] = self.task.negative(items, state.pipe.tokenizer)
-            guidance.negative_scale[b] = self.negative_scale
+            guidance.set_negative_scale(b, self.negative_scale)
         query.negative = self.negatives[b] = guidance.negative[b]
 
     def _record(self, b: int, query: Query, reply: Reply):

@@ -76,7 +76,7 @@ class Guidance:
     negative:  a negative for the three-branch form, or None. Images with None run no extra branch.
     scale:     g, the classifier-free guidance scale (generate's guidance_scale). At g <= 1 with no
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
-    negative_scale: w_neg per image, how hard its three-branch negative pushes.
+    negative_scale: w_neg, how hard the three-branch negative pushes: one per image, or one for all.
     rule:      None for `guide`; else a callable (out_u, out_c, out_n, guidance, step) -> guided output
                that combines the same branches differently, e.g. Safe Latent Diffusion (methods/sld.py).
                It may be called twice for one step (after a hook changed a branch) and must then
@@ -85,14 +85,24 @@ class Guidance:
     prompt: list[Conditioning]
     uncond: list[Conditioning]
     negative: list[Conditioning | None]
-    negative_scale: list[float]
+    negative_scale: list[float] | float
     scale: float = 7.5
     rule: Callable | None = None
 
     def snapshot(self) -> tuple:
         """Everything the guided output depends on, copied: equal snapshots give the same output."""
-        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), tuple(self.negative_scale), self.scale,
-                self.rule)
+        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), tuple(self.negative_scales()),
+                self.scale, self.rule)
+
+    def negative_scales(self) -> list[float]:
+        """w_neg per image."""
+        w = self.negative_scale
+        return list(w) if isinstance(w, (list, tuple)) else [w] * len(self.prompt)
+
+    def set_negative_scale(self, b: int, w: float):
+        """Sets image b's w_neg; the other images keep theirs."""
+        self.negative_scale = self.negative_scales()
+        self.negative_scale[b] = w
 
     def rows(self, step: int) -> list[tuple[str, int, str | Embedded]]:
         """The (branch, image, conditioning) rows the UNet must run at `step`: u, c and n for uncond,
@@ -319,7 +329,7 @@ def combine(outputs: dict, guidance: Guidance, step: int):
                          for b, n in enumerate(guidance.negative)])
     if guidance.rule is not None:
         return positive, guidance.rule(out_u, out_c, out_n, guidance, step)
-    w = torch.tensor([0.0 if n is None else w for n, w in zip(guidance.negative, guidance.negative_scale)],
+    w = torch.tensor([0.0 if n is None else w for n, w in zip(guidance.negative, guidance.negative_scales())],
                      dtype=out_c.dtype, device=out_c.device)
     return positive, guide(out_u, out_c, out_n, guidance.scale, w[:, None, None, None])
 

@@ -257,7 +257,7 @@ def test_evaluate_sweeps_lambda_and_matches_generate(sd1, tmp_path, capsys):
         ("static", 5.0, "images/1_static_w5.png"), ("dng", 10.0, "images/1_dng_w10.png"),
         ("dng", 30.0, "images/1_dng_w30.png")]
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["methods"]
-    assert settings[1] == {"method": "dng", "strength": {"lam": 10.0, "prior": 0.01, "temperature": 0.2,
+    assert settings[1] == {"method": "dng", "scale": 10.0, "strength": {"lam": 10.0, "prior": 0.01, "temperature": 0.2,
                                                          "offset": 0.003, "p_min": 1e-6, "p_max": 0.99},
                            "text": NUDITY.static_negative}
     code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "euler-a",
