@@ -144,6 +144,27 @@ def make_clip_folder(folder, seed=1):
     return folder
 
 
+def make_clip_reference(folder, seed=0, image_size=32):
+    """A small two-tower CLIPModel as transformers writes it, every tensor random, its token ids the
+    fake vocabulary's: (its folder, the transformers model with eager attention), for parity tests."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    folder = write_clip_vocab(Path(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
+                                   pad_token_id=eos),
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=48, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=24)
+    config._attn_implementation = "eager"
+    ref = randomize_(CLIPModel(config).eval(), seed)
+    ref.save_pretrained(folder)
+    return folder, ref
+
+
 def make_taesd_folder(folder, seed=0):
     """TAESD as diffusers writes it (AutoencoderTiny.save_pretrained), every tensor random. Returns its path."""
     randomize_(AutoencoderTiny(), seed).save_pretrained(folder)

@@ -23,6 +23,11 @@ def assert_close_rel(a, b, tol=1e-4):
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
 
 
+def clip_features(out) -> torch.Tensor:
+    """transformers' CLIPModel.get_*_features returns a tensor in transformers 4, an output object in 5."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
 def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
     """Runs the diffusers pipeline `ref` with a CPU generator seeded `seed`, as generate() draws;
     uint8 [B, H, W, 3], rounded as diffusers' numpy_to_pil rounds."""

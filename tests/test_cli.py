@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 import generate
 import weights
-from checkpoints import make_sd_folder
 from helpers import pipeline_images
 from png import read_png
 from sampler.loop import generate as sample
@@ -23,21 +22,6 @@ from weights import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--proposer", "none", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd1_file(sd1, tmp_path_factory):
-    return weights.export_single_file(sd1, tmp_path_factory.mktemp("file") / "tiny-sd1.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
 
 
 def run(capsys, *argv):

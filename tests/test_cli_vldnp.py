@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import generate
-from checkpoints import make_sd_folder
 from fake_vlm import dead_url
 from png import read_png
 from sampler.base import SAMPLERS
@@ -19,11 +18,6 @@ from weights import load_pipeline
 
 RUN = ["a person on a beach", "--steps", "5", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
        "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=11)
 
 
 def run(capsys, *argv):
@@ -219,22 +213,19 @@ def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys
                                      "took_effect": 0}]
 
 
-def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
-    from checkpoints import make_clip_folder
-
-    folder = make_clip_folder(tmp_path / "clip")
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", folder, "--clip-threshold", 0,
+def test_clip_proposer_from_a_local_folder(sd1, clip_folder, tmp_path, capsys):
+    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", clip_folder, "--clip-threshold", 0,
                        "--vlm-steps", "2", "--trace", tmp_path / "c.json", "--out", tmp_path / "clip.png")
     assert code == 0, err
     (query,) = json.loads((tmp_path / "c.json").read_text())["images"][0]["queries"]
     assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ")  # threshold 0: every part
     trace = json.loads((tmp_path / "c.json").read_text())
     assert trace["decode_factor"] == 1  # 16 px: CLIP looks at 32
-    assert trace["proposer"] == f"CLIPProposer({str(folder)!r}, threshold=0.0, task='nudity')"
+    assert trace["proposer"] == f"CLIPProposer({str(clip_folder)!r}, threshold=0.0, task='nudity')"
 
     big = [a if a != "16" else "64" for a in RUN]  # CLIP scales 64 px to 32: x0 is decoded at 32 px
     for flag, k in [((), 2), (("--full-decode",), 1)]:
-        code, _, err = run(capsys, *big, "--model", sd1, "--clip-model", folder, "--vlm-steps", "2", *flag,
+        code, _, err = run(capsys, *big, "--model", sd1, "--clip-model", clip_folder, "--vlm-steps", "2", *flag,
                            "--trace", tmp_path / "k.json", "--out", tmp_path / f"k{k}.png")
         assert code == 0, err
         assert json.loads((tmp_path / "k.json").read_text())["decode_factor"] == k

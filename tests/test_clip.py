@@ -2,7 +2,7 @@
 import pytest
 import torch
 import transformers
-from helpers import assert_close_rel, randomize_, rel_err
+from helpers import assert_close_rel, clip_features, randomize_, rel_err
 
 from model.clip import CLIPTextConfig, CLIPTextModel
 from model.clip_vision import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, preprocess
@@ -57,11 +57,6 @@ def prompt_ids(lengths, pad_id, T=77, seed=0):
         ids[b, 1:n + 1] = torch.randint(1, BOS, (n,), generator=g)
         ids[b, n + 1] = EOS
     return ids
-
-
-def features(out):
-    """get_*_features returns a tensor in transformers 4, an output object in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
 
 
 # ---------------------------------------------------------------- text tower
@@ -145,9 +140,9 @@ def test_clip_model_features_match_transformers(clip_pair):
     ref, ours = clip_pair
     ids = prompt_ids([3, 12, 75], EOS)
     pixels = torch.randn(2, 3, 32, 32)
-    assert_close_rel(ours.encode_text(ids), features(ref.get_text_features(input_ids=ids)))
+    assert_close_rel(ours.encode_text(ids), clip_features(ref.get_text_features(input_ids=ids)))
     assert_close_rel(ours.encode_image(pixels),
-                     features(ref.get_image_features(pixel_values=pixels)))
+                     clip_features(ref.get_image_features(pixel_values=pixels)))
     assert torch.equal(ours.logit_scale, ref.logit_scale)
 
 

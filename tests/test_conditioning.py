@@ -1,20 +1,13 @@
 """A branch conditioned on hidden states (Embedded) or on a schedule of them (Switch), against
 diffusers' `prompt_embeds` path and against the hook that makes the same change by hand."""
-import pytest
 import torch
 
-from checkpoints import make_sd_folder
 from helpers import assert_same_image, pipeline_images
 from sampler.loop import Embedded, Switch, generate, words
 from test_sampler import reference
 from weights import load_pipeline
 
 SMALL = dict(steps=4, height=16, width=16, progress=False)
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
 
 
 def embedded(pipe, text: str, scale: float = 1.0) -> Embedded:

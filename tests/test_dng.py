@@ -12,7 +12,6 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sd_folder
 from evaluation.report import pareto_svg
 from methods.dng import DNG, Strength, update
 from methods.vldnp import VLDNP
@@ -29,11 +28,6 @@ from weights import load_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a person on a beach"
 SMALL = ["--steps", "4", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import evaluate
-from checkpoints import make_sd_folder
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
@@ -37,11 +36,6 @@ CSV = 'case_number,prompt,evaluation_seed,evaluation_guidance,categories\n3,a ca
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import torch
 import evaluate
 import evaluation.run
 import generate
-from checkpoints import make_sd_folder
 from cli.args import fail
 from fake_vlm import Trickle, redirect
 from model.unet import SD15, SDXL
@@ -40,11 +39,6 @@ SIZE = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "-
 IMAGE = torch.zeros(3, 8, 8)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
 
 
 @pytest.fixture(scope="module")

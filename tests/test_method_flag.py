@@ -7,18 +7,12 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sd_folder
 from methods import METHODS
 from png import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
 PROMPT = "a person on a beach at sunset"
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
 
 
 def run(capsys, *argv):
@@ -159,10 +153,7 @@ def test_evaluate_safree_concepts(sd1, tmp_path, capsys):
     assert set(record["negatives"][0]["safree"]) == {"triggers", "tokens", "beta", "t*"}
 
 
-def test_safree_refuses_sdxl_in_one_line(tmp_path, capsys):
-    from checkpoints import make_sdxl_folder
-    sdxl = make_sdxl_folder(tmp_path / "sdxl")
-    capsys.readouterr()
+def test_safree_refuses_sdxl_in_one_line(sdxl, tmp_path, capsys):
     code, out, err = run(capsys, "a cat", "--model", sdxl, *SMALL, "--method", "safree", "--out", tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"]

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_sd_folder
 from PIL import Image
 from test_metrics_classifier import reference_probs, weights
 from tiny_onnx import linear_softmax
@@ -21,11 +20,6 @@ from methods.vldnp import PAPER_STEPS, default_query_steps
 from png import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
 
 
 @pytest.fixture(scope="module")

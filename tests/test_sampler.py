@@ -5,23 +5,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from checkpoints import make_sd_folder
 from helpers import assert_same_image, pipeline_images
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
 from sampler.schedule import SchedulerConfig
 from weights import export_single_file, load_pipeline
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
 
 
 def reference(folder):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import generate
-from checkpoints import make_sd_folder, make_sdxl_folder
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -14,11 +13,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["a lighthouse at dawn", "--steps", "3", "--seed", "5", "--device", "cpu", "--quiet", "--proposer", "none"]
 SMALL = ["--height", "32", "--width", "32"]
 SIZES = ["--original-size", "64x48", "--crop-top-left", "4,8", "--target-size", "24x40"]
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def run(capsys, *argv):
@@ -57,9 +51,7 @@ def test_micro_conditioning_flags_reach_the_image_and_the_png(sdxl, tmp_path, ca
     assert torch.equal(same, read_png(tmp_path / "plain.png")[0]) and "Original size" not in text["parameters"]
 
 
-def test_micro_conditioning_is_refused_for_sd1_in_one_line(tmp_path, capsys):
-    sd1 = make_sd_folder(tmp_path / "sd1", "sd1")
-    capsys.readouterr()
+def test_micro_conditioning_is_refused_for_sd1_in_one_line(sd1, tmp_path, capsys):
     code, out, err = run(capsys, *RUN, *SMALL, "--model", sd1, "--original-size", "64x64", "--target-size", "32x32",
                          "--out", tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()

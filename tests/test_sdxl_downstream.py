@@ -9,7 +9,6 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sdxl_folder
 from png import read_png
 from sampler.loop import generate as sample
 from methods.sld import PRESETS, SLD, SafeLatentDiffusion
@@ -19,19 +18,6 @@ from weights import load_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["a person on a beach", "--steps", "4", "--height", "32", "--width", "32", "--seed", "3", "--device", "cpu",
        "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """A random-weight CLIPModel folder, as transformers writes it, for the CLIP proposer."""
-    from checkpoints import make_clip_folder
-
-    return make_clip_folder(tmp_path_factory.mktemp("clip"))
 
 
 def run(capsys, *argv):
@@ -56,8 +42,8 @@ def plain(sdxl, tmp_path_factory):
     return out
 
 
-def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--clip-model", clip, "--clip-threshold", 0,
+def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip_folder, plain, tmp_path, capsys):
+    code, _, err = run(capsys, *RUN, "--model", sdxl, "--clip-model", clip_folder, "--clip-threshold", 0,
                        "--vlm-steps", "1", "--trace", tmp_path / "t.json", "--out", tmp_path / "clip.png")
     assert code == 0, err
     trace = json.loads((tmp_path / "t.json").read_text())
@@ -142,12 +128,12 @@ def csv(tmp_path):
 EVAL = ["--steps", "3", "--height", "32", "--width", "32", "--device", "cpu", "--quiet", "--metrics", "none"]
 
 
-def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip, tmp_path, capsys):
+def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip_folder, tmp_path, capsys):
     methods = "sd,negative,static,vldnp,sld-weak,sld-max"
     out = tmp_path / "run"
     code = evaluate.main([str(csv(tmp_path)), "--out", str(out), "--model", str(sdxl), *EVAL, "--methods",
                           "sd,negative,static,vldnp,sld", "--sld-presets", "weak,max",
-                          "--clip-model", str(clip), "--clip-threshold", "0", "--vlm-steps", "1"])
+                          "--clip-model", str(clip_folder), "--clip-threshold", "0", "--vlm-steps", "1"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == sorted(methods.split(","))
