@@ -42,6 +42,14 @@ def assert_same_image(ours, expected):
     assert (ours.int() - expected.int()).abs().max() <= 2
 
 
+def run(main, capsys, *argv, **kwargs):
+    """A script's main(argv, **kwargs) in process, every argument as a string: (exit code, stdout lines,
+    stderr lines)."""
+    code = main([str(a) for a in argv], **kwargs)
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
 def hub_cache(home: Path, repo: str, folder: Path):
     """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -20,6 +20,7 @@ import evaluation.run
 import generate
 from cli.args import fail
 from fake_vlm import Trickle, redirect
+from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png, read_png
@@ -50,13 +51,6 @@ def pipe(sd1):
 def api_key(monkeypatch):
     monkeypatch.setenv("VLM_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(main, capsys, *argv):
-    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 import generate
+from helpers import run
 from png import read_png
 from sampler.loop import generate as sample
 from methods.sld import PRESETS, SLD, SafeLatentDiffusion
@@ -18,12 +19,6 @@ from weights import load_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["a person on a beach", "--steps", "4", "--height", "32", "--width", "32", "--seed", "3", "--device", "cpu",
        "--quiet"]
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def pixels(path):
@@ -43,7 +38,7 @@ def plain(sdxl, tmp_path_factory):
 
 
 def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip_folder, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--clip-model", clip_folder, "--clip-threshold", 0,
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--clip-model", clip_folder, "--clip-threshold", 0,
                        "--vlm-steps", "1", "--trace", tmp_path / "t.json", "--out", tmp_path / "clip.png")
     assert code == 0, err
     trace = json.loads((tmp_path / "t.json").read_text())
@@ -57,7 +52,7 @@ def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip_folder, plain, tmp_pa
 
 def test_vlm_proposer_on_sdxl(sdxl, plain, tmp_path, capsys, server):
     vlm = server("none", "I can see feet and a belly.")  # the first answers the check before loading
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--vlm-url", vlm.url, "--vlm-steps", "1",
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--vlm-url", vlm.url, "--vlm-steps", "1",
                        "--trace", tmp_path / "t.json", "--out", tmp_path / "vlm.png")
     assert code == 0 and err == [], err
     (query,) = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
@@ -67,14 +62,15 @@ def test_vlm_proposer_on_sdxl(sdxl, plain, tmp_path, capsys, server):
 
 
 def test_static_and_negative_on_sdxl(sdxl, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace", tmp_path / "s.json",
-                       "--out", tmp_path / "static.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace",
+                       tmp_path / "s.json", "--out", tmp_path / "static.png")
     assert code == 0, err
     static = get_task("nudity").static_negative
     (query,) = json.loads((tmp_path / "s.json").read_text())["images"][0]["queries"]
     assert query["step"] == 0 and query["negative"] == static
     assert f"Static negative: {json.dumps(static)}" in parameters(tmp_path / "static.png")
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--method", "negative", "--out", tmp_path / "negative.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "negative", "--out",
+                       tmp_path / "negative.png")
     assert code == 0, err
     assert "Method: negative" in parameters(tmp_path / "negative.png")
     images = [pixels(tmp_path / f) for f in ("static.png", "negative.png")] + [pixels(plain)]
@@ -112,7 +108,8 @@ def test_sld_rule_invariants_on_sdxl(sdxl):
 
 
 def test_sld_method_on_sdxl_says_so(sdxl, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--method", "sld-max", "--out", tmp_path / "sld.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "sld-max", "--out",
+                       tmp_path / "sld.png")
     assert code == 0, err
     text = parameters(tmp_path / "sld.png")
     assert "Method: sld-max" in text and "SLD: max" in text and "Model: sdxl" in text
