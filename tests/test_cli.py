@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import generate
 import weights
-from helpers import pipeline_images, run
+from helpers import assert_same_image, pipeline_images, run
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -31,13 +31,6 @@ def diffusers_images(folder, prompt, negative_prompt=None, *, seed, steps, guida
     ref.set_progress_bar_config(disable=True)
     return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
                            guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
-
-
-def assert_same_image(ours, expected):
-    assert ours.shape == expected.shape
-    assert expected.float().std() > 10, "reference image is flat; the comparison would prove little"
-    diff = (ours.int() - expected.int()).abs().max().item()
-    assert diff <= 2, f"pixels differ by up to {diff} levels"
 
 
 # ---------------------------------------------------------------------------------------------
