@@ -99,6 +99,13 @@ SDXL = dict(
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, clip_sample=False)
+# stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
+# "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
+TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
+                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                   "steps_offset": 1, "timestep_spacing": "trailing", "interpolation_type": "linear",
+                   "use_karras_sigmas": False, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                   "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 
 
 def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True):

@@ -35,6 +35,17 @@ def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
     return torch.from_numpy((out * 255).round().astype(np.uint8))
 
 
+def ddim_reference(folder):
+    """diffusers' StableDiffusionPipeline on the folder, its scheduler config read as DDIMScheduler, no
+    safety checker and no progress bar: the reference the loop's DDIM images are compared with."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 def assert_same_image(ours, expected):
     """uint8 images within 2 levels of each other, the reference neither saturated nor flat: random
     weights saturate easily, and a comparison of flat or clipped pixels would prove little."""

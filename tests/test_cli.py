@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import generate
 import weights
-from helpers import assert_same_image, pipeline_images, run
+from helpers import assert_same_image, ddim_reference, pipeline_images, run
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -26,11 +25,9 @@ FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "-
 
 def diffusers_images(folder, prompt, negative_prompt=None, *, seed, steps, guidance=7.5, height=None, width=None,
                      batch=1, eta=0.0):
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    ref.set_progress_bar_config(disable=True)
-    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
+    return pipeline_images(ddim_reference(folder), prompt, seed=seed, negative_prompt=negative_prompt,
+                           num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                           num_images_per_prompt=batch, eta=eta)
 
 
 # ---------------------------------------------------------------------------------------------

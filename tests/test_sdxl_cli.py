@@ -73,8 +73,8 @@ def test_the_documented_sdxl_commands_run_from_the_hub_cache(sdxl, tmp_path):
     import sys
     from pathlib import Path
 
+    from checkpoints import TURBO_SCHEDULER
     from helpers import hub_cache
-    from test_sdxl_generate import TURBO_SCHEDULER
 
     turbo = tmp_path / "turbo-folder"
     shutil.copytree(sdxl, turbo)

@@ -10,20 +10,13 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, StableDiffusionXLPipeline)
 
-from checkpoints import SDXL_SCHEDULER
+from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER
 from helpers import assert_same_image, pipeline_images
 from sampler.loop import generate
 from weights import load_pipeline
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
               "euler-a": EulerAncestralDiscreteScheduler}
-# stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
-# "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
-TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
-                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
-                   "steps_offset": 1, "timestep_spacing": "trailing", "interpolation_type": "linear",
-                   "use_karras_sigmas": False, "prediction_type": "epsilon", "sample_max_value": 1.0,
-                   "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 CASES = {
     "plain": dict(prompt="a cat on a table"),
     "negative-batch2-nonsquare": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
