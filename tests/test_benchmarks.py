@@ -10,7 +10,6 @@ import torch
 from transformers import CLIPTokenizer
 
 from benchmarks.random_weights import write_byte_tokenizer
-from checkpoints import make_sd_folder
 from model.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -21,14 +20,9 @@ import precision  # noqa: E402
 import sdxl  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1", seed=5)
-
-
-def test_bench_times_ours_against_diffusers_on_the_same_image(folder, tmp_path, capsys):
+def test_bench_times_ours_against_diffusers_on_the_same_image(sd1, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--model", str(folder), "--device", "cpu", "--size", "64", "--steps", "3", "--repeats", "1",
+    bench.main(["--model", str(sd1), "--device", "cpu", "--size", "64", "--steps", "3", "--repeats", "1",
                 "--warmup", "0", "--modes", "cfg,negative", "--threads", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["results"]] == ["cfg", "negative"]
@@ -39,9 +33,9 @@ def test_bench_times_ours_against_diffusers_on_the_same_image(folder, tmp_path, 
     assert "| cfg | 64x64 | 1 | 0 |" in capsys.readouterr().out
 
 
-def test_precision_measures_each_model_and_the_image(folder, tmp_path, capsys):
+def test_precision_measures_each_model_and_the_image(sd1, tmp_path, capsys):
     out = tmp_path / "precision.json"
-    code = precision.main(["--model", str(folder), "--device", "cpu", "--dtypes", "bf16,fp16", "--size", "64",
+    code = precision.main(["--model", str(sd1), "--device", "cpu", "--dtypes", "bf16,fp16", "--size", "64",
                            "--steps", "3", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
     assert [r["dtype"] for r in results] == ["bf16", "fp16"]
@@ -52,9 +46,9 @@ def test_precision_measures_each_model_and_the_image(folder, tmp_path, capsys):
     assert "| bf16 |" in capsys.readouterr().out
 
 
-def test_precision_fails_past_its_tolerance(folder, monkeypatch, capsys):
+def test_precision_fails_past_its_tolerance(sd1, monkeypatch, capsys):
     monkeypatch.setitem(precision.TOLERANCES, "bf16", dict(text=0.0, unet=1.0, vae=1.0, mean_pixel=255.0))
-    code = precision.main(["--model", str(folder), "--device", "cpu", "--dtypes", "bf16", "--size", "64",
+    code = precision.main(["--model", str(sd1), "--device", "cpu", "--dtypes", "bf16", "--size", "64",
                            "--steps", "2"])
     assert code == 1
     assert "no: text" in capsys.readouterr().out
@@ -144,10 +138,10 @@ def test_gpu_table_says_which_part_failed_and_where_its_log_is(tmp_path, capsys)
     assert "Not measured: not run." in out  # a part with no record at all
 
 
-def test_load_times_loading_and_a_first_pass_side_by_side(folder, tmp_path, capsys):
+def test_load_times_loading_and_a_first_pass_side_by_side(sd1, tmp_path, capsys):
     out = tmp_path / "load.json"
     root = Path(__file__).resolve().parents[1]  # as the baseline too: a checkout of this project
-    load.main(["--folder", str(folder), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out),
+    load.main(["--folder", str(sd1), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out),
                "--baseline", str(root)])
     report = json.loads(out.read_text())
     assert sorted(report["ratios_to_diffusers"]) == ["baseline", "ours", "plain"]

@@ -26,10 +26,10 @@ from transformers import CLIPConfig, CLIPTextConfig
 from checkpoint.clip import clip_config_from_transformers, load_clip
 from checkpoint.configs import (text_config_from_transformers, text_config_with_projection, unet_config_from_diffusers,
                                 vae_config_from_diffusers)
-from checkpoints import make_clip_folder, make_sd_folder, make_sdxl_folder, make_taesd_folder
+from checkpoints import make_taesd_folder
 from helpers import run_bounded
 from checkpoint.taesd import load_taesd, taesd_config_from_diffusers
-from weights import CheckpointError, export_single_file, load_pipeline
+from weights import CheckpointError, load_pipeline
 
 # Address space for a child that loads the small checkpoints below: they need under 1 GiB of it.
 MEMORY = 3 * 2**29
@@ -37,17 +37,10 @@ HUGE = 10**12
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def bases(sd1, tmp_path_factory):
+def bases(sd1, sd1_file, sdxl, clip_folder, tmp_path_factory):
     """The untouched checkpoints the hostile ones are made from."""
-    tmp = tmp_path_factory.mktemp("bases")
-    return dict(sd1=sd1, sd1_file=export_single_file(sd1, tmp / "sd1.safetensors"),
-                sdxl=make_sdxl_folder(tmp / "sdxl"), clip=make_clip_folder(tmp / "clip"),
-                taesd=make_taesd_folder(tmp / "taesd"))
+    return dict(sd1=sd1, sd1_file=sd1_file, sdxl=sdxl, clip=clip_folder,
+                taesd=make_taesd_folder(tmp_path_factory.mktemp("bases") / "taesd"))
 
 
 def with_tensors(file: Path, out: Path, tensors: dict) -> Path:

@@ -18,9 +18,9 @@ import torch
 import evaluate
 import evaluation.run
 import generate
-from checkpoints import make_sd_folder
 from cli.args import fail
 from fake_vlm import Trickle, redirect
+from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png, read_png
@@ -43,11 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
-
-
-@pytest.fixture(scope="module")
 def pipe(sd1):
     return load_pipeline(sd1)
 
@@ -56,13 +51,6 @@ def pipe(sd1):
 def api_key(monkeypatch):
     monkeypatch.setenv("VLM_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(main, capsys, *argv):
-    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def write(path: Path, text: str) -> Path:

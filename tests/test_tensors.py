@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint.tensors import CheckpointError, read_safetensors
-from checkpoints import make_sd_folder
 
 STATE = {"f32": torch.randn(3, 4, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
          "i64": torch.arange(5), "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 3),
@@ -74,11 +73,10 @@ def test_a_dropped_tensor_gives_its_pages_back(tmp_path):
     assert state["small"].shape == (8,)
 
 
-def test_loading_builds_the_models_without_their_initializers(tmp_path):
+def test_loading_builds_the_models_without_their_initializers(sd1):
     """Models built on the meta device to be filled from a file run no nn.init fill: nn.Embedding's
     normal_ there would import torch._dynamo, the largest cost of a first load. In a fresh process."""
-    folder = make_sd_folder(tmp_path / "sd1", "sd1")
-    code = (f"import sys; from weights import load_pipeline; load_pipeline({str(folder)!r}); "
+    code = (f"import sys; from weights import load_pipeline; load_pipeline({str(sd1)!r}); "
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, check=True)

@@ -12,7 +12,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import weights
-from checkpoints import make_sd_folder
 from fake_vlm import Trickle, completion, dead_url
 from helpers import FixedProposer, assert_close_rel, rel_err
 from png import read_png
@@ -29,13 +28,8 @@ SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return weights.load_pipeline(folder)
+def pipe(sd1):
+    return weights.load_pipeline(sd1)
 
 
 def run(pipe, prompt, hooks, steps=STEPS):
@@ -131,8 +125,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(folder):
-    return Reference(folder)
+def reference(sd1):
+    return Reference(sd1)
 
 
 def assert_images_close(ours, ref):

@@ -33,16 +33,6 @@ def folder(request, tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp(request.param), request.param, seed=5)
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd1_file(sd1, tmp_path_factory):
-    return export_single_file(sd1, tmp_path_factory.mktemp("file") / "sd1.safetensors")
-
-
 def reference_outputs(folder):
     """The three models' outputs on fixed inputs, computed by diffusers and transformers."""
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
@@ -450,11 +440,6 @@ def test_sd2_single_files_run_the_text_layers_diffusers_runs(tmp_path):
     for layers in (24, 23):
         family, *_, text = inspect_single_file({**others, **vit_h_text_shapes(layers)}, "sd2.safetensors")[:4]
         assert family == "sd2" and text.width == 1024 and text.num_layers == 23, layers
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
 
 
 def _resaved(file: Path, out: Path, metadata=None, **markers) -> Path:
