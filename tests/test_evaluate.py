@@ -124,6 +124,10 @@ def test_bad_prompt_files(tmp_path, capsys, text, message):
     (["--vlm-retries", "-1"], "--vlm-retries"),
     (["--limit", "0"], "--limit"),
     (["--height", "12"], "--height"),
+    (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"),  # once a traceback at the first record
+    (["--methods", "vldnp", "--vlm-url", "http://127.0.0.1:1/v1", "--vlm-timeout", "inf"],
+     "--vlm-timeout: 'inf' is not a finite number"),  # once an OverflowError per query
+    (["--methods", "vldnp", "--clip-threshold", "nan"], "--clip-threshold: 'nan' is not a finite number"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     csv = write(tmp_path / "p.csv", CSV)
