@@ -3,6 +3,7 @@ and its guidance checked against a reference loop written on the diffusers compo
 import base64
 import dataclasses
 import json
+import re
 import threading
 import time
 
@@ -314,6 +315,17 @@ class CountingVAE:
     def decode(self, latents):
         self.calls += 1
         return self.vae.decode(latents)
+
+
+def test_a_failed_query_is_warned_on_a_line_of_its_own_beside_the_progress_bar(pipe, capsys):
+    """The bar redraws its line with a carriage return and no newline: a warning printed beside it
+    would land after the bar's text. tqdm.write clears the bar first."""
+    failing = lambda image, prompt, step: Reply([], "", "HTTP 500 overloaded")  # noqa: E731
+    generate(pipe, "a cat", steps=STEPS, height=SIZE, width=SIZE, seed=0, progress=True,
+             hooks=[DynamicNegatives(failing, NUDITY, [1, 3])])
+    pieces = [piece for piece in re.split(r"[\r\n]", capsys.readouterr().err) if "warning" in piece]
+    assert pieces == [f"warning: VL-DNP query at step {i} for image 0 failed: HTTP 500 overloaded; no negative "
+                      "is in force yet" for i in (1, 3)]
 
 
 def test_queries_and_decodes_only_at_the_schedule(pipe):
