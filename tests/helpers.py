@@ -1,5 +1,5 @@
-"""Shared test helpers: randomized weights, a relative-error check, and images from a diffusers
-pipeline compared with ours, a hub cache laid out by hand, a command run in bounded memory."""
+"""Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
+checked on, and images from a diffusers pipeline compared with ours, a hub cache laid out by hand, a command run in bounded memory."""
 import resource
 import shutil
 import subprocess
@@ -9,6 +9,10 @@ import numpy as np
 import torch
 
 from benchmarks.random_weights import randomize_  # noqa: F401  the benchmarks randomize models the same way
+
+# What SDXL's two tokenizers and text encoders are checked on: plain, punctuation and "!" (the second
+# tokenizer's pad), empty, and longer than the 77 positions.
+SDXL_PROMPTS = ["a photo of a cat", "A castle on a hill, highly detailed, 8k!!", "", "wow! " * 40]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

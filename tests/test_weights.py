@@ -7,16 +7,17 @@ import socket
 import subprocess
 import sys
 import threading
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from checkpoints import FAMILIES, make_sd_folder
+from checkpoints import FAMILIES, SDXL, SDXL_WIDTH, make_sd_folder
 from helpers import assert_close_rel, assert_same_image, hub_cache, pipeline_images, randomize_
 from checkpoint.hub import hub_patterns
 from checkpoint.original import inspect_single_file
@@ -163,6 +164,22 @@ def test_hub_patterns_fetch_no_pickles_and_no_safety_checker():
     assert any(".fp16." in p for p in hub_patterns(torch.float16))
 
 
+def test_hub_patterns_take_sdxls_second_encoder_and_tokenizer():
+    # files of stabilityai/stable-diffusion-xl-base-1.0
+    wanted = {torch.float16: ["text_encoder_2/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"],
+              torch.float32: ["text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]}
+    common = ["text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+              "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "model_index.json"]
+    unwanted = ["text_encoder_2/pytorch_model.bin", "text_encoder_2/model.onnx", "text_encoder_2/flax_model.msgpack",
+                "vae_1_0/diffusion_pytorch_model.safetensors"]
+    for dtype, files in wanted.items():
+        patterns = hub_patterns(dtype)
+        for file in files + common:
+            assert any(fnmatch(file, p) for p in patterns), file
+        for file in unwanted:
+            assert not any(fnmatch(file, p) for p in patterns), file
+
+
 def _run(code: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
@@ -174,6 +191,23 @@ def test_repo_id_loads_from_the_hub_cache_offline(sd1, tmp_path):
     result = _run(code, {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["someone/tiny-sd", "sd1"]
+
+
+def test_repo_id_loads_sdxl_from_the_hub_cache_offline(sdxl, tmp_path):
+    """The hub patterns take text_encoder_2/ and tokenizer_2/ (and the fp16 variant for fp16 loads,
+    falling back to the full-precision files a repo without one holds)."""
+    hub_cache(tmp_path, "someone/tiny-sdxl", sdxl)
+    code = ("import torch; from weights import load_pipeline\n"
+            "for dtype in (torch.float32, torch.float16):\n"
+            "    p = load_pipeline('someone/tiny-sdxl', dtype=dtype)\n"
+            "    print(p.name, p.family, p.text_encoder_2.config.projection_dim, p.tokenizer_2.pad_id)")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path),
+                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    pad = str(StableDiffusionXLPipeline.from_pretrained(sdxl).tokenizer_2.convert_tokens_to_ids("!"))
+    assert result.stdout.split() == ["someone/tiny-sdxl", "sdxl", "40", pad] * 2
 
 
 @pytest.mark.parametrize("offline", ["1", "0"])
@@ -330,6 +364,42 @@ def test_mismatched_parts(sd1, tmp_path):
     assert "unet" in message and "wrong shape" in message
 
 
+def test_damaged_sdxl_folders_are_one_line_errors(sdxl, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sdxl, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(CheckpointError, match=r"missing subfolder tokenizer_2/ \(a diffusers folder of SDXL needs"):
+        load_pipeline(broken)
+
+    shutil.copytree(sdxl, broken, dirs_exist_ok=True)
+    file = broken / "text_encoder_2" / "model.safetensors"
+    state = load_file(file)
+    del state["text_projection.weight"]
+    save_file(state, file)
+    with pytest.raises(CheckpointError, match=r"text_encoder_2: tensors do not fit CLIPTextModel: 1 missing "
+                                              r"\(first: text_projection.weight\)"):
+        load_pipeline(broken)
+
+    shutil.copytree(sdxl, broken, dirs_exist_ok=True)
+    config = json.loads((broken / "unet" / "config.json").read_text())
+    (broken / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 128}))
+    with pytest.raises(CheckpointError, match=r"unet: tensors do not fit UNet: \d+ of the wrong shape \(first: "
+                                              r"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"):
+        load_pipeline(broken)
+
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(CheckpointError, match="names StableDiffusionXLImg2ImgPipeline.*refiner is not supported"):
+        load_pipeline(broken)
+
+
+def test_tokenizer_argument_takes_an_sdxl_folder(sdxl, tmp_path):
+    pipe = load_pipeline(sdxl, tokenizer=sdxl)
+    assert pipe.tokenizer_2.pad_id != pipe.tokenizer.pad_id
+    with pytest.raises(CheckpointError, match="has no tokenizer_2/; SDXL needs two tokenizers"):
+        load_pipeline(sdxl, tokenizer=sdxl / "tokenizer")
+
+
 def test_folder_saved_by_diffusers_loads(sd1, tmp_path):
     # diffusers' save_pretrained (transformers 5) writes the tokenizer as tokenizer.json alone
     ref = StableDiffusionPipeline.from_pretrained(sd1, safety_checker=None, requires_safety_checker=False)
@@ -341,6 +411,16 @@ def test_folder_saved_by_diffusers_loads(sd1, tmp_path):
                              truncation=True, return_tensors="pt").input_ids
     assert pipe.tokenizer(prompts).tolist() == expected.tolist()
     assert_matches(pipe, reference_outputs(sd1))
+
+
+def test_loads_as_sdxl(sdxl_pair):
+    ours, ref = sdxl_pair
+    assert ours.family == "sdxl" and ours.force_zeros_for_empty_prompt
+    assert ours.vae.config.scaling_factor == 0.13025
+    assert ours.unet.config.context_dim == SDXL_WIDTH and ours.text_encoder_2.config.projection_dim == 40
+    assert ours.tokenizer_2.pad_id == ref.tokenizer_2.convert_tokens_to_ids("!")
+    assert ours.default_size == ref.default_sample_size * ref.vae_scale_factor == 2 * SDXL["unet"]["sample_size"]
+    assert ours.scheduler.timestep_spacing == "leading" and ours.scheduler.steps_offset == 1
 
 
 def test_prompts_are_padded_to_the_tokenizers_model_max_length(tmp_path):
