@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.random_weights import randomize_  # noqa: F401  the benchmarks randomize models the same way
@@ -48,6 +49,46 @@ def ddim_reference(folder):
     ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     ref.set_progress_bar_config(disable=True)
     return ref
+
+
+def reference_outputs(folder):
+    """The three models' outputs on fixed inputs, computed by diffusers and transformers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, text.config.vocab_size, (2, 77), generator=g)
+    x, z = torch.randn(2, 4, 8, 12, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        context = text(ids).last_hidden_state
+        sf = vae.config.scaling_factor
+        return dict(ids=ids, x=x, z=z, images=images, context=context,
+                    eps=unet(x, torch.tensor([999, 1]), encoder_hidden_states=context).sample,
+                    decoded=vae.decode(z / sf).sample, encoded=vae.encode(images).latent_dist.mean * sf)
+
+
+def assert_matches(pipe, ref):
+    """A loaded SD1/SD2 pipeline's text encoder, UNet and VAE give `ref`, the reference_outputs of its source."""
+    with torch.no_grad():
+        assert_close_rel(pipe.text_encoder(ref["ids"]), ref["context"])
+        assert_close_rel(pipe.unet(ref["x"], torch.tensor([999, 1]), ref["context"]), ref["eps"])
+        assert_close_rel(pipe.vae.decode(ref["z"]), ref["decoded"])
+        assert_close_rel(pipe.vae.encode(ref["images"]), ref["encoded"])
+
+
+def error_of(source, **kw) -> str:
+    """The message of the CheckpointError that loading `source` raises, checked to be one line."""
+    from weights import CheckpointError, load_pipeline
+
+    with pytest.raises(CheckpointError) as info:
+        load_pipeline(source, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
 
 
 def assert_same_image(ours, expected):
