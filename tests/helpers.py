@@ -51,6 +51,20 @@ def ddim_reference(folder):
     return ref
 
 
+def sdxl_reference(folder, sampler):
+    """diffusers' StableDiffusionXLPipeline on the folder, its scheduler config read as the diffusers
+    scheduler our `sampler` follows, no progress bar: the reference of the loop's SDXL images."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, StableDiffusionXLPipeline)
+
+    schedulers = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+                  "euler-a": EulerAncestralDiscreteScheduler}
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.scheduler = schedulers[sampler].from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 def reference_outputs(folder):
     """The three models' outputs on fixed inputs, computed by diffusers and transformers."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

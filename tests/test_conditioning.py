@@ -1,17 +1,20 @@
 """What the UNet is conditioned on. A branch conditioned on hidden states (Embedded) or on a schedule of
 them (Switch), against diffusers' `prompt_embeds` path and against the hook that makes the same change
 by hand; SDXL's text conditioning (both encoders' hidden states, the pooled embedding, the zeros of an
-empty negative) against StableDiffusionXLPipeline.encode_prompt, and its size and crop time ids."""
+empty negative) against StableDiffusionXLPipeline.encode_prompt, and its size and crop micro-conditioning
+(the time ids, and the image they make), refused for a model without it."""
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from checkpoints import SDXL_WIDTH, make_sdxl_folder
-from helpers import SDXL_PROMPTS, assert_close_rel, assert_same_image, ddim_reference, pipeline_images
+from helpers import (SDXL_PROMPTS, assert_close_rel, assert_same_image, ddim_reference, pipeline_images,
+                     sdxl_reference)
 from sampler.loop import Embedded, Switch, generate, words
 from weights import load_pipeline
 
 SMALL = dict(steps=4, height=16, width=16, progress=False)
+DEFAULTS = dict(steps=4, height=32, width=32)  # SDXL's images, as in test_sampler.py
 
 
 def embedded(pipe, text: str, scale: float = 1.0) -> Embedded:
@@ -132,3 +135,19 @@ def test_time_ids_are_diffusers(sdxl_pair, height, width, extra):
                               extra.get("target_size", (height, width)))
     expected = ref._get_add_time_ids(original, crop, target, dtype=torch.float32, text_encoder_projection_dim=40)
     assert ours.time_ids(height, width, **extra).tolist() == expected[0].tolist()
+
+
+def test_micro_conditioning_matches_diffusers(sdxl):
+    sizes = dict(original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 40))
+    ours = generate(load_pipeline(sdxl), "a cat", **DEFAULTS, **sizes, progress=False)
+    expected = pipeline_images(sdxl_reference(sdxl, "ddim"), "a cat", num_inference_steps=4, guidance_scale=7.5,
+                               height=32, width=32, original_size=sizes["original_size"],
+                               crops_coords_top_left=sizes["crop_top_left"], target_size=sizes["target_size"])
+    assert_same_image(ours, expected)
+    assert (ours.int() - generate(load_pipeline(sdxl), "a cat", **DEFAULTS, progress=False).int()).abs().max() > 2
+
+
+def test_micro_conditioning_is_refused_for_a_model_without_it(sd1):
+    pipe = load_pipeline(sd1)
+    with pytest.raises(ValueError, match="SDXL's"):
+        generate(pipe, "a cat", **DEFAULTS, original_size=(64, 64), progress=False)
