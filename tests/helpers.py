@@ -1,5 +1,7 @@
 """Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
-checked on, and images from a diffusers pipeline compared with ours, a hub cache laid out by hand, a command run in bounded memory."""
+checked on, the reference models' outputs on a folder, a loading error's one line, images from a diffusers
+pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a command run in
+bounded memory."""
 import resource
 import shutil
 import subprocess
@@ -113,6 +115,18 @@ def assert_same_image(ours, expected):
     assert expected.float().std() > 10, "reference image is flat"
     diff = (ours.int() - expected.int()).abs().max().item()
     assert diff <= 2, f"pixels differ by up to {diff} levels"
+
+
+def pixels(path) -> torch.Tensor:
+    """The pixels of a PNG, uint8 [H, W, 3]."""
+    from png import read_png
+    return read_png(path)[0]
+
+
+def parameters(path) -> str:
+    """The settings text ("parameters") a PNG written by generate.py or evaluate.py holds."""
+    from png import read_png
+    return read_png(path)[1]["parameters"]
 
 
 def run(main, capsys, *argv, **kwargs):
