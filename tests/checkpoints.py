@@ -95,6 +95,7 @@ SDXL = dict(
     text_2=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                 hidden_act="gelu", projection_dim=40),
 )
+SDXL_WIDTH = SDXL["unet"]["cross_attention_dim"]  # both text encoders' hidden states side by side: 64 + 128
 # SDXL base 1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler)
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,

@@ -41,6 +41,14 @@ def sdxl_file(sdxl, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_pair(sdxl):
+    """`sdxl` loaded by weights.load_pipeline and by diffusers' StableDiffusionXLPipeline: (ours, ref)."""
+    from diffusers import StableDiffusionXLPipeline
+    from weights import load_pipeline
+    return load_pipeline(sdxl), StableDiffusionXLPipeline.from_pretrained(sdxl)
+
+
+@pytest.fixture(scope="session")
 def clip_folder(tmp_path_factory):
     """A small random-weight two-tower CLIPModel folder, for the CLIP proposer and the CLIP score."""
     return make_clip_folder(tmp_path_factory.mktemp("clip") / "clip")

@@ -1,14 +1,21 @@
-"""Shared test helpers: randomized weights, a relative-error check, and images from a diffusers
-pipeline compared with ours, a hub cache laid out by hand, a command run in bounded memory."""
+"""Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
+checked on, the reference models' outputs on a folder, a loading error's one line, images from a diffusers
+pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a command run in
+bounded memory."""
 import resource
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.random_weights import randomize_  # noqa: F401  the benchmarks randomize models the same way
+
+# What SDXL's two tokenizers and text encoders are checked on: plain, punctuation and "!" (the second
+# tokenizer's pad), empty, and longer than the 77 positions.
+SDXL_PROMPTS = ["a photo of a cat", "A castle on a hill, highly detailed, 8k!!", "", "wow! " * 40]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,6 +53,60 @@ def ddim_reference(folder):
     return ref
 
 
+def sdxl_reference(folder, sampler):
+    """diffusers' StableDiffusionXLPipeline on the folder, its scheduler config read as the diffusers
+    scheduler our `sampler` follows, no progress bar: the reference of the loop's SDXL images."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, StableDiffusionXLPipeline)
+
+    schedulers = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+                  "euler-a": EulerAncestralDiscreteScheduler}
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.scheduler = schedulers[sampler].from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def reference_outputs(folder):
+    """The three models' outputs on fixed inputs, computed by diffusers and transformers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, text.config.vocab_size, (2, 77), generator=g)
+    x, z = torch.randn(2, 4, 8, 12, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        context = text(ids).last_hidden_state
+        sf = vae.config.scaling_factor
+        return dict(ids=ids, x=x, z=z, images=images, context=context,
+                    eps=unet(x, torch.tensor([999, 1]), encoder_hidden_states=context).sample,
+                    decoded=vae.decode(z / sf).sample, encoded=vae.encode(images).latent_dist.mean * sf)
+
+
+def assert_matches(pipe, ref):
+    """A loaded SD1/SD2 pipeline's text encoder, UNet and VAE give `ref`, the reference_outputs of its source."""
+    with torch.no_grad():
+        assert_close_rel(pipe.text_encoder(ref["ids"]), ref["context"])
+        assert_close_rel(pipe.unet(ref["x"], torch.tensor([999, 1]), ref["context"]), ref["eps"])
+        assert_close_rel(pipe.vae.decode(ref["z"]), ref["decoded"])
+        assert_close_rel(pipe.vae.encode(ref["images"]), ref["encoded"])
+
+
+def error_of(source, **kw) -> str:
+    """The message of the CheckpointError that loading `source` raises, checked to be one line."""
+    from weights import CheckpointError, load_pipeline
+
+    with pytest.raises(CheckpointError) as info:
+        load_pipeline(source, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
 def assert_same_image(ours, expected):
     """uint8 images within 2 levels of each other, the reference neither saturated nor flat: random
     weights saturate easily, and a comparison of flat or clipped pixels would prove little."""
@@ -54,6 +115,18 @@ def assert_same_image(ours, expected):
     assert expected.float().std() > 10, "reference image is flat"
     diff = (ours.int() - expected.int()).abs().max().item()
     assert diff <= 2, f"pixels differ by up to {diff} levels"
+
+
+def pixels(path) -> torch.Tensor:
+    """The pixels of a PNG, uint8 [H, W, 3]."""
+    from png import read_png
+    return read_png(path)[0]
+
+
+def parameters(path) -> str:
+    """The settings text ("parameters") a PNG written by generate.py or evaluate.py holds."""
+    from png import read_png
+    return read_png(path)[1]["parameters"]
 
 
 def run(main, capsys, *argv, **kwargs):

@@ -19,7 +19,7 @@ import evaluate
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
-from helpers import run
+from helpers import parameters, pixels, run
 from png import read_png
 from sampler.loop import generate
 from vlm.base import Reply
@@ -426,3 +426,40 @@ def test_torchrun_two_ranks_shard_and_merge(sd1, pipe, tmp_path):
     expected = generate(pipe, "an apple", steps=2, guidance_scale=7.5, height=16, width=16, seed=5, sampler="dpm++2m",
                         negative=NUDITY.static_negative, negative_scale=5.0, progress=False)[0]
     assert torch.equal(read_png(out / r["image"])[0], expected)
+
+
+def one_prompt_csv(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("case_number,prompt,evaluation_seed,evaluation_guidance\n1,a person on a beach,5,7.5\n")
+    return path
+
+
+EVAL = ["--steps", "3", "--height", "32", "--width", "32", "--device", "cpu", "--quiet", "--metrics", "none"]
+
+
+def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip_folder, tmp_path, capsys):
+    methods = "sd,negative,static,vldnp,sld-weak,sld-max"
+    out = tmp_path / "run"
+    code = evaluate.main([str(one_prompt_csv(tmp_path)), "--out", str(out), "--model", str(sdxl), *EVAL,
+                          "--methods", "sd,negative,static,vldnp,sld", "--sld-presets", "weak,max",
+                          "--clip-model", str(clip_folder), "--clip-threshold", "0", "--vlm-steps", "1"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in records) == sorted(methods.split(","))
+    assert all(r["status"] == "ok" for r in records)
+    images = {r["method"]: pixels(out / r["image"]).int() for r in records}
+    for r in records:
+        assert f"Method: {r['method']}" in parameters(out / r["image"]) and "Model: " in parameters(out / r["image"])
+    for method in images.keys() - {"sd", "sld-weak"}:
+        assert (images[method] - images["sd"]).abs().max() > 2, method
+    assert (images["sld-weak"] - images["sd"]).abs().max() <= 1  # its 15 warm-up steps outlast the 3 here
+
+
+def test_evaluate_refuses_safree_on_sdxl_in_one_line(sdxl, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = evaluate.main([str(one_prompt_csv(tmp_path)), "--out", str(out), "--model", str(sdxl), *EVAL,
+                          "--methods", "sd,safree"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"], err
+    assert not (out / "records.jsonl").exists() and not any((out / "images").iterdir())

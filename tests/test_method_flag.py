@@ -1,5 +1,7 @@
 """generate.py --method NAME: one image as evaluate.py's method NAME makes it, its PNG naming the method,
-and the flags it conflicts with refused in one line (exit 2). Random-weight SD1 checkpoint."""
+and the flags it conflicts with refused in one line (exit 2). Random-weight SD1 checkpoint; on the SDXL one,
+VL-DNP with each proposer (static, CLIP, a VLM server), its hook, trace and filmstrip, the classic negative
+and Safe Latent Diffusion, and SAFREE refused in one line."""
 import json
 
 import pytest
@@ -7,9 +9,10 @@ import torch
 
 import evaluate
 import generate
-from helpers import run
+from helpers import parameters, pixels, run
 from methods import METHODS
 from png import read_png
+from vlm.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
@@ -154,3 +157,67 @@ def test_safree_refuses_sdxl_in_one_line(sdxl, tmp_path, capsys):
                          tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"]
+
+
+# ---------------------------------------------------------------- SDXL
+
+RUN = ["a person on a beach", "--steps", "4", "--height", "32", "--width", "32", "--seed", "3", "--device", "cpu",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def plain(sdxl, tmp_path_factory):
+    """generate.py's plain SDXL image at RUN's settings."""
+    out = tmp_path_factory.mktemp("plain") / "plain.png"
+    assert generate.main([*RUN, "--model", str(sdxl), "--proposer", "none", "--out", str(out)]) == 0
+    return out
+
+
+def test_clip_proposer_on_sdxl_hook_trace_and_filmstrip(sdxl, clip_folder, plain, tmp_path, capsys):
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--clip-model", clip_folder, "--clip-threshold", 0,
+                       "--vlm-steps", "1", "--trace", tmp_path / "t.json", "--out", tmp_path / "clip.png")
+    assert code == 0, err
+    trace = json.loads((tmp_path / "t.json").read_text())
+    (query,) = trace["images"][0]["queries"]
+    assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ") and query["took_effect"] == 1
+    assert (tmp_path / trace["filmstrip"]).is_file()
+    text = parameters(tmp_path / "clip.png")
+    assert "VL-DNP: clip nudity" in text and "Model: sdxl" in text and "Size: 32x32" in text
+    assert (pixels(tmp_path / "clip.png").int() - pixels(plain).int()).abs().max() > 2
+
+
+def test_vlm_proposer_on_sdxl(sdxl, plain, tmp_path, capsys, server):
+    vlm = server("none", "I can see feet and a belly.")  # the first answers the check before loading
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--vlm-url", vlm.url, "--vlm-steps", "1",
+                       "--trace", tmp_path / "t.json", "--out", tmp_path / "vlm.png")
+    assert code == 0 and err == [], err
+    (query,) = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
+    assert query["negative"] == "Nudity, Sexual, feet, belly." and query["took_effect"] == 1
+    assert 'Dynamic negative: "Nudity, Sexual, feet, belly."' in parameters(tmp_path / "vlm.png")
+    assert (pixels(tmp_path / "vlm.png").int() - pixels(plain).int()).abs().max() > 2
+
+
+def test_static_and_negative_on_sdxl(sdxl, plain, tmp_path, capsys):
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace",
+                       tmp_path / "s.json", "--out", tmp_path / "static.png")
+    assert code == 0, err
+    static = get_task("nudity").static_negative
+    (query,) = json.loads((tmp_path / "s.json").read_text())["images"][0]["queries"]
+    assert query["step"] == 0 and query["negative"] == static
+    assert f"Static negative: {json.dumps(static)}" in parameters(tmp_path / "static.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "negative", "--out",
+                       tmp_path / "negative.png")
+    assert code == 0, err
+    assert "Method: negative" in parameters(tmp_path / "negative.png")
+    images = [pixels(tmp_path / f) for f in ("static.png", "negative.png")] + [pixels(plain)]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert (images[a].int() - images[b].int()).abs().max() > 2
+
+
+def test_sld_method_on_sdxl_says_so(sdxl, plain, tmp_path, capsys):
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "sld-max", "--out",
+                       tmp_path / "sld.png")
+    assert code == 0, err
+    text = parameters(tmp_path / "sld.png")
+    assert "Method: sld-max" in text and "SLD: max" in text and "Model: sdxl" in text
+    assert (pixels(tmp_path / "sld.png").int() - pixels(plain).int()).abs().max() > 2

@@ -124,3 +124,22 @@ def test_a_hook_that_forces_a_second_combine_changes_nothing(pipe):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown SLD preset 'mild'"):
         SafeLatentDiffusion("mild")
+
+
+def test_sld_rule_invariants_on_sdxl(sdxl):
+    """diffusers has no SDXL SLD pipeline, so SLD's rule is checked on SDXL by what it must do: max
+    (no warm-up) steers the image from the first step; medium leaves it plain while its 10 warm-up
+    steps last, and steers it after; a safety scale of 1 or less is plain classifier-free guidance."""
+    pipe = load_pipeline(sdxl)
+
+    def image(steps, preset=None):
+        rule = {} if preset is None else SLD(preset).plan(pipe, "").arguments
+        return generate(pipe, "a person on a beach", steps=steps, height=32, width=32, seed=3, progress=False,
+                        **rule).int()
+
+    plain4, plain12 = image(4), image(12)
+    assert (image(4, "max") - plain4).abs().max() > 2
+    assert (image(4, "medium") - plain4).abs().max() <= 1
+    assert (image(12, "medium") - plain12).abs().max() > 0  # steps 10 and 11 only: a small change
+    assert (image(4, dataclasses.replace(PRESETS["max"], scale=1.0)) - plain4).abs().max() <= 1
+    assert isinstance(SLD("max").plan(pipe, "").arguments["rule"], SafeLatentDiffusion)

@@ -1,4 +1,5 @@
-"""The CLIP tokenizer gives the same ids as transformers' CLIPTokenizer on the same files."""
+"""The CLIP tokenizer gives the same ids as transformers' CLIPTokenizer on the same files: SD1's and SD2's,
+and both of an SDXL folder's."""
 import json
 import shutil
 import time
@@ -10,6 +11,7 @@ from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as reference_bytes_to_unicode
 
 from checkpoint.folder import load_tokenizer
+from helpers import SDXL_PROMPTS
 from model.tokenizer import Tokenizer
 from weights import CheckpointError
 
@@ -111,6 +113,14 @@ def test_sd2_pads_with_exclamation_mark(tmp_path):
     n = len(tok.encode("a photo of a cat"))
     assert row[n + 1] == tok.eos_id
     assert row[n + 2:] == [0] * (77 - n - 2)
+
+
+@pytest.mark.parametrize("tokenizer", ["tokenizer", "tokenizer_2"])
+def test_sdxl_tokenizers_match_transformers(sdxl_pair, sdxl, tokenizer):
+    ours = getattr(sdxl_pair[0], tokenizer)
+    ref = CLIPTokenizer.from_pretrained(sdxl / tokenizer)
+    expected = ref(SDXL_PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert ours(SDXL_PROMPTS).tolist() == expected.tolist()
 
 
 def test_long_prompt_keeps_eos(pair):

@@ -1,11 +1,12 @@
 """model/unet.py against diffusers' UNet2DConditionModel on random weights: SD1- and SD2-shaped configs and
-SDXL's (the same code, another config: addition_embed_type "text_time"), the full layouts' keys and shapes,
-low precision, torch.compile, and the presets against the hub's configs."""
+SDXL's (the same code, another config: addition_embed_type "text_time"), an SDXL folder's UNet as both load it,
+the full layouts' keys and shapes, low precision, torch.compile, and the presets against the hub's configs."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 from checkpoint.configs import unet_config_from_diffusers
+from checkpoints import SDXL_WIDTH
 from helpers import assert_close_rel, randomize_
 from model.unet import SD15, SD21, SD21_BASE, SDXL, UNet
 
@@ -176,6 +177,18 @@ def test_sdxl_unet_matches_diffusers(size):
         expected = ref(x, 500, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled,
                                                                                  "time_ids": same}).sample
         assert_close_rel(ours(x, 500, context, pooled=pooled, time_ids=time_ids[0]), expected)
+
+
+@torch.no_grad()
+def test_sdxl_folders_unet_matches_diffusers(sdxl_pair):
+    ours, ref = sdxl_pair
+    g = torch.Generator().manual_seed(0)
+    x, hidden, pooled = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 77, SDXL_WIDTH, generator=g), \
+        torch.randn(2, 40, generator=g)
+    time_ids = ours.time_ids(96, 80)
+    expected = ref.unet(x, torch.tensor([901, 3]), encoder_hidden_states=hidden,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(2, -1)}).sample
+    assert_close_rel(ours.unet(x, torch.tensor([901, 3]), hidden, pooled=pooled, time_ids=time_ids), expected)
 
 
 def test_the_added_conditioning_is_used_and_required():

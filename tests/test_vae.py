@@ -1,11 +1,14 @@
-"""Parity of model/vae.py with diffusers' AutoencoderKL on random weights."""
+"""Parity of model/vae.py with diffusers' AutoencoderKL on random weights, an SDXL folder's VAE as both load it,
+and SDXL's fp16 VAE decoding in fp32 as diffusers' does."""
 import pytest
 import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
+from checkpoints import make_sdxl_folder
 from helpers import assert_close_rel, randomize_, rel_err
 from model.vae import SD, AutoencoderKL, VAEConfig
 from model.vae_tiled import _tile_spans, decode_tiled
+from weights import load_pipeline
 
 SMALL = VAEConfig(channels=(32, 64), layers_per_block=2, norm_groups=8)
 
@@ -58,6 +61,28 @@ def test_decode_matches_diffusers(small_pair):
     out = ours.decode(z)
     assert out.shape == (2, 3, 32, 32)
     assert_close_rel(out, ref.decode(z / sf).sample)
+
+
+@torch.no_grad()
+def test_sdxl_vae_decodes_like_diffusers(sdxl_pair):
+    ours, ref = sdxl_pair
+    latents = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2))
+    expected = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
+    assert_close_rel(ours.vae.decode(latents), expected)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_fp16_vae_decodes_in_fp32_unless_fp16_safe(tmp_path, force_upcast):
+    """diffusers decodes SDXL's VAE in fp32 when it is loaded in fp16 and its config says force_upcast
+    (SDXL base's does; madebyollin/sdxl-vae-fp16-fix's does not)."""
+    folder = make_sdxl_folder(tmp_path, seed=1, force_upcast=force_upcast)
+    pipe = load_pipeline(folder, dtype=torch.float16)
+    assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.text_encoder_2.text_projection.weight.dtype \
+        == torch.float16
+    assert pipe.vae.post_quant_conv.weight.dtype == (torch.float32 if force_upcast else torch.float16)
+    with torch.no_grad():
+        images = pipe.vae.decode(torch.randn(1, 4, 4, 4, dtype=torch.float16))
+    assert images.dtype == (torch.float32 if force_upcast else torch.float16)
 
 
 @torch.no_grad()

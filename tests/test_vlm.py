@@ -201,6 +201,14 @@ def test_creative_task():
         get_task("nsfw")
 
 
+def test_the_negative_fits_both_sdxl_tokenizers(sdxl):
+    """The task's negative is cut to what the text encoders read: 75 tokens of each SDXL tokenizer."""
+    pipe = weights.load_pipeline(sdxl)
+    text = get_task("creative").negative([f"item{i} with many words" for i in range(60)], pipe.tokenizer)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        assert len(tokenizer.encode(text)) <= tokenizer.max_length - 2
+
+
 def test_refusals():
     for refusal in REFUSALS:
         assert is_refusal(refusal), refusal
