@@ -14,6 +14,7 @@ import methods
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from sampler.base import SAMPLERS
+from sampler.edit import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from vlm.base import printable
 from vlm.proposers import check_preview_decoder
 from vlm.tasks import TASKS
@@ -55,6 +56,19 @@ def int_pair(separator: str, minimum: int):
     return parse
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """argparse type: FILE[:SCALE] -> (FILE, SCALE); the scale is 1 when not given. A path may hold
+    colons: only a last part that is a number is the scale."""
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return text, 1.0
+    if not path or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FILE[:SCALE] with a finite SCALE")
+    return path, value
+
+
 def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool) -> list[str]:
     """The options both scripts take; returns the methods' (those an unused one of is refused). `sampler`:
     the default sampler; `many`: evaluate.py, where --negative-scale sweeps and --proposer is vldnp's."""
@@ -65,11 +79,16 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
                    "vocab.json and merges.txt), or for SDXL a diffusers SDXL folder (default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"], help="what the UNet predicts, overriding the "
                    "model's config or file (SD 2.x 768 models: v)")
+    m.add_argument("--lora", dest="loras", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged into the model at SCALE "
+                   "(default 1); repeat it for more")
     m.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m, the paper's; euler; "
                    "euler-a, SDXL-Turbo's (default: %(default)s)")
     m.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
     m.add_argument("--guidance", dest="guidance_scale", type=finite, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale g; 1 or less skips the unconditional pass (default: 7.5)")
+    m.add_argument("--strength", type=finite, metavar="S", help="how much of an edited image changes, in (0, 1]: "
+                   f"the last floor(steps*S) steps run (default: {IMG2IMG_STRENGTH:g}; with a mask {INPAINT_STRENGTH:g})")
     m.add_argument("--height", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
     m.add_argument("--width", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
     m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -151,7 +170,8 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
                  ("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
                  ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
                  ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
-                 ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]
+                 ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1"),
+                 ("strength", args.strength is None or 0 < args.strength <= 1, "more than 0 and at most 1")]
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
     if args.proposer in (None, "auto"):
@@ -177,6 +197,9 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         raise UsageError(f"{flag(dest)}: no method of this run reads it ({names}); leave it out or choose a method "
                          "that does")
     check_model(args.model)
+    for path, _ in args.loras:
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {path}: no such file")
     args.device = pick_device(args.device)
     args.torch_dtype = pick_dtype(args.dtype, args.device)
 

@@ -58,3 +58,39 @@ class FixedProposer:
     def __call__(self, image, prompt: str, step: int):
         from vlm.base import Reply
         return Reply(list(self.items), ", ".join(self.items))
+
+
+def scheduler_classes() -> dict:
+    """Our samplers' names -> the diffusers scheduler classes they match."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+    return {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+            "euler-a": EulerAncestralDiscreteScheduler}
+
+
+def reference_pipeline(cls, folder, sampler: str):
+    """diffusers pipeline `cls` from `folder`, with the scheduler our `sampler` matches, from the folder's config."""
+    extra = {} if "XL" in cls.__name__ else dict(safety_checker=None, requires_safety_checker=False)
+    ref = cls.from_pretrained(folder, **extra)
+    ref.scheduler = scheduler_classes()[sampler].from_pretrained(folder, subfolder="scheduler")
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def picture(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """An image to edit, uint8 [H, W, 3]: a colour ramp with noise, neither flat nor saturated."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 150, width)[None, :, None] + np.linspace(0, 60, height)[:, None, None] * [1, -1, 0.5]
+    return torch.from_numpy((ramp + 40 + rng.integers(0, 60, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
+def box_mask(height: int, width: int) -> torch.Tensor:
+    """A mask image uint8 [H, W, 3], white (repaint) over a box in the middle, black elsewhere."""
+    mask = torch.zeros(height, width, 3, dtype=torch.uint8)
+    mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+    return mask
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+    return Image.fromarray(image.numpy())

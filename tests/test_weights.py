@@ -413,8 +413,8 @@ def test_partial_single_files_name_a_missing_tensor(sd1_file, sd1, tmp_path, dro
     assert "partial.safetensors" in message and drop in message
 
 
-@pytest.mark.parametrize("in_channels", [9, 8])  # inpainting, instruct-pix2pix
-def test_inpainting_and_pix2pix_models_are_refused(sd1_file, sd1, tmp_path, in_channels):
+@pytest.mark.parametrize("in_channels", [8, 5])  # instruct-pix2pix, depth (inpainting's 9 load: test_inpaint.py)
+def test_pix2pix_and_depth_models_are_refused(sd1_file, sd1, tmp_path, in_channels):
     state = load_file(sd1_file)
     key = "model.diffusion_model.input_blocks.0.0.weight"
     out, _, h, w = state[key].shape

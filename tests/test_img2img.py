@@ -1,0 +1,173 @@
+"""img2img (sampler/edit.py) against diffusers' StableDiffusionImg2ImgPipeline and
+StableDiffusionXLImg2ImgPipeline on random-weight SD1, SD2-v and SDXL folders, for every sampler:
+the same timesteps, the same draws, the same image for a seed. Then generate.py --init-image, and
+the bad input it refuses in one line."""
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+import generate
+import png
+from checkpoints import make_sd_folder, make_sdxl_folder
+from helpers import assert_same_image, picture, pipeline_images, reference_pipeline, scheduler_classes, to_pil
+from sampler.base import SAMPLERS
+from sampler.edit import first_step
+from sampler.loop import generate as sample
+from sampler.schedule import SchedulerConfig
+from weights import load_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SAMPLER_NAMES = list(scheduler_classes())
+
+
+@pytest.fixture(scope="module")
+def sd2v(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
+
+
+def reference(cls, folder, sampler, prompt, image, *, steps, strength, guidance_scale=7.5, seed=0, **kwargs):
+    return pipeline_images(reference_pipeline(cls, folder, sampler), prompt, seed=seed, image=to_pil(image),
+                           strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, **kwargs)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_the_chain_takes_diffusers_timesteps(sampler, spacing):
+    """diffusers' get_timesteps: ⌊N·s⌋ steps, the last ones of the N-step layout."""
+    config = SchedulerConfig(timestep_spacing=spacing)
+    for steps, strength in [(10, 0.5), (7, 0.3), (50, 0.75), (4, 1.0), (3, 0.34), (25, 0.999)]:
+        ref = scheduler_classes()[sampler](beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                           steps_offset=1, timestep_spacing=spacing)
+        ref.set_timesteps(steps)
+        start = first_step(steps, strength)
+        expected = ref.timesteps[start * ref.order:]
+        ours = SAMPLERS[sampler](config, steps, start).timesteps
+        assert len(ours) == int(steps * strength) and torch.equal(ours.to(expected.dtype), expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_sd1_matches_diffusers(sd1, sampler):
+    image = picture(24, 32)
+    ours = sample(load_pipeline(sd1), "a watercolor cat", steps=5, init_image=image, strength=0.6, sampler=sampler,
+                  progress=False)
+    assert_same_image(ours, reference(StableDiffusionImg2ImgPipeline, sd1, sampler, "a watercolor cat", image,
+                                      steps=5, strength=0.6))
+
+
+def test_sd1_batch_negative_eta_and_full_strength_match_diffusers(sd1):
+    """One image for two prompts x 2: diffusers encodes it once and repeats its latents."""
+    image, pipe = picture(32, 24, seed=1), load_pipeline(sd1)
+    kw = dict(negative_prompt=["blurry", "dark"], steps=6, guidance_scale=5.0, seed=3)
+    ours = sample(pipe, ["a red house", "a boat"], **kw, batch=2, init_image=image, strength=0.7, eta=0.5,
+                  progress=False)
+    ref = reference_pipeline(StableDiffusionImg2ImgPipeline, sd1, "ddim")
+    expected = pipeline_images(ref, ["a red house", "a boat"], seed=3, image=to_pil(image), strength=0.7,
+                               negative_prompt=["blurry", "dark"], num_inference_steps=6, guidance_scale=5.0,
+                               num_images_per_prompt=2, eta=0.5)
+    assert_same_image(ours, expected)
+    # strength 1: the image noised to the first step (not pure noise, as text to image would start)
+    ours = sample(pipe, "a red house", steps=4, init_image=image, strength=1.0, sampler="euler-a", progress=False)
+    assert_same_image(ours, reference(StableDiffusionImg2ImgPipeline, sd1, "euler-a", "a red house", image, steps=4,
+                                      strength=1.0))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_sd2_v_prediction_matches_diffusers(sd2v, sampler):
+    image = picture(32, 32, seed=2)
+    ours = sample(load_pipeline(sd2v), "a mountain lake", steps=5, init_image=image, strength=0.8, sampler=sampler,
+                  progress=False)
+    assert_same_image(ours, reference(StableDiffusionImg2ImgPipeline, sd2v, sampler, "a mountain lake", image,
+                                      steps=5, strength=0.8))
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_sdxl_matches_diffusers(sdxl, sampler):
+    """SDXL's VAE encodes in fp32 as diffusers' force_upcast; its size ids are the image's."""
+    image = picture(32, 24, seed=4)
+    ours = sample(load_pipeline(sdxl), "a castle", steps=5, init_image=image, strength=0.6, sampler=sampler,
+                  progress=False)
+    assert_same_image(ours, reference(StableDiffusionXLImg2ImgPipeline, sdxl, sampler, "a castle", image, steps=5,
+                                      strength=0.6))
+
+
+def test_the_edit_starts_from_the_image(sd1):
+    """A small strength keeps the image's layout: the edit is nearer its image than another image's edit."""
+    pipe, a, b = load_pipeline(sd1), picture(32, 32, seed=5), picture(32, 32, seed=6).flip(1)
+    edit = lambda image: sample(pipe, "a cat", steps=10, init_image=image, strength=0.3, progress=False)[0].float()
+    assert (edit(a) - a.float()).abs().mean() < (edit(b) - a.float()).abs().mean()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(strength=0.0), "strength 0: must be more than 0 and at most 1"),
+    (dict(strength=1.5), "strength 1.5: must be more than 0 and at most 1"),
+    (dict(strength=0.1), "runs no step of 5"),
+    (dict(height=24), "the image is 32x32; the edit has its size"),
+])
+def test_bad_edits_are_one_line(sd1, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(load_pipeline(sd1), "a cat", steps=5, init_image=picture(32, 32), progress=False, **kwargs)
+
+
+def test_sizes_and_strength_without_an_image_are_refused(sd1):
+    pipe = load_pipeline(sd1)
+    with pytest.raises(ValueError, match=f"the image is 32x31; its sides must be multiples of {pipe.vae_scale}"):
+        sample(pipe, "a cat", steps=3, init_image=picture(31, 32), progress=False)
+    with pytest.raises(ValueError, match="give the image"):
+        sample(pipe, "a cat", steps=3, height=16, width=16, strength=0.5, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py --init-image
+
+FAST = ["--steps", "4", "--device", "cpu", "--proposer", "none", "--quiet", "--seed", "7"]
+
+
+def run(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_generate_py_edits_an_image(sd1, tmp_path, capsys):
+    image = picture(24, 32, seed=8)
+    png.write_png(tmp_path / "in.png", image)
+    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
+                         "--strength", "0.75", "--out", tmp_path / "edit")
+    assert code == 0, err
+    written, text = png.read_png(tmp_path / "edit.png")
+    expected = sample(load_pipeline(sd1), "a cat", steps=4, seed=7, init_image=image, strength=0.75, progress=False)
+    assert torch.equal(written, expected[0])
+    assert "Denoising strength: 0.75" in text["parameters"] and "Size: 32x24" in text["parameters"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strength", "0"], "--strength 0.0: must be more than 0 and at most 1"),
+    (["--strength", "1.01"], "--strength 1.01: must be more than 0 and at most 1"),
+    (["--strength", "0.2"], "--strength 0.2 runs no step of 4"),
+    (["--height", "32"], "--height 32: the edit is made at --init-image's size, 32x24"),
+    (["--init-image", "{tmp}/missing.png"], "missing.png: cannot read it"),
+    (["--init-image", "{tmp}/photo.jpg"], "photo.jpg: a JPEG; only PNG images are read"),
+    (["--init-image", "{tmp}/odd.png"], "odd.png is 30x24; its sides must be multiples of 8"),
+])
+def test_generate_py_refuses_bad_edits(sd1, tmp_path, capsys, monkeypatch, args, message):
+    png.write_png(tmp_path / "in.png", picture(24, 32))
+    png.write_png(tmp_path / "odd.png", picture(24, 30))
+    to_pil(picture(24, 32)).save(tmp_path / "photo.jpg")
+    monkeypatch.setattr("weights.load_pipeline", lambda *a, **k: pytest.fail("bad input must stop before loading"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    image = [] if "--init-image" in args else ["--init-image", tmp_path / "in.png"]
+    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, *image, *args)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("flag", ["--strength", "--mask"])
+def test_edit_options_need_an_image(sd1, tmp_path, capsys, flag):
+    png.write_png(tmp_path / "mask.png", picture(16, 16))
+    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, flag, "0.5" if flag == "--strength" else
+                         tmp_path / "mask.png")
+    assert code == 2 and err == [f"error: {flag} edits an image: give the image with --init-image"]
