@@ -152,11 +152,13 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
 def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The dests of the options `argv` gives explicitly (whatever their values): argparse sets a
     default only where the namespace has no value yet, so a namespace primed with a marker keeps
-    the marker wherever nothing was given."""
+    the marker wherever nothing was given. A repeatable option (--lora) is primed with a list of its
+    own, which argparse copies before it appends."""
     unset = object()
-    primed = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
-    parsed = parser.parse_args(argv, primed)
-    return {dest for dest, value in vars(parsed).items() if value is not unset}
+    primed = {a.dest: [] if isinstance(a, argparse._AppendAction) else unset for a in parser._actions
+              if a.dest != argparse.SUPPRESS}
+    parsed = parser.parse_args(argv, argparse.Namespace(**primed))
+    return {dest for dest, value in vars(parsed).items() if value is not primed[dest]}
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
