@@ -67,6 +67,13 @@ def parse_args(argv=None):
         if not ok:
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
     args.edit = read_edit(args)
+    if args.edit and args.vlm_steps is not None:  # only vldnp reads them: its leaf is here
+        from methods.vldnp import parse_steps
+        taken = args.steps - edit.first_step(args.steps, args.edit["strength"])
+        try:
+            parse_steps(args.vlm_steps, taken)
+        except ValueError as e:
+            raise UsageError(f"--vlm-steps count the steps the edit takes, {taken} of {args.steps}: {e}") from None
     check_out(args.out, "--out")
     check_out(args.trace, "--trace")
     return args

@@ -171,3 +171,84 @@ def test_edit_options_need_an_image(sd1, tmp_path, capsys, flag):
     code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, flag, "0.5" if flag == "--strength" else
                          tmp_path / "mask.png")
     assert code == 2 and err == [f"error: {flag} edits an image: give the image with --init-image"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method on an edit: the arguments flow through generate(), the steps count the chain's
+
+METHODS = {"sd": [], "negative": [], "static": [], "sld-max": [], "safree": [], "dng": ["--sampler", "euler-a"]}
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_edits_the_image(sd1, tmp_path, capsys, method):
+    image = picture(32, 32, seed=5)
+    png.write_png(tmp_path / "in.png", image)
+    common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
+              *METHODS[method]]
+    code, _, err = run(capsys, *common, "--method", method, "--init-image", tmp_path / "in.png", "--strength", "0.4",
+                       "--out", tmp_path / "edit")
+    assert code == 0, err
+    edited, text = png.read_png(tmp_path / "edit.png")
+    assert f"Method: {method}" in text["parameters"] and "Denoising strength: 0.4" in text["parameters"]
+    code, _, err = run(capsys, *common, "--method", method, "--height", "32", "--width", "32", "--out", tmp_path / "t2i")
+    assert code == 0, err
+    assert distance(edited, image) < distance(png.read_png(tmp_path / "t2i.png")[0], image)
+    if method != "sd":  # the method acted on the edit
+        code, _, _ = run(capsys, *common, "--method", "sd", "--init-image", tmp_path / "in.png", "--strength", "0.4",
+                         "--out", tmp_path / "sd")
+        assert code == 0 and not torch.equal(edited, png.read_png(tmp_path / "sd.png")[0])
+
+
+def test_vldnp_queries_within_the_edit_and_sees_the_edited_image(sd1, tmp_path, capsys, server):
+    image = picture(32, 32, seed=5)
+    png.write_png(tmp_path / "in.png", image)
+    vlm = server("none", "feet", "none")  # the first answers the check before loading
+    common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
+              "--init-image", tmp_path / "in.png", "--strength", "0.5", "--vlm-url", vlm.url]
+    code, _, err = run(capsys, *common, "--vlm-steps", "0,3", "--trace", tmp_path / "t.json", "--out", tmp_path / "v")
+    assert code == 0, err
+    assert "VL-DNP steps: 0 3" in png.read_png(tmp_path / "v.png")[1]["parameters"] and len(vlm.requests) == 3
+    code, _, err = run(capsys, *common, "--vlm-steps", "2,5")
+    assert code == 2 and err == ["error: --vlm-steps count the steps the edit takes, 5 of 10: query steps '2,5': "
+                                 "step 5 is out of range for 5 steps (0 to 4)"]
+
+
+class Recorder:
+    """A proposer that keeps the x0 previews it is shown and finds nothing."""
+    needs_image = True
+
+    def __init__(self):
+        self.images = []
+
+    def __call__(self, image, prompt, step):
+        from vlm.base import Reply
+        self.images.append(image)
+        return Reply([], "none")
+
+
+def test_the_x0_previews_show_the_edited_image(sd1):
+    """VL-DNP's proposer sees the image being edited (as the random VAE renders its posterior sample,
+    the one generate() draws first for seed 0), and the paper's query steps are rescaled to the steps
+    the edit takes."""
+    from methods.vldnp import VLDNP, default_query_steps
+    from sampler.edit import encode
+    pipe, image = load_pipeline(sd1), picture(32, 32, seed=5)
+    with torch.no_grad():
+        latents = encode(pipe, image, torch.Generator().manual_seed(0))
+        rendered = ((pipe.vae.decode(latents)[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255)
+    previews = {}
+    for edit in ({}, {"init_image": image, "strength": 0.04}):  # one step, at t = 1: x0 is near the image
+        recorder = Recorder()
+        plan = VLDNP(query_steps=(0,), proposer=recorder).plan(pipe, "a cat")
+        sample(pipe, plan.prompt, steps=30, height=32, width=32, progress=False, **edit, **plan.arguments)
+        plan.finish()
+        previews[bool(edit)] = ((recorder.images[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255)
+    assert distance(previews[True], rendered) < distance(previews[False], rendered) / 3
+    plan = VLDNP(query_steps=tuple(default_query_steps(30)), proposer=Recorder(), paper_steps=True).plan(pipe, "a cat")
+    sample(pipe, plan.prompt, steps=30, init_image=image, strength=0.6, progress=False, **plan.arguments)
+    plan.finish()
+    assert plan.hook.query_steps == default_query_steps(18)

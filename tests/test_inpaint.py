@@ -155,3 +155,46 @@ def test_generate_py_refuses_bad_masks_and_models(sd1, sd1_inpainting, tmp_path,
                                  "32x24"]
     code, _, err = run(capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width", "16")
     assert code == 2 and len(err) == 1 and "is an inpainting model (9 input channels)" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method inpaints: the arguments flow through generate()
+
+METHODS = {"sd": [], "negative": [], "static": [], "sld-max": [], "safree": [], "dng": ["--sampler", "euler-a"]}
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd1_inpainting"])
+def test_every_method_inpaints(request, tmp_path, capsys, model):
+    folder = request.getfixturevalue(model)
+    png.write_png(tmp_path / "in.png", picture(24, 32, seed=3))
+    png.write_png(tmp_path / "mask.png", box_mask(24, 32))
+    made = {}
+    for method, extra in METHODS.items():
+        code, _, err = run(capsys, "a person on a beach", "--model", folder, *FAST[:4], *FAST[6:], *extra,
+                           "--method", method,
+                           "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                           "--out", tmp_path / method)
+        assert code == 0, (method, err)
+        made[method], text = png.read_png(tmp_path / f"{method}.png")
+        assert f"Method: {method}" in text["parameters"]
+    assert all(not torch.equal(made[m], made["sd"]) for m in METHODS if m not in ("sd", "dng"))
+
+
+def test_dng_weighs_only_the_latents_the_sampler_drew():
+    """With a 4-channel UNet, inpainting puts the image back outside the mask: the posterior update
+    counts the latents inside it alone (StepState.drawn)."""
+    from methods.dng import Strength, update
+    g = torch.Generator().manual_seed(0)
+    x, mean_u, mean_n = (torch.randn(2, 4, 6, 6, generator=g) for _ in range(3))
+    drawn = torch.zeros(1, 1, 6, 6)
+    drawn[..., 2:5, 1:4] = 1
+    p = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    outside = drawn == 0
+    moved = x.clone()
+    moved[outside.expand_as(x)] += 5  # what happens where nothing was drawn must not matter
+    strength = Strength()
+    ours = update(p, moved, mean_u, mean_n, 0.5, strength, drawn)
+    assert torch.equal(ours, update(p, x, mean_u, mean_n, 0.5, strength, drawn))
+    inside = lambda t: t * drawn  # the same step with the outside set equal in x and both means
+    assert torch.allclose(ours, update(p, inside(x), inside(mean_u), inside(mean_n), 0.5, strength))
+    assert not torch.allclose(ours, update(p, moved, mean_u, mean_n, 0.5, strength))
