@@ -9,7 +9,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPi
 import generate
 import png
 from checkpoints import make_sd_folder, make_sdxl_folder
-from helpers import assert_same_image, picture, pipeline_images, reference_pipeline, scheduler_classes, to_pil
+from helpers import assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, scheduler_classes, \
+    to_pil
 from sampler.base import SAMPLERS
 from sampler.edit import first_step
 from sampler.loop import generate as sample
@@ -252,3 +253,51 @@ def test_the_x0_previews_show_the_edited_image(sd1):
     sample(pipe, plan.prompt, steps=30, init_image=image, strength=0.6, progress=False, **plan.arguments)
     plan.finish()
     assert plan.hook.query_steps == default_query_steps(18)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py: init_image and mask columns
+
+def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
+    import json
+
+    import evaluate
+    from sampler.edit import mask_from_image
+    png.write_png(tmp_path / "a.png", picture(16, 24, seed=1))
+    png.write_png(tmp_path / "m.png", box_mask(16, 24))
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not read")
+    (tmp_path / "p.csv").write_text("case_number,prompt,evaluation_seed,init_image,mask\n"
+                                    "1,a cat,5,a.png,\n2,a dog,6,a.png,m.png\n3,a bird,7,,\n4,a fish,8,gone.png,\n"
+                                    "5,a cow,9,,m.png\n6,a fox,10,photo.jpg,\n")
+    argv = [tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps", "4", "--device", "cpu",
+            "--quiet", "--methods", "sd,static", "--metrics", "none", "--no-report", "--strength", "0.75"]
+    code = evaluate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 1, err  # the JPEG's jobs failed (exit 1: re-run to retry them); the rest were made
+    assert "line 5: init_image 'gone.png': no such file" in err  # bad rows are skipped, each named
+    assert "line 6: a mask without an init_image to repaint" in err
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
+    assert sorted(records) == [f"{case}_{method}" for case in (1, 2, 3, 6) for method in ("sd", "static_w7.5")]
+    assert records["6_sd"]["status"] == "failed" and "a JPEG" in records["6_sd"]["error"]  # fails alone
+    pipe, image, mask = load_pipeline(sd1), picture(16, 24, seed=1), mask_from_image(box_mask(16, 24))
+    edits = {1: dict(init_image=image, strength=0.75), 2: dict(init_image=image, mask=mask, strength=0.75),
+             3: dict(height=16, width=16)}
+    for case, kwargs in edits.items():
+        written, text = png.read_png(tmp_path / "run" / records[f"{case}_sd"]["image"])
+        expected = sample(pipe, records[f"{case}_sd"]["prompt"], steps=4, seed=4 + case, sampler="dpm++2m",
+                          progress=False, **kwargs)[0]
+        assert torch.equal(written, expected)
+        assert ("Denoising strength: 0.75" in text["parameters"]) == (case != 3)
+    assert records["2_sd"]["mask"].endswith("m.png") and "init_image" not in records["3_sd"]
+    # a rerun resumes: the images made are not made again, the failed jobs are retried
+    (tmp_path / "photo.jpg").unlink()
+    png.write_png(tmp_path / "photo.jpg", picture(16, 24, seed=2))  # a PNG by another name is read
+    assert evaluate.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "6 done before, 2 to make" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(r["status"] == "ok" for r in records)
+    # --strength without a row that edits is refused
+    (tmp_path / "plain.csv").write_text("prompt\na cat\n")
+    code = evaluate.main([str(a) for a in [tmp_path / "plain.csv", *argv[1:3], "--model", sd1, "--strength", "0.5",
+                                           "--metrics", "none"]])
+    assert code == 2 and "--strength: no row of" in capsys.readouterr().err
