@@ -8,7 +8,6 @@ sets what the VL-DNP paper ran. The parts are in evaluation/.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.metadata
 import os
 import shlex
@@ -18,16 +17,17 @@ from pathlib import Path
 import torch
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, comma_list, fail, \
-    given_options, pick_device
+from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options
 from evaluation.classifier_file import classifier_file
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_protocol, run_departures
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
+from files import sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
+from methods.options import comma_list
 from sampler.edit import IMG2IMG_STRENGTH, INPAINT_STRENGTH, first_step
 from sampler.memory import TooLargeError, is_out_of_memory
 
@@ -219,22 +219,14 @@ def warn_skipped(path, skipped, most: int = 20):
               file=sys.stderr, flush=True)
 
 
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpec:
     settings = {
-        "prompts_sha256": sha256(args.prompts), "prompt_column": args.prompt_column,
+        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column,
         "model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
         "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
         "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
         **({"strength": args.strength} if args.strength is not None else {}),  # keys only where used: older
-        **({"lora": [{"file": str(path), "scale": scale, "sha256": sha256(path)} for path, scale in args.loras]}
+        **({"lora": [{"file": str(path), "scale": scale, "sha256": sha256_file(path)} for path, scale in args.loras]}
            if args.loras else {}),  # runs resume
         "methods": [m.settings() for m in args.chosen_methods],
         "metrics": {"names": args.metrics, "nudenet_classes": args.nudenet_classes,

@@ -1,5 +1,4 @@
 """Text to image with Stable Diffusion 1.x, 2.x or SDXL:  python generate.py "a photo of a cat"
-(--init-image edits an image, --mask inpaints part of it, --lora adds a LoRA.)
 
 Parse the arguments, load the model, let the method plan the image (methods/: plain SD, a negative
 prompt, the static baseline, VL-DNP, SLD, SAFREE), generate, save PNGs whose `parameters` text holds
@@ -11,16 +10,17 @@ import argparse
 import secrets
 import sys
 
-import png
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, finite, given_options, int_pair
+from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, given_options, int_pair
 from cli.outputs import EXAMPLES, check_out, check_sizes, png_text, save, write_trace
-from sampler import edit
+from leaves import Leaves, MissingLeaf
+from methods.options import finite
 from sampler.base import SAMPLERS
-from sampler.loop import NonFiniteError, generate
+from sampler.loop import EDITS, NonFiniteError, generate
 from sampler.memory import TooLargeError, is_out_of_memory
 
 DEMO_PROMPT = "a photograph of an astronaut riding a horse"
+LEAVES = Leaves("option", {"--init-image": "cli.edit:read_edit"})  # reads the images an edit starts from
 
 
 def parse_args(argv=None):
@@ -39,10 +39,8 @@ def parse_args(argv=None):
                    "crop corner to imitate (default: 0,0, centred)")
     p.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW", help="SDXL's micro-conditioning: the "
                    "size aimed at (default: the image's)")
-    p.add_argument("--init-image", metavar="PNG", help="edit this image (img2img) instead of drawing one; the image "
-                   "is made at its size, whose sides must be multiples of 8")
-    p.add_argument("--mask", metavar="PNG", help="with --init-image: repaint where the mask is white, keep the rest "
-                   "(inpainting; an inpainting model needs one)")
+    p.add_argument("--init-image", metavar="PNG", help="edit this image (img2img), at its size, instead of drawing one")
+    p.add_argument("--mask", metavar="PNG", help="with --init-image: repaint where the mask is white (inpainting)")
     p.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... with --batch; a missing folder "
                    "is made (default: a new file in outputs/, never overwriting)")
     p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: "
@@ -66,47 +64,13 @@ def parse_args(argv=None):
                            ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]:
         if not ok:
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
-    args.edit = read_edit(args)
-    if args.edit and args.vlm_steps is not None:  # only vldnp reads them: its leaf is here
-        from methods.vldnp import parse_steps
-        taken = args.steps - edit.first_step(args.steps, args.edit["strength"])
-        try:
-            parse_steps(args.vlm_steps, taken)
-        except ValueError as e:
-            raise UsageError(f"--vlm-steps count the steps the edit takes, {taken} of {args.steps}: {e}") from None
+    try:  # generate()'s edit arguments
+        args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
+    except MissingLeaf as e:
+        raise UsageError(str(e)) from None
     check_out(args.out, "--out")
     check_out(args.trace, "--trace")
     return args
-
-
-def read_edit(args) -> dict:
-    """generate()'s edit arguments from --init-image, --mask and --strength: {} for text to image."""
-    if args.init_image is None:
-        for flag, value in [("--mask", args.mask), ("--strength", args.strength)]:
-            if value is not None:
-                raise UsageError(f"{flag} edits an image: give the image with --init-image")
-        return {}
-    try:
-        image = png.read_image(args.init_image)
-        mask = None if args.mask is None else edit.mask_from_image(png.read_image(args.mask))
-    except png.ImageFileError as e:  # names the file
-        raise UsageError(str(e)) from None
-    strength = args.strength if args.strength is not None else (
-        edit.IMG2IMG_STRENGTH if mask is None else edit.INPAINT_STRENGTH)
-    try:
-        edit.first_step(args.steps, strength)
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
-    H, W = image.shape[:2]
-    if mask is not None and tuple(mask.shape) != (H, W):
-        raise UsageError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]}; it must be the image's size, {W}x{H}")
-    for flag, size, side in [("--height", args.height, H), ("--width", args.width, W)]:
-        if size is not None and size != side:
-            raise UsageError(f"{flag} {size}: the edit is made at --init-image's size, {W}x{H}; leave it out")
-    if H % 8 or W % 8:
-        raise UsageError(f"--init-image {args.init_image} is {W}x{H}; its sides must be multiples of 8: crop or "
-                         f"resize it, e.g. to {W - W % 8}x{H - H % 8}")
-    return {"init_image": image, "mask": mask, "strength": strength}
 
 
 def main(argv=None) -> int:
@@ -143,25 +107,25 @@ def run(args, method) -> int:
         for path, scale in args.loras:
             weights.load_lora(pipe, path, scale)
         check_sizes(args, pipe, SAMPLERS[args.sampler])
-        edit.check_edit(pipe, args.edit.get("init_image"), args.edit.get("mask"), args.height, args.width)
+        if args.edit or pipe.inpainting:  # an inpainting model needs an image and a mask
+            EDITS["img2img"].check_edit(pipe, args.edit.get("init_image"), args.edit.get("mask"), args.strength,
+                                        args.height, args.width)
         if method.check(pipe):
             raise UsageError(method.check(pipe))
         # 2. the method's plan: the prompt's conditioning, the branches, hooks
         plan = method.plan(pipe, args.prompt, args.batch)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
-    height, width = args.edit["init_image"].shape[:2] if args.edit else (args.height or pipe.default_size,
-                                                                        args.width or pipe.default_size)
     sizes = dict(original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size)
     saved = False
     try:  # 3. generate, 4. save
         try:
-            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale, height=height,
-                              width=width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
+            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
+                              width=args.width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
                               progress=not args.quiet, **sizes, **args.edit, **plan.arguments)
         finally:
             plan.finish()  # collects the answers still outstanding
-        for path in save(images, args.out, [png_text(args, plan, seed, height, width, pipe, sizes, b)
+        for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, sizes, b)
                                             for b in range(args.batch)], seed):
             print(path)
         saved = True

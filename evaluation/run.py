@@ -41,10 +41,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import png
-from cli.metadata import parameters_text
 from evaluation.prompts import PromptRow
 from files import write_atomic
 from methods import Method
+from png_reader import read_image
 from sampler import edit
 from sampler.loop import NonFiniteError, generate
 
@@ -230,13 +230,13 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
               "negatives": [], "metrics": {}, "timings": {}, "status": "ok", "error": None}
     start = time.perf_counter()
     try:
-        edit = edit_arguments(row, spec.strength, pipe, sampling)
+        edits = edit_arguments(row, spec.strength, pipe, sampling)
     except ValueError as e:  # an image that cannot be read, or edited at this size or model: this job fails alone
         return {**record, "status": "failed", "error": str(e)}
     plan = method.plan(pipe, row.prompt)
     try:
         image = generate(pipe, plan.prompt, steps=sampling.steps, guidance_scale=cfg_scale, height=sampling.height,
-                         width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **edit,
+                         width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **edits,
                          **plan.arguments)[0]
     except NonFiniteError as e:
         record["timings"] = {"sampling": _seconds(start), "metrics": 0.0, "total": _seconds(start)}
@@ -245,8 +245,8 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         plan.finish()
     sampled = time.perf_counter()
     record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
-    extra = {"Denoising strength": f"{edit['strength']:g}"} if edit else {}
-    text = parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
+    extra = {"Denoising strength": f"{edits['strength']:g}"} if edits else {}
+    text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
                            guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
                            model=spec.model_name, loras=pipe.loras, extra={**extra, **plan.image_parameters(0)})
     png.write_png(spec.out / job.image, image, {"parameters": text})
@@ -269,19 +269,17 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
 
 def edit_arguments(row: PromptRow, strength: float | None, pipe, sampling: Sampling) -> dict:
     """generate()'s edit arguments for a row with an init_image (and mask); {} for one without. A
-    ValueError, one line, for an image that cannot be read (png.ImageFileError) or edited at the
-    run's sizes, for a mask of another size, or a row without both that an inpainting model needs."""
+    ValueError, one line, for an image that cannot be read (png_reader.ImageFileError) or edited at
+    the run's sizes, for a mask of another size, or a row without both that an inpainting model needs."""
     if row.init_image is None:
-        edit.check_edit(pipe, None, None, sampling.height, sampling.width)
+        edit.check_edit(pipe, None, None, None, sampling.height, sampling.width)
         return {}
-    image = png.read_image(row.init_image)
-    mask = None if row.mask is None else edit.mask_from_image(png.read_image(row.mask))
+    image = read_image(row.init_image)
+    mask = None if row.mask is None else edit.mask_from_image(read_image(row.mask))
     if mask is not None and mask.shape != image.shape[:2]:
         raise ValueError(f"the mask {row.mask} is {mask.shape[1]}x{mask.shape[0]}, the image {image.shape[1]}x"
                          f"{image.shape[0]}")
-    edit.check_edit(pipe, image, mask, sampling.height, sampling.width)
-    if strength is None:
-        strength = edit.IMG2IMG_STRENGTH if mask is None else edit.INPAINT_STRENGTH
+    *_, strength = edit.check_edit(pipe, image, mask, strength, sampling.height, sampling.width)
     return {"init_image": image, "mask": mask, "strength": strength}
 
 

@@ -40,16 +40,20 @@ def first_step(num_steps: int, strength: float) -> int:
     return num_steps - taken
 
 
-def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, height, width) -> tuple[int, int]:
-    """The image size of a generation: the edited image's, or height x width (the model's default
-    size where None). ValueError, one line, for an edit the model or the sizes do not allow."""
+def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, strength: float | None, height,
+               width) -> tuple[int | None, int | None, float | None]:
+    """(height, width, strength) of a generation that edits `image` (or, image None, draws with a
+    model that allows it): the image's size and the strength given or the default. ValueError, one
+    line, for an edit the model or the sizes do not allow."""
     if image is None:
         if mask is not None:
             raise ValueError("a mask needs the image it masks (init_image)")
+        if strength is not None:
+            raise ValueError("strength is how much of an image an edit changes; give the image (init_image)")
         if pipe.inpainting:
             raise ValueError(f"{pipe.name} is an inpainting model ({pipe.unet.config.in_channels} input channels): "
                              "give it an image and a mask")
-        return height or pipe.default_size, width or pipe.default_size
+        return height, width, None
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"init_image: expected uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)}")
     H, W = image.shape[:2]
@@ -65,7 +69,9 @@ def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, heig
     if pipe.inpainting and mask is None:
         raise ValueError(f"{pipe.name} is an inpainting model ({pipe.unet.config.in_channels} input channels): "
                          "give it a mask with the image")
-    return H, W
+    if strength is None:
+        strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
+    return H, W, strength
 
 
 def mask_from_image(image: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPi
 
 import generate
 import png
-from checkpoints import make_sd_folder, make_sdxl_folder
-from helpers import assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, scheduler_classes, \
-    to_pil
+import png_reader
+from helpers import (assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, run,
+                     scheduler_classes, to_pil)
 from sampler.base import SAMPLERS
 from sampler.edit import first_step
 from sampler.loop import generate as sample
@@ -19,16 +19,6 @@ from weights import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLER_NAMES = list(scheduler_classes())
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def reference(cls, folder, sampler, prompt, image, *, steps, strength, guidance_scale=7.5, seed=0, **kwargs):
@@ -128,19 +118,13 @@ def test_sizes_and_strength_without_an_image_are_refused(sd1):
 FAST = ["--steps", "4", "--device", "cpu", "--proposer", "none", "--quiet", "--seed", "7"]
 
 
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def test_generate_py_edits_an_image(sd1, tmp_path, capsys):
     image = picture(24, 32, seed=8)
     png.write_png(tmp_path / "in.png", image)
-    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
                          "--strength", "0.75", "--out", tmp_path / "edit")
     assert code == 0, err
-    written, text = png.read_png(tmp_path / "edit.png")
+    written, text = png_reader.read_png(tmp_path / "edit.png")
     expected = sample(load_pipeline(sd1), "a cat", steps=4, seed=7, init_image=image, strength=0.75, progress=False)
     assert torch.equal(written, expected[0])
     assert "Denoising strength: 0.75" in text["parameters"] and "Size: 32x24" in text["parameters"]
@@ -162,14 +146,14 @@ def test_generate_py_refuses_bad_edits(sd1, tmp_path, capsys, monkeypatch, args,
     monkeypatch.setattr("weights.load_pipeline", lambda *a, **k: pytest.fail("bad input must stop before loading"))
     args = [a.format(tmp=tmp_path) for a in args]
     image = [] if "--init-image" in args else ["--init-image", tmp_path / "in.png"]
-    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, *image, *args)
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, *image, *args)
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("flag", ["--strength", "--mask"])
 def test_edit_options_need_an_image(sd1, tmp_path, capsys, flag):
     png.write_png(tmp_path / "mask.png", picture(16, 16))
-    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, flag, "0.5" if flag == "--strength" else
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, flag, "0.5" if flag == "--strength" else
                          tmp_path / "mask.png")
     assert code == 2 and err == [f"error: {flag} edits an image: give the image with --init-image"]
 
@@ -190,18 +174,18 @@ def test_every_method_edits_the_image(sd1, tmp_path, capsys, method):
     png.write_png(tmp_path / "in.png", image)
     common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
               *METHODS[method]]
-    code, _, err = run(capsys, *common, "--method", method, "--init-image", tmp_path / "in.png", "--strength", "0.4",
+    code, _, err = run(generate.main, capsys, *common, "--method", method, "--init-image", tmp_path / "in.png", "--strength", "0.4",
                        "--out", tmp_path / "edit")
     assert code == 0, err
-    edited, text = png.read_png(tmp_path / "edit.png")
+    edited, text = png_reader.read_png(tmp_path / "edit.png")
     assert f"Method: {method}" in text["parameters"] and "Denoising strength: 0.4" in text["parameters"]
-    code, _, err = run(capsys, *common, "--method", method, "--height", "32", "--width", "32", "--out", tmp_path / "t2i")
+    code, _, err = run(generate.main, capsys, *common, "--method", method, "--height", "32", "--width", "32", "--out", tmp_path / "t2i")
     assert code == 0, err
-    assert distance(edited, image) < distance(png.read_png(tmp_path / "t2i.png")[0], image)
+    assert distance(edited, image) < distance(png_reader.read_png(tmp_path / "t2i.png")[0], image)
     if method != "sd":  # the method acted on the edit
-        code, _, _ = run(capsys, *common, "--method", "sd", "--init-image", tmp_path / "in.png", "--strength", "0.4",
+        code, _, _ = run(generate.main, capsys, *common, "--method", "sd", "--init-image", tmp_path / "in.png", "--strength", "0.4",
                          "--out", tmp_path / "sd")
-        assert code == 0 and not torch.equal(edited, png.read_png(tmp_path / "sd.png")[0])
+        assert code == 0 and not torch.equal(edited, png_reader.read_png(tmp_path / "sd.png")[0])
 
 
 def test_vldnp_queries_within_the_edit_and_sees_the_edited_image(sd1, tmp_path, capsys, server):
@@ -210,10 +194,10 @@ def test_vldnp_queries_within_the_edit_and_sees_the_edited_image(sd1, tmp_path, 
     vlm = server("none", "feet", "none")  # the first answers the check before loading
     common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
               "--init-image", tmp_path / "in.png", "--strength", "0.5", "--vlm-url", vlm.url]
-    code, _, err = run(capsys, *common, "--vlm-steps", "0,3", "--trace", tmp_path / "t.json", "--out", tmp_path / "v")
+    code, _, err = run(generate.main, capsys, *common, "--vlm-steps", "0,3", "--trace", tmp_path / "t.json", "--out", tmp_path / "v")
     assert code == 0, err
-    assert "VL-DNP steps: 0 3" in png.read_png(tmp_path / "v.png")[1]["parameters"] and len(vlm.requests) == 3
-    code, _, err = run(capsys, *common, "--vlm-steps", "2,5")
+    assert "VL-DNP steps: 0 3" in png_reader.read_png(tmp_path / "v.png")[1]["parameters"] and len(vlm.requests) == 3
+    code, _, err = run(generate.main, capsys, *common, "--vlm-steps", "2,5")
     assert code == 2 and err == ["error: --vlm-steps count the steps the edit takes, 5 of 10: query steps '2,5': "
                                  "step 5 is out of range for 5 steps (0 to 4)"]
 
@@ -283,7 +267,7 @@ def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
     edits = {1: dict(init_image=image, strength=0.75), 2: dict(init_image=image, mask=mask, strength=0.75),
              3: dict(height=16, width=16)}
     for case, kwargs in edits.items():
-        written, text = png.read_png(tmp_path / "run" / records[f"{case}_sd"]["image"])
+        written, text = png_reader.read_png(tmp_path / "run" / records[f"{case}_sd"]["image"])
         expected = sample(pipe, records[f"{case}_sd"]["prompt"], steps=4, seed=4 + case, sampler="dpm++2m",
                           progress=False, **kwargs)[0]
         assert torch.equal(written, expected)

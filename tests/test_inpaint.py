@@ -10,9 +10,10 @@ from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPi
 
 import generate
 import png
+import png_reader
 from checkpoints import make_sd_folder, make_sdxl_folder
-from helpers import assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, scheduler_classes, \
-    to_pil
+from helpers import (assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, run,
+                     scheduler_classes, to_pil)
 from sampler.edit import mask_from_image
 from sampler.loop import generate as sample
 from weights import export_single_file, load_pipeline
@@ -29,16 +30,6 @@ def sd1_inpainting(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd2_inpainting(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("sd2i") / "sd2-inpainting", "sd2", seed=6, inpainting=True)
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.fixture(scope="module")
@@ -127,20 +118,14 @@ def test_bad_inpainting_input_is_one_line(sd1, sd1_inpainting):
 FAST = ["--steps", "4", "--device", "cpu", "--proposer", "none", "--quiet", "--seed", "5"]
 
 
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def test_generate_py_inpaints(sd1_inpainting, tmp_path, capsys):
     image, mask = picture(24, 32, seed=3), box_mask(24, 32)
     png.write_png(tmp_path / "in.png", image)
     to_pil(mask[..., 0]).save(tmp_path / "mask.png")  # a grey PNG, as masks usually are
-    code, out, err = run(capsys, "a cat", "--model", sd1_inpainting, *FAST, "--init-image", tmp_path / "in.png",
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--init-image", tmp_path / "in.png",
                          "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpainted")
     assert code == 0, err
-    written, text = png.read_png(tmp_path / "inpainted.png")
+    written, text = png_reader.read_png(tmp_path / "inpainted.png")
     expected = sample(load_pipeline(sd1_inpainting), "a cat", steps=4, seed=5, init_image=image,
                       mask=mask_from_image(mask), progress=False)
     assert torch.equal(written, expected[0]) and "Denoising strength: 1" in text["parameters"]
@@ -149,11 +134,11 @@ def test_generate_py_inpaints(sd1_inpainting, tmp_path, capsys):
 def test_generate_py_refuses_bad_masks_and_models(sd1, sd1_inpainting, tmp_path, capsys):
     png.write_png(tmp_path / "in.png", picture(24, 32))
     png.write_png(tmp_path / "small.png", box_mask(16, 32))
-    code, _, err = run(capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
                        "--mask", tmp_path / "small.png")
     assert code == 2 and err == [f"error: --mask {tmp_path / 'small.png'} is 32x16; it must be the image's size, "
                                  "32x24"]
-    code, _, err = run(capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width", "16")
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width", "16")
     assert code == 2 and len(err) == 1 and "is an inpainting model (9 input channels)" in err[0]
 
 
@@ -170,12 +155,12 @@ def test_every_method_inpaints(request, tmp_path, capsys, model):
     png.write_png(tmp_path / "mask.png", box_mask(24, 32))
     made = {}
     for method, extra in METHODS.items():
-        code, _, err = run(capsys, "a person on a beach", "--model", folder, *FAST[:4], *FAST[6:], *extra,
+        code, _, err = run(generate.main, capsys, "a person on a beach", "--model", folder, *FAST[:4], *FAST[6:], *extra,
                            "--method", method,
                            "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
                            "--out", tmp_path / method)
         assert code == 0, (method, err)
-        made[method], text = png.read_png(tmp_path / f"{method}.png")
+        made[method], text = png_reader.read_png(tmp_path / f"{method}.png")
         assert f"Method: {method}" in text["parameters"]
     assert all(not torch.equal(made[m], made["sd"]) for m in METHODS if m not in ("sd", "dng"))
 

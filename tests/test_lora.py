@@ -14,11 +14,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import generate
-import png
+import png_reader
 from checkpoint.lora import LoraError
 from checkpoint.original import unet_table
-from checkpoints import make_sd_folder, make_sdxl_folder
-from helpers import assert_same_image, pipeline_images, reference_pipeline
+from helpers import assert_same_image, pipeline_images, reference_pipeline, run
 from sampler.loop import generate as sample
 from weights import load_lora, load_pipeline
 
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UNET_LAYERS = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
                "proj_out", "resnets.0.conv1", "resnets.1.conv2", "time_emb_proj")
 TEXT_LAYERS = ("mlp.fc1", "mlp.fc2")  # diffusers 0.42 drops kohya's text attention LoRAs (tested on their own below)
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def reference(folder):
@@ -239,19 +228,13 @@ FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "-
         "--seed", "4"]
 
 
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def test_generate_py_merges_loras_and_records_them(sd1, tmp_path, capsys):
     a, b = kohya_file(sd1, tmp_path / "ink.safetensors"), peft_file(sd1, tmp_path / "paper.safetensors")
     capsys.readouterr()
-    code, out, err = run(capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{a}:0.6", "--lora", b,
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{a}:0.6", "--lora", b,
                          "--out", tmp_path / "cat")
     assert code == 0, err
-    written, text = png.read_png(tmp_path / "cat.png")
+    written, text = png_reader.read_png(tmp_path / "cat.png")
     pipe = load_pipeline(sd1)
     load_lora(pipe, a, 0.6)
     load_lora(pipe, b, 1.0)
@@ -263,11 +246,12 @@ def test_generate_py_merges_loras_and_records_them(sd1, tmp_path, capsys):
 
 
 def test_generate_py_refuses_bad_loras(sd1, sdxl, tmp_path, capsys):
-    code, _, err = run(capsys, "a cat", "--model", sd1, *FAST, "--lora", tmp_path / "none.safetensors")
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--lora", tmp_path / "none.safetensors")
     assert code == 2 and err == [f"error: --lora {tmp_path / 'none.safetensors'}: no such file"]
     xl = kohya_file(sdxl, tmp_path / "xl.safetensors", unet_names="original")
     capsys.readouterr()  # diffusers' loading bars
-    code, _, err = run(capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{xl}:0.5")
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{xl}:0.5")
     assert code == 2 and len(err) == 1 and "xl.safetensors" in err[0] and "another model family" in err[0]
-    code, _, err = run(capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{xl}:nan")
-    assert code == 2 and len(err) == 1 and "FILE[:SCALE]" in err[0]
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{xl}:nan")
+    assert code == 2 and err == ["error: argument --lora: 'nan' is not a finite number"]
+

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import png
+import png_reader
 
 
 def picture(h=19, w=23, channels=3, seed=0) -> np.ndarray:
@@ -27,7 +28,7 @@ def test_pillow_files_read_as_pillow_reads_them(tmp_path, mode):
     rgba = Image.fromarray(picture(channels=4).astype(np.uint8), "RGBA")
     path = tmp_path / f"{mode}.png"
     (rgba if mode == "RGBA" else rgba.convert(mode)).save(path)
-    ours = png.read_image(path)
+    ours = png_reader.read_image(path)
     assert ours.dtype == torch.uint8 and ours.shape == (19, 23, 3)
     assert np.array_equal(ours.numpy(), pil_rgb(path))
 
@@ -37,7 +38,7 @@ def test_palettes_of_every_depth(tmp_path, bits):
     image = Image.fromarray(picture().astype(np.uint8)).quantize(2**bits)
     image.save(tmp_path / "p.png", bits=bits)
     assert Image.open(tmp_path / "p.png").mode == "P"
-    assert np.array_equal(png.read_image(tmp_path / "p.png").numpy(), pil_rgb(tmp_path / "p.png"))
+    assert np.array_equal(png_reader.read_image(tmp_path / "p.png").numpy(), pil_rgb(tmp_path / "p.png"))
 
 
 def filtered(rows: np.ndarray, kind: int, unit: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def handmade_png(pixels: np.ndarray, colour: int, kinds: list[int]) -> bytes:
 def test_every_filter_type(tmp_path, kinds, colour, channels):
     pixels = picture(channels=channels, seed=len(kinds))
     (tmp_path / "f.png").write_bytes(handmade_png(pixels, colour, kinds))
-    ours = png.read_image(tmp_path / "f.png").numpy()
+    ours = png_reader.read_image(tmp_path / "f.png").numpy()
     assert np.array_equal(ours, pil_rgb(tmp_path / "f.png"))
     assert np.array_equal(ours[..., 0], pixels[..., 0])
 
@@ -78,7 +79,7 @@ def test_every_filter_type(tmp_path, kinds, colour, channels):
 def test_written_pngs_read_back_with_their_text(tmp_path):
     image = torch.from_numpy(picture().astype(np.uint8))
     png.write_png(tmp_path / "ours.png", image, {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"})
-    back, text = png.read_png(tmp_path / "ours.png")
+    back, text = png_reader.read_png(tmp_path / "ours.png")
     assert torch.equal(back, image) and text == {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"}
 
 
@@ -112,7 +113,7 @@ def test_unreadable_files_are_one_line(tmp_path, case, expected):
         path.write_bytes(bytes(data))
     elif case == "garbage":
         path.write_bytes(b"hello, world")
-    with pytest.raises(png.ImageFileError) as e:
-        png.read_image(path)
+    with pytest.raises(png_reader.ImageFileError) as e:
+        png_reader.read_image(path)
     message = str(e.value)
     assert expected in message and str(path) in message and "\n" not in message
