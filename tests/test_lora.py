@@ -255,3 +255,28 @@ def test_generate_py_refuses_bad_loras(sd1, sdxl, tmp_path, capsys):
     code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--lora", f"{xl}:nan")
     assert code == 2 and err == ["error: argument --lora: 'nan' is not a finite number"]
 
+
+def test_evaluate_merges_loras_and_resumes_only_with_the_same(sd1, tmp_path, capsys):
+    import json
+
+    import evaluate
+    lora = kohya_file(sd1, tmp_path / "ink.safetensors")
+    (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na cat,3\n")
+    argv = [tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps", "3", "--height", "16", "--width",
+            "16", "--device", "cpu", "--quiet", "--methods", "sd,static", "--metrics", "none", "--no-report"]
+    capsys.readouterr()
+    code, _, err = run(evaluate.main, capsys, *argv, "--lora", f"{lora}:0.6")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in records] == ["0_sd", "0_static_w7.5"]
+    written, text = png_reader.read_png(tmp_path / "run" / records[0]["image"])
+    pipe = load_pipeline(sd1)
+    load_lora(pipe, lora, 0.6)
+    expected = sample(pipe, "a cat", steps=3, height=16, width=16, seed=3, sampler="dpm++2m", progress=False)[0]
+    assert torch.equal(written, expected) and text["parameters"].startswith("a cat <lora:ink:0.6>\n")
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lora"]
+    assert stored == [{"file": str(lora), "scale": 0.6, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
+    # the same run at another scale, or without the LoRA, is another run: refused, not mixed in
+    for lora_argv in (["--lora", f"{lora}:0.5"], []):
+        code, _, err = run(evaluate.main, capsys, *argv, *lora_argv)
+        assert code == 2 and len(err) == 1 and "lora" in err[0], err
