@@ -1,18 +1,21 @@
 """img2img (sampler/edit.py) against diffusers' StableDiffusionImg2ImgPipeline and
 StableDiffusionXLImg2ImgPipeline on random-weight SD1, SD2-v and SDXL folders, for every sampler:
-the same timesteps, the same draws, the same image for a seed. Then generate.py --init-image, and
-the bad input it refuses in one line."""
+the same timesteps, the same draws, the same image for a seed. Then generate.py --init-image and the
+bad input it refuses in one line, every method on an edit, and evaluate.py's init_image column."""
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+import evaluate
 import generate
 import png
 import png_reader
 from helpers import (assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, run,
                      scheduler_classes, to_pil)
 from sampler.base import SAMPLERS
-from sampler.edit import first_step
+from sampler.edit import first_step, mask_from_image
 from sampler.loop import generate as sample
 from sampler.schedule import SchedulerConfig
 from weights import load_pipeline
@@ -174,17 +177,18 @@ def test_every_method_edits_the_image(sd1, tmp_path, capsys, method):
     png.write_png(tmp_path / "in.png", image)
     common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
               *METHODS[method]]
-    code, _, err = run(generate.main, capsys, *common, "--method", method, "--init-image", tmp_path / "in.png", "--strength", "0.4",
-                       "--out", tmp_path / "edit")
+    code, _, err = run(generate.main, capsys, *common, "--method", method, "--init-image", tmp_path / "in.png",
+                       "--strength", "0.4", "--out", tmp_path / "edit")
     assert code == 0, err
     edited, text = png_reader.read_png(tmp_path / "edit.png")
     assert f"Method: {method}" in text["parameters"] and "Denoising strength: 0.4" in text["parameters"]
-    code, _, err = run(generate.main, capsys, *common, "--method", method, "--height", "32", "--width", "32", "--out", tmp_path / "t2i")
+    code, _, err = run(generate.main, capsys, *common, "--method", method, "--height", "32", "--width", "32", "--out",
+                       tmp_path / "t2i")
     assert code == 0, err
     assert distance(edited, image) < distance(png_reader.read_png(tmp_path / "t2i.png")[0], image)
     if method != "sd":  # the method acted on the edit
-        code, _, _ = run(generate.main, capsys, *common, "--method", "sd", "--init-image", tmp_path / "in.png", "--strength", "0.4",
-                         "--out", tmp_path / "sd")
+        code, _, _ = run(generate.main, capsys, *common, "--method", "sd", "--init-image", tmp_path / "in.png",
+                         "--strength", "0.4", "--out", tmp_path / "sd")
         assert code == 0 and not torch.equal(edited, png_reader.read_png(tmp_path / "sd.png")[0])
 
 
@@ -194,7 +198,8 @@ def test_vldnp_queries_within_the_edit_and_sees_the_edited_image(sd1, tmp_path, 
     vlm = server("none", "feet", "none")  # the first answers the check before loading
     common = ["a person on a beach", "--model", sd1, "--steps", "10", "--device", "cpu", "--quiet", "--seed", "2",
               "--init-image", tmp_path / "in.png", "--strength", "0.5", "--vlm-url", vlm.url]
-    code, _, err = run(generate.main, capsys, *common, "--vlm-steps", "0,3", "--trace", tmp_path / "t.json", "--out", tmp_path / "v")
+    code, _, err = run(generate.main, capsys, *common, "--vlm-steps", "0,3", "--trace", tmp_path / "t.json", "--out",
+                       tmp_path / "v")
     assert code == 0, err
     assert "VL-DNP steps: 0 3" in png_reader.read_png(tmp_path / "v.png")[1]["parameters"] and len(vlm.requests) == 3
     code, _, err = run(generate.main, capsys, *common, "--vlm-steps", "2,5")
@@ -243,10 +248,6 @@ def test_the_x0_previews_show_the_edited_image(sd1):
 # evaluate.py: init_image and mask columns
 
 def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
-    import json
-
-    import evaluate
-    from sampler.edit import mask_from_image
     png.write_png(tmp_path / "a.png", picture(16, 24, seed=1))
     png.write_png(tmp_path / "m.png", box_mask(16, 24))
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not read")
@@ -255,11 +256,10 @@ def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
                                     "5,a cow,9,,m.png\n6,a fox,10,photo.jpg,\n")
     argv = [tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps", "4", "--device", "cpu",
             "--quiet", "--methods", "sd,static", "--metrics", "none", "--no-report", "--strength", "0.75"]
-    code = evaluate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    code, _, err = run(evaluate.main, capsys, *argv)
     assert code == 1, err  # the JPEG's jobs failed (exit 1: re-run to retry them); the rest were made
-    assert "line 5: init_image 'gone.png': no such file" in err  # bad rows are skipped, each named
-    assert "line 6: a mask without an init_image to repaint" in err
+    assert any("line 5: init_image 'gone.png': no such file" in line for line in err)  # bad rows skipped, named
+    assert any("line 6: a mask without an init_image to repaint" in line for line in err)
     records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
     assert sorted(records) == [f"{case}_{method}" for case in (1, 2, 3, 6) for method in ("sd", "static_w7.5")]
     assert records["6_sd"]["status"] == "failed" and "a JPEG" in records["6_sd"]["error"]  # fails alone
@@ -276,12 +276,13 @@ def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
     # a rerun resumes: the images made are not made again, the failed jobs are retried
     (tmp_path / "photo.jpg").unlink()
     png.write_png(tmp_path / "photo.jpg", picture(16, 24, seed=2))  # a PNG by another name is read
-    assert evaluate.main([str(a) for a in argv]) == 0, capsys.readouterr().err
-    assert "6 done before, 2 to make" in capsys.readouterr().out
+    code, out, err = run(evaluate.main, capsys, *argv)
+    assert code == 0 and "8 images (4 prompts x 2 methods): 6 done before, 2 to make" in out, err
     records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["status"] == "ok" for r in records)
     # --strength without a row that edits is refused
     (tmp_path / "plain.csv").write_text("prompt\na cat\n")
-    code = evaluate.main([str(a) for a in [tmp_path / "plain.csv", *argv[1:3], "--model", sd1, "--strength", "0.5",
-                                           "--metrics", "none"]])
-    assert code == 2 and "--strength: no row of" in capsys.readouterr().err
+    code, _, err = run(evaluate.main, capsys, tmp_path / "plain.csv", *argv[1:5], "--strength", "0.5", "--metrics",
+                       "none")
+    assert code == 2 and err == [f"error: --strength: no row of {tmp_path / 'plain.csv'} edits an image (an "
+                                 "init_image column)"], err

@@ -122,8 +122,8 @@ def test_generate_py_inpaints(sd1_inpainting, tmp_path, capsys):
     image, mask = picture(24, 32, seed=3), box_mask(24, 32)
     png.write_png(tmp_path / "in.png", image)
     to_pil(mask[..., 0]).save(tmp_path / "mask.png")  # a grey PNG, as masks usually are
-    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--init-image", tmp_path / "in.png",
-                         "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpainted")
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--init-image",
+                         tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpainted")
     assert code == 0, err
     written, text = png_reader.read_png(tmp_path / "inpainted.png")
     expected = sample(load_pipeline(sd1_inpainting), "a cat", steps=4, seed=5, init_image=image,
@@ -138,7 +138,8 @@ def test_generate_py_refuses_bad_masks_and_models(sd1, sd1_inpainting, tmp_path,
                        "--mask", tmp_path / "small.png")
     assert code == 2 and err == [f"error: --mask {tmp_path / 'small.png'} is 32x16; it must be the image's size, "
                                  "32x24"]
-    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width", "16")
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width",
+                       "16")
     assert code == 2 and len(err) == 1 and "is an inpainting model (9 input channels)" in err[0]
 
 
@@ -155,8 +156,8 @@ def test_every_method_inpaints(request, tmp_path, capsys, model):
     png.write_png(tmp_path / "mask.png", box_mask(24, 32))
     made = {}
     for method, extra in METHODS.items():
-        code, _, err = run(generate.main, capsys, "a person on a beach", "--model", folder, *FAST[:4], *FAST[6:], *extra,
-                           "--method", method,
+        code, _, err = run(generate.main, capsys, "a person on a beach", "--model", folder, *FAST[:4], *FAST[6:],
+                           *extra, "--method", method,
                            "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
                            "--out", tmp_path / method)
         assert code == 0, (method, err)

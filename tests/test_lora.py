@@ -4,6 +4,7 @@ on random-weight SD1, SD2-v and SDXL folders: kohya/A1111 files written by hand 
 files written by diffusers and peft (lora_A/lora_B with their alpha metadata, and the older
 lora.down/lora.up). Then the strictness, removal, the PNG's record, and generate.py --lora."""
 import hashlib
+import json
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+import evaluate
 import generate
 import png_reader
 from checkpoint.lora import LoraError
@@ -257,9 +259,6 @@ def test_generate_py_refuses_bad_loras(sd1, sdxl, tmp_path, capsys):
 
 
 def test_evaluate_merges_loras_and_resumes_only_with_the_same(sd1, tmp_path, capsys):
-    import json
-
-    import evaluate
     lora = kohya_file(sd1, tmp_path / "ink.safetensors")
     (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na cat,3\n")
     argv = [tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps", "3", "--height", "16", "--width",
