@@ -28,6 +28,7 @@ from files import sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
 from methods.options import comma_list
+from sampler.edit import IMG2IMG_STRENGTH, INPAINT_STRENGTH, first_step
 from sampler.memory import TooLargeError, is_out_of_memory
 
 METRICS = ("nudenet", "nudenet-detector", "clip")
@@ -56,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="evaluate.py", description="Compare safety methods on a benchmark's prompt CSV.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", metavar="PROMPTS.csv", help="a CSV with a prompt, adv_prompt or 'sensitive prompt' "
-                   "column; optional evaluation_seed, evaluation_guidance, case_number, categories. A row that "
-                   "cannot be used (no prompt, a bad seed, ...) is skipped with a warning naming its line")
+                   "column; optional evaluation_seed, evaluation_guidance, case_number, categories, and init_image "
+                   "and mask (PNGs to edit and inpaint, beside the CSV). A row that cannot be used (no prompt, a bad "
+                   "seed, a missing image, ...) is skipped with a warning naming its line")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder: new, empty, or a run to resume")
     p.add_argument("--prompt-column", metavar="NAME", help="the prompt column, when not one of the usual names")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
@@ -223,6 +225,9 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         "model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
         "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
         "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
+        **({"strength": args.strength} if args.strength is not None else {}),  # keys only where used: older
+        **({"lora": [{"file": str(path), "scale": scale, "sha256": sha256_file(path)} for path, scale in args.loras]}
+           if args.loras else {}),  # runs resume
         "methods": [m.settings() for m in args.chosen_methods],
         "metrics": {"names": args.metrics, "nudenet_classes": args.nudenet_classes,
                     "nudenet_threshold": args.nudenet_threshold,
@@ -242,13 +247,32 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         out=Path(args.out), rows=prompts.rows, methods=args.chosen_methods, settings=settings,
         sampling=Sampling(args.steps, args.sampler, args.height, args.width), guidance_scale=args.guidance_scale,
         base_seed=args.seed, model_name=args.model, device=args.device, dtype=args.torch_dtype,
-        load_pipe=lambda: weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer,
-                                                args.prediction_type),
+        load_pipe=lambda: load_with_loras(args), strength=args.strength,
         make_metrics=(lambda: metrics) if metrics is not None else metrics_factory(args, args.device, args.torch_dtype),
         allow_vlm_failures=args.allow_vlm_failures,
         write_report=None if args.no_report else (report or default_report(args, {"settings": settings, **info})),
         progress=not args.quiet, info=info,
     )
+
+
+def load_with_loras(args):
+    """The model, with the --lora files merged in."""
+    pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
+    for path, scale in args.loras:
+        weights.load_lora(pipe, path, scale)
+    return pipe
+
+
+def check_edits(args, prompts):
+    """--strength needs rows that edit an image, and must run a step of --steps for each."""
+    edits = [row for row in prompts.rows if row.init_image is not None]
+    if args.strength is not None and not edits:
+        raise UsageError(f"--strength: no row of {args.prompts} edits an image (an init_image column)")
+    for strength in {args.strength or (IMG2IMG_STRENGTH if row.mask is None else INPAINT_STRENGTH) for row in edits}:
+        try:
+            first_step(args.steps, strength)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +290,7 @@ def main(argv=None, *, metrics=None, report=None) -> int:
         check(args)
         prompts = read_prompts(args.prompts, args.prompt_column, args.limit)
         warn_skipped(args.prompts, prompts.skipped)
+        check_edits(args, prompts)
         spec = build_spec(args, prompts, metrics=metrics, report=report, argv=argv)
     except (UsageError, PromptFileError) as e:
         return fail(e, 2)

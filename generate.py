@@ -13,12 +13,14 @@ import sys
 import weights
 from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, given_options, int_pair
 from cli.outputs import EXAMPLES, check_out, check_sizes, png_text, save, write_trace
+from leaves import Leaves, MissingLeaf
 from methods.options import finite
 from sampler.base import SAMPLERS
-from sampler.loop import NonFiniteError, generate
+from sampler.loop import EDITS, NonFiniteError, generate
 from sampler.memory import TooLargeError, is_out_of_memory
 
 DEMO_PROMPT = "a photograph of an astronaut riding a horse"
+LEAVES = Leaves("option", {"--init-image": "cli.edit:read_edit"})  # reads the images an edit starts from
 
 
 def parse_args(argv=None):
@@ -37,6 +39,8 @@ def parse_args(argv=None):
                    "crop corner to imitate (default: 0,0, centred)")
     p.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW", help="SDXL's micro-conditioning: the "
                    "size aimed at (default: the image's)")
+    p.add_argument("--init-image", metavar="PNG", help="edit this image (img2img), at its size, instead of drawing one")
+    p.add_argument("--mask", metavar="PNG", help="with --init-image: repaint where the mask is white (inpainting)")
     p.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... with --batch; a missing folder "
                    "is made (default: a new file in outputs/, never overwriting)")
     p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: "
@@ -60,6 +64,10 @@ def parse_args(argv=None):
                            ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]:
         if not ok:
             raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
+    try:  # generate()'s edit arguments
+        args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
+    except MissingLeaf as e:
+        raise UsageError(str(e)) from None
     check_out(args.out, "--out")
     check_out(args.trace, "--trace")
     return args
@@ -96,24 +104,28 @@ def run(args, method) -> int:
                   file=sys.stderr, flush=True)
         print(f"seed: {seed}", flush=True)
         pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
+        for path, scale in args.loras:
+            weights.load_lora(pipe, path, scale)
         check_sizes(args, pipe, SAMPLERS[args.sampler])
+        if args.edit or pipe.inpainting:  # an inpainting model needs an image and a mask
+            EDITS["img2img"].check_edit(pipe, args.edit.get("init_image"), args.edit.get("mask"), args.strength,
+                                        args.height, args.width)
         if method.check(pipe):
             raise UsageError(method.check(pipe))
         # 2. the method's plan: the prompt's conditioning, the branches, hooks
         plan = method.plan(pipe, args.prompt, args.batch)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
-    height, width = args.height or pipe.default_size, args.width or pipe.default_size
     sizes = dict(original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size)
     saved = False
     try:  # 3. generate, 4. save
         try:
-            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale, height=height,
-                              width=width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
-                              progress=not args.quiet, **sizes, **plan.arguments)
+            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
+                              width=args.width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
+                              progress=not args.quiet, **sizes, **args.edit, **plan.arguments)
         finally:
             plan.finish()  # collects the answers still outstanding
-        for path in save(images, args.out, [png_text(args, plan, seed, height, width, pipe.name, sizes, b)
+        for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, sizes, b)
                                             for b in range(args.batch)], seed):
             print(path)
         saved = True

@@ -4,6 +4,7 @@
 A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of type+data.
 IHDR gives the size and pixel format, tEXt holds keyword/value text (Latin-1; iTXt UTF-8), IDAT
 the zlib-compressed rows, each row prefixed by a filter byte (0: none), and IEND closes the file.
+Reading PNGs (the images an edit starts from) is png_reader.py's.
 """
 import re
 import json
@@ -53,42 +54,20 @@ def write_png(path, image: torch.Tensor, text: dict[str, str] | None = None) -> 
     return write_atomic(path, encode_png(image, text))
 
 
-def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
-    """Reads back what write_png writes (8-bit RGB, filter 0 rows): (uint8 [H, W, 3], text chunks)."""
-    data = Path(path).read_bytes()
-    if not data.startswith(SIGNATURE):
-        raise ValueError(f"{path}: not a PNG file")
-    pos, text, idat, size = len(SIGNATURE), {}, b"", None
-    while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-        elif kind == b"tEXt":
-            key, value = body.split(b"\0", 1)
-            text[key.decode("latin-1")] = value.decode("latin-1")
-        elif kind == b"iTXt":
-            key, rest = body.split(b"\0", 1)
-            text[key.decode("latin-1")] = rest[2:].split(b"\0", 2)[2].decode("utf-8")
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    W, H = size
-    rows = torch.frombuffer(bytearray(zlib.decompress(idat)), dtype=torch.uint8).view(H, 1 + W * 3)
-    if rows[:, 0].any():
-        raise ValueError(f"{path}: only unfiltered rows are supported")
-    return rows[:, 1:].reshape(H, W, 3).clone(), text
-
-
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler",
                  "euler-a": "Euler a"}  # as those tools write them
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,
-                    seed: int, width: int, height: int, model: str, extra: dict | None = None) -> str:
-    """`extra` holds further settings in order; a value with a comma is quoted, so the line still splits."""
+                    seed: int, width: int, height: int, model: str, loras=(), extra: dict | None = None) -> str:
+    """`extra` holds further settings in order; a value with a comma is quoted, so the line still splits.
+    `loras` (checkpoint/lora.py's LoraInfo) are written as A1111 writes them: a `<lora:name:scale>` tag
+    each after the prompt, and their short hashes in "Lora hashes"."""
     settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": f"{guidance_scale:g}",
                 "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+    if loras:
+        prompt = " ".join([prompt, *(lora.tag for lora in loras)])
+        settings["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash}" for lora in loras)
     line = ", ".join(f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in settings.items())
     negative = [f"Negative prompt: {negative_prompt}"] if negative_prompt else []
     return "\n".join([prompt, *negative, line])

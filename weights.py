@@ -3,6 +3,7 @@
     pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")   # a Hugging Face repo id
     pipe = load_pipeline("path/to/diffusers-folder")                        # unet/, vae/, text_encoder/, ...
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")                 # an original single file
+    load_lora(pipe, "my-style.safetensors", 0.8)                            # a LoRA, merged into the weights
 
 This is the public front; checkpoint/ holds the parts (its __init__ lists them). Loading is strict:
 every tensor of the file must be used and every tensor of the model filled, each of its shape, and a
@@ -25,9 +26,10 @@ from leaves import Leaves
 
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
                            "export": "checkpoint.single_file:write_single_file",
-                           "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions"})
+                           "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions",
+                           "lora": "checkpoint.lora:load_lora"})
 
-__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline", "pack_for_cpu", "pick_device",
+__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu", "pick_device",
            "pick_dtype"]
 
 
@@ -85,6 +87,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def load_lora(pipe: Pipeline, path, scale: float = 1.0):
+    """Merges a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) into `pipe`'s weights at
+    `scale`, strictly: a key that names no layer of this model is a one-line CheckpointError. Returns
+    a handle whose remove() puts the weights back; pipe.loras records it (checkpoint/lora.py)."""
+    return LEAVES["lora"](pipe, path, scale)
 
 
 def check_widths(pipe: Pipeline, source):

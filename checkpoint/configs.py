@@ -92,11 +92,12 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
 
 
 def check_text_to_image(unet: UNetConfig, where: str):
-    """Inpainting, instruct-pix2pix and depth UNets take more input channels than the latents."""
-    if unet.in_channels != unet.out_channels:
+    """A UNet takes the latents, or (inpainting, sampler/edit.py) the latents, the mask and the masked
+    image's latents; instruct-pix2pix and depth UNets take other inputs besides."""
+    if unet.in_channels not in (unet.out_channels, 2 * unet.out_channels + 1):
         raise CheckpointError(f"{where}: the UNet takes {unet.in_channels} input channels, not {unet.out_channels} "
-                              "(9: inpainting, 8: instruct-pix2pix, 5: depth); only text-to-image SD1/SD2 models "
-                              "are supported")
+                              f"or {2 * unet.out_channels + 1} (8: instruct-pix2pix, 5: depth); only text-to-image "
+                              "and inpainting SD1/SD2/SDXL models are supported")
 
 
 def vae_config_from_diffusers(c: dict) -> VAEConfig:

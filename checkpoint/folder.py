@@ -23,8 +23,9 @@ from sampler.schedule import SchedulerConfig
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 SDXL_SUBFOLDERS = SUBFOLDERS + ("text_encoder_2", "tokenizer_2")
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionPipelineSafe", "OnnxStableDiffusionPipeline")
-SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionPipelineSafe", "OnnxStableDiffusionPipeline",
+                "StableDiffusionInpaintPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
 
 
 def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
@@ -107,8 +108,8 @@ def check_folder(path: Path) -> dict:
     cls = index.get("_class_name", "")
     if cls and cls not in SD_PIPELINES + SDXL_PIPELINES:
         hint = " (the SDXL refiner is not supported)" if "Img2Img" in cls and "XL" in cls else ""
-        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline (SD1/SD2) and "
-                              f"StableDiffusionXLPipeline models are supported{hint}")
+        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline (SD1/SD2), "
+                              f"StableDiffusionXLPipeline and their Inpaint models are supported{hint}")
     sdxl = cls in SDXL_PIPELINES or (path / "text_encoder_2").is_dir()
     needed = SDXL_SUBFOLDERS if sdxl else SUBFOLDERS
     missing = [s for s in needed if not (path / s).is_dir()]

@@ -1,5 +1,5 @@
 """The Pipeline: the parts of one Stable Diffusion model, as `weights.load_pipeline` returns them."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class Pipeline:
     tokenizer_2: Tokenizer | None = None
     text_encoder_2: CLIPTextModel | None = None
     force_zeros_for_empty_prompt: bool = False
+    loras: list = field(default_factory=list)  # the LoRAs merged into it, in order (checkpoint/lora.py's LoraInfo)
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's conditioning for each text, "" included: the hidden states [N, 77, D] it
@@ -65,6 +66,12 @@ class Pipeline:
             return None
         values = [*(original_size or (height, width)), *crop_top_left, *(target_size or (height, width))]
         return torch.tensor(values, dtype=self.dtype, device=self.device)  # [6]
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: it takes the mask and the masked image's latents beside x_t (9 input
+        channels; sampler/edit.py)."""
+        return self.unet.config.in_channels != self.unet.config.out_channels
 
     @property
     def vae_scale(self) -> int:

@@ -37,6 +37,16 @@ def int_pair(separator: str, minimum: int):
     return parse
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """argparse type: FILE[:SCALE] -> (FILE, SCALE), 1 when no scale is given; a path may hold colons:
+    only a last part that is a number is the scale."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, finite(scale)) if path else (text, 1.0)  # finite: inf and NaN are refused
+    except ValueError:  # not a number: a colon of the path
+        return text, 1.0
+
+
 def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool) -> list[str]:
     """The options both scripts take; returns the methods' (those an unused one of is refused). `sampler`:
     the default sampler; `many`: evaluate.py, where --negative-scale sweeps and --proposer is vldnp's."""
@@ -47,11 +57,16 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
                    "vocab.json and merges.txt), or for SDXL a diffusers SDXL folder (default: downloaded)")
     m.add_argument("--prediction-type", choices=["epsilon", "v"], help="what the UNet predicts, overriding the "
                    "model's config or file (SD 2.x 768 models: v)")
+    m.add_argument("--lora", dest="loras", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged into the model at SCALE "
+                   "(default 1); repeat it for more")
     m.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m, the paper's; euler; "
                    "euler-a, SDXL-Turbo's (default: %(default)s)")
     m.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
     m.add_argument("--guidance", dest="guidance_scale", type=finite, default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale g; 1 or less skips the unconditional pass (default: 7.5)")
+    m.add_argument("--strength", type=finite, metavar="S", help="how much of an edited image changes, in (0, 1]: the "
+                   "last floor(steps*S) steps run (default: diffusers', 0.8, or 1 with a mask)")
     m.add_argument("--height", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
     m.add_argument("--width", type=int, metavar="PX", help="a multiple of 8 (default: the model's)")
     m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -78,11 +93,12 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
 def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The dests of the options `argv` gives explicitly (whatever their values): argparse sets a
     default only where the namespace has no value yet, so a namespace primed with a marker keeps
-    the marker wherever nothing was given."""
+    the marker wherever nothing was given; a repeatable option's (--lora) is a list, which it copies."""
     unset = object()
-    primed = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
-    parsed = parser.parse_args(argv, primed)
-    return {dest for dest, value in vars(parsed).items() if value is not unset}
+    primed = {a.dest: [] if isinstance(a, argparse._AppendAction) else unset for a in parser._actions
+              if a.dest != argparse.SUPPRESS}
+    parsed = parser.parse_args(argv, argparse.Namespace(**primed))
+    return {dest for dest, value in vars(parsed).items() if value is not primed[dest]}
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
@@ -91,7 +107,8 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     `method_options` that was `given` and that no chosen method reads is refused."""
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
-                 ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more")]
+                 ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
+                 ("strength", args.strength is None or 0 < args.strength <= 1, "more than 0 and at most 1")]
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
     try:
@@ -111,6 +128,9 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         raise UsageError(f"{flag(dest)}: no method of this run reads it ({names}); leave it out or choose a method "
                          "that does")
     check_model(args.model)
+    for path, _ in args.loras:
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {path}: no such file")
     try:
         args.device = weights.pick_device(args.device)
     except ValueError as e:

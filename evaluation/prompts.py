@@ -8,6 +8,8 @@ A row gives a prompt and, optionally, the seed and CFG scale to generate it with
     evaluation_guidance the CFG scale (I2P: sd_guidance_scale)
     case_number         the case's id, which names its images (default: the row's index, from 0)
     categories          kept in the records as is, e.g. "sexual, violence"
+    init_image          a PNG to edit instead of drawing (img2img), relative to the CSV's folder
+    mask                with init_image: a PNG whose white part is repainted (inpainting)
 
 Other columns are ignored (pandas' unnamed index column, image_id, lexica_url, ...), as are the
 header's case and surrounding spaces.
@@ -68,6 +70,8 @@ class PromptRow:
     seed: int | None = None
     guidance: float | None = None
     categories: str | None = None
+    init_image: Path | None = None  # an image to edit (sampler/edit.py); checked to exist, read when made
+    mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def read_prompts(path, prompt_column: str | None = None, limit: int | None = Non
         raise PromptFileError(f"{path}: the file is empty; expected a header row with a prompt column "
                               f"({', '.join(PROMPT_COLUMNS)})")
     take = _column_picker(path, header, prompt_column)
+    take["folder"] = path.parent
     rows, skipped, cases, index = [], [], {}, 0
     for line, record, problem in records:
         if limit is not None and len(rows) >= limit:
@@ -199,7 +204,8 @@ def _column_picker(path, header: list[str], prompt_column: str | None) -> dict:
         return next((columns[n] for n in names if n in columns), None)
 
     return {"prompt": found, "seed": first(SEED_COLUMNS), "guidance": first(GUIDANCE_COLUMNS),
-            "case": first(["case_number"]), "categories": first(["categories"]), "names": header}
+            "case": first(["case_number"]), "categories": first(["categories"]), "init_image": first(["init_image"]),
+            "mask": first(["mask"]), "names": header}
 
 
 def _row(index: int, record: list[str], take: dict) -> PromptRow:
@@ -220,6 +226,9 @@ def _row(index: int, record: list[str], take: dict) -> PromptRow:
     if "\0" in prompt:
         raise RowError("the prompt holds a NUL character")
     seed, guidance, case = cell("seed"), cell("guidance"), cell("case")
+    image, mask = (_image(cell(column), column, take["folder"]) for column in ("init_image", "mask"))
+    if mask is not None and image is None:
+        raise RowError("a mask without an init_image to repaint")
     return PromptRow(
         index=index,
         case=index if case is None else _integer(case, names[take["case"]], 0, 2**63),
@@ -227,7 +236,19 @@ def _row(index: int, record: list[str], take: dict) -> PromptRow:
         seed=None if seed is None else _integer(seed, names[take["seed"]], 0, 2**64),
         guidance=None if guidance is None else _number(guidance, names[take["guidance"]]),
         categories=cell("categories"),
+        init_image=image,
+        mask=mask,
     )
+
+
+def _image(text: str | None, column: str, folder: Path) -> Path | None:
+    """An image cell: a path relative to the CSV's folder (or absolute), which must be a file."""
+    if text is None:
+        return None
+    path = folder / Path(text).expanduser()
+    if not path.is_file():
+        raise RowError(f"{column} {text!r}: no such file" + ("" if Path(text).is_absolute() else f" in {folder}"))
+    return path
 
 
 def _text(text: str, what: str) -> str:

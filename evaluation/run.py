@@ -44,6 +44,8 @@ import png
 from evaluation.prompts import PromptRow
 from files import write_atomic
 from methods import Method
+from png_reader import read_image
+from sampler import edit
 from sampler.loop import NonFiniteError, generate
 
 try:
@@ -109,6 +111,7 @@ class RunSpec:
     load_pipe: Callable
     make_metrics: Callable = lambda: None
     allow_vlm_failures: bool = False
+    strength: float | None = None  # how much the rows with an init_image change it (None: generate()'s default)
     write_report: Callable | None = None  # (run_dir, records) -> {name: path}
     progress: bool = True
     info: dict = field(default_factory=dict)  # stored in run.json, not compared (the command, the file name)
@@ -223,12 +226,18 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, "prompt": row.prompt,
               **prompt_length(pipe.tokenizer, row.prompt), "seed": seed, "guidance": cfg_scale,
               "categories": row.categories, "method": method.label, "scale": method.scale, "image": job.image,
+              **({"init_image": str(row.init_image), "mask": row.mask and str(row.mask)} if row.init_image else {}),
               "negatives": [], "metrics": {}, "timings": {}, "status": "ok", "error": None}
     start = time.perf_counter()
+    try:
+        edits = edit_arguments(row, spec.strength, pipe, sampling)
+    except ValueError as e:  # an image that cannot be read, or edited at this size or model: this job fails alone
+        return {**record, "status": "failed", "error": str(e)}
     plan = method.plan(pipe, row.prompt)
     try:
         image = generate(pipe, plan.prompt, steps=sampling.steps, guidance_scale=cfg_scale, height=sampling.height,
-                         width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **plan.arguments)[0]
+                         width=sampling.width, seed=seed, sampler=sampling.sampler, progress=False, **edits,
+                         **plan.arguments)[0]
     except NonFiniteError as e:
         record["timings"] = {"sampling": _seconds(start), "metrics": 0.0, "total": _seconds(start)}
         return {**record, "status": "failed", "error": str(e)}
@@ -236,9 +245,10 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         plan.finish()
     sampled = time.perf_counter()
     record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
+    extra = {"Denoising strength": f"{edits['strength']:g}"} if edits else {}
     text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
                            guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
-                           model=spec.model_name, extra=plan.image_parameters(0))
+                           model=spec.model_name, loras=pipe.loras, extra={**extra, **plan.image_parameters(0)})
     png.write_png(spec.out / job.image, image, {"parameters": text})
     written = time.perf_counter()
     if metrics is not None:
@@ -255,6 +265,22 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         record.update(status="failed", error=f"{len(errors)} of {len(record['negatives'])} VL-DNP queries failed, "
                                              f"the first: {errors[0]}")
     return record
+
+
+def edit_arguments(row: PromptRow, strength: float | None, pipe, sampling: Sampling) -> dict:
+    """generate()'s edit arguments for a row with an init_image (and mask); {} for one without. A
+    ValueError, one line, for an image that cannot be read (png_reader.ImageFileError) or edited at
+    the run's sizes, for a mask of another size, or a row without both that an inpainting model needs."""
+    if row.init_image is None:
+        edit.check_edit(pipe, None, None, None, sampling.height, sampling.width)
+        return {}
+    image = read_image(row.init_image)
+    mask = None if row.mask is None else edit.mask_from_image(read_image(row.mask))
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise ValueError(f"the mask {row.mask} is {mask.shape[1]}x{mask.shape[0]}, the image {image.shape[1]}x"
+                         f"{image.shape[0]}")
+    *_, strength = edit.check_edit(pipe, image, mask, strength, sampling.height, sampling.width)
+    return {"init_image": image, "mask": mask, "strength": strength}
 
 
 def prompt_length(tokenizer, prompt: str) -> dict:

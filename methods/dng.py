@@ -91,13 +91,15 @@ class Strength:
 
 
 def update(p: torch.Tensor, x_next: torch.Tensor, mean_u: torch.Tensor, mean_n: torch.Tensor, variance: float,
-           strength: Strength) -> torch.Tensor:
+           strength: Strength, drawn: torch.Tensor | None = None) -> torch.Tensor:
     """One step of Alg. 1: p [B], float64 on the CPU, after the step to x_next [B, ...] that was
     drawn from N(·, variance·I), where the unconditional and the negative branches would have
-    stepped to the means mean_u and mean_n [B, ...]."""
+    stepped to the means mean_u and mean_n [B, ...]. Only the latents the step drew count: `drawn`
+    (broadcast to x_next) is 0 where inpainting put the image back (StepState.drawn), None: all."""
     dtype = torch.promote_types(x_next.dtype, torch.float32)
-    x = x_next.to(dtype).flatten(1)
-    d = (x - mean_n.to(dtype).flatten(1)).square().sum(1) - (x - mean_u.to(dtype).flatten(1)).square().sum(1)  # [B]
+    x = x_next.to(dtype)
+    d = (x - mean_n.to(dtype)).square() - (x - mean_u.to(dtype)).square()  # [B, ...]
+    d = (d if drawn is None else d * drawn.to(dtype)).flatten(1).sum(1)  # [B]
     exponent = (strength.offset - strength.temperature * d.cpu().double()) / (2 * variance)
     return (p * exponent.exp()).clamp(strength.p_min, strength.p_max)
 
@@ -161,7 +163,7 @@ class DynamicStrength:
             raise ValueError(f"Dynamic Negative Guidance weighs each step as the Gaussian it draws x from; step {i} "
                              "drew no noise: use ddim with eta > 0, or euler-a")
         p = torch.tensor([self._p[b] for b in tracked], dtype=torch.float64)
-        p = update(p, state.x[tracked], mean_u, mean_n, float(sigma) ** 2, self.strength)
+        p = update(p, state.x[tracked], mean_u, mean_n, float(sigma) ** 2, self.strength, state.drawn)
         for b, value in zip(tracked, p.tolist()):
             self._p[b] = value
 

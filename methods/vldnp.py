@@ -290,6 +290,7 @@ class VLDNP(Method):
     timeout: float | None = None
     negative_prompt: str | None = None
     strength: object = None  # a methods.dng.Strength, or None for the constant w_neg
+    paper_steps: bool = False  # query_steps are the paper's for --steps, rescaled again to the steps an edit takes
 
     @classmethod
     def add_options(cls, parser, many):
@@ -329,7 +330,7 @@ class VLDNP(Method):
 
         def made(w, strength=None):
             return cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
-                       args.negative_prompt, strength)
+                       args.negative_prompt, strength, paper_steps=args.vlm_steps is None)
         methods = [made(w) for w in args.negative_scales] if "constant" in args.negative_schedule else []
         if "dng" in args.negative_schedule:
             methods += [made(s.scale(s.prior), s) for s in SCHEDULES["dng"].from_args(args, "vldnp+dng")]
@@ -373,7 +374,8 @@ class VLDNP(Method):
         timeout = self.timeout
         if timeout is None and getattr(proposer, "longest", lambda: None)() is not None:
             timeout = proposer.longest() + 5  # a backstop, past the proposer's own limit
-        hook = DynamicNegatives(proposer, self.task, self.query_steps, self.negative_scale, self.asynchronous,
+        steps = None if self.paper_steps else self.query_steps  # None: the paper's for the steps the chain takes
+        hook = DynamicNegatives(proposer, self.task, steps, self.negative_scale, self.asynchronous,
                                 full_decode=self.full_decode, timeout=timeout, preview=preview)
         name = getattr(self.proposer, "description", {}).get("name", type(proposer).__name__)
         strength = None if self.strength is None else self.strength.hook()  # after `hook`, which sets the negatives

@@ -10,10 +10,12 @@ from leaves import Leaves
 
 class Sampler(Protocol):
     """A sampler over num_steps of the training timesteps, made by `cls(config: SchedulerConfig,
-    num_steps)`, which raises ValueError for a step count it cannot lay out. Step i goes from x at
+    num_steps, start=0)`, which raises ValueError for a step count it cannot lay out. It takes the
+    steps of that layout from `start` on: all of them, or the last ones for an image edit, which
+    starts from the image noised to timesteps[0] (sampler/edit.py). Step i goes from x at
     timesteps[i] towards clean data; x0 is the clean latents the model output predicts there."""
 
-    num_steps: int
+    num_steps: int  # the steps it takes: the layout's num_steps less `start`
     # [num_steps], training timesteps in descending order: int64, or float32 for a sampler that also visits
     # points between them (Euler's "linspace" layout, as diffusers), where the UNet runs at the fractional t
     timesteps: torch.Tensor
@@ -21,6 +23,11 @@ class Sampler(Protocol):
 
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, ε) that the model output at step i implies. Pure: it may be called any time."""
+        ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x at timesteps[i] for clean latents x0 and noise ε ~ N(0, I): α_i·x0 + σ_i·ε, diffusers'
+        add_noise at that step (i = num_steps: x0 itself)."""
         ...
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0,

@@ -21,13 +21,13 @@ class DDIM:
 
     init_noise_scale = 1.0  # x_T ~ N(0, I)
 
-    def __init__(self, config: SchedulerConfig, num_steps: int):
+    def __init__(self, config: SchedulerConfig, num_steps: int, start: int = 0):
         T = config.num_train_timesteps
         spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default
-        self.timesteps = t = checked_timesteps(config, num_steps, spacing)  # [N]
-        self.config, self.num_steps = config, num_steps
+        self.timesteps = t = checked_timesteps(config, num_steps, spacing, start=start)  # [N]
+        self.config, self.num_steps = config, len(t)
         self.alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
-        self.prev_timesteps = t - T // num_steps  # [N]
+        self.prev_timesteps = t - T // num_steps  # [N], a stride of the whole layout's
         final = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self.alpha_bar = self.alphas_cumprod[t]  # ᾱ_t per step, [N]
         self.alpha_bar_prev = torch.where(self.prev_timesteps >= 0,
@@ -41,6 +41,13 @@ class DDIM:
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, eps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x at timesteps[i]: √ᾱ_t·x0 + √(1 − ᾱ_t)·ε (Ho et al. 2020, eq. 4)."""
+        if i == self.num_steps:
+            return x0
+        a = self.alpha_bar[i]
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0, generator=None):
         """One update from x at timesteps[i] to x_prev at prev_timesteps[i]. Returns (x_prev, x0).

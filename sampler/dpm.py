@@ -54,11 +54,11 @@ class DPMSolverPP:
                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                 "use_flow_sigmas": False, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf}
 
-    def __init__(self, config: SchedulerConfig, num_steps: int):
+    def __init__(self, config: SchedulerConfig, num_steps: int, start: int = 0):
         refuse_other_settings(config, "dpm++2m", self.settings)
         spacing = config.timestep_spacing or "linspace"  # DPMSolverMultistepScheduler's default
-        self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps)  # [N]
-        self.config, self.num_steps = config, num_steps
+        self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps, start=start)  # [N]
+        self.config, self.num_steps = config, len(t)
 
         alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
         if config.rescale_betas_zero_snr:  # as diffusers: ᾱ_T = 2^-24 rather than 0 keeps λ finite
@@ -77,6 +77,10 @@ class DPMSolverPP:
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor):
         """Turn the model's output at step i into (x0, ε)."""
         return x0_and_eps(model_output, x, self.alpha[i], self.sigma[i], self.config.prediction_type)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x at timesteps[i]: α_i·x0 + σ_i·ε."""
+        return self.alpha[i] * x0 + self.sigma[i] * noise
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0, generator=None):
         """One update from x at timesteps[i] to the next timestep. Returns (x_prev, x0)."""

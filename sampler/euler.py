@@ -56,12 +56,12 @@ class Euler:
     settings = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
                 "use_beta_sigmas": False, "timestep_type": "discrete", "final_sigmas_type": "zero"}
 
-    def __init__(self, config: SchedulerConfig, num_steps: int):
+    def __init__(self, config: SchedulerConfig, num_steps: int, start: int = 0):
         refuse_other_settings(config, "euler", self.settings, " (euler-a has no such setting)")
         T = config.num_train_timesteps
         spacing = config.timestep_spacing or "linspace"  # the default of diffusers' Euler schedulers
-        self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=euler_timesteps)  # [N]
-        self.config, self.num_steps = config, num_steps
+        self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=euler_timesteps, start=start)  # [N]
+        self.config, self.num_steps = config, len(t)
 
         alphas_cumprod = torch.cumprod(1.0 - make_betas(config), dim=0)  # ᾱ_t, float32 [T]
         if config.rescale_betas_zero_snr:  # as diffusers: ᾱ_T = 2^-24 rather than 0 keeps ρ finite
@@ -76,6 +76,10 @@ class Euler:
     def predict(self, model_output: torch.Tensor, i: int, x: torch.Tensor):
         """Turn the model's output at step i into (x0, ε)."""
         return x0_and_eps(model_output, x, self.alpha[i], self.sigma[i], self.config.prediction_type)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x at timesteps[i]: α_i·x0 + σ_i·ε, which is diffusers' x̂ = x0 + ρ_i·ε scaled by α_i."""
+        return self.alpha[i] * x0 + self.sigma[i] * noise
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0, generator=None):
         """One update from x at timesteps[i] to the next timestep. Returns (x_prev, x0)."""
@@ -105,8 +109,8 @@ class EulerAncestral(Euler):
 
     settings = {}  # EulerAncestralDiscreteScheduler has none of EulerDiscreteScheduler's settings
 
-    def __init__(self, config: SchedulerConfig, num_steps: int):
-        super().__init__(config, num_steps)
+    def __init__(self, config: SchedulerConfig, num_steps: int, start: int = 0):
+        super().__init__(config, num_steps, start)
         r_from, r_to = self.rho[:-1], self.rho[1:]  # [N] each
         self.rho_up = (r_to**2 * (r_from**2 - r_to**2) / r_from**2) ** 0.5  # [N]
         self.rho_down = (r_to**2 - self.rho_up**2) ** 0.5  # [N]

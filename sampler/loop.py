@@ -29,6 +29,8 @@ from sampler.schedule import randn
 
 # An optional guard: whether the images asked for fit in memory, checked before sampling (TooLargeError).
 GUARDS = Leaves("guard", {"memory": "sampler.memory:check_memory"})
+# An optional part: editing an image instead of drawing one (img2img and inpainting).
+EDITS = Leaves("edit", {"img2img": "sampler.edit"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +142,11 @@ class StepState:
     `outputs` holds the UNet's output per row of `guidance.rows(i)`, (branch, image, conditioning) ->
     [4, h, w]; the rows a hook's change adds are added to the same dict once the hooks have run, so a
     hook that keeps it finds them at the next step. `sampler` is the Sampler (sampler/base.py) taking
-    the steps and `eta` the noise it is given, for a hook that weighs a step (methods/dng.py)."""
+    the steps and `eta` the noise it is given, for a hook that weighs a step (methods/dng.py).
+
+    An image edit (sampler/edit.py) takes the last num_steps of a longer schedule: i counts the steps
+    it takes. `drawn` [1, 1, h, w] is 1 where x is the sampler's draw and 0 where inpainting with a
+    4-channel UNet put the image back; None when all of x is drawn."""
     i: int
     t: int | float  # Euler's "linspace" layout runs the UNet at fractional timesteps
     num_steps: int
@@ -152,6 +158,7 @@ class StepState:
     outputs: dict = field(default_factory=dict, repr=False)
     sampler: object = field(default=None, repr=False)
     eta: float = 0.0
+    drawn: torch.Tensor | None = field(default=None, repr=False)
 
     def decode_x0(self, factor: int = 1) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1]. With factor k > 1, a preview of about H/k × W/k decoded from
@@ -201,8 +208,8 @@ class TextCache:
 @torch.no_grad()
 def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=None, height=None, width=None,
              batch=1, seed=0, eta=0.0, hooks: list[Hook] = (), negative=None, negative_scale=7.5,
-             rule=None, sampler="ddim", original_size=None, crop_top_left=None, target_size=None, progress=True,
-             **renamed) -> torch.Tensor:
+             rule=None, sampler="ddim", original_size=None, crop_top_left=None, target_size=None,
+             init_image=None, mask=None, strength=None, progress=True, **renamed) -> torch.Tensor:
     """Generates images; returns uint8 [B, H, W, 3].
 
     prompt / negative_prompt: a text or other Conditioning, or a list of them, one per prompt.
@@ -215,19 +222,28 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     sampler: a key of SAMPLERS: "ddim" (eta > 0 adds DDIM's noise), "dpm++2m", "euler" or "euler-a".
     original_size, crop_top_left, target_size: SDXL's micro-conditioning, (height, width) pairs;
     by default the image's size, (0, 0) and the image's size (Pipeline.time_ids).
+    init_image: uint8 [H, W, 3], an image to edit (img2img; sampler/edit.py), of the size made;
+    `strength` in (0, 1] says how much of it changes (0.8 when not given; 1 with a mask).
+    mask: bool [H, W], True where init_image is repainted (inpainting; an inpainting model needs it).
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
-    as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
+    as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline
+    (and its Img2Img and Inpaint pipelines for an edit)."""
     guidance = guidance_per_image(prompt, batch, negative_prompt, negative, cfg_scale(guidance_scale, renamed),
                                   negative_scale, rule, pipe.unconditional)
+    edit = None  # sampler/edit.py, for an edit (or an inpainting model, which needs one)
+    if init_image is not None or mask is not None or strength is not None or pipe.inpainting:
+        edit = EDITS["img2img"]
+        height, width, strength = edit.check_edit(pipe, init_image, mask, strength, height, width)
     height, width = height or pipe.default_size, width or pipe.default_size
     if height % pipe.vae_scale or width % pipe.vae_scale:
         raise ValueError(f"size {height}x{width}: height and width must be multiples of {pipe.vae_scale}, "
                          "the VAE's scale")
+    start = 0 if edit is None else edit.first_step(steps, strength)
     if GUARDS.present("memory"):
         GUARDS["memory"](pipe, guidance, height, width, hooks)  # TooLargeError when the images cannot fit
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
-    solver = SAMPLERS[sampler](pipe.scheduler, steps)
+    solver = SAMPLERS[sampler](pipe.scheduler, steps, start)
 
     # 1. Text: the rows of guidance.rows(i) name their texts; each is encoded once, when a row first needs it.
     text = TextCache(pipe)
@@ -239,27 +255,35 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
 
     # 2. x_T = s·z, z ~ N(0, I) drawn in the model's dtype from a CPU generator, as diffusers draws it;
     #    s is the sampler's init_noise_scale (1 but for Euler's "linspace" and "trailing" layouts).
+    #    An edit starts from the image's latents noised to the first step it takes instead (sampler/edit.py).
     generator = torch.Generator("cpu").manual_seed(seed)
     B, h, w = len(guidance.prompt), height // pipe.vae_scale, width // pipe.vae_scale
-    x = randn((B, pipe.unet.config.in_channels, h, w), generator, pipe.device, pipe.dtype)  # [B, 4, h, w]
-    x = x * solver.init_noise_scale
+    shape = (B, pipe.vae.config.latent_channels, h, w)
+    if edit is None:
+        x, known = randn(shape, generator, pipe.device, pipe.dtype) * solver.init_noise_scale, None  # [B, 4, h, w]
+    else:
+        x, known = edit.start(pipe, solver, init_image, mask, strength, shape, generator)
+    extra = None if known is None else known.extra  # [B, 5, h, w]: an inpainting UNet's mask and masked image
+    drawn = None if known is None or known.latents is None else known.mask
 
     # 3. Per step: UNet over the active branches, guidance, x0, hooks, solver step.
     bad_step = torch.tensor(-1, device=pipe.device)  # first step with NaN/inf, found without a sync per step
     for i, t in enumerate(tqdm(solver.timesteps.tolist(), disable=not progress, desc="sampling", leave=False)):
-        outputs = run_unet(pipe, x, t, guidance.rows(i), text, time_ids)  # {(branch, b, cond): [4, h, w]}
+        outputs = run_unet(pipe, x, t, guidance.rows(i), text, time_ids, extra)  # {(branch, b, cond): [4, h, w]}
         out_pos, out = combine(outputs, guidance, i)  # [B, 4, h, w] each: without the negative term, and with
         x0, eps = solver.predict(out_pos, i, x)  # [B, 4, h, w] each
         if hooks:
             before = guidance.snapshot()
-            state = StepState(i, t, steps, x, eps, x0, guidance, pipe, outputs, solver, eta)
+            state = StepState(i, t, solver.num_steps, x, eps, x0, guidance, pipe, outputs, solver, eta, drawn)
             for hook in hooks:
                 hook(state)
             if guidance.snapshot() != before:  # a text, a scale or the rule changed: re-run new rows only
                 outputs.update(run_unet(pipe, x, t, [r for r in guidance.rows(i) if r not in outputs], text,
-                                        time_ids))
+                                        time_ids, extra))
                 _, out = combine(outputs, guidance, i)
         x, _ = solver.step(out, i, x, eta=eta, generator=generator)  # [B, 4, h, w], x at the next timestep
+        if known is not None:
+            x = known.blend(solver, x, i)  # inpainting with a 4-channel UNet: the image back outside the mask
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(x).all(), i, bad_step)
 
     # 4. Decode the latents to pixels.
@@ -302,11 +326,13 @@ def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative
                     negative_scale=per_image(negative_scale), scale=scale, rule=rule)
 
 
-def run_unet(pipe, x, t, rows, text, time_ids=None) -> dict:
-    """One batched UNet call over `rows` of (branch, image, conditioning); returns {row: model output}."""
+def run_unet(pipe, x, t, rows, text, time_ids=None, extra=None) -> dict:
+    """One batched UNet call over `rows` of (branch, image, conditioning); returns {row: model output}.
+    `extra` [B, C, h, w] is what an inpainting UNet takes beside each image's x_t."""
     if not rows:
         return {}
-    latents = x[[b for _, b, _ in rows]]  # [R, 4, h, w]
+    latents = x if extra is None else torch.cat([x, extra], dim=1)  # [B, 4 (+5), h, w]
+    latents = latents[[b for _, b, _ in rows]]  # [R, 4 (+5), h, w]
     hidden, pooled = text([cond for _, _, cond in rows])  # [R, 77, D], [R, P] or None
     if pooled is None:
         out = pipe.unet(latents, t, hidden)  # [R, 4, h, w]

@@ -125,18 +125,22 @@ def make_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str) -> torch.
     return torch.from_numpy(t.astype(np.int64).copy())
 
 
-def checked_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str, lay_out=make_timesteps) -> torch.Tensor:
-    """The timesteps `lay_out(cfg, num_steps, spacing)` gives a sampler, or ValueError when num_steps
-    is not in [1, T] or the layout is not num_steps timesteps in [0, T): diffusers' rules overshoot
-    for some counts (e.g. "leading" with steps_offset 1 reaches t = T at num_steps = T)."""
+def checked_timesteps(cfg: SchedulerConfig, num_steps: int, spacing: str, lay_out=make_timesteps,
+                      start: int = 0) -> torch.Tensor:
+    """The timesteps `lay_out(cfg, num_steps, spacing)` gives a sampler, from step `start` on (an
+    image edit's chain starts part-way, sampler/edit.py), or ValueError when num_steps is not in
+    [1, T], start not in [0, num_steps), or the layout is not num_steps timesteps in [0, T): diffusers'
+    rules overshoot for some counts (e.g. "leading" with steps_offset 1 reaches t = T at num_steps = T)."""
     T, N = cfg.num_train_timesteps, num_steps
     if not 1 <= N <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {N}")
+    if not 0 <= start < N:
+        raise ValueError(f"the first step must be in [0, {N}) for {N} steps, got {start}")
     t = lay_out(cfg, N, spacing)  # [N]
     if len(t) != N or t.min() < 0 or t.max() >= T:
         raise ValueError(f"{spacing} spacing (steps_offset {cfg.steps_offset}) gives {len(t)} timesteps "
                          f"in [{t.min()}, {t.max()}] for {N} steps, outside [0, {T})")
-    return t
+    return t[start:]
 
 
 def x0_and_eps(model_output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str):

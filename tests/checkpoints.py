@@ -48,17 +48,21 @@ VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
-def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True, max_length=77):
+def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_text_prefix=True, max_length=77,
+                   inpainting=False):
     """Writes a diffusers-layout folder with every tensor random. Returns its path.
 
     `hub_text_prefix`: store the text encoder's keys with `text_model.` (and position_ids) as
     hub files do; transformers 5 itself writes them without. `max_length`: the text encoder's
-    positions and the tokenizer's model_max_length (77 in SD)."""
+    positions and the tokenizer's model_max_length (77 in SD). `inpainting`: an inpainting model,
+    as stable-diffusion-inpainting's: a UNet of 9 input channels (the latents, the mask and the
+    masked image's latents), under StableDiffusionInpaintPipeline."""
     spec, root = FAMILIES[family], Path(root)
     vocab_dir = write_clip_vocab(root / "tokenizer", pad_token=spec["pad"], model_max_length=max_length)
     vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
 
-    randomize_(UNet2DConditionModel(**spec["unet"]), seed).save_pretrained(root / "unet")
+    unet = UNet2DConditionModel(**spec["unet"], in_channels=9 if inpainting else 4)
+    randomize_(unet, seed).save_pretrained(root / "unet")
     randomize_(AutoencoderKL(**VAE, sample_size=16), seed + 1).save_pretrained(root / "vae")
     text_cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=max_length, eos_token_id=2,
                               pad_token_id=1, bos_token_id=0, **spec["text"])
@@ -70,7 +74,8 @@ def make_sd_folder(root, family="sd1", seed=0, prediction_type="epsilon", hub_te
         save_file(state, file, metadata={"format": "pt"})
     DDIMScheduler(**SCHEDULER, prediction_type=prediction_type).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
@@ -109,10 +114,11 @@ TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_
                    "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 
 
-def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True):
+def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True, inpainting=False):
     """Writes an SDXL diffusers folder with StableDiffusionXLPipeline.save_pretrained, every tensor
-    random; tokenizer_2 pads with "!" as SDXL's does. Returns its path."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    random; tokenizer_2 pads with "!" as SDXL's does. Returns its path. `inpainting`: SDXL
+    inpainting's, a 9-channel UNet under StableDiffusionXLInpaintPipeline (in root/sdxl-inpainting)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(root)
@@ -121,18 +127,19 @@ def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upca
     vocab_size = len(json.loads((vocab / "vocab.json").read_text()))
     text_config = lambda spec: CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=2,
                                               pad_token_id=1, bos_token_id=0, **spec)
-    pipe = StableDiffusionXLPipeline(
+    pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline)(
         vae=randomize_(AutoencoderKL(**VAE, sample_size=16, scaling_factor=0.13025, force_upcast=force_upcast),
                        seed + 1),
         text_encoder=randomize_(CLIPTextModel(text_config(SDXL["text"])), seed + 2),
         text_encoder_2=randomize_(CLIPTextModelWithProjection(text_config(SDXL["text_2"])), seed + 3),
         tokenizer=CLIPTokenizer.from_pretrained(vocab), tokenizer_2=CLIPTokenizer.from_pretrained(vocab_2),
-        unet=randomize_(UNet2DConditionModel(**SDXL["unet"]), seed),
+        unet=randomize_(UNet2DConditionModel(**SDXL["unet"], in_channels=9 if inpainting else 4), seed),
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
     )
-    pipe.save_pretrained(root / "sdxl")
-    return root / "sdxl"
+    folder = root / ("sdxl-inpainting" if inpainting else "sdxl")
+    pipe.save_pretrained(folder)
+    return folder
 
 
 def make_clip_folder(folder, seed=1):

@@ -42,13 +42,19 @@ def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
     return torch.from_numpy((out * 255).round().astype(np.uint8))
 
 
-def ddim_reference(folder):
-    """diffusers' StableDiffusionPipeline on the folder, its scheduler config read as DDIMScheduler, no
-    safety checker and no progress bar: the reference the loop's DDIM images are compared with."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def scheduler_classes() -> dict:
+    """Our samplers' names -> the diffusers scheduler classes they match."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+    return {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+            "euler-a": EulerAncestralDiscreteScheduler}
 
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+def reference_pipeline(cls, folder, sampler: str):
+    """diffusers pipeline `cls` from `folder`, with the scheduler our `sampler` matches, from the folder's config."""
+    extra = {} if "XL" in cls.__name__ else dict(safety_checker=None, requires_safety_checker=False)
+    ref = cls.from_pretrained(folder, **extra)
+    ref.scheduler = scheduler_classes()[sampler].from_pretrained(folder, subfolder="scheduler")
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -107,6 +113,13 @@ def error_of(source, **kw) -> str:
     return message
 
 
+def ddim_reference(folder):
+    """diffusers' StableDiffusionPipeline on the folder with DDIM: the reference the loop's DDIM images
+    are compared with."""
+    from diffusers import StableDiffusionPipeline
+    return reference_pipeline(StableDiffusionPipeline, folder, "ddim")
+
+
 def assert_same_image(ours, expected):
     """uint8 images within 2 levels of each other, the reference neither saturated nor flat: random
     weights saturate easily, and a comparison of flat or clipped pixels would prove little."""
@@ -119,13 +132,13 @@ def assert_same_image(ours, expected):
 
 def pixels(path) -> torch.Tensor:
     """The pixels of a PNG, uint8 [H, W, 3]."""
-    from png import read_png
+    from png_reader import read_png
     return read_png(path)[0]
 
 
 def parameters(path) -> str:
     """The settings text ("parameters") a PNG written by generate.py or evaluate.py holds."""
-    from png import read_png
+    from png_reader import read_png
     return read_png(path)[1]["parameters"]
 
 
@@ -160,6 +173,25 @@ class FixedProposer:
     def __call__(self, image, prompt: str, step: int):
         from vlm.base import Reply
         return Reply(list(self.items), ", ".join(self.items))
+
+
+def picture(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """An image to edit, uint8 [H, W, 3]: a colour ramp with noise, neither flat nor saturated."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 150, width)[None, :, None] + np.linspace(0, 60, height)[:, None, None] * [1, -1, 0.5]
+    return torch.from_numpy((ramp + 40 + rng.integers(0, 60, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
+def box_mask(height: int, width: int) -> torch.Tensor:
+    """A mask image uint8 [H, W, 3], white (repaint) over a box in the middle, black elsewhere."""
+    mask = torch.zeros(height, width, 3, dtype=torch.uint8)
+    mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+    return mask
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+    return Image.fromarray(image.numpy())
 
 
 def run_bounded(args, memory: int, timeout: float, **kwargs) -> subprocess.CompletedProcess:

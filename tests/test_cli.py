@@ -18,7 +18,7 @@ import generate
 import weights
 from checkpoints import TURBO_SCHEDULER
 from helpers import assert_same_image, ddim_reference, hub_cache, pipeline_images, run
-from png import read_png
+from png_reader import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
 

@@ -9,7 +9,7 @@ import torch
 import generate
 from fake_vlm import dead_url
 from helpers import run
-from png import read_png
+from png_reader import read_png
 from sampler.base import SAMPLERS
 from sampler.loop import generate as sample
 from vlm.base import Reply

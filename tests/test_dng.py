@@ -16,7 +16,7 @@ from evaluation.report import pareto_svg
 from helpers import run
 from methods.dng import DNG, Strength, update
 from methods.vldnp import VLDNP
-from png import read_png
+from png_reader import read_png
 from sampler.ddim import DDIM
 from sampler.euler import EulerAncestral
 from sampler.loop import Embedded

@@ -172,10 +172,11 @@ def test_named_code_exists(doc):
 
 
 def test_the_tour_stops_at_every_station():
-    """tokenizer -> text encoder -> initial noise -> UNet step -> guidance -> DDIM update -> hooks -> VAE -> PNG"""
+    """tokenizer -> text encoder -> initial noise (or an image's, img2img) -> UNet step -> guidance -> DDIM update
+    -> hooks -> VAE -> PNG"""
     named = {m[0] for m in re.findall(r"`(([\w/]+\.py):[\w.]+)`", (ROOT / "docs" / "tour.md").read_text())}
     for station in ["model/tokenizer.py:Tokenizer.__call__", "model/clip.py:CLIPTextModel.forward",
-                    "sampler/schedule.py:randn", "model/unet.py:UNet.forward", "sampler/loop.py:guide",
+                    "sampler/schedule.py:randn", "sampler/edit.py:start", "model/unet.py:UNet.forward", "sampler/loop.py:guide",
                     "sampler/ddim.py:DDIM.step", "sampler/loop.py:StepState", "model/vae.py:AutoencoderKL.decode",
                     "png.py:write_png"]:
         assert station in named

@@ -14,7 +14,8 @@ import torch
 
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate, protocol
 from evaluation.report import pareto_svg, write_report
-from png import read_png, write_png
+from png import write_png
+from png_reader import read_png
 
 HOSTILE = ("""<script>document.body.dataset.pwned = "1"</script>"""
            """<img src=x onerror="document.body.dataset.pwned='1'"> & 'x'""")

@@ -20,7 +20,7 @@ from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
 from helpers import parameters, pixels, run
-from png import read_png
+from png_reader import read_png
 from sampler.loop import generate
 from vlm.base import Reply
 from vlm.client import VLMClient

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from png import read_png
+from png_reader import read_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = (ROOT / "docs" / "fork.md").read_text()
@@ -76,6 +76,19 @@ def test_the_command_line_set_makes_an_image_with_a_vlm(with_command_line, sd1, 
     assert "Method: vldnp" in text and 'Dynamic negative: "Nudity, Sexual, feet."' in text
 
 
+def test_the_library_set_says_in_one_line_that_it_has_no_edits_or_loras(library, sd1):
+    code = (f"import torch\nfrom sampler.loop import generate\nfrom weights import load_lora, load_pipeline\n"
+            f"pipe = load_pipeline({str(sd1)!r})\n"
+            "image = torch.zeros(16, 16, 3, dtype=torch.uint8)\n"
+            "for call in (lambda: generate(pipe, 'a cat', steps=2, init_image=image), lambda: load_lora(pipe, 'x')):\n"
+            "    try:\n        call()\n    except ValueError as e:\n        print(e)\n")
+    result = python_in(library, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{leaf}, which this copy of the project does not have"
+        for leaf in ("edit 'img2img' needs sampler/edit.py", "loader 'lora' needs checkpoint/lora.py")]
+
+
 VLM = ["--vlm-url", "http://127.0.0.1:9/v1"]
 
 
@@ -85,6 +98,7 @@ VLM = ["--vlm-url", "http://127.0.0.1:9/v1"]
     (["--method", "safree"], "method 'safree' needs methods/safree.py"),
     (["--proposer", "clip"], "proposer 'clip' needs vlm/clip_proposer.py"),
     (["--preview-decoder", "taesd", *VLM], "preview decoder 'taesd' needs checkpoint/taesd.py"),
+    (["--init-image", "in.png", *VLM], "option '--init-image' needs cli/edit.py"),
 ])
 def test_a_leaf_the_copy_lacks_is_one_line(with_command_line, sd1, tmp_path, argv, missing):
     result = python_in(with_command_line, "generate.py", "a cat", "--model", sd1, "--steps", 2, "--device", "cpu",

@@ -23,7 +23,8 @@ from fake_vlm import Trickle, redirect
 from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
-from png import SIGNATURE, encode_png, read_png
+from png import SIGNATURE, encode_png
+from png_reader import read_png
 from sampler.loop import Guidance, generate as sample
 from methods.vldnp import DynamicNegatives
 from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, unet_bytes, vae_bytes

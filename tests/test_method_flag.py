@@ -11,7 +11,7 @@ import evaluate
 import generate
 from helpers import parameters, pixels, run
 from methods import METHODS
-from png import read_png
+from png_reader import read_png
 from vlm.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

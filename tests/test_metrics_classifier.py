@@ -25,7 +25,8 @@ import evaluate
 from evaluation import classifier_file as source
 from evaluation.metrics import (ClassifierError, Metrics, NudeNetClassifier, aggregate, classifier_input,
                                 classifier_metrics, protocol)
-from png import read_png, write_png
+from png import write_png
+from png_reader import read_png
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

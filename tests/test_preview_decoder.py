@@ -17,7 +17,7 @@ import generate
 from checkpoint.tensors import CheckpointError
 from helpers import hub_cache, randomize_
 from methods.vldnp import DynamicNegatives
-from png import read_png
+from png_reader import read_png
 from sampler.loop import generate as sample
 from vlm.base import Reply
 from vlm.preview import VAE_PREVIEW

@@ -16,7 +16,7 @@ from evaluation.metrics import CLIP_MODELS
 from evaluation.protocol import VL_DNP
 from methods import METHODS
 from methods.vldnp import PAPER_STEPS, default_query_steps
-from png import read_png
+from png_reader import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from png import read_png
+from png_reader import read_png
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # tiny sizes: one thread is faster

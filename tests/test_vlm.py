@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import weights
 from fake_vlm import Trickle, completion, dead_url
 from helpers import FixedProposer, assert_close_rel, rel_err
-from png import read_png
+from png_reader import read_png
 from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.base import prepare_image

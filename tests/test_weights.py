@@ -345,8 +345,8 @@ def test_wrong_configs_name_the_file_and_key(sd1, tmp_path, part, change, expect
     assert str(file) in message and expected in message
 
 
-@pytest.mark.parametrize("in_channels", [9, 8])  # inpainting, instruct-pix2pix
-def test_inpainting_and_pix2pix_models_are_refused(sd1_file, sd1, tmp_path, in_channels):
+@pytest.mark.parametrize("in_channels", [8, 5])  # instruct-pix2pix, depth (inpainting's 9 load: test_inpaint.py)
+def test_pix2pix_and_depth_models_are_refused(sd1_file, sd1, tmp_path, in_channels):
     state = load_file(sd1_file)
     key = "model.diffusion_model.input_blocks.0.0.weight"
     out, _, h, w = state[key].shape

@@ -1,0 +1,119 @@
+"""png.py's reader against Pillow's: every colour type and bit depth it takes, every filter type,
+as diffusers' load_image (convert("RGB")) gives them; the files it refuses, each in one line."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import png
+import png_reader
+
+
+def picture(h=19, w=23, channels=3, seed=0) -> np.ndarray:
+    """Smooth rows with noise, so that Pillow's adaptive filtering picks several filter types."""
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(-6, 7, (h, w, channels))
+    return (np.cumsum(steps, axis=1) + np.arange(h)[:, None, None] * 9) % 256
+
+
+def pil_rgb(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
+def test_pillow_files_read_as_pillow_reads_them(tmp_path, mode):
+    rgba = Image.fromarray(picture(channels=4).astype(np.uint8), "RGBA")
+    path = tmp_path / f"{mode}.png"
+    (rgba if mode == "RGBA" else rgba.convert(mode)).save(path)
+    ours = png_reader.read_image(path)
+    assert ours.dtype == torch.uint8 and ours.shape == (19, 23, 3)
+    assert np.array_equal(ours.numpy(), pil_rgb(path))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_palettes_of_every_depth(tmp_path, bits):
+    image = Image.fromarray(picture().astype(np.uint8)).quantize(2**bits)
+    image.save(tmp_path / "p.png", bits=bits)
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert np.array_equal(png_reader.read_image(tmp_path / "p.png").numpy(), pil_rgb(tmp_path / "p.png"))
+
+
+def filtered(rows: np.ndarray, kind: int, unit: int) -> np.ndarray:
+    """PNG filter `kind` applied to uint8 rows [H, N] (the encoder's side of PNG spec sec. 9.2)."""
+    x = rows.astype(np.int32)
+    a = np.pad(x, ((0, 0), (unit, 0)))[:, :-unit]  # left
+    b = np.pad(x, ((1, 0), (0, 0)))[:-1]  # above
+    c = np.pad(b, ((0, 0), (unit, 0)))[:, :-unit]  # above left
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    predictor = [0, a, b, (a + b) // 2, np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))][kind]
+    return ((x - predictor) % 256).astype(np.uint8)
+
+
+def handmade_png(pixels: np.ndarray, colour: int, kinds: list[int]) -> bytes:
+    """An 8-bit PNG whose row y is filtered with kinds[y % len(kinds)]."""
+    H, W = pixels.shape[:2]
+    rows = pixels.reshape(H, -1).astype(np.uint8)
+    unit = rows.shape[1] // W
+    data = b"".join(bytes([kinds[y % len(kinds)]]) + filtered(rows, kinds[y % len(kinds)], unit)[y].tobytes()
+                    for y in range(H))
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (png.SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kinds", [[0], [1], [2], [3], [4], [4, 3, 2, 1, 0]], ids=["none", "sub", "up", "average",
+                                                                                  "paeth", "mixed"])
+@pytest.mark.parametrize("colour,channels", [(2, 3), (6, 4), (0, 1)], ids=["rgb", "rgba", "grey"])
+def test_every_filter_type(tmp_path, kinds, colour, channels):
+    pixels = picture(channels=channels, seed=len(kinds))
+    (tmp_path / "f.png").write_bytes(handmade_png(pixels, colour, kinds))
+    ours = png_reader.read_image(tmp_path / "f.png").numpy()
+    assert np.array_equal(ours, pil_rgb(tmp_path / "f.png"))
+    assert np.array_equal(ours[..., 0], pixels[..., 0])
+
+
+def test_written_pngs_read_back_with_their_text(tmp_path):
+    image = torch.from_numpy(picture().astype(np.uint8))
+    png.write_png(tmp_path / "ours.png", image, {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"})
+    back, text = png_reader.read_png(tmp_path / "ours.png")
+    assert torch.equal(back, image) and text == {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"}
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("jpeg", "a JPEG; only PNG images are read"),
+    ("missing", "cannot read it"),
+    ("sixteen", "16 bits per sample"),
+    ("interlaced", "interlaced"),
+    ("truncated", "truncated"),
+    ("crc", "CRC"),
+    ("garbage", "not a PNG file"),
+])
+def test_unreadable_files_are_one_line(tmp_path, case, expected):
+    path = tmp_path / "in.png"
+    good = tmp_path / "good.png"
+    Image.fromarray(picture().astype(np.uint8)).save(good)
+    if case == "jpeg":
+        Image.fromarray(picture().astype(np.uint8)).save(path, format="JPEG")
+    elif case == "sixteen":
+        Image.fromarray((picture(channels=1)[..., 0] * 200).astype(np.uint16)).save(path)
+    elif case == "interlaced":  # Pillow writes none: the IHDR's interlace byte set, its CRC made anew
+        data = bytearray(good.read_bytes())
+        data[28] = 1
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        path.write_bytes(bytes(data))
+    elif case == "truncated":
+        path.write_bytes(good.read_bytes()[:-30])
+    elif case == "crc":
+        data = bytearray(good.read_bytes())
+        data[40] ^= 0xFF  # inside IDAT
+        path.write_bytes(bytes(data))
+    elif case == "garbage":
+        path.write_bytes(b"hello, world")
+    with pytest.raises(png_reader.ImageFileError) as e:
+        png_reader.read_image(path)
+    message = str(e.value)
+    assert expected in message and str(path) in message and "\n" not in message
