@@ -8,7 +8,6 @@ sets what the VL-DNP paper ran. The parts are in evaluation/.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.metadata
 import os
 import shlex
@@ -26,6 +25,7 @@ from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_protocol, run_departures
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
+from files import sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
 from sampler.memory import TooLargeError, is_out_of_memory
@@ -217,17 +217,9 @@ def warn_skipped(path, skipped, most: int = 20):
               file=sys.stderr, flush=True)
 
 
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpec:
     settings = {
-        "prompts_sha256": sha256(args.prompts), "prompt_column": args.prompt_column,
+        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column,
         "model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
         "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
         "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,

@@ -1,5 +1,7 @@
 """The one way this project writes a file: atomically, so that a crash or a full disk leaves either
-the old file or the whole new one, never half of one."""
+the old file or the whole new one, never half of one; and the one way it names a file's contents, by
+its sha256."""
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -23,3 +25,12 @@ def write_atomic(path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path) -> str:
+    """The file's sha256, as hex, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

