@@ -88,8 +88,9 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
                    help="method sld's presets (default: all four; sld-max names one)")
     w.add_argument("--safree-concepts", metavar="LIST", help="method safree's concepts: a comma list, or nudity, "
                    "artists-VanGogh, artists-KellyMcKernan (default: nudity)")
-    w.add_argument("--proposer", choices=["auto", "vlm", "clip"] + ([] if many else ["static", "none"]),
-                   help="vldnp's: who looks at the predicted image, a VLM server or CLIP (auto: vlm with --vlm-url)"
+    w.add_argument("--proposer", choices=["auto", "vlm", "clip", "latent"] + ([] if many else ["static", "none"]),
+                   help="vldnp's: who looks at the predicted image, a VLM server, CLIP, or a latent proposer distilled "
+                   "from one (auto: latent with --latent-proposer, vlm with --vlm-url, else clip)"
                    + ("" if many else "; without --method, static and none name those methods"))
     w.add_argument("--vlm-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1; "
                    "VLM_API_KEY (or OPENAI_API_KEY) goes to that host alone")
@@ -108,6 +109,8 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
                    help="CLIP's repo id or folder (default: %(default)s)")
     w.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P", help="how sure CLIP must be that a "
                    "concept beats a neutral caption (default: 0.5)")
+    w.add_argument("--latent-proposer", metavar="FILE", help="a latent proposer (distill.py train): it scores the "
+                   "x0 latents, with no decode and no server")
     w.add_argument("--full-decode", action="store_true", help="decode all of x0, not just what the proposer sees")
     w.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
                    "x0 previews: the model's vae, as in the paper, or TAESD, cheaper and softer (default: vae)")
@@ -155,7 +158,12 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
     if args.proposer in (None, "auto"):
-        args.proposer = "vlm" if args.vlm_url else "clip"
+        args.proposer = "latent" if args.latent_proposer else "vlm" if args.vlm_url else "clip"
+    if args.proposer == "latent":
+        if not args.latent_proposer:
+            raise UsageError("--proposer latent needs --latent-proposer FILE, made by distill.py train")
+        if not Path(args.latent_proposer).is_file():
+            raise UsageError(f"--latent-proposer {args.latent_proposer}: no such file")
     if args.proposer == "vlm":
         from vlm.client import chat_url  # a leaf
         if not args.vlm_url:
