@@ -40,15 +40,20 @@ def check_out(out: str | None, option: str):
     make_folder(Path(out).parent, f"{option} {out}")
 
 
-def check_sizes(args, pipe, sampler):
-    """What only the loaded model can tell: the steps its schedule can take with the sampler, and
-    whether it takes SDXL's size and crop conditioning."""
+def check_steps(args, pipe, sampler):
+    """What only the loaded model can tell of the sampling: the steps its schedule can take with the sampler."""
     try:
         sampler(pipe.scheduler, args.steps)
     except UnsupportedSetting as e:
         raise UsageError(f"--sampler {args.sampler}: {e}") from None
     except ValueError as e:
         raise UsageError(f"--steps {args.steps}: {e}") from None
+
+
+def check_sizes(args, pipe, sampler):
+    """What only the loaded model can tell: the steps its schedule can take with the sampler (check_steps),
+    and whether it takes SDXL's size and crop conditioning."""
+    check_steps(args, pipe, sampler)
     given = [flag for flag, value in [("--original-size", args.original_size), ("--crop-top-left", args.crop_top_left),
                                       ("--target-size", args.target_size)] if value is not None]
     if given and pipe.time_ids(pipe.default_size, pipe.default_size) is None:
