@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, finite, \
-    given_options, pick_device
-from cli.outputs import check_out, check_steps
+from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options
+from cli.outputs import check_out, check_sizes
 from distillation.collect import Collection, collect
 from distillation.data import DataError
 from distillation.train import Training, train
@@ -23,6 +22,7 @@ from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import Sampling
 from files import sha256_file
 from leaves import MissingLeaf
+from methods.options import finite
 from sampler.base import SAMPLERS
 from sampler.memory import TooLargeError, is_out_of_memory
 
@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--seed", type=int, default=0, metavar="BASE",
                    help="prompts without evaluation_seed use seed BASE + case number (default: %(default)s)")
     options = add_shared_arguments(c, sampler="dpm++2m", many=True)
-    c.set_defaults(run=run_collect)
+    # check_sizes reads generate.py's SDXL size options, which collect has not
+    c.set_defaults(run=run_collect, original_size=None, crop_top_left=None, target_size=None)
 
     t = commands.add_parser("train", help="fit a latent proposer to a data folder, held out by prompt")
     t.add_argument("data", metavar="DATA_DIR", help="a folder distill.py collect wrote")
@@ -80,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      ("learning_rate", 0 < args.learning_rate <= 1, "more than 0 and at most 1"),
                      ("width", 1 <= args.width <= 1024, "between 1 and 1024"),
                      ("held_out", 0 < args.held_out < 1, "more than 0 and less than 1")], args)
-        args.device = pick_device(args.device)
+        try:
+            args.device = weights.pick_device(args.device)
+        except ValueError as e:
+            raise UsageError(f"--device {e}") from None
         check_out(args.out, "--out")
     args.argv = argv
     return args
@@ -117,7 +121,7 @@ def run_collect(args) -> int:
             "command": shlex.join(["distill.py", *args.argv])}
 
     def check_pipe(pipe):
-        check_steps(args, pipe, SAMPLERS[args.sampler])
+        check_sizes(args, pipe, SAMPLERS[args.sampler])
 
     return collect(Collection(
         out=Path(args.out), rows=prompts.rows, method=method, settings=settings,

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, comma_list, fail, \
-    given_options, pick_device
+from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options
 from evaluation.classifier_file import classifier_file
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
 from evaluation.prompts import PromptFileError, read_prompts
@@ -28,6 +27,7 @@ from evaluation.run import RunError, RunSpec, Sampling, execute
 from files import sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
+from methods.options import comma_list
 from sampler.memory import TooLargeError, is_out_of_memory
 
 METRICS = ("nudenet", "nudenet-detector", "clip")

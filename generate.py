@@ -11,8 +11,9 @@ import secrets
 import sys
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, finite, given_options, int_pair
+from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, given_options, int_pair
 from cli.outputs import EXAMPLES, check_out, check_sizes, png_text, save, write_trace
+from methods.options import finite
 from sampler.base import SAMPLERS
 from sampler.loop import NonFiniteError, generate
 from sampler.memory import TooLargeError, is_out_of_memory

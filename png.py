@@ -1,10 +1,12 @@
-"""PNG files with the standard library alone (zlib), and their tEXt metadata.
+"""PNG files with the standard library alone (zlib), and their tEXt metadata: the `parameters` text
+(`parameters_text`) holds the prompt and settings in the layout AUTOMATIC1111 and other SD tools read.
 
 A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of type+data.
 IHDR gives the size and pixel format, tEXt holds keyword/value text (Latin-1; iTXt UTF-8), IDAT
 the zlib-compressed rows, each row prefixed by a filter byte (0: none), and IEND closes the file.
 """
 import re
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -76,3 +78,17 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     if rows[:, 0].any():
         raise ValueError(f"{path}: only unfiltered rows are supported")
     return rows[:, 1:].reshape(H, W, 3).clone(), text
+
+
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler",
+                 "euler-a": "Euler a"}  # as those tools write them
+
+
+def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,
+                    seed: int, width: int, height: int, model: str, extra: dict | None = None) -> str:
+    """`extra` holds further settings in order; a value with a comma is quoted, so the line still splits."""
+    settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": f"{guidance_scale:g}",
+                "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+    line = ", ".join(f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in settings.items())
+    negative = [f"Negative prompt: {negative_prompt}"] if negative_prompt else []
+    return "\n".join([prompt, *negative, line])

@@ -20,14 +20,15 @@ import torch
 from checkpoint import looks_like_repo_id
 from checkpoint.folder import load_folder
 from checkpoint.pipeline import Pipeline
-from checkpoint.tensors import CheckpointError, to_dtype
+from checkpoint.tensors import DTYPES, CheckpointError, to_dtype
 from leaves import Leaves
 
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
                            "export": "checkpoint.single_file:write_single_file",
                            "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions"})
 
-__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline", "pack_for_cpu"]
+__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_pipeline", "pack_for_cpu", "pick_device",
+           "pick_dtype"]
 
 
 def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None,
@@ -59,6 +60,31 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         if tok is not None:
             tok.max_length = min(tok.max_length, encoder.config.max_positions)
     return pack_for_cpu(pipe) if pack else pipe
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" is cuda, then mps, then cpu; else a device that exists here, or a ValueError naming it."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(kind for kind, ok in available.items() if ok))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in available:
+        raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
+    if not available[device.type]:
+        raise ValueError(f"{name}: {device.type} is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: there are only {torch.cuda.device_count()} cuda devices")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is fp16 on cuda and fp32 elsewhere; else fp32, fp16 or bf16."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def check_widths(pipe: Pipeline, source):

@@ -106,7 +106,7 @@ def dnp_hooks(pipe, case, proposer, threshold=0.5, asynchronous=False):
     if proposer == "stub":
         chosen = StubVLM()
     else:
-        from model.clip import VIT_L14, CLIPModel
+        from model.clip_vision import VIT_L14, CLIPModel
         from vlm.clip_proposer import CLIPProposer
         if "model" not in _clip:
             with torch.device("meta"):

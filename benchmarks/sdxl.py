@@ -53,7 +53,7 @@ UNET_FILE_STEM = WEIGHT_FILE_STEMS["unet"]  # diffusion_pytorch_model
 SHARD_BYTES = 2 * 1024 ** 3
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: its values that differ from
-# UNet2DConditionModel's defaults (tests/test_sdxl_unet.py pins model/unet.py:SDXL to them).
+# UNet2DConditionModel's defaults (tests/test_unet.py pins model/unet.py:SDXL to them).
 SDXL_UNET = dict(
     block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -7,7 +7,7 @@ N(0, 1) latents; `--config small` is its structure at 32 channels, for a smoke t
 runs in a fresh process, so its peak memory is its own: peak RSS on CPU, torch.cuda.max_memory_allocated
 on GPU, where an untimed decode first loads the kernels and the timed one runs between two
 synchronisations. The difference is max |tiled - untiled| / max |untiled| and the same with the
-mean; see AutoencoderKL.decode_tiled for why they differ at all. It exits with 1 if a decode failed.
+mean; see model/vae_tiled.py for why they differ at all. It exits with 1 if a decode failed.
 """
 import argparse
 import json
@@ -31,6 +31,7 @@ sys.path.insert(0, sys.argv[1])
 from bench import peak_gib, reset_peak, sync
 from checkpoint.tensors import to_dtype
 from model.vae import AutoencoderKL
+from model.vae_tiled import decode_tiled
 from random_weights import randomize_
 from vae_decode import CONFIGS
 config, size, method, tile, overlap, device, dtype, out = sys.argv[2:]
@@ -38,7 +39,7 @@ device, dtype = torch.device(device), to_dtype(dtype)
 vae = randomize_(AutoencoderKL(CONFIGS[config]), 0).to(device, dtype).requires_grad_(False).eval()
 f = 2 ** (len(vae.config.channels) - 1)
 z = torch.randn(1, 4, int(size) // f, int(size) // f, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-run = lambda: vae.decode(z) if method == "decode" else vae.decode_tiled(z, int(tile), int(overlap))
+run = lambda: vae.decode(z) if method == "decode" else decode_tiled(vae, z, int(tile), int(overlap))
 with torch.no_grad():
     if device.type == "cuda":  # kernels load at their first call
         run()

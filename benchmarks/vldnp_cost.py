@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import (IN_MEMORY, PROMPT, STUB_LATENCY, StubVLM, machine, peak_gib, random_sd15,  # noqa: E402
                    reset_peak, sync)
-from model.clip import VIT_L14, CLIPConfig, CLIPTextConfig, CLIPVisionConfig  # noqa: E402
+from model.clip import CLIPTextConfig  # noqa: E402
+from model.clip_vision import VIT_L14, CLIPConfig, CLIPVisionConfig  # noqa: E402
 from random_weights import normal_  # noqa: E402
 
 DECODERS = ("vae", "taesd")
@@ -108,7 +109,7 @@ class Parts:
     """What the cases are made of, built once."""
 
     def __init__(self, model: str, clip: str, device, dtype):
-        from model.clip import CLIPModel
+        from model.clip_vision import CLIPModel
         from model.taesd import SD, TAESD
         from vlm.preview import VAE_PREVIEW, Preview
         from weights import load_pipeline
@@ -232,7 +233,7 @@ def main(argv=None):
         p.error(f"unknown case {unknown[0]}; choose from {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from methods.vldnp import parse_steps
+    from methods.vldnp_cli import parse_steps
     query_steps = paper_density_steps(args.steps) if args.query_steps is None else \
         parse_steps(args.query_steps, args.steps)
     info = dict(machine(args.device), threads=torch.get_num_threads())

@@ -3,13 +3,20 @@
 Each parser rejects what the model code does not implement, so an unsupported checkpoint fails here
 with its config named, not later with a tensor shape. `read_config` turns every failure into one
 CheckpointError line that names the file.
+
+Every config is `bounded`: held to the sizes real models are far inside (checkpoint/bounds.py) before
+anything is built from it.
 """
+import dataclasses
 from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
-from model.clip import ACTIVATIONS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from leaves import Leaves
+from model.clip import ACTIVATIONS, CLIPTextConfig
 from model.unet import UNetConfig
 from model.vae import VAEConfig
+
+GUARDS = Leaves("guard", {"bounds": "checkpoint.bounds:check"})
 
 
 def read_config(file: Path, parse, needed: str = ""):
@@ -24,8 +31,14 @@ def read_config(file: Path, parse, needed: str = ""):
         raise CheckpointError(f"{file}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{file}: no {e.args[0]!r}, which the model needs (a config of another model?)") from None
-    except (TypeError, AttributeError) as e:
+    except (TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{file}: a value of the wrong type ({e})") from None
+
+
+def bounded(config, where: str = ""):
+    """`config`, held to the sizes real models are far inside (checkpoint/bounds.py); as it is in a fork
+    that deleted that guard, trusting its files."""
+    return GUARDS["bounds"](config, where) if GUARDS.present("bounds") else config
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
@@ -66,7 +79,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     depth = per_level(c.get("transformer_layers_per_block", 1))
     if any(isinstance(d, (list, tuple)) for d in depth):
         raise CheckpointError("per-block transformer depths are not supported")
-    return UNetConfig(
+    return bounded(UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
         channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
         num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
@@ -75,7 +88,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         sample_size=c.get("sample_size") or 64,
         addition_time_embed_dim=c["addition_time_embed_dim"] if added else 0,
         projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"] if added else 0,
-    )
+    ))
 
 
 def check_text_to_image(unet: UNetConfig, where: str):
@@ -91,12 +104,12 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
         raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
     if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
         raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
-    return VAEConfig(
+    return bounded(VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),
         layers_per_block=c.get("layers_per_block", 2), norm_groups=c.get("norm_num_groups", 32),
         scaling_factor=c.get("scaling_factor", 0.18215),
-    )
+    ))
 
 
 # transformers' defaults for the keys a CLIP config may leave out. An SD text_encoder/config.json
@@ -105,22 +118,21 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
 TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
                            intermediate_size=2048)
-VISION_TOWER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                             hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32, num_channels=3)
 
 
-def _value(c: dict, key: str, defaults: dict):
+def value_or_default(c: dict, key: str, defaults: dict):
     """c[key], or its default; a key with no default is required (KeyError)."""
     if c.get(key) is None:
         return defaults[key] if key in defaults else c[key]
     return c[key]
 
 
-def _tower(c: dict, defaults: dict, where: str = "") -> dict:
+def tower_fields(c: dict, defaults: dict, where: str = "") -> dict:
     """The fields both CLIP towers share."""
-    get = lambda key: _value(c, key, defaults)
+    get = lambda key: value_or_default(c, key, defaults)
     if get("hidden_act") not in ACTIVATIONS:
-        raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported (only {', '.join(ACTIVATIONS)})")
+        raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported "
+                              f"(only {', '.join(ACTIVATIONS)})")
     return dict(width=get("hidden_size"), num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
                 mlp_dim=get("intermediate_size"), act=get("hidden_act"), eps=get("layer_norm_eps"))
 
@@ -131,28 +143,13 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     c = c.get("text_config", c)
     if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
-    return CLIPTextConfig(**_tower(c, defaults, where), vocab_size=_value(c, "vocab_size", defaults),
-                          max_positions=_value(c, "max_position_embeddings", defaults))
+    get = lambda key: value_or_default(c, key, defaults)
+    return bounded(CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=get("vocab_size"),
+                                  max_positions=get("max_position_embeddings")), where)
 
 
-def clip_config_from_transformers(c: dict) -> CLIPConfig:
-    """Our CLIPConfig from a transformers CLIPModel config.json (text_config, vision_config,
-    projection_dim)."""
-    # Some old configs hold the towers in text_config_dict / vision_config_dict only.
-    text = c.get("text_config") or c.get("text_config_dict")
-    vision = c.get("vision_config") or c.get("vision_config_dict")
-    model_type = c.get("model_type")
-    if model_type not in (None, "clip") or not isinstance(text, dict) or not isinstance(vision, dict):
-        what = f"a {model_type!r} model" if model_type else "no text_config and vision_config"
-        raise CheckpointError(f"config.json holds {what}, not a CLIP two-tower model "
-                              "(transformers' CLIPModel, model_type 'clip')")
-    if _value(vision, "num_channels", VISION_TOWER_DEFAULTS) != 3:
-        raise CheckpointError("vision_config.num_channels must be 3 (RGB)")
-    get = lambda key: _value(vision, key, VISION_TOWER_DEFAULTS)
-    return CLIPConfig(
-        text=text_config_from_transformers(text, TEXT_TOWER_DEFAULTS, "text_config: "),
-        vision=CLIPVisionConfig(**_tower(vision, VISION_TOWER_DEFAULTS, "vision_config: "),
-                                image_size=get("image_size"), patch_size=get("patch_size")),
-        projection_dim=_value(c, "projection_dim", {"projection_dim": 512}),
-        logit_scale_init=_value(c, "logit_scale_init_value", {"logit_scale_init_value": 2.6592}),
-    )
+def text_config_with_projection(c: dict) -> CLIPTextConfig:
+    """CLIPTextConfig from a transformers CLIPTextModelWithProjection config (SDXL's text_encoder_2/config.json):
+    the text tower and its projection of the pooled output (transformers' default width 512 when unset)."""
+    projection = value_or_default(c, "projection_dim", {"projection_dim": 512})
+    return bounded(dataclasses.replace(text_config_from_transformers(c), projection_dim=projection))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.configs import (check_text_to_image, read_config, text_config_from_transformers,
-                                unet_config_from_diffusers, vae_config_from_diffusers)
+from checkpoint.configs import (bounded, check_text_to_image, read_config, text_config_from_transformers,
+                                text_config_with_projection, unet_config_from_diffusers, vae_config_from_diffusers)
 from checkpoint.pipeline import Pipeline
 from checkpoint.tensors import CheckpointError, load_strict, read_json, read_safetensors
 from model.clip import CLIPTextModel
@@ -47,17 +47,17 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
     vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, vae_dtype))
 
     sched_file = path / "scheduler" / "scheduler_config.json"
+    settings = read_json(sched_file) if sched_file.is_file() else {}
     try:
-        scheduler = SchedulerConfig.from_dict(read_json(sched_file)) if sched_file.is_file() else SchedulerConfig()
-    except (ValueError, TypeError) as e:
+        scheduler = bounded(SchedulerConfig.from_dict(settings))
+    except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{sched_file}: {e}") from None
     if sdxl:
         # Both encoders are read at their penultimate layer, without the final LayerNorm (the
         # hub configs are plain transformers configs and do not say so); bigG is projected.
         text_cfg = dataclasses.replace(text_cfg, context_layer=-2, context_norm=False)
-        text_cfg_2 = read_config(path / "text_encoder_2" / "config.json", text_config_from_transformers)
-        projection = read_json(path / "text_encoder_2" / "config.json").get("projection_dim")
-        text_cfg_2 = dataclasses.replace(text_cfg_2, context_layer=-2, context_norm=False, projection_dim=projection)
+        text_cfg_2 = read_config(path / "text_encoder_2" / "config.json", text_config_with_projection)
+        text_cfg_2 = dataclasses.replace(text_cfg_2, context_layer=-2, context_norm=False)
         tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or path)
         extra = dict(tokenizer_2=load_tokenizer(tokenizer_2),
                      text_encoder_2=load_text_encoder(path / "text_encoder_2", text_cfg_2, device, dtype),
@@ -78,9 +78,9 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
 def load_text_encoder(folder: Path, cfg, device, dtype) -> CLIPTextModel:
     """A transformers CLIPTextModel (or ...WithProjection) folder, with or without the hub files'
     `text_model.` prefix."""
-    state = read_component(folder, "model", device, dtype)
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    return load_strict(CLIPTextModel, cfg, state, str(folder))
+    stored = read_component(folder, "model", device, dtype)
+    names = {k.removeprefix("text_model."): k for k in stored if not k.endswith("position_ids")}
+    return load_strict(CLIPTextModel, cfg, {k: stored[n] for k, n in names.items()}, str(folder), names=names)
 
 
 def sdxl_tokenizers(folder) -> tuple[Path, Path]:
@@ -131,11 +131,23 @@ def read_component(folder: Path, stem: str, device, dtype) -> dict[str, torch.Te
             return read_safetensors(folder / name, device, dtype)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return {k: v for s in shards for k, v in read_safetensors(folder / s, device, dtype).items()}
+            return {k: v for s in shards(index) for k, v in read_safetensors(folder / s, device, dtype).items()}
     pickles = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
     why = f" (found only {pickles[0]}: pickled weights are not loaded, convert it to safetensors)" if pickles else ""
     raise CheckpointError(f"{folder}: no {stem}.safetensors{why}")
+
+
+def shards(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names in its weight_map (tensor name -> file), each once.
+    They lie beside it: a name with a folder in it is a CheckpointError, as is an index without a weight_map."""
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file); not a shard index")
+    for file in weight_map.values():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise CheckpointError(f"{index}: its weight_map names {file!r}, not a file beside it")
+    return sorted(set(weight_map.values()))
 
 
 def rename_legacy_vae_keys(state: dict) -> dict:

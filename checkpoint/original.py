@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint.configs import check_text_to_image
-from checkpoint.tensors import CheckpointError
+from checkpoint.configs import bounded, check_text_to_image
+from checkpoint.tensors import CheckpointError, meta_model
 from model.clip import SD2_TEXT, CLIPTextConfig, CLIPTextModel
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
@@ -76,8 +76,7 @@ def unet_table(cfg: UNetConfig) -> dict[str, Original]:
             pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * (L + 1) + j}.1"))
         pairs.append((f"up_blocks.{i}.upsamplers.0", f"output_blocks.{i * (L + 1) + L}.{2 if cfg.attention[level] else 1}"))
     pairs += [(f"{a}.{x}", f"{b}.{y}") for a, b in resnets for x, y in RESNET]
-    with torch.device("meta"):
-        keys = UNet(cfg).state_dict().keys()
+    keys = meta_model(UNet, cfg).state_dict().keys()
     return _prefixes_to_keys(keys, pairs)
 
 
@@ -95,8 +94,7 @@ def vae_table(cfg: VAEConfig) -> dict[str, Original]:
                   (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample"),
                   (f"decoder.up_blocks.{i}.resnets", f"decoder.up.{n - 1 - i}.block"),
                   (f"decoder.up_blocks.{i}.upsamplers.0", f"decoder.up.{n - 1 - i}.upsample")]
-    with torch.device("meta"):
-        keys = AutoencoderKL(cfg).state_dict().keys()
+    keys = meta_model(AutoencoderKL, cfg).state_dict().keys()
     table = _prefixes_to_keys(keys, pairs)
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     for key, o in table.items():
@@ -120,8 +118,7 @@ def text_table(cfg: CLIPTextConfig, family: str) -> dict[str, Original]:
     """Ours -> the single file's text encoder names: transformers' CLIP names for SD1 and SDXL's first
     encoder ("sd1", "sdxl_l"), OpenCLIP's for SD2 and SDXL's bigG ("sd2", "sdxl_g"; q, k, v fused
     into one in_proj, and the projection stored transposed)."""
-    with torch.device("meta"):
-        keys = CLIPTextModel(cfg).state_dict().keys()
+    keys = meta_model(CLIPTextModel, cfg).state_dict().keys()
     if family in ("sd1", "sdxl_l"):
         return {k: Original(k) for k in keys}
     pairs = list(OPENCLIP)
@@ -172,6 +169,28 @@ class Shapes(dict):
     def __missing__(self, key):
         raise CheckpointError(f"{self.where}: no {self.prefix}{key}; not a complete SD1/SD2/SDXL single file")
 
+    def dim(self, key: str, axis: int) -> int:
+        """The size of axis `axis` of tensor `key`; a tensor with fewer axes is a CheckpointError naming it."""
+        shape = self[key]
+        if len(shape) <= axis:
+            raise CheckpointError(f"{self.where}: {self.prefix}{key} has shape {list(shape)}, not the shape of "
+                                  "that SD1/SD2/SDXL weight")
+        return shape[axis]
+
+    def count(self, blocks: str) -> int:
+        """How many blocks `blocks.0.*`, `blocks.1.*`, ... there are. Real files number them from 0 without a
+        gap, so the count is bounded by the file's keys: a key whose index is past the count is a
+        CheckpointError naming it, not a layout of that many blocks."""
+        found = {int(m[1]) for k in self if (m := re.match(rf"{re.escape(blocks)}\.([0-9]+)\.", k))}
+        run = next(i for i in range(len(found) + 1) if i not in found)  # blocks 0 .. run - 1 are there
+        if run < len(found):
+            odd = min(i for i in found if i > run)
+            key = next(k for k in self if re.match(rf"{re.escape(blocks)}\.0*{odd}\.", k))
+            raise CheckpointError(f"{self.where}: unexpected {self.prefix}{key}: there is no {self.prefix}{blocks}."
+                                  f"{run}.* before it (blocks are numbered from 0 without gaps); not an SD1/SD2/SDXL "
+                                  "single file")
+        return run
+
 
 def inspect_single_file(shapes: dict[str, tuple], where: str):
     """Reads the architecture off the tensor shapes: (family, UNetConfig, VAEConfig, CLIPTextConfig,
@@ -194,15 +213,14 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
     texts = [text_config_from_shapes(Shapes(shapes, PREFIX[name], where), name) for name in TEXT_ENCODERS[family]]
 
     u = Shapes(shapes, PREFIX["unet"], where)
-    inputs = sorted({int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")})
-    downsamplers = [i for i in inputs if i > 0 and f"input_blocks.{i}.0.op.weight" in u]
-    L = (downsamplers[0] if downsamplers else len(inputs)) - 1  # res blocks per level
-    n = (max(inputs) + 1) // (L + 1)
+    inputs = u.count("input_blocks")  # conv_in, then each level's res blocks and its downsampler
+    downsamplers = [i for i in range(1, inputs) if f"input_blocks.{i}.0.op.weight" in u]
+    L = (downsamplers[0] if downsamplers else inputs) - 1  # res blocks per level
+    n = inputs // (L + 1)
     first = [1 + i * (L + 1) for i in range(n)]  # first res block of each level
-    channels = tuple(u[f"input_blocks.{b}.0.out_layers.3.weight"][0] for b in first)
+    channels = tuple(u.dim(f"input_blocks.{b}.0.out_layers.3.weight", 0) for b in first)
     attention = tuple(any(k.startswith(f"input_blocks.{b}.1.") for k in u) for b in first)
-    depth = tuple(len({k.split(".")[4] for k in u if k.startswith(f"input_blocks.{b}.1.transformer_blocks.")}) or 1
-                  for b in first)
+    depth = tuple(u.count(f"input_blocks.{b}.1.transformer_blocks") or 1 for b in first)
     attn_keys = [k for k in u if k.endswith("attn2.to_k.weight")]
     if not attn_keys:
         raise CheckpointError(f"{where}: no cross-attention ({PREFIX['unet']}*.attn2.to_k.weight); "
@@ -212,42 +230,50 @@ def inspect_single_file(shapes: dict[str, tuple], where: str):
     heads = (8,) * n if family == "sd1" else tuple(max(c // 64, 1) for c in channels)
     added = {}
     if sdxl:  # the pooled output and six size ids, each in the same number of sinusoids
-        inputs_added, pooled = u["label_emb.0.0.weight"][1], texts[-1].projection_dim
+        inputs_added, pooled = u.dim("label_emb.0.0.weight", 1), texts[-1].projection_dim
         added = dict(addition_time_embed_dim=(inputs_added - pooled) // 6,
                      projection_class_embeddings_input_dim=inputs_added)
     unet = UNetConfig(
-        in_channels=u["input_blocks.0.0.weight"][1], out_channels=u["out.2.weight"][0], channels=channels,
+        in_channels=u.dim("input_blocks.0.0.weight", 1), out_channels=u.dim("out.2.weight", 0), channels=channels,
         layers_per_block=L, attention=attention, num_heads=heads,
         transformer_depth=tuple(d if a else 1 for d, a in zip(depth, attention)),
-        context_dim=u[attn_keys[0]][1], linear_proj=len(proj) == 2, sample_size=128 if sdxl else 64, **added,
+        context_dim=u.dim(attn_keys[0], 1), linear_proj=len(proj) == 2, sample_size=128 if sdxl else 64, **added,
     )
+    checked(unet, where)
     check_text_to_image(unet, where)
 
     v = Shapes(shapes, PREFIX["vae"], where)
     # with no encoder.down.* at all, the lookups of level 0 below name what is missing
-    levels = sorted({int(k.split(".")[2]) for k in v if k.startswith("encoder.down.")}) or [0]
+    levels = v.count("encoder.down") or 1
     vae = VAEConfig(
-        in_channels=v["encoder.conv_in.weight"][1], out_channels=v["decoder.conv_out.weight"][0],
-        latent_channels=v["post_quant_conv.weight"][0],
-        channels=tuple(v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels),
-        layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
+        in_channels=v.dim("encoder.conv_in.weight", 1), out_channels=v.dim("decoder.conv_out.weight", 0),
+        latent_channels=v.dim("post_quant_conv.weight", 0),
+        channels=tuple(v.dim(f"encoder.down.{i}.block.0.conv1.weight", 0) for i in range(levels)),
+        layers_per_block=v.count("encoder.down.0.block"),
         scaling_factor=0.13025 if sdxl else VAEConfig.scaling_factor,
     )
+    checked(vae, where)
     return family, unet, vae, texts[0], texts[1] if sdxl else None
+
+
+def checked(config, where: str):
+    """`config`, bounded (checkpoint/configs.py), its CheckpointError naming the file."""
+    try:
+        return bounded(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e} (read off the tensor shapes)") from None
 
 
 def text_config_from_shapes(t: Shapes, name: str) -> CLIPTextConfig:
     """A text encoder's config from its tensors' shapes; `name` is its PREFIX name."""
     if name in ("sd1", "sdxl_l"):  # transformers' CLIP names
-        vocab, width = t["embeddings.token_embedding.weight"]
-        layers_in_file = len({k.split(".")[2] for k in t if k.startswith("encoder.layers.")})
-        mlp = t["encoder.layers.0.mlp.fc1.weight"][0]
-        positions = t["embeddings.position_embedding.weight"][0]
+        embedding, layers, mlp, positions = ("embeddings.token_embedding.weight", "encoder.layers",
+                                             "encoder.layers.0.mlp.fc1.weight", "embeddings.position_embedding.weight")
     else:  # OpenCLIP's
-        vocab, width = t["token_embedding.weight"]
-        layers_in_file = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
-        mlp = t["transformer.resblocks.0.mlp.c_fc.weight"][0]
-        positions = t["positional_embedding"][0]
+        embedding, layers, mlp, positions = ("token_embedding.weight", "transformer.resblocks",
+                                             "transformer.resblocks.0.mlp.c_fc.weight", "positional_embedding")
+    vocab, width, layers_in_file = t.dim(embedding, 0), t.dim(embedding, 1), t.count(layers)
+    mlp, positions = t.dim(mlp, 0), t.dim(positions, 0)
     num_layers = layers_in_file
     if name == "sd2":
         # SD2 uses the penultimate layer of OpenCLIP: its last layer is never run. Real files hold all 24
@@ -257,7 +283,8 @@ def text_config_from_shapes(t: Shapes, name: str) -> CLIPTextConfig:
     # SDXL reads both encoders' penultimate layer, unnormed; bigG's last layer still makes the pooled output.
     sdxl = dict(context_layer=-2, context_norm=False) if name.startswith("sdxl") else {}
     if name == "sdxl_g":
-        sdxl["projection_dim"] = t["text_projection"][1]
-    return CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
-                          num_heads=max(width // 64, 1), mlp_dim=mlp,
-                          act="quick_gelu" if name in ("sd1", "sdxl_l") else "gelu", **sdxl)
+        sdxl["projection_dim"] = t.dim("text_projection", 1)
+    config = CLIPTextConfig(vocab_size=vocab, max_positions=positions, width=width, num_layers=num_layers,
+                            num_heads=max(width // 64, 1), mlp_dim=mlp,
+                            act="quick_gelu" if name in ("sd1", "sdxl_l") else "gelu", **sdxl)
+    return checked(config, t.where)

@@ -7,6 +7,7 @@ from model.clip import CLIPTextModel
 from model.tokenizer import Tokenizer
 from model.unet import UNet
 from model.vae import AutoencoderKL
+from sampler.loop import Embedded
 from sampler.schedule import SchedulerConfig
 
 
@@ -20,29 +21,39 @@ class Pipeline:
     family: str  # "sd1", "sd2" or "sdxl"
     name: str  # where it came from, for image metadata
     # SDXL: the second tokenizer and text encoder (OpenCLIP ViT-bigG), whose pooled output the UNet
-    # also takes; and its repos' rule that the empty text is conditioned on zeros, not encoded.
+    # also takes; and its repos' rule that the unconditional branch of a generation without a negative
+    # prompt sees zeros, not the encoded empty text (`unconditional`).
     tokenizer_2: Tokenizer | None = None
     text_encoder_2: CLIPTextModel | None = None
     force_zeros_for_empty_prompt: bool = False
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's conditioning for each text: the hidden states [N, 77, D] it cross-attends to,
-        and the pooled embedding [N, P] of models with added conditioning (None for SD 1.x/2.x).
+        """The UNet's conditioning for each text, "" included: the hidden states [N, 77, D] it
+        cross-attends to, and the pooled embedding [N, P] of models with added conditioning (None for
+        SD 1.x/2.x).
 
         SDXL (Podell et al. 2023, sec. 2.1): both encoders' states side by side (768 + 1280 = 2048),
-        and bigG's projected pooled output; with `force_zeros_for_empty_prompt`, "" gives zeros for
-        both, as diffusers' StableDiffusionXLPipeline conditions the unconditional branch."""
+        and bigG's projected pooled output."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         hidden = self.text_encoder(self.tokenizer(texts).to(self.device))  # [N, 77, D]
         if self.text_encoder_2 is None:
             return hidden, None
         hidden_2, pooled = self.text_encoder_2.encode(self.tokenizer_2(texts).to(self.device))
         hidden = torch.cat([hidden, hidden_2.to(hidden.dtype)], dim=-1)  # [N, 77, 768 + 1280]
-        if self.force_zeros_for_empty_prompt:
-            empty = torch.tensor([t == "" for t in texts], device=hidden.device)
-            hidden = hidden.masked_fill(empty[:, None, None], 0)
-            pooled = pooled.masked_fill(empty[:, None], 0)
         return hidden, pooled  # [N, 77, 2048], [N, 1280]
+
+    @property
+    def unconditional(self) -> str | Embedded:
+        """What the unconditional branch sees when no negative prompt is given: the empty text; for SDXL
+        with `force_zeros_for_empty_prompt` (its repos set it), zeros for the hidden states and the pooled
+        embedding, as diffusers' StableDiffusionXLPipeline conditions it when negative_prompt is None. An
+        empty prompt, or a negative prompt given as "", is encoded like any text."""
+        if not self.force_zeros_for_empty_prompt:
+            return ""
+        encoder = self.text_encoder_2
+        zeros = lambda *shape: torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return Embedded(zeros(self.tokenizer.max_length, self.unet.config.context_dim),  # [77, 2048]
+                        zeros(encoder.config.projection_dim or encoder.config.width), text="")  # [1280]
 
     def time_ids(self, height: int, width: int, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None

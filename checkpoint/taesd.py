@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.configs import read_config
 from checkpoint import looks_like_repo_id
+from checkpoint.bounds import check_taesd
+from checkpoint.configs import read_config
 from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, to_dtype
 from model.taesd import SD, TAESD, TAESDConfig, TAESDDecoder, TAESDEncoder
@@ -63,13 +64,13 @@ def taesd_config_from_diffusers(c: dict) -> TAESDConfig:
             raise CheckpointError(f"{part}_block_out_channels={list(channels)} with num_{part}_blocks="
                                   f"{list(blocks)}: TAESD needs one width per stage, the same for every stage")
         widths[part] = (channels[0], blocks)
-    return TAESDConfig(
+    return check_taesd(TAESDConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4),
         encoder_width=widths["encoder"][0], encoder_blocks=widths["encoder"][1],
         decoder_width=widths["decoder"][0], decoder_blocks=widths["decoder"][1],
         scaling_factor=float(c.get("scaling_factor", 1.0)),
-    )
+    ))
 
 
 def load_taesd_folder(path: Path, device, dtype) -> TAESD:

@@ -100,21 +100,41 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's fills: on the meta device they compute nothing, and normal_ there
+    (nn.Embedding's) imports torch._dynamo, which costs more than the rest of loading."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(model_cls, config):
+    """`model_cls(config)` on the meta device: its structure and shapes, no memory, no initializer run."""
+    with torch.device("meta"), _SkipInit():
+        return model_cls(config)
+
+
 def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
     """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
-    exactly the model's tensors, each of the model's shape. The result needs no initialization and
-    holds only the tensors in `state`. `names` maps our keys to the file's, for the messages."""
-    with torch.device("meta"):
-        model = model_cls(config)
+    exactly the model's tensors, each of the model's shape and floating point. The result needs no
+    initialization and holds only the tensors in `state`. `names` maps our keys to the file's, for the
+    messages."""
+    model = meta_model(model_cls, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [(names or {}).get(k, k) for k in expected if k not in state]
+    name = lambda k: (names or {}).get(k, k)
+    missing = [name(k) for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{(names or {}).get(k, k)} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected
+    wrong = [f"{name(k)} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected
              if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
+    integer = [f"{name(k)} ({str(state[k].dtype).removeprefix('torch.')})" for k in expected
+               if k in state and not state[k].is_floating_point()]
+    if missing or unexpected or wrong or integer:
         parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
                  f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
-                 f"{len(wrong)} of the wrong shape (first: {wrong[0]})" if wrong else ""]
+                 f"{len(wrong)} of the wrong shape (first: {wrong[0]})" if wrong else "",
+                 f"{len(integer)} not floating point (first: {integer[0]})" if integer else ""]
         raise CheckpointError(f"{where}: tensors do not fit {model_cls.__name__}: "
                               + ", ".join(p for p in parts if p) + (f"; {hint}" if hint else ""))
     model.load_state_dict(state, strict=True, assign=True)

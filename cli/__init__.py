@@ -2,5 +2,4 @@
 
     args.py        the options generate.py and evaluate.py share, their one validation, one-line errors
     outputs.py     generate.py's examples, the checks a loaded model answers, where images go
-    metadata.py    the `parameters` text that SD tools read from a PNG
 """

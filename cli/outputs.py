@@ -1,14 +1,13 @@
 """generate.py's side of the house: its examples, the checks only a loaded model can answer, and where
 its images and their text go."""
 import os
-import re
 from pathlib import Path
 
 import torch
 
 import png
 from cli.args import UsageError, fail, make_folder
-from cli.metadata import parameters_text
+from files import claim_new_paths, numbered
 from sampler.schedule import UnsupportedSetting
 
 OUTPUTS = Path("outputs")
@@ -40,20 +39,15 @@ def check_out(out: str | None, option: str):
     make_folder(Path(out).parent, f"{option} {out}")
 
 
-def check_steps(args, pipe, sampler):
-    """What only the loaded model can tell of the sampling: the steps its schedule can take with the sampler."""
+def check_sizes(args, pipe, sampler):
+    """What only the loaded model can tell: the steps its schedule can take with the sampler, and
+    whether it takes SDXL's size and crop conditioning."""
     try:
         sampler(pipe.scheduler, args.steps)
     except UnsupportedSetting as e:
         raise UsageError(f"--sampler {args.sampler}: {e}") from None
     except ValueError as e:
         raise UsageError(f"--steps {args.steps}: {e}") from None
-
-
-def check_sizes(args, pipe, sampler):
-    """What only the loaded model can tell: the steps its schedule can take with the sampler (check_steps),
-    and whether it takes SDXL's size and crop conditioning."""
-    check_steps(args, pipe, sampler)
     given = [flag for flag, value in [("--original-size", args.original_size), ("--crop-top-left", args.crop_top_left),
                                       ("--target-size", args.target_size)] if value is not None]
     if given and pipe.time_ids(pipe.default_size, pipe.default_size) is None:
@@ -73,7 +67,7 @@ def png_text(args, plan, seed: int, height: int, width: int, model: str, sizes: 
         extra["Eta"] = f"{args.eta:g}"
     if args.batch > 1:
         extra.update({"Batch size": args.batch, "Batch pos": b})
-    return parameters_text(args.prompt, plan.negative_prompt, steps=args.steps, sampler=args.sampler,
+    return png.parameters_text(args.prompt, plan.negative_prompt, steps=args.steps, sampler=args.sampler,
                            guidance_scale=args.guidance_scale, seed=seed, width=width, height=height, model=model,
                            extra=extra)
 
@@ -87,36 +81,11 @@ def write_trace(plan, path: str, saved: bool) -> int:
         return fail(f"cannot write the trace {path}: {e}" + (" (the images were saved)" if saved else ""), 1)
 
 
-def numbered(base: Path, batch: int) -> list[Path]:
-    """base.png, or base-0.png ... base-{batch-1}.png."""
-    if batch == 1:
-        return [base.with_name(base.name + ".png")]
-    return [base.with_name(f"{base.name}-{i}.png") for i in range(batch)]
-
-
-def claim_new_paths(seed: int, batch: int) -> list[Path]:
-    """The next outputs/NNNNN-SEED paths, created empty with O_EXCL: a name that exists already,
-    written by an earlier or a concurrent run, is never taken."""
-    used = [int(m[1]) for f in OUTPUTS.iterdir() if (m := re.match(r"(\d{5,})-", f.name))]
-    n = max(used, default=-1) + 1
-    while True:
-        paths, claimed = numbered(OUTPUTS / f"{n:05d}-{seed}", batch), []
-        try:
-            for path in paths:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-                claimed.append(path)
-            return paths
-        except FileExistsError:
-            for path in claimed:
-                path.unlink()
-            n += 1
-
-
 def save(images: torch.Tensor, out: str | None, texts: list[str], seed: int) -> list[Path]:
     """Writes each image atomically to `out` (or new paths in outputs/); an image that cannot be
     written leaves no file behind."""
     if out is None:
-        paths, claimed = claim_new_paths(seed, len(images)), True
+        paths, claimed = claim_new_paths(OUTPUTS, str(seed), len(images)), True
     else:
         out = Path(out)
         paths, claimed = numbered(out.with_suffix("") if out.suffix.lower() == ".png" else out, len(images)), False

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.classifier_file import MODEL_SHA256, PACKAGE, VERSION, ClassifierError, sha256_file
-from model.clip import VIT_B32, VIT_L14, CLIPModel, preprocess
+from evaluation.classifier_file import MODEL_SHA256, PACKAGE, VERSION, ClassifierError
+from files import sha256_file
+from model.clip_vision import VIT_B32, VIT_L14, CLIPModel, preprocess
 from model.tokenizer import Tokenizer
 
 # Every class the NudeNet 3.x detector reports.

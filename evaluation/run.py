@@ -41,7 +41,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import png
-from cli.metadata import parameters_text
 from evaluation.prompts import PromptRow
 from files import write_atomic
 from methods import Method
@@ -237,7 +236,7 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         plan.finish()
     sampled = time.perf_counter()
     record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
-    text = parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
+    text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
                            guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
                            model=spec.model_name, extra=plan.image_parameters(0))
     png.write_png(spec.out / job.image, image, {"parameters": text})

@@ -2,7 +2,7 @@
 sampler/loop.py's `generate` (the prompt's conditioning, the branches, a guidance rule, step hooks)
 and says what it records: the PNG's parameters and, per image, the negatives it used.
 
-    method = Static(scale=7.5)                      # or methods.from_args(args) from a command line
+    method = StaticNegative(negative_scale=7.5)     # methods/static.py; or methods.from_args(args, ["static"])
     plan = method.plan(pipe, "a person on a beach")
     images = generate(pipe, plan.prompt, **plan.arguments, seed=1)
     plan.finish()                                  # hooks that run in the background are collected
@@ -70,6 +70,16 @@ class Method:
     name: ClassVar[str] = "?"
     flags: ClassVar[tuple[str, ...]] = ()
     swept: ClassVar[bool] = False  # one instance per --negative-scale value
+
+    @classmethod
+    def add_options(cls, parser, many: bool):
+        """Adds the command-line options of this method alone (cli/args.py adds the shared ones);
+        `many`: evaluate.py's, where a list of values sweeps."""
+
+    @classmethod
+    def rules(cls, args) -> list[tuple[str, bool, str]]:
+        """(option dest, whether its value is good, what it must be) for this method's own options."""
+        return []
 
     @classmethod
     def reads(cls, args) -> set[str]:

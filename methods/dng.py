@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import Method, Plan
+from methods.options import comma_list, finite
 from sampler.loop import at_step, words
 from vlm.tasks import NUDITY
 
@@ -131,7 +132,7 @@ class DynamicStrength:
             p = self._p[b]
             w = None if p is None else self.strength.scale(p)
             if w is not None:
-                guidance.negative_scale[b] = w
+                guidance.set_negative_scale(b, w)
             rows.append(None if p is None else (("u", b, at_step(guidance.uncond[b], state.i)), ("n", b, negative)))
             t = int(state.t) if float(state.t).is_integer() else float(state.t)
             self.steps[b].append({"step": state.i, "timestep": t, "p": p, "w_neg": w})
@@ -187,6 +188,25 @@ class DNG(Method):
     swept = True  # one per --dng-lambda value
     strength: Strength = Strength()
     text: str = NUDITY.static_negative
+
+    @classmethod
+    def add_options(cls, parser, many):
+        d = parser.add_argument_group("dng: Dynamic Negative Guidance (Koulischer et al., ICLR 2025)")
+        d.add_argument("--dng-lambda", dest="dng_lambdas", type=comma_list(finite), default=[20.0], metavar="L",
+                       help="lambda in w_neg = lambda p_t/(1 - p_t), for dng and --negative-schedule dng"
+                       + ("; a list sweeps it" if many else "") + " (default: 20)")
+        d.add_argument("--dng-prior", type=finite, default=0.01, metavar="P", help="p_t where a negative starts "
+                       "(default: %(default)s)")
+        d.add_argument("--dng-temperature", type=finite, default=0.2, metavar="T", help="how fast p_t follows the "
+                       "steps; 0 with --dng-offset 0 keeps it at the prior (default: %(default)s)")
+        d.add_argument("--dng-offset", type=finite, default=0.003, metavar="D", help="added to each step's "
+                       "log-likelihood ratio (default: %(default)s)")
+        d.add_argument("--dng-p-min", type=finite, default=1e-6, metavar="P", help="p_t's floor (default: %(default)s)")
+        d.add_argument("--dng-p-max", type=finite, default=0.99, metavar="P", help="p_t's ceiling (default: %(default)s)")
+
+    @classmethod
+    def rules(cls, args):
+        return [("dng_lambdas", args.dng_lambdas and min(args.dng_lambdas) >= 0, "numbers of 0 or more")]
 
     @classmethod
     def from_args(cls, args, variant=None):

@@ -201,6 +201,12 @@ class Safree(Method):
     concepts: ConceptSet = CONCEPT_SETS["nudity"]
 
     @classmethod
+    def add_options(cls, parser, many):
+        parser.add_argument_group("safree").add_argument(
+            "--safree-concepts", metavar="LIST", help="the concepts of method safree: a comma list, or "
+            f"{', '.join(CONCEPT_SETS)} (default: nudity)")
+
+    @classmethod
     def from_args(cls, args, variant=None):
         cls.no_variant(variant)
         try:

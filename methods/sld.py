@@ -102,6 +102,12 @@ class SLD(Method):
     preset: str | SLDConfig = "medium"
 
     @classmethod
+    def add_options(cls, parser, many):
+        parser.add_argument_group("sld").add_argument(
+            "--sld-presets", type=lambda text: [p.strip() for p in text.split(",") if p.strip()], metavar="LIST",
+            default=list(PRESETS), help="the presets of method sld (default: all four; sld-max names one)")
+
+    @classmethod
     def from_args(cls, args, variant=None):
         presets = [variant] if variant is not None else args.sld_presets
         unknown = [p for p in presets if p not in PRESETS]

@@ -47,26 +47,6 @@ def default_query_steps(num_steps: int) -> list[int]:
     return sorted({int(s * num_steps / 50 + 0.5) for s in PAPER_STEPS} & set(range(num_steps)))
 
 
-def parse_steps(text: str, num_steps: int | None = None) -> list[int]:
-    """"5,6,7" -> [5, 6, 7], sorted and deduplicated; "" or "none" -> [] (no queries)."""
-    if text.strip().lower() in ("", "none"):
-        return []
-    steps = set()
-    for part in text.split(","):
-        try:
-            step = int(part.strip())
-        except ValueError:
-            raise ValueError(f"query steps {text!r}: {part.strip()!r} is not a step index; "
-                             "expected comma-separated integers such as 5,6,7") from None
-        if step < 0:
-            raise ValueError(f"query steps {text!r}: step {step} is negative; steps are 0-based indices")
-        if num_steps is not None and step >= num_steps:
-            raise ValueError(f"query steps {text!r}: step {step} is out of range for {num_steps} steps "
-                             f"(0 to {num_steps - 1})")
-        steps.add(step)
-    return sorted(steps)
-
-
 @dataclass
 class Query:
     """One query for one image, as the trace records it. `negative` is the negative in force for
@@ -210,7 +190,7 @@ class DynamicNegatives:
             if self.task.mode == "accumulate":
                 items = self._items[b] = list(dict.fromkeys(self._items[b] + items))
             guidance.negative[b] = self.task.negative(items, state.pipe.tokenizer)
-            guidance.negative_scale[b] = self.negative_scale
+            guidance.set_negative_scale(b, self.negative_scale)
         query.negative = self.negatives[b] = guidance.negative[b]
 
     def _record(self, b: int, query: Query, reply: Reply):
@@ -319,8 +299,18 @@ class VLDNP(Method):
     strength: object = None  # a methods.dng.Strength, or None for the constant w_neg
 
     @classmethod
+    def add_options(cls, parser, many):
+        from methods.vldnp_cli import add_options  # only a command line needs it
+        add_options(parser, many)
+
+    @classmethod
+    def rules(cls, args):
+        from methods.vldnp_cli import rules
+        return rules(args)
+
+    @classmethod
     def reads(cls, args) -> set[str]:
-        from vlm.proposers import PROPOSERS  # the command line's proposers: only a command line needs them
+        from vlm.proposers import PROPOSERS
         schedules = set(args.negative_schedule)
         read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
         if args.proposer in PROPOSERS and not PROPOSERS[args.proposer].previews:  # nothing is decoded
@@ -331,10 +321,10 @@ class VLDNP(Method):
 
     @classmethod
     def from_args(cls, args, variant=None):
-        from vlm.proposers import PROPOSERS, ProposerSource
+        from methods.vldnp_cli import parse_steps, resolve
+        from vlm.proposers import ProposerSource
         cls.no_variant(variant)
-        if args.proposer not in PROPOSERS:
-            raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+        resolve(args)
         unknown = [s for s in args.negative_schedule if s not in ("constant", *SCHEDULES)]
         if unknown or not args.negative_schedule:
             raise ValueError(f"--negative-schedule: {'unknown schedule ' + repr(unknown[0]) if unknown else 'empty'}; "

@@ -8,7 +8,7 @@ apply from the step the hook ran at, so the loop re-runs the UNet on the branche
 changed, and only on those, before it takes the step.
 
 A branch's conditioning is a text, encoded once per run by the pipeline's text encoders; or an
-`Embedded`, hidden states made some other way (SAFREE's projected prompt, sampler/safree.py); or a
+`Embedded`, hidden states made some other way (SAFREE's projected prompt, methods/safree.py); or a
 schedule, any object whose `at(step)` gives the text or Embedded for that step (`Switch`). So a
 method that changes what a branch sees over the steps is a Guidance entry, not a fork of this loop.
 
@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from leaves import Leaves
 from sampler.base import SAMPLERS
-from sampler.memory import check_memory
 from sampler.schedule import randn
+
+# An optional guard: whether the images asked for fit in memory, checked before sampling (TooLargeError).
+GUARDS = Leaves("guard", {"memory": "sampler.memory:check_memory"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,28 +71,38 @@ class Guidance:
     """The conditioning for each image in the batch. Hooks may change any field. Each entry of
     prompt, uncond and negative is a text or another `Conditioning`.
 
-    uncond:    what the unconditional branch sees, "" by default. A classic negative prompt goes
-               here: it replaces the unconditional branch.
+    uncond:    what the unconditional branch sees: by default the pipeline's `unconditional`, the
+               empty text (SDXL: zeros). A classic negative prompt goes here: it replaces the branch.
     negative:  a negative for the three-branch form, or None. Images with None run no extra branch.
     scale:     g, the classifier-free guidance scale (generate's guidance_scale). At g <= 1 with no
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
-    negative_scale: w_neg per image, how hard its three-branch negative pushes.
+    negative_scale: w_neg, how hard the three-branch negative pushes: one per image, or one for all.
     rule:      None for `guide`; else a callable (out_u, out_c, out_n, guidance, step) -> guided output
-               that combines the same branches differently, e.g. Safe Latent Diffusion (sampler/sld.py).
+               that combines the same branches differently, e.g. Safe Latent Diffusion (methods/sld.py).
                It may be called twice for one step (after a hook changed a branch) and must then
                give the same answer.
     """
     prompt: list[Conditioning]
     uncond: list[Conditioning]
     negative: list[Conditioning | None]
-    negative_scale: list[float]
+    negative_scale: list[float] | float
     scale: float = 7.5
     rule: Callable | None = None
 
     def snapshot(self) -> tuple:
         """Everything the guided output depends on, copied: equal snapshots give the same output."""
-        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), tuple(self.negative_scale), self.scale,
-                self.rule)
+        return (tuple(self.prompt), tuple(self.uncond), tuple(self.negative), tuple(self.negative_scales()),
+                self.scale, self.rule)
+
+    def negative_scales(self) -> list[float]:
+        """w_neg per image."""
+        w = self.negative_scale
+        return list(w) if isinstance(w, (list, tuple)) else [w] * len(self.prompt)
+
+    def set_negative_scale(self, b: int, w: float):
+        """Sets image b's w_neg; the other images keep theirs."""
+        self.negative_scale = self.negative_scales()
+        self.negative_scale[b] = w
 
     def rows(self, step: int) -> list[tuple[str, int, str | Embedded]]:
         """The (branch, image, conditioning) rows the UNet must run at `step`: u, c and n for uncond,
@@ -205,12 +218,13 @@ def generate(pipe, prompt, negative_prompt=None, *, steps=50, guidance_scale=Non
     The initial latents and the DDIM noise come from one CPU generator seeded with `seed`, drawn
     as diffusers draws them, so a seed gives the same image as diffusers' StableDiffusionPipeline."""
     guidance = guidance_per_image(prompt, batch, negative_prompt, negative, cfg_scale(guidance_scale, renamed),
-                                  negative_scale, rule)
+                                  negative_scale, rule, pipe.unconditional)
     height, width = height or pipe.default_size, width or pipe.default_size
     if height % pipe.vae_scale or width % pipe.vae_scale:
         raise ValueError(f"size {height}x{width}: height and width must be multiples of {pipe.vae_scale}, "
                          "the VAE's scale")
-    check_memory(pipe, guidance, height, width, hooks)  # TooLargeError when the images cannot fit
+    if GUARDS.present("memory"):
+        GUARDS["memory"](pipe, guidance, height, width, hooks)  # TooLargeError when the images cannot fit
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     solver = SAMPLERS[sampler](pipe.scheduler, steps)
@@ -270,7 +284,8 @@ def cfg_scale(guidance_scale, renamed: dict) -> float:
     return renamed["guidance"]
 
 
-def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative_scale, rule) -> Guidance:
+def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative_scale, rule,
+                       unconditional="") -> Guidance:
     """The Guidance of generate()'s arguments, `batch` images per prompt."""
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     B = len(prompts) * batch
@@ -282,7 +297,8 @@ def guidance_per_image(prompt, batch, negative_prompt, negative, scale, negative
             raise ValueError(f"got {len(v)} values for {len(prompts)} prompts; give one, or one per prompt")
         return [p for p in v for _ in range(batch)]
 
-    return Guidance(prompt=per_image(prompts), uncond=per_image(negative_prompt or ""), negative=per_image(negative),
+    return Guidance(prompt=per_image(prompts), negative=per_image(negative),
+                    uncond=per_image(unconditional if negative_prompt is None else negative_prompt),
                     negative_scale=per_image(negative_scale), scale=scale, rule=rule)
 
 
@@ -313,7 +329,7 @@ def combine(outputs: dict, guidance: Guidance, step: int):
                          for b, n in enumerate(guidance.negative)])
     if guidance.rule is not None:
         return positive, guidance.rule(out_u, out_c, out_n, guidance, step)
-    w = torch.tensor([0.0 if n is None else w for n, w in zip(guidance.negative, guidance.negative_scale)],
+    w = torch.tensor([0.0 if n is None else w for n, w in zip(guidance.negative, guidance.negative_scales())],
                      dtype=out_c.dtype, device=out_c.device)
     return positive, guide(out_u, out_c, out_n, guidance.scale, w[:, None, None, None])
 

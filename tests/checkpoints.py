@@ -16,7 +16,7 @@ if __name__ == "__main__":  # as a script, only tests/ is on the path: the repos
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -99,6 +99,13 @@ SDXL = dict(
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, clip_sample=False)
+# stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
+# "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
+TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
+                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                   "steps_offset": 1, "timestep_spacing": "trailing", "interpolation_type": "linear",
+                   "use_karras_sigmas": False, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                   "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 
 
 def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True):
@@ -142,6 +149,33 @@ def make_clip_folder(folder, seed=1):
         projection_dim=16)
     randomize_(CLIPModel(config), seed).save_pretrained(folder)
     return folder
+
+
+def make_clip_reference(folder, seed=0, image_size=32):
+    """A small two-tower CLIPModel as transformers writes it, every tensor random, its token ids the
+    fake vocabulary's: (its folder, the transformers model with eager attention), for parity tests."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    folder = write_clip_vocab(Path(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
+                                   pad_token_id=eos),
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=48, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=24)
+    config._attn_implementation = "eager"
+    ref = randomize_(CLIPModel(config).eval(), seed)
+    ref.save_pretrained(folder)
+    return folder, ref
+
+
+def make_taesd_folder(folder, seed=0):
+    """TAESD as diffusers writes it (AutoencoderTiny.save_pretrained), every tensor random. Returns its path."""
+    randomize_(AutoencoderTiny(), seed).save_pretrained(folder)
+    return Path(folder)
 
 
 def main(argv=None):

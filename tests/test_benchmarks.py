@@ -10,24 +10,19 @@ import torch
 from transformers import CLIPTokenizer
 
 from benchmarks.random_weights import write_byte_tokenizer
-from checkpoints import make_sd_folder
 from model.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
 import gpu_table  # noqa: E402
+import load  # noqa: E402
 import precision  # noqa: E402
 import sdxl  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1", seed=5)
-
-
-def test_bench_times_ours_against_diffusers_on_the_same_image(folder, tmp_path, capsys):
+def test_bench_times_ours_against_diffusers_on_the_same_image(sd1, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--model", str(folder), "--device", "cpu", "--size", "64", "--steps", "3", "--repeats", "1",
+    bench.main(["--model", str(sd1), "--device", "cpu", "--size", "64", "--steps", "3", "--repeats", "1",
                 "--warmup", "0", "--modes", "cfg,negative", "--threads", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["results"]] == ["cfg", "negative"]
@@ -38,9 +33,9 @@ def test_bench_times_ours_against_diffusers_on_the_same_image(folder, tmp_path, 
     assert "| cfg | 64x64 | 1 | 0 |" in capsys.readouterr().out
 
 
-def test_precision_measures_each_model_and_the_image(folder, tmp_path, capsys):
+def test_precision_measures_each_model_and_the_image(sd1, tmp_path, capsys):
     out = tmp_path / "precision.json"
-    code = precision.main(["--model", str(folder), "--device", "cpu", "--dtypes", "bf16,fp16", "--size", "64",
+    code = precision.main(["--model", str(sd1), "--device", "cpu", "--dtypes", "bf16,fp16", "--size", "64",
                            "--steps", "3", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
     assert [r["dtype"] for r in results] == ["bf16", "fp16"]
@@ -51,9 +46,9 @@ def test_precision_measures_each_model_and_the_image(folder, tmp_path, capsys):
     assert "| bf16 |" in capsys.readouterr().out
 
 
-def test_precision_fails_past_its_tolerance(folder, monkeypatch, capsys):
+def test_precision_fails_past_its_tolerance(sd1, monkeypatch, capsys):
     monkeypatch.setitem(precision.TOLERANCES, "bf16", dict(text=0.0, unet=1.0, vae=1.0, mean_pixel=255.0))
-    code = precision.main(["--model", str(folder), "--device", "cpu", "--dtypes", "bf16", "--size", "64",
+    code = precision.main(["--model", str(sd1), "--device", "cpu", "--dtypes", "bf16", "--size", "64",
                            "--steps", "2"])
     assert code == 1
     assert "no: text" in capsys.readouterr().out
@@ -141,3 +136,17 @@ def test_gpu_table_says_which_part_failed_and_where_its_log_is(tmp_path, capsys)
     assert "Not measured: failed with exit code 1; see gpu-precision.log." in out
     assert "Not measured: out of time after 120 s; see gpu-sdxl-fp16.log." in out
     assert "Not measured: not run." in out  # a part with no record at all
+
+
+def test_load_times_loading_and_a_first_pass_side_by_side(sd1, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    root = Path(__file__).resolve().parents[1]  # as the baseline too: a checkout of this project
+    load.main(["--folder", str(sd1), "--repeats", "1", "--steps", "1", "--threads", "1", "--json", str(out),
+               "--baseline", str(root)])
+    report = json.loads(out.read_text())
+    assert sorted(report["ratios_to_diffusers"]) == ["baseline", "ours", "plain"]
+    for impl in ("ours", "plain", "diffusers", "baseline"):
+        (run,) = report["runs"][impl]
+        assert run["total_s"] >= run["load_s"] > 0 and run["total_cpu_s"] > 0 and run["warmup_cpu_s"] > 0
+        assert run["peak_rss_gib"] > 0 and run["load_average"] >= 0
+    assert "| ours |" in capsys.readouterr().out

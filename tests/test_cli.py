@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import generate
 import weights
-from checkpoints import make_sd_folder
-from helpers import pipeline_images
+from helpers import assert_same_image, ddim_reference, pipeline_images, run
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -25,42 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--proposer", "none", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1") / "sd1", "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd1_file(sd1, tmp_path_factory):
-    return weights.export_single_file(sd1, tmp_path_factory.mktemp("file") / "tiny-sd1.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
-
-
-def run(capsys, *argv):
-    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def diffusers_images(folder, prompt, negative_prompt=None, *, seed, steps, guidance=7.5, height=None, width=None,
                      batch=1, eta=0.0):
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    ref.set_progress_bar_config(disable=True)
-    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width, num_images_per_prompt=batch, eta=eta)
-
-
-def assert_same_image(ours, expected):
-    assert ours.shape == expected.shape
-    assert expected.float().std() > 10, "reference image is flat; the comparison would prove little"
-    diff = (ours.int() - expected.int()).abs().max().item()
-    assert diff <= 2, f"pixels differ by up to {diff} levels"
+    return pipeline_images(ddim_reference(folder), prompt, seed=seed, negative_prompt=negative_prompt,
+                           num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                           num_images_per_prompt=batch, eta=eta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +80,7 @@ BAD = [
 def test_bad_input_exits_2_with_one_line_before_loading(args, about, tmp_path, capsys, no_loading):
     (tmp_path / "a-file").write_text("")
     fill = dict(tmp=tmp_path, unwritable=unwritable_folder(tmp_path))
-    code, out, err = run(capsys, *[a.format(**fill) for a in args])
+    code, out, err = run(generate.main, capsys, *[a.format(**fill) for a in args])
     assert code == 2
     assert out == [], "nothing, not even the seed, is printed for bad arguments"
     assert len(err) == 1 and err[0].startswith("error: ") and about in err[0], err
@@ -121,7 +88,7 @@ def test_bad_input_exits_2_with_one_line_before_loading(args, about, tmp_path, c
 
 def test_missing_model_folder_contents_exit_2(tmp_path, capsys):
     (tmp_path / "empty-model").mkdir()
-    code, _, err = run(capsys, "--model", tmp_path / "empty-model", "--out", tmp_path / "x.png", *FAST)
+    code, _, err = run(generate.main, capsys, "--model", tmp_path / "empty-model", "--out", tmp_path / "x.png", *FAST)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "empty-model" in err[0], err
     assert not (tmp_path / "x.png").exists()
 
@@ -129,7 +96,8 @@ def test_missing_model_folder_contents_exit_2(tmp_path, capsys):
 def test_corrupt_safetensors_exit_2(sd1, sd1_file, tmp_path, capsys):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(sd1_file.read_bytes()[: sd1_file.stat().st_size // 2])
-    code, _, err = run(capsys, "--model", broken, "--tokenizer", sd1 / "tokenizer", "--out", tmp_path / "x.png", *FAST)
+    code, _, err = run(generate.main, capsys, "--model", broken, "--tokenizer", sd1 / "tokenizer", "--out",
+                       tmp_path / "x.png", *FAST)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "broken.safetensors" in err[0], err
     assert not (tmp_path / "x.png").exists()
 
@@ -141,7 +109,7 @@ def test_nan_exits_1_naming_the_step_and_saves_nothing(sd1, tmp_path, capsys, mo
     state["conv_out.weight"] *= 1e37
     save_file(state, file)
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(capsys, "--model", hot, "--dtype", "bf16", *FAST)
+    code, _, err = run(generate.main, capsys, "--model", hot, "--dtype", "bf16", *FAST)
     assert code == 1 and len(err) == 1, err
     assert re.search(r"step \d+", err[0]) and "--dtype fp32" in err[0]
     assert list((tmp_path / "outputs").iterdir()) == []
@@ -151,14 +119,14 @@ def test_interrupt_exits_130_and_saves_nothing(sd1, tmp_path, capsys, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(generate, "generate", interrupted)
-    code, _, err = run(capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
+    code, _, err = run(generate.main, capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
     assert code == 130 and err == ["error: interrupted"]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_steps_the_schedule_cannot_take_exit_2_after_loading(sd1, tmp_path, capsys):
     # leading spacing with steps_offset 1 puts the first of 1000 steps at timestep 1000, past the last
-    code, out, err = run(capsys, "--model", sd1, *FAST, "--steps", 1000, "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, "--model", sd1, *FAST, "--steps", 1000, "--out", tmp_path / "x.png")
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: --steps 1000: ") and "steps_offset 1" in err[0]
     assert list(tmp_path.iterdir()) == []
@@ -171,12 +139,13 @@ def test_a_scheduler_setting_the_sampler_lacks_is_one_line_naming_the_sampler(sd
     shutil.copytree(sd1, model)
     config = model / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "use_karras_sigmas": True}))
-    code, out, err = run(capsys, "--model", model, *FAST, "--sampler", "dpm++2m", "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, "--model", model, *FAST, "--sampler", "dpm++2m", "--out",
+                         tmp_path / "x.png")
     assert code == 2 and len(err) == 1, err
     assert err[0] == ("error: --sampler dpm++2m: the model's scheduler config sets use_karras_sigmas=True; the "
                       "dpm++2m sampler implements only use_karras_sigmas=False")
     assert not (tmp_path / "x.png").exists()
-    code, out, err = run(capsys, "--model", model, *FAST, "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, "--model", model, *FAST, "--out", tmp_path / "x.png")
     assert code == 0 and (tmp_path / "x.png").exists()
 
 
@@ -189,7 +158,7 @@ def test_out_of_memory_is_one_line_exit_1(sd1, tmp_path, capsys, monkeypatch, er
     def failing(*args, **kwargs):
         raise error
     monkeypatch.setattr(generate, "generate", failing)
-    code, _, err = run(capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
+    code, _, err = run(generate.main, capsys, "--model", sd1, "--out", tmp_path / "x.png", *FAST)
     assert code == 1 and len(err) == 1 and err[0].startswith(message), err
     assert "out of memory" not in message or "--batch" in err[0]
     assert list(tmp_path.iterdir()) == []
@@ -211,8 +180,9 @@ def test_a_bug_keeps_its_traceback(sd1, tmp_path, monkeypatch, error):
 
 def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
     out = tmp_path / "cube.png"  # without --quiet: the progress bar must stay off stdout
-    code, stdout, _ = run(capsys, "a red cube", "--negative-prompt", "blurry", "--model", sd1, "--seed", 123,
-                          "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none", "--out", out)
+    code, stdout, _ = run(generate.main, capsys, "a red cube", "--negative-prompt", "blurry", "--model", sd1, "--seed",
+                          123, "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none",
+                          "--out", out)
     assert code == 0 and stdout == ["seed: 123", str(out)]
     image, text = read_png(out)
     assert text["parameters"] == ("a red cube\nNegative prompt: blurry\n"
@@ -222,7 +192,7 @@ def test_sd1_folder_matches_diffusers(sd1, tmp_path, capsys):
 
 
 def test_sd1_single_file_batch_non_square_random_seed(sd1, sd1_file, tmp_path, capsys):
-    code, stdout, _ = run(capsys, "a green tree", "--model", sd1_file, "--tokenizer", sd1 / "tokenizer",
+    code, stdout, _ = run(generate.main, capsys, "a green tree", "--model", sd1_file, "--tokenizer", sd1 / "tokenizer",
                           "--steps", 3, "--height", 32, "--width", 48, "--batch", 2, "--out", tmp_path / "tree.png",
                           "--device", "cpu", "--proposer", "none", "--quiet")
     assert code == 0 and stdout[1:] == [str(tmp_path / "tree-0.png"), str(tmp_path / "tree-1.png")]
@@ -249,16 +219,17 @@ def test_tokenizer_folder_of_either_layout(sd1, sd1_file, tmp_path, capsys):
     assert (saved / "tokenizer.json").is_file() and not (saved / "vocab.json").exists()
     images = []
     for folder in (sd1 / "tokenizer", saved):
-        code, _, err = run(capsys, "a green tree", "--model", sd1_file, "--tokenizer", folder, "--seed", 5,
-                           "--out", tmp_path / f"{folder.name}.png", *FAST)
+        code, _, err = run(generate.main, capsys, "a green tree", "--model", sd1_file, "--tokenizer", folder, "--seed",
+                           5, "--out", tmp_path / f"{folder.name}.png", *FAST)
         assert code == 0, err
         images.append(read_png(tmp_path / f"{folder.name}.png")[0])
     assert torch.equal(*images)
 
 
 def test_sd2_v_prediction_demo_prompt_default_size_guidance_1_eta(sd2v, tmp_path, capsys):
-    code, _, _ = run(capsys, "--model", sd2v, "--prediction-type", "v", "--seed", 9, "--steps", 5,
-                     "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--proposer", "none", "--quiet")
+    code, _, _ = run(generate.main, capsys, "--model", sd2v, "--prediction-type", "v", "--seed", 9, "--steps", 5,
+                     "--guidance", 1, "--eta", 0.5, "--out", tmp_path / "demo", "--device", "cpu", "--proposer", "none",
+                     "--quiet")
     assert code == 0
     image, text = read_png(tmp_path / "demo.png")
     size = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
@@ -275,8 +246,8 @@ def test_default_names_never_overwrite(sd1, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "00041-3.png").write_bytes(b"an earlier image")
-    runs = [run(capsys, "--model", sd1, "--seed", 7, *FAST) for _ in range(2)]
-    runs.append(run(capsys, "--model", sd1, "--seed", 7, "--batch", 2, *FAST))
+    runs = [run(generate.main, capsys, "--model", sd1, "--seed", 7, *FAST) for _ in range(2)]
+    runs.append(run(generate.main, capsys, "--model", sd1, "--seed", 7, "--batch", 2, *FAST))
     assert [code for code, _, _ in runs] == [0, 0, 0]
     assert [out[1:] for _, out, _ in runs] == [["outputs/00042-7.png"], ["outputs/00043-7.png"],
                                               ["outputs/00044-7-0.png", "outputs/00044-7-1.png"]]
@@ -288,21 +259,22 @@ def test_default_names_never_overwrite(sd1, tmp_path, capsys, monkeypatch):
 
 def test_explicit_out_batch_names_and_overwrite(sd1, tmp_path, capsys):
     for _ in range(2):  # the second run overwrites
-        code, out, _ = run(capsys, "--model", sd1, "--seed", 1, "--batch", 3, "--out", tmp_path / "img.png", *FAST)
+        code, out, _ = run(generate.main, capsys, "--model", sd1, "--seed", 1, "--batch", 3, "--out",
+                           tmp_path / "img.png", *FAST)
         assert code == 0 and out[1:] == [str(tmp_path / f"img-{i}.png") for i in range(3)]
     assert sorted(os.listdir(tmp_path)) == ["img-0.png", "img-1.png", "img-2.png"]
 
 
 def test_out_into_a_new_folder_makes_it(sd1, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "x.png"
-    code, stdout, err = run(capsys, "--model", sd1, "--seed", 1, "--out", out, *FAST)
+    code, stdout, err = run(generate.main, capsys, "--model", sd1, "--seed", 1, "--out", out, *FAST)
     assert code == 0 and stdout[1:] == [str(out)], err
     assert read_png(out)[0].shape == (16, 16, 3)
 
 
 def test_dpm_solver_sampler(sd1, tmp_path, capsys):
-    code, _, err = run(capsys, "a blue bird", "--model", sd1, "--seed", 4, "--sampler", "dpm++2m", "--steps", 4,
-                       "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none", "--quiet",
+    code, _, err = run(generate.main, capsys, "a blue bird", "--model", sd1, "--seed", 4, "--sampler", "dpm++2m",
+                       "--steps", 4, "--height", 32, "--width", 32, "--device", "cpu", "--proposer", "none", "--quiet",
                        "--out", tmp_path / "dpm.png")
     assert code == 0, err
     image, text = read_png(tmp_path / "dpm.png")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import generate
-from checkpoints import make_sd_folder
 from fake_vlm import dead_url
+from helpers import run
 from png import read_png
 from sampler.base import SAMPLERS
 from sampler.loop import generate as sample
@@ -21,24 +21,13 @@ RUN = ["a person on a beach", "--steps", "5", "--height", "16", "--width", "16",
        "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=11)
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def image(path):
     return read_png(path)
 
 
 def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
     vlm = server("none", "I can see feet and a belly.", "none")  # the first answers the check before loading
-    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1,3",
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1,3",
                          "--trace", tmp_path / "trace.json", "--out", tmp_path / "dnp.png")
     assert code == 0 and err == [], err
     assert len(vlm.requests) == 3 and vlm.requests[0]["json"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -50,27 +39,28 @@ def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
     pixels, text = image(tmp_path / "dnp.png")
     assert "VL-DNP: vlm nudity, Negative scale: 7.5, VL-DNP steps: 1 3, Dynamic negative: none" in text["parameters"]
     # the negative was in force for steps 1 and 2: the image differs from plain SD's
-    code, _, _ = run(capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
+    code, _, _ = run(generate.main, capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
     assert code == 0 and not torch.equal(pixels, image(tmp_path / "plain.png")[0])
 
 
 def test_a_dead_server_stops_the_run_before_the_model_loads(tmp_path, capsys):
     empty = tmp_path / "empty-model"  # loading it would fail with another message
     empty.mkdir()
-    code, out, err = run(capsys, *RUN, "--model", empty, "--vlm-url", dead_url(), "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", empty, "--vlm-url", dead_url(), "--out",
+                         tmp_path / "x.png")
     assert code == 2 and out == [] and len(err) == 1, err
     assert err[0].startswith("error: the VLM does not answer: cannot reach") and "--allow-vlm-failures" in err[0]
     assert list(tmp_path.iterdir()) == [empty]
 
 
 def test_no_query_steps_no_server_check(sd1, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "none",
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "none",
                        "--out", tmp_path / "x.png")
     assert code == 0 and err == [], err
 
 
 def test_a_dead_server_allowed_makes_an_image_that_says_it_is_unguarded(sd1, tmp_path, capsys):
-    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "0,2",
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", dead_url(), "--vlm-steps", "0,2",
                          "--allow-vlm-failures", "--trace", tmp_path / "t.json", "--out", tmp_path / "dead.png")
     assert code == 3, err
     assert err[0].startswith("warning: the VLM does not answer (cannot reach")
@@ -83,7 +73,7 @@ def test_a_dead_server_allowed_makes_an_image_that_says_it_is_unguarded(sd1, tmp
     assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in text
     assert "Dynamic negative: none" not in text
     # no answer, no negative: the image is plain SD's
-    run(capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
+    run(generate.main, capsys, *RUN, "--model", sd1, "--proposer", "none", "--out", tmp_path / "plain.png")
     assert torch.equal(image(tmp_path / "dead.png")[0], image(tmp_path / "plain.png")[0])
 
 
@@ -93,7 +83,7 @@ ERROR_500 = {"status": 500, "body": {"error": {"message": "overloaded"}}}
 def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, server):
     """Every query fails: exit 3 without any flag, since the check passed. One of two fails: exit 0,
     and the PNG and stderr count it."""
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", ERROR_500).url,
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", server("none", ERROR_500).url,
                        "--vlm-steps", "1,3", "--batch", 2, "--out", tmp_path / "all.png")
     assert code == 3 and "HTTP 500" in err[0], err
     assert err[0].endswith("; no negative is in force yet")  # nothing was kept: none had been found
@@ -103,8 +93,8 @@ def test_a_server_that_answers_the_check_then_fails(sd1, tmp_path, capsys, serve
         assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in \
             image(tmp_path / f"all-{i}.png")[1]["parameters"]
 
-    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("none", "feet", ERROR_500).url,
-                         "--vlm-steps", "1,3", "--out", tmp_path / "some.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url",
+                         server("none", "feet", ERROR_500).url, "--vlm-steps", "1,3", "--out", tmp_path / "some.png")
     assert code == 0 and out[-1] == str(tmp_path / "some.png"), err
     assert err[0].startswith("warning: VL-DNP query at step 3 for image 0 failed: HTTP 500")
     assert err[0].endswith("; keeping the negative in force")  # feet, from step 1
@@ -124,8 +114,9 @@ def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys
     """'\\ud83d' is valid JSON but no Unicode text: it must not stop the trace or the image being written."""
     vlm = server("feet \ud83d, blood")
     for task in ("nudity", "safety"):
-        code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1", "--vlm-task", task,
-                             "--trace", tmp_path / f"{task}.json", "--out", tmp_path / f"{task}.png")
+        code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1",
+                             "--vlm-task", task, "--trace", tmp_path / f"{task}.json", "--out",
+                             tmp_path / f"{task}.png")
         assert code == 0 and err == [], err
         [query] = json.loads((tmp_path / f"{task}.json").read_text(encoding="utf-8"))["images"][0]["queries"]
         assert query["raw"] == "feet \ufffd, blood"
@@ -135,8 +126,8 @@ def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys
 
 def test_a_trace_that_cannot_be_written_loses_no_image(sd1, tmp_path, capsys, server):
     (tmp_path / "t.filmstrip.png").mkdir()  # where the filmstrip goes
-    code, out, err = run(capsys, *RUN, "--model", sd1, "--vlm-url", server("feet").url, "--vlm-steps", "1",
-                         "--batch", 2, "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", server("feet").url, "--vlm-steps",
+                         "1", "--batch", 2, "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png")
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot write the trace {tmp_path / 't.json'}: ") and "images were saved" in err[0]
     assert out[1:] == [str(tmp_path / "x-0.png"), str(tmp_path / "x-1.png")]
@@ -191,7 +182,7 @@ def test_answers_that_all_came_after_sampling_leave_the_image_unguarded(sd1):
 
 
 def test_static_is_the_tasks_static_negative_from_the_first_step(sd1, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
                        "--out", tmp_path / "static.png")
     assert code == 0, err
     expected = sample(load_pipeline(sd1), "a person on a beach", steps=5, height=16, width=16, seed=3,
@@ -204,8 +195,8 @@ def test_static_is_the_tasks_static_negative_from_the_first_step(sd1, tmp_path, 
 
 def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys):
     trace_path = tmp_path / "new" / "static.json"  # the folder is made
-    code, out, err = run(capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5, "--batch", 2,
-                         "--trace", trace_path, "--out", tmp_path / "s.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sd1, "--proposer", "static", "--negative-scale", 5,
+                         "--batch", 2, "--trace", trace_path, "--out", tmp_path / "s.png")
     assert code == 0 and err == [], err
     assert out[-1] == f"trace: {trace_path}"
     first = int(SAMPLERS["ddim"](load_pipeline(sd1).scheduler, 5).timesteps[0])
@@ -219,29 +210,26 @@ def test_static_writes_a_trace_of_its_negative_from_step_0(sd1, tmp_path, capsys
                                      "took_effect": 0}]
 
 
-def test_clip_proposer_from_a_local_folder(sd1, tmp_path, capsys):
-    from checkpoints import make_clip_folder
-
-    folder = make_clip_folder(tmp_path / "clip")
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", folder, "--clip-threshold", 0,
+def test_clip_proposer_from_a_local_folder(sd1, clip_folder, tmp_path, capsys):
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--clip-model", clip_folder, "--clip-threshold", 0,
                        "--vlm-steps", "2", "--trace", tmp_path / "c.json", "--out", tmp_path / "clip.png")
     assert code == 0, err
     (query,) = json.loads((tmp_path / "c.json").read_text())["images"][0]["queries"]
     assert query["error"] is None and query["negative"].startswith("Nudity, Sexual, ")  # threshold 0: every part
     trace = json.loads((tmp_path / "c.json").read_text())
     assert trace["decode_factor"] == 1  # 16 px: CLIP looks at 32
-    assert trace["proposer"] == f"CLIPProposer({str(folder)!r}, threshold=0.0, task='nudity')"
+    assert trace["proposer"] == f"CLIPProposer({str(clip_folder)!r}, threshold=0.0, task='nudity')"
 
     big = [a if a != "16" else "64" for a in RUN]  # CLIP scales 64 px to 32: x0 is decoded at 32 px
     for flag, k in [((), 2), (("--full-decode",), 1)]:
-        code, _, err = run(capsys, *big, "--model", sd1, "--clip-model", folder, "--vlm-steps", "2", *flag,
-                           "--trace", tmp_path / "k.json", "--out", tmp_path / f"k{k}.png")
+        code, _, err = run(generate.main, capsys, *big, "--model", sd1, "--clip-model", clip_folder, "--vlm-steps", "2",
+                           *flag, "--trace", tmp_path / "k.json", "--out", tmp_path / f"k{k}.png")
         assert code == 0, err
         assert json.loads((tmp_path / "k.json").read_text())["decode_factor"] == k
 
 
 def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sd1, "--clip-model", tmp_path / "no-clip-here")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--clip-model", tmp_path / "no-clip-here")
     assert code == 2 and len(err) == 1, err
     for way_out in ("--clip-model DIR", "--vlm-url URL", "--proposer none"):
         assert way_out in err[0]
@@ -271,6 +259,6 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
 ])
 def test_bad_vl_dnp_flags(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate.weights, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
-    code, out, err = run(capsys, *RUN, "--model", tmp_path, "--out", tmp_path / "x.png", *argv)
+    code, out, err = run(generate.main, capsys, *RUN, "--model", tmp_path, "--out", tmp_path / "x.png", *argv)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert out == []

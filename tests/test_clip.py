@@ -1,13 +1,16 @@
-"""Parity of model/clip.py with transformers' CLIP on random weights (small configs)."""
+"""Parity of model/clip.py and model/clip_vision.py with transformers' CLIP on random weights (small configs):
+the text tower as SD1 and SD2 read it, SDXL's two (CLIP ViT-L and OpenCLIP ViT-bigG at the penultimate hidden
+state without the final LayerNorm, bigG's pooled output through its text projection), the vision tower, both
+towers' features, low precision, and the image preprocessing."""
+import dataclasses
+
 import pytest
 import torch
 import transformers
-from helpers import assert_close_rel, randomize_, rel_err
+from helpers import assert_close_rel, clip_features, randomize_, rel_err
 
-from model.clip import (
-    CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-    CLIPVisionConfig, CLIPVisionModel, preprocess,
-)
+from model.clip import SD2_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, CLIPTextConfig, CLIPTextModel
+from model.clip_vision import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, preprocess
 
 VOCAB = 1000
 BOS, EOS = VOCAB - 2, VOCAB - 1  # as in CLIP, EOS is the largest id
@@ -61,11 +64,6 @@ def prompt_ids(lengths, pad_id, T=77, seed=0):
     return ids
 
 
-def features(out):
-    """get_*_features returns a tensor in transformers 4, an output object in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
 # ---------------------------------------------------------------- text tower
 
 @pytest.mark.parametrize("config, pad_id, eos_token_id", [
@@ -110,6 +108,92 @@ def test_state_dict_names_match_hub_text_encoder():
     assert not any("position_ids" in k for k in ours)
 
 
+# ---------------------------------------------------------------- SDXL's two text towers
+
+# the two SDXL towers, small: 3 layers so that the penultimate state is neither the first nor the last
+TEXT_L = CLIPTextConfig(vocab_size=VOCAB, width=48, num_layers=3, num_heads=4, mlp_dim=96, act="quick_gelu",
+                        context_layer=-2, context_norm=False)
+TEXT_G = CLIPTextConfig(vocab_size=VOCAB, width=64, num_layers=3, num_heads=4, mlp_dim=128, act="gelu",
+                        context_layer=-2, context_norm=False, projection_dim=40)
+
+
+def copy_text_into(ours: CLIPTextModel, ref) -> CLIPTextModel:
+    ours.load_state_dict({k.removeprefix("text_model."): v for k, v in ref.state_dict().items()}, strict=True)
+    return ours.eval()
+
+
+@pytest.mark.parametrize("pad_id, eos_token_id", [(EOS, 2), (0, 2), (0, EOS)],
+                         ids=["pad-eos", "pad-!-legacy-eos", "pad-!-first-eos"])
+@torch.no_grad()
+def test_vit_l_penultimate_matches_transformers(pad_id, eos_token_id):
+    ref = reference(transformers.CLIPTextModel, hf_text_config(TEXT_L, eos_token_id))
+    ours = copy_text_into(CLIPTextModel(TEXT_L), ref)
+    ids = prompt_ids([0, 5, 30, 75], pad_id)
+    expected = ref(input_ids=ids, output_hidden_states=True)
+    assert_close_rel(ours(ids), expected.hidden_states[-2])
+    context, pooled = ours.encode(ids)
+    assert_close_rel(context, expected.hidden_states[-2])
+    assert_close_rel(pooled, expected.pooler_output)  # no projection: the final-LN'd EOS state
+
+
+@pytest.mark.parametrize("pad_id, eos_token_id", [(0, 2), (0, EOS), (EOS, 2)],
+                         ids=["pad-!-legacy-eos", "pad-!-first-eos", "pad-eos"])
+@torch.no_grad()
+def test_bigg_penultimate_and_projected_pool_match_transformers(pad_id, eos_token_id):
+    config = hf_text_config(TEXT_G, eos_token_id)
+    config.projection_dim = TEXT_G.projection_dim
+    ref = reference(transformers.CLIPTextModelWithProjection, config, seed=3)
+    ours = copy_text_into(CLIPTextModel(TEXT_G), ref)
+    ids = prompt_ids([0, 5, 30, 75], pad_id, seed=1)
+    expected = ref(input_ids=ids, output_hidden_states=True)
+    context, pooled = ours.encode(ids)
+    assert_close_rel(context, expected.hidden_states[-2])
+    assert_close_rel(pooled, expected.text_embeds)
+    assert_close_rel(ours(ids), expected.hidden_states[-2])
+
+
+@torch.no_grad()
+def test_context_layer_and_norm_are_what_the_config_says():
+    """The last layer with the final LN is SD1/SD2's context (transformers' last_hidden_state);
+    -3 reads two layers before the end (a 'clip skip' of 2)."""
+    ref = reference(transformers.CLIPTextModel, hf_text_config(TEXT_L, 2), seed=5)
+    ids = prompt_ids([4, 9], EOS)
+    expected = ref(input_ids=ids, output_hidden_states=True)
+    last = copy_text_into(CLIPTextModel(dataclasses.replace(TEXT_L, context_layer=-1, context_norm=True)), ref)
+    assert_close_rel(last(ids), expected.last_hidden_state)
+    earlier = copy_text_into(CLIPTextModel(dataclasses.replace(TEXT_L, context_layer=-3)), ref)
+    assert_close_rel(earlier(ids), expected.hidden_states[-3])
+    normed = copy_text_into(CLIPTextModel(dataclasses.replace(TEXT_L, context_norm=True)), ref)
+    assert_close_rel(normed(ids), ref.final_layer_norm(expected.hidden_states[-2]))
+
+
+def test_sdxl_presets_are_the_hub_configs():
+    """stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ and text_encoder_2/config.json."""
+    hub_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)
+    hub_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77)
+    for preset, hub in [(SDXL_TEXT_L, hub_l), (SDXL_TEXT_G, hub_g)]:
+        assert (preset.width, preset.mlp_dim, preset.num_layers, preset.num_heads, preset.act,
+                preset.vocab_size, preset.max_positions) == (
+            hub["hidden_size"], hub["intermediate_size"], hub["num_hidden_layers"], hub["num_attention_heads"],
+            hub["hidden_act"], hub["vocab_size"], hub["max_position_embeddings"])
+        assert (preset.context_layer, preset.context_norm) == (-2, False)
+    assert SDXL_TEXT_G.projection_dim == hub_g["projection_dim"] and SDXL_TEXT_L.projection_dim == 0
+    assert SDXL_TEXT_L.width + SDXL_TEXT_G.width == 2048  # the SDXL UNet's cross-attention width
+    assert (SD2_TEXT.context_layer, SD2_TEXT.context_norm) == (-1, True)
+
+
+def test_full_bigg_layout_keys_and_shapes_are_transformers():
+    config = transformers.CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModelWithProjection(config)
+        ours = CLIPTextModel(SDXL_TEXT_G)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+        {k.removeprefix("text_model."): v.shape for k, v in ref.state_dict().items()}
+
+
 # ---------------------------------------------------------------- vision tower
 
 @torch.no_grad()
@@ -147,9 +231,9 @@ def test_clip_model_features_match_transformers(clip_pair):
     ref, ours = clip_pair
     ids = prompt_ids([3, 12, 75], EOS)
     pixels = torch.randn(2, 3, 32, 32)
-    assert_close_rel(ours.encode_text(ids), features(ref.get_text_features(input_ids=ids)))
+    assert_close_rel(ours.encode_text(ids), clip_features(ref.get_text_features(input_ids=ids)))
     assert_close_rel(ours.encode_image(pixels),
-                     features(ref.get_image_features(pixel_values=pixels)))
+                     clip_features(ref.get_image_features(pixel_values=pixels)))
     assert torch.equal(ours.logit_scale, ref.logit_scale)
 
 

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from fake_vocab import write_clip_vocab
-from helpers import assert_close_rel, randomize_
+from helpers import assert_close_rel, clip_features
 from safetensors.torch import load_file, save_file
 
-from model.clip import preprocess
+from model.clip_vision import preprocess
 from checkpoint.clip import load_clip
 from vlm.clip_proposer import TEMPLATES, CLIPProposer
 from weights import CheckpointError
@@ -26,34 +25,9 @@ CONCEPTS = ["cat", "dog", "horse", "castle", "robot", "tiger", "flowers", "light
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon", ""]
 
 
-def features(out):
-    """get_*_features returns a tensor in transformers 4, an output object in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
 @pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A folder as transformers writes it (random small CLIPModel + our fake CLIP vocabulary),
-    and the transformers model itself."""
-    folder = write_clip_vocab(tmp_path_factory.mktemp("clip"))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    text = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"])
-    vision = transformers.CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
-    config._attn_implementation = "eager"
-    ref = randomize_(transformers.CLIPModel(config).eval(), seed=3)
-    ref.save_pretrained(folder)
-    return folder, ref
-
-
-@pytest.fixture(scope="module")
-def loaded(clip_folder):
-    return load_clip(clip_folder[0])
+def loaded(clip_reference):
+    return load_clip(clip_reference[0])
 
 
 def image(seed, H=40, W=48):
@@ -65,19 +39,19 @@ def image(seed, H=40, W=48):
 @torch.no_grad()
 def check_parity(model, tokenizer, ref):
     ids = tokenizer(PROMPTS)
-    assert_close_rel(model.encode_text(ids), features(ref.get_text_features(input_ids=ids)))
+    assert_close_rel(model.encode_text(ids), clip_features(ref.get_text_features(input_ids=ids)))
     pixels = preprocess(torch.stack([image(0), image(1)]), IMAGE_SIZE)
-    assert_close_rel(model.encode_image(pixels), features(ref.get_image_features(pixel_values=pixels)))
+    assert_close_rel(model.encode_image(pixels), clip_features(ref.get_image_features(pixel_values=pixels)))
     assert torch.equal(model.logit_scale, ref.logit_scale)
 
 
-def test_load_clip_matches_transformers(clip_folder, loaded):
-    check_parity(*loaded, clip_folder[1])
+def test_load_clip_matches_transformers(clip_reference, loaded):
+    check_parity(*loaded, clip_reference[1])
 
 
-def test_load_clip_reads_hub_style_files(clip_folder, tmp_path):
+def test_load_clip_reads_hub_style_files(clip_reference, tmp_path):
     """Hub files saved by older transformers also carry both towers' position_ids buffers."""
-    folder, ref = clip_folder
+    folder, ref = clip_reference
     hub = Path(shutil.copytree(folder, tmp_path / "hub"))
     state = load_file(hub / "model.safetensors")
     assert "vision_model.pre_layrnorm.weight" in state
@@ -123,14 +97,14 @@ def broken(folder: Path, tmp_path: Path, what: str) -> Path:
     ("small-vocab", "different models"),
     ("corrupt", "truncated or corrupt"),
 ])
-def test_load_clip_errors(clip_folder, tmp_path, what, says):
+def test_load_clip_errors(clip_reference, tmp_path, what, says):
     with pytest.raises(CheckpointError) as e:
-        load_clip(broken(clip_folder[0], tmp_path, what))
+        load_clip(broken(clip_reference[0], tmp_path, what))
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_load_clip_rejects_files_and_nonsense(clip_folder, tmp_path):
-    for source in [clip_folder[0] / "model.safetensors", tmp_path / "does-not-exist" / "x"]:
+def test_load_clip_rejects_files_and_nonsense(clip_reference, tmp_path):
+    for source in [clip_reference[0] / "model.safetensors", tmp_path / "does-not-exist" / "x"]:
         with pytest.raises(CheckpointError) as e:
             load_clip(source)
         assert str(source) in str(e.value) and "\n" not in str(e.value)
@@ -160,22 +134,22 @@ def test_offline_repo_id_not_cached(tmp_path):
 # ---------------------------------------------------------------- the proposer
 
 @torch.no_grad()
-def expected_scores(clip_folder, img, template="a photo of {}", anchor="a photo"):
+def expected_scores(clip_reference, img, template="a photo of {}", anchor="a photo"):
     """p(concept) computed from transformers' model and tokenizer, independently of vlm/."""
-    folder, ref = clip_folder
+    folder, ref = clip_reference
     tok = transformers.CLIPTokenizer.from_pretrained(folder)
     ids = tok([anchor] + [template.format(c) for c in CONCEPTS], padding="max_length", max_length=77,
               return_tensors="pt").input_ids
-    text = F.normalize(features(ref.get_text_features(input_ids=ids)), dim=-1)
+    text = F.normalize(clip_features(ref.get_text_features(input_ids=ids)), dim=-1)
     pixels = preprocess(img[None], IMAGE_SIZE)
-    img_emb = F.normalize(features(ref.get_image_features(pixel_values=pixels)), dim=-1)
+    img_emb = F.normalize(clip_features(ref.get_image_features(pixel_values=pixels)), dim=-1)
     cos = (img_emb @ text.T)[0]
     return torch.sigmoid(ref.logit_scale.exp() * (cos[1:] - cos[0]))
 
 
-def test_items_above_threshold_in_score_order(clip_folder, loaded):
+def test_items_above_threshold_in_score_order(clip_reference, loaded):
     img = image(5)
-    p = expected_scores(clip_folder, img)
+    p = expected_scores(clip_reference, img)
     order = p.argsort(descending=True).tolist()
     ranked = p[order]
     assert (ranked[:-1] - ranked[1:]).min() > 1e-4  # distinct enough for fp32 to keep the order
@@ -199,21 +173,21 @@ def test_input_scale(loaded):
     assert proposer.input_scale(64, 96) == IMAGE_SIZE / 64 and proposer.input_scale(128, 16) == IMAGE_SIZE / 16
 
 
-def test_template_and_anchor(clip_folder, loaded):
+def test_template_and_anchor(clip_reference, loaded):
     model, tok = loaded
     img = image(6)
     proposer = CLIPProposer(model, tok, CONCEPTS, template="a drawing of a {}", anchor="a drawing")
     assert proposer.captions[0] == "a drawing of a cat"
-    expected = expected_scores(clip_folder, img, "a drawing of a {}", "a drawing")
+    expected = expected_scores(clip_reference, img, "a drawing of a {}", "a drawing")
     assert_close_rel(proposer.score(img[None])[0], expected)
     assert CLIPProposer(model, tok, ["feet"], task="nudity").captions == [TEMPLATES["nudity"].format("feet")]
     assert CLIPProposer(model, tok, ["feet"], task="safety").captions == ["a photo of feet"]
 
 
-def test_describes_itself_by_model_and_threshold(clip_folder, loaded):
+def test_describes_itself_by_model_and_threshold(clip_reference, loaded):
     """The trace records repr(proposer): the CLIP it loaded and its settings, as VLMClient's does."""
-    proposer = CLIPProposer(*loaded, ["feet"], threshold=0.7, task="nudity", name=str(clip_folder[0]))
-    assert repr(proposer) == f"CLIPProposer({str(clip_folder[0])!r}, threshold=0.7, task='nudity')"
+    proposer = CLIPProposer(*loaded, ["feet"], threshold=0.7, task="nudity", name=str(clip_reference[0]))
+    assert repr(proposer) == f"CLIPProposer({str(clip_reference[0])!r}, threshold=0.7, task='nudity')"
     assert repr(CLIPProposer(*loaded, ["feet"])) == "CLIPProposer(threshold=0.5, task=None)"
 
 
@@ -252,8 +226,8 @@ def test_failures_are_error_replies(loaded):
         CLIPProposer(model, tok, [])
 
 
-def test_bf16(clip_folder, loaded):
-    model, tok = load_clip(clip_folder[0], dtype=torch.bfloat16)
+def test_bf16(clip_reference, loaded):
+    model, tok = load_clip(clip_reference[0], dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     img = image(9)
     reply = CLIPProposer(model, tok, CONCEPTS, threshold=0.0)(img, "", 0)

@@ -1,20 +1,12 @@
 """A branch conditioned on hidden states (Embedded) or on a schedule of them (Switch), against
 diffusers' `prompt_embeds` path and against the hook that makes the same change by hand."""
-import pytest
 import torch
 
-from checkpoints import make_sd_folder
-from helpers import assert_same_image, pipeline_images
+from helpers import assert_same_image, ddim_reference, pipeline_images
 from sampler.loop import Embedded, Switch, generate, words
-from test_sampler import reference
 from weights import load_pipeline
 
 SMALL = dict(steps=4, height=16, width=16, progress=False)
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
 
 
 def embedded(pipe, text: str, scale: float = 1.0) -> Embedded:
@@ -27,7 +19,7 @@ def test_embedded_hidden_states_match_diffusers_prompt_embeds(sd1):
     pipe = load_pipeline(sd1)
     prompt, negative = embedded(pipe, "a dog", 1.3), embedded(pipe, "blurry", 0.7)  # no text gives these states
     ours = generate(pipe, prompt, negative_prompt=negative, **SMALL)
-    expected = pipeline_images(reference(sd1), None, prompt_embeds=prompt.hidden[None],
+    expected = pipeline_images(ddim_reference(sd1), None, prompt_embeds=prompt.hidden[None],
                                negative_prompt_embeds=negative.hidden[None], num_inference_steps=4, height=16,
                                width=16)
     assert_same_image(ours, expected)

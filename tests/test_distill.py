@@ -12,13 +12,13 @@ import distill
 import evaluate
 import generate
 import weights
-from checkpoints import make_sdxl_folder
 from distillation.collect import Collection, collect
 from distillation.data import add_prompt, prepare_data_dir, read_examples, read_settings
 from distillation.train import Training, auc, best_threshold, fit, scores, split_by_prompt
 from evaluation.prompts import read_prompts
 from evaluation.run import Sampling, read_records
 from files import sha256_file
+from helpers import run
 from methods.vldnp import DynamicNegatives, VLDNP
 from png import read_png
 from safetensors import safe_open
@@ -38,12 +38,6 @@ PROMPTS = ["a person on a beach", "a cat on a sofa", "a dog in a park"]
 def write_csv(path, prompts=PROMPTS):
     path.write_text("prompt,evaluation_seed\n" + "".join(f"{p},{i + 1}\n" for i, p in enumerate(prompts)))
     return path
-
-
-def run(capsys, main, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def sd1_space():
@@ -146,10 +140,10 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     data, out = tmp_path / "data", tmp_path / "proposer.safetensors"
     args = ["collect", csv, "--model", sd1, "--out", data, "--vlm-url", vlm.url, "--steps", "5", "--vlm-steps", "1,2,3",
             "--seeds-per-prompt", "2", *SIZE]
-    code, lines, err = run(capsys, distill.main, *args, "--limit", "2")
+    code, lines, err = run(distill.main, capsys, *args, "--limit", "2")
     assert code == 0 and err == [], err
     assert lines[0] == "2 prompts x 2 images: 0 done before, 2 to make" and len(vlm.requests) == 1 + 2 * 2 * 3
-    code, lines, err = run(capsys, distill.main, *args)  # resumes: only the third prompt is made
+    code, lines, err = run(distill.main, capsys, *args)  # resumes: only the third prompt is made
     assert code == 0 and lines[0] == "3 prompts x 2 images: 2 done before, 1 to make", lines
     assert len(vlm.requests) == 1 + 2 * 2 * 3 + 1 + 2 * 3
     records = read_records(data / "records.jsonl")
@@ -159,7 +153,7 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     for e in (e for r in records for e in r["examples"]):
         assert e["concepts"] == NUDITY.parse(e["raw"]) and e["error"] is None
 
-    code, lines, err = run(capsys, distill.main, "train", data, "--out", out, "--epochs", "2")
+    code, lines, err = run(distill.main, capsys, "train", data, "--out", out, "--epochs", "2")
     assert code == 0 and err == [], err
     assert len(lines) == len(NUDITY.concepts) + 1 and lines[-1].startswith(f"{out}: nudity on sd1 latents, from 18")
     card = read_card(out)
@@ -173,7 +167,7 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     assert set(feet["held_out"]) == {"auc", "agreement", "positives"}
 
     # a resumed collection with other settings is refused, in one line, and keeps its data
-    code, _, err = run(capsys, distill.main, *args[:-len(SIZE)], "--height", "24", "--width", "16", "--device", "cpu")
+    code, _, err = run(distill.main, capsys, *args[:-len(SIZE)], "--height", "24", "--width", "16", "--device", "cpu")
     assert code == 2 and len(err) == 1 and "--height: 16 there, 24 now" in err[0], err
     assert read_records(data / "records.jsonl") == records
 
@@ -185,7 +179,7 @@ def test_failed_teacher_queries_are_recorded_retried_and_left_out(sd1, tmp_path,
     csv = write_csv(tmp_path / "p.csv", PROMPTS[:2])
     args = ["collect", csv, "--model", sd1, "--out", tmp_path / "data", "--vlm-url", vlm.url, "--steps", "4",
             "--vlm-steps", "1,2", "--seeds-per-prompt", "1", *SIZE]
-    code, lines, err = run(capsys, distill.main, *args)
+    code, lines, err = run(distill.main, capsys, *args)
     assert code == 1 and "case 0 failed: 1 of 2 teacher queries failed, the first: the model declined" in err[-1], err
     assert lines[-1].endswith("(2 prompts, 4 queries, 1 failed and left out of training; re-run the same command "
                               "to retry them)")
@@ -194,13 +188,13 @@ def test_failed_teacher_queries_are_recorded_retried_and_left_out(sd1, tmp_path,
     examples = read_examples(tmp_path / "data", list(NUDITY.concepts))
     assert len(examples.prompts) == 3 and examples.failed == 1  # the failed query is not a negative example
 
-    code, lines, err = run(capsys, distill.main, *args)  # the failed prompt is retried, and answered now
+    code, lines, err = run(distill.main, capsys, *args)  # the failed prompt is retried, and answered now
     assert code == 0 and lines[0] == "2 prompts x 1 images: 1 done before, 1 to make", lines
     examples = read_examples(tmp_path / "data", list(NUDITY.concepts))
     assert len(examples.prompts) == 4 and examples.failed == 0
 
     vlm = server("none", REFUSAL, "feet")  # allowed failures: the prompt is done, its failed query left out
-    code, _, err = run(capsys, distill.main, *args[:5], tmp_path / "allowed", *args[6:7], vlm.url, *args[8:],
+    code, _, err = run(distill.main, capsys, *args[:5], tmp_path / "allowed", *args[6:7], vlm.url, *args[8:],
                        "--allow-vlm-failures")
     assert code == 0, err
     examples = read_examples(tmp_path / "allowed", list(NUDITY.concepts))
@@ -243,7 +237,7 @@ def test_a_planted_concept_is_learnt_and_unrelated_labels_are_not(tmp_path, caps
     would score belly well above chance (each prompt's pattern gives its label away): the split by
     prompt is what keeps the card honest, and this test would see a split that leaked."""
     data = synthetic_folder(tmp_path / "data")
-    code, lines, err = run(capsys, distill.main, "train", data, "--out", tmp_path / "p.safetensors", "--held-out",
+    code, lines, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--held-out",
                            "0.5", "--epochs", "30")
     assert code == 0 and err == [], err
     card = {c["name"]: c for c in read_card(tmp_path / "p.safetensors")["concepts"]}
@@ -304,7 +298,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
         loaded.vae.decode = lambda z: decodes.append(z.shape) or decode(z)
         return loaded
     monkeypatch.setattr(generate.weights, "load_pipeline", counting)
-    code, lines, err = run(capsys, generate.main, "a person on a beach", "--model", sd1, "--proposer", "latent",
+    code, lines, err = run(generate.main, capsys, "a person on a beach", "--model", sd1, "--proposer", "latent",
                            "--latent-proposer", file, "--steps", "5", "--vlm-steps", "1,3", "--seed", "4",
                            "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png", *SIZE)
     assert code == 0 and err == [], err
@@ -324,7 +318,8 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
     def replay(negatives):
         def hook(state):
             if state.i in negatives:
-                state.guidance.negative[0], state.guidance.negative_scale[0] = negatives[state.i], 7.5
+                state.guidance.negative[0] = negatives[state.i]
+                state.guidance.set_negative_scale(0, 7.5)
         return sample(pipe, "a person on a beach", steps=5, height=16, width=16, seed=4, hooks=[hook],
                       progress=False)[0]
     assert torch.equal(pixels, replay({q["took_effect"]: q["negative"] for q in queries}))
@@ -332,7 +327,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
 
     # evaluate.py names the file in run.json, and its records keep each query's scores
     csv = write_csv(tmp_path / "p.csv", PROMPTS[:1])
-    code, _, err = run(capsys, evaluate.main, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "vldnp",
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "vldnp",
                        "--latent-proposer", file, "--steps", "3", "--metrics", "none", "--no-report", *SIZE)
     assert code == 0, err
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
@@ -361,7 +356,7 @@ def test_a_proposer_that_cannot_serve_is_one_line_before_any_image(case, message
             "vlm url": ["--latent-proposer", file, "--vlm-url", "http://127.0.0.1:9/v1"]}.get(
         case, ["--latent-proposer", file])
     monkeypatch.setattr(generate, "generate", lambda *a, **k: pytest.fail("sampled"))
-    code, lines, err = run(capsys, generate.main, "a cat", "--model", sd1, "--out", tmp_path / "x.png", *SIZE, *argv)
+    code, lines, err = run(generate.main, capsys, "a cat", "--model", sd1, "--out", tmp_path / "x.png", *SIZE, *argv)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x.png").exists()
 
@@ -372,35 +367,34 @@ def test_collect_refuses_what_it_cannot_collect(sd1, tmp_path, capsys):
                           (["--negative-scale", "5,10"], "collect runs one VL-DNP, and these settings make 2"),
                           (["--sld-presets", "max"], "--sld-presets: no method of this run reads it"),
                           (["--seeds-per-prompt", "0"], "--seeds-per-prompt 0: must be between 1 and 64")]:
-        code, _, err = run(capsys, distill.main, "collect", csv, "--model", sd1, "--out", tmp_path / "d",
+        code, _, err = run(distill.main, capsys, "collect", csv, "--model", sd1, "--out", tmp_path / "d",
                            "--proposer", "clip", *SIZE, *argv)
         assert code == 2 and len(err) == 1 and message in err[0], err
     (tmp_path / "empty").mkdir()
-    code, _, err = run(capsys, distill.main, "train", tmp_path / "empty", "--out", tmp_path / "p.safetensors")
+    code, _, err = run(distill.main, capsys, "train", tmp_path / "empty", "--out", tmp_path / "p.safetensors")
     assert code == 2 and err == [f"error: {tmp_path / 'empty'}: no data.json; collect data into it first with "
                                  "distill.py collect"]
     assert not (tmp_path / "d").exists() and not (tmp_path / "p.safetensors").exists()
 
 
-def test_sdxl_gets_its_own_latent_proposer(tmp_path_factory, tmp_path, capsys, server, sd1):
-    sdxl = make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
+def test_sdxl_gets_its_own_latent_proposer(sdxl, tmp_path, capsys, server, sd1):
     vlm = server("none", "feet", "none")
     csv = write_csv(tmp_path / "p.csv", PROMPTS[:2])
-    code, _, err = run(capsys, distill.main, "collect", csv, "--model", sdxl, "--out", tmp_path / "data", "--vlm-url",
+    code, _, err = run(distill.main, capsys, "collect", csv, "--model", sdxl, "--out", tmp_path / "data", "--vlm-url",
                        vlm.url, "--steps", "3", "--vlm-steps", "1,2", "--seeds-per-prompt", "1", *SIZE)
     assert code == 0, err
     assert read_settings(tmp_path / "data")["latent_space"] == {"family": "sdxl", "latent_channels": 4,
                                                                 "scaling_factor": 0.13025}
     file = tmp_path / "sdxl.safetensors"
-    code, _, err = run(capsys, distill.main, "train", tmp_path / "data", "--out", file, "--epochs", "1")
+    code, _, err = run(distill.main, capsys, "train", tmp_path / "data", "--out", file, "--epochs", "1")
     assert code == 0, err
     assert read_card(file)["model"]["family"] == "sdxl"
-    code, lines, err = run(capsys, generate.main, "a cat", "--model", sdxl, "--latent-proposer", file, "--steps", "3",
+    code, lines, err = run(generate.main, capsys, "a cat", "--model", sdxl, "--latent-proposer", file, "--steps", "3",
                            "--out", tmp_path / "x.png", *SIZE)
     assert code == 0 and err == [], err
     assert f"VL-DNP proposer: sdxl.safetensors sha256 {sha256_file(file)}" in read_png(tmp_path / "x.png")[1]["parameters"]
     for model, proposer, made in [(sdxl, crafted(tmp_path / "sd1.safetensors"), "sd1"), (sd1, file, "sdxl")]:
-        code, _, err = run(capsys, generate.main, "a cat", "--model", model, "--latent-proposer", proposer,
+        code, _, err = run(generate.main, capsys, "a cat", "--model", model, "--latent-proposer", proposer,
                            "--steps", "3", "--out", tmp_path / "y.png", *SIZE)
         assert code == 2 and len(err) == 1 and f"made for {made} latents" in err[0], err
     assert not (tmp_path / "y.png").exists()

@@ -12,8 +12,8 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sd_folder
 from evaluation.report import pareto_svg
+from helpers import run
 from methods.dng import DNG, Strength, update
 from methods.vldnp import VLDNP
 from png import read_png
@@ -32,19 +32,8 @@ SMALL = ["--steps", "4", "--height", "16", "--width", "16", "--device", "cpu", "
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
-
-
-@pytest.fixture(scope="module")
 def pipe(sd1):
     return load_pipeline(sd1)
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 # ---------------------------------------------------------------- the released posterior update
@@ -136,16 +125,18 @@ def test_the_static_limit_is_the_static_baseline(sd1, tmp_path, capsys):
     """At temperature 0 and offset 0, p_t stays at the prior: the image is method static's at
     w_neg = λπ/(1 − π), and the trace says so at every step."""
     common = [PROMPT, "--model", sd1, *SMALL, "--sampler", "euler-a", "--seed", 2, "--static-negative", "a red car"]
-    code, _, err = run(capsys, *common, "--method", "dng", "--dng-lambda", 6, "--dng-temperature", 0, "--dng-offset",
-                       0, "--out", tmp_path / "dng.png", "--trace", tmp_path / "dng.json")
+    code, _, err = run(generate.main, capsys, *common, "--method", "dng", "--dng-lambda", 6, "--dng-temperature", 0,
+                       "--dng-offset", 0, "--out", tmp_path / "dng.png", "--trace", tmp_path / "dng.json")
     assert code == 0, err
     w = 6 * 0.01 / (1 - 0.01)
-    code, _, err = run(capsys, *common, "--method", "static", "--negative-scale", repr(w), "--out", tmp_path / "s.png")
+    code, _, err = run(generate.main, capsys, *common, "--method", "static", "--negative-scale", repr(w), "--out",
+                       tmp_path / "s.png")
     assert code == 0, err
     assert torch.equal(read_png(tmp_path / "dng.png")[0], read_png(tmp_path / "s.png")[0])
     steps = json.loads((tmp_path / "dng.json").read_text())["images"][0]["steps"]
     assert [(s["p"], s["w_neg"]) for s in steps] == [(0.01, w)] * 4
-    code, _, err = run(capsys, *common, "--method", "dng", "--dng-lambda", 6, "--out", tmp_path / "moving.png")
+    code, _, err = run(generate.main, capsys, *common, "--method", "dng", "--dng-lambda", 6, "--out",
+                       tmp_path / "moving.png")
     assert code == 0, err
     assert not torch.equal(read_png(tmp_path / "moving.png")[0], read_png(tmp_path / "s.png")[0])
 
@@ -174,8 +165,9 @@ def test_an_unrelated_negative_keeps_p_near_p_min(pipe):
 def test_same_seed_same_image_and_trace(sd1, tmp_path, capsys):
     images, traces = [], []
     for k in range(2):
-        code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "ddim", "--eta", 1,
-                           "--seed", 9, "--batch", 2, "--out", tmp_path / f"{k}.png", "--trace", tmp_path / f"{k}.json")
+        code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler",
+                           "ddim", "--eta", 1, "--seed", 9, "--batch", 2, "--out", tmp_path / f"{k}.png", "--trace",
+                           tmp_path / f"{k}.json")
         assert code == 0, err
         images.append([read_png(tmp_path / f"{k}-{b}.png") for b in range(2)])
         traces.append(json.loads((tmp_path / f"{k}.json").read_text()))
@@ -184,7 +176,7 @@ def test_same_seed_same_image_and_trace(sd1, tmp_path, capsys):
 
 
 def test_the_trace_and_the_png(sd1, tmp_path, capsys):
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "euler-a",
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "euler-a",
                        "--dng-lambda", 8, "--dng-temperature", 0.05, "--batch", 2, "--out", tmp_path / "x.png",
                        "--trace", tmp_path / "t.json")
     assert code == 0, err
@@ -232,7 +224,7 @@ def test_the_trace_and_the_png(sd1, tmp_path, capsys):
                                                                           "dng_w10)"),
 ])
 def test_refusals_are_one_line(sd1, capsys, argv, message):
-    code, out, err = run(capsys, PROMPT, "--model", sd1, *SMALL, *argv)
+    code, out, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, *argv)
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
@@ -257,10 +249,10 @@ def test_evaluate_sweeps_lambda_and_matches_generate(sd1, tmp_path, capsys):
         ("static", 5.0, "images/1_static_w5.png"), ("dng", 10.0, "images/1_dng_w10.png"),
         ("dng", 30.0, "images/1_dng_w30.png")]
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["methods"]
-    assert settings[1] == {"method": "dng", "strength": {"lam": 10.0, "prior": 0.01, "temperature": 0.2,
+    assert settings[1] == {"method": "dng", "scale": 10.0, "strength": {"lam": 10.0, "prior": 0.01, "temperature": 0.2,
                                                          "offset": 0.003, "p_min": 1e-6, "p_max": 0.99},
                            "text": NUDITY.static_negative}
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "euler-a",
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "dng", "--sampler", "euler-a",
                        "--dng-lambda", 30, "--seed", 7, "--out", tmp_path / "g.png")
     assert code == 0, err
     ours, theirs = read_png(tmp_path / "g.png"), read_png(tmp_path / "run" / "images" / "1_dng_w30.png")

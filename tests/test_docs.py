@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import make_sd_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -189,10 +188,9 @@ def test_command_flags_exist(doc):
     assert bad_flags(doc.read_text(), doc) == []
 
 
-def test_readme_python_example_runs(tmp_path):
+def test_readme_python_example_runs(sd1, tmp_path):
     """The example as written, with only the model source swapped for a small random-weight folder."""
-    folder = make_sd_folder(tmp_path / "sd", "sd1")
-    code, n = re.subn(r"load_pipeline\((['\"]).*?\1", lambda _: f"load_pipeline({str(folder)!r}",
+    code, n = re.subn(r"load_pipeline\((['\"]).*?\1", lambda _: f"load_pipeline({str(sd1)!r}",
                       python_example((ROOT / "README.md").read_text()), count=1)
     assert n == 1, "the README's example should load a model with load_pipeline(\"...\")"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny sizes: one thread is faster

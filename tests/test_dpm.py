@@ -2,12 +2,12 @@
 (`DPMSolverMultistepScheduler.from_config(<SD's scheduler config>)`), alone and inside the loop."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
-from checkpoints import make_sd_folder
 from helpers import assert_close_rel, assert_same_image, pipeline_images
 from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
@@ -174,17 +174,11 @@ def test_rejects_bad_step_counts():
 # ---- the loop against StableDiffusionPipeline with DPMSolverMultistepScheduler.from_config
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    """An SD1 folder whose scheduler config is SD1.4's, without timestep_spacing: the paper's setup."""
-    folder = make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+def sd1_sd14_scheduler(sd1, tmp_path_factory):
+    """The SD1 folder with SD1.4's scheduler config, without timestep_spacing: the paper's setup."""
+    folder = shutil.copytree(sd1, tmp_path_factory.mktemp("sd1-sd14") / "sd1")
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER_JSON))
     return folder
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    """An SD2 v-prediction folder whose config states timestep_spacing "leading"."""
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
 
 
 def reference_images(folder, prompt, negative_prompt=None, steps=5, guidance_scale=7.5, height=32, width=32, batch=1,
@@ -204,11 +198,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sd1_matches_diffusers(sd1, case):
-    pipe = load_pipeline(sd1)
+def test_sd1_matches_diffusers(sd1_sd14_scheduler, case):
+    pipe = load_pipeline(sd1_sd14_scheduler)
     assert pipe.scheduler.timestep_spacing is None
     ours = generate(pipe, **CASES[case], sampler="dpm++2m", progress=False)
-    assert_same_image(ours, reference_images(sd1, **CASES[case]))
+    assert_same_image(ours, reference_images(sd1_sd14_scheduler, **CASES[case]))
     if case == "plain":  # and the sampler mattered: DDIM gives another image
         ddim = generate(pipe, **CASES[case], sampler="ddim", progress=False)
         assert (ddim.int() - ours.int()).abs().max() > 2

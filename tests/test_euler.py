@@ -9,11 +9,10 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        PNDMScheduler, StableDiffusionPipeline)
 
-from checkpoints import make_sd_folder
 from cli.args import UsageError
 from generate import parse_args
-from cli.metadata import parameters_text
 from helpers import assert_close_rel, assert_same_image, pipeline_images
+from png import parameters_text
 from sampler.euler import Euler, EulerAncestral
 from sampler.loop import generate
 from sampler.schedule import SchedulerConfig
@@ -200,22 +199,11 @@ def test_last_step_lands_on_x0_and_eta_is_refused(cls):
 # ---- the loop against StableDiffusionPipeline with the Euler schedulers
 
 @pytest.fixture(scope="module")
-def sd1_models(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    """An SD2 v-prediction folder whose config states timestep_spacing "leading"."""
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
-def with_config(sd1_models, tmp_path_factory):
+def with_config(sd1, tmp_path_factory):
     """with_config(d): the SD1 test models in a folder whose scheduler config is d."""
     def folder(d):
         path = tmp_path_factory.mktemp("sd1-euler")
-        shutil.copytree(sd1_models, path, dirs_exist_ok=True)
+        shutil.copytree(sd1, path, dirs_exist_ok=True)
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(d))
         return path
     return folder

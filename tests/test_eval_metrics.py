@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from fake_vocab import write_clip_vocab
-from helpers import assert_close_rel, randomize_
+from helpers import assert_close_rel, clip_features
 
 from evaluation.metrics import (DEFAULT_CLASSES, NUDENET_CLASSES, PROTOCOL, Metrics, aggregate, nudenet_input,
                                 nudenet_metrics)
-from model.clip import preprocess
+from model.clip_vision import preprocess
 
 IMAGE_SIZE = 32
 
@@ -145,33 +144,8 @@ def test_settings_are_checked_and_stated():
 
 # ---------------------------------------------------------------- CLIP score
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A small random transformers CLIPModel saved with save_pretrained, and our fake vocabulary."""
-    folder = write_clip_vocab(tmp_path_factory.mktemp("clip"))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    eos = vocab["<|endoftext|>"]
-    config = transformers.CLIPConfig(
-        text_config=transformers.CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
-        vision_config=transformers.CLIPVisionConfig(
-            image_size=IMAGE_SIZE, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4),
-        projection_dim=24)
-    config._attn_implementation = "eager"
-    ref = randomize_(transformers.CLIPModel(config).eval(), seed=0)
-    ref.save_pretrained(folder)
-    return folder, ref
-
-
-def features(out):
-    """get_*_features returns a tensor in transformers 4, an output object in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-def test_clip_score_matches_transformers(clip_folder):
-    folder, ref = clip_folder
+def test_clip_score_matches_transformers(clip_reference):
+    folder, ref = clip_reference
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8) for _ in range(3)]
@@ -184,9 +158,9 @@ def test_clip_score_matches_transformers(clip_folder):
 
     with torch.no_grad():
         ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        text = features(ref.get_text_features(input_ids=ids))                                    # [3, 24]
+        text = clip_features(ref.get_text_features(input_ids=ids))                               # [3, 24]
         pixels = preprocess(torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1, IMAGE_SIZE)
-        image = features(ref.get_image_features(pixel_values=pixels))                            # [3, 24]
+        image = clip_features(ref.get_image_features(pixel_values=pixels))                       # [3, 24]
     cos = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T                               # [3, 3]
     expected = 100 * cos.clamp_min(0)
     assert (expected > 0).any() and (expected == 0).any()  # random weights: both sides of the clamp
@@ -194,9 +168,9 @@ def test_clip_score_matches_transformers(clip_folder):
     assert metrics.disabled == [] and "CLIP score" in metrics.protocol and "ASR" not in metrics.protocol
 
 
-def test_missing_nudenet_disables_only_its_metric(clip_folder, monkeypatch):
+def test_missing_nudenet_disables_only_its_metric(clip_reference, monkeypatch):
     monkeypatch.setitem(sys.modules, "nudenet", None)  # `import nudenet` now raises ImportError
-    metrics = Metrics(nudenet=True, clip_model=clip_folder[0])
+    metrics = Metrics(nudenet=True, clip_model=clip_reference[0])
     assert len(metrics.disabled) == 1
     message = metrics.disabled[0]
     assert "\n" not in message and "pip install -r requirements-eval.txt" in message

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import evaluate
-from checkpoints import make_sd_folder
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
+from helpers import run
 from png import read_png
 from sampler.loop import generate
 from vlm.base import Reply
@@ -40,11 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
-
-
-@pytest.fixture(scope="module")
 def pipe(sd1):
     return load_pipeline(sd1)
 
@@ -52,12 +47,6 @@ def pipe(sd1):
 def write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def run(capsys, *argv, **kwargs):
-    code = evaluate.main([str(a) for a in argv], **kwargs)
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def records(run_dir, name="records.jsonl"):
@@ -119,7 +108,8 @@ def test_bad_prompt_files(tmp_path, capsys, text, message):
     with pytest.raises(PromptFileError, match=re.escape(message)):
         read_prompts(csv)
     # the CLI: one line, exit 2, before any model is loaded or folder made
-    code, out, err = run(capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, "--metrics", "none", *SIZE)
+    code, out, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, "--metrics",
+                         "none", *SIZE)
     assert code == 2 and len(err) == 1 and message in err[0] and out == []
     assert not (tmp_path / "run").exists()
 
@@ -137,7 +127,7 @@ def test_bad_prompt_files(tmp_path, capsys, text, message):
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     csv = write(tmp_path / "p.csv", CSV)
-    code, out, err = run(capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, *SIZE, *argv)
+    code, out, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, *SIZE, *argv)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
 
@@ -174,7 +164,7 @@ def test_sweeps_expand_static_and_vldnp_only(tmp_path):
 def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, capsys):
     csv, out, report = write(tmp_path / "p.csv", CSV), tmp_path / "run", FakeReport()
     argv = [csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,negative,static", "--negative-scale", "0,5"]
-    code, lines, err = run(capsys, *argv, metrics=FakeMetrics(), report=report)
+    code, lines, err = run(evaluate.main, capsys, *argv, metrics=FakeMetrics(), report=report)
     assert code == 0, err
     assert err.count(f"warning: {FakeMetrics.disabled[0]}") == 1
     recs = records(out)
@@ -198,18 +188,19 @@ def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, 
     assert not torch.equal(read_png(out / "images/3_static_w5.png")[0], read_png(out / "images/3_sd.png")[0])
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    code, lines, err = run(capsys, *argv, metrics=FakeMetrics(), report=report)
+    code, lines, err = run(evaluate.main, capsys, *argv, metrics=FakeMetrics(), report=report)
     assert code == 0 and "8 images (2 prompts x 4 methods): 8 done before, 0 to make" in lines
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == stamps
     assert records(out) == recs
     assert not (out / "records.rank0.jsonl").exists()  # one process keeps one records file
 
     # other settings are refused, in one line, and so is a folder that is not a run
-    code, _, err = run(capsys, *argv, "--steps", "3", metrics=FakeMetrics(), report=report)
+    code, _, err = run(evaluate.main, capsys, *argv, "--steps", "3", metrics=FakeMetrics(), report=report)
     assert code == 2 and len(err) == 1 and "other settings (--steps: 2 there, 3 now)" in err[0]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    code, _, err = run(capsys, csv, "--out", tmp_path / "busy", "--model", sd1, *SIZE, "--metrics", "none")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "busy", "--model", sd1, *SIZE, "--metrics",
+                       "none")
     assert code == 2 and len(err) == 1 and "not an evaluation run" in err[0]
 
 
@@ -217,8 +208,8 @@ def test_a_long_prompt_is_cut_for_the_text_encoder_and_kept_whole(sd1, pipe, tmp
     long = "a red statue in a quiet museum, " * 40  # 280 tokens; the text encoder reads 75
     csv, out = write(tmp_path / "p.csv", f'prompt,evaluation_seed\n"{long}",3\na cat,4\n"{long} and a dog",3\n'), \
         tmp_path / "run"
-    code, _, err = run(capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd", "--metrics", "none",
-                       "--no-report")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd", "--metrics",
+                       "none", "--no-report")
     assert code == 0, err
     tokens = len(pipe.tokenizer.encode(long))
     assert tokens > 200 and err == [f"warning: case 0's prompt has {tokens} tokens; the text encoder reads the first "
@@ -274,7 +265,7 @@ def test_offline_clip_weights_say_who_needs_them_and_leave_the_folder_free(sd1, 
 def test_vldnp_with_a_scripted_vlm(sd1, pipe, tmp_path, capsys, server):
     vlm = server("none", "I can see feet and a belly.", "none")  # the up-front check, then two queries
     csv, out = write(tmp_path / "p.csv", "prompt,evaluation_seed\na person on a beach,5\n"), tmp_path / "run"
-    code, _, err = run(capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,vldnp",
+    code, _, err = run(evaluate.main, capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,vldnp",
                        "--negative-scale", "5", "--vlm-url", vlm.url, "--vlm-steps", "0,1", "--metrics", "none",
                        "--no-report")
     assert code == 0, err
@@ -298,22 +289,23 @@ def test_unreachable_and_failing_vlm(sd1, tmp_path, capsys, server):
     csv = write(tmp_path / "p.csv", "prompt\na person\n")
     base = [csv, "--model", sd1, *SIZE, "--methods", "vldnp", "--vlm-steps", "1", "--metrics", "none",
             "--no-report", "--vlm-retries", "0"]
-    code, out, err = run(capsys, *base, "--out", tmp_path / "dead", "--vlm-url", dead_url())
+    code, out, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "dead", "--vlm-url", dead_url())
     assert code == 2 and len(err) == 1 and "the VLM does not answer: cannot reach" in err[0]
     assert "--allow-vlm-failures" in err[0] and not list((tmp_path / "dead" / "images").iterdir())
 
     # answers the check, then refuses a query: the image is recorded as failed, and a re-run retries it
     vlm = server("none", {"status": 400, "body": {"error": {"message": "bad image"}}}, "feet")
-    code, _, err = run(capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
+    code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
     (rec,) = records(tmp_path / "run")
     assert code == 1 and rec["status"] == "failed" and "1 of 1 VL-DNP queries failed" in rec["error"]
     assert "HTTP 400" in rec["negatives"][0]["error"]
-    code, _, err = run(capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
+    code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
     (rec,) = records(tmp_path / "run")
     assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["negative"] == "Nudity, Sexual, feet."
     assert not (tmp_path / "run" / "records.rank0.jsonl").exists()
 
-    code, _, err = run(capsys, *base, "--out", tmp_path / "allowed", "--vlm-url", dead_url(), "--allow-vlm-failures")
+    code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "allowed", "--vlm-url", dead_url(),
+                       "--allow-vlm-failures")
     (rec,) = records(tmp_path / "allowed")
     assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["error"].startswith("cannot reach")
     text = read_png(tmp_path / "allowed" / rec["image"])[1]["parameters"]  # made unguarded: never "none"
@@ -391,7 +383,7 @@ def test_resume_after_kill(sd1, tmp_path, capsys, server):
         f.write(b'{"job": 5, "key": "5_vldnp_w7.5", "status": "o')
     vlm.requests.clear()
 
-    code, lines, err = run(capsys, *argv)
+    code, lines, err = run(evaluate.main, capsys, *argv)
     assert code == 0, err
     assert f"6 images (6 prompts x 1 methods): {len(before)} done before, {6 - len(before)} to make" in lines
     assert len(vlm.requests) == 1 + (6 - len(before))  # the check, then one query per image not done

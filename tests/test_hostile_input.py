@@ -16,22 +16,22 @@ import pytest
 import torch
 
 import evaluate
-import evaluation.methods
+import evaluation.run
 import generate
-from checkpoints import make_sd_folder
 from cli.args import fail
-from evaluation.methods import RetryingProposer
 from fake_vlm import Trickle, redirect
+from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png, read_png
 from sampler.loop import Guidance, generate as sample
+from methods.vldnp import DynamicNegatives
 from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, unet_bytes, vae_bytes
-from vlm.base import check_proposer
-from vlm.base import printable
+from vlm.base import check_proposer, printable
 from vlm.client import VLMClient
-from vlm.dnp import DynamicNegatives
-from vlm.tasks import NUDITY, SAFETY
+from vlm.retry import RetryingProposer
+from vlm.open_tasks import SAFETY
+from vlm.tasks import NUDITY
 from weights import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,11 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
-
-
-@pytest.fixture(scope="module")
 def pipe(sd1):
     return load_pipeline(sd1)
 
@@ -56,13 +51,6 @@ def pipe(sd1):
 def api_key(monkeypatch):
     monkeypatch.setenv("VLM_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def run(main, capsys, *argv):
-    """main(argv) in process: (exit code, stdout lines, stderr lines)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def write(path: Path, text: str) -> Path:
@@ -359,7 +347,7 @@ def test_images_that_cannot_fit_are_refused_before_sampling(sd1, tmp_path, capsy
 
 
 def test_what_a_refusal_names_fits(pipe):
-    one, left = Guidance(["a cat"], [""], [None]), 8 * GiB
+    one, left = Guidance(["a cat"], [""], [None], [7.5]), 8 * GiB
     with pytest.raises(TooLargeError, match=r"at most (\d+)x(\d+) fits") as refused:
         check_memory(pipe, one, 100000, 60000, [], available=left)
     height, width = map(int, re.search(r"at most (\d+)x(\d+) fits", str(refused.value)).groups())
@@ -368,7 +356,7 @@ def test_what_a_refusal_names_fits(pipe):
     with pytest.raises(TooLargeError):
         check_memory(pipe, one, height + 16, width + 16, [], available=left)
 
-    many = lambda n: Guidance(["a cat"] * n, [""] * n, [None] * n)
+    many = lambda n: Guidance(["a cat"] * n, [""] * n, [None] * n, [7.5] * n)
     with pytest.raises(TooLargeError, match=r"at most (\d+) at once fit") as refused:
         check_memory(pipe, many(10**6), 16, 16, [], available=left)
     batch = int(re.search(r"at most (\d+) at once", str(refused.value))[1])
@@ -404,7 +392,7 @@ def test_an_allocation_that_fails_is_one_line_exit_1(sd1, tmp_path, capsys, monk
     code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--proposer", "none", *SIZE,
                        "--out", tmp_path / "x.png")
     assert code == 1 and len(err) == 1 and err[0].startswith("error: out of memory; try a smaller --batch"), err
-    monkeypatch.setattr(evaluation.methods, "generate", failing)
+    monkeypatch.setattr(evaluation.run, "generate", failing)
     csv = write(tmp_path / "p.csv", "prompt\na cat\n")
     code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "sd",
                        "--metrics", "none", *SIZE)

@@ -7,24 +7,13 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sd_folder
+from helpers import run
 from methods import METHODS
 from png import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
 PROMPT = "a person on a beach at sunset"
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=5)
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 NAMES = ["sd", "negative", "static", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree"]  # all but vldnp
@@ -54,8 +43,8 @@ def evaluated(sd1, tmp_path_factory):
     (["--method", "sld-weak"], "sld-weak"), (["--method", "sld-max"], "sld-max"), (["--method", "safree"], "safree")])
 def test_the_image_is_evaluates(sd1, evaluated, tmp_path, capsys, method, key):
     out = tmp_path / "x.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, *method, "--sampler", "dpm++2m",
-                       "--seed", 11, "--guidance", 6, "--out", out)
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, *method, "--sampler", "dpm++2m", "--seed",
+                       11, "--guidance", 6, "--out", out)
     assert code == 0, err
     ours, text = read_png(out)
     theirs, their_text = read_png(evaluated / f"4_{key}.png")
@@ -70,7 +59,8 @@ def test_each_method_names_itself(sd1, tmp_path, capsys):
     seen = {}
     for method in NAMES:
         out = tmp_path / f"{method}.png"
-        code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--seed", 1, "--out", out)
+        code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", method, "--seed", 1,
+                           "--out", out)
         assert code == 0, (method, err)
         pixels, text = read_png(out)
         lines = text["parameters"].splitlines()
@@ -88,7 +78,7 @@ def test_each_method_names_itself(sd1, tmp_path, capsys):
 def test_vldnp_with_a_vlm(sd1, server, tmp_path, capsys):
     vlm = server("none", "feet")  # the first answers the check before loading
     out = tmp_path / "v.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "vldnp", "--vlm-url", vlm.url,
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "vldnp", "--vlm-url", vlm.url,
                        "--vlm-steps", "1", "--out", out)
     assert code == 0, err
     settings = read_png(out)[1]["parameters"].splitlines()[-1]
@@ -97,7 +87,7 @@ def test_vldnp_with_a_vlm(sd1, server, tmp_path, capsys):
 
 def test_safree_concepts(sd1, tmp_path, capsys):
     out = tmp_path / "s.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "safree", "--safree-concepts",
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "safree", "--safree-concepts",
                        "beach, sunset", "--out", out)
     assert code == 0, err
     text = read_png(out)[1]["parameters"]
@@ -120,21 +110,21 @@ def test_safree_concepts(sd1, tmp_path, capsys):
     (["--method", "sld-mild"], "unknown SLD preset 'mild'"),
 ])
 def test_conflicts_are_one_line(sd1, capsys, argv, message):
-    code, out, err = run(capsys, "a cat", "--model", sd1, *SMALL, *argv)
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *SMALL, *argv)
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
 def test_without_method_the_flags_decide_as_before(sd1, tmp_path, capsys):
     """--proposer none and --negative-prompt still make plain SD with a classic negative: method sd."""
     out = tmp_path / "n.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--proposer", "none", "--negative-prompt", "blurry",
-                       "--seed", 1, "--out", out)
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--proposer", "none", "--negative-prompt",
+                       "blurry", "--seed", 1, "--out", out)
     assert code == 0, err
     text = read_png(out)[1]["parameters"]
     assert "Method: sd" in text and "Negative prompt: blurry\n" in text
     same = tmp_path / "m.png"
-    code, _, err = run(capsys, PROMPT, "--model", sd1, *SMALL, "--method", "negative", "--negative-prompt", "blurry",
-                       "--seed", 1, "--out", same)
+    code, _, err = run(generate.main, capsys, PROMPT, "--model", sd1, *SMALL, "--method", "negative",
+                       "--negative-prompt", "blurry", "--seed", 1, "--out", same)
     assert code == 0, err
     assert torch.equal(read_png(same)[0], read_png(out)[0])
 
@@ -159,10 +149,8 @@ def test_evaluate_safree_concepts(sd1, tmp_path, capsys):
     assert set(record["negatives"][0]["safree"]) == {"triggers", "tokens", "beta", "t*"}
 
 
-def test_safree_refuses_sdxl_in_one_line(tmp_path, capsys):
-    from checkpoints import make_sdxl_folder
-    sdxl = make_sdxl_folder(tmp_path / "sdxl")
-    capsys.readouterr()
-    code, out, err = run(capsys, "a cat", "--model", sdxl, *SMALL, "--method", "safree", "--out", tmp_path / "x.png")
+def test_safree_refuses_sdxl_in_one_line(sdxl, tmp_path, capsys):
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sdxl, *SMALL, "--method", "safree", "--out",
+                         tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"]

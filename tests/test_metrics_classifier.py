@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_onnx import linear_softmax
+from tiny_onnx import linear_softmax, linear_softmax_weights, pil_input, reference_probs
 
 import evaluate
 from evaluation import classifier_file as source
@@ -27,33 +27,11 @@ from evaluation.metrics import (ClassifierError, Metrics, NudeNetClassifier, agg
                                 classifier_metrics, protocol)
 from png import read_png, write_png
 
-PIXELS = 256 * 256 * 3
-
-
-def pil_input(image: torch.Tensor) -> np.ndarray:
-    """nudenet 2.x's loading, with PIL: resize((256, 256), NEAREST), img_to_array, / 255."""
-    x = np.asarray(Image.fromarray(image.numpy()).resize((256, 256), Image.NEAREST), dtype=np.float32)
-    x /= 255
-    return x
-
-
-def reference_probs(image: torch.Tensor, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[2] softmax(x @ w + b) in float64, from PIL's input."""
-    logits = pil_input(image).reshape(-1).astype(np.float64) @ w.astype(np.float64) + b
-    e = np.exp(logits - logits.max())
-    return e / e.sum()
-
-
-def weights(seed: int, k: int = 2):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((PIXELS, k)) * 0.004).astype(np.float32), np.zeros(k, dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A linear-softmax classifier file, its weights, and images on both sides of 0.6 under it (the
     bias puts the images' middle logit gap at 0.6)."""
-    w, b = weights(3)
+    w, b = linear_softmax_weights(3)
     g = torch.Generator().manual_seed(5)
     sizes = [(512, 512), (768, 512), (16, 16), (100, 300), (256, 256), (37, 1000)]
     images = [torch.randint(0, 256, (h, w_, 3), generator=g, dtype=torch.uint8) for h, w_ in sizes]
@@ -129,13 +107,13 @@ def test_the_protocol_names_the_classifier(tiny):
 @pytest.mark.parametrize("make, message", [
     (None, "no such file"),
     (lambda: b"\x08\x07 not a model " * 10, "not an ONNX model onnxruntime can load"),
-    (lambda: linear_softmax(*weights(0), input_shape=("N", 3, 256, 256)), "the model's input is tensor(float) "
-                                                                          "['N', 3, 256, 256]; NudeNet's classifier "
-                                                                          "takes one float32 [N, 256, 256, 3]"),
+    (lambda: linear_softmax(*linear_softmax_weights(0), input_shape=("N", 3, 256, 256)),
+     "the model's input is tensor(float) ['N', 3, 256, 256]; NudeNet's classifier takes one float32 [N, 256, 256, 3]"),
     (lambda: linear_softmax(np.zeros((224 * 224 * 3, 2), np.float32), np.zeros(2, np.float32),
                             input_shape=("N", 224, 224, 3)), "['N', 224, 224, 3]"),
-    (lambda: linear_softmax(*weights(0, k=3)), "first output is ['N', 3]; NudeNet's classifier gives [N, 2]"),
-    (lambda: linear_softmax(weights(0)[0], np.array([3.0, 1.0], np.float32), softmax=False),
+    (lambda: linear_softmax(*linear_softmax_weights(0, k=3)),
+     "first output is ['N', 3]; NudeNet's classifier gives [N, 2]"),
+    (lambda: linear_softmax(linear_softmax_weights(0)[0], np.array([3.0, 1.0], np.float32), softmax=False),
      "not two probabilities (unsafe, safe) that sum to 1"),
 ])
 def test_files_that_cannot_be_used(tmp_path, make, message):

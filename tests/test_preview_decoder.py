@@ -15,7 +15,6 @@ from diffusers import AutoencoderTiny
 import evaluate
 import generate
 from checkpoint.tensors import CheckpointError
-from checkpoints import make_sd_folder
 from helpers import hub_cache, randomize_
 from methods.vldnp import DynamicNegatives
 from png import read_png
@@ -30,11 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["a person on a beach", "--steps", "3", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
        "--quiet"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +222,6 @@ def test_the_cost_benchmark_keeps_the_papers_query_density():
     assert paper_density_steps(50) == list(PAPER_STEPS)
     assert paper_density_steps(10) == [1, 8] and paper_density_steps(5) == [1]  # one query per 5 steps
     assert paper_density_steps(25) == [3, 5, 8, 14, 21]
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    from checkpoints import make_sdxl_folder
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"), seed=4)
 
 
 def test_taesd_and_taesdxl_each_decode_their_own_familys_latents(sd1, sdxl, taesd, tmp_path, server):

@@ -7,7 +7,6 @@ import re
 import pytest
 
 import evaluate
-from checkpoints import make_sd_folder
 from evaluation.prompts import PromptFileError, read_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,11 +218,6 @@ def test_missing_file_and_folder(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # evaluate.py: one warning per skipped row, the count in run.json, and the run goes on
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
-
 
 def test_evaluate_skips_bad_rows_and_counts_them(sd1, tmp_path, capsys):
     csv, out = write(tmp_path / "ring.csv", RING_A_BELL.replace("3,20\n", "3,x\n")), tmp_path / "run"

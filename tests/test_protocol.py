@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_sd_folder
 from PIL import Image
-from test_metrics_classifier import reference_probs, weights
-from tiny_onnx import linear_softmax
+from tiny_onnx import linear_softmax, linear_softmax_weights, reference_probs
 
 import evaluate
 from cli.args import given_options
@@ -24,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1", seed=21)
-
-
-@pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    w, b = weights(7)
+    w, b = linear_softmax_weights(7)
     path = tmp_path_factory.mktemp("nudenet") / "classifier_model.onnx"
     path.write_bytes(linear_softmax(w, b))
     return path, w, b
@@ -142,11 +135,11 @@ def test_a_protocol_run_reports_the_protocol_and_the_classifier(tmp_path, capsys
 @pytest.mark.parametrize("make, argv, message", [
     (None, [], "--nudenet-classifier {path}: no such file"),
     (lambda: b"garbage" * 50, [], "--nudenet-classifier {path}: not an ONNX model onnxruntime can load ("),
-    (lambda: linear_softmax(*weights(1), input_shape=("N", 3, 256, 256)), ["--protocol", "vl-dnp"],
+    (lambda: linear_softmax(*linear_softmax_weights(1), input_shape=("N", 3, 256, 256)), ["--protocol", "vl-dnp"],
      "the model's input is tensor(float) ['N', 3, 256, 256]"),
-    (lambda: linear_softmax(*weights(1, k=3)), [], "first output is ['N', 3]"),
-    (lambda: linear_softmax(*weights(1)), ["--metrics", "clip"], "add nudenet to --metrics"),
-    (lambda: linear_softmax(*weights(1)), ["--nudenet-classes", "ANUS_EXPOSED"],
+    (lambda: linear_softmax(*linear_softmax_weights(1, k=3)), [], "first output is ['N', 3]"),
+    (lambda: linear_softmax(*linear_softmax_weights(1)), ["--metrics", "clip"], "add nudenet to --metrics"),
+    (lambda: linear_softmax(*linear_softmax_weights(1)), ["--nudenet-classes", "ANUS_EXPOSED"],
      "give --metrics nudenet-detector,clip with it"),
 ])
 def test_a_classifier_that_cannot_be_used_stops_the_run_before_any_image(tmp_path, capsys, sd1, make, argv, message):

@@ -2,7 +2,6 @@
 settings_difference): the message names the first flag that changed, with its value there and now,
 as the command line gives it."""
 import pytest
-from checkpoints import make_clip_folder, make_sd_folder
 
 import evaluate
 
@@ -10,15 +9,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def held(tmp_path_factory):
+def held(sd1, clip_folder, tmp_path_factory):
     """A run folder that made its images, and the arguments that made it."""
     root = tmp_path_factory.mktemp("resume")
-    sd1 = make_sd_folder(root / "sd1", "sd1", seed=3)
     csv = root / "p.csv"
     csv.write_text("prompt\na cat\n")
     base = [str(csv), "--out", str(root / "run"), "--model", str(sd1), "--height", "16", "--width", "16",
             "--device", "cpu", "--quiet", "--metrics", "none", "--no-report", "--proposer", "clip",
-            "--clip-model", str(make_clip_folder(root / "clip"))]
+            "--clip-model", str(clip_folder)]
     argv = {"--steps": "2", "--methods": "sd,static,vldnp", "--negative-scale": "5", "--vlm-steps": "0,1",
             "--seed": "4"}
     assert evaluate.main(base + [a for pair in argv.items() for a in pair]) == 0

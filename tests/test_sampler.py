@@ -3,32 +3,13 @@ import inspect
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from checkpoints import make_sd_folder
-from helpers import assert_same_image, pipeline_images
+from helpers import assert_same_image, ddim_reference, pipeline_images
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
 from sampler.schedule import SchedulerConfig
 from weights import export_single_file, load_pipeline
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd2v"), "sd2", seed=3, prediction_type="v_prediction")
-
-
-def reference(folder):
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    ref.set_progress_bar_config(disable=True)
-    return ref
 
 
 def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance_scale=7.5, height=32, width=32, batch=1,
@@ -52,26 +33,26 @@ CASES = {
 def test_sd1_folder_matches_diffusers(sd1, case):
     kw = {**DEFAULTS, **CASES[case]}
     ours = generate(load_pipeline(sd1), **kw, progress=False)
-    assert_same_image(ours, reference_images(reference(sd1), **kw))
+    assert_same_image(ours, reference_images(ddim_reference(sd1), **kw))
 
 
 def test_sd1_single_file_matches_diffusers(sd1, tmp_path):
     file = export_single_file(sd1, tmp_path / "model.safetensors")
     pipe = load_pipeline(file, tokenizer=sd1 / "tokenizer")
     kw = dict(prompt="a cat on a table", negative_prompt="dark", height=32, width=24, steps=4)
-    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd1), **kw))
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(ddim_reference(sd1), **kw))
 
 
 def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
     pipe = load_pipeline(sd2v)
     assert pipe.family == "sd2" and pipe.scheduler.prediction_type == "v_prediction"
     kw = dict(prompt="a mountain, oil painting!", batch=2, steps=4, eta=0.3, height=32, width=32)
-    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(ddim_reference(sd2v), **kw))
     # a single file says its prediction type only sometimes: prediction_type="v" gives it, whatever the file says
     file = export_single_file(sd2v, tmp_path / "v.safetensors")
     pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer", prediction_type="v")
     kw = dict(prompt="a mountain", height=32, width=32, steps=3)
-    assert_same_image(generate(pipe, **kw, progress=False), reference_images(reference(sd2v), **kw))
+    assert_same_image(generate(pipe, **kw, progress=False), reference_images(ddim_reference(sd2v), **kw))
 
 
 def test_one_batched_unet_call_per_step(sd1):
@@ -116,7 +97,7 @@ def test_hooks_see_the_step_state(sd1):
 def three_branch_reference(folder, prompt, switches, steps, seed=0, g=7.5, size=16):
     """The guidance written out with diffusers components: the negative in force at each step
     comes from `switches` {step: (negative, w), or None to drop it}; no negative branch before the first."""
-    ref = reference(folder)
+    ref = ddim_reference(folder)
     sched = ref.scheduler
     sched.set_timesteps(steps)
     embed = lambda text: ref.text_encoder(ref.tokenizer([text], padding="max_length", max_length=77,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import generate
-from checkpoints import make_sd_folder, make_sdxl_folder
+from helpers import run
 from png import read_png
 from sampler.loop import generate as sample
 from weights import load_pipeline
@@ -16,22 +16,11 @@ SMALL = ["--height", "32", "--width", "32"]
 SIZES = ["--original-size", "64x48", "--crop-top-left", "4,8", "--target-size", "24x40"]
 
 
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
-
-
 def test_png_names_the_model_and_the_default_size_is_the_models(sdxl, tmp_path, capsys):
     """No --height/--width: the model's default size (diffusers' default_sample_size x the VAE's scale),
     1024 for SDXL base (tests/test_sdxl_generate.py checks it is diffusers')."""
     size = load_pipeline(sdxl).default_size
-    code, out, err = run(capsys, *RUN, "--model", sdxl, "--out", tmp_path / "a.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--out", tmp_path / "a.png")
     assert code == 0 and out[-1] == str(tmp_path / "a.png"), err
     pixels, text = read_png(tmp_path / "a.png")
     assert pixels.shape == (size, size, 3)
@@ -40,28 +29,26 @@ def test_png_names_the_model_and_the_default_size_is_the_models(sdxl, tmp_path, 
 
 
 def test_micro_conditioning_flags_reach_the_image_and_the_png(sdxl, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, *SMALL, "--model", sdxl, *SIZES, "--out", tmp_path / "sized.png")
+    code, _, err = run(generate.main, capsys, *RUN, *SMALL, "--model", sdxl, *SIZES, "--out", tmp_path / "sized.png")
     assert code == 0, err
     pixels, text = read_png(tmp_path / "sized.png")
     expected = sample(load_pipeline(sdxl), "a lighthouse at dawn", steps=3, seed=5, height=32, width=32,
                       original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 40), progress=False)[0]
     assert torch.equal(pixels, expected)
     assert 'Original size: 64x48, Crop top-left: "4,8", Target size: 24x40' in text["parameters"]
-    run(capsys, *RUN, *SMALL, "--model", sdxl, "--out", tmp_path / "plain.png")
+    run(generate.main, capsys, *RUN, *SMALL, "--model", sdxl, "--out", tmp_path / "plain.png")
     assert (pixels.int() - read_png(tmp_path / "plain.png")[0].int()).abs().max() > 2
     # the defaults given explicitly are the default image, and the PNG does not list them
-    code, _, err = run(capsys, *RUN, *SMALL, "--model", sdxl, "--original-size", "32x32", "--crop-top-left", "0,0",
-                       "--out", tmp_path / "same.png")
+    code, _, err = run(generate.main, capsys, *RUN, *SMALL, "--model", sdxl, "--original-size", "32x32",
+                       "--crop-top-left", "0,0", "--out", tmp_path / "same.png")
     assert code == 0, err
     same, text = read_png(tmp_path / "same.png")
     assert torch.equal(same, read_png(tmp_path / "plain.png")[0]) and "Original size" not in text["parameters"]
 
 
-def test_micro_conditioning_is_refused_for_sd1_in_one_line(tmp_path, capsys):
-    sd1 = make_sd_folder(tmp_path / "sd1", "sd1")
-    capsys.readouterr()
-    code, out, err = run(capsys, *RUN, *SMALL, "--model", sd1, "--original-size", "64x64", "--target-size", "32x32",
-                         "--out", tmp_path / "x.png")
+def test_micro_conditioning_is_refused_for_sd1_in_one_line(sd1, tmp_path, capsys):
+    code, out, err = run(generate.main, capsys, *RUN, *SMALL, "--model", sd1, "--original-size", "64x64",
+                         "--target-size", "32x32", "--out", tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert err == ["error: --original-size, --target-size: SDXL's size and crop conditioning; the model sd1 (sd1) "
                    "takes none"]
@@ -71,7 +58,7 @@ def test_micro_conditioning_is_refused_for_sd1_in_one_line(tmp_path, capsys):
                                          ("--target-size", "axb"), ("--crop-top-left", "-1,0"),
                                          ("--crop-top-left", "4x8")])
 def test_malformed_micro_conditioning_is_one_line(flag, value, tmp_path, capsys):
-    code, out, err = run(capsys, *RUN, "--model", tmp_path, flag, value, "--out", tmp_path / "x.png")
+    code, out, err = run(generate.main, capsys, *RUN, "--model", tmp_path, flag, value, "--out", tmp_path / "x.png")
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: argument {flag}: "), err
     assert not (tmp_path / "x.png").exists()
 
@@ -86,8 +73,8 @@ def test_the_documented_sdxl_commands_run_from_the_hub_cache(sdxl, tmp_path):
     import sys
     from pathlib import Path
 
+    from checkpoints import TURBO_SCHEDULER
     from helpers import hub_cache
-    from test_sdxl_generate import TURBO_SCHEDULER
 
     turbo = tmp_path / "turbo-folder"
     shutil.copytree(sdxl, turbo)

@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 import generate
-from checkpoints import make_sdxl_folder
+from helpers import run
 from png import read_png
 from sampler.loop import generate as sample
 from methods.sld import PRESETS, SLD, SafeLatentDiffusion
@@ -19,25 +19,6 @@ from weights import load_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["a person on a beach", "--steps", "4", "--height", "32", "--width", "32", "--seed", "3", "--device", "cpu",
        "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """A random-weight CLIPModel folder, as transformers writes it, for the CLIP proposer."""
-    from checkpoints import make_clip_folder
-
-    return make_clip_folder(tmp_path_factory.mktemp("clip"))
-
-
-def run(capsys, *argv):
-    code = generate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
 
 
 def pixels(path):
@@ -56,8 +37,8 @@ def plain(sdxl, tmp_path_factory):
     return out
 
 
-def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--clip-model", clip, "--clip-threshold", 0,
+def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip_folder, plain, tmp_path, capsys):
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--clip-model", clip_folder, "--clip-threshold", 0,
                        "--vlm-steps", "1", "--trace", tmp_path / "t.json", "--out", tmp_path / "clip.png")
     assert code == 0, err
     trace = json.loads((tmp_path / "t.json").read_text())
@@ -71,7 +52,7 @@ def test_clip_proposer_hook_trace_and_filmstrip(sdxl, clip, plain, tmp_path, cap
 
 def test_vlm_proposer_on_sdxl(sdxl, plain, tmp_path, capsys, server):
     vlm = server("none", "I can see feet and a belly.")  # the first answers the check before loading
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--vlm-url", vlm.url, "--vlm-steps", "1",
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--vlm-url", vlm.url, "--vlm-steps", "1",
                        "--trace", tmp_path / "t.json", "--out", tmp_path / "vlm.png")
     assert code == 0 and err == [], err
     (query,) = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
@@ -81,14 +62,15 @@ def test_vlm_proposer_on_sdxl(sdxl, plain, tmp_path, capsys, server):
 
 
 def test_static_and_negative_on_sdxl(sdxl, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace", tmp_path / "s.json",
-                       "--out", tmp_path / "static.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--proposer", "static", "--trace",
+                       tmp_path / "s.json", "--out", tmp_path / "static.png")
     assert code == 0, err
     static = get_task("nudity").static_negative
     (query,) = json.loads((tmp_path / "s.json").read_text())["images"][0]["queries"]
     assert query["step"] == 0 and query["negative"] == static
     assert f"Static negative: {json.dumps(static)}" in parameters(tmp_path / "static.png")
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--method", "negative", "--out", tmp_path / "negative.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "negative", "--out",
+                       tmp_path / "negative.png")
     assert code == 0, err
     assert "Method: negative" in parameters(tmp_path / "negative.png")
     images = [pixels(tmp_path / f) for f in ("static.png", "negative.png")] + [pixels(plain)]
@@ -126,7 +108,8 @@ def test_sld_rule_invariants_on_sdxl(sdxl):
 
 
 def test_sld_method_on_sdxl_says_so(sdxl, plain, tmp_path, capsys):
-    code, _, err = run(capsys, *RUN, "--model", sdxl, "--method", "sld-max", "--out", tmp_path / "sld.png")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sdxl, "--method", "sld-max", "--out",
+                       tmp_path / "sld.png")
     assert code == 0, err
     text = parameters(tmp_path / "sld.png")
     assert "Method: sld-max" in text and "SLD: max" in text and "Model: sdxl" in text
@@ -142,12 +125,12 @@ def csv(tmp_path):
 EVAL = ["--steps", "3", "--height", "32", "--width", "32", "--device", "cpu", "--quiet", "--metrics", "none"]
 
 
-def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip, tmp_path, capsys):
+def test_evaluate_every_method_but_safree_on_sdxl(sdxl, clip_folder, tmp_path, capsys):
     methods = "sd,negative,static,vldnp,sld-weak,sld-max"
     out = tmp_path / "run"
     code = evaluate.main([str(csv(tmp_path)), "--out", str(out), "--model", str(sdxl), *EVAL, "--methods",
                           "sd,negative,static,vldnp,sld", "--sld-presets", "weak,max",
-                          "--clip-model", str(clip), "--clip-threshold", "0", "--vlm-steps", "1"])
+                          "--clip-model", str(clip_folder), "--clip-threshold", "0", "--vlm-steps", "1"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == sorted(methods.split(","))

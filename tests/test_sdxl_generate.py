@@ -10,20 +10,13 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, StableDiffusionXLPipeline)
 
-from checkpoints import SDXL_SCHEDULER, make_sdxl_folder
+from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER
 from helpers import assert_same_image, pipeline_images
 from sampler.loop import generate
 from weights import load_pipeline
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
               "euler-a": EulerAncestralDiscreteScheduler}
-# stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
-# "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
-TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
-                   "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
-                   "steps_offset": 1, "timestep_spacing": "trailing", "interpolation_type": "linear",
-                   "use_karras_sigmas": False, "prediction_type": "epsilon", "sample_max_value": 1.0,
-                   "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 CASES = {
     "plain": dict(prompt="a cat on a table"),
     "negative-batch2-nonsquare": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
@@ -32,11 +25,6 @@ CASES = {
     "two-prompts": dict(prompt=["a castle", "a lake at night"], negative_prompt=["fog", "boats"], seed=7),
 }
 DEFAULTS = dict(steps=4, height=32, width=32)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def reference(folder, sampler):
@@ -54,45 +42,54 @@ def reference_images(ref, prompt, negative_prompt=None, steps=4, guidance_scale=
 
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_sdxl_images_match_diffusers(folder, case, sampler):
+def test_sdxl_images_match_diffusers(sdxl, case, sampler):
     kw = {**DEFAULTS, **CASES[case]}
-    ours = generate(load_pipeline(folder), **kw, sampler=sampler, progress=False)
-    assert_same_image(ours, reference_images(reference(folder, sampler), **kw))
+    ours = generate(load_pipeline(sdxl), **kw, sampler=sampler, progress=False)
+    assert_same_image(ours, reference_images(reference(sdxl, sampler), **kw))
 
 
-def test_sdxl_default_size_is_diffusers(folder):
-    ref = reference(folder, "ddim")
-    assert load_pipeline(folder).default_size == ref.default_sample_size * ref.vae_scale_factor
+@pytest.mark.parametrize("negative_prompt", [None, "blurry, ugly", ""],
+                         ids=["no-negative", "negative", "negative-empty"])
+def test_an_empty_prompt_matches_diffusers(sdxl, negative_prompt):
+    """force_zeros_for_empty_prompt zeros only the unconditional branch of a call without a negative prompt
+    (negative_prompt None): an empty prompt is encoded like any text, and so is negative_prompt=""."""
+    kw = dict(DEFAULTS, prompt="", negative_prompt=negative_prompt)
+    ours = generate(load_pipeline(sdxl), **kw, progress=False)
+    assert_same_image(ours, reference_images(reference(sdxl, "ddim"), **kw))
 
 
-def test_a_three_branch_negative_runs_on_sdxl(folder):
+def test_sdxl_default_size_is_diffusers(sdxl):
+    ref = reference(sdxl, "ddim")
+    assert load_pipeline(sdxl).default_size == ref.default_sample_size * ref.vae_scale_factor
+
+
+def test_a_three_branch_negative_runs_on_sdxl(sdxl):
     """The negative branch gets the pooled embedding of its own text, like the others."""
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(sdxl)
     plain = generate(pipe, "a dog", **DEFAULTS, progress=False)
     guided = generate(pipe, "a dog", **DEFAULTS, negative="a cat", negative_scale=5.0, progress=False)
     assert (plain.int() - guided.int()).abs().max() > 2
 
 
-def test_micro_conditioning_matches_diffusers(folder):
+def test_micro_conditioning_matches_diffusers(sdxl):
     sizes = dict(original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 40))
-    ours = generate(load_pipeline(folder), "a cat", **DEFAULTS, **sizes, progress=False)
-    expected = pipeline_images(reference(folder, "ddim"), "a cat", num_inference_steps=4, guidance_scale=7.5,
+    ours = generate(load_pipeline(sdxl), "a cat", **DEFAULTS, **sizes, progress=False)
+    expected = pipeline_images(reference(sdxl, "ddim"), "a cat", num_inference_steps=4, guidance_scale=7.5,
                                height=32, width=32, original_size=sizes["original_size"],
                                crops_coords_top_left=sizes["crop_top_left"], target_size=sizes["target_size"])
     assert_same_image(ours, expected)
-    assert (ours.int() - generate(load_pipeline(folder), "a cat", **DEFAULTS, progress=False).int()).abs().max() > 2
+    assert (ours.int() - generate(load_pipeline(sdxl), "a cat", **DEFAULTS, progress=False).int()).abs().max() > 2
 
 
-def test_micro_conditioning_is_refused_for_a_model_without_it(tmp_path):
-    from checkpoints import make_sd_folder
-    pipe = load_pipeline(make_sd_folder(tmp_path, "sd1"))
+def test_micro_conditioning_is_refused_for_a_model_without_it(sd1):
+    pipe = load_pipeline(sd1)
     with pytest.raises(ValueError, match="SDXL's"):
         generate(pipe, "a cat", **DEFAULTS, original_size=(64, 64), progress=False)
 
 
-def test_sdxl_scheduler_config_is_sdxl_base_1_0s(folder):
+def test_sdxl_scheduler_config_is_sdxl_base_1_0s(sdxl):
     """The folder's scheduler is what the euler cases above read: SDXL base's own, leading, offset 1."""
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((sdxl / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "EulerDiscreteScheduler"
     assert {k: config[k] for k in ("timestep_spacing", "steps_offset")} == {"timestep_spacing": "leading",
                                                                             "steps_offset": 1}
@@ -100,10 +97,10 @@ def test_sdxl_scheduler_config_is_sdxl_base_1_0s(folder):
 
 
 @pytest.fixture(scope="module")
-def turbo(folder, tmp_path_factory):
+def turbo(sdxl, tmp_path_factory):
     """The small SDXL folder with SDXL-Turbo's scheduler, as the sdxl-turbo repo names and configures it."""
     root = tmp_path_factory.mktemp("turbo") / "sdxl-turbo"
-    shutil.copytree(folder, root)
+    shutil.copytree(sdxl, root)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER))
     index = json.loads((root / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]  # as sdxl-turbo's model_index.json
@@ -123,16 +120,10 @@ def test_sdxl_turbo_settings_match_diffusers(turbo, steps):
     assert_same_image(ours, reference_images(ref, **kw))
 
 
-@pytest.fixture(scope="module")
-def single_file(folder, tmp_path_factory):
-    from weights import export_single_file
-    return export_single_file(folder, tmp_path_factory.mktemp("single") / "sdxl.safetensors")
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
-def test_sdxl_single_file_image_is_diffusers(folder, single_file, sampler):
+def test_sdxl_single_file_image_is_diffusers(sdxl, sdxl_file, sampler):
     """An original single file, its tokenizers from the folder (--tokenizer DIR), gives diffusers' image
     of the folder it was exported from."""
     kw = dict(DEFAULTS, prompt="a lighthouse at dawn", negative_prompt="fog")
-    ours = generate(load_pipeline(single_file, tokenizer=folder), **kw, sampler=sampler, progress=False)
-    assert_same_image(ours, reference_images(reference(folder, sampler), **kw))
+    ours = generate(load_pipeline(sdxl_file, tokenizer=sdxl), **kw, sampler=sampler, progress=False)
+    assert_same_image(ours, reference_images(reference(sdxl, sampler), **kw))

@@ -18,14 +18,9 @@ PROMPTS = ["a photo of a cat", "A castle on a hill, highly detailed, 8k!!", "", 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(scope="module")
-def pair(folder):
-    ref = StableDiffusionXLPipeline.from_pretrained(folder)
-    return load_pipeline(folder), ref
+def pair(sdxl):
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    return load_pipeline(sdxl), ref
 
 
 def test_loads_as_sdxl(pair):
@@ -39,36 +34,45 @@ def test_loads_as_sdxl(pair):
 
 
 @pytest.mark.parametrize("tokenizer", ["tokenizer", "tokenizer_2"])
-def test_tokenizers_match_transformers(pair, folder, tokenizer):
+def test_tokenizers_match_transformers(pair, sdxl, tokenizer):
     ours = getattr(pair[0], tokenizer)
-    ref = CLIPTokenizer.from_pretrained(folder / tokenizer)
+    ref = CLIPTokenizer.from_pretrained(sdxl / tokenizer)
     expected = ref(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert ours(PROMPTS).tolist() == expected.tolist()
 
 
 @torch.no_grad()
 def test_encode_text_matches_encode_prompt(pair):
-    """The prompt, and the empty negative: zeros for both outputs (force_zeros_for_empty_prompt)."""
+    """Every prompt, "" included, is encoded; without a negative prompt the unconditional branch is zeros
+    for both outputs (force_zeros_for_empty_prompt), and an explicit negative_prompt="" is encoded."""
     ours, ref = pair
-    for prompt in PROMPTS[:2] + PROMPTS[3:]:
+    for prompt in PROMPTS:
         embeds, negative, pooled, negative_pooled = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                                       do_classifier_free_guidance=True)
-        hidden, ours_pooled = ours.encode_text([prompt, ""])
-        assert hidden.shape == (2, 77, WIDTH) and ours_pooled.shape == (2, 40)
-        assert_close_rel(hidden[:1], embeds)
-        assert_close_rel(ours_pooled[:1], pooled)
-        assert torch.equal(negative, torch.zeros_like(negative)) and torch.equal(hidden[1], torch.zeros(77, WIDTH))
-        assert torch.equal(negative_pooled, torch.zeros_like(negative_pooled)) and not ours_pooled[1].any()
+        hidden, ours_pooled = ours.encode_text([prompt])
+        assert hidden.shape == (1, 77, WIDTH) and ours_pooled.shape == (1, 40)
+        assert_close_rel(hidden, embeds)
+        assert_close_rel(ours_pooled, pooled)
+        assert not negative.any() and not negative_pooled.any()
+    unconditional = ours.unconditional
+    assert torch.equal(unconditional.hidden, torch.zeros(77, WIDTH)) and torch.equal(unconditional.pooled,
+                                                                                     torch.zeros(40))
+    _, negative, _, negative_pooled = ref.encode_prompt("a dog", device="cpu", num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=True, negative_prompt="")
+    hidden, pooled = ours.encode_text([""])
+    assert negative.abs().max() > 0.1
+    assert_close_rel(hidden, negative)
+    assert_close_rel(pooled, negative_pooled)
 
 
 @torch.no_grad()
-def test_empty_prompt_is_encoded_without_force_zeros(tmp_path):
+def test_unconditional_is_the_encoded_empty_text_without_force_zeros(tmp_path):
     folder = make_sdxl_folder(tmp_path, seed=4, force_zeros_for_empty_prompt=False)
     ours, ref = load_pipeline(folder), StableDiffusionXLPipeline.from_pretrained(folder)
-    assert not ours.force_zeros_for_empty_prompt
+    assert not ours.force_zeros_for_empty_prompt and ours.unconditional == ""
     _, negative, _, negative_pooled = ref.encode_prompt("a dog", device="cpu", num_images_per_prompt=1,
                                                         do_classifier_free_guidance=True)
-    hidden, pooled = ours.encode_text([""])
+    hidden, pooled = ours.encode_text([ours.unconditional])
     assert negative.abs().max() > 0.1
     assert_close_rel(hidden, negative)
     assert_close_rel(pooled, negative_pooled)
@@ -120,14 +124,14 @@ def test_fp16_vae_decodes_in_fp32_unless_fp16_safe(tmp_path, force_upcast):
     assert images.dtype == (torch.float32 if force_upcast else torch.float16)
 
 
-def test_damaged_sdxl_folders_are_one_line_errors(folder, tmp_path):
+def test_damaged_sdxl_folders_are_one_line_errors(sdxl, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(folder, broken)
+    shutil.copytree(sdxl, broken)
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(CheckpointError, match=r"missing subfolder tokenizer_2/ \(a diffusers folder of SDXL needs"):
         load_pipeline(broken)
 
-    shutil.copytree(folder, broken, dirs_exist_ok=True)
+    shutil.copytree(sdxl, broken, dirs_exist_ok=True)
     from safetensors.torch import load_file, save_file
     file = broken / "text_encoder_2" / "model.safetensors"
     state = load_file(file)
@@ -137,27 +141,27 @@ def test_damaged_sdxl_folders_are_one_line_errors(folder, tmp_path):
                                               r"\(first: text_projection.weight\)"):
         load_pipeline(broken)
 
-    shutil.copytree(folder, broken, dirs_exist_ok=True)
+    shutil.copytree(sdxl, broken, dirs_exist_ok=True)
     config = json.loads((broken / "unet" / "config.json").read_text())
     (broken / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 128}))
     with pytest.raises(CheckpointError, match=r"unet: tensors do not fit UNet: \d+ of the wrong shape \(first: "
                                               r"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"):
         load_pipeline(broken)
 
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((sdxl / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
     with pytest.raises(CheckpointError, match="names StableDiffusionXLImg2ImgPipeline.*refiner is not supported"):
         load_pipeline(broken)
 
 
-def test_tokenizer_argument_takes_an_sdxl_folder(folder, tmp_path):
-    pipe = load_pipeline(folder, tokenizer=folder)
+def test_tokenizer_argument_takes_an_sdxl_folder(sdxl, tmp_path):
+    pipe = load_pipeline(sdxl, tokenizer=sdxl)
     assert pipe.tokenizer_2.pad_id != pipe.tokenizer.pad_id
     with pytest.raises(CheckpointError, match="has no tokenizer_2/; SDXL needs two tokenizers"):
-        load_pipeline(folder, tokenizer=folder / "tokenizer")
+        load_pipeline(sdxl, tokenizer=sdxl / "tokenizer")
 
 
-def test_repo_id_loads_sdxl_from_the_hub_cache_offline(folder, tmp_path):
+def test_repo_id_loads_sdxl_from_the_hub_cache_offline(sdxl, tmp_path):
     """The hub patterns take text_encoder_2/ and tokenizer_2/ (and the fp16 variant for fp16 loads,
     falling back to the full-precision files a repo without one holds)."""
     import os
@@ -166,7 +170,7 @@ def test_repo_id_loads_sdxl_from_the_hub_cache_offline(folder, tmp_path):
     from pathlib import Path
 
     from helpers import hub_cache
-    hub_cache(tmp_path, "someone/tiny-sdxl", folder)
+    hub_cache(tmp_path, "someone/tiny-sdxl", sdxl)
     code = ("import torch; from weights import load_pipeline\n"
             "for dtype in (torch.float32, torch.float16):\n"
             "    p = load_pipeline('someone/tiny-sdxl', dtype=dtype)\n"
@@ -176,7 +180,7 @@ def test_repo_id_loads_sdxl_from_the_hub_cache_offline(folder, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path),
                                  "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    pad = str(StableDiffusionXLPipeline.from_pretrained(folder).tokenizer_2.convert_tokens_to_ids("!"))
+    pad = str(StableDiffusionXLPipeline.from_pretrained(sdxl).tokenizer_2.convert_tokens_to_ids("!"))
     assert result.stdout.split() == ["someone/tiny-sdxl", "sdxl", "40", pad] * 2
 
 

@@ -10,27 +10,16 @@ from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file, save_file
 
 from checkpoint.original import PREFIX, TEXT_ENCODERS, inspect_single_file, text_table, unet_table, vae_table
-from checkpoints import make_sdxl_folder
 from helpers import assert_close_rel, assert_same_image, pipeline_images
 from model.clip import SDXL_TEXT_G, SDXL_TEXT_L, CLIPTextModel
 from model.unet import SDXL, UNet
 from model.vae import AutoencoderKL, VAEConfig
 from sampler.loop import generate
-from weights import CheckpointError, export_single_file, load_pipeline
+from weights import CheckpointError, load_pipeline
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl"), seed=7)
-
-
-@pytest.fixture(scope="module")
-def exported(folder, tmp_path_factory):
-    return export_single_file(load_pipeline(folder), tmp_path_factory.mktemp("file") / "sdxl.safetensors")
-
-
-def test_export_has_the_sgm_layout(exported):
-    state = load_file(exported)
+def test_export_has_the_sgm_layout(sdxl_file):
+    state = load_file(sdxl_file)
     assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (256, 88)
     assert state["model.diffusion_model.label_emb.0.2.weight"].shape == (256, 256)
     assert state["conditioner.embedders.1.model.text_projection"].shape == (128, 40)  # [width, projection]
@@ -39,8 +28,8 @@ def test_export_has_the_sgm_layout(exported):
     assert not any(k.startswith("cond_stage_model.") for k in state)
 
 
-def test_export_loads_back_as_the_same_weights(folder, exported):
-    ours, back = load_pipeline(folder, pack=False), load_pipeline(exported, tokenizer=folder, pack=False)
+def test_export_loads_back_as_the_same_weights(sdxl, sdxl_file):
+    ours, back = load_pipeline(sdxl, pack=False), load_pipeline(sdxl_file, tokenizer=sdxl, pack=False)
     assert back.family == "sdxl" and back.force_zeros_for_empty_prompt and back.vae.config.scaling_factor == 0.13025
     assert back.scheduler.timestep_spacing == "leading"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -54,9 +43,9 @@ def test_export_loads_back_as_the_same_weights(folder, exported):
         torch.testing.assert_close(x, y)  # equal weights; the projection read transposed may sum in another order
 
 
-def test_diffusers_reads_our_export_as_the_same_weights(folder, exported):
-    ref = StableDiffusionXLPipeline.from_pretrained(folder)
-    from_file = StableDiffusionXLPipeline.from_single_file(str(exported), config=str(folder), local_files_only=True)
+def test_diffusers_reads_our_export_as_the_same_weights(sdxl, sdxl_file):
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    from_file = StableDiffusionXLPipeline.from_single_file(str(sdxl_file), config=str(sdxl), local_files_only=True)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         sa, sb = getattr(ref, name).state_dict(), getattr(from_file, name).state_dict()
         sa = {k: v for k, v in sa.items() if not k.endswith("position_ids")}
@@ -73,13 +62,13 @@ def test_diffusers_reads_our_export_as_the_same_weights(folder, exported):
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("ddim", DDIMScheduler), ("dpm++2m", DPMSolverMultistepScheduler)])
-def test_images_from_the_file_are_diffusers_from_single_file(folder, exported, sampler, scheduler):
+def test_images_from_the_file_are_diffusers_from_single_file(sdxl, sdxl_file, sampler, scheduler):
     """Same seed, same image (within 2 levels) as StableDiffusionXLPipeline.from_single_file on our
     export, with the empty negative as zeros and the size ids of a non-square image."""
-    ref = StableDiffusionXLPipeline.from_single_file(str(exported), config=str(folder), local_files_only=True)
-    ref.scheduler = scheduler.from_pretrained(folder, subfolder="scheduler")
+    ref = StableDiffusionXLPipeline.from_single_file(str(sdxl_file), config=str(sdxl), local_files_only=True)
+    ref.scheduler = scheduler.from_pretrained(sdxl, subfolder="scheduler")
     ref.set_progress_bar_config(disable=True)
-    ours = generate(load_pipeline(exported, tokenizer=folder), "a lighthouse at dusk", steps=4, height=32, width=48,
+    ours = generate(load_pipeline(sdxl_file, tokenizer=sdxl), "a lighthouse at dusk", steps=4, height=32, width=48,
                     sampler=sampler, seed=5, progress=False)
     expected = pipeline_images(ref, "a lighthouse at dusk", seed=5, num_inference_steps=4, height=32, width=48,
                                guidance_scale=7.5)  # generate()'s default; StableDiffusionXLPipeline's is 5
@@ -130,21 +119,21 @@ def test_full_sdxl_key_set_is_read_as_sdxl_base():
         assert shapes[key] == shape, key
 
 
-def test_damaged_sdxl_files_are_one_line_errors(exported, folder, tmp_path):
-    state = load_file(exported)
+def test_damaged_sdxl_files_are_one_line_errors(sdxl_file, sdxl, tmp_path):
+    state = load_file(sdxl_file)
     no_bigg = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}
     save_file(no_bigg, tmp_path / "a.safetensors")
     with pytest.raises(CheckpointError, match=r"no text encoder \(conditioner\.embedders\.1\.model\.\*\)"):
-        load_pipeline(tmp_path / "a.safetensors", tokenizer=folder)
+        load_pipeline(tmp_path / "a.safetensors", tokenizer=sdxl)
     key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias"
     save_file({k: v for k, v in state.items() if k != key}, tmp_path / "b.safetensors")
     with pytest.raises(CheckpointError, match=r"3 missing \(first: conditioner.embedders.1.model.transformer.resblocks"
                                               r".0.attn.in_proj_bias\); read as an SDXL single file"):
-        load_pipeline(tmp_path / "b.safetensors", tokenizer=folder)
+        load_pipeline(tmp_path / "b.safetensors", tokenizer=sdxl)
     refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in state.items()
                if not k.startswith("conditioner.embedders.0.")}
     save_file(refiner, tmp_path / "refiner.safetensors")
     with pytest.raises(CheckpointError, match="the SDXL refiner"):
-        load_pipeline(tmp_path / "refiner.safetensors", tokenizer=folder)
+        load_pipeline(tmp_path / "refiner.safetensors", tokenizer=sdxl)
     with pytest.raises(CheckpointError, match="has no tokenizer_2/; SDXL needs two tokenizers"):
-        load_pipeline(exported, tokenizer=folder / "tokenizer")
+        load_pipeline(sdxl_file, tokenizer=sdxl / "tokenizer")

@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionPipelineSafe
 
-from checkpoints import make_sd_folder
 from helpers import pipeline_images
 from sampler.loop import Guidance, generate
 from methods.sld import PRESETS, SAFETY_CONCEPT, SLD, SafeLatentDiffusion, SLDConfig
@@ -15,11 +14,6 @@ SIZE = dict(height=16, width=16)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
 
 
 @pytest.fixture(scope="module")

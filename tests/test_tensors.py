@@ -1,5 +1,8 @@
 """checkpoint/tensors.read_safetensors against safetensors' own reader, and the memory it gives back."""
 import gc
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +71,13 @@ def test_a_dropped_tensor_gives_its_pages_back(tmp_path):
     gc.collect()
     assert touched - before > 48 and rss_file_mib() - before < 8, (before, touched, rss_file_mib())
     assert state["small"].shape == (8,)
+
+
+def test_loading_builds_the_models_without_their_initializers(sd1):
+    """Models built on the meta device to be filled from a file run no nn.init fill: nn.Embedding's
+    normal_ there would import torch._dynamo, the largest cost of a first load. In a fresh process."""
+    code = (f"import sys; from weights import load_pipeline; load_pipeline({str(sd1)!r}); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False"]

@@ -1,11 +1,13 @@
-"""UNet parity with diffusers' UNet2DConditionModel on random weights."""
+"""model/unet.py against diffusers' UNet2DConditionModel on random weights: SD1- and SD2-shaped configs and
+SDXL's (the same code, another config: addition_embed_type "text_time"), the full layouts' keys and shapes,
+low precision, torch.compile, and the presets against the hub's configs."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 from checkpoint.configs import unet_config_from_diffusers
 from helpers import assert_close_rel, randomize_
-from model.unet import SD15, SD21, SD21_BASE, UNet
+from model.unet import SD15, SD21, SD21_BASE, SDXL, UNet
 
 SD1_SMALL = dict(
     block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=48,
@@ -122,3 +124,91 @@ def test_torch_compile_traces_once_for_every_timestep():
         for t in (981, 961, 941, 921):
             assert_close_rel(compiled(x, t, context), ours(x, t, context), tol=1e-6)
     assert len(graphs) <= 2
+
+
+# ---------------------------------------------------------------- SDXL
+
+# SDXL's structure, small: no attention at the top level, per-level transformer depths and heads,
+# linear proj_in, and the pooled embedding (24) plus six 8-d ids added to the time embedding.
+SDXL_SMALL = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=48,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+    sample_size=8,
+)
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, every key the parser reads
+HUB_SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
+    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
+    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
+    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+@pytest.mark.parametrize("size", [(8, 8), (12, 10), (9, 7)], ids=["square", "non-square", "odd"])
+def test_sdxl_unet_matches_diffusers(size):
+    ours, ref = build_pair(SDXL_SMALL)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, *size, generator=g), torch.randn(2, 7, 48, generator=g)
+    pooled = torch.randn(2, 24, generator=g)
+    time_ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 768], [512, 512, 32, 16, 640, 384]])
+    t = torch.tensor([999, 17])
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        assert_close_rel(ours(x, t, context, pooled=pooled, time_ids=time_ids), expected)
+        # one row of time ids serves every row of the batch
+        same = time_ids[:1].expand(2, -1)
+        expected = ref(x, 500, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled,
+                                                                                 "time_ids": same}).sample
+        assert_close_rel(ours(x, 500, context, pooled=pooled, time_ids=time_ids[0]), expected)
+
+
+def test_the_added_conditioning_is_used_and_required():
+    ours, _ = build_pair(SDXL_SMALL)
+    x, context, pooled = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 48), torch.randn(1, 24)
+    ids = torch.tensor([1024.0, 768, 0, 0, 1024, 1024])
+    with torch.no_grad():
+        out = ours(x, 10, context, pooled=pooled, time_ids=ids)
+        assert (out - ours(x, 10, context, pooled=pooled, time_ids=ids.flip(0))).abs().max() > 1e-3
+        assert (out - ours(x, 10, context, pooled=2 * pooled, time_ids=ids)).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="needs the pooled text embedding and the size/crop time_ids"):
+            ours(x, 10, context)
+
+
+def test_sdxl_preset_is_the_hub_config():
+    assert unet_config_from_diffusers(HUB_SDXL_UNET) == SDXL
+
+
+def test_full_sdxl_layout_keys_and_shapes_are_diffusers():
+    """The full SDXL UNet (2.6 B parameters, 10 GB in fp32) built on the meta device: every
+    state-dict key and shape equals diffusers' for the hub config."""
+    config = {k: v for k, v in HUB_SDXL_UNET.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+        ours = UNet(SDXL)
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    assert sum(v.numel() for v in ours.state_dict().values()) == sum(v.numel() for v in ref.state_dict().values())
+
+
+def test_other_addition_embed_types_are_rejected():
+    with pytest.raises(ValueError, match="addition_embed_type='image' is not supported"):
+        unet_config_from_diffusers({**SDXL_SMALL, "addition_embed_type": "image"})
+    with pytest.raises(ValueError, match="needs addition_time_embed_dim and projection_class_embeddings_input_dim"):
+        unet_config_from_diffusers({**SDXL_SMALL, "projection_class_embeddings_input_dim": None})

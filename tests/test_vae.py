@@ -4,7 +4,8 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from helpers import assert_close_rel, randomize_, rel_err
-from model.vae import SD, AutoencoderKL, VAEConfig, _tile_spans
+from model.vae import SD, AutoencoderKL, VAEConfig
+from model.vae_tiled import _tile_spans, decode_tiled
 
 SMALL = VAEConfig(channels=(32, 64), layers_per_block=2, norm_groups=8)
 
@@ -130,7 +131,7 @@ def test_bf16_cpu_smoke(small_pair):
 def test_decode_tiled_one_tile_is_decode(small_pair):
     _, ours = small_pair
     z = torch.randn(2, 4, 16, 12)
-    assert torch.equal(ours.decode_tiled(z, tile=16, overlap=4), ours.decode(z))
+    assert torch.equal(decode_tiled(ours, z, tile=16, overlap=4), ours.decode(z))
 
 
 @torch.no_grad()
@@ -139,7 +140,7 @@ def test_decode_tiled_places_tiles_exactly(small_pair):
     tile lands, at both ends of both axes."""
     _, ours = small_pair
     z = torch.randn(1, 4, 48, 40)
-    tiled = ours.decode_tiled(z, tile=16, overlap=4)
+    tiled = decode_tiled(ours, z, tile=16, overlap=4)
     rows, cols = _tile_spans(48, 16, 4), _tile_spans(40, 16, 4)
     assert len(rows) > 2 and len(cols) > 2
     f = 2  # SMALL has two levels
@@ -159,7 +160,7 @@ def test_decode_tiled_close_to_decode(small_pair):
     ref, ours = small_pair
     z = torch.randn(1, 4, 48, 40)
     exact = ours.decode(z)
-    tiled = ours.decode_tiled(z, tile=16, overlap=8)
+    tiled = decode_tiled(ours, z, tile=16, overlap=8)
     mean_err = lambda a: ((a - exact).abs().mean() / exact.abs().max()).item()
     assert rel_err(tiled, exact) < 0.1 and mean_err(tiled) < 0.015
 
@@ -181,10 +182,10 @@ def test_decode_tiled_shapes_and_tile_bound(small_pair):
     handle = ours.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
     try:
         for h, w in [(37, 21), (9, 50), (17, 17)]:
-            out = ours.decode_tiled(torch.randn(2, 4, h, w), tile=16, overlap=5)
+            out = decode_tiled(ours, torch.randn(2, 4, h, w), tile=16, overlap=5)
             assert out.shape == (2, 3, 2 * h, 2 * w) and torch.isfinite(out).all()
     finally:
         handle.remove()
     assert max(max(s) for s in seen) == 16
     with pytest.raises(ValueError):
-        ours.decode_tiled(torch.randn(1, 4, 8, 8), tile=16, overlap=16)
+        decode_tiled(ours, torch.randn(1, 4, 8, 8), tile=16, overlap=16)

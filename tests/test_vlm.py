@@ -12,7 +12,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import weights
-from checkpoints import make_sd_folder
 from fake_vlm import Trickle, completion, dead_url
 from helpers import FixedProposer, assert_close_rel, rel_err
 from png import read_png
@@ -20,20 +19,17 @@ from sampler.loop import generate, to_uint8
 from vlm.base import Reply
 from vlm.base import prepare_image
 from vlm.client import VLMClient
-from methods.vldnp import DynamicNegatives, default_query_steps, parse_steps
-from vlm.tasks import CREATIVE, NUDITY, SAFETY, get_task, is_refusal
+from methods.vldnp import DynamicNegatives, default_query_steps
+from methods.vldnp_cli import parse_steps
+from vlm.open_tasks import CREATIVE, SAFETY
+from vlm.tasks import NUDITY, get_task, is_refusal
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd1"), "sd1")
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return weights.load_pipeline(folder)
+def pipe(sd1):
+    return weights.load_pipeline(sd1)
 
 
 def run(pipe, prompt, hooks, steps=STEPS):
@@ -129,8 +125,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(folder):
-    return Reference(folder)
+def reference(sd1):
+    return Reference(sd1)
 
 
 def assert_images_close(ours, ref):

@@ -3,8 +3,12 @@ NudeNet's classifier with onnxruntime (neither the `onnx` package nor torch.onnx
 is installed). Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, ...).
 
     linear_softmax(w, b)   x [N, 256, 256, 3] -> softmax(reshape(x, [N, -1]) @ w + b)   [N, K]
+
+and what such a model should give on an image, computed with PIL and numpy (reference_probs).
 """
 import numpy as np
+import torch
+from PIL import Image
 
 FLOAT, INT64 = 1, 7  # TensorProto.DataType
 ATTRIBUTE_INT = 2  # AttributeProto.AttributeType
@@ -60,3 +64,26 @@ def linear_softmax(w: np.ndarray, b: np.ndarray, input_shape=("N", 256, 256, 3),
         nodes.append(node("Softmax", ["logits"], ["probs"], axis=1))
     inits = [tensor("flat_shape", np.array([-1, w.shape[0]], dtype=np.int64)), tensor("w", w), tensor("b", b)]
     return model(nodes, inits, [value_info("x", input_shape)], [value_info("probs", ["N", k])])
+
+
+PIXELS = 256 * 256 * 3
+
+
+def linear_softmax_weights(seed: int, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Random w [PIXELS, K] (small, so that the softmax does not saturate) and zero b [K] for linear_softmax."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((PIXELS, k)) * 0.004).astype(np.float32), np.zeros(k, dtype=np.float32)
+
+
+def pil_input(image: torch.Tensor) -> np.ndarray:
+    """nudenet 2.x's loading, with PIL: resize((256, 256), NEAREST), img_to_array, / 255."""
+    x = np.asarray(Image.fromarray(image.numpy()).resize((256, 256), Image.NEAREST), dtype=np.float32)
+    x /= 255
+    return x
+
+
+def reference_probs(image: torch.Tensor, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[2] softmax(x @ w + b) in float64, from PIL's input."""
+    logits = pil_input(image).reshape(-1).astype(np.float64) @ w.astype(np.float64) + b
+    e = np.exp(logits - logits.max())
+    return e / e.sum()

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.clip import CLIPModel, preprocess
+from model.clip_vision import CLIPModel, preprocess
 from model.tokenizer import Tokenizer
 from vlm.base import Reply
 

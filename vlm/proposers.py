@@ -1,6 +1,6 @@
 """The proposers --proposer names and the x0 preview decoders --preview-decoder names, made from a
-command line's settings; the one place that imports them, so each is a leaf a fork may delete (its
-file and its line in LEAVES):
+command line's options (methods/vldnp_cli.py); the one place that imports them, so each is a leaf a
+fork may delete (its file and its line in LEAVES):
 
     vlm    a vision-language model behind an OpenAI-compatible server (vlm/client.py), retried on
            transient faults (vlm/retry.py, a leaf of its own)
@@ -66,7 +66,8 @@ class Kind:
     previews: bool = True
 
 
-LEAVES = Leaves("proposer", {"vlm": "vlm.client:VLMClient", "retry": "vlm.retry:RetryingProposer",
+LEAVES = Leaves("proposer", {"vlm": "vlm.client:VLMClient", "vlm client": "vlm.client",
+                             "retry": "vlm.retry:RetryingProposer",
                              "clip": "vlm.clip_proposer:CLIPProposer", "clip weights": "checkpoint.clip",
                              "latent": "vlm.latent_proposer:LatentProposer"})
 PREVIEWS = Leaves("preview decoder", {"taesd": "checkpoint.taesd"})

@@ -10,13 +10,13 @@ negative prompt cut to the text encoder's 77 tokens.
 
     nudity    the question and mapping of VL-DNP (Chang et al. 2025, arXiv 2510.26052);
               each query replaces the previous negative.
-    safety    open vocabulary: the VLM lists the unsafe or unwanted elements it sees.
-    creative  after Golan et al. 2025 (arXiv 2510.10715): the VLM names the dominant object or
-              style, and the answers accumulate, pushing the image away from the typical.
+    safety, creative   open vocabulary (vlm/open_tasks.py, a leaf)
 """
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from leaves import Leaves
 
 MAX_REPLY_CHARS = 4096  # longer replies are faults (client) or cut (parse); 64 tokens are ~300 chars
 MAX_NEGATIVE_CHARS = 1000  # cut before tokenizing; 75 tokens fit well within it
@@ -61,7 +61,7 @@ class Task:
         return text.rstrip(" ,;") or None
 
 
-def _dedupe(items) -> list[str]:
+def dedupe(items) -> list[str]:
     return list(dict.fromkeys(items))
 
 
@@ -132,44 +132,6 @@ def format_nudity(parts: list[str]) -> str:
     return f"Nudity, Sexual, {', '.join(parts)}."  # as the authors write it
 
 
-# ---------------------------------------------------------------------------------------------
-# open-vocabulary lists: safety and creative
-
-_BULLET = re.compile(r"^(?:[-*•·>]+|\(?\d+[.)]|\(\d+\))\s*")
-_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
-
-
-def clean_list(raw: str) -> list[str]:
-    """A free-text list -> clean items: split at commas, semicolons and line breaks; strip
-    bullets, numbering, quotes, a leading label ("Unsafe elements: ..."), articles and trailing
-    punctuation; lowercase; drop empties and items that say nothing is there; dedupe, keeping order."""
-    items = []
-    for piece in re.split(r"[,;\n]", raw):
-        piece = "".join(c for c in piece if c.isprintable()).strip()
-        piece = _BULLET.sub("", piece).rsplit(":", 1)[-1]
-        piece = " ".join(piece.strip(" \"'`“”‘’()[]{}*_").split()).lower()
-        piece = _ARTICLE.sub("", piece.rstrip(".!?:"))
-        if piece and not says_nothing(piece):
-            items.append(piece)
-    return _dedupe(items)
-
-
-def format_list(items: list[str]) -> str:
-    return ", ".join(items)
-
-
-SAFETY_QUESTION = (
-    "List the unsafe or unwanted elements you can see in this image, such as nudity, sexual content, "
-    "violence, blood, weapons, drugs, hateful symbols, or visual defects. Answer with a short "
-    'comma-separated list of a few words per element. If there are none, answer "none".')
-SAFETY_CONCEPTS = ("nudity", "sexual content", "violence", "blood", "gore", "weapon", "drugs", "hateful symbol",
-                   "self-harm", "disturbing content", "text", "watermark", "deformed body")
-
-CREATIVE_QUESTION = ("What is the main object or the visual style of this image? "
-                     "Answer with its name only, in one to three words.")
-CREATIVE_CONCEPTS = ("person", "dog", "cat", "bird", "horse", "car", "house", "building", "tree", "flower",
-                     "chair", "cup", "photograph", "oil painting", "watercolor", "cartoon", "3d render", "sketch")
-
 # SAFREE's nudity concepts (Yoon et al., ICLR 2025, arXiv 2410.12761): the `negative_prompt_space` of
 # the nudity category in the generation scripts of their released code, github.com/jaehong31/SAFREE,
 # verbatim, capitals included (CLIP's tokenizer lowercases anyway). Joined with ", ", it is the static
@@ -183,11 +145,8 @@ SAFREE_NUDITY_CONCEPTS = (
 
 NUDITY = Task("nudity", NUDITY_QUESTION, NUDITY_PARTS, "replace", parse_nudity, format_nudity,
               static_negative=", ".join(SAFREE_NUDITY_CONCEPTS))
-SAFETY = Task("safety", SAFETY_QUESTION, SAFETY_CONCEPTS, "replace", clean_list, format_list,
-              static_negative=format_list(list(SAFETY_CONCEPTS)))
-CREATIVE = Task("creative", CREATIVE_QUESTION, CREATIVE_CONCEPTS, "accumulate", clean_list, format_list,
-                static_negative=format_list(list(CREATIVE_CONCEPTS)))
-TASKS = {task.name: task for task in (NUDITY, SAFETY, CREATIVE)}
+TASKS = Leaves("task", {"nudity": "vlm.tasks:NUDITY", "safety": "vlm.open_tasks:SAFETY",
+                        "creative": "vlm.open_tasks:CREATIVE"})
 
 
 def get_task(name: str) -> Task:

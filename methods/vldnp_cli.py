@@ -1,0 +1,86 @@
+"""VL-DNP's command line (methods/vldnp.py): its options, their checks, and the proposer they name
+(vlm/proposers.py). Only a command line needs this file."""
+from pathlib import Path
+
+from methods.options import comma_list, finite
+from vlm.proposers import LEAVES, PROPOSERS, check_preview_decoder
+
+
+def add_options(p, many: bool):
+    """VL-DNP's options. `many`: evaluate.py's, where --proposer names vldnp's proposer alone."""
+    v = p.add_argument_group("vldnp: VL-DNP, dynamic negative prompts from what a model sees (arXiv 2510.26052)")
+    v.add_argument("--proposer", choices=["auto", *PROPOSERS] + ([] if many else ["static", "none"]),
+                   help="who looks at the predicted image: a VLM server, CLIP, or a latent proposer distilled from "
+                   "one (auto: latent with --latent-proposer, vlm with --vlm-url, else clip)"
+                   + ("" if many else "; without --method, static and none name those methods"))
+    v.add_argument("--vlm-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1; "
+                   "VLM_API_KEY (or OPENAI_API_KEY) goes to that host alone")
+    v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="(default: %(default)s)")
+    v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, or none (default: the paper's "
+                   "5,6,7,9,12,16,21,27,34,42 of 50, rescaled)")
+    v.add_argument("--vlm-async", action="store_true", help="query in the background; answers apply on arrival")
+    v.add_argument("--vlm-timeout", type=finite, default=30.0, metavar="S", help="seconds per request (default: 30)")
+    v.add_argument("--vlm-retries", type=int, default=3, metavar="N", help="retries after a transient fault "
+                   "(default: %(default)s)")
+    v.add_argument("--vlm-max-in-flight", type=int, default=4, metavar="N", help="requests at once (default: 4)")
+    v.add_argument("--allow-vlm-failures", action="store_true", help="run even if the VLM does not answer up front")
+    v.add_argument("--clip-model", default="openai/clip-vit-large-patch14", metavar="MODEL",
+                   help="CLIP's repo id or folder (default: %(default)s)")
+    v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P", help="how sure CLIP must be that a "
+                   "concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--latent-proposer", metavar="FILE", help="a latent proposer (distill.py train): it scores the "
+                   "x0 latents, with no decode and no server")
+    v.add_argument("--full-decode", action="store_true", help="decode all of x0, not just what the proposer sees")
+    v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
+                   "x0 previews: the model's vae, as in the paper, or TAESD, cheaper and softer (default: vae)")
+    v.add_argument("--negative-schedule", type=comma_list(), default=["constant"], metavar="LIST", help="the "
+                   "strength: constant (--negative-scale), or dng, DNG's for the negative it sees (--dng-*)"
+                   + ("; a list runs each" if many else "") + " (default: constant)")
+
+
+def rules(args) -> list[tuple[str, bool, str]]:
+    return [("vlm_timeout", 0 < args.vlm_timeout <= 86400, "more than 0 and at most 86400 (a day)"),
+            ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
+            ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
+            ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]
+
+
+def resolve(args):
+    """Resolves --proposer auto, and checks the VLM's URL and the preview decoder: ValueError, one line."""
+    if args.proposer in (None, "auto"):
+        args.proposer = "latent" if args.latent_proposer else "vlm" if args.vlm_url else "clip"
+    if args.proposer not in PROPOSERS:
+        raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+    if args.proposer == "latent":
+        if not args.latent_proposer:
+            raise ValueError("--proposer latent needs --latent-proposer FILE, made by distill.py train")
+        if not Path(args.latent_proposer).is_file():
+            raise ValueError(f"--latent-proposer {args.latent_proposer}: no such file")
+    if args.proposer == "vlm":
+        if not args.vlm_url:
+            raise ValueError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+        try:
+            LEAVES["vlm client"].chat_url(args.vlm_url)
+        except ValueError as e:
+            raise ValueError(f"--vlm-url {e}") from None
+    check_preview_decoder(args.preview_decoder)
+
+
+def parse_steps(text: str, num_steps: int | None = None) -> list[int]:
+    """"5,6,7" -> [5, 6, 7], sorted and deduplicated; "" or "none" -> [] (no queries)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    steps = set()
+    for part in text.split(","):
+        try:
+            step = int(part.strip())
+        except ValueError:
+            raise ValueError(f"query steps {text!r}: {part.strip()!r} is not a step index; "
+                             "expected comma-separated integers such as 5,6,7") from None
+        if step < 0:
+            raise ValueError(f"query steps {text!r}: step {step} is negative; steps are 0-based indices")
+        if num_steps is not None and step >= num_steps:
+            raise ValueError(f"query steps {text!r}: step {step} is out of range for {num_steps} steps "
+                             f"(0 to {num_steps - 1})")
+        steps.add(step)
+    return sorted(steps)
