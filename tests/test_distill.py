@@ -71,6 +71,13 @@ class Planted:
         return Reply(["feet"] if mean > 0 else [], f"{mean:.4f}")
 
 
+def planted_collection(pipe, out, rows, images):
+    """A collection of `rows` into `out` by VL-DNP with the Planted teacher, 4 DDIM steps, queries at 1 and 3."""
+    method = VLDNP(7.5, NUDITY, (1, 3), Planted())
+    return Collection(out, rows, method, {"method": method.settings()}, Sampling(4, "ddim", 16, 16), 7.5, 0, images,
+                      torch.device("cpu"), torch.float32, lambda: pipe, progress=False)
+
+
 class Recorder:
     """A hook that keeps x_t, x0 and t at every step."""
 
@@ -87,12 +94,8 @@ class Recorder:
 def test_the_stored_latents_are_what_the_sampler_predicted(pipe, tmp_path):
     """The shard holds, for every image and query step, the x0 and x_t the sampler had there (a hook
     recording every step of the same run made again), and each verdict sits beside its own x0."""
-    csv = write_csv(tmp_path / "p.csv", PROMPTS[:2])
-    rows = read_prompts(csv).rows
-    method = VLDNP(7.5, NUDITY, (1, 3), Planted())
-    spec = Collection(tmp_path / "data", rows, method, {"method": method.settings()}, Sampling(4, "ddim", 16, 16),
-                      7.5, 0, 2, torch.device("cpu"), torch.float32, lambda: pipe, progress=False)
-    assert collect(spec) == 0
+    rows = read_prompts(write_csv(tmp_path / "p.csv", PROMPTS[:2])).rows
+    assert collect(planted_collection(pipe, tmp_path / "data", rows, images=2)) == 0
 
     records = read_records(tmp_path / "data" / "records.jsonl")
     assert [r["prompt"] for r in records] == PROMPTS[:2] and all(r["status"] == "ok" for r in records)
@@ -117,10 +120,7 @@ def test_collect_runs_vl_dnp_with_the_teacher(pipe, tmp_path):
     """The teacher's negatives apply, as in VL-DNP: an image whose first query found feet has, at the
     next query, the x0 of the guided run, not of plain sampling."""
     rows = read_prompts(write_csv(tmp_path / "p.csv")).rows
-    method = VLDNP(7.5, NUDITY, (1, 3), Planted())
-    spec = Collection(tmp_path / "data", rows, method, {"method": method.settings()}, Sampling(4, "ddim", 16, 16),
-                      7.5, 0, 1, torch.device("cpu"), torch.float32, lambda: pipe, progress=False)
-    assert collect(spec) == 0
+    assert collect(planted_collection(pipe, tmp_path / "data", rows, images=1)) == 0
     guided = 0
     for record, row in zip(read_records(tmp_path / "data" / "records.jsonl"), rows):
         plain = Recorder()
@@ -132,6 +132,29 @@ def test_collect_runs_vl_dnp_with_the_teacher(pipe, tmp_path):
             assert torch.equal(x0[later["index"]], plain.steps[3][1][later["image"]]) == (not first["concepts"])
             guided += bool(first["concepts"])
     assert guided
+
+
+def test_a_killed_collection_resumes(pipe, tmp_path, capsys):
+    """A kill while a record is appended leaves a torn line, and one between a prompt's shard and its
+    record leaves a shard no record names: a re-run makes those prompts again, once, and the data
+    read back as an unbroken run's."""
+    rows, data = read_prompts(write_csv(tmp_path / "p.csv")).rows, tmp_path / "data"
+    concepts = list(NUDITY.concepts)
+    assert collect(planted_collection(pipe, data, rows, images=1)) == 0
+    whole = read_examples(data, concepts)
+    records = data / "records.jsonl"
+    lines = records.read_bytes().splitlines(keepends=True)
+    for kill, made in [(lines[:2] + [lines[2][:40]], "2 done before, 1 to make"),  # torn while appended
+                       (lines[:1], "1 done before, 2 to make")]:  # after the shards of prompts 2 and 3
+        records.write_bytes(b"".join(kill))
+        capsys.readouterr()
+        assert collect(planted_collection(pipe, data, rows, images=1)) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"3 prompts x 1 images: {made}"
+        assert collect(planted_collection(pipe, data, rows, images=1)) == 0
+        assert capsys.readouterr().out.splitlines()[0] == "3 prompts x 1 images: 3 done before, 0 to make"
+        again = read_examples(data, concepts)
+        assert torch.equal(again.x0, whole.x0) and torch.equal(again.labels, whole.labels)
+        assert again.prompts == whole.prompts and again.t.tolist() == whole.t.tolist()
 
 
 def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path, capsys, server):
@@ -165,6 +188,15 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     feet = card["concepts"][NUDITY.concepts.index("feet")]
     assert set(feet) == {"name", "threshold", "held_out", "train"} and 0 <= feet["threshold"] <= 1
     assert set(feet["held_out"]) == {"auc", "agreement", "positives"}
+
+    # the trained file makes an image, and the stub VLM, still serving, hears nothing of it
+    asked = len(vlm.requests)
+    code, _, err = run(generate.main, capsys, "a person on a beach", "--model", sd1, "--latent-proposer", out,
+                       "--steps", "5", "--vlm-steps", "1,2,3", "--out", tmp_path / "x.png", *SIZE)
+    assert code == 0 and err == [], err
+    assert f"VL-DNP proposer: proposer.safetensors sha256 {sha256_file(out)}" in read_png(tmp_path / "x.png")[1][
+        "parameters"]
+    assert len(vlm.requests) == asked
 
     # a resumed collection with other settings is refused, in one line, and keeps its data
     code, _, err = run(distill.main, capsys, *args[:-len(SIZE)], "--height", "24", "--width", "16", "--device", "cpu")
