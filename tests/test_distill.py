@@ -40,8 +40,8 @@ def write_csv(path, prompts=PROMPTS):
     return path
 
 
-def sd1_space():
-    return {"family": "sd1", "latent_channels": 4, "scaling_factor": 0.18215}
+SPACES = {"sd1": {"family": "sd1", "latent_channels": 4, "scaling_factor": 0.18215},  # latent_space(pipe)
+          "sdxl": {"family": "sdxl", "latent_channels": 4, "scaling_factor": 0.13025}}
 
 
 def crafted(path, found=("feet",), task="nudity", space=None, concepts=NUDITY.concepts):
@@ -50,7 +50,7 @@ def crafted(path, found=("feet",), task="nudity", space=None, concepts=NUDITY.co
     torch.manual_seed(0)
     network = LatentNetwork(NetworkConfig(4, len(concepts)))
     card = {"task": task, "concepts": [{"name": c, "threshold": 0.0 if c in found else 1.0} for c in concepts],
-            "model": space or sd1_space(), "network": {"width": 32, "frequencies": 32}}
+            "model": space or SPACES["sd1"], "network": {"width": 32, "frequencies": 32}}
     return save_latent_proposer(network, card, path)
 
 
@@ -181,7 +181,7 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     assert len(lines) == len(NUDITY.concepts) + 1 and lines[-1].startswith(f"{out}: nudity on sd1 latents, from 18")
     card = read_card(out)
     assert card["task"] == "nudity" and [c["name"] for c in card["concepts"]] == list(NUDITY.concepts)
-    assert {k: card["model"][k] for k in sd1_space()} == sd1_space() and card["model"]["name"] == str(sd1)
+    assert {k: card["model"][k] for k in SPACES["sd1"]} == SPACES["sd1"] and card["model"]["name"] == str(sd1)
     assert card["teacher"] == {"name": "vlm", "model": "Qwen/Qwen2.5-VL-7B-Instruct"}
     assert card["data"]["prompts"] == 3 and card["data"]["examples"] == 18 and card["data"]["images"] == 6
     assert card["data"]["held_out"] == {"prompts": 1, "examples": 6} and card["data"]["train"]["examples"] == 12
@@ -247,7 +247,7 @@ def synthetic_folder(folder, prompts=40, images=4, seed=0):
     prepare_data_dir(folder, {"model": "synthetic", "sampler": "ddim", "steps": 5, "guidance": 7.5, "height": 16,
                             "width": 16, "method": {"task": "nudity", "proposer": {"name": "planted"},
                                                     "query_steps": [1, 3], "scale": 7.5}},
-                   {"concepts": list(NUDITY.concepts), "latent_space": sd1_space()})
+                   {"concepts": list(NUDITY.concepts), "latent_space": SPACES["sd1"]})
     for p in range(prompts):
         pattern, belly = smooth(1)[0], bool(torch.rand((), generator=g) < 0.5)
         pattern[0] = 0
@@ -313,12 +313,17 @@ def test_threshold_and_auc_against_brute_force():
 # ---------------------------------------------------------------------------------------------
 # use
 
-def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_replay(sd1, pipe, tmp_path, capsys,
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_replay(kind, request, tmp_path, capsys,
                                                                                    monkeypatch):
-    """generate.py --proposer latent: no connection is opened, the VAE decodes once (the final image),
-    the PNG and trace name the file and its sha256 and hold each query's scores, and the image is
-    the three-branch guidance with the negatives the trace records, from the steps it records."""
-    file = crafted(tmp_path / "p.safetensors")
+    """generate.py --proposer latent, on SD1 and on SDXL: no connection is opened, the VAE decodes once
+    (the final image), the PNG and trace name the file and its sha256 and hold each query's scores,
+    and the image is the three-branch guidance with the negatives the trace records, from the steps
+    it records."""
+    model = request.getfixturevalue(kind)
+    pipe = weights.load_pipeline(model)
+    capsys.readouterr()  # what making the model folder printed
+    file = crafted(tmp_path / "p.safetensors", space=SPACES[kind])
     sha = sha256_file(file)
     connections, decodes = [], []
     monkeypatch.setattr(socket.socket, "connect", lambda *a: connections.append(a) or pytest.fail("connected"))
@@ -330,7 +335,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
         loaded.vae.decode = lambda z: decodes.append(z.shape) or decode(z)
         return loaded
     monkeypatch.setattr(generate.weights, "load_pipeline", counting)
-    code, lines, err = run(generate.main, capsys, "a person on a beach", "--model", sd1, "--proposer", "latent",
+    code, lines, err = run(generate.main, capsys, "a person on a beach", "--model", model, "--proposer", "latent",
                            "--latent-proposer", file, "--steps", "5", "--vlm-steps", "1,3", "--seed", "4",
                            "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png", *SIZE)
     assert code == 0 and err == [], err
@@ -359,7 +364,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
 
     # evaluate.py names the file in run.json, and its records keep each query's scores
     csv = write_csv(tmp_path / "p.csv", PROMPTS[:1])
-    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, "--methods", "vldnp",
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", model, "--methods", "vldnp",
                        "--latent-proposer", file, "--steps", "3", "--metrics", "none", "--no-report", *SIZE)
     assert code == 0, err
     settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
@@ -380,8 +385,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
 def test_a_proposer_that_cannot_serve_is_one_line_before_any_image(case, message, sd1, tmp_path, capsys, monkeypatch):
     files = {"not a proposer": lambda p: save_file({"w": torch.zeros(1)}, p) or p,
              "other task": lambda p: crafted(p, task="safety", concepts=("nudity", "weapon")),
-             "other family": lambda p: crafted(p, space={"family": "sdxl", "latent_channels": 4,
-                                                         "scaling_factor": 0.13025})}
+             "other family": lambda p: crafted(p, space=SPACES["sdxl"])}
     file = files.get(case, crafted)(tmp_path / "p.safetensors")
     argv = {"no file": ["--proposer", "latent"], "missing file": ["--latent-proposer", "missing.safetensors"],
             "preview decoder": ["--latent-proposer", file, "--preview-decoder", "taesd"],
@@ -415,8 +419,7 @@ def test_sdxl_gets_its_own_latent_proposer(sdxl, tmp_path, capsys, server, sd1):
     code, _, err = run(distill.main, capsys, "collect", csv, "--model", sdxl, "--out", tmp_path / "data", "--vlm-url",
                        vlm.url, "--steps", "3", "--vlm-steps", "1,2", "--seeds-per-prompt", "1", *SIZE)
     assert code == 0, err
-    assert read_settings(tmp_path / "data")["latent_space"] == {"family": "sdxl", "latent_channels": 4,
-                                                                "scaling_factor": 0.13025}
+    assert read_settings(tmp_path / "data")["latent_space"] == SPACES["sdxl"]
     file = tmp_path / "sdxl.safetensors"
     code, _, err = run(distill.main, capsys, "train", tmp_path / "data", "--out", file, "--epochs", "1")
     assert code == 0, err
