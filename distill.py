@@ -142,21 +142,19 @@ def run_train(args) -> int:
 
 
 def main(argv=None) -> int:
+    args = None
     try:
         args = parse_args(argv)
+        return args.run(args)
     except SystemExit as e:  # --help
         return e.code
-    except UsageError as e:
-        return fail(e, 2)
-    try:
-        return args.run(args)
     except (UsageError, PromptFileError, DataError, weights.CheckpointError, MissingLeaf, TooLargeError) as e:
         return fail(e, 2)
     except OSError as e:
         return fail(e, 1)
     except KeyboardInterrupt:
-        return fail("interrupted" + (f"; re-run the same command to resume from {args.out}"
-                                     if args.command == "collect" else ""), 130)
+        collecting = args is not None and args.command == "collect"
+        return fail("interrupted" + (f"; re-run the same command to resume from {args.out}" if collecting else ""), 130)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise  # a bug: Python's traceback
