@@ -204,6 +204,21 @@ def test_collect_with_a_stub_vlm_resumes_and_train_writes_the_card(sd1, tmp_path
     assert read_records(data / "records.jsonl") == records
 
 
+def test_clip_can_be_the_teacher(sd1, clip_folder, tmp_path, capsys):
+    """--proposer clip collects CLIP's verdicts (at threshold 0 it finds every concept) and the card
+    names CLIP as the teacher."""
+    data, out = tmp_path / "data", tmp_path / "p.safetensors"
+    code, _, err = run(distill.main, capsys, "collect", write_csv(tmp_path / "p.csv", PROMPTS[:2]), "--model", sd1,
+                       "--out", data, "--proposer", "clip", "--clip-model", clip_folder, "--clip-threshold", "0",
+                       "--steps", "3", "--vlm-steps", "1", "--seeds-per-prompt", "1", *SIZE)
+    assert code == 0 and err == [], err
+    examples = [e for r in read_records(data / "records.jsonl") for e in r["examples"]]
+    assert len(examples) == 2 and all(set(e["concepts"]) == set(NUDITY.concepts) for e in examples)
+    code, _, err = run(distill.main, capsys, "train", data, "--out", out, "--epochs", "1")
+    assert code == 0 and err == [], err
+    assert read_card(out)["teacher"] == {"name": "clip", "model": str(clip_folder), "threshold": 0.0}
+
+
 def test_failed_teacher_queries_are_recorded_retried_and_left_out(sd1, tmp_path, capsys, server):
     """A refusal is no verdict: the record keeps its error, a re-run retries the prompt, and training
     never reads a failed query as "nothing seen"."""
