@@ -14,7 +14,7 @@
 #                 each run's peak GPU memory (benchmarks/bench.py)
 #   precision     fp16 and bf16 against fp32, each model and the image (benchmarks/precision.py)
 #   vldnp-cost    VL-DNP against plain CFG, fp16, 50 steps, 10 queries, the cases of the CPU's quiet
-#                 run, two rounds (benchmarks/vldnp_cost.py)
+#                 run and the latent proposer finding nothing, two rounds (benchmarks/vldnp_cost.py)
 #   vae-decode    decode against decode_tiled at 512² and 1024², fp16: time and peak memory
 #   sdxl-fp16     SDXL base's UNet at 1024² (128² latents, batch 2), ours against diffusers, fp16
 #   sd15-compile  as sd15-fp16 with torch.compile (mode "default": max-autotune would take the whole
@@ -43,8 +43,8 @@ while (($#)); do
     shift
 done
 
-# The cases of docs/performance.md's quiet CPU run of VL-DNP's cost
-VLDNP_CASES=cfg,three-branches,clip-nothing-taesd,clip-nothing-vae,stub-async-taesd,stub-async-vae,stub-taesd
+# The cases of docs/performance.md's quiet CPU run of VL-DNP's cost, and the latent proposer's
+VLDNP_CASES=cfg,three-branches,clip-nothing-taesd,clip-nothing-vae,stub-async-taesd,stub-async-vae,stub-taesd,latent-nothing
 if [[ $DRY == 1 ]]; then
     OUT=${OUT:-$(mktemp -d)}
     WORK=${WORK:-$OUT/work}

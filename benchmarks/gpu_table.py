@@ -29,6 +29,8 @@ CASES = {  # vldnp_cost.py's cases, as the docs name them
     "stub-vae": "stub VLM, sync, VAE previews",
     "stub-async-taesd": "stub VLM, async, TAESD previews",
     "stub-async-vae": "stub VLM, async, VAE previews",
+    "latent-nothing": "latent proposer finds nothing",
+    "latent-found": "latent proposer finds every concept",
 }
 
 

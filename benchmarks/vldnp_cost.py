@@ -1,13 +1,16 @@
-"""What VL-DNP costs over plain CFG, with the VAE's x0 previews and with TAESD's, side by side in one run.
+"""What VL-DNP costs over plain CFG, with the VAE's x0 previews, with TAESD's, and with a latent proposer that
+decodes nothing, side by side in one run.
 
     python benchmarks/vldnp_cost.py                                  # 512², 10 steps, queries at 1 and 8
     python benchmarks/vldnp_cost.py --steps 50 --rounds 1            # the paper's 10 queries of 50 steps
     python benchmarks/vldnp_cost.py --size 256 --steps 5 --rounds 1 --cases cfg,clip-nothing-taesd
+    python benchmarks/vldnp_cost.py --size 256 --steps 5 --rounds 3 --cases cfg,latent-nothing
     python benchmarks/vldnp_cost.py --device cuda --dtype fp16 --steps 50 --rounds 2
 
 One process holds the full SD1.5 architecture with random weights (bench.py's `random_sd15`, packed
 as load_pipeline packs it, or --model's), a random CLIP ViT-L/14 (the real one's size, so its cost is
-real; `--clip small` for a smoke test) and a random TAESD. Each round runs every case once, in turn,
+real; `--clip small` for a smoke test), a random TAESD and a random latent proposer (vlm/latent_proposer.py,
+at its default width, for the model's latent channels). Each round runs every case once, in turn,
 so all cases see the same machine load; the figures are medians over rounds of the end-to-end time of
 one generate() call (text, sampling, final VAE decode; on a GPU, up to a synchronisation) and of the
 process' CPU time, which other processes on the machine change less, and the largest peak memory of
@@ -21,12 +24,15 @@ Cases (task nudity):
     clip-found-{vae,taesd}   the CLIP proposer finding every concept (threshold 0): three branches
     stub-{vae,taesd}         a 300 ms stub VLM that always finds (bench.py's StubVLM), synchronous
     stub-async-{vae,taesd}   the same, asynchronous (--vlm-async)
+    latent-nothing           the latent proposer finding nothing (thresholds 1): no decode, no server
+    latent-found             the latent proposer finding every concept (thresholds 0): three branches
 
 The query steps are the paper's (5, 6, 7, 9, 12, 16, 21, 27, 34 and 42 of 50) rescaled to --steps
 and thinned to the paper's density, one query per five steps: 10 steps query at 1 and 8.
 
-After the runs it times the UNet alone at batch 1, 2 and 3 (one image's u, c and n rows) and each preview
-decoder, for the schedule of the UNet calls at a query step that finds something.
+After the runs it times the UNet alone at batch 1, 2 and 3 (one image's u, c and n rows), each preview
+decoder, a CLIP query and a latent proposer query (one image's x0 scored), for the schedule of the UNet
+calls at a query step that finds something.
 """
 import argparse
 import json
@@ -49,7 +55,7 @@ from random_weights import normal_  # noqa: E402
 
 DECODERS = ("vae", "taesd")
 CASES = ["cfg", "three-branches"] + [f"{kind}-{d}" for kind in ("clip-nothing", "clip-found", "stub", "stub-async")
-                                     for d in DECODERS]
+                                     for d in DECODERS] + ["latent-nothing", "latent-found"]
 # The proposer's CLIP: ViT-L/14's shape, or its structure at width 32 for a smoke test.
 CLIPS = {"vit-l14": VIT_L14,
          "small": CLIPConfig(text=CLIPTextConfig(width=32, num_layers=1, num_heads=2, mlp_dim=64),
@@ -78,6 +84,20 @@ class AlwaysFeet:
         return Reply(["feet"], "feet")
 
 
+def random_latent_proposer(pipe, found: bool):
+    """A latent proposer with random weights, for the model's latent channels and the nudity task's
+    concepts, that finds every concept (thresholds 0) or none (thresholds 1)."""
+    from vlm.latent_proposer import LatentNetwork, LatentProposer, NetworkConfig, latent_space
+    from vlm.tasks import get_task
+
+    concepts = get_task("nudity").concepts
+    network = LatentNetwork(NetworkConfig(pipe.vae.config.latent_channels, len(concepts)))
+    network = normal_(network.to(pipe.device), torch.Generator(pipe.device).manual_seed(2)).eval()
+    card = {"task": "nudity", "concepts": [{"name": c, "threshold": 0.0 if found else 1.0} for c in concepts],
+            "model": latent_space(pipe)}
+    return LatentProposer(network, card, "random weights")
+
+
 def random_model(cls, cfg, device, dtype):
     with torch.device("meta"):
         model = cls(cfg)
@@ -98,6 +118,7 @@ class Parts:
         self.clip = random_model(CLIPModel, CLIPS[clip], device, dtype)
         self.taesd = random_model(TAESD, SD, device, dtype)
         self.previews = {"vae": VAE_PREVIEW, "taesd": Preview(self.taesd.decode, "taesd (random weights)")}
+        self.latent = {found: random_latent_proposer(self.pipe, found) for found in (False, True)}
 
     def hooks(self, case: str, query_steps: list[int]):
         """A fresh hook list for one run of `case`."""
@@ -110,6 +131,8 @@ class Parts:
             return []
         if case == "three-branches":
             return [DynamicNegatives(AlwaysFeet(), task, query_steps)]
+        if case.startswith("latent"):
+            return [DynamicNegatives(self.latent[case == "latent-found"], task, query_steps)]
         kind, decoder = case.rsplit("-", 1)
         if kind.startswith("clip"):
             proposer = CLIPProposer(self.clip, self.pipe.tokenizer, list(task.concepts),
@@ -179,6 +202,9 @@ def components(parts: Parts, args) -> dict:
     from vlm.tasks import get_task
     clip = CLIPProposer(parts.clip, pipe.tokenizer, list(get_task("nudity").concepts), threshold=1.0)
     out["clip_query_s"] = median_seconds(lambda: clip(image, PROMPT, 0), n, pipe.device)
+    from vlm.base import Latents
+    shown = Latents(x[0], 500)  # one image's x0
+    out["latent_query_s"] = median_seconds(lambda: parts.latent[False](shown, PROMPT, 0), n, pipe.device)
     return out
 
 
@@ -219,7 +245,7 @@ def main(argv=None):
     from sampler.loop import generate
     if args.rounds:  # warm-up, so that no case pays for first calls: packing, kernels, the allocator
         generate(parts.pipe, PROMPT, steps=1, height=args.size, width=args.size, progress=False)
-        for case in [c for c in CASES[2:] if c.startswith("clip") and c in cases]:
+        for case in [c for c in CASES[2:] if c.startswith(("clip", "latent")) and c in cases]:
             parts.run(case, argparse.Namespace(**{**vars(args), "steps": 1}), [0])
 
     runs, comp = {case: [] for case in cases}, {}

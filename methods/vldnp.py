@@ -29,7 +29,7 @@ from leaves import Leaves
 from methods.base import Method, Plan, classic_negative, write_json
 from png import write_png
 from sampler.loop import words
-from vlm.base import Reply, one_line, prepare_image, valid_text
+from vlm.base import Latents, Reply, one_line, prepare_image, valid_text
 from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
@@ -66,7 +66,9 @@ class Query:
 
 class DynamicNegatives:
     """The VL-DNP sampler hook, for one generate() call. At each step of `query_steps` (None: the
-    paper's, rescaled to the run's steps) it decodes x0 and asks `proposer` about each image with its prompt. An answer sets the image's negative (the
+    paper's, rescaled to the run's steps) it decodes x0 and asks `proposer` about each image with its
+    prompt; a proposer that reads latents (`wants = "latents"`, vlm/base.py) is shown x0 itself,
+    and nothing is decoded. An answer sets the image's negative (the
     task's negative of the items, replacing or accumulating per `task.mode`; no items, no negative)
     and its w_neg; a failed query keeps the negative in force. Synchronous answers apply from the
     query step, as in the paper; `asynchronous` ones from the first step after they arrive.
@@ -124,7 +126,8 @@ class DynamicNegatives:
     def _query(self, state):
         guidance = state.guidance
         images = None
-        if getattr(self.proposer, "needs_image", True):
+        wants = getattr(self.proposer, "wants", "image" if getattr(self.proposer, "needs_image", True) else None)
+        if wants == "image":
             self.decode_factor = self._decode_factor(state)
             images = self.preview(state, self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
         if self._pool is None:
@@ -136,11 +139,13 @@ class DynamicNegatives:
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
             if image is not None:
                 self._frames[b].append(prepare_image(image, min(FRAME_SIZE, max(image.shape[-2:]))))
-            if image is not None and not torch.isfinite(image).all():  # NaN would be sent as black
+            seen = state.x0[b] if wants == "latents" else image  # [C, h, w] latents, or the image
+            if seen is not None and not torch.isfinite(seen).all():  # NaN would be sent as black
                 future = Future()
                 future.set_result(Reply([], "", "x0 is not finite (NaN/inf); nothing was sent"))
             else:
-                future = self._pool.submit(self._ask, image, prompt, state.i)
+                shown = Latents(seen, query.timestep) if wants == "latents" else image
+                future = self._pool.submit(self._ask, shown, prompt, state.i)
             self._pending[b].append((query, future))
         if not self.asynchronous:
             for b, pending in enumerate(self._pending):
@@ -273,7 +278,9 @@ class VLDNP(Method):
     """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py), or what makes one and its preview
     decoder: vlm/proposers.py's ProposerSource, the one a command line names, shared by the run's w_neg
     values. `preview` decodes a ready proposer's x0 previews (default: the VAE); `timeout` bounds the
-    wait for one answer (None: the proposer's own limit). `strength`, a methods.dng.Strength, makes the
+    wait for one answer (None: the proposer's own limit). A proposer may say why it cannot read the
+    loaded model's x0 (`mismatch(pipe)`, asked before any image) and name the file it came from for the
+    PNG (`origin`), as vlm/latent_proposer.py's does. `strength`, a methods.dng.Strength, makes the
     strength DNG's (--negative-schedule dng, named vldnp+dng): a new negative applies at
     w_neg = λπ/(1 − π) and then follows its posterior p_t."""
     name = "vldnp"
@@ -307,6 +314,8 @@ class VLDNP(Method):
         from vlm.proposers import PROPOSERS
         schedules = set(args.negative_schedule)
         read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
+        if args.proposer in PROPOSERS and not PROPOSERS[args.proposer].previews:  # nothing is decoded
+            read -= {"preview_decoder", "full_decode"}
         if "dng" in schedules:
             read |= set(SCHEDULES["dng"].flags)
         return read | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
@@ -367,7 +376,8 @@ class VLDNP(Method):
         return self.proposer, self.preview or VAE_PREVIEW
 
     def check(self, pipe):
-        return self.looker(pipe.device, pipe.dtype)[1].mismatch(pipe.family)
+        proposer, preview = self.looker(pipe.device, pipe.dtype)
+        return preview.mismatch(pipe.family) or getattr(proposer, "mismatch", lambda pipe: None)(pipe)
 
     def plan(self, pipe, prompt, batch=1):
         proposer, preview = self.looker(pipe.device, pipe.dtype)
@@ -382,8 +392,9 @@ class VLDNP(Method):
         scale = {"Negative scale": f"{self.negative_scale:g}"} if strength is None else \
             {"VL-DNP schedule": "dng", "DNG": self.strength.text()}
         hooks = [hook] if strength is None else [hook, strength]
+        origin = {"VL-DNP proposer": proposer.origin} if hasattr(proposer, "origin") else {}  # its file
         return VLDNPPlan(prompt, {"negative_prompt": self.negative_prompt, "hooks": hooks},
-                         {"Method": self.label, "VL-DNP": f"{name} {self.task.name}", **scale},
+                         {"Method": self.label, "VL-DNP": f"{name} {self.task.name}", **origin, **scale},
                          classic_negative(self.negative_prompt), hook, strength)
 
 

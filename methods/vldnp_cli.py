@@ -1,5 +1,7 @@
 """VL-DNP's command line (methods/vldnp.py): its options, their checks, and the proposer they name
 (vlm/proposers.py). Only a command line needs this file."""
+from pathlib import Path
+
 from methods.options import comma_list, finite
 from vlm.proposers import LEAVES, PROPOSERS, check_preview_decoder
 
@@ -8,7 +10,8 @@ def add_options(p, many: bool):
     """VL-DNP's options. `many`: evaluate.py's, where --proposer names vldnp's proposer alone."""
     v = p.add_argument_group("vldnp: VL-DNP, dynamic negative prompts from what a model sees (arXiv 2510.26052)")
     v.add_argument("--proposer", choices=["auto", *PROPOSERS] + ([] if many else ["static", "none"]),
-                   help="who looks at the predicted image: a VLM server or CLIP (auto: vlm with --vlm-url)"
+                   help="who looks at the predicted image: a VLM server, CLIP, or a latent proposer distilled from "
+                   "one (auto: latent with --latent-proposer, vlm with --vlm-url, else clip)"
                    + ("" if many else "; without --method, static and none name those methods"))
     v.add_argument("--vlm-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1; "
                    "VLM_API_KEY (or OPENAI_API_KEY) goes to that host alone")
@@ -25,6 +28,8 @@ def add_options(p, many: bool):
                    help="CLIP's repo id or folder (default: %(default)s)")
     v.add_argument("--clip-threshold", type=finite, default=0.5, metavar="P", help="how sure CLIP must be that a "
                    "concept beats a neutral caption (default: 0.5)")
+    v.add_argument("--latent-proposer", metavar="FILE", help="a latent proposer (distill.py train): it scores the "
+                   "x0 latents, with no decode and no server")
     v.add_argument("--full-decode", action="store_true", help="decode all of x0, not just what the proposer sees")
     v.add_argument("--preview-decoder", default="vae", metavar="{vae,taesd,taesdxl,PATH}", help="what decodes the "
                    "x0 previews: the model's vae, as in the paper, or TAESD, cheaper and softer (default: vae)")
@@ -43,9 +48,14 @@ def rules(args) -> list[tuple[str, bool, str]]:
 def resolve(args):
     """Resolves --proposer auto, and checks the VLM's URL and the preview decoder: ValueError, one line."""
     if args.proposer in (None, "auto"):
-        args.proposer = "vlm" if args.vlm_url else "clip"
+        args.proposer = "latent" if args.latent_proposer else "vlm" if args.vlm_url else "clip"
     if args.proposer not in PROPOSERS:
         raise ValueError(f"--proposer {args.proposer}: vldnp asks {' or '.join(PROPOSERS)}")
+    if args.proposer == "latent":
+        if not args.latent_proposer:
+            raise ValueError("--proposer latent needs --latent-proposer FILE, made by distill.py train")
+        if not Path(args.latent_proposer).is_file():
+            raise ValueError(f"--latent-proposer {args.latent_proposer}: no such file")
     if args.proposer == "vlm":
         if not args.vlm_url:
             raise ValueError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")

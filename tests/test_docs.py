@@ -15,11 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A backticked name is a path in this repository when it ends in .py or starts with one of these.
-REPO_FOLDERS = ("benchmarks", "checkpoint", "cli", "docs", "evaluation", "model", "sampler", "tests", "vlm")
+REPO_FOLDERS = ("benchmarks", "checkpoint", "cli", "distillation", "docs", "evaluation", "model", "sampler", "tests",
+                "vlm")
 # The argv after the script that prints each documented script's options.
 HELP = {
     "generate.py": [["--help"]],
     "evaluate.py": [["--help"]],
+    "distill.py": [["collect", "--help"], ["train", "--help"]],
     "weights.py": [["--help"], ["export", "--help"]],
     "benchmarks/bench.py": [["--help"]],
     "benchmarks/load.py": [["--help"]],

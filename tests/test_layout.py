@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers never import higher ones. Within a layer, only the same package's own modules.
 LAYERS = {
     "files": 0, "leaves": 0, "png": 1, "model": 1, "png_reader": 2, "sampler": 2, "checkpoint": 3, "vlm": 4,
-    "weights": 4, "methods": 5, "cli": 6, "evaluation": 7, "generate": 8, "evaluate": 8,
+    "weights": 4, "methods": 5, "cli": 6, "evaluation": 7, "distillation": 8, "generate": 9, "evaluate": 9,
+    "distill": 9,
 }
 
 

@@ -1,4 +1,5 @@
-"""What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply; and the text and image
+"""What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply, or for a proposer
+that reads latents (x0 latents and their timestep, prompt, step) -> Reply; and the text and image
 helpers every proposer and the VL-DNP hook share (server text made printable, x0 as uint8)."""
 import re
 from dataclasses import dataclass
@@ -8,6 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from sampler.loop import to_uint8
+
+
+@dataclass(frozen=True)
+class Latents:
+    """What a proposer with `wants = "latents"` is shown in place of a decoded image: one image's x0
+    prediction as the sampler made it, and the training timestep of the step that made it."""
+    x0: torch.Tensor  # [C, h, w], the scaled latents the UNet works in
+    t: int | float
 
 
 @dataclass
@@ -20,7 +29,8 @@ class Reply:
 
 class Proposer(Protocol):
     """A proposer whose answer ignores the image may set a class attribute `needs_image = False`:
-    the sampler then skips decoding x0 and passes image=None.
+    the sampler then skips decoding x0 and passes image=None. A proposer that reads latents sets
+    `wants = "latents"`: it is passed a `Latents` in place of the image, and nothing is decoded.
 
     A proposer that shrinks the image before looking at it may have a method
     `input_scale(height, width) -> float`, the factor it scales an image of that size by. The

@@ -5,6 +5,7 @@ fork may delete (its file and its line in LEAVES):
     vlm    a vision-language model behind an OpenAI-compatible server (vlm/client.py), retried on
            transient faults (vlm/retry.py, a leaf of its own)
     clip   CLIP ViT scores the image against the task's concepts (vlm/clip_proposer.py)
+    latent a network distilled from a teacher's answers scores x0 latents, undecoded (vlm/latent_proposer.py)
     taesd  the tiny autoencoder for cheaper previews (checkpoint/taesd.py)
 """
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from checkpoint.tensors import CheckpointError
+from files import sha256_file
 from leaves import Leaves
 from vlm.base import check_proposer
 from vlm.preview import VAE_PREVIEW, Preview
@@ -36,24 +38,44 @@ def make_clip(args, task: Task, device, dtype):
                           name=args.clip_model)
 
 
+def make_latent(args, task: Task, device, dtype):
+    proposer = LEAVES["latent"].load(args.latent_proposer, device)
+    if proposer.task != task.name:
+        raise CheckpointError(f"--latent-proposer {args.latent_proposer}: made for the {proposer.task} task, and "
+                              f"this run asks {task.name}; give --vlm-task {proposer.task}, or distil one for "
+                              f"{task.name}")
+    return proposer
+
+
+def describe_latent(args) -> dict:
+    """The latent proposer's file, by name and contents: a run folder resumes only with the same file."""
+    return {"file": Path(args.latent_proposer).name, "sha256": sha256_file(args.latent_proposer)}
+
+
 @dataclass(frozen=True)
 class Kind:
     """A proposer --proposer can name: how to make it, the options it reads, those of them that decide
-    its answers (for run.json; a server's URL does not), and the leaves it needs."""
+    its answers (for run.json; a server's URL does not), and the leaves it needs. `describe` adds what
+    else decides its answers (a file's sha256), and `previews` says whether it is shown decoded x0
+    (so that --preview-decoder and --full-decode apply)."""
     make: Callable
     flags: tuple[str, ...]
     recorded: tuple[str, ...]
     leaves: tuple[str, ...]
+    describe: Callable | None = None
+    previews: bool = True
 
 
 LEAVES = Leaves("proposer", {"vlm": "vlm.client:VLMClient", "vlm client": "vlm.client",
                              "retry": "vlm.retry:RetryingProposer",
-                             "clip": "vlm.clip_proposer:CLIPProposer", "clip weights": "checkpoint.clip"})
+                             "clip": "vlm.clip_proposer:CLIPProposer", "clip weights": "checkpoint.clip",
+                             "latent": "vlm.latent_proposer:LatentProposer"})
 PREVIEWS = Leaves("preview decoder", {"taesd": "checkpoint.taesd"})
 PROPOSERS = {
     "vlm": Kind(make_vlm, ("vlm_url", "vlm_model", "vlm_timeout", "vlm_retries", "vlm_max_in_flight"), ("vlm_model",),
                 ("vlm",)),
     "clip": Kind(make_clip, ("clip_model", "clip_threshold"), ("clip_model", "clip_threshold"), ("clip", "clip weights")),
+    "latent": Kind(make_latent, ("latent_proposer",), (), ("latent",), describe_latent, previews=False),
 }
 
 
@@ -67,7 +89,8 @@ class ProposerSource:
         for leaf in self.kind.leaves:  # a leaf this copy lacks is said now, before anything loads
             LEAVES[leaf]
         self.description = {"name": args.proposer, **{f.removeprefix(f"{args.proposer}_"): getattr(args, f)
-                                                      for f in self.kind.recorded}}
+                                                      for f in self.kind.recorded},
+                            **(self.kind.describe(args) if self.kind.describe else {})}
         self.preview_choice = args.preview_decoder
         self.proposer = self.preview = None
 
