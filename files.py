@@ -2,6 +2,7 @@
 the old file or the whole new one, never half of one; the one way it hashes one; and how it claims
 new numbered names without ever taking one that exists."""
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -27,6 +28,11 @@ def write_atomic(path, data: bytes | str) -> Path:
         raise
     return path
 
+
+
+def write_json(path, data) -> Path:
+    """write_atomic of `data` as indented JSON, non-ASCII text kept as it is."""
+    return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 def sha256_file(path) -> str:
     """The hex SHA-256 of the file at `path`, read a megabyte at a time."""

@@ -98,7 +98,7 @@ def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
     primed = {a.dest: [] if isinstance(a, argparse._AppendAction) else unset for a in parser._actions
               if a.dest != argparse.SUPPRESS}
     parsed = parser.parse_args(argv, argparse.Namespace(**primed))
-    return {dest for dest, value in vars(parsed).items() if value is not primed[dest]}
+    return {dest for dest, value in vars(parsed).items() if dest in primed and value is not primed[dest]}
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):

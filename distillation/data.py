@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, read_safetensors
 from evaluation.run import append_record, read_records, settings_difference
-from files import write_atomic
+from files import write_atomic, write_json
 
 SETTINGS_FILE = "data.json"
 RECORDS_FILE = "records.jsonl"
@@ -61,7 +61,7 @@ def write_settings(out: Path, settings: dict, info: dict) -> dict:
     """Writes data.json: `settings` and `info`; returns the info written."""
     info = {**info, "created": info.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")}
     info.pop("settings", None)
-    write_atomic(out / SETTINGS_FILE, json.dumps({**info, "settings": settings}, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / SETTINGS_FILE, {**info, "settings": settings})
     return info
 
 

@@ -9,12 +9,11 @@ and says what it records: the PNG's parameters and, per image, the negatives it 
     plan.image_parameters(0), plan.queries(0)      # what the PNG and the records say of image 0
 """
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from files import write_atomic
+from files import write_json
 
 
 @dataclass
@@ -148,6 +147,3 @@ def describe(value):
         return value.description
     return getattr(value, "name", repr(value))
 
-
-def write_json(path, data: dict) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -26,18 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from leaves import Leaves
-from methods.base import Method, Plan, classic_negative, write_json
-from png import write_png
+from files import write_json
+from methods.base import Method, Plan, classic_negative
 from sampler.loop import words
 from vlm.base import Latents, Reply, one_line, prepare_image, valid_text
 from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
-# --negative-schedule: "constant" is the paper's fixed w_neg and needs nothing more
-SCHEDULES: Leaves = Leaves("negative schedule", {"dng": "methods.dng:Strength"})
 FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
-LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:filmstrip"})
+LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:write_trace"})
 
 
 def default_query_steps(num_steps: int) -> list[int]:
@@ -252,25 +250,14 @@ class DynamicNegatives:
         }
 
     def write_trace(self, path, data: dict | None = None) -> Path:
-        """Writes the trace as JSON at `path` (`data`, by default trace_dict()) and, if images were sent,
-        the filmstrip (vlm/filmstrip.py, a leaf) beside it as <stem>.filmstrip.png. Closes the hook first,
-        so the trace is complete. A filmstrip that cannot be written raises after the JSON is written."""
+        """Writes the trace as JSON at `path` (`data`, by default trace_dict()) and, with vlm/filmstrip.py
+        (a leaf), the filmstrip of the images sent beside it. Closes the hook first, so the trace is complete."""
         self.close()
-        path = Path(path)
-        strip = LEAVES["filmstrip"](self._frames, [[(q.step, q.error is not None) for q in row] for row in self.trace]) \
-            if LEAVES.present("filmstrip") else None
-        data, film_error = dict(data or self.trace_dict()), None
-        data["filmstrip"] = None
-        if strip is not None:
-            try:
-                data["filmstrip"] = write_png(path.with_name(path.stem + ".filmstrip.png"), strip).name
-            except OSError as e:  # raised once the JSON, the trace itself, is written
-                film_error = e
-        write_json(path, data)
-        if film_error is not None:
-            raise film_error
-        return path
-
+        data = {**(data or self.trace_dict()), "filmstrip": None}
+        if not LEAVES.present("filmstrip"):
+            return write_json(path, data)
+        return LEAVES["filmstrip"](Path(path), data, self._frames,
+                                   [[(q.step, q.error is not None) for q in row] for row in self.trace])
 
 
 @dataclass(frozen=True)
@@ -299,51 +286,28 @@ class VLDNP(Method):
     strength: object = None  # a methods.dng.Strength, or None for the constant w_neg
     paper_steps: bool = False  # query_steps are the paper's for --steps, rescaled again to the steps an edit takes
 
+    # The command line's part (methods/vldnp_cli.py, which only a command line needs): its options,
+    # their checks, the options it reads, and the instances they ask for.
     @classmethod
     def add_options(cls, parser, many):
-        from methods.vldnp_cli import add_options  # only a command line needs it
-        add_options(parser, many)
+        from methods import vldnp_cli
+        vldnp_cli.add_options(parser, many)
 
     @classmethod
     def rules(cls, args):
-        from methods.vldnp_cli import rules
-        return rules(args)
+        from methods import vldnp_cli
+        return vldnp_cli.rules(args)
 
     @classmethod
     def reads(cls, args) -> set[str]:
-        from vlm.proposers import PROPOSERS
-        schedules = set(args.negative_schedule)
-        read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
-        if args.proposer in PROPOSERS and not PROPOSERS[args.proposer].previews:  # nothing is decoded
-            read -= {"preview_decoder", "full_decode"}
-        if "dng" in schedules:
-            read |= set(SCHEDULES["dng"].flags)
-        return read | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
+        from methods import vldnp_cli
+        return vldnp_cli.reads(cls, args)
 
     @classmethod
     def from_args(cls, args, variant=None):
-        from methods.vldnp_cli import parse_steps, resolve
-        from vlm.proposers import ProposerSource
+        from methods import vldnp_cli
         cls.no_variant(variant)
-        resolve(args)
-        unknown = [s for s in args.negative_schedule if s not in ("constant", *SCHEDULES)]
-        if unknown or not args.negative_schedule:
-            raise ValueError(f"--negative-schedule: {'unknown schedule ' + repr(unknown[0]) if unknown else 'empty'}; "
-                             f"use constant or {', '.join(SCHEDULES)}")
-        try:
-            steps = default_query_steps(args.steps) if args.vlm_steps is None else \
-                parse_steps(args.vlm_steps, args.steps)
-        except ValueError as e:
-            raise ValueError(f"--vlm-steps: {e}") from None
-        source = ProposerSource(args, args.task)
-
-        def made(w, strength=None):
-            return cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
-                       args.negative_prompt, strength, paper_steps=args.vlm_steps is None)
-        methods = [made(w) for w in args.negative_scales] if "constant" in args.negative_schedule else []
-        if "dng" in args.negative_schedule:
-            methods += [made(s.scale(s.prior), s) for s in SCHEDULES["dng"].from_args(args, "vldnp+dng")]
-        return methods
+        return vldnp_cli.from_args(cls, args, default_query_steps)
 
     @property
     def label(self) -> str:

@@ -1,9 +1,13 @@
-"""VL-DNP's command line (methods/vldnp.py): its options, their checks, and the proposer they name
-(vlm/proposers.py). Only a command line needs this file."""
+"""VL-DNP's command line (methods/vldnp.py): its options, their checks, the options it reads, the
+methods they ask for and the proposer they name (vlm/proposers.py). Only a command line needs this file."""
 from pathlib import Path
 
+from leaves import Leaves
 from methods.options import comma_list, finite
-from vlm.proposers import LEAVES, PROPOSERS, check_preview_decoder
+from vlm.proposers import LEAVES, PROPOSERS, ProposerSource, check_preview_decoder
+
+# --negative-schedule: "constant" is the paper's fixed w_neg and needs nothing more
+SCHEDULES: Leaves = Leaves("negative schedule", {"dng": "methods.dng:Strength"})
 
 
 def add_options(p, many: bool):
@@ -43,6 +47,41 @@ def rules(args) -> list[tuple[str, bool, str]]:
             ("vlm_retries", 0 <= args.vlm_retries <= 100, "between 0 and 100"),
             ("vlm_max_in_flight", 1 <= args.vlm_max_in_flight <= 1024, "between 1 and 1024"),
             ("clip_threshold", 0 <= args.clip_threshold <= 1, "between 0 and 1")]
+
+
+def reads(cls, args) -> set[str]:
+    """The options VL-DNP reads with these arguments: w_neg only with the constant schedule, the
+    preview decoder's only when something is decoded, and the chosen proposer's and schedule's."""
+    schedules = set(args.negative_schedule)
+    read = set(cls.flags) - ({"negative_scales"} if "constant" not in schedules else set())
+    if args.proposer in PROPOSERS and not PROPOSERS[args.proposer].previews:  # nothing is decoded
+        read -= {"preview_decoder", "full_decode"}
+    if "dng" in schedules:
+        read |= set(SCHEDULES["dng"].flags)
+    return read | set(PROPOSERS[args.proposer].flags if args.proposer in PROPOSERS else ())
+
+
+def from_args(cls, args, paper_steps) -> list:
+    """One VLDNP per --negative-scale value (constant schedule) and per --dng-lambda value (dng),
+    sharing one ProposerSource; `paper_steps(num_steps)` gives the paper's query steps. Raises ValueError, one line."""
+    resolve(args)
+    unknown = [s for s in args.negative_schedule if s not in ("constant", *SCHEDULES)]
+    if unknown or not args.negative_schedule:
+        raise ValueError(f"--negative-schedule: {'unknown schedule ' + repr(unknown[0]) if unknown else 'empty'}; "
+                         f"use constant or {', '.join(SCHEDULES)}")
+    try:
+        steps = paper_steps(args.steps) if args.vlm_steps is None else parse_steps(args.vlm_steps, args.steps)
+    except ValueError as e:
+        raise ValueError(f"--vlm-steps: {e}") from None
+    source = ProposerSource(args, args.task)
+
+    def made(w, strength=None):
+        return cls(w, args.task, tuple(steps), source, None, args.vlm_async, args.full_decode, None,
+                   args.negative_prompt, strength, paper_steps=args.vlm_steps is None)
+    methods = [made(w) for w in args.negative_scales] if "constant" in args.negative_schedule else []
+    if "dng" in args.negative_schedule:
+        methods += [made(s.scale(s.prior), s) for s in SCHEDULES["dng"].from_args(args, "vldnp+dng")]
+    return methods
 
 
 def resolve(args):

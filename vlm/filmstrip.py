@@ -1,6 +1,27 @@
 """The --trace filmstrip of VL-DNP (methods/vldnp.py): the x0 images a proposer saw, a row per image
 and a frame per query, each labelled below with its step."""
+from pathlib import Path
+
 import torch
+
+from files import write_json
+from png import write_png
+
+
+def write_trace(path: Path, data: dict, rows: list[list[torch.Tensor]], labels: list[list[tuple[int, bool]]]) -> Path:
+    """Writes the trace `data` as JSON at `path` and, if images were sent, their filmstrip beside it as
+    <stem>.filmstrip.png, named in data["filmstrip"]. A filmstrip that cannot be written raises after
+    the JSON, the trace itself, is written."""
+    strip, error = filmstrip(rows, labels), None
+    if strip is not None:
+        try:
+            data["filmstrip"] = write_png(path.with_name(path.stem + ".filmstrip.png"), strip).name
+        except OSError as e:
+            error = e
+    write_json(path, data)
+    if error is not None:
+        raise error
+    return path
 
 
 def filmstrip(rows: list[list[torch.Tensor]], labels: list[list[tuple[int, bool]]]) -> torch.Tensor | None:
