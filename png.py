@@ -59,12 +59,15 @@ SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler",
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,
-                    seed: int, width: int, height: int, model: str, loras=(), extra: dict | None = None) -> str:
-    """`extra` holds further settings in order; a value with a comma is quoted, so the line still splits.
+                    seed: int, width: int, height: int, model: str, strength: float | None = None, loras=(),
+                    extra: dict | None = None) -> str:
+    """`strength`: an edit's (img2img, inpainting) "Denoising strength". `extra` holds further settings in
+    order; a value with a comma is quoted, so the line still splits.
     `loras` (checkpoint/lora.py's LoraInfo) are written as A1111 writes them: a `<lora:name:scale>` tag
     each after the prompt, and their short hashes in "Lora hashes"."""
     settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": f"{guidance_scale:g}",
-                "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+                "Seed": seed, "Size": f"{width}x{height}", "Model": model,
+                **({} if strength is None else {"Denoising strength": f"{strength:g}"}), **(extra or {})}
     if loras:
         prompt = " ".join([prompt, *(lora.tag for lora in loras)])
         settings["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash}" for lora in loras)

@@ -60,9 +60,8 @@ def png_text(args, plan, seed: int, height: int, width: int, pipe, sizes: dict, 
     where it is not the default, the method's, the batch's, and the LoRAs merged into `pipe`."""
     defaults = {"original_size": ("Original size", "x", (height, width)),
                 "crop_top_left": ("Crop top-left", ",", (0, 0)), "target_size": ("Target size", "x", (height, width))}
-    extra = {"Denoising strength": f"{args.edit['strength']:g}"} if args.edit else {}
-    extra.update({name: f"{value[0]}{sep}{value[1]}" for key, (name, sep, default) in defaults.items()
-                  if (value := sizes[key]) is not None and tuple(value) != default})
+    extra = {name: f"{value[0]}{sep}{value[1]}" for key, (name, sep, default) in defaults.items()
+             if (value := sizes[key]) is not None and tuple(value) != default}
     extra.update(plan.image_parameters(b))
     if args.eta:
         extra["Eta"] = f"{args.eta:g}"
@@ -70,7 +69,7 @@ def png_text(args, plan, seed: int, height: int, width: int, pipe, sizes: dict, 
         extra.update({"Batch size": args.batch, "Batch pos": b})
     return png.parameters_text(args.prompt, plan.negative_prompt, steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance_scale, seed=seed, width=width, height=height,
-                               model=pipe.name, loras=pipe.loras, extra=extra)
+                               model=pipe.name, strength=args.edit.get("strength"), loras=pipe.loras, extra=extra)
 
 
 def write_trace(plan, path: str, saved: bool) -> int:

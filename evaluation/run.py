@@ -245,10 +245,10 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         plan.finish()
     sampled = time.perf_counter()
     record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
-    extra = {"Denoising strength": f"{edits['strength']:g}"} if edits else {}
     text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
-                           guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
-                           model=spec.model_name, loras=pipe.loras, extra={**extra, **plan.image_parameters(0)})
+                               guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
+                               model=spec.model_name, strength=edits.get("strength"), loras=pipe.loras,
+                               extra=plan.image_parameters(0))
     png.write_png(spec.out / job.image, image, {"parameters": text})
     written = time.perf_counter()
     if metrics is not None:
@@ -276,9 +276,6 @@ def edit_arguments(row: PromptRow, strength: float | None, pipe, sampling: Sampl
         return {}
     image = read_image(row.init_image)
     mask = None if row.mask is None else edit.mask_from_image(read_image(row.mask))
-    if mask is not None and mask.shape != image.shape[:2]:
-        raise ValueError(f"the mask {row.mask} is {mask.shape[1]}x{mask.shape[0]}, the image {image.shape[1]}x"
-                         f"{image.shape[0]}")
     *_, strength = edit.check_edit(pipe, image, mask, strength, sampling.height, sampling.width)
     return {"init_image": image, "mask": mask, "strength": strength}
 
