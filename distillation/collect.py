@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from distillation.data import RECORDS_FILE, DataError, add_prompt, done_keys, latest_records, prepare_data_dir, \
     write_settings
 from evaluation.prompts import PromptRow
-from evaluation.run import Sampling, cut_torn_tail
+from evaluation.run import Sampling
+from evaluation.run_folder import cut_torn_tail
 from sampler.loop import NonFiniteError, generate
 from vlm.latent_proposer import latent_space
 

@@ -8,7 +8,7 @@
     shards/{case}.{n}.safetensors  per prompt, attempt n: x0 and x_t [N, C, h, w] as the sampler made them
                                 (in the model's dtype), and the timestep t [N], one row per query
 
-A shard is written (atomically) before its record, and a record is appended whole (evaluation/run.py's
+A shard is written (atomically) before its record, and a record is appended whole (evaluation/run_folder.py's
 append_record), so a kill loses at most the prompt in flight; a re-run skips every prompt whose record
 says ok and whose shard exists. A prompt whose teacher failed on some query is recorded as failed, and
 retried on a re-run; until then, the queries that were answered are data.
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, read_safetensors
-from evaluation.run import append_record, read_records, settings_difference
+from evaluation.run_folder import append_record, read_records, settings_difference
 from files import write_atomic, write_json
 
 SETTINGS_FILE = "data.json"

@@ -16,7 +16,8 @@ from distillation.collect import Collection, collect
 from distillation.data import add_prompt, prepare_data_dir, read_examples, read_settings
 from distillation.train import Training, auc, best_threshold, fit, scores, split_by_prompt
 from evaluation.prompts import read_prompts
-from evaluation.run import Sampling, read_records
+from evaluation.run import Sampling
+from evaluation.run_folder import read_records
 from files import sha256_file
 from helpers import run
 from methods.vldnp import DynamicNegatives, VLDNP

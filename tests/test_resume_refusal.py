@@ -1,4 +1,4 @@
-"""evaluate.py refusing to resume a run folder with other settings (evaluation/run.py
+"""evaluate.py refusing to resume a run folder with other settings (evaluation/run_folder.py
 settings_difference): the message names the first flag that changed, with its value there and now,
 as the command line gives it."""
 import pytest

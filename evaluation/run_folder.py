@@ -1,0 +1,262 @@
+"""The run folder of an evaluation (evaluation/run.py), which keeps everything:
+
+    run.json                the settings that decide the images; a run only resumes with the same
+    images/{case}_{method}[_w{scale}].png
+    records.jsonl           one record per job in job order, written at the end; a single process
+                            appends a JSON line to it as each image is done, and the end folds
+                            those into one per job
+    records.rank{r}.jsonl   under torchrun, the lines rank r appends; rank 0 merges every rank's
+                            into records.jsonl at the end
+    summary.md, ...         the report (evaluation/report.py), written from the merged records
+    .lock                   locked (flock) while a run works here: a second run on the folder is
+                            refused; the kernel lets go when the process ends, killed or not
+
+Nothing is lost. An image is written (atomically) before its record, and a record is one
+os.write on an O_APPEND file followed by fsync, so a crash or Ctrl-C loses at most the image in
+flight, and a kill mid-write leaves at most a torn last line, which readers skip and the next run
+cuts off. A re-run with the same arguments skips every job whose record says ok and whose image
+exists, and retries the failed ones.
+"""
+import errno
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from files import write_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
+SETTINGS_FILE = "run.json"
+RECORDS_FILE = "records.jsonl"
+LOCK_FILE = ".lock"
+IMAGES = "images"
+
+
+def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str | None:
+    """Creates the run folder with its run.json, or checks that an existing run has the same
+    settings; resuming, run.json takes this invocation's `info` (its command, the prompt rows
+    skipped up to its --limit). A run that made nothing (no image, no record; say it failed to load
+    a model) does not hold its folder: its settings are replaced. Returns a one-line error, or None."""
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+    path = out / SETTINGS_FILE
+    try:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                stored = data["settings"]
+            except (ValueError, KeyError, TypeError) as e:
+                return f"--out {out}: {SETTINGS_FILE} is damaged ({e}); use a new --out folder"
+            if stored == settings:
+                write_atomic(path, run_json(settings, info, created=data.get("created")))
+            elif made_nothing(out):
+                write_atomic(path, run_json(settings, info))
+            else:
+                return (f"--out {out} holds a run with other settings ({settings_difference(stored, settings)}); "
+                        "resume it with the same arguments, or use a new --out")
+        else:
+            if out.exists() and (not out.is_dir() or _holds_files(out)):
+                return f"--out {out}: exists and is not an evaluation run (no {SETTINGS_FILE}); give a new or empty folder"
+            (out / IMAGES).mkdir(parents=True, exist_ok=True)
+            write_atomic(path, run_json(settings, info))
+        (out / IMAGES).mkdir(exist_ok=True)
+    except OSError as e:
+        return f"--out {out}: {e.strerror or e}"
+    return None
+
+
+def _holds_files(out: Path) -> bool:
+    """Whether folder `out` holds anything but a lock file."""
+    return any(p.name != LOCK_FILE for p in out.iterdir())
+
+
+class RunLock:
+    """An exclusive flock(2) on RUN_DIR/.lock, held by rank 0 while a run works in the folder, so
+    that a second run on it is refused rather than making every image again beside the first. The
+    kernel lets go of it when the process ends, however it ends: a killed run leaves nothing stuck.
+    The file stays (unlinking it would let two runs lock two files); it holds the holder's pid."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = out / LOCK_FILE, None
+
+    def take(self) -> str | None:
+        """Takes the lock, without waiting; returns a one-line error when another run holds it. A
+        folder that is no run (prepare_run_dir refuses it) gets no lock file."""
+        out = self.path.parent
+        if fcntl is None or (out.exists() and (not out.is_dir() or (not (out / SETTINGS_FILE).exists()
+                                                                      and _holds_files(out)))):
+            return None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            return f"--out {out}: {e.strerror or e}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks: run unlocked
+                return None
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return (f"--out {out}: another evaluate.py run is using it" + (f" (pid {holder})" if holder else "")
+                        + "; wait for it to end, or give another --out")
+            return f"--out {out}: cannot lock {LOCK_FILE} ({e.strerror})"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+        return None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing it drops the lock
+            self.fd = None
+
+
+def run_json(settings: dict, info: dict | None, created: str | None = None) -> str:
+    data = {"settings": settings, **(info or {}),
+            "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def made_nothing(out: Path) -> bool:
+    """No record and no image: whatever ran here stopped before its first image."""
+    images = out / IMAGES
+    return not all_records(out) and not (images.is_dir() and any(images.iterdir()))
+
+
+# A setting's flag, where it is not "--" and the setting's name with dashes: per part of the settings
+# (metrics, proposer) and per method field.
+SETTING_FLAGS = {"metrics": {"names": "--metrics", "injected": "the metrics object"},
+                 "proposer": {"name": "--proposer", "threshold": "--clip-threshold"}}
+METHOD_FLAGS = {"text": {"negative": "--negative-prompt", "static": "--static-negative"}, "task": "--vlm-task",
+                "query_steps": "--vlm-steps", "preset": "--sld-presets", "concept_set": "--safree-concepts",
+                "concepts": "--safree-concepts"}
+
+
+def settings_difference(stored: dict, now: dict) -> str:
+    """The first setting in which a run's stored settings and this invocation's differ, named by its
+    flag: "--steps: 50 there, 20 now". Settings are taken in the order they are built (the sampling
+    before the methods, whose query steps follow --steps), then each part field by field."""
+    key = _first_difference(stored, now)
+    there, here = stored.get(key), now.get(key)
+    if key == "prompts_sha256":
+        return f"the prompt file: other contents (sha256 {str(there)[:12]}… there, {str(here)[:12]}… now)"
+    if key == "methods" and isinstance(there, list) and isinstance(here, list):
+        return _methods_difference(there, here)
+    if isinstance(there, dict) and isinstance(here, dict):
+        part = _first_difference(there, here)
+        flag = SETTING_FLAGS.get(key, {}).get(part) or _flag(part)
+        if key == "proposer" and part == "model":
+            flag = f"--{here.get('name')}-model"
+        return f"{flag}: {_value(there.get(part))} there, {_value(here.get(part))} now"
+    return f"{_flag(key)}: {_value(there)} there, {_value(here)} now"
+
+
+def _methods_difference(there: list[dict], here: list[dict]) -> str:
+    names = [", ".join(map(_method_name, methods)) for methods in (there, here)]
+    if names[0] != names[1]:
+        return (f"the methods (--methods, --negative-scale, --sld-presets): {_short(names[0])} there, "
+                f"{_short(names[1])} now")
+    old, new = next((a, b) for a, b in zip(there, here) if a != b)
+    field = _first_difference(old, new)
+    flag = METHOD_FLAGS.get(field) or _flag(field)
+    if isinstance(flag, dict):
+        flag = flag.get(new.get("method"), _flag(field))
+    return f"{flag} (method {_method_name(new)}): {_value(old.get(field))} there, {_value(new.get(field))} now"
+
+
+def _method_name(method: dict) -> str:
+    scale = method.get("scale")
+    return str(method.get("method")) + ("" if scale is None else f" (w_neg {_value(scale)})")
+
+
+def _first_difference(there: dict, here: dict) -> str:
+    return next(k for k in [*here, *(k for k in there if k not in here)] if there.get(k) != here.get(k))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value(value) -> str:
+    """A setting as the command line gives it: a list comma-separated, a number as written, none."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return _short(",".join(map(_value, value)))
+    return _short(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def append_record(path: Path, record: dict):
+    """Appends one JSON line with a single write on an O_APPEND descriptor, then fsyncs: the line
+    is on disk whole before the next job starts, or (killed mid-write) is a torn last line."""
+    data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(f"{path}: short write")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; lines that do not parse (a torn last line) are skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "key" in record:
+            records.append(record)
+    return records
+
+
+def cut_torn_tail(path: Path):
+    """Cuts a torn last line (one without its newline) off a records file, so that the next
+    record starts on a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def all_records(out: Path) -> list[dict]:
+    """The merged file's records, then each rank's, in file order."""
+    return [r for p in [out / RECORDS_FILE, *sorted(out.glob("records.rank*.jsonl"))] for r in read_records(p)]
+
+
+def done_keys(out: Path) -> set[str]:
+    """The jobs done: a record with status ok, and its image on disk."""
+    return {r["key"] for r in all_records(out) if r.get("status") == "ok" and (out / r["image"]).is_file()}
+
+
+def merge_records(out: Path) -> list[dict]:
+    """One record per job, in job order: its latest ok record, else its latest failed one.
+    Written atomically to records.jsonl, which is returned."""
+    best = {}
+    for r in all_records(out):
+        rank = (r.get("status") == "ok", r.get("finished", 0))
+        if r["key"] not in best or rank >= best[r["key"]][0]:
+            best[r["key"]] = (rank, r)
+    merged = sorted((r for _, r in best.values()), key=lambda r: (r.get("job", 0), r["key"]))
+    write_atomic(out / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    return merged
