@@ -5,18 +5,21 @@ for the input's shape. nn.Conv2d keeps the weight as [out, in, kh, kw], so oneDN
 a fresh buffer on every call. In the UNet's deep levels, where a 1280-channel 3x3 weight meets an
 8x8 feature map, that reorder costs more than the convolution itself.
 
-`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d, which reorders its weight at
-its first fp32 inference call on the CPU and then holds only the reordered tensor: the plain one is
-let go, so packing costs no memory, provided that memory was the weight's own (pages of a file mapping
-shared with other tensors stay resident while any of those lives). A call with another input shape
-re-packs from the packed tensor.
-(torch.compile's freezing pass does the same to convolution weights.) `unpack_convolutions(model)`
-gives back nn.Conv2d modules.
+`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d. Every fp32 inference call on
+the CPU runs oneDNN's convolution on a channels-last input. The first call with an input shape hands
+it the plain weight, which oneDNN reorders for that call only, as nn.Conv2d's would be; the second
+call in a row with the same shape reorders it once and keeps only the reordered tensor: the plain
+one is let go, so packing costs no memory, provided that memory was the weight's own (pages of a file
+mapping shared with other tensors stay resident while any of those lives). Both calls run the same
+kernel on the same layout, so an output's bits never depend on which came first; a one-off call (a
+first pass over every weight, a batch of another size) pays for no copy it will not reuse. A call
+with another shape first gives the plain weight back. (torch.compile's freezing pass packs
+convolution weights too.) `unpack_convolutions(model)` gives back nn.Conv2d modules.
 
 What the model shows the outside stays nn.Conv2d's: state_dict() gives plain [out, in, kh, kw]
 weights under the same keys, load_state_dict() takes them, `conv.weight.shape/dtype/device` read as
 before. A call that cannot use the packed weight (autograd, another dtype or device) first unpacks
-it, and so do .to(), .float(), .cuda(), ...; a later fp32 CPU call packs again. In-place writes into
+it, and so do .to(), .float(), .cuda(), ...; later fp32 CPU calls pack again. In-place writes into
 a packed weight fail. torch.compile needs the weights plain: compile before the first call, or do not
 pack (its freezing pass packs weights itself).
 """
@@ -26,7 +29,8 @@ from torch import nn
 
 
 class PackedConv2d(nn.Module):
-    """A frozen nn.Conv2d whose weight, once called, is held only in oneDNN's blocked layout."""
+    """A frozen nn.Conv2d whose weight, once called twice in a row with one input shape, is held only in
+    oneDNN's blocked layout for that shape."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -35,6 +39,7 @@ class PackedConv2d(nn.Module):
         self.weight = conv.weight  # [out, in/groups, kh, kw] until the first packable call
         self.register_parameter("bias", conv.bias)
         self.packed_for = None  # the input shape self.weight is laid out for, while it is packed
+        self.last_shape = None  # the previous call's input shape
 
     @property
     def packed(self) -> bool:
@@ -44,8 +49,12 @@ class PackedConv2d(nn.Module):
         if not self._packable(x):
             self._unpack()
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if not self.packed or self.packed_for != x.shape:
-            self._pack(x.shape)
+        shape, previous, self.last_shape = x.shape, self.last_shape, x.shape
+        if not (self.packed and self.packed_for == shape):
+            self._unpack()  # from a layout for another shape, oneDNN's reorder can be slower than the call
+            if previous == shape:
+                self._pack(shape)
+        x = x.contiguous(memory_format=torch.channels_last)  # [B, C, H, W] stored as [B, H, W, C], as packed
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
@@ -58,9 +67,8 @@ class PackedConv2d(nn.Module):
                 and not torch.compiler.is_compiling())
 
     def _pack(self, shape: torch.Size):
-        w = self.weight if self.packed else self.weight.to_mkldnn()
         self.weight = nn.Parameter(torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w, self.padding, self.stride, self.dilation, self.groups, shape), requires_grad=False)
+            self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, shape), requires_grad=False)
         self.packed_for = tuple(shape)
 
     def _unpack(self):
@@ -87,7 +95,7 @@ class PackedConv2d(nn.Module):
         if self.packed:
             plain = nn.Parameter(self.weight.to_dense(), requires_grad=False)
             state["_parameters"] = {**self._parameters, "weight": plain}
-            state["packed_for"] = None
+            state["packed_for"] = state["last_shape"] = None
         return state
 
     def extra_repr(self) -> str:

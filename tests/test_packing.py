@@ -1,6 +1,6 @@
-"""model.packing: convolutions whose weight is held only in oneDNN's blocked layout once called. A
-packed model must give nn.Conv2d's results for every configuration, keep no plain copy of a weight
-it packed, show the plain weights to state_dict(), follow a changed weight, and never stand in the
+"""model.packing: convolutions whose weight is held only in oneDNN's blocked layout once called twice
+with one input shape. A packed model must give nn.Conv2d's results for every configuration, the
+same bits whatever calls came before, keep no plain copy of a weight it packed, show the plain weights to state_dict(), follow a changed weight, and never stand in the
 way of autograd, other dtypes or copying."""
 import copy
 import gc
@@ -27,6 +27,12 @@ def reference(plain: nn.Conv2d, x):
     return F.conv2d(x, plain.weight, plain.bias, plain.stride, plain.padding, plain.dilation, plain.groups)
 
 
+def call_twice(conv, x):
+    """The second call in a row with x's shape packs the weight; returns its output."""
+    conv(x)
+    return conv(x)
+
+
 def packed_pair(*args, **kwargs):
     """A frozen random nn.Conv2d and its PackedConv2d (built from a copy of it)."""
     plain = randomized(nn.Conv2d(*args, **kwargs)).requires_grad_(False)
@@ -50,33 +56,55 @@ def test_matches_the_plain_convolution(cin, cout, k, stride, pad, dil, groups, b
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
+        assert not conv.packed  # a first call with a shape reorders the weight for itself only
+        torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
         assert conv.packed and conv.weight.is_mkldnn
         for other in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
             torch.testing.assert_close(conv(other), reference(plain, other), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,groups,bias,shape", CASES)
+def test_an_output_s_bits_do_not_depend_on_the_calls_before_it(cin, cout, k, stride, pad, dil, groups, bias, shape):
+    """The first call with a shape (the plain weight, reordered for that call), the second (which packs)
+    and a call after packing for another shape run one kernel: the same bits, exactly."""
+    _, conv = packed_pair(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
+    x, other = torch.randn(shape), torch.randn(shape[0] + 1, *shape[1:])
+    with torch.no_grad():
+        first, second, third = conv(x), conv(x), conv(x)
+        call_twice(conv, other)
+        assert conv.packed_for == other.shape
+        after_another = conv(x)
+    for later in (second, third, after_another):
+        assert torch.equal(later, first)
+
+
 def test_the_packed_weight_reads_back_as_the_plain_one():
     plain, conv = packed_pair(8, 4, 3, padding=2, dilation=2, groups=2)
     with torch.no_grad():
-        conv(torch.randn(1, 8, 10, 9))
+        call_twice(conv, torch.randn(1, 8, 10, 9))
     assert conv.packed
     assert torch.equal(conv.weight.to_dense(), plain.weight)  # exactly: packing only moves the numbers
     assert (conv.weight.shape, conv.weight.dtype, conv.weight.device) == (plain.weight.shape, torch.float32,
                                                                            torch.device("cpu"))
 
 
-def test_packs_once_per_input_shape():
+def test_packs_at_the_second_call_in_a_row_with_a_shape():
     plain, conv = packed_pair(8, 8, 3, padding=1)
     a, b = torch.randn(2, 8, 6, 6), torch.randn(3, 8, 5, 7)
     with torch.inference_mode():
+        conv(a)
+        assert not conv.packed
         conv(a)
         packed = conv.weight
         assert conv.packed_for == a.shape
         conv(a)
         assert conv.weight is packed  # reused, not packed again
         torch.testing.assert_close(conv(b), reference(plain, b), rtol=1e-5, atol=1e-5)
-        assert conv.weight is not packed and conv.packed_for == b.shape
+        assert not conv.packed and torch.equal(conv.weight, plain.weight)  # plain again, for b's one call
         torch.testing.assert_close(conv(a), reference(plain, a), rtol=1e-5, atol=1e-5)
+        assert not conv.packed  # a, b, a: no shape twice in a row
+        conv(a)
+        assert conv.packed_for == a.shape
 
 
 def plain_bytes(module: nn.Module) -> int:
@@ -108,8 +136,8 @@ def test_keeps_no_plain_copy_of_a_packed_weight():
     model = randomized(model).requires_grad_(False)
     assert plain_bytes(model) == (5 * 7 * 9 * 2) * 4  # before the first call: the plain weights, once
     with torch.no_grad():
-        model(torch.randn(2, 5, 6, 6))
-        model(torch.randn(1, 5, 9, 4))  # a re-pack for another shape keeps none either
+        call_twice(model, torch.randn(2, 5, 6, 6))
+        call_twice(model, torch.randn(1, 5, 9, 4))  # a re-pack for another shape keeps none either
     assert all(m.packed for m in model if isinstance(m, PackedConv2d))
     assert plain_bytes(model) == 0
     gc.collect()
@@ -120,7 +148,7 @@ def test_keeps_no_plain_copy_of_a_packed_weight():
 def test_a_packed_weight_cannot_be_changed_in_place():
     _, conv = packed_pair(4, 4, 3, padding=1)
     with torch.no_grad():
-        conv(torch.randn(1, 4, 8, 8))
+        call_twice(conv, torch.randn(1, 4, 8, 8))
         with pytest.raises(RuntimeError):  # never a silent write in the plain layout into the blocked one
             conv.weight.copy_(torch.randn(4, 4, 3, 3))
 
@@ -133,7 +161,7 @@ def test_follows_a_changed_weight(change):
     with torch.no_grad():
         if change == "copy_-before-the-first-call":
             conv.weight.copy_(new)
-        before = conv(x)
+        before = call_twice(conv, x)
         if change == "load_state_dict":
             conv.load_state_dict({"weight": new, "bias": plain.bias.clone()})
         elif change == "replace":
@@ -142,7 +170,7 @@ def test_follows_a_changed_weight(change):
             conv.double()
             conv.weight.copy_(new.double())
             conv.float()
-        after = conv(x)
+        after = call_twice(conv, x)
     plain.weight.copy_(new)
     if change == "copy_-before-the-first-call":
         torch.testing.assert_close(before, reference(plain, x), rtol=1e-5, atol=1e-5)
@@ -156,7 +184,7 @@ def test_weights_made_in_inference_mode():
     with torch.inference_mode():
         plain, conv = packed_pair(4, 4, 3, padding=1)
         x = torch.randn(1, 4, 8, 8)
-        torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(call_twice(conv, x), reference(plain, x), rtol=1e-5, atol=1e-5)
         assert conv.packed
 
 
@@ -179,7 +207,7 @@ def test_an_input_that_needs_grad_unpacks_a_frozen_weight():
     x = torch.randn(2, 4, 7, 7, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     with torch.no_grad():
-        conv(x)
+        call_twice(conv, x)
     assert conv.packed
     conv(x).square().sum().backward()
     reference(plain, x2).square().sum().backward()
@@ -192,7 +220,7 @@ def test_other_dtypes_take_the_plain_path(dtype):
     plain, conv = packed_pair(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        conv(x)
+        call_twice(conv, x)
         assert conv.packed
         conv, plain, x = conv.to(dtype), plain.to(dtype), x.to(dtype)
         assert not conv.packed and conv.weight.dtype == dtype
@@ -204,10 +232,10 @@ def test_copies_hold_the_plain_weight_and_pack_their_own():
     plain, conv = packed_pair(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        y = conv(x)
+        y = call_twice(conv, x)
         clone = copy.deepcopy(conv)
         assert conv.packed and not clone.packed and torch.equal(clone.weight, plain.weight)
-        torch.testing.assert_close(clone(x), y)
+        torch.testing.assert_close(call_twice(clone, x), y)
         assert clone.packed and clone.weight is not conv.weight
 
 
@@ -215,7 +243,7 @@ def test_state_dict_is_nn_conv2d_s():
     plain, conv = packed_pair(4, 8, 3, padding=1)
     assert list(conv.state_dict()) == ["weight", "bias"]
     with torch.no_grad():
-        conv(torch.randn(1, 4, 5, 5))
+        call_twice(conv, torch.randn(1, 4, 5, 5))
     assert conv.packed
     state = conv.state_dict()
     assert list(state) == ["weight", "bias"]
@@ -253,12 +281,13 @@ def run(unet, vae):
 def test_a_packed_unet_and_vae_match_the_plain_ones():
     plain = small_models()
     packed = tuple(pack_convolutions(m) for m in small_models())
-    expected, got = run(*plain), run(*packed)
+    expected, first, got = run(*plain), run(*packed), run(*packed)
     convs = [m for model in packed for m in model.modules() if isinstance(m, PackedConv2d)]
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for model in plain for m in model.modules())
     assert all(c.packed for c in convs)
-    for a, b in zip(got, expected):
+    for a, b, c in zip(got, expected, first):
         assert_close_rel(a, b, 1e-5)
+        assert torch.equal(a, c)  # the first run's calls were not packed yet: the same bits
     for model, ref in zip(packed, plain):
         assert plain_bytes(model) == 0
         state, ref_state = model.state_dict(), ref.state_dict()
@@ -269,6 +298,7 @@ def test_a_packed_unet_and_vae_match_the_plain_ones():
 def test_unpacking_round_trips():
     plain = small_models()
     models = tuple(pack_convolutions(m) for m in small_models())
+    run(*models)
     run(*models)
     models = tuple(unpack_convolutions(m) for m in models)
     for model, ref in zip(models, plain):
