@@ -35,8 +35,7 @@ def int_pair(separator: str, minimum: int):
 
 
 def lora_spec(text: str) -> tuple[str, float]:
-    """argparse type: FILE[:SCALE] -> (FILE, SCALE), 1 when no scale is given; a path may hold colons:
-    only a last part that is a number is the scale."""
+    """argparse type: FILE[:SCALE] -> (FILE, SCALE), SCALE 1 when not given (a path's own colons stay)."""
     path, _, scale = text.rpartition(":")
     try:
         return (path, finite(scale)) if path else (text, 1.0)  # finite: inf and NaN are refused
@@ -81,9 +80,8 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
                    "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
     first = len(p._actions)
-    for name in methods.METHODS:  # each method's own options, defined in its file
-        if methods.METHODS.present(name):
-            methods.METHODS[name].add_options(p, many)
+    for name in filter(methods.METHODS.present, methods.METHODS):  # each method's own options, from its file
+        methods.METHODS[name].add_options(p, many)
     return [a.dest for a in w._group_actions] + [a.dest for a in p._actions[first:]]
 
 
@@ -99,9 +97,8 @@ def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
-    """Checks the shared options and makes the methods `specs` names (each checks its own options):
-    sets args.chosen_methods, args.task, args.device and args.torch_dtype. An option of
-    `method_options` that was `given` and that no chosen method reads is refused."""
+    """Checks the shared options and makes the methods `specs` names, args.chosen_methods (each checks its own
+    options); sets args.task, device and torch_dtype. A `given` one of `method_options` no method reads is refused."""
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
                  ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),

@@ -1,9 +1,7 @@
-"""generate.py's side of the house: the checks only a loaded model can answer, and where its images
-and their text go."""
+"""generate.py's side: the checks only a loaded model can answer, and where its images and their text go."""
 import os
 import tempfile
 from pathlib import Path
-
 
 import png
 from cli.args import UsageError, fail
@@ -15,9 +13,7 @@ OUTPUTS = Path("outputs")
 
 def check_out(out: str | None, option: str):
     """--out or --trace names a file whose folder is made (parents too) if missing, and must take a
-    file. Without --out, outputs/ is made."""
-    if out is None and option != "--out":
-        return
+    file; --out None: outputs/."""
     if out is not None and (Path(out).is_dir() or out.endswith(("/", os.sep))):
         raise UsageError(f"{option} {out}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
@@ -34,8 +30,7 @@ def check_out(out: str | None, option: str):
 
 
 def check_sizes(args, pipe, sampler):
-    """What only the loaded model can tell: the steps its schedule can take with the sampler, and
-    whether it takes SDXL's size and crop conditioning."""
+    """What only the loaded model can tell: the steps its schedule can take, and whether it takes SDXL's sizes."""
     try:
         sampler(pipe.scheduler, args.steps)
     except UnsupportedSetting as e:
@@ -73,8 +68,8 @@ def write_trace(plan, path: str, saved: bool) -> int:
 
 
 def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
-    """Writes each image (uint8 [H, W, 3]) atomically to `out` (or new paths in outputs/); an image that cannot be
-    written leaves no file behind."""
+    """Writes each image (uint8 [H, W, 3]) atomically to `out` (or new paths in outputs/); an image that
+    cannot be written leaves no file behind."""
     if out is None:  # claimed: made empty, so that no other run takes the names
         paths = claim_new_paths(OUTPUTS, str(seed), len(images))
     else:
