@@ -1,6 +1,6 @@
 """Generate images with Stable Diffusion 1.x, 2.x or SDXL, guided by a method (methods/): plain SD, a
 negative prompt, static, VL-DNP (the default: with CLIP, or with a VLM given --vlm-url), SLD, SAFREE
-or DNG. A seed gives diffusers' image; each PNG's `parameters` text holds the settings, as AUTOMATIC1111's.
+or DNG. A seed gives diffusers' image; each PNG holds the settings in AUTOMATIC1111's `parameters`.
 
 examples:
   python generate.py "a watercolor of a lighthouse at dawn" --seed 42
@@ -47,7 +47,7 @@ def parse_args(argv=None):
                    "is made (default: a new file in outputs/, never overwriting)")
     p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: each "
                    "query, and the images the proposer saw as PATH.filmstrip.png; DNG: p_t and w_neg at each step)")
-    s = p.add_argument_group("SDXL's micro-conditioning (the size and crop of the training images to imitate)")
+    s = p.add_argument_group("SDXL's micro-conditioning: a training image's size and crop to imitate, and the target")
     s.add_argument("--original-size", type=int_pair("x", 1), metavar="HxW", help="original size (default: the image's)")
     s.add_argument("--crop-top-left", type=int_pair(",", 0), metavar="Y,X", help="crop corner (default: 0,0, centred)")
     s.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW", help="size aimed at (default: the image's)")
