@@ -1,18 +1,28 @@
-"""Text to image with Stable Diffusion 1.x, 2.x or SDXL:  python generate.py "a photo of a cat"
+"""Generate images with Stable Diffusion 1.x, 2.x or SDXL, guided by a method (methods/): plain SD, a
+negative prompt, static, VL-DNP (the default: with CLIP, or with a VLM given --vlm-url), SLD, SAFREE
+or DNG. A seed gives diffusers' image; each PNG holds the settings in AUTOMATIC1111's `parameters`.
 
-Parse the arguments, load the model, let the method plan the image (methods/: plain SD, a negative
-prompt, the static baseline, VL-DNP, SLD, SAFREE), generate, save PNGs whose `parameters` text holds
-the prompt and settings in the layout AUTOMATIC1111 and other SD tools read. With the same
-checkpoint, prompt, seed and settings, the image is the one diffusers' pipelines give. Every expected
-failure is one line and a non-zero exit status; a bug is Python's traceback.
+examples:
+  python generate.py "a watercolor of a lighthouse at dawn" --seed 42
+  python generate.py "a red fox in the snow" --negative-prompt "blurry" --batch 4 --out fox.png
+  python generate.py "a castle on a hill" --model stabilityai/stable-diffusion-xl-base-1.0 --sampler euler
+  python generate.py "a castle on a hill" --model stabilityai/sdxl-turbo --sampler euler-a --steps 1 --guidance 0
+  python generate.py "a person at the beach" --vlm-url http://localhost:8000/v1 --trace trace.json
+  python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
+  python generate.py "a person at the beach" --method dng --sampler euler-a --trace trace.json
+
+Prints the seed, then each image's path. Exit status: 0 done; 1 sampling failed (nothing saved), or
+the trace could not be written; 2 bad argument or model, or a VLM that does not answer (see
+--allow-vlm-failures); 3 images saved, but for one or more of them no VL-DNP answer took effect: they
+were made without the dynamic negative, as their PNGs say; 130 interrupted. A bug is a traceback.
 """
 import argparse
 import secrets
 import sys
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_shared, fail, given_options, int_pair
-from cli.outputs import EXAMPLES, check_out, check_sizes, png_text, save, write_trace
+from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options, int_pair
+from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
 from methods.options import finite
 from sampler.base import SAMPLERS
@@ -24,27 +34,23 @@ LEAVES = Leaves("option", {"--init-image": "cli.edit:read_edit"})  # reads the i
 
 
 def parse_args(argv=None):
-    p = Parser(prog="generate.py", description="Generate images with Stable Diffusion 1.x, 2.x or SDXL, guided by "
-               "a method (default: VL-DNP with CLIP, or with a VLM given --vlm-url).", epilog=EXAMPLES,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
-    p.add_argument("--method", metavar="NAME", help="how the image is guided: sd, negative, static, vldnp, "
-                   "sld-weak ... sld-max, safree, dng, as evaluate.py's method NAME makes it (default: --proposer decides)")
+    p.add_argument("--method", metavar="NAME", help="how the image is guided: sd, negative, static, vldnp, sld-weak "
+                   "... sld-max, safree, dng, as evaluate.py's method NAME makes it (default: --proposer decides)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")
     p.add_argument("--eta", type=finite, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM; ddim only")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images sampled together (default: 1)")
-    p.add_argument("--original-size", type=int_pair("x", 1), metavar="HxW", help="SDXL's micro-conditioning: the "
-                   "size of the training image to imitate (default: the image's)")
-    p.add_argument("--crop-top-left", type=int_pair(",", 0), metavar="Y,X", help="SDXL's micro-conditioning: the "
-                   "crop corner to imitate (default: 0,0, centred)")
-    p.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW", help="SDXL's micro-conditioning: the "
-                   "size aimed at (default: the image's)")
     p.add_argument("--init-image", metavar="PNG", help="edit this image (img2img), at its size, instead of drawing one")
     p.add_argument("--mask", metavar="PNG", help="with --init-image: repaint where the mask is white (inpainting)")
     p.add_argument("--out", metavar="PATH", help="write PATH.png, or PATH-0.png ... with --batch; a missing folder "
                    "is made (default: a new file in outputs/, never overwriting)")
-    p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: "
-                   "each query, and the images the proposer saw as PATH.filmstrip.png; DNG: p_t and w_neg at each step)")
+    p.add_argument("--trace", metavar="PATH.json", help="write the method's negatives per step as JSON (VL-DNP: each "
+                   "query, and the images the proposer saw as PATH.filmstrip.png; DNG: p_t and w_neg at each step)")
+    s = p.add_argument_group("SDXL's micro-conditioning: a training image's size and crop to imitate, and the target")
+    s.add_argument("--original-size", type=int_pair("x", 1), metavar="HxW", help="original size (default: the image's)")
+    s.add_argument("--crop-top-left", type=int_pair(",", 0), metavar="Y,X", help="crop corner (default: 0,0, centred)")
+    s.add_argument("--target-size", type=int_pair("x", 1), metavar="HxW", help="size aimed at (default: the image's)")
     options = add_shared_arguments(p, sampler="ddim", many=False)
     args = p.parse_args(argv)
     given = given_options(p, argv)
@@ -58,30 +64,24 @@ def parse_args(argv=None):
         keys = ", ".join(m.key for m in args.chosen_methods)
         raise UsageError(f"--method {spec} makes {len(args.chosen_methods)} images ({keys}); generate.py makes one: "
                          "name one preset, e.g. sld-medium, or give one --negative-scale")
-    if args.eta and args.sampler != "ddim":
-        raise UsageError(f"--eta {args.eta}: only --sampler ddim takes eta; {args.sampler} has no such noise")
-    for name, ok, rule in [("eta", args.eta >= 0, "0 or more"), ("batch", 1 <= args.batch, "at least 1"),
-                           ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")]:
-        if not ok:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be {rule}")
-    try:  # generate()'s edit arguments
-        args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
-    except MissingLeaf as e:
-        raise UsageError(str(e)) from None
+    check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
+                 ("eta", not args.eta or args.sampler == "ddim", f"0 with {args.sampler}; only ddim takes eta"),
+                 ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")], args)
+    args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
     check_out(args.out, "--out")
-    check_out(args.trace, "--trace")
+    if args.trace:
+        check_out(args.trace, "--trace")
     return args
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        return run(args, args.chosen_methods[0])
     except SystemExit as e:  # --help
         return e.code
-    except UsageError as e:
+    except (UsageError, MissingLeaf) as e:  # MissingLeaf: an option whose file this copy lacks
         return fail(e, 2)
-    try:
-        return run(args, args.chosen_methods[0])
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     except (RuntimeError, MemoryError) as e:
@@ -116,16 +116,16 @@ def run(args, method) -> int:
         plan = method.plan(pipe, args.prompt, args.batch)
     except (UsageError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         return fail(e, 2)
-    sizes = dict(original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size)
     saved = False
     try:  # 3. generate, 4. save
         try:
-            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
-                              width=args.width, batch=args.batch, seed=seed, eta=args.eta, sampler=args.sampler,
-                              progress=not args.quiet, **sizes, **args.edit, **plan.arguments)
+            images = generate(pipe, plan.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                              height=args.height, width=args.width, batch=args.batch, seed=seed, eta=args.eta,
+                              sampler=args.sampler, original_size=args.original_size, crop_top_left=args.crop_top_left,
+                              target_size=args.target_size, progress=not args.quiet, **args.edit, **plan.arguments)
         finally:
             plan.finish()  # collects the answers still outstanding
-        for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, sizes, b)
+        for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, b)
                                             for b in range(args.batch)], seed):
             print(path)
         saved = True

@@ -1,5 +1,1 @@
-"""The command lines' shared parts.
-
-    args.py        the options generate.py and evaluate.py share, their one validation, one-line errors
-    outputs.py     generate.py's examples, the checks a loaded model answers, where images go
-"""
+"""The command lines' parts: args.py, the options both scripts share; outputs.py and edit.py, generate.py's."""

@@ -1,16 +1,13 @@
 """What generate.py and evaluate.py share, written once: the options for the model, sampling, the
-methods and VL-DNP (`add_shared_arguments`), and their one validation (`check_shared`), which runs
-before any model is loaded. Every failure is one line on stderr: `fail` prints it, and a
-UsageError is a bad argument (exit status 2)."""
+methods and VL-DNP (`add_shared_arguments`), and their one validation before any model loads
+(`check_shared`). Every failure is one line on stderr (`fail`); a UsageError is a bad argument (exit 2)."""
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import methods
 import weights
 from checkpoint import looks_like_repo_id
-from methods import METHODS
 from methods.options import comma_list, finite
 from sampler.base import SAMPLERS
 from vlm.base import printable
@@ -38,8 +35,7 @@ def int_pair(separator: str, minimum: int):
 
 
 def lora_spec(text: str) -> tuple[str, float]:
-    """argparse type: FILE[:SCALE] -> (FILE, SCALE), 1 when no scale is given; a path may hold colons:
-    only a last part that is a number is the scale."""
+    """argparse type: FILE[:SCALE] -> (FILE, SCALE), SCALE 1 when not given (a path's own colons stay)."""
     path, _, scale = text.rpartition(":")
     try:
         return (path, finite(scale)) if path else (text, 1.0)  # finite: inf and NaN are refused
@@ -84,9 +80,8 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
                    "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
     first = len(p._actions)
-    for name in METHODS:  # each method's own options, defined in its file
-        if METHODS.present(name):
-            METHODS[name].add_options(p, many)
+    for name in filter(methods.METHODS.present, methods.METHODS):  # each method's own options, from its file
+        methods.METHODS[name].add_options(p, many)
     return [a.dest for a in w._group_actions] + [a.dest for a in p._actions[first:]]
 
 
@@ -102,9 +97,8 @@ def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
-    """Checks the shared options and makes the methods `specs` names (each checks its own options):
-    sets args.chosen_methods, args.task, args.device and args.torch_dtype. An option of
-    `method_options` that was `given` and that no chosen method reads is refused."""
+    """Checks the shared options and makes the methods `specs` names, args.chosen_methods (each checks its own
+    options); sets args.task, device and torch_dtype. A `given` one of `method_options` no method reads is refused."""
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
                  ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
@@ -115,19 +109,17 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         args.task = TASKS[args.vlm_task]
         SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
         classes = list(dict.fromkeys(methods.METHODS[methods.split_name(spec)[0]] for spec in specs))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    check_rules([rule for cls in classes for rule in cls.rules(args)], args)  # each option, before any method uses it
-    try:
+        check_rules([rule for cls in classes for rule in cls.rules(args)], args)  # before any method uses them
         args.chosen_methods = methods.from_args(args, specs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     read = set().union(*(cls.reads(args) for cls in classes))
     for dest in [d for d in method_options if d in given and d not in read]:
-        names = ", ".join(cls.name for cls in classes)
-        raise UsageError(f"{flag(dest)}: no method of this run reads it ({names}); leave it out or choose a method "
-                         "that does")
-    check_model(args.model)
+        raise UsageError(f"{flag(dest)}: no method of this run reads it ({', '.join(c.name for c in classes)}); "
+                         "leave it out or choose a method that does")
+    model = Path(args.model).expanduser()
+    if not model.exists() and (model.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(args.model)):
+        raise UsageError(f"--model {args.model}: no such file or folder (nor a Hugging Face repo id like org/name)")
     for path, _ in args.loras:
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--lora {path}: no such file")
@@ -151,28 +143,6 @@ def check_rules(rules: list[tuple[str, bool, str]], args):
             value = getattr(args, name)
             value = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
             raise UsageError(f"{flag(name)} {value}: must be {rule}")
-
-
-def check_model(model: str):
-    path = Path(model).expanduser()
-    if not path.exists() and (path.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(model)):
-        raise UsageError(f"--model {model}: no such file or folder (nor a Hugging Face repo id like org/name)")
-
-
-def make_folder(folder: Path, flag: str):
-    """Makes `folder` and its missing parents, and checks that a file can be written in it."""
-    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise UsageError(f"{flag}: {existing} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
-    try:
-        with tempfile.TemporaryFile(dir=folder):  # the sure test: os.access misjudges root and read-only mounts
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag}: cannot write in {folder} ({e.strerror})") from None
 
 
 def fail(message, code: int) -> int:

@@ -44,7 +44,8 @@ def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, stre
                width) -> tuple[int | None, int | None, float | None]:
     """(height, width, strength) of a generation that edits `image` (or, image None, draws with a
     model that allows it): the image's size and the strength given or the default. ValueError, one
-    line, for an edit the model or the sizes do not allow."""
+    line, for an edit the model or the sizes do not allow. With pipe None (a command line, before
+    any model loads), the sizes alone, for SD's VAE scale of 8."""
     if image is None:
         if mask is not None:
             raise ValueError("a mask needs the image it masks (init_image)")
@@ -60,13 +61,14 @@ def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, stre
     if (height or H, width or W) != (H, W):
         raise ValueError(f"the image is {W}x{H}; the edit has its size (leave out the height and width, or give "
                          f"{H} and {W})")
-    if H % pipe.vae_scale or W % pipe.vae_scale:
-        raise ValueError(f"the image is {W}x{H}; its sides must be multiples of {pipe.vae_scale}, the VAE's scale: "
-                         f"crop or resize it, e.g. to {W - W % pipe.vae_scale}x{H - H % pipe.vae_scale}")
+    scale = 8 if pipe is None else pipe.vae_scale
+    if H % scale or W % scale:
+        raise ValueError(f"the image is {W}x{H}; its sides must be multiples of {scale}, the VAE's scale: crop or "
+                         f"resize it, e.g. to {W - W % scale}x{H - H % scale}")
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (H, W)):
         what = f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2 else f"{mask.dtype} {list(mask.shape)}"
         raise ValueError(f"the mask is {what}; it must be a bool [H, W] of the image's size, {W}x{H}")
-    if pipe.inpainting and mask is None:
+    if pipe is not None and pipe.inpainting and mask is None:
         raise ValueError(f"{pipe.name} is an inpainting model ({pipe.unet.config.in_channels} input channels): "
                          "give it a mask with the image")
     if strength is None:

@@ -137,10 +137,10 @@ def test_generate_py_edits_an_image(sd1, tmp_path, capsys):
     (["--strength", "0"], "--strength 0.0: must be more than 0 and at most 1"),
     (["--strength", "1.01"], "--strength 1.01: must be more than 0 and at most 1"),
     (["--strength", "0.2"], "--strength 0.2 runs no step of 4"),
-    (["--height", "32"], "--height 32: the edit is made at --init-image's size, 32x24"),
+    (["--height", "32"], "in.png: the image is 32x24; the edit has its size (leave out the height and width"),
     (["--init-image", "{tmp}/missing.png"], "missing.png: cannot read it"),
     (["--init-image", "{tmp}/photo.jpg"], "photo.jpg: a JPEG; only PNG images are read"),
-    (["--init-image", "{tmp}/odd.png"], "odd.png is 30x24; its sides must be multiples of 8"),
+    (["--init-image", "{tmp}/odd.png"], "odd.png: the image is 30x24; its sides must be multiples of 8"),
 ])
 def test_generate_py_refuses_bad_edits(sd1, tmp_path, capsys, monkeypatch, args, message):
     png.write_png(tmp_path / "in.png", picture(24, 32))

@@ -136,8 +136,8 @@ def test_generate_py_refuses_bad_masks_and_models(sd1, sd1_inpainting, tmp_path,
     png.write_png(tmp_path / "small.png", box_mask(16, 32))
     code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, "--init-image", tmp_path / "in.png",
                        "--mask", tmp_path / "small.png")
-    assert code == 2 and err == [f"error: --mask {tmp_path / 'small.png'} is 32x16; it must be the image's size, "
-                                 "32x24"]
+    assert code == 2 and err == [f"error: --init-image {tmp_path / 'in.png'}, --mask {tmp_path / 'small.png'}: the "
+                                 "mask is 32x16; it must be a bool [H, W] of the image's size, 32x24"]
     code, _, err = run(generate.main, capsys, "a cat", "--model", sd1_inpainting, *FAST, "--height", "16", "--width",
                        "16")
     assert code == 2 and len(err) == 1 and "is an inpainting model (9 input channels)" in err[0]
