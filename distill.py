@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options
+from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
+                      load_model, model_settings)
 from cli.outputs import check_out, check_sizes
 from distillation.collect import Collection, collect
 from distillation.data import DataError
@@ -93,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_collect(args, options: list[str], given: set[str]):
     check_rules([("seed", 0 <= args.seed < 2**64, "between 0 and 2^64 - 1"),
                  ("limit", args.limit is None or args.limit >= 1, "at least 1"),
-                 ("seeds_per_prompt", 1 <= args.seeds_per_prompt <= 64, "between 1 and 64")], args)
+                 ("seeds_per_prompt", 1 <= args.seeds_per_prompt <= 64, "between 1 and 64"),
+                 ("strength", args.strength is None, "left out: collect draws images from text and edits none")], args)
     check_shared(args, ["vldnp"], options, given)
     if len(args.chosen_methods) != 1:
         raise UsageError(f"collect runs one VL-DNP, and these settings make {len(args.chosen_methods)} "
@@ -111,10 +113,7 @@ def run_collect(args) -> int:
               f"for: {first.reason}", file=sys.stderr, flush=True)
     method = args.chosen_methods[0]
     settings = {
-        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column, "model": args.model,
-        "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
-        "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
-        "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
+        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column, **model_settings(args),
         "seeds_per_prompt": args.seeds_per_prompt, "method": method.settings(),
     }
     info = {"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
@@ -127,8 +126,7 @@ def run_collect(args) -> int:
         out=Path(args.out), rows=prompts.rows, method=method, settings=settings,
         sampling=Sampling(args.steps, args.sampler, args.height, args.width), guidance_scale=args.guidance_scale,
         base_seed=args.seed, images=args.seeds_per_prompt, device=args.device, dtype=args.torch_dtype,
-        load_pipe=lambda: weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer,
-                                                args.prediction_type),
+        load_pipe=lambda: load_model(args),
         check_pipe=check_pipe, allow_failures=args.allow_vlm_failures, progress=not args.quiet, info=info))
 
 

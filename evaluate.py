@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options
+from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
+                      load_model, model_settings)
 from evaluation.classifier_file import classifier_file
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
 from evaluation.prompts import PromptFileError, read_prompts
@@ -221,13 +222,7 @@ def warn_skipped(path, skipped, most: int = 20):
 
 def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpec:
     settings = {
-        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column,
-        "model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
-        "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
-        "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
-        **({"strength": args.strength} if args.strength is not None else {}),  # keys only where used: older
-        **({"lora": [{"file": str(path), "scale": scale, "sha256": sha256_file(path)} for path, scale in args.loras]}
-           if args.loras else {}),  # runs resume
+        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column, **model_settings(args),
         "methods": [m.settings() for m in args.chosen_methods],
         "metrics": {"names": args.metrics, "nudenet_classes": args.nudenet_classes,
                     "nudenet_threshold": args.nudenet_threshold,
@@ -247,20 +242,12 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         out=Path(args.out), rows=prompts.rows, methods=args.chosen_methods, settings=settings,
         sampling=Sampling(args.steps, args.sampler, args.height, args.width), guidance_scale=args.guidance_scale,
         base_seed=args.seed, model_name=args.model, device=args.device, dtype=args.torch_dtype,
-        load_pipe=lambda: load_with_loras(args), strength=args.strength,
+        load_pipe=lambda: load_model(args), strength=args.strength,
         make_metrics=(lambda: metrics) if metrics is not None else metrics_factory(args, args.device, args.torch_dtype),
         allow_vlm_failures=args.allow_vlm_failures,
         write_report=None if args.no_report else (report or default_report(args, {"settings": settings, **info})),
         progress=not args.quiet, info=info,
     )
-
-
-def load_with_loras(args):
-    """The model, with the --lora files merged in."""
-    pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
-    for path, scale in args.loras:
-        weights.load_lora(pipe, path, scale)
-    return pipe
 
 
 def check_edits(args, prompts):

@@ -20,8 +20,8 @@ import argparse
 import secrets
 import sys
 
-import weights
-from cli.args import Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options, int_pair
+from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
+                      int_pair, load_model)
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
 from methods.options import finite
@@ -103,9 +103,7 @@ def run(args, method) -> int:
             print(f"warning: the VLM does not answer ({problem}); running anyway, recording each failed query",
                   file=sys.stderr, flush=True)
         print(f"seed: {seed}", flush=True)
-        pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
-        for path, scale in args.loras:
-            weights.load_lora(pipe, path, scale)
+        pipe = load_model(args)
         check_sizes(args, pipe, SAMPLERS[args.sampler])
         if args.edit or pipe.inpainting:  # an inpainting model needs an image and a mask
             EDITS["img2img"].check_edit(pipe, args.edit.get("init_image"), args.edit.get("mask"), args.strength,

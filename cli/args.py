@@ -8,6 +8,7 @@ from pathlib import Path
 import methods
 import weights
 from checkpoint import looks_like_repo_id
+from files import sha256_file
 from methods.options import comma_list, finite
 from sampler.base import SAMPLERS
 from vlm.base import printable
@@ -128,6 +129,25 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     except ValueError as e:
         raise UsageError(f"--device {e}") from None
     args.torch_dtype = weights.pick_dtype(args.dtype, args.device)
+
+
+def load_model(args):
+    """The pipeline --model names, with the --lora files merged in."""
+    pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
+    for path, scale in args.loras:
+        weights.load_lora(pipe, path, scale)
+    return pipe
+
+
+def model_settings(args) -> dict:
+    """What decides a run's images besides its methods and prompts, as its run.json or data.json
+    records them to refuse a resume with others; a key only where used, so older folders resume."""
+    return {"model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
+            "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
+            "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
+            **({"strength": args.strength} if args.strength is not None else {}),
+            **({"lora": [{"file": str(p), "scale": scale, "sha256": sha256_file(p)} for p, scale in args.loras]}
+               if args.loras else {})}
 
 
 def flag(dest: str) -> str:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import generate
+import weights
 from fake_vlm import dead_url
 from helpers import run
 from png_reader import read_png
@@ -258,7 +259,7 @@ def test_default_proposer_is_clip_and_says_how_to_run_without(sd1, tmp_path, cap
     (["--clip-threshold", "nan"], "--clip-threshold: 'nan' is not a finite number"),
 ])
 def test_bad_vl_dnp_flags(argv, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate.weights, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(weights, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     code, out, err = run(generate.main, capsys, *RUN, "--model", tmp_path, "--out", tmp_path / "x.png", *argv)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert out == []

@@ -350,7 +350,7 @@ def test_a_latent_proposer_asks_no_server_decodes_nothing_and_its_negatives_repl
         decode = loaded.vae.decode
         loaded.vae.decode = lambda z: decodes.append(z.shape) or decode(z)
         return loaded
-    monkeypatch.setattr(generate.weights, "load_pipeline", counting)
+    monkeypatch.setattr(weights, "load_pipeline", counting)
     code, lines, err = run(generate.main, capsys, "a person on a beach", "--model", model, "--proposer", "latent",
                            "--latent-proposer", file, "--steps", "5", "--vlm-steps", "1,3", "--seed", "4",
                            "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png", *SIZE)

@@ -279,3 +279,24 @@ def test_evaluate_merges_loras_and_resumes_only_with_the_same(sd1, tmp_path, cap
     for lora_argv in (["--lora", f"{lora}:0.5"], []):
         code, _, err = run(evaluate.main, capsys, *argv, *lora_argv)
         assert code == 2 and len(err) == 1 and "lora" in err[0], err
+
+
+def test_distill_collect_merges_loras_records_them_and_refuses_strength(sd1, clip_folder, tmp_path, capsys):
+    """distill.py collect loads the model as generate.py does, LoRAs merged; its data.json names them,
+    so a collection resumed without them is refused; it edits no image, so --strength is refused."""
+    import distill
+    lora = kohya_file(sd1, tmp_path / "ink.safetensors")
+    (tmp_path / "p.csv").write_text("prompt\na cat\n")
+    argv = ["collect", tmp_path / "p.csv", "--model", sd1, "--out", tmp_path / "data", "--proposer", "clip",
+            "--clip-model", clip_folder, "--steps", "3", "--vlm-steps", "1", "--seeds-per-prompt", "1",
+            "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    code, _, err = run(distill.main, capsys, *argv, "--strength", "0.5")
+    assert code == 2 and err == ["error: --strength 0.5: must be left out: collect draws images from text and "
+                                 "edits none"], err
+    code, _, err = run(distill.main, capsys, *argv, "--lora", f"{lora}:0.6")
+    assert code == 0 and err == [], err
+    stored = json.loads((tmp_path / "data" / "data.json").read_text())["settings"]["lora"]
+    assert stored == [{"file": str(lora), "scale": 0.6, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
+    code, _, err = run(distill.main, capsys, *argv)
+    assert code == 2 and len(err) == 1 and "lora" in err[0], err
