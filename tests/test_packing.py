@@ -1,7 +1,8 @@
 """model.packing: convolutions whose weight is held only in oneDNN's blocked layout once called twice
 with one input shape. A packed model must give nn.Conv2d's results for every configuration, the
-same bits whatever calls came before, keep no plain copy of a weight it packed, show the plain weights to state_dict(), follow a changed weight, and never stand in the
-way of autograd, other dtypes or copying."""
+same bits whatever calls came before, keep no plain copy of a weight it packed, show the plain
+weights to state_dict(), follow a changed weight, and never stand in the way of autograd, other
+dtypes or copying."""
 import copy
 import gc
 
