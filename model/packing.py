@@ -5,15 +5,15 @@ for the input's shape. nn.Conv2d keeps the weight as [out, in, kh, kw], so oneDN
 a fresh buffer on every call. In the UNet's deep levels, where a 1280-channel 3x3 weight meets an
 8x8 feature map, that reorder costs more than the convolution itself.
 
-`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d. Every fp32 inference call on
-the CPU runs oneDNN's convolution on a channels-last input. The first call with an input shape hands
-it the plain weight, which oneDNN reorders for that call only, as nn.Conv2d's would be; the second
-call in a row with the same shape reorders it once and keeps only the reordered tensor: the plain
-one is let go, so packing costs no memory, provided that memory was the weight's own (pages of a file
-mapping shared with other tensors stay resident while any of those lives). Both calls run the same
-kernel on the same layout, so an output's bits never depend on which came first; a one-off call (a
-first pass over every weight, a batch of another size) pays for no copy it will not reuse. A call
-with another shape first gives the plain weight back. (torch.compile's freezing pass packs
+`pack_convolutions(model)` replaces each nn.Conv2d with a PackedConv2d. Where nn.Conv2d would run
+oneDNN (PyTorch picks the kernel from the input's shape), a PackedConv2d reorders its weight once for
+that input shape and then holds only the reordered tensor: the plain one is let go, so packing costs
+no memory, provided that memory was the weight's own (pages of a file mapping shared with other
+tensors stay resident while any of those lives). Where nn.Conv2d would run PyTorch's own kernel (a
+single small input, such as a first pass over every weight on a tiny latent), which reads the plain
+weight and reorders nothing, it runs that kernel, unpacking the weight first if it holds it packed.
+The kernel depends on the input's shape alone, so an output's bits never depend on the calls before
+it. A call with another shape re-packs from the plain weight. (torch.compile's freezing pass packs
 convolution weights too.) `unpack_convolutions(model)` gives back nn.Conv2d modules.
 
 What the model shows the outside stays nn.Conv2d's: state_dict() gives plain [out, in, kh, kw]
@@ -29,8 +29,8 @@ from torch import nn
 
 
 class PackedConv2d(nn.Module):
-    """A frozen nn.Conv2d whose weight, once called twice in a row with one input shape, is held only in
-    oneDNN's blocked layout for that shape."""
+    """A frozen nn.Conv2d whose weight, once called where nn.Conv2d would run oneDNN, is held only in
+    oneDNN's blocked layout for that input shape."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -39,24 +39,28 @@ class PackedConv2d(nn.Module):
         self.weight = conv.weight  # [out, in/groups, kh, kw] until the first packable call
         self.register_parameter("bias", conv.bias)
         self.packed_for = None  # the input shape self.weight is laid out for, while it is packed
-        self.last_shape = None  # the previous call's input shape
 
     @property
     def packed(self) -> bool:
         return self.weight.is_mkldnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x):
+        if not self._packable(x) or self._native(x):
             self._unpack()
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        shape, previous, self.last_shape = x.shape, self.last_shape, x.shape
-        if not (self.packed and self.packed_for == shape):
-            self._unpack()  # from a layout for another shape, oneDNN's reorder can be slower than the call
-            if previous == shape:
-                self._pack(shape)
-        x = x.contiguous(memory_format=torch.channels_last)  # [B, C, H, W] stored as [B, H, W, C], as packed
+        if not (self.packed and self.packed_for == x.shape):
+            self._pack(x.shape)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+
+    def _native(self, x: torch.Tensor) -> bool:
+        """Whether nn.Conv2d would run PyTorch's own kernel on x, not oneDNN: asked of PyTorch's kernel
+        choice with a stand-in for the plain weight (its shape, no memory)."""
+        weight = torch.zeros((), dtype=x.dtype).expand(self.out_channels, self.in_channels // self.groups,
+                                                       *self.kernel_size)
+        backend = torch._C._select_conv_backend(x, weight, self.bias, self.stride, self.padding, self.dilation, False,
+                                                [0, 0], self.groups)
+        return backend != torch._C._ConvBackend.Mkldnn
 
     def _packable(self, x: torch.Tensor) -> bool:
         frozen = not any(p.requires_grad for p in self.parameters())
@@ -67,6 +71,7 @@ class PackedConv2d(nn.Module):
                 and not torch.compiler.is_compiling())
 
     def _pack(self, shape: torch.Size):
+        self._unpack()  # from a layout for another shape, oneDNN's reorder can take longer than the call
         self.weight = nn.Parameter(torch._C._nn.mkldnn_reorder_conv2d_weight(
             self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, shape), requires_grad=False)
         self.packed_for = tuple(shape)
@@ -95,7 +100,7 @@ class PackedConv2d(nn.Module):
         if self.packed:
             plain = nn.Parameter(self.weight.to_dense(), requires_grad=False)
             state["_parameters"] = {**self._parameters, "weight": plain}
-            state["packed_for"] = state["last_shape"] = None
+            state["packed_for"] = None
         return state
 
     def extra_repr(self) -> str:

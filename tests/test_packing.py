@@ -1,8 +1,8 @@
-"""model.packing: convolutions whose weight is held only in oneDNN's blocked layout once called twice
-with one input shape. A packed model must give nn.Conv2d's results for every configuration, the
-same bits whatever calls came before, keep no plain copy of a weight it packed, show the plain
-weights to state_dict(), follow a changed weight, and never stand in the way of autograd, other
-dtypes or copying."""
+"""model.packing: convolutions whose weight is held only in oneDNN's blocked layout once called where
+nn.Conv2d would run oneDNN. A packed model must give nn.Conv2d's results for every configuration,
+the same bits whatever calls came before, run PyTorch's own kernel where nn.Conv2d would, keep no
+plain copy of a weight it packed, show the plain weights to state_dict(), follow a changed weight,
+and never stand in the way of autograd, other dtypes or copying."""
 import copy
 import gc
 
@@ -28,10 +28,10 @@ def reference(plain: nn.Conv2d, x):
     return F.conv2d(x, plain.weight, plain.bias, plain.stride, plain.padding, plain.dilation, plain.groups)
 
 
-def call_twice(conv, x):
-    """The second call in a row with x's shape packs the weight; returns its output."""
-    conv(x)
-    return conv(x)
+def onednn(plain: nn.Conv2d, x) -> bool:
+    """Whether nn.Conv2d runs oneDNN on x (PyTorch chooses by the input's shape), not its own kernel."""
+    return torch._C._select_conv_backend(x, plain.weight, plain.bias, plain.stride, plain.padding, plain.dilation,
+                                         False, [0, 0], plain.groups) == torch._C._ConvBackend.Mkldnn
 
 
 def packed_pair(*args, **kwargs):
@@ -42,12 +42,20 @@ def packed_pair(*args, **kwargs):
 
 CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, input shape)
     (4, 8, 3, 1, 1, 1, 1, True, (2, 4, 9, 7)),
-    (8, 8, 3, 2, 0, 1, 1, True, (1, 8, 11, 11)),  # the VAE's downsampler: stride 2, no padding
+    (8, 8, 3, 2, 0, 1, 1, True, (2, 8, 11, 11)),  # the VAE's downsampler: stride 2, no padding
     (8, 6, 1, 1, 0, 1, 1, True, (3, 8, 5, 6)),
     (6, 6, 3, 2, 1, 1, 1, False, (2, 6, 8, 8)),
-    (8, 4, 3, 1, 2, 2, 2, True, (1, 8, 10, 9)),  # dilated, grouped
+    (8, 4, 3, 1, 2, 2, 2, True, (2, 8, 10, 9)),  # dilated, grouped
     (3, 16, 4, 4, 0, 1, 1, False, (2, 3, 16, 12)),  # a patch embedding
+    (8, 8, 3, 1, 1, 1, 1, True, (1, 8, 11, 11)),  # one small input: PyTorch's own kernel
+    (320, 320, 3, 1, 1, 1, 1, True, (1, 320, 8, 8)),  # one input, large enough for oneDNN
 ]
+
+
+def test_the_cases_take_both_kernels():
+    kinds = {onednn(nn.Conv2d(cin, cout, k, stride, pad, dil, groups, bias), torch.randn(shape))
+             for cin, cout, k, stride, pad, dil, groups, bias, shape in CASES}
+    assert kinds == {True, False}
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil,groups,bias,shape", CASES)
@@ -56,56 +64,66 @@ def test_matches_the_plain_convolution(cin, cout, k, stride, pad, dil, groups, b
     assert isinstance(conv, PackedConv2d)
     x = torch.randn(shape)
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
-        assert not conv.packed  # a first call with a shape reorders the weight for itself only
-        torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
-        assert conv.packed and conv.weight.is_mkldnn
+        y = conv(x)
+        torch.testing.assert_close(y, reference(plain, x), rtol=1e-5, atol=1e-5)
+        assert conv.packed == conv.weight.is_mkldnn == onednn(plain, x)
+        if not onednn(plain, x):  # nn.Conv2d's own kernel on the plain weight: its bits
+            assert torch.equal(y, reference(plain, x))
         for other in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
             torch.testing.assert_close(conv(other), reference(plain, other), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil,groups,bias,shape", CASES)
 def test_an_output_s_bits_do_not_depend_on_the_calls_before_it(cin, cout, k, stride, pad, dil, groups, bias, shape):
-    """The first call with a shape (the plain weight, reordered for that call), the second (which packs)
-    and a call after packing for another shape run one kernel: the same bits, exactly."""
+    """Whatever ran before (nothing, the same shape, a shape that packs, one that does not), a call
+    runs the kernel its input's shape picks: the same bits, exactly."""
     _, conv = packed_pair(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
-    x, other = torch.randn(shape), torch.randn(shape[0] + 1, *shape[1:])
+    x = torch.randn(shape)
+    others = [torch.randn(shape[0] + 1, *shape[1:]), torch.randn(1, cin, 2 * k + 1, 2 * k + 1)]
     with torch.no_grad():
-        first, second, third = conv(x), conv(x), conv(x)
-        call_twice(conv, other)
-        assert conv.packed_for == other.shape
-        after_another = conv(x)
-    for later in (second, third, after_another):
-        assert torch.equal(later, first)
+        first = conv(x)
+        outputs = [conv(x)]
+        for other in others:
+            conv(other)
+            outputs.append(conv(x))
+    assert all(torch.equal(y, first) for y in outputs)
 
 
 def test_the_packed_weight_reads_back_as_the_plain_one():
     plain, conv = packed_pair(8, 4, 3, padding=2, dilation=2, groups=2)
     with torch.no_grad():
-        call_twice(conv, torch.randn(1, 8, 10, 9))
+        conv(torch.randn(2, 8, 10, 9))
     assert conv.packed
     assert torch.equal(conv.weight.to_dense(), plain.weight)  # exactly: packing only moves the numbers
     assert (conv.weight.shape, conv.weight.dtype, conv.weight.device) == (plain.weight.shape, torch.float32,
                                                                            torch.device("cpu"))
 
 
-def test_packs_at_the_second_call_in_a_row_with_a_shape():
+def test_packs_once_per_input_shape():
     plain, conv = packed_pair(8, 8, 3, padding=1)
     a, b = torch.randn(2, 8, 6, 6), torch.randn(3, 8, 5, 7)
     with torch.inference_mode():
-        conv(a)
-        assert not conv.packed
         conv(a)
         packed = conv.weight
         assert conv.packed_for == a.shape
         conv(a)
         assert conv.weight is packed  # reused, not packed again
         torch.testing.assert_close(conv(b), reference(plain, b), rtol=1e-5, atol=1e-5)
-        assert not conv.packed and torch.equal(conv.weight, plain.weight)  # plain again, for b's one call
+        assert conv.weight is not packed and conv.packed_for == b.shape
         torch.testing.assert_close(conv(a), reference(plain, a), rtol=1e-5, atol=1e-5)
-        assert not conv.packed  # a, b, a: no shape twice in a row
-        conv(a)
-        assert conv.packed_for == a.shape
+
+
+def test_a_small_single_input_unpacks_and_runs_pytorch_s_own_kernel():
+    plain, conv = packed_pair(8, 8, 3, padding=1)
+    big, small = torch.randn(2, 8, 6, 6), torch.randn(1, 8, 6, 6)
+    assert onednn(plain, big) and not onednn(plain, small)
+    with torch.inference_mode():
+        conv(big)
+        assert conv.packed
+        assert torch.equal(conv(small), reference(plain, small))
+        assert not conv.packed and torch.equal(conv.weight, plain.weight)  # one copy of the weight, plain
+        conv(big)
+        assert conv.packed_for == big.shape
 
 
 def plain_bytes(module: nn.Module) -> int:
@@ -137,8 +155,8 @@ def test_keeps_no_plain_copy_of_a_packed_weight():
     model = randomized(model).requires_grad_(False)
     assert plain_bytes(model) == (5 * 7 * 9 * 2) * 4  # before the first call: the plain weights, once
     with torch.no_grad():
-        call_twice(model, torch.randn(2, 5, 6, 6))
-        call_twice(model, torch.randn(1, 5, 9, 4))  # a re-pack for another shape keeps none either
+        model(torch.randn(2, 5, 6, 6))
+        model(torch.randn(3, 5, 9, 4))  # a re-pack for another shape keeps none either
     assert all(m.packed for m in model if isinstance(m, PackedConv2d))
     assert plain_bytes(model) == 0
     gc.collect()
@@ -149,7 +167,7 @@ def test_keeps_no_plain_copy_of_a_packed_weight():
 def test_a_packed_weight_cannot_be_changed_in_place():
     _, conv = packed_pair(4, 4, 3, padding=1)
     with torch.no_grad():
-        call_twice(conv, torch.randn(1, 4, 8, 8))
+        conv(torch.randn(2, 4, 8, 8))
         with pytest.raises(RuntimeError):  # never a silent write in the plain layout into the blocked one
             conv.weight.copy_(torch.randn(4, 4, 3, 3))
 
@@ -157,12 +175,12 @@ def test_a_packed_weight_cannot_be_changed_in_place():
 @pytest.mark.parametrize("change", ["load_state_dict", "replace", "to-and-back", "copy_-before-the-first-call"])
 def test_follows_a_changed_weight(change):
     plain, conv = packed_pair(4, 4, 3, padding=1)
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8)
     new = torch.randn_like(plain.weight)
     with torch.no_grad():
         if change == "copy_-before-the-first-call":
             conv.weight.copy_(new)
-        before = call_twice(conv, x)
+        before = conv(x)
         if change == "load_state_dict":
             conv.load_state_dict({"weight": new, "bias": plain.bias.clone()})
         elif change == "replace":
@@ -171,7 +189,7 @@ def test_follows_a_changed_weight(change):
             conv.double()
             conv.weight.copy_(new.double())
             conv.float()
-        after = call_twice(conv, x)
+        after = conv(x)
     plain.weight.copy_(new)
     if change == "copy_-before-the-first-call":
         torch.testing.assert_close(before, reference(plain, x), rtol=1e-5, atol=1e-5)
@@ -184,8 +202,8 @@ def test_follows_a_changed_weight(change):
 def test_weights_made_in_inference_mode():
     with torch.inference_mode():
         plain, conv = packed_pair(4, 4, 3, padding=1)
-        x = torch.randn(1, 4, 8, 8)
-        torch.testing.assert_close(call_twice(conv, x), reference(plain, x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 4, 8, 8)
+        torch.testing.assert_close(conv(x), reference(plain, x), rtol=1e-5, atol=1e-5)
         assert conv.packed
 
 
@@ -208,7 +226,7 @@ def test_an_input_that_needs_grad_unpacks_a_frozen_weight():
     x = torch.randn(2, 4, 7, 7, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     with torch.no_grad():
-        call_twice(conv, x)
+        conv(x)
     assert conv.packed
     conv(x).square().sum().backward()
     reference(plain, x2).square().sum().backward()
@@ -219,9 +237,9 @@ def test_an_input_that_needs_grad_unpacks_a_frozen_weight():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_other_dtypes_take_the_plain_path(dtype):
     plain, conv = packed_pair(4, 4, 3, padding=1)
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        call_twice(conv, x)
+        conv(x)
         assert conv.packed
         conv, plain, x = conv.to(dtype), plain.to(dtype), x.to(dtype)
         assert not conv.packed and conv.weight.dtype == dtype
@@ -231,12 +249,12 @@ def test_other_dtypes_take_the_plain_path(dtype):
 
 def test_copies_hold_the_plain_weight_and_pack_their_own():
     plain, conv = packed_pair(4, 4, 3, padding=1)
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        y = call_twice(conv, x)
+        y = conv(x)
         clone = copy.deepcopy(conv)
         assert conv.packed and not clone.packed and torch.equal(clone.weight, plain.weight)
-        torch.testing.assert_close(call_twice(clone, x), y)
+        torch.testing.assert_close(clone(x), y)
         assert clone.packed and clone.weight is not conv.weight
 
 
@@ -244,7 +262,7 @@ def test_state_dict_is_nn_conv2d_s():
     plain, conv = packed_pair(4, 8, 3, padding=1)
     assert list(conv.state_dict()) == ["weight", "bias"]
     with torch.no_grad():
-        call_twice(conv, torch.randn(1, 4, 5, 5))
+        conv(torch.randn(2, 4, 5, 5))
     assert conv.packed
     state = conv.state_dict()
     assert list(state) == ["weight", "bias"]
@@ -282,13 +300,12 @@ def run(unet, vae):
 def test_a_packed_unet_and_vae_match_the_plain_ones():
     plain = small_models()
     packed = tuple(pack_convolutions(m) for m in small_models())
-    expected, first, got = run(*plain), run(*packed), run(*packed)
+    expected, got = run(*plain), run(*packed)
     convs = [m for model in packed for m in model.modules() if isinstance(m, PackedConv2d)]
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for model in plain for m in model.modules())
     assert all(c.packed for c in convs)
-    for a, b, c in zip(got, expected, first):
+    for a, b in zip(got, expected):
         assert_close_rel(a, b, 1e-5)
-        assert torch.equal(a, c)  # the first run's calls were not packed yet: the same bits
     for model, ref in zip(packed, plain):
         assert plain_bytes(model) == 0
         state, ref_state = model.state_dict(), ref.state_dict()
@@ -299,7 +316,6 @@ def test_a_packed_unet_and_vae_match_the_plain_ones():
 def test_unpacking_round_trips():
     plain = small_models()
     models = tuple(pack_convolutions(m) for m in small_models())
-    run(*models)
     run(*models)
     models = tuple(unpack_convolutions(m) for m in models)
     for model, ref in zip(models, plain):
