@@ -10,10 +10,10 @@ Each run is a fresh process that
      Recorded: the wall and CPU time of both, and of the imports each needs beyond torch; the peak
      RSS at that point (imports included, for both), with the RSS then split into anonymous memory
      and mapped file pages;
-  2. calls the UNet at batch 2 on 32x32 latents: once to warm up (ours, as diffusers', reorders each
-     weight for that call alone), once more (ours packs each weight for this shape: model/packing.py),
-     then --steps times. Recorded: the wall and CPU time of the two first calls, and the median of the
-     others.
+  2. calls the UNet at batch 2 on 32x32 latents: once to warm up (ours packs the weights for this
+     shape in it: model/packing.py; in step 1 its single 8x8 input ran PyTorch's own kernel, as
+     diffusers' did), once more, then --steps times. Recorded: the wall and CPU time of the two first
+     calls, and the median of the others.
 The runs are ours (load_pipeline's default, which packs the convolutions for fp32 on the CPU), ours
 with pack=False, and diffusers, taking turns (ours, plain, diffusers, ours, ...) so that all see the
 same machine load; the table shows medians over --repeats and the JSON every run, each with the
@@ -105,10 +105,10 @@ def worker(impl: str, folder: str, steps: int) -> dict:
         context = text(tokenize([PROMPT, ""]))  # [2, 77, 768]
         x = torch.randn(2, 4, 32, 32, generator=g)
         w0, c0 = time.perf_counter(), time.process_time()
-        unet(x, 999, context)  # warm-up: the first call with this shape
+        unet(x, 999, context)  # warm-up: the first call with this shape, in which ours packs
         result.update(warmup_s=time.perf_counter() - w0, warmup_cpu_s=time.process_time() - c0)
         w0, c0 = time.perf_counter(), time.process_time()
-        unet(x, 999, context)  # the second, in which ours packs
+        unet(x, 999, context)  # the second: the first with the weights ours packed
         result.update(second_s=time.perf_counter() - w0, second_cpu_s=time.process_time() - c0)
         wall, cpu = [], []
         for _ in range(steps):
