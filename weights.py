@@ -12,7 +12,6 @@ and CPU packing are leaves (leaves.py), imported here only when used.
 
 Command line: `python weights.py export SOURCE OUT.safetensors [--dtype fp16]` writes a single file.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from leaves import Leaves
 
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
                            "export": "checkpoint.single_file:write_single_file",
+                           "export command": "checkpoint.single_file:main",
                            "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions",
                            "lora": "checkpoint.lora:load_lora"})
 
@@ -132,22 +132,5 @@ def export_single_file(source, out, dtype=None) -> Path:
     return LEAVES["export"](pipe, Path(out), dtype)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="weights.py", description="Stable Diffusion weights tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
-    ex.add_argument("source", help="repo id, diffusers folder or single file")
-    ex.add_argument("out", help="output .safetensors path")
-    ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    args = parser.parse_args(argv)
-    try:
-        path = export_single_file(args.source, args.out, to_dtype(args.dtype))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the export command line, checkpoint/single_file.py's
+    sys.exit(LEAVES["export command"](sys.argv[1:]))

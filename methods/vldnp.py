@@ -92,12 +92,6 @@ class DynamicNegatives:
         self._started = False
         self.decode_factor: int | None = None  # k of the x0 previews, once decoded
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __call__(self, state) -> None:
         if state.i == 0 or not self._started:
             self._start(state)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from checkpoint.tensors import CheckpointError
 from files import sha256_file
 from leaves import Leaves
-from vlm.base import check_proposer
 from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import Task
 
@@ -108,6 +109,13 @@ class ProposerSource:
         if self.args.proposer != "vlm":
             return None
         return check_proposer(getattr(self.proposer, "proposer", self.proposer))
+
+
+def check_proposer(proposer) -> str | None:
+    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered.
+    Run before a model loads, it finds a VLM server that is down while that costs nothing."""
+    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
+    return proposer(image if getattr(proposer, "needs_image", True) else None, "", 0).error
 
 
 CHOICES = "vae, taesd, taesdxl, a TAESD folder or a taesd_decoder.safetensors file"
