@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import looks_like_repo_id
-from checkpoint.folder import load_folder
+from checkpoint.folder import FAMILIES, load_folder
 from checkpoint.pipeline import Pipeline
 from checkpoint.tensors import DTYPES, CheckpointError, to_dtype
 from leaves import Leaves
@@ -98,7 +98,8 @@ def load_lora(pipe: Pipeline, path, scale: float = 1.0):
 
 def check_widths(pipe: Pipeline, source):
     """The text encoders' outputs must be what the UNet takes: their widths side by side its
-    cross-attention width, and (SDXL) the pooled width plus the size ids its added embedding's inputs."""
+    cross-attention width, and (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added
+    embedding's inputs."""
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
     width, unet = sum(e.config.width for e in encoders), pipe.unet.config
     if width != unet.context_dim:
@@ -106,13 +107,7 @@ def check_widths(pipe: Pipeline, source):
             f"{source}: the text encoder's width {' + '.join(str(e.config.width) for e in encoders)} does not match "
             f"the UNet's cross-attention width {unet.context_dim}; the parts come from different models")
     if unet.addition_time_embed_dim:
-        pooled = encoders[-1].config.projection_dim or encoders[-1].config.width
-        ids = (unet.projection_class_embeddings_input_dim - pooled) / unet.addition_time_embed_dim
-        if ids != 6:
-            raise CheckpointError(
-                f"{source}: the UNet's added embedding takes {unet.projection_class_embeddings_input_dim} inputs, not "
-                f"the pooled text width {pooled} + 6 size ids x {unet.addition_time_embed_dim}; the parts come from "
-                "different models")
+        FAMILIES["sdxl"].check_added_conditioning(pipe, source)
 
 
 def pack_for_cpu(pipe: Pipeline) -> Pipeline:

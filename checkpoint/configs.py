@@ -7,7 +7,6 @@ CheckpointError line that names the file.
 Every config is `bounded`: held to the sizes real models are far inside (checkpoint/bounds.py) before
 anything is built from it.
 """
-import dataclasses
 from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
@@ -148,9 +147,3 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     return bounded(CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=get("vocab_size"),
                                   max_positions=get("max_position_embeddings")), where)
 
-
-def text_config_with_projection(c: dict) -> CLIPTextConfig:
-    """CLIPTextConfig from a transformers CLIPTextModelWithProjection config (SDXL's text_encoder_2/config.json):
-    the text tower and its projection of the pooled output (transformers' default width 512 when unset)."""
-    projection = value_or_default(c, "projection_dim", {"projection_dim": 512})
-    return bounded(dataclasses.replace(text_config_from_transformers(c), projection_dim=projection))

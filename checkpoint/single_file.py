@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint.folder import load_tokenizer, sdxl_tokenizers
+from checkpoint.folder import FAMILIES, load_tokenizer
 from checkpoint.hub import download_tokenizer
 from checkpoint.original import (IGNORED, PREFIX, TEXT_ENCODERS, inspect_single_file, text_table, to_original, to_ours,
                                  unet_table, vae_table)
@@ -63,7 +63,7 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     names = TEXT_ENCODERS[family]
     if family == "sdxl":
         scheduler.timestep_spacing = "leading"  # SDXL's scheduler_config.json says so, for every sampler
-        tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or download_tokenizer(family))
+        tokenizer, tokenizer_2 = FAMILIES["sdxl"].tokenizers(tokenizer or download_tokenizer(family))
         extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, TOKENIZER_PAD["sdxl_g"]),
                      text_encoder_2=models[names[1]], force_zeros_for_empty_prompt=True)
     else:

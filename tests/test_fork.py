@@ -76,17 +76,19 @@ def test_the_command_line_set_makes_an_image_with_a_vlm(with_command_line, sd1, 
     assert "Method: vldnp" in text and 'Dynamic negative: "Nudity, Sexual, feet."' in text
 
 
-def test_the_library_set_says_in_one_line_that_it_has_no_edits_or_loras(library, sd1):
+def test_the_library_set_says_in_one_line_that_it_has_no_edits_loras_or_sdxl(library, sd1, sdxl):
     code = (f"import torch\nfrom sampler.loop import generate\nfrom weights import load_lora, load_pipeline\n"
             f"pipe = load_pipeline({str(sd1)!r})\n"
             "image = torch.zeros(16, 16, 3, dtype=torch.uint8)\n"
-            "for call in (lambda: generate(pipe, 'a cat', steps=2, init_image=image), lambda: load_lora(pipe, 'x')):\n"
+            "for call in (lambda: generate(pipe, 'a cat', steps=2, init_image=image), lambda: load_lora(pipe, 'x'),\n"
+            f"             lambda: load_pipeline({str(sdxl)!r})):\n"
             "    try:\n        call()\n    except ValueError as e:\n        print(e)\n")
     result = python_in(library, "-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"{leaf}, which this copy of the project does not have"
-        for leaf in ("edit 'img2img' needs sampler/edit.py", "loader 'lora' needs checkpoint/lora.py")]
+        for leaf in ("edit 'img2img' needs sampler/edit.py", "loader 'lora' needs checkpoint/lora.py",
+                     "model family 'sdxl' needs checkpoint/sdxl.py")]
 
 
 VLM = ["--vlm-url", "http://127.0.0.1:9/v1"]
