@@ -5,10 +5,9 @@
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")                 # an original single file
     load_lora(pipe, "my-style.safetensors", 0.8)                            # a LoRA, merged into the weights
 
-This is the public front; checkpoint/ holds the parts (its __init__ lists them). Loading is strict:
-every tensor of the file must be used and every tensor of the model filled, each of its shape, and a
-failure is one CheckpointError line that names the file and what to do. Single files, hub downloads
-and CPU packing are leaves (leaves.py), imported here only when used.
+This is the public front; checkpoint/ holds the parts (its __init__ lists them), the optional ones
+leaves (`LEAVES`, leaves.py). Loading is strict: every tensor of the file used and every tensor of the
+model filled, each of its shape; a failure is one CheckpointError line naming the file and what to do.
 
 Command line: `python weights.py export SOURCE OUT.safetensors [--dtype fp16]` writes a single file.
 """
@@ -20,7 +19,7 @@ import torch
 from checkpoint import looks_like_repo_id
 from checkpoint.folder import FAMILIES, load_folder
 from checkpoint.pipeline import Pipeline
-from checkpoint.tensors import DTYPES, CheckpointError, to_dtype
+from checkpoint.tensors import CheckpointError, to_dtype
 from leaves import Leaves
 
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
@@ -29,8 +28,7 @@ LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_fi
                            "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions",
                            "lora": "checkpoint.lora:load_lora"})
 
-__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu", "pick_device",
-           "pick_dtype"]
+__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu"]
 
 
 def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None,
@@ -62,31 +60,6 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         if tok is not None:
             tok.max_length = min(tok.max_length, encoder.config.max_positions)
     return pack_for_cpu(pipe) if pack else pipe
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto" is cuda, then mps, then cpu; else a device that exists here, or a ValueError naming it."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(kind for kind, ok in available.items() if ok))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
-        raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
-    if not available[device.type]:
-        raise ValueError(f"{name}: {device.type} is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{name}: there are only {torch.cuda.device_count()} cuda devices")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is fp16 on cuda and fp32 elsewhere; else fp32, fp16 or bf16."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def load_lora(pipe: Pipeline, path, scale: float = 1.0):
