@@ -2,10 +2,7 @@
 
 Each parser rejects what the model code does not implement, so an unsupported checkpoint fails here
 with its config named, not later with a tensor shape. `read_config` turns every failure into one
-CheckpointError line that names the file.
-
-Every config is `bounded`: held to the sizes real models are far inside (checkpoint/bounds.py) before
-anything is built from it.
+CheckpointError line that names the file; every config is `bounded` before anything is built from it.
 """
 from pathlib import Path
 
@@ -112,12 +109,9 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
     ))
 
 
-# transformers' defaults for the keys a CLIP config may leave out. An SD text_encoder/config.json
-# holds every size (transformers writes them all at the top level), so there a missing size is an
-# error; inside a two-tower CLIPModel config, transformers writes only what differs from these.
+# transformers' defaults for the keys a CLIP text config may leave out. An SD text_encoder/config.json
+# holds every size (transformers writes them all at the top level), so there a missing size is an error.
 TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
-                           intermediate_size=2048)
 
 
 def value_or_default(c: dict, key: str, defaults: dict):
