@@ -101,4 +101,4 @@ def export_single_file(source, out, dtype=None) -> Path:
 
 
 if __name__ == "__main__":  # the export command line, checkpoint/single_file.py's
-    sys.exit(LEAVES["export command"](sys.argv[1:]))
+    sys.exit(LEAVES["export command"](sys.argv[1:], export_single_file))

@@ -113,9 +113,9 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    """`python weights.py export SOURCE OUT.safetensors [--dtype fp16]`: weights.export_single_file."""
-    from weights import export_single_file  # the public front, which loads any source
+def main(argv, export_single_file) -> int:
+    """`python weights.py export SOURCE OUT.safetensors [--dtype fp16]`, with weights.export_single_file,
+    which loads any source (passed in: checkpoint/ does not import the front)."""
     parser = argparse.ArgumentParser(prog="weights.py", description="Stable Diffusion weights tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
