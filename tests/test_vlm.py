@@ -594,8 +594,8 @@ def test_async_answer_after_sampling_is_collected(pipe, server):
     server = server(dict(content="feet", delay=1))
     dnp, recorder = DynamicNegatives(VLMClient(server.url, "m", NUDITY, timeout=5), NUDITY, [4],
                                      asynchronous=True), Recorder()
-    with dnp:
-        run(pipe, "a cat", [dnp, recorder])
+    run(pipe, "a cat", [dnp, recorder])
+    dnp.close()  # waits for the answer that came after the last step
     [query] = dnp.trace[0]
     assert recorder.negatives == [[None]] * STEPS
     assert query.raw == "feet" and query.items == ["feet"] and query.took_effect is None and query.error is None
