@@ -14,7 +14,7 @@ from pathlib import Path
 
 import weights
 from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
-                      load_model, model_settings)
+                      load_model, model_settings, pick_device)
 from cli.outputs import check_out, check_sizes
 from distillation.collect import Collection, collect
 from distillation.data import DataError
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      ("width", 1 <= args.width <= 1024, "between 1 and 1024"),
                      ("held_out", 0 < args.held_out < 1, "more than 0 and less than 1")], args)
         try:
-            args.device = weights.pick_device(args.device)
+            args.device = pick_device(args.device)
         except ValueError as e:
             raise UsageError(f"--device {e}") from None
         check_out(args.out, "--out")

@@ -29,10 +29,10 @@ def write_atomic(path, data: bytes | str) -> Path:
     return path
 
 
-
 def write_json(path, data) -> Path:
     """write_atomic of `data` as indented JSON, non-ASCII text kept as it is."""
     return write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
 
 def sha256_file(path) -> str:
     """The hex SHA-256 of the file at `path`, read a megabyte at a time."""

@@ -5,32 +5,30 @@
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")                 # an original single file
     load_lora(pipe, "my-style.safetensors", 0.8)                            # a LoRA, merged into the weights
 
-This is the public front; checkpoint/ holds the parts (its __init__ lists them). Loading is strict:
-every tensor of the file must be used and every tensor of the model filled, each of its shape, and a
-failure is one CheckpointError line that names the file and what to do. Single files, hub downloads
-and CPU packing are leaves (leaves.py), imported here only when used.
+This is the public front; checkpoint/ holds the parts (its __init__ lists them), the optional ones
+leaves (`LEAVES`, leaves.py). Loading is strict: every tensor of the file used and every tensor of the
+model filled, each of its shape; a failure is one CheckpointError line naming the file and what to do.
 
 Command line: `python weights.py export SOURCE OUT.safetensors [--dtype fp16]` writes a single file.
 """
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from checkpoint import looks_like_repo_id
-from checkpoint.folder import load_folder
+from checkpoint.folder import FAMILIES, load_folder
 from checkpoint.pipeline import Pipeline
-from checkpoint.tensors import DTYPES, CheckpointError, to_dtype
+from checkpoint.tensors import CheckpointError, to_dtype
 from leaves import Leaves
 
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
                            "export": "checkpoint.single_file:write_single_file",
+                           "export command": "checkpoint.single_file:main",
                            "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions",
                            "lora": "checkpoint.lora:load_lora"})
 
-__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu", "pick_device",
-           "pick_dtype"]
+__all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu"]
 
 
 def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None,
@@ -64,31 +62,6 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     return pack_for_cpu(pipe) if pack else pipe
 
 
-def pick_device(name: str) -> torch.device:
-    """"auto" is cuda, then mps, then cpu; else a device that exists here, or a ValueError naming it."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(kind for kind, ok in available.items() if ok))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
-        raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
-    if not available[device.type]:
-        raise ValueError(f"{name}: {device.type} is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{name}: there are only {torch.cuda.device_count()} cuda devices")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is fp16 on cuda and fp32 elsewhere; else fp32, fp16 or bf16."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def load_lora(pipe: Pipeline, path, scale: float = 1.0):
     """Merges a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) into `pipe`'s weights at
     `scale`, strictly: a key that names no layer of this model is a one-line CheckpointError. Returns
@@ -98,7 +71,8 @@ def load_lora(pipe: Pipeline, path, scale: float = 1.0):
 
 def check_widths(pipe: Pipeline, source):
     """The text encoders' outputs must be what the UNet takes: their widths side by side its
-    cross-attention width, and (SDXL) the pooled width plus the size ids its added embedding's inputs."""
+    cross-attention width, and (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added
+    embedding's inputs."""
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
     width, unet = sum(e.config.width for e in encoders), pipe.unet.config
     if width != unet.context_dim:
@@ -106,13 +80,7 @@ def check_widths(pipe: Pipeline, source):
             f"{source}: the text encoder's width {' + '.join(str(e.config.width) for e in encoders)} does not match "
             f"the UNet's cross-attention width {unet.context_dim}; the parts come from different models")
     if unet.addition_time_embed_dim:
-        pooled = encoders[-1].config.projection_dim or encoders[-1].config.width
-        ids = (unet.projection_class_embeddings_input_dim - pooled) / unet.addition_time_embed_dim
-        if ids != 6:
-            raise CheckpointError(
-                f"{source}: the UNet's added embedding takes {unet.projection_class_embeddings_input_dim} inputs, not "
-                f"the pooled text width {pooled} + 6 size ids x {unet.addition_time_embed_dim}; the parts come from "
-                "different models")
+        FAMILIES["sdxl"].check_added_conditioning(pipe, source)
 
 
 def pack_for_cpu(pipe: Pipeline) -> Pipeline:
@@ -132,22 +100,5 @@ def export_single_file(source, out, dtype=None) -> Path:
     return LEAVES["export"](pipe, Path(out), dtype)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="weights.py", description="Stable Diffusion weights tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
-    ex.add_argument("source", help="repo id, diffusers folder or single file")
-    ex.add_argument("out", help="output .safetensors path")
-    ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    args = parser.parse_args(argv)
-    try:
-        path = export_single_file(args.source, args.out, to_dtype(args.dtype))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the export command line, checkpoint/single_file.py's
+    sys.exit(LEAVES["export command"](sys.argv[1:], export_single_file))

@@ -111,13 +111,13 @@ class Parts:
     def __init__(self, model: str, clip: str, device, dtype):
         from model.clip_vision import CLIPModel
         from model.taesd import SD, TAESD
-        from vlm.preview import VAE_PREVIEW, Preview
+        from vlm.preview import Preview
         from weights import load_pipeline
 
         self.pipe = random_sd15(device, dtype) if model == IN_MEMORY else load_pipeline(model, device, dtype)
         self.clip = random_model(CLIPModel, CLIPS[clip], device, dtype)
         self.taesd = random_model(TAESD, SD, device, dtype)
-        self.previews = {"vae": VAE_PREVIEW, "taesd": Preview(self.taesd.decode, "taesd (random weights)")}
+        self.previews = {"vae": None, "taesd": Preview(self.taesd.decode, "taesd (random weights)")}
         self.latent = {found: random_latent_proposer(self.pipe, found) for found in (False, True)}
 
     def hooks(self, case: str, query_steps: list[int]):
@@ -145,6 +145,7 @@ class Parts:
     def run(self, case: str, args, query_steps) -> dict:
         """One generate() call of `case`: wall and CPU seconds, peak memory, and what the hook did."""
         from sampler.loop import generate
+        from vlm.trace import trace_dict
 
         hooks = self.hooks(case, query_steps)
         load = os.getloadavg()[0]
@@ -162,7 +163,7 @@ class Parts:
         row = dict(total_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu, load_before=load,
                    peak_gib=peak_gib(device))
         if hooks:
-            trace = hooks[0].trace_dict()
+            trace = trace_dict(hooks[0])
             queries = trace["images"][0]["queries"]
             row.update(decode_factor=trace["decode_factor"], preview_decoder=trace["preview_decoder"],
                        found=[bool(q["items"]) for q in queries], took_effect=[q["took_effect"] for q in queries])

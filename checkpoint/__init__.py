@@ -3,6 +3,7 @@
     tensors.py      safetensors in, strict loading into models built on the meta device, the error type
     configs.py      diffusers' and transformers' config.json files -> our model configs
     folder.py       diffusers folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    sdxl.py         what SDXL's add: a second text encoder and tokenizer, the VAE decoding in fp32
     original.py     original single files: the original-name tables, and the architecture read off shapes
     single_file.py  loading and writing original single files with those tables
     prediction.py   what a single file says about its prediction type (ε or v), which its shapes cannot

@@ -6,8 +6,7 @@ import torch
 
 from checkpoint import looks_like_repo_id
 from checkpoint.bounds import MOST, check_vision, whole
-from checkpoint.configs import (TEXT_TOWER_DEFAULTS, read_config, text_config_from_transformers, tower_fields,
-                                value_or_default)
+from checkpoint.configs import TEXT_DEFAULTS, read_config, text_config_from_transformers, tower_fields, value_or_default
 from checkpoint.folder import load_tokenizer, read_component
 from checkpoint.hub import download_files
 from checkpoint.tensors import CheckpointError, load_strict, to_dtype
@@ -52,6 +51,9 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
     return model, tokenizer
 
 
+# Inside a two-tower CLIPModel config, transformers writes only what differs from its defaults.
+TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                           intermediate_size=2048)
 VISION_TOWER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                              hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32, num_channels=3)
 

@@ -2,12 +2,8 @@
 
 Each parser rejects what the model code does not implement, so an unsupported checkpoint fails here
 with its config named, not later with a tensor shape. `read_config` turns every failure into one
-CheckpointError line that names the file.
-
-Every config is `bounded`: held to the sizes real models are far inside (checkpoint/bounds.py) before
-anything is built from it.
+CheckpointError line that names the file; every config is `bounded` before anything is built from it.
 """
-import dataclasses
 from pathlib import Path
 
 from checkpoint.tensors import CheckpointError, read_json
@@ -113,12 +109,9 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
     ))
 
 
-# transformers' defaults for the keys a CLIP config may leave out. An SD text_encoder/config.json
-# holds every size (transformers writes them all at the top level), so there a missing size is an
-# error; inside a two-tower CLIPModel config, transformers writes only what differs from these.
+# transformers' defaults for the keys a CLIP text config may leave out. An SD text_encoder/config.json
+# holds every size (transformers writes them all at the top level), so there a missing size is an error.
 TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-TEXT_TOWER_DEFAULTS = dict(TEXT_DEFAULTS, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
-                           intermediate_size=2048)
 
 
 def value_or_default(c: dict, key: str, defaults: dict):
@@ -148,9 +141,3 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     return bounded(CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=get("vocab_size"),
                                   max_positions=get("max_position_embeddings")), where)
 
-
-def text_config_with_projection(c: dict) -> CLIPTextConfig:
-    """CLIPTextConfig from a transformers CLIPTextModelWithProjection config (SDXL's text_encoder_2/config.json):
-    the text tower and its projection of the pooled output (transformers' default width 512 when unset)."""
-    projection = value_or_default(c, "projection_dim", {"projection_dim": 512})
-    return bounded(dataclasses.replace(text_config_from_transformers(c), projection_dim=projection))

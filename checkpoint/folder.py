@@ -5,16 +5,16 @@ Our modules use diffusers' and transformers' parameter names, so the tensors loa
 two older spellings: the text encoder's `text_model.` prefix (hub files have it, transformers 5 writes
 none) and the VAE attention's query/key/value/proj_attn.
 """
-import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
 from checkpoint.configs import (bounded, check_text_to_image, read_config, text_config_from_transformers,
-                                text_config_with_projection, unet_config_from_diffusers, vae_config_from_diffusers)
+                                unet_config_from_diffusers, vae_config_from_diffusers)
 from checkpoint.pipeline import Pipeline
 from checkpoint.tensors import CheckpointError, load_strict, read_json, read_safetensors
+from leaves import Leaves
 from model.clip import CLIPTextModel
 from model.tokenizer import Tokenizer
 from model.unet import UNet
@@ -26,6 +26,8 @@ SDXL_SUBFOLDERS = SUBFOLDERS + ("text_encoder_2", "tokenizer_2")
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionPipelineSafe", "OnnxStableDiffusionPipeline",
                 "StableDiffusionInpaintPipeline")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
+# SDXL's second text encoder and tokenizer, and its VAE's fp32 decoding: read by every loader, from here.
+FAMILIES = Leaves("model family", {"sdxl": "checkpoint.sdxl"})
 
 
 def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
@@ -34,17 +36,15 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
     index = check_folder(path)
     unet_cfg = read_config(path / "unet" / "config.json", unet_config_from_diffusers)
     check_text_to_image(unet_cfg, str(path / "unet" / "config.json"))
-    sdxl = bool(unet_cfg.addition_time_embed_dim)
-    if sdxl != ((path / "text_encoder_2").is_dir() or index.get("_class_name") in SDXL_PIPELINES):
+    sdxl = FAMILIES["sdxl"] if unet_cfg.addition_time_embed_dim else None
+    if (sdxl is not None) != ((path / "text_encoder_2").is_dir() or index.get("_class_name") in SDXL_PIPELINES):
         raise CheckpointError(f"{path}: the UNet {'takes' if sdxl else 'takes no'} SDXL's added conditioning but "
                               f"the folder {'has no' if sdxl else 'has a'} second text encoder (text_encoder_2/)")
     vae_cfg = read_config(path / "vae" / "config.json", vae_config_from_diffusers)
     text_cfg = read_config(path / "text_encoder" / "config.json", text_config_from_transformers)
 
     unet_state = read_component(path / "unet", "diffusion_pytorch_model", device, dtype)
-    # SDXL's VAE overflows in fp16: diffusers decodes it in fp32 unless its config says it is safe
-    # (force_upcast false, as in madebyollin/sdxl-vae-fp16-fix).
-    vae_dtype = torch.float32 if sdxl and dtype == torch.float16 and upcast_vae(path / "vae") else dtype
+    vae_dtype = dtype if sdxl is None else sdxl.vae_dtype(path / "vae", dtype)
     vae_state = rename_legacy_vae_keys(read_component(path / "vae", "diffusion_pytorch_model", device, vae_dtype))
 
     sched_file = path / "scheduler" / "scheduler_config.json"
@@ -53,20 +53,10 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
         scheduler = bounded(SchedulerConfig.from_dict(settings))
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{sched_file}: {e}") from None
-    if sdxl:
-        # Both encoders are read at their penultimate layer, without the final LayerNorm (the
-        # hub configs are plain transformers configs and do not say so); bigG is projected.
-        text_cfg = dataclasses.replace(text_cfg, context_layer=-2, context_norm=False)
-        text_cfg_2 = read_config(path / "text_encoder_2" / "config.json", text_config_with_projection)
-        text_cfg_2 = dataclasses.replace(text_cfg_2, context_layer=-2, context_norm=False)
-        tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or path)
-        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2),
-                     text_encoder_2=load_text_encoder(path / "text_encoder_2", text_cfg_2, device, dtype),
-                     force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
-        family = "sdxl"
-    else:
-        extra = {}
-        family = "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
+    extra = {}
+    if sdxl is not None:  # the first encoder as SDXL reads it, its tokenizer's folder, and the second encoder
+        text_cfg, tokenizer, extra = sdxl.folder_parts(path, text_cfg, tokenizer, index, device, dtype)
+    family = "sdxl" if sdxl is not None else "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
     return Pipeline(
         tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
         text_encoder=load_text_encoder(path / "text_encoder", text_cfg, device, dtype),
@@ -82,20 +72,6 @@ def load_text_encoder(folder: Path, cfg, device, dtype) -> CLIPTextModel:
     stored = read_component(folder, "model", device, dtype)
     names = {k.removeprefix("text_model."): k for k in stored if not k.endswith("position_ids")}
     return load_strict(CLIPTextModel, cfg, {k: stored[n] for k, n in names.items()}, str(folder), names=names)
-
-
-def sdxl_tokenizers(folder) -> tuple[Path, Path]:
-    """SDXL's two tokenizer folders: tokenizer/ and tokenizer_2/ of a diffusers SDXL folder."""
-    folder = Path(folder)
-    if not (folder / "tokenizer_2").is_dir():
-        raise CheckpointError(f"tokenizer: {folder} has no tokenizer_2/; SDXL needs two tokenizers, pass a diffusers "
-                              "SDXL folder holding tokenizer/ and tokenizer_2/")
-    return folder / "tokenizer", folder / "tokenizer_2"
-
-
-def upcast_vae(folder: Path) -> bool:
-    """diffusers' AutoencoderKL.force_upcast (true unless the config says otherwise)."""
-    return read_json(folder / "config.json").get("force_upcast", True) is not False
 
 
 def check_folder(path: Path) -> dict:

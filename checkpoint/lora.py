@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from checkpoint.original import unet_table
-from checkpoint.tensors import CheckpointError, read_safetensors, safetensors_keys, safetensors_metadata
+from checkpoint.tensors import CheckpointError, read_safetensors, safetensors_header
 
 
 class LoraError(CheckpointError):
@@ -134,7 +134,7 @@ PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.w
 
 def read_lora(path: Path, pipe) -> list[Update]:
     """The updates of a LoRA file, each checked against the layer it names in `pipe`."""
-    keys = safetensors_keys(path)
+    keys, _ = safetensors_header(path)
     if not keys:
         raise LoraError(f"{path}: holds no tensors")
     kohya = all(k.startswith(tuple(KOHYA_PARTS)) for k in keys)
@@ -222,7 +222,7 @@ def peft_alphas(path: Path):
     """update -> α for a diffusers/PEFT file: its lora_adapter_metadata's lora_alpha, or the
     alpha_pattern entry that matches the layer (peft's get_pattern_key), over r likewise; with
     use_rslora, α/√r is what multiplies. Without metadata, α = r (scale 1)."""
-    text = safetensors_metadata(path).get("lora_adapter_metadata")
+    text = safetensors_header(path)[1].get("lora_adapter_metadata")
     try:
         metadata = json.loads(text) if text else {}
     except ValueError as e:

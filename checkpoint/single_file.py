@@ -1,17 +1,19 @@
-"""Loading and writing original single files with the tables of original.py."""
+"""Loading and writing original single files with the tables of original.py, and the command line that
+writes one (`python weights.py export`)."""
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from checkpoint.folder import load_tokenizer, sdxl_tokenizers
+from checkpoint.folder import FAMILIES, load_tokenizer
 from checkpoint.hub import download_tokenizer
 from checkpoint.original import (IGNORED, PREFIX, TEXT_ENCODERS, inspect_single_file, text_table, to_original, to_ours,
                                  unet_table, vae_table)
 from checkpoint.pipeline import Pipeline
 from checkpoint.prediction import MARKERS, NAMES, Prediction, assumed_warning, read_prediction, written_metadata
-from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, safetensors_metadata
+from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header, to_dtype
 from model.clip import CLIPTextModel
 from model.unet import UNet
 from model.vae import AutoencoderKL
@@ -27,7 +29,7 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
                               "use the .safetensors release or convert it")
-    shapes = safetensors_keys(path)
+    shapes, _ = safetensors_header(path)
     family, unet_cfg, vae_cfg, *text_cfgs = inspect_single_file(shapes, str(path))
     texts = dict(zip(TEXT_ENCODERS[family], text_cfgs))
     parts = [("unet", UNet, unet_cfg, unet_table(unet_cfg)), ("vae", AutoencoderKL, vae_cfg, vae_table(vae_cfg))]
@@ -61,7 +63,7 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     names = TEXT_ENCODERS[family]
     if family == "sdxl":
         scheduler.timestep_spacing = "leading"  # SDXL's scheduler_config.json says so, for every sampler
-        tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer or download_tokenizer(family))
+        tokenizer, tokenizer_2 = FAMILIES["sdxl"].tokenizers(tokenizer or download_tokenizer(family))
         extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, TOKENIZER_PAD["sdxl_g"]),
                      text_encoder_2=models[names[1]], force_zeros_for_empty_prompt=True)
     else:
@@ -78,7 +80,7 @@ def file_prediction(path: Path, shapes: dict, family: str, prediction_type=None)
         if prediction_type not in NAMES:
             raise CheckpointError(f"prediction_type={prediction_type!r}: use epsilon or v")
         return Prediction(NAMES[prediction_type], "the caller", "ztsnr" in markers)
-    return read_prediction(safetensors_metadata(path), markers, family, str(path))
+    return read_prediction(safetensors_header(path)[1], markers, family, str(path))
 
 
 # The pad token of each family's tokenizer, which the text encoders' hub repos do not all record.
@@ -109,3 +111,22 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     out = Path(out)
     save_file(out_state, str(out), metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
     return out
+
+
+def main(argv, export_single_file) -> int:
+    """`python weights.py export SOURCE OUT.safetensors [--dtype fp16]`, with weights.export_single_file,
+    which loads any source (passed in: checkpoint/ does not import the front)."""
+    parser = argparse.ArgumentParser(prog="weights.py", description="Stable Diffusion weights tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
+    ex.add_argument("source", help="repo id, diffusers folder or single file")
+    ex.add_argument("out", help="output .safetensors path")
+    ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    args = parser.parse_args(argv)
+    try:
+        path = export_single_file(args.source, args.out, to_dtype(args.dtype))
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

@@ -19,7 +19,7 @@ from checkpoint import looks_like_repo_id
 from checkpoint.bounds import check_taesd
 from checkpoint.configs import read_config
 from checkpoint.hub import download_files
-from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_keys, to_dtype
+from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header, to_dtype
 from model.taesd import SD, TAESD, TAESDConfig, TAESDDecoder, TAESDEncoder
 
 # madebyollin's TAESDs on the hub by the name --preview-decoder gives them, and the model families
@@ -108,7 +108,7 @@ def encoder_table(cfg: TAESDConfig) -> dict[str, str]:
 def file_kind(path: Path) -> str:
     """'decoder' or 'encoder' for madebyollin's files, told apart by index 0, which only his
     encoder's first conv fills; else a CheckpointError saying what the file seems to be."""
-    keys = safetensors_keys(path)
+    keys, _ = safetensors_header(path)
     if keys and all(re.fullmatch(r"\d+\.[\w.]+", k) for k in keys):
         return "encoder" if "0.weight" in keys else "decoder"
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):

@@ -82,20 +82,12 @@ def _mapped(file, entry: dict, data_start: int) -> torch.Tensor:
     return torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - first).view(entry["shape"])
 
 
-def safetensors_keys(path: Path) -> dict[str, tuple]:
-    """Key -> shape, from the header alone."""
+def safetensors_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
+    """From the header alone: key -> shape, and the file's free-form string metadata (its __metadata__,
+    {} when it has none)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The file's free-form string metadata (its header's __metadata__), {} when it has none."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 

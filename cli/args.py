@@ -5,9 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 import methods
 import weights
 from checkpoint import looks_like_repo_id
+from checkpoint.tensors import DTYPES
 from files import sha256_file
 from methods.options import comma_list, finite
 from sampler.base import SAMPLERS
@@ -125,10 +128,35 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--lora {path}: no such file")
     try:
-        args.device = weights.pick_device(args.device)
+        args.device = pick_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device {e}") from None
-    args.torch_dtype = weights.pick_dtype(args.dtype, args.device)
+    args.torch_dtype = pick_dtype(args.dtype, args.device)
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" is cuda, then mps, then cpu; else a device that exists here, or a ValueError naming it."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(kind for kind, ok in available.items() if ok))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in available:
+        raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
+    if not available[device.type]:
+        raise ValueError(f"{name}: {device.type} is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: there are only {torch.cuda.device_count()} cuda devices")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is fp16 on cuda and fp32 elsewhere; else fp32, fp16 or bf16."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def load_model(args):

@@ -49,7 +49,7 @@ class Plan:
         return None
 
     def trace(self) -> dict | None:
-        """The --trace JSON (methods/vldnp.py's layout), for the methods that keep one."""
+        """The --trace JSON (vlm/trace.py's layout), for the methods that keep one."""
         return None
 
     def write_trace(self, path) -> Path:

@@ -7,12 +7,9 @@ negative prompt that applies from step i on, as a third guidance branch:
 
     ε = ε_u + g(ε_c − ε_u) − w_neg(ε_neg − ε_u)
 
-`DynamicNegatives` is a sampler hook (sampler/loop.py) that does this for each image of the
-batch with its own x0, prompt, query and negative. While the proposer sees nothing, the image
-runs no negative branch. A failed query keeps the negative in force. `VLDNP` is the method: the
-hook with the proposer a command line names (vlm/proposers.py), at one w_neg, or with
---negative-schedule dng at a strength that follows Dynamic Negative Guidance's posterior for the
-negative it sees (methods/dng.py, a leaf imported only then).
+`DynamicNegatives` is the sampler hook (sampler/loop.py) that does this for each image of the batch.
+`VLDNP` is the method: the hook at one w_neg, or with --negative-schedule dng at a strength that follows
+Dynamic Negative Guidance's posterior for the negative it sees (methods/dng.py, a leaf imported only then).
 """
 import dataclasses
 import sys
@@ -20,22 +17,19 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from leaves import Leaves
-from files import write_json
 from methods.base import Method, Plan, classic_negative
 from sampler.loop import words
 from vlm.base import Latents, Reply, one_line, prepare_image, valid_text
-from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import MAX_REPLY_CHARS, NUDITY, Task
 
 PAPER_STEPS = (5, 6, 7, 9, 12, 16, 21, 27, 34, 42)  # 0-based step indices, of 50 steps
 FRAME_SIZE = 256  # longer side of the filmstrip frames, at most
-LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:write_trace"})
+LEAVES = Leaves("output", {"trace": "vlm.trace"})  # the --trace file
 
 
 def default_query_steps(num_steps: int) -> list[int]:
@@ -65,19 +59,19 @@ class Query:
 class DynamicNegatives:
     """The VL-DNP sampler hook, for one generate() call. At each step of `query_steps` (None: the
     paper's, rescaled to the run's steps) it decodes x0 and asks `proposer` about each image with its
-    prompt; a proposer that reads latents (`wants = "latents"`, vlm/base.py) is shown x0 itself,
-    and nothing is decoded. An answer sets the image's negative (the
-    task's negative of the items, replacing or accumulating per `task.mode`; no items, no negative)
-    and its w_neg; a failed query keeps the negative in force. Synchronous answers apply from the
-    query step, as in the paper; `asynchronous` ones from the first step after they arrive.
+    prompt (a proposer that reads latents, `wants = "latents"`, vlm/base.py, is shown x0 undecoded).
+    An answer sets the image's negative (the task's negative of the items, replacing or accumulating
+    per `task.mode`; no items, no negative branch) and its w_neg; a failed query keeps the negative in
+    force. Synchronous answers apply from the query step, as in the paper; `asynchronous` ones from
+    the first step after they arrive.
 
-    x0 is decoded by `preview` (the VAE by default) only as large as the proposer looks at it
-    (`input_scale`, vlm/base.py), unless `full_decode`. `timeout` bounds the wait for an answer it
-    needs (None: no limit). Call `close()` afterwards to collect the answers still outstanding."""
+    x0 is decoded by `preview` (vlm/preview.py; None: the model's VAE) only as large as the proposer
+    looks at it (`input_scale`, vlm/base.py), unless `full_decode`. `timeout` bounds the wait for an
+    answer it needs (None: no limit). Call `close()` afterwards to collect the answers outstanding."""
 
     def __init__(self, proposer, task: Task, query_steps=None, negative_scale: float = 7.5, asynchronous: bool = False,
                  max_workers: int = 4, full_decode: bool = False, timeout: float | None = None,
-                 preview: Preview = VAE_PREVIEW):
+                 preview=None):
         self.proposer, self.task, self.full_decode, self.timeout = proposer, task, full_decode, timeout
         self.preview = preview
         self.query_steps = None if query_steps is None else sorted({int(s) for s in query_steps})
@@ -85,18 +79,12 @@ class DynamicNegatives:
         self.prompts: list[str] = []
         self.negatives: list[str | None] = []  # per image, the negative in force (at the end: the one kept)
         self.trace: list[list[Query]] = []  # per image, per query
-        self._frames: list[list[torch.Tensor]] = []  # per image, the uint8 x0 image sent with each query
+        self.frames: list[list[torch.Tensor]] = []  # per image, the uint8 x0 image sent with each query
         self._items: list[list[str]] = []  # per image, all items so far (accumulate mode)
         self._pending: list[deque] = []  # per image, (Query, Future) in query order
         self._pool = None
         self._started = False
         self.decode_factor: int | None = None  # k of the x0 previews, once decoded
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __call__(self, state) -> None:
         if state.i == 0 or not self._started:
@@ -118,7 +106,7 @@ class DynamicNegatives:
             self.query_steps = default_query_steps(state.num_steps)
         self.prompts, self.negatives = [words(p) for p in state.guidance.prompt], list(state.guidance.negative)
         B = len(self.prompts)
-        self.trace, self._frames = [[] for _ in range(B)], [[] for _ in range(B)]
+        self.trace, self.frames = [[] for _ in range(B)], [[] for _ in range(B)]
         self._items, self._pending = [[] for _ in range(B)], [deque() for _ in range(B)]
 
     def _query(self, state):
@@ -126,8 +114,8 @@ class DynamicNegatives:
         images = None
         wants = getattr(self.proposer, "wants", "image" if getattr(self.proposer, "needs_image", True) else None)
         if wants == "image":
-            self.decode_factor = self._decode_factor(state)
-            images = self.preview(state, self.decode_factor).float().cpu()  # [B, 3, H/k, W/k]
+            k = self.decode_factor = self._decode_factor(state)
+            images = (state.decode_x0(k) if self.preview is None else self.preview(state, k)).float().cpu()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(guidance.prompt)),
                                             thread_name_prefix="vl-dnp")
@@ -136,7 +124,7 @@ class DynamicNegatives:
             self.trace[b].append(query)
             image = None if images is None else images[b]  # [3, H, W] in [-1, 1]
             if image is not None:
-                self._frames[b].append(prepare_image(image, min(FRAME_SIZE, max(image.shape[-2:]))))
+                self.frames[b].append(prepare_image(image, min(FRAME_SIZE, max(image.shape[-2:]))))
             seen = state.x0[b] if wants == "latents" else image  # [C, h, w] latents, or the image
             if seen is not None and not torch.isfinite(seen).all():  # NaN would be sent as black
                 future = Future()
@@ -233,38 +221,18 @@ class DynamicNegatives:
         x0 previews, if any were made."""
         failed, asked = self.failed_queries(b)
         out = {"VL-DNP failed queries": f"{failed}/{asked}"} if failed else {}
-        previews = {"VL-DNP previews": self.preview.name} if self.decode_factor is not None else {}
+        previews = {"VL-DNP previews": getattr(self.preview, "name", "vae")} if self.decode_factor is not None else {}
         if self.unanswered(b):
             why = "all queries failed" if failed == asked else "no answer in time"
             return {**out, "Dynamic negative": f"unguarded ({why})", **previews}
         return {**out, "Dynamic negative": self.negatives[b] or "none", **previews}
-
-    def trace_dict(self) -> dict:
-        return {
-            "method": "vldnp", "task": self.task.name, "mode": self.task.mode, "proposer": repr(self.proposer),
-            "query_steps": self.query_steps, "negative_scale": self.negative_scale,
-            "asynchronous": self.asynchronous, "decode_factor": self.decode_factor,
-            "preview_decoder": None if self.decode_factor is None else self.preview.name,
-            "images": [{"image": b, "prompt": prompt, "queries": [dataclasses.asdict(q) for q in self.trace[b]]}
-                       for b, prompt in enumerate(self.prompts)],
-        }
-
-    def write_trace(self, path, data: dict | None = None) -> Path:
-        """Writes the trace as JSON at `path` (`data`, by default trace_dict()) and, with vlm/filmstrip.py
-        (a leaf), the filmstrip of the images sent beside it. Closes the hook first, so the trace is complete."""
-        self.close()
-        data = {**(data or self.trace_dict()), "filmstrip": None}
-        if not LEAVES.present("filmstrip"):
-            return write_json(path, data)
-        return LEAVES["filmstrip"](Path(path), data, self._frames,
-                                   [[(q.step, q.error is not None) for q in row] for row in self.trace])
 
 
 @dataclass(frozen=True)
 class VLDNP(Method):
     """VL-DNP at one w_neg. `proposer` is a Proposer (vlm/base.py), or what makes one and its preview
     decoder: vlm/proposers.py's ProposerSource, the one a command line names, shared by the run's w_neg
-    values. `preview` decodes a ready proposer's x0 previews (default: the VAE); `timeout` bounds the
+    values. `preview` decodes a ready proposer's x0 previews (None: the VAE); `timeout` bounds the
     wait for one answer (None: the proposer's own limit). A proposer may say why it cannot read the
     loaded model's x0 (`mismatch(pipe)`, asked before any image) and name the file it came from for the
     PNG (`origin`), as vlm/latent_proposer.py's does. `strength`, a methods.dng.Strength, makes the
@@ -278,7 +246,7 @@ class VLDNP(Method):
     task: Task = NUDITY
     query_steps: tuple[int, ...] | None = None  # None: the paper's, rescaled to the run's steps
     proposer: object = None
-    preview: Preview | None = None
+    preview: object = None  # vlm/preview.py's Preview
     asynchronous: bool = False
     full_decode: bool = False
     timeout: float | None = None
@@ -324,7 +292,7 @@ class VLDNP(Method):
         return {"method": self.label, "scale": self.scale, "task": self.task.name,
                 "query_steps": None if self.query_steps is None else list(self.query_steps),
                 "proposer": self.proposer.description if source else repr(self.proposer),
-                "preview_decoder": self.proposer.preview_choice if source else (self.preview or VAE_PREVIEW).name,
+                "preview_decoder": self.proposer.preview_choice if source else getattr(self.preview, "name", "vae"),
                 "negative_prompt": self.negative_prompt, **dng}
 
     def prepare(self, device, dtype):
@@ -333,15 +301,15 @@ class VLDNP(Method):
         self.proposer.make(device, dtype)
         return self.proposer.check() if self.query_steps != () else None
 
-    def looker(self, device=None, dtype=None) -> tuple[object, Preview]:
-        """(the proposer, the preview decoder), made if they are not yet."""
+    def looker(self, device=None, dtype=None) -> tuple:
+        """(the proposer, the preview decoder or None for the VAE), made if they are not yet."""
         if hasattr(self.proposer, "make"):
             return self.proposer.make(device, dtype)
-        return self.proposer, self.preview or VAE_PREVIEW
+        return self.proposer, self.preview
 
     def check(self, pipe):
         proposer, preview = self.looker(pipe.device, pipe.dtype)
-        return preview.mismatch(pipe.family) or getattr(proposer, "mismatch", lambda pipe: None)(pipe)
+        return (preview and preview.mismatch(pipe.family)) or getattr(proposer, "mismatch", lambda pipe: None)(pipe)
 
     def plan(self, pipe, prompt, batch=1):
         proposer, preview = self.looker(pipe.device, pipe.dtype)
@@ -402,7 +370,7 @@ class VLDNPPlan(Plan):
         return "; ".join(parts)
 
     def trace(self):
-        data = self.hook.trace_dict()
+        data = LEAVES["trace"].trace_dict(self.hook)
         if self.strength is not None:  # p_t and w_neg at each step, beside each image's queries
             data.update(negative_schedule="dng", dng=self.strength.strength.description)
             for image, dng in zip(data["images"], self.strength.trace_images()):
@@ -410,7 +378,7 @@ class VLDNPPlan(Plan):
         return data
 
     def write_trace(self, path):
-        return self.hook.write_trace(path, self.trace())
+        return LEAVES["trace"].write_trace(self.hook, path, self.trace())
 
     def finish(self):
         self.hook.close()

@@ -122,10 +122,9 @@ def guide(out_u, out_c, out_n, scale: float, negative_scales: torch.Tensor | Non
 
         ε = ε_u + g(ε_c − ε_u) − w_neg(ε_n − ε_u)
 
-    out_u, out_c, out_n are the UNet's outputs for the three branches [B, 4, h, w]: ε, or v for
-    v-prediction models; the formula is linear, so it is the same for either. `scale` is g;
-    `negative_scales` [B, 1, 1, 1] holds w_neg per image, 0 where an image has no negative. out_n
-    is None when no image has one."""
+    out_u, out_c, out_n [B, 4, h, w] are the branches' UNet outputs, ε or v alike (the formula is
+    linear). `scale` is g; `negative_scales` [B, 1, 1, 1] holds w_neg per image, 0 where an image has
+    no negative. out_n is None when no image has one."""
     out = out_u + scale * (out_c - out_u)
     if out_n is not None:
         out = out - negative_scales * (out_n - out_u)
@@ -136,8 +135,7 @@ def guide(out_u, out_c, out_n, scale: float, negative_scales: torch.Tensor | Non
 class StepState:
     """What a hook sees at step i (of num_steps) at timestep t. `eps` is the positive guided
     prediction as ε, ε_u + g(ε_c − ε_u) with the negative term left out, and `x0` the clean latents
-    it predicts, so a hook sees what the prompt is forming. `decode_x0()` gives them as images in
-    [-1, 1]; `decode_x0(k)` a k times smaller preview, for a viewer that looks at no more.
+    it predicts, so a hook sees what the prompt is forming (as images: `decode_x0`).
 
     `outputs` holds the UNet's output per row of `guidance.rows(i)`, (branch, image, conditioning) ->
     [4, h, w]; the rows a hook's change adds are added to the same dict once the hooks have run, so a
@@ -161,10 +159,8 @@ class StepState:
     drawn: torch.Tensor | None = field(default=None, repr=False)
 
     def decode_x0(self, factor: int = 1) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1]. With factor k > 1, a preview of about H/k × W/k decoded from
-        x0 average-pooled over k×k latents (8⌈h/k⌉ × 8⌈w/k⌉ pixels for h × w latents): about k²
-        times cheaper, and an approximation of the whole image scaled down, since each latent
-        mostly encodes its own 8×8 pixels."""
+        """[B, 3, H, W] in [-1, 1]; with factor k > 1, a k² times cheaper preview of 8⌈h/k⌉ × 8⌈w/k⌉
+        pixels decoded from `pool_latents`."""
         return self.pipe.vae.decode(pool_latents(self.x0, factor))
 
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPTextConfig
 
 from checkpoint.clip import clip_config_from_transformers, load_clip
-from checkpoint.configs import (text_config_from_transformers, text_config_with_projection, unet_config_from_diffusers,
-                                vae_config_from_diffusers)
+from checkpoint.configs import text_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers
+from checkpoint.sdxl import text_config_with_projection
 from checkpoints import make_taesd_folder
 from helpers import run_bounded
 from checkpoint.taesd import load_taesd, taesd_config_from_diffusers

@@ -20,8 +20,8 @@ from methods.vldnp import DynamicNegatives
 from png_reader import read_png
 from sampler.loop import generate as sample
 from vlm.base import Reply
-from vlm.preview import VAE_PREVIEW
 from vlm.proposers import make_preview
+from vlm.trace import trace_dict
 from vlm.tasks import get_task
 from weights import load_pipeline
 
@@ -89,13 +89,13 @@ def test_taesd_previews_are_autoencoder_tinys_decode_of_x0(pipe, ref, taesd, sca
     expected = reference_decode(ref, F.avg_pool2d(x0, k) if k > 1 else x0)  # [1, 3, 16/k, 16/k]
     assert seen.shape == expected.shape == (1, 3, 16 // k, 16 // k)
     assert (seen - expected).abs().max() <= 1e-4 * expected.abs().max()
-    assert hook.decode_factor == k and hook.trace_dict()["preview_decoder"] == str(taesd)
+    assert hook.decode_factor == k and trace_dict(hook)["preview_decoder"] == str(taesd)
 
 
 def test_taesd_previews_differ_from_the_vaes(pipe, taesd):
-    vae, x0, hook = previews(pipe, VAE_PREVIEW)
+    vae, x0, hook = previews(pipe, None)
     assert torch.equal(vae, pipe.vae.decode(x0).float())  # the paper's: the model's own VAE
-    assert hook.trace_dict()["preview_decoder"] == "vae"
+    assert trace_dict(hook)["preview_decoder"] == "vae"
     tiny, x0_again, _ = previews(pipe, make_preview(str(taesd)))
     assert torch.equal(x0, x0_again)  # the same x0, decoded two ways
     assert (tiny - vae).abs().mean() > 0.05 * vae.abs().mean()
@@ -188,7 +188,7 @@ def test_make_preview_errors_name_the_flag_and_the_way_out(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(CheckpointError, match=r"^--preview-decoder .*--preview-decoder vae"):
         make_preview(str(tmp_path / "weights.safetensors"))
-    assert make_preview("vae") is VAE_PREVIEW
+    assert make_preview("vae") is None
 
 
 def test_evaluate_takes_the_preview_decoder(sd1, taesd, tmp_path, capsys, server):

@@ -24,6 +24,7 @@ from methods.vldnp import DynamicNegatives, default_query_steps
 from methods.vldnp_cli import parse_steps
 from vlm.open_tasks import CREATIVE, SAFETY
 from vlm.tasks import NUDITY, get_task, is_refusal
+from vlm.trace import trace_dict, write_trace
 
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
@@ -391,7 +392,7 @@ def test_x0_is_decoded_as_large_as_the_proposer_looks(pipe, scale, k):
         kk = 1 if full else k
         expected = pipe.vae.decode(torch.nn.functional.avg_pool2d(x0.x0[1], kk) if kk > 1 else x0.x0[1])
         assert proposer.asked == ([] if full else [(size, size)])
-        assert hook.decode_factor == kk and hook.trace_dict()["decode_factor"] == kk
+        assert hook.decode_factor == kk and trace_dict(hook)["decode_factor"] == kk
         for b, (_, _, image) in enumerate(proposer.calls):
             assert image.shape == (3, size // kk, size // kk)
             torch.testing.assert_close(image, expected[b].float(), rtol=0, atol=1e-5)  # float rounding: oneDNN picks its kernels per shape
@@ -593,8 +594,8 @@ def test_async_answer_after_sampling_is_collected(pipe, server):
     server = server(dict(content="feet", delay=1))
     dnp, recorder = DynamicNegatives(VLMClient(server.url, "m", NUDITY, timeout=5), NUDITY, [4],
                                      asynchronous=True), Recorder()
-    with dnp:
-        run(pipe, "a cat", [dnp, recorder])
+    run(pipe, "a cat", [dnp, recorder])
+    dnp.close()  # waits for the answer that came after the last step
     [query] = dnp.trace[0]
     assert recorder.negatives == [[None]] * STEPS
     assert query.raw == "feet" and query.items == ["feet"] and query.took_effect is None and query.error is None
@@ -632,7 +633,7 @@ def test_trace_of_a_proposer_with_lone_surrogates(pipe, tmp_path):
         return Reply(["blood \ud83d"], "blood \ud83d", None)
     dnp = DynamicNegatives(proposer, SAFETY, [1])
     run(pipe, "a cat", [dnp])
-    [query] = json.loads(dnp.write_trace(tmp_path / "t.json").read_text(encoding="utf-8"))["images"][0]["queries"]
+    [query] = json.loads(write_trace(dnp, tmp_path / "t.json").read_text(encoding="utf-8"))["images"][0]["queries"]
     assert query["raw"] == query["negative"] == "blood \ufffd" and query["items"] == ["blood \ufffd"]
 
 
@@ -641,7 +642,7 @@ def test_trace_file(pipe, tmp_path, capsys):
     dnp, recorder = DynamicNegatives(Scripted(NUDITY, script), NUDITY, [1, 3]), Recorder(decode_steps={1, 3})
     run(pipe, ["a cat", "a dog"], [dnp, recorder])
     assert capsys.readouterr().err.count("warning") == 1
-    path = dnp.write_trace(tmp_path / "run.json")
+    path = write_trace(dnp, tmp_path / "run.json")
 
     trace = json.loads(path.read_text())
     assert trace["task"] == "nudity" and trace["query_steps"] == [1, 3] and trace["filmstrip"] == "run.filmstrip.png"

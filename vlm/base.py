@@ -78,9 +78,3 @@ def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
     x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     return (x[0].permute(1, 2, 0).cpu() * 255).round().to(torch.uint8)
 
-
-def check_proposer(proposer) -> str | None:
-    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered.
-    Run before a model loads, it finds a VLM server that is down while that costs nothing."""
-    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
-    return proposer(image if getattr(proposer, "needs_image", True) else None, "", 0).error

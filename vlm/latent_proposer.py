@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save
 
-from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_metadata
+from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header
 from files import sha256_file, write_atomic
 from model.unet import TimestepEmbedding, timestep_embedding
 from vlm.base import Latents, Reply
@@ -92,7 +92,7 @@ def save_latent_proposer(network: LatentNetwork, card: dict, path) -> Path:
 def read_card(path) -> dict:
     """The card of a latent proposer file; a CheckpointError (one line) for a file that has none or a
     card that is not this format's."""
-    text = safetensors_metadata(Path(path)).get(CARD_KEY)
+    text = safetensors_header(Path(path))[1].get(CARD_KEY)
     if text is None:
         raise CheckpointError(f"{path}: not a latent proposer (no {CARD_KEY!r} card in its metadata); make one "
                               "with distill.py train")

@@ -6,7 +6,7 @@
 """
 import re
 
-from vlm.tasks import Task, dedupe, says_nothing
+from vlm.tasks import Task, says_nothing
 
 
 _BULLET = re.compile(r"^(?:[-*•·>]+|\(?\d+[.)]|\(\d+\))\s*")
@@ -25,7 +25,7 @@ def clean_list(raw: str) -> list[str]:
         piece = _ARTICLE.sub("", piece.rstrip(".!?:"))
         if piece and not says_nothing(piece):
             items.append(piece)
-    return dedupe(items)
+    return list(dict.fromkeys(items))  # each once, in order
 
 
 def format_list(items: list[str]) -> str:

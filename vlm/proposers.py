@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from checkpoint.tensors import CheckpointError
 from files import sha256_file
 from leaves import Leaves
-from vlm.base import check_proposer
-from vlm.preview import VAE_PREVIEW, Preview
 from vlm.tasks import Task
 
 
@@ -70,7 +70,7 @@ LEAVES = Leaves("proposer", {"vlm": "vlm.client:VLMClient", "vlm client": "vlm.c
                              "retry": "vlm.retry:RetryingProposer",
                              "clip": "vlm.clip_proposer:CLIPProposer", "clip weights": "checkpoint.clip",
                              "latent": "vlm.latent_proposer:LatentProposer"})
-PREVIEWS = Leaves("preview decoder", {"taesd": "checkpoint.taesd"})
+PREVIEWS = Leaves("preview decoder", {"taesd": "checkpoint.taesd", "decoder": "vlm.preview:Preview"})
 PROPOSERS = {
     "vlm": Kind(make_vlm, ("vlm_url", "vlm_model", "vlm_timeout", "vlm_retries", "vlm_max_in_flight"), ("vlm_model",),
                 ("vlm",)),
@@ -94,8 +94,8 @@ class ProposerSource:
         self.preview_choice = args.preview_decoder
         self.proposer = self.preview = None
 
-    def make(self, device, dtype) -> tuple[object, Preview]:
-        """(the proposer, the preview decoder); the first call makes them, raising a one-line
+    def make(self, device, dtype) -> tuple:
+        """(the proposer, the preview decoder or None for the VAE); the first call makes them, raising a one-line
         CheckpointError for one that cannot load."""
         if self.proposer is None:
             self.preview = make_preview(self.preview_choice, device, dtype)
@@ -108,6 +108,13 @@ class ProposerSource:
         if self.args.proposer != "vlm":
             return None
         return check_proposer(getattr(self.proposer, "proposer", self.proposer))
+
+
+def check_proposer(proposer) -> str | None:
+    """Asks `proposer` about a plain grey image once; returns its error, or None when it answered.
+    Run before a model loads, it finds a VLM server that is down while that costs nothing."""
+    image = torch.zeros(3, 64, 64)  # grey, in [-1, 1]
+    return proposer(image if getattr(proposer, "needs_image", True) else None, "", 0).error
 
 
 CHOICES = "vae, taesd, taesdxl, a TAESD folder or a taesd_decoder.safetensors file"
@@ -125,14 +132,14 @@ def check_preview_decoder(choice: str):
     raise ValueError(f"--preview-decoder {choice}: {what}; use {CHOICES}")
 
 
-def make_preview(choice: str, device=None, dtype=None) -> Preview:
-    """The x0 preview decoder --preview-decoder names: the model's VAE, or TAESD (madebyollin/taesd
-    or taesdxl, or a folder or file) loaded on `device` in `dtype`. TAESD that cannot be had (offline
-    and not cached, a damaged file) is a ValueError line naming the way out. It loads before the
-    diffusion model, so whether it fits the model is checked after that (Preview.mismatch)."""
+def make_preview(choice: str, device=None, dtype=None):
+    """The x0 preview decoder --preview-decoder names: None for the model's VAE, or a Preview (vlm/preview.py)
+    of TAESD (madebyollin/taesd or taesdxl, or a folder or file) loaded on `device` in `dtype`. TAESD that
+    cannot be had (offline and not cached, a damaged file) is a ValueError line naming the way out. It
+    loads before the diffusion model, so whether it fits the model is checked after that (Preview.mismatch)."""
     if choice == "vae":
-        return VAE_PREVIEW
-    taesd = PREVIEWS["taesd"]
+        return None
+    taesd, preview = PREVIEWS["taesd"], PREVIEWS["decoder"]
     source = taesd.REPOS.get(choice, choice)
     try:
         model = taesd.load_taesd(source, device or "cpu", dtype or "fp32")
@@ -140,5 +147,5 @@ def make_preview(choice: str, device=None, dtype=None) -> Preview:
         raise CheckpointError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
                          "--preview-decoder vae)") from None
     if choice in taesd.REPOS:
-        return Preview(model.decode, f"{choice} ({source})", taesd.FAMILIES[choice])
-    return Preview(model.decode, choice)
+        return preview(model.decode, f"{choice} ({source})", taesd.FAMILIES[choice])
+    return preview(model.decode, choice)

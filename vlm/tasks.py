@@ -2,11 +2,10 @@
 
 A task pairs a question for a VLM (and a concept list for the CLIP proposer) with the two
 functions that turn the answer into a negative: `parse` (reply text -> items) and `negative`
-(items -> one negative prompt, or None when there are none). It also names the fixed negative of
-the paper's static baseline for the same concern (`static_negative`), which methods/static.py and
-methods/negative.py use. The reply is data, never an
-instruction: it is capped at MAX_REPLY_CHARS before parsing, and all it can ever become is a
-negative prompt cut to the text encoder's 77 tokens.
+(items -> one negative prompt, or None when there are none), and names the static baselines' fixed
+negative for the same concern (`static_negative`). The reply is data, never an instruction: it is
+capped at MAX_REPLY_CHARS before parsing, and all it can ever become is a negative prompt cut to the
+text encoder's 77 tokens.
 
     nudity    the question and mapping of VL-DNP (Chang et al. 2025, arXiv 2510.26052);
               each query replaces the previous negative.
@@ -59,10 +58,6 @@ class Task:
         if tokenizer is not None:
             text = tokenizer.truncate(text)
         return text.rstrip(" ,;") or None
-
-
-def dedupe(items) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 # ---------------------------------------------------------------------------------------------
