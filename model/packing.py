@@ -118,8 +118,8 @@ def packable(module: nn.Module) -> bool:
 def pack_convolutions(module: nn.Module) -> nn.Module:
     """Replaces every nn.Conv2d in `module` with a PackedConv2d, in place, and returns `module` (or,
     for an nn.Conv2d itself, its PackedConv2d). Meant for a loaded model whose parameters do not
-    require grad: each weight is packed at its first fp32 CPU call, and one that requires grad is
-    never packed."""
+    require grad: each weight is packed at its first fp32 CPU call that nn.Conv2d would run with
+    oneDNN, and one that requires grad is never packed."""
     if packable(module):
         return PackedConv2d(module)
     for name, child in module.named_children():
