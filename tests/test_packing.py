@@ -28,10 +28,12 @@ def reference(plain: nn.Conv2d, x):
     return F.conv2d(x, plain.weight, plain.bias, plain.stride, plain.padding, plain.dilation, plain.groups)
 
 
-def onednn(plain: nn.Conv2d, x) -> bool:
-    """Whether nn.Conv2d runs oneDNN on x (PyTorch chooses by the input's shape), not its own kernel."""
-    return torch._C._select_conv_backend(x, plain.weight, plain.bias, plain.stride, plain.padding, plain.dilation,
-                                         False, [0, 0], plain.groups) == torch._C._ConvBackend.Mkldnn
+def onednn(conv: nn.Module, x) -> bool:
+    """Whether nn.Conv2d runs oneDNN on x (PyTorch chooses by the input's shape and its thread count), not
+    its own kernel; conv: an nn.Conv2d or a PackedConv2d, whose weight's shape is asked about."""
+    weight = torch.zeros(()).expand(conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+    return torch._C._select_conv_backend(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                         False, [0, 0], conv.groups) == torch._C._ConvBackend.Mkldnn
 
 
 def packed_pair(*args, **kwargs):
@@ -300,14 +302,20 @@ def run(unet, vae):
 def test_a_packed_unet_and_vae_match_the_plain_ones():
     plain = small_models()
     packed = tuple(pack_convolutions(m) for m in small_models())
-    expected, got = run(*plain), run(*packed)
     convs = [m for model in packed for m in model.modules() if isinstance(m, PackedConv2d)]
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for model in plain for m in model.modules())
-    assert all(c.packed for c in convs)
-    for a, b in zip(got, expected):
+    inputs = {}
+    for conv in convs:
+        conv.register_forward_pre_hook(lambda conv, args: inputs.__setitem__(conv, args[0]))
+    expected, first, got = run(*plain), run(*packed), run(*packed)
+    assert all(conv.packed == onednn(conv, inputs[conv]) for conv in convs)
+    assert any(conv.packed for conv in convs)
+    for a, b, c in zip(got, expected, first):
         assert_close_rel(a, b, 1e-5)
+        assert torch.equal(a, c)  # a second run, on weights packed in the first: the same bits
     for model, ref in zip(packed, plain):
-        assert plain_bytes(model) == 0
+        unpacked = [m for m in model.modules() if isinstance(m, PackedConv2d) and not m.packed]
+        assert plain_bytes(model) == sum(m.weight.numel() * m.weight.element_size() for m in unpacked)
         state, ref_state = model.state_dict(), ref.state_dict()
         assert list(state) == list(ref_state)
         assert all(torch.equal(state[k], v) and not state[k].is_mkldnn for k, v in ref_state.items())
