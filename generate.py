@@ -24,6 +24,7 @@ from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, che
                       int_pair, load_model)
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
+from methods.base import prepare_all
 from methods.options import finite
 from sampler.base import SAMPLERS
 from sampler.loop import EDITS, NonFiniteError, generate
@@ -95,13 +96,9 @@ def run(args, method) -> int:
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
     try:
         # 1. what the method needs besides the model (a VLM that answers, CLIP, TAESD), then the model
-        problem = method.prepare(args.device, args.torch_dtype)
-        if problem and not args.allow_vlm_failures:
-            return fail(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; --allow-vlm-failures "
-                        "runs anyway, recording each failed query", 2)
-        if problem:
-            print(f"warning: the VLM does not answer ({problem}); running anyway, recording each failed query",
-                  file=sys.stderr, flush=True)
+        warning = prepare_all([method], args.device, args.torch_dtype, args.allow_vlm_failures)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"seed: {seed}", flush=True)
         pipe = load_model(args)
         check_sizes(args, pipe, SAMPLERS[args.sampler])

@@ -54,8 +54,7 @@ def write_png(path, image: torch.Tensor, text: dict[str, str] | None = None) -> 
     return write_atomic(path, encode_png(image, text))
 
 
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler",
-                 "euler-a": "Euler a"}  # as those tools write them
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "euler": "Euler", "euler-a": "Euler a"}  # as those tools say
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, *, steps: int, sampler: str, guidance_scale: float,

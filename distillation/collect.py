@@ -19,6 +19,7 @@ from distillation.data import RECORDS_FILE, DataError, add_prompt, done_keys, la
 from evaluation.prompts import PromptRow
 from evaluation.run import Sampling
 from evaluation.run_folder import cut_torn_tail
+from methods.base import prepare_all
 from sampler.loop import NonFiniteError, generate
 from vlm.latent_proposer import latent_space
 
@@ -70,12 +71,12 @@ def collect(spec: Collection) -> int:
           f"{len(todo)} to make", flush=True)
     failed = 0
     if todo:
-        problem = spec.method.prepare(spec.device, spec.dtype)
-        if problem and not spec.allow_failures:
-            raise DataError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; --allow-vlm-failures "
-                            "runs anyway, recording each failed query")
-        if problem:
-            print(f"warning: the VLM does not answer ({problem}); running anyway", file=sys.stderr, flush=True)
+        try:
+            warning = prepare_all([spec.method], spec.device, spec.dtype, spec.allow_failures)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         pipe = spec.load_pipe()
         spec.check_pipe(pipe)
         problem = spec.method.check(pipe)

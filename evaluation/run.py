@@ -27,6 +27,7 @@ from evaluation.prompts import PromptRow
 from evaluation.run_folder import (IMAGES, RECORDS_FILE, RunLock, append_record, cut_torn_tail, done_keys,
                                    merge_records, prepare_run_dir)
 from methods import Method
+from methods.base import prepare_all
 from sampler.loop import EDITS, NonFiniteError, generate
 
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
@@ -155,13 +156,12 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
     for line in getattr(metrics, "disabled", []):
         group.say(f"warning: {line}", err=True)
     methods = list({job.method.key: job.method for job in jobs}.values())
-    for method in methods:
-        problem = method.prepare(spec.device, spec.dtype)
-        if problem and not spec.allow_vlm_failures:
-            raise RunError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
-                           "--allow-vlm-failures runs anyway, recording each failed query")
-        if problem:
-            group.say(f"warning: the VLM does not answer ({problem}); running anyway", err=True, every_rank=True)
+    try:
+        warning = prepare_all(methods, spec.device, spec.dtype, spec.allow_vlm_failures)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if warning:
+        group.say(f"warning: {warning}", err=True, every_rank=True)
     pipe = spec.load_pipe()
     for method in methods:
         problem = method.check(pipe)

@@ -118,9 +118,7 @@ class Method:
         return {"method": self.label, **({"scale": self.scale} if self.swept else {}), **fields}
 
     def prepare(self, device, dtype) -> str | None:
-        """Makes what it needs besides the model (a proposer, a preview decoder) on `device`, before the
-        model loads, so that a part that cannot be had stops a run in seconds. Returns why a service it
-        asks (a VLM server) does not answer, or None. Raises ValueError (one line) for a part that cannot load."""
+        """Makes what it needs besides the model (a proposer, a preview decoder); why a VLM does not answer, or None."""
         return None
 
     def check(self, pipe) -> str | None:
@@ -132,6 +130,16 @@ class Method:
         raise NotImplementedError
 
 
+def prepare_all(methods: list[Method], device, dtype, allow_failures: bool) -> str | None:
+    """Method.prepare for each, before the model loads: a one-line ValueError for a part that cannot load
+    or, unless `allow_failures`, a VLM that does not answer; then the warning to show, or None."""
+    problem = next(filter(None, [method.prepare(device, dtype) for method in methods]), None)
+    if problem and not allow_failures:
+        raise ValueError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
+                         "--allow-vlm-failures runs anyway, recording each failed query")
+    return problem and f"the VLM does not answer ({problem}); running anyway, recording each failed query"
+
+
 def classic_negative(text: str | None) -> list[dict]:
     """The records' entry for a classic negative prompt, in force from the first step."""
     return [] if text is None else [{"step": 0, "negative": text, "error": None}]
@@ -139,11 +147,8 @@ def classic_negative(text: str | None) -> list[dict]:
 
 def describe(value):
     """A setting as run.json keeps it: plain values as they are, a part by its `description` or name."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
     if isinstance(value, (list, tuple)):
         return [describe(v) for v in value]
-    if hasattr(value, "description"):
-        return value.description
-    return getattr(value, "name", repr(value))
+    plain = value is None or isinstance(value, (str, int, float, bool))
+    return value if plain else getattr(value, "description", None) or getattr(value, "name", repr(value))
 

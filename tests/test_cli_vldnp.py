@@ -6,6 +6,8 @@ import time
 import pytest
 import torch
 
+import distill
+import evaluate
 import generate
 import weights
 from fake_vlm import dead_url
@@ -44,14 +46,39 @@ def test_vlm_proposer_end_to_end_with_trace(sd1, tmp_path, capsys, server):
     assert code == 0 and not torch.equal(pixels, image(tmp_path / "plain.png")[0])
 
 
-def test_a_dead_server_stops_the_run_before_the_model_loads(tmp_path, capsys):
+SCRIPTS = {  # each script's command line for one VL-DNP image of "a person", given the model and a folder
+    "generate": lambda model, tmp: (generate.main, *RUN, "--model", model, "--out", tmp / "x.png"),
+    "evaluate": lambda model, tmp: (evaluate.main, prompts_csv(tmp), "--model", model, "--methods", "vldnp",
+                                    "--metrics", "none", "--no-report", "--out", tmp / "run"),
+    "distill": lambda model, tmp: (distill.main, "collect", prompts_csv(tmp), "--model", model, "--out", tmp / "data"),
+}
+
+
+def prompts_csv(folder):
+    (folder / "prompts.csv").write_text("prompt\na person\n")
+    return folder / "prompts.csv"
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_dead_server_stops_each_script_with_the_same_line_before_the_model_loads(script, tmp_path, capsys):
     empty = tmp_path / "empty-model"  # loading it would fail with another message
     empty.mkdir()
-    code, out, err = run(generate.main, capsys, *RUN, "--model", empty, "--vlm-url", dead_url(), "--out",
-                         tmp_path / "x.png")
-    assert code == 2 and out == [] and len(err) == 1, err
-    assert err[0].startswith("error: the VLM does not answer: cannot reach") and "--allow-vlm-failures" in err[0]
-    assert list(tmp_path.iterdir()) == [empty]
+    main, *argv = SCRIPTS[script](empty, tmp_path)
+    code, out, err = run(main, capsys, *argv, "--vlm-url", dead_url())
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the VLM does not answer: cannot reach") and err[0].endswith(
+        "Start it or fix --vlm-url; --allow-vlm-failures runs anyway, recording each failed query"), err
+    assert not (tmp_path / "x.png").exists() and not list(tmp_path.glob("*/images/*"))
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_dead_server_allowed_is_the_same_warning_in_each_script(script, tmp_path, capsys):
+    empty = tmp_path / "empty-model"  # the run goes on to load it, and stops there
+    empty.mkdir()
+    main, *argv = SCRIPTS[script](empty, tmp_path)
+    code, out, err = run(main, capsys, *argv, "--vlm-url", dead_url(), "--allow-vlm-failures")
+    assert code == 2 and err[0].startswith("warning: the VLM does not answer (cannot reach"), err
+    assert err[0].endswith("); running anyway, recording each failed query") and "empty-model" in err[-1], err
 
 
 def test_no_query_steps_no_server_check(sd1, tmp_path, capsys):
