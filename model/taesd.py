@@ -52,7 +52,7 @@ def _conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
-class Block(nn.Module):
+class TAESDBlock(nn.Module):
     """relu(conv(relu(conv(relu(conv(x))))) + x): three 3x3 convs and a skip, at one width.
     (madebyollin: Block; diffusers: AutoencoderTinyBlock, whose `skip` is an Identity at one width.)"""
 
@@ -78,7 +78,7 @@ class TAESDEncoder(nn.Module):
         for stage, blocks in enumerate(cfg.encoder_blocks):
             # the first stage lifts RGB to w channels; the others halve H and W (a stride-2 conv, no bias)
             layers.append(_conv(cfg.in_channels, w) if stage == 0 else _conv(w, w, stride=2, bias=False))
-            layers += [Block(w) for _ in range(blocks)]
+            layers += [TAESDBlock(w) for _ in range(blocks)]
         layers.append(_conv(w, cfg.latent_channels))
         self.layers = nn.Sequential(*layers)
 
@@ -98,7 +98,7 @@ class TAESDDecoder(nn.Module):
         w, last = cfg.decoder_width, len(cfg.decoder_blocks) - 1
         layers = [_conv(cfg.latent_channels, w), nn.ReLU()]
         for stage, blocks in enumerate(cfg.decoder_blocks):
-            layers += [Block(w) for _ in range(blocks)]
+            layers += [TAESDBlock(w) for _ in range(blocks)]
             if stage < last:  # double H and W, then a conv without bias
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(w, w, bias=False)]
         layers.append(_conv(w, cfg.out_channels))

@@ -70,7 +70,7 @@ class VAEAttention(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv. The input is zero-padded on the right and
     bottom only, by one pixel (as in the original LDM code), rather than symmetrically."""
 
@@ -83,13 +83,13 @@ class Downsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """One encoder level: `num_layers` resnets, then a Downsample unless it is the last
+    """One encoder level: `num_layers` resnets, then a VAEDownsample unless it is the last
     level. (diffusers: DownEncoderBlock2D.)"""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: bool, cfg: VAEConfig):
         super().__init__()
         self.resnets = _resnets(in_channels, out_channels, num_layers, cfg)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+        self.downsamplers = nn.ModuleList([VAEDownsample(out_channels)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -116,7 +116,7 @@ class UpBlock(nn.Module):
         return x
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """The bottleneck at H/8: resnet, attention, resnet. (diffusers: UNetMidBlock2D.)"""
 
     def __init__(self, channels: int, cfg: VAEConfig):
@@ -142,7 +142,7 @@ class VAEEncoder(nn.Module):
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, downsample=i < len(ch) - 1, cfg=cfg)
             for i in range(len(ch))
         )
-        self.mid_block = MidBlock(ch[-1], cfg)
+        self.mid_block = VAEMidBlock(ch[-1], cfg)
         self.conv_norm_out = _group_norm(ch[-1], cfg)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -162,7 +162,7 @@ class VAEDecoder(nn.Module):
         super().__init__()
         ch = cfg.channels[::-1]  # deepest level first
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], cfg)
+        self.mid_block = VAEMidBlock(ch[0], cfg)
         self.up_blocks = nn.ModuleList(
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, upsample=i < len(ch) - 1, cfg=cfg)
             for i in range(len(ch))

@@ -78,3 +78,14 @@ def test_the_layer_check_can_fail():
     found = {n for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
              for n in [node.module] if n in modules}
     assert found == {"sampler.loop"} and LAYERS["sampler"] > LAYERS["model"]
+
+
+def test_no_two_classes_share_a_name():
+    """One meaning per name: a class name is defined once in the project's code, so a reader who finds
+    `MidBlock` in a traceback or a grep knows which one it is."""
+    where = {}
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(name)
+    assert {cls: mods for cls, mods in where.items() if len(mods) > 1} == {}
