@@ -49,8 +49,9 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
 
     sched_file = path / "scheduler" / "scheduler_config.json"
     settings = read_json(sched_file) if sched_file.is_file() else {}
-    try:
-        scheduler = bounded(SchedulerConfig.from_dict(settings))
+    try:  # StableDiffusionPipeline's rewrite of SD 1.x/2.x hub configs; SDXL's pipeline reads them as written
+        sd_rewrite = {} if sdxl else {"steps_offset": 1, "clip_sample": False}
+        scheduler = bounded(SchedulerConfig.from_dict({**settings, **sd_rewrite}))
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{sched_file}: {e}") from None
     extra = {}

@@ -56,10 +56,9 @@ class SchedulerConfig:
         if d.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; give beta_start/beta_end/beta_schedule")
         fields = {f.name for f in dataclasses.fields(cls)}
-        # diffusers' in-memory configs list in `_use_default_values` the keys it filled with the defaults of
-        # the class that made them, and from_config() gives such keys the reading class's defaults instead.
-        # For timestep_spacing the sampler's default then applies, as for a key absent from the file; such
-        # keys of other classes are left out of other_settings.
+        # diffusers' in-memory configs list in `_use_default_values` the keys filled with their class's defaults,
+        # which from_config() gives the reading class's defaults instead: for timestep_spacing the sampler's
+        # default then applies, as for a key absent from the file; such keys are left out of other_settings.
         defaulted = set(d.get("_use_default_values", ()))
         read = fields - {"timestep_spacing"} if "timestep_spacing" in defaulted else fields
         other = {k: v for k, v in d.items()

@@ -4,6 +4,7 @@ the loop's conditioning, with no SDXL branch in the loop (SDXL base's and SDXL-T
 image of an original single file)."""
 import inspect
 import json
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
 from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER
-from helpers import assert_same_image, ddim_reference, pipeline_images, sdxl_reference
+from helpers import assert_same_image, ddim_reference, pipeline_images, scheduler_classes, sdxl_reference
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
@@ -60,6 +61,42 @@ def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
     pipe = load_pipeline(file, tokenizer=sd2v / "tokenizer", prediction_type="v")
     kw = dict(prompt="a mountain", height=32, width=32, steps=3)
     assert_same_image(generate(pipe, **kw, progress=False), reference_images(ddim_reference(sd2v), **kw))
+
+
+def with_scheduler_settings(folder, root, **settings):
+    """A copy of `folder` (its weights linked) whose scheduler_config.json has `settings` changed."""
+    copy = root / folder.name
+    shutil.copytree(folder, copy, copy_function=os.link)
+    file = copy / "scheduler" / "scheduler_config.json"
+    file.unlink()  # linked: write a new file, not into the original's
+    file.write_text(json.dumps({**json.loads((folder / "scheduler" / "scheduler_config.json").read_text()), **settings}))
+    return copy
+
+
+OUTDATED = {"steps_offset-0": dict(steps_offset=0), "clip_sample": dict(clip_sample=True)}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+@pytest.mark.parametrize("outdated", list(OUTDATED))
+def test_an_outdated_sd_scheduler_config_is_read_as_stable_diffusion_pipeline_reads_it(sd1, tmp_path, outdated,
+                                                                                       sampler):
+    """StableDiffusionPipeline (and its Img2Img and Inpaint pipelines) rewrite steps_offset to 1 and clip_sample
+    to False in the scheduler config they are given, as hub folders of SD 1.x/2.x still hold older values;
+    a scheduler made from the pipeline's config inherits them."""
+    from diffusers import StableDiffusionPipeline
+    folder = with_scheduler_settings(sd1, tmp_path, **OUTDATED[outdated])
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = scheduler_classes()[sampler].from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ours = generate(load_pipeline(folder), "a photo of a dog", **DEFAULTS, sampler=sampler, progress=False)
+    assert_same_image(ours, reference_images(ref, "a photo of a dog", **DEFAULTS))
+
+
+def test_an_sdxl_scheduler_config_is_read_as_written(sdxl, tmp_path):
+    """StableDiffusionXLPipeline rewrites nothing: steps_offset 0 stays 0."""
+    folder = with_scheduler_settings(sdxl, tmp_path, steps_offset=0)
+    ours = generate(load_pipeline(folder), "a photo of a dog", **DEFAULTS, progress=False)
+    assert_same_image(ours, reference_images(sdxl_reference(folder, "ddim"), "a photo of a dog", **DEFAULTS))
 
 
 def test_one_batched_unet_call_per_step(sd1):
