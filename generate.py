@@ -21,7 +21,7 @@ import secrets
 import sys
 
 from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
-                      int_pair, load_model)
+                      int_pair, load_model, text)
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
 from methods.base import prepare_all
@@ -36,7 +36,7 @@ LEAVES = Leaves("option", {"--init-image": "cli.edit:read_edit"})  # reads the i
 
 def parse_args(argv=None):
     p = Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
+    p.add_argument("prompt", nargs="?", type=text, default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
     p.add_argument("--method", metavar="NAME", help="how the image is guided: sd, negative, static, vldnp, sld-weak "
                    "... sld-max, safree, dng, as evaluate.py's method NAME makes it (default: --proposer decides)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one; printed and stored in the PNG)")

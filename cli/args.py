@@ -2,6 +2,7 @@
 methods and VL-DNP (`add_shared_arguments`), and their one validation before any model loads
 (`check_shared`). Every failure is one line on stderr (`fail`); a UsageError is a bad argument (exit 2)."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def int_pair(separator: str, minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not two {what} integers like 1024{separator}768")
         return int(parts[0]), int(parts[1])
     return parse
+
+
+def text(value: str) -> str:
+    """argparse type: text, refusing a byte the shell's text was not UTF-8 in (a lone surrogate to Python)."""
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        raise argparse.ArgumentTypeError("not UTF-8 text (a byte of another encoding); give it in UTF-8")
+    return value
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -74,13 +82,14 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     m.add_argument("--quiet", action="store_true", help="no progress bar")
 
     w = p.add_argument_group("the methods (methods/; an option no chosen method reads is refused)")
-    w.add_argument("--negative-prompt", metavar="TEXT", help="a classic negative prompt, in place of the empty "
-                   "unconditional text (sd, static, vldnp); method negative's text (default: the task's static one)")
+    w.add_argument("--negative-prompt", type=text, metavar="TEXT", help="a classic negative prompt, in place of the "
+                   "empty unconditional text (sd, static, vldnp); method negative's text (default: the task's static "
+                   "one)")
     w.add_argument("--negative-scale", dest="negative_scales", type=comma_list(finite), default=[7.5], metavar="W",
                    help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_n - eps_u), for static and vldnp"
                    + ("; a list sweeps it, e.g. 2.5,5,10" if many else "") + " (default: 7.5)")
-    w.add_argument("--static-negative", metavar="TEXT", help="the fixed negative of static and dng (default: the "
-                   "task's; for nudity SAFREE's 17 concepts)")
+    w.add_argument("--static-negative", type=text, metavar="TEXT", help="the fixed negative of static and dng "
+                   "(default: the task's; for nudity SAFREE's 17 concepts)")
     w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
                    "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
     first = len(p._actions)
@@ -122,10 +131,11 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         raise UsageError(f"{flag(dest)}: no method of this run reads it ({', '.join(c.name for c in classes)}); "
                          "leave it out or choose a method that does")
     model = Path(args.model).expanduser()
-    if not model.exists() and (model.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(args.model)):
+    named = model.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(args.model)  # a file, not a repo
+    if named and not os.path.exists(model):  # os.path's: False, not OSError, for a name too long
         raise UsageError(f"--model {args.model}: no such file or folder (nor a Hugging Face repo id like org/name)")
     for path, _ in args.loras:
-        if not Path(path).expanduser().is_file():
+        if not os.path.isfile(Path(path).expanduser()):
             raise UsageError(f"--lora {path}: no such file")
     try:
         args.device = pick_device(args.device)

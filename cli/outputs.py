@@ -13,16 +13,18 @@ OUTPUTS = Path("outputs")
 
 def check_out(out: str | None, option: str):
     """--out or --trace names a file whose folder is made (parents too) if missing, and must take a
-    file; --out None: outputs/."""
-    if out is not None and (Path(out).is_dir() or out.endswith(("/", os.sep))):
-        raise UsageError(f"{option} {out}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    file of that name, numbered or with its .filmstrip, and files.write_atomic's temporary file beside;
+    --out None: outputs/."""
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
-    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):  # os.path's: no OSError
+        raise UsageError(f"{name}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    existing = next(p for p in [folder, *folder.parents] if os.path.lexists(p))
     if not existing.is_dir():
         raise UsageError(f"{name}: {existing} is a file, not a folder")
-    try:
+    longest = f".{Path(out or 'x').name}.filmstrip-9999."  # the longest temporary file name a write here takes
+    try:  # the sure test: os.access misjudges root and read-only mounts
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # the sure test: os.access misjudges root and read-only mounts
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=longest, suffix=".tmp"):
             pass
     except OSError as e:
         what = f"write in {folder}" if folder.is_dir() else f"create the folder {folder}"

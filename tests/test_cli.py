@@ -76,6 +76,13 @@ BAD = [
     (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "heun"], "--sampler"),
     (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"), (["--guidance", "nan"], "finite"),
     (["--eta", "inf"], "--eta: 'inf' is not a finite number"),
+    # a byte that is not UTF-8 (a Latin-1 shell, say) reaches Python as a lone surrogate
+    (["caf\udce9"], "argument prompt: not UTF-8"), (["--negative-prompt", "caf\udce9"], "--negative-prompt: not UTF-8"),
+    # names the file system cannot hold: over 255 bytes, or too long for the temporary file written beside
+    (["--out", "{tmp}/" + "n" * 300 + ".png"], "File name too long"),
+    (["--out", "{tmp}/" + "n" * 245 + ".png"], "File name too long"),
+    (["--model", "{tmp}/" + "m" * 300], "no such file or folder"),
+    (["--lora", "{tmp}/" + "l" * 300 + ".safetensors"], "no such file"),
 ]
 
 
