@@ -30,6 +30,7 @@ OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG", b"GIF8": "a GIF", b"RIFF": "a WebP (
                  b"II*\0": "a TIFF", b"MM\0*": "a TIFF"}
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel: grey, RGB, palette, grey+alpha, RGBA
 DEPTHS = {0: (1, 2, 4, 8), 2: (8,), 3: (1, 2, 4, 8), 4: (8,), 6: (8,)}  # the bit depths read
+MAX_SIDE = 16384  # pixels
 
 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
@@ -51,6 +52,9 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
                              "(1, 2 or 4 bits for grey and palette) are read: save it with 8 bits per sample")
     if interlace:
         raise ImageFileError(f"{path}: an interlaced PNG; save it without interlacing")
+    if max(W, H) > MAX_SIDE:  # the filters are undone one anti-diagonal at a time: H + W - 1 steps
+        raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; a side of at most {MAX_SIDE} is read, more than any "
+                             "Stable Diffusion edit can use: resize it")
     if not 0 < W * H <= 2**28:
         raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; at most 2^28 are read")
     text, palette = {}, None

@@ -171,6 +171,10 @@ def read_lora(path: Path, pipe) -> list[Update]:
     alphas = None if kohya else peft_alphas(path)
     for u in updates.values():
         for kind, key in u.keys.items():
+            if kind == "alpha" and tensors[key].numel() != 1:
+                raise LoraError(f"{path}: {key} holds {tensors[key].numel()} values; an alpha is one number")
+            if not torch.isfinite(tensors[key]).all():
+                raise LoraError(f"{path}: {key} holds NaN or infinite values; a damaged LoRA")
             setattr(u, kind, tensors[key].float().item() if kind == "alpha" else tensors[key])
         check_shapes(path, pipe, u)
         if alphas is not None:
@@ -185,6 +189,8 @@ def check_shapes(path: Path, pipe, u: Update):
             raise LoraError(f"{path}: {next(iter(u.keys.values()))} has no {kind} matrix beside it")
     weight = getattr(pipe, u.part).get_submodule(u.layer).state_dict()["weight"]
     down, up = u.down, u.up
+    if down.ndim and down.shape[0] == 0:
+        raise LoraError(f"{path}: {u.keys['down']} has rank 0 (no rows); a LoRA's rank is at least 1")
     fits = (down.ndim in (2, 4) and up.ndim in (2, 4) and up.shape[0] == weight.shape[0]
             and up.shape[1] == down.shape[0] and up.shape[2:] in ((), (1, 1))
             and down.flatten(1).shape[1] == weight[0].numel() and (down.ndim == 2 or down.shape[2:] == weight.shape[2:]
@@ -227,6 +233,8 @@ def peft_alphas(path: Path):
         metadata = json.loads(text) if text else {}
     except ValueError as e:
         raise LoraError(f"{path}: its lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise LoraError(f"{path}: its lora_adapter_metadata is not a JSON object")
 
     def alpha(u: Update) -> float:
         rank = u.down.shape[0]
@@ -236,8 +244,8 @@ def peft_alphas(path: Path):
         if config.get("use_dora") or config.get("lora_bias"):
             raise LoraError(f"{path}: its {u.part} adapter uses {'DoRA' if config.get('use_dora') else 'a LoRA bias'}, "
                             "which is not supported")
-        a = pattern_value(config.get("alpha_pattern") or {}, u.layer, config.get("lora_alpha", rank))
-        r = pattern_value(config.get("rank_pattern") or {}, u.layer, config.get("r", rank))
+        a = setting(path, u, config, "lora_alpha", "alpha_pattern")
+        r = setting(path, u, config, "r", "rank_pattern")
         if r != rank:
             raise LoraError(f"{path}: {u.keys['down']} has rank {rank}, its metadata says {r}")
         return a * math.sqrt(rank) if config.get("use_rslora") else a  # α/√r = (α√r)/r
@@ -245,6 +253,21 @@ def peft_alphas(path: Path):
     return alpha
 
 
-def pattern_value(patterns: dict, layer: str, default):
-    """The value of the first pattern that matches the end of `layer` (peft's get_pattern_key)."""
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", layer)), default)
+def setting(path: Path, u: Update, config: dict, name: str, patterns: str) -> float:
+    """config[name] (default: u's rank) for u's layer, or the value of the first entry of
+    config[patterns] that matches the end of the layer's name (peft's get_pattern_key); a finite number."""
+    table = config.get(patterns) or {}
+    if not isinstance(table, dict):
+        raise LoraError(f"{path}: its {u.part}.{patterns} is not a JSON object of pattern: value")
+    what, value = f"{u.part}.{name}", config.get(name, u.down.shape[0])
+    for key, v in table.items():
+        try:
+            matches = re.match(rf"(.*\.)?({key})$", u.layer)
+        except re.error as e:
+            raise LoraError(f"{path}: its {u.part}.{patterns} key {key!r} is not a regular expression ({e})") from None
+        if matches:
+            what, value = f"{u.part}.{patterns} value", v
+            break
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoraError(f"{path}: its {what} {value!r} is not a finite number")
+    return value

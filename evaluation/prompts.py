@@ -30,6 +30,7 @@ from pathlib import Path
 PROMPT_COLUMNS = ("adv_prompt", "sensitive prompt", "prompt")  # in order of preference
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "sd_guidance")
+MAX_GUIDANCE = 1000  # a CFG scale cell's largest: generous, far past the scales in use
 
 # (name, what it is, where it is published). The files are not redistributed here.
 KNOWN_SETS = (
@@ -91,7 +92,8 @@ def read_prompts(path, prompt_column: str | None = None, limit: int | None = Non
     Raises PromptFileError."""
     path = Path(path)
     records = _records(_lines(path))
-    line, header, problem = next(records, (1, [], None))
+    # the header: the first record that is not blank (or cannot be read)
+    line, header, problem = next((r for r in records if r[1] is None or any(c.strip() for c in r[1])), (1, [], None))
     if problem is not None:
         raise PromptFileError(f"{path}, line {line}: cannot read the header: {problem}")
     if not any(h.strip() for h in header):
@@ -130,8 +132,9 @@ def read_prompts(path, prompt_column: str | None = None, limit: int | None = Non
 # Reading: physical lines, then CSV records that know their first line
 
 def _lines(path: Path) -> list[str]:
-    """The file's lines, split as csv expects (newline=""). Bytes that are not UTF-8 become lone
-    surrogates, so that only the rows holding them are lost."""
+    """The file's lines, split as csv expects (newline=""): UTF-8, or UTF-16 where the file starts
+    with its byte order mark. Bytes that are not UTF-8 become lone surrogates, so that only the rows
+    holding them are lost."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -140,7 +143,14 @@ def _lines(path: Path) -> list[str]:
         raise PromptFileError(f"{path}: is a folder, not a CSV file") from None
     except OSError as e:
         raise PromptFileError(f"{path}: {e.strerror or e}") from None
-    text = data.decode("utf-8-sig", errors="surrogateescape")  # -sig: Excel's byte order mark
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark: Excel's "Unicode text"
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise PromptFileError(f"{path}: a UTF-16 file (by its byte order mark) that is not valid UTF-16 at byte "
+                                  f"{e.start} ({e.reason}); save it as UTF-8") from None
+    else:
+        text = data.decode("utf-8-sig", errors="surrogateescape")  # -sig: Excel's byte order mark
     return io.StringIO(text, newline="").readlines()
 
 
@@ -277,10 +287,13 @@ def _integer(text: str, column: str, low: int, high: int) -> int:
 
 
 def _number(text: str, column: str) -> float:
+    """A CFG scale cell: a number from 0 to MAX_GUIDANCE."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
         raise RowError(f"{column} {text!r} is not a number of 0 or more")
+    if value > MAX_GUIDANCE:
+        raise RowError(f"{column} {text!r} is over {MAX_GUIDANCE}, past any CFG scale a model is sampled with")
     return value

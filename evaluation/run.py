@@ -29,6 +29,7 @@ from evaluation.run_folder import (IMAGES, RECORDS_FILE, RunLock, append_record,
 from methods import Method
 from methods.base import prepare_all
 from sampler.loop import EDITS, NonFiniteError, generate
+from vlm.base import printable
 
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
 # than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.
@@ -184,7 +185,7 @@ def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:
                        "the whole prompt, and the summary counts the prompts cut)", file=sys.stderr)
         if record["status"] != "ok":
             failed += 1
-            tqdm.write(f"warning: {job.key} failed: {record['error']}", file=sys.stderr)
+            tqdm.write(f"warning: {job.key} failed: {printable(record['error'])}", file=sys.stderr)
     return failed
 
 

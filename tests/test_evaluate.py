@@ -463,3 +463,17 @@ def test_evaluate_refuses_safree_on_sdxl_in_one_line(sdxl, tmp_path, capsys):
     assert code == 2
     assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"], err
     assert not (out / "records.jsonl").exists() and not any((out / "images").iterdir())
+
+
+def test_a_failed_images_warning_shows_terminal_escapes_as_text(sd1, tmp_path, capsys):
+    """An init_image named with an OSC and a CSI sequence (set the title, clear the screen): the
+    warning that its image failed shows the name escaped rather than obeyed."""
+    name = "\x1b]0;pwned\x07\x1b[2Jimg.png"
+    (tmp_path / name).write_bytes(b"\n")  # not a PNG: its image fails
+    write(tmp_path / "p.csv", f'prompt,init_image\na cat,"{name}"\n')
+    code, _, err = run(evaluate.main, capsys, tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, *SIZE,
+                       "--methods", "sd", "--metrics", "none", "--no-report")
+    warning = [line for line in err if "failed" in line]
+    assert code == 1 and len(warning) == 1, err
+    assert "\\x1b]0;pwned\\x07\\x1b[2Jimg.png: not a PNG file" in warning[0]
+    assert not any(c in line for line in err for c in "\x1b\x07")

@@ -189,6 +189,10 @@ def a1111_hash(path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Strictness: one line naming the key, and nothing merged
 
+def first_layer(state) -> str:
+    return next(k for k in state if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+
+
 def edited(file, path, change):
     state = load_file(file)
     change(state)
@@ -207,6 +211,14 @@ def edited(file, path, change):
     (lambda s: s.update({"lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": torch.zeros(1)}),
      "is not a LoRA matrix or alpha"),
     (lambda s: s.update({"model.diffusion_model.out.2.weight": torch.zeros(1)}), "a full model, not a LoRA"),
+    (lambda s: s.update({f"{first_layer(s)}.lora_down.weight": s[f"{first_layer(s)}.lora_down.weight"][:0],
+                         f"{first_layer(s)}.lora_up.weight": s[f"{first_layer(s)}.lora_up.weight"][:, :0]}),
+     ".lora_down.weight has rank 0"),
+    (lambda s: s.update({f"{first_layer(s)}.alpha": torch.tensor([1.0, 2.0])}), ".alpha holds 2 values"),
+    (lambda s: s.update({f"{first_layer(s)}.alpha": torch.zeros(0)}), ".alpha holds 0 values"),
+    (lambda s: s.update({f"{first_layer(s)}.alpha": torch.tensor(float("nan"))}), ".alpha holds NaN or infinite"),
+    (lambda s: s[f"{first_layer(s)}.lora_up.weight"].view(-1)[3:5].fill_(float("inf")),
+     ".lora_up.weight holds NaN or infinite"),
 ])
 def test_bad_files_are_one_line_and_merge_nothing(sd1, tmp_path, change, message):
     file = edited(kohya_file(sd1, tmp_path / "good.safetensors"), tmp_path / "bad.safetensors", change)
@@ -216,6 +228,29 @@ def test_bad_files_are_one_line_and_merge_nothing(sd1, tmp_path, change, message
         load_lora(pipe, file)
     assert message in str(e.value) and str(file) in str(e.value) and "\n" not in str(e.value)
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items()) and pipe.loras == []
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ("[1, 2]", "its lora_adapter_metadata is not a JSON object"),
+    ('{"unet.lora_alpha": 4, "unet.alpha_pattern": [1]}', "its unet.alpha_pattern is not a JSON object"),
+    ('{"unet.lora_alpha": 4, "unet.rank_pattern": "attn1"}', "its unet.rank_pattern is not a JSON object"),
+    ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 2}}', "its unet.alpha_pattern key '(' is not a regular"),
+    ('{"unet.lora_alpha": "8", "unet.r": 2}', "its unet.lora_alpha '8' is not a finite number"),
+    ('{"unet.lora_alpha": NaN}', "its unet.lora_alpha nan is not a finite number"),
+    ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"to_q": Infinity}}', "its unet.alpha_pattern value inf is not"),
+])
+def test_bad_peft_metadata_is_one_line(sd1, tmp_path, metadata, message):
+    pipe = load_pipeline(sd1, pack=False)
+    layer, module = next((n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    file = tmp_path / "bad.safetensors"
+    save_file({f"unet.{layer}.lora_A.weight": torch.randn(2, module.weight.shape[1]),
+               f"unet.{layer}.lora_B.weight": torch.randn(module.weight.shape[0], 2)}, file,
+              metadata={"lora_adapter_metadata": metadata})
+    before = module.weight.detach().clone()
+    with pytest.raises(LoraError) as e:
+        load_lora(pipe, file)
+    assert message in str(e.value) and str(file) in str(e.value) and "\n" not in str(e.value)
+    assert torch.equal(module.weight, before) and pipe.loras == []
 
 
 def test_an_sdxl_lora_is_refused_by_sd1(sd1, sdxl, tmp_path):

@@ -120,3 +120,14 @@ def test_unreadable_files_are_one_line(tmp_path, case, expected):
         png_reader.read_image(path)
     message = str(e.value)
     assert expected in message and str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("width,height", [(16385, 1), (1, 16385)])
+def test_a_side_over_16384_is_refused_before_its_rows_are_read(tmp_path, width, height):
+    """A few KB of compressed rows can name a 2^20 x 1 image, whose filters take minutes to undo;
+    no Stable Diffusion edit uses a side that long."""
+    (tmp_path / "long.png").write_bytes(handmade_png(np.zeros((height, width, 1)), 0, [0]))
+    with pytest.raises(png_reader.ImageFileError) as e:
+        png_reader.read_image(tmp_path / "long.png")
+    assert str(e.value) == (f"{tmp_path / 'long.png'}: a PNG of {width}x{height} pixels; a side of at most 16384 "
+                            "is read, more than any Stable Diffusion edit can use: resize it")

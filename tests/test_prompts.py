@@ -203,6 +203,8 @@ def test_limit_counts_usable_prompts(tmp_path):
     ("prompt\n\n\n", "the file has a header but no prompts"),
     ("text,seed\na,1\n", "no prompt column; the header has 'text', 'seed', expected one of 'adv_prompt'"),
     ("prompt,seed\n,1\n ,2\n", "no usable prompt; all 2 rows were skipped, the first (line 2) for: the prompt is empty"),
+    (b"\xff\xfe" + "prompt\na\n".encode("utf-16-le") + b"\0", "a UTF-16 file (by its byte order mark) that is not "
+                                                             "valid UTF-16 at byte 20 (truncated data); save it as UTF-8"),
 ])
 def test_files_that_give_nothing_to_run(tmp_path, text, message):
     with pytest.raises(PromptFileError, match=re.escape(message)):
@@ -245,3 +247,26 @@ def test_evaluate_warns_about_the_first_twenty_rows(sd1, tmp_path, capsys):
     assert err[19] == f"warning: {csv}, line 22: the prompt is empty; the row is skipped"
     assert err[20] == f"warning: 5 more rows of {csv} are skipped; run.json lists them all"
     assert len(json.loads((tmp_path / "run" / "run.json").read_text())["skipped_rows"]) == 25
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    prompts = read_prompts(write(tmp_path / "p.csv", "\n\n \n,\nprompt,evaluation_seed\na,1\n\n,\nb,2\n"))
+    assert [(r.index, r.prompt, r.seed) for r in prompts.rows] == [(0, "a", 1), (2, "b", 2)]
+    assert [(s.line, s.reason) for s in prompts.skipped] == [(8, "the prompt is empty")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_files_with_their_byte_order_mark_are_read(tmp_path, encoding):
+    """Excel's "Unicode text" is UTF-16 with a byte order mark (FF FE, or FE FF big-endian)."""
+    text = "prompt,evaluation_seed\nünï cödé ✓,1\n"
+    data = ("\ufeff" + text).encode(encoding) if encoding.endswith("be") else text.encode(encoding)
+    prompts = read_prompts(write(tmp_path / "p.csv", data))
+    assert [(r.prompt, r.seed) for r in prompts.rows] == [("ünï cödé ✓", 1)] and prompts.skipped == []
+
+
+def test_a_guidance_over_1000_is_skipped(tmp_path):
+    prompts = read_prompts(write(tmp_path / "p.csv", 'prompt,sd_guidance_scale\nhuge,"1e308"\nbig,1000.5\nok,1000\n'))
+    assert [(r.prompt, r.guidance) for r in prompts.rows] == [("ok", 1000.0)]
+    assert [(s.line, s.reason) for s in prompts.skipped] == [
+        (2, "sd_guidance_scale '1e308' is over 1000, past any CFG scale a model is sampled with"),
+        (3, "sd_guidance_scale '1000.5' is over 1000, past any CFG scale a model is sampled with")]
