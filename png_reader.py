@@ -30,7 +30,7 @@ OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG", b"GIF8": "a GIF", b"RIFF": "a WebP (
                  b"II*\0": "a TIFF", b"MM\0*": "a TIFF"}
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel: grey, RGB, palette, grey+alpha, RGBA
 DEPTHS = {0: (1, 2, 4, 8), 2: (8,), 3: (1, 2, 4, 8), 4: (8,), 6: (8,)}  # the bit depths read
-MAX_SIDE = 16384  # pixels
+MAX_SIDE, MAX_PIXELS = 8192, 2**24  # 4096 x 4096 take seconds to read, and far more than any edit
 
 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
@@ -55,8 +55,9 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     if max(W, H) > MAX_SIDE:  # the filters are undone one anti-diagonal at a time: H + W - 1 steps
         raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; a side of at most {MAX_SIDE} is read, more than any "
                              "Stable Diffusion edit can use: resize it")
-    if not 0 < W * H <= 2**28:
-        raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; at most 2^28 are read")
+    if not 0 < W * H <= MAX_PIXELS:
+        raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; at most 2^24 (4096x4096) are read, more than any "
+                             "Stable Diffusion edit can use: resize it")
     text, palette = {}, None
     for kind, body in chunks:
         if kind == b"PLTE":

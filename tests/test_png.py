@@ -122,12 +122,14 @@ def test_unreadable_files_are_one_line(tmp_path, case, expected):
     assert expected in message and str(path) in message and "\n" not in message
 
 
-@pytest.mark.parametrize("width,height", [(16385, 1), (1, 16385)])
-def test_a_side_over_16384_is_refused_before_its_rows_are_read(tmp_path, width, height):
-    """A few KB of compressed rows can name a 2^20 x 1 image, whose filters take minutes to undo;
-    no Stable Diffusion edit uses a side that long."""
-    (tmp_path / "long.png").write_bytes(handmade_png(np.zeros((height, width, 1)), 0, [0]))
+@pytest.mark.parametrize("width,height,limit", [(8193, 1, "a side of at most 8192 is read"),
+                                                (1, 8193, "a side of at most 8192 is read"),
+                                                (4097, 4097, "at most 2^24 (4096x4096) are read")])
+def test_a_png_too_large_for_any_edit_is_refused_before_its_rows_are_read(tmp_path, width, height, limit):
+    """A few KB of compressed rows can name a 2^20 x 1 image, or a 16384 x 16384 one, whose filters take
+    minutes to undo (one anti-diagonal at a time); no Stable Diffusion edit uses such sizes."""
+    (tmp_path / "large.png").write_bytes(handmade_png(np.zeros((height, width, 1)), 0, [0]))
     with pytest.raises(png_reader.ImageFileError) as e:
-        png_reader.read_image(tmp_path / "long.png")
-    assert str(e.value) == (f"{tmp_path / 'long.png'}: a PNG of {width}x{height} pixels; a side of at most 16384 "
-                            "is read, more than any Stable Diffusion edit can use: resize it")
+        png_reader.read_image(tmp_path / "large.png")
+    assert str(e.value) == (f"{tmp_path / 'large.png'}: a PNG of {width}x{height} pixels; {limit}, more than any "
+                            "Stable Diffusion edit can use: resize it")
