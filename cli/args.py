@@ -113,8 +113,9 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     """Checks the shared options and makes the methods `specs` names, args.chosen_methods (each checks its own
     options); sets args.task, device and torch_dtype. A `given` one of `method_options` no method reads is refused."""
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
-                 ("guidance_scale", args.guidance_scale >= 0, "0 or more"),
-                 ("negative_scales", args.negative_scales and min(args.negative_scales) >= 0, "numbers of 0 or more"),
+                 ("guidance_scale", 0 <= args.guidance_scale <= 1000, "between 0 and 1000"),  # as a prompt file's
+                 ("negative_scales", args.negative_scales and 0 <= min(args.negative_scales)
+                  and max(args.negative_scales) <= 1000, "numbers between 0 and 1000"),
                  ("strength", args.strength is None or 0 < args.strength <= 1, "more than 0 and at most 1")]
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)

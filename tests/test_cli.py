@@ -74,7 +74,9 @@ BAD = [
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
     (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "heun"], "--sampler"),
-    (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"), (["--guidance", "nan"], "finite"),
+    (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"),
+    (["--guidance", "1e308"], "--guidance 1e+308: must be between 0 and 1000"),
+    (["--negative-scale", "1e9"], "--negative-scale 1e+09: must be numbers between 0 and 1000"), (["--guidance", "nan"], "finite"),
     (["--eta", "inf"], "--eta: 'inf' is not a finite number"),
     # a byte that is not UTF-8 (a Latin-1 shell, say) reaches Python as a lone surrogate
     (["caf\udce9"], "argument prompt: not UTF-8"), (["--negative-prompt", "caf\udce9"], "--negative-prompt: not UTF-8"),
