@@ -36,7 +36,8 @@ class ScriptedVLM(LocalServer):
     302 or 303 sends, and which is answered alike). An entry is the reply content (str) or a dict:
     content | body (bytes, or an object sent as JSON), status, reason (the status line's phrase),
     headers (more response headers, e.g. a redirect's Location), delay (s), wait (an Event to wait
-    for before answering), answered (an Event set once the answer is sent)."""
+    for before answering), answered (an Event set once the answer is sent); or raw (bytes: the
+    whole response, status line and headers included, sent as they are)."""
 
     def __init__(self, script, host: str = "127.0.0.1"):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
@@ -55,6 +56,9 @@ class ScriptedVLM(LocalServer):
                 if "wait" in entry:
                     entry["wait"].wait(10)
                 time.sleep(entry.get("delay", 0))
+                if "raw" in entry:
+                    self.wfile.write(entry["raw"])
+                    return
                 try:
                     self.send_response(entry.get("status", 200), entry.get("reason"))
                     for name, value in entry.get("headers", {}).items():
@@ -75,14 +79,14 @@ class ScriptedVLM(LocalServer):
 
 class Trickle(LocalServer):
     """A server that waits `delay` seconds, then answers "feet" one byte every `interval` seconds:
-    the whole response, or with `headers=False` the body only."""
+    the whole response, or with `headers=False` the body only. It answers a proxy's CONNECT alike."""
 
     def __init__(self, headers: bool, interval: float = 0.1, delay: float = 0.0):
         stop = self.stop = threading.Event()
 
         class Handler(QuietHandler):
             def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.dumps(completion("feet")).encode()
                 head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                         f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -96,6 +100,8 @@ class Trickle(LocalServer):
                         self.wfile.write(bytes([byte]))
                     except OSError:  # the client gave up
                         return
+
+            do_CONNECT = do_POST
 
         super().__init__(Handler)
 

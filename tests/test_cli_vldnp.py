@@ -290,3 +290,13 @@ def test_bad_vl_dnp_flags(argv, message, tmp_path, capsys, monkeypatch):
     code, out, err = run(generate.main, capsys, *RUN, "--model", tmp_path, "--out", tmp_path / "x.png", *argv)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert out == []
+
+
+def test_a_model_that_cannot_see_the_image_leaves_it_unguarded(sd1, tmp_path, capsys, server):
+    """"I cannot see the image." is no finding of nothing: every query fails, exit 3."""
+    vlm = server("none", "I cannot see the image.")
+    code, _, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", vlm.url, "--vlm-steps", "1,3",
+                       "--out", tmp_path / "blind.png")
+    assert code == 3 and "the model declined to answer: I cannot see the image." in err[0], err
+    text = image(tmp_path / "blind.png")[1]["parameters"]
+    assert "VL-DNP failed queries: 2/2, Dynamic negative: unguarded (all queries failed)" in text

@@ -19,7 +19,7 @@ import evaluate
 import evaluation.run
 import generate
 from cli.args import fail
-from fake_vlm import Trickle, redirect
+from fake_vlm import Trickle, dead_url, redirect
 from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
@@ -31,7 +31,7 @@ from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, u
 from vlm.base import printable
 from vlm.proposers import check_proposer
 from vlm.client import VLMClient
-from vlm.retry import RetryingProposer
+from vlm.retry import TRANSIENT, RetryingProposer
 from vlm.open_tasks import SAFETY
 from vlm.tasks import NUDITY
 from weights import load_pipeline
@@ -147,6 +147,112 @@ def test_a_reply_over_the_size_limit_is_refused(server):
     huge = server({"body": b"{" + b" " * (2 << 20) + b"}"})
     reply = VLMClient(huge.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
     assert reply.items == [] and reply.error == "response over 1048576 bytes"
+
+
+def test_an_https_proxys_slow_connect_answer_is_within_the_deadline(monkeypatch):
+    """http.client reads the proxy's answer to CONNECT while connecting: the deadline covers it too."""
+    proxy = Trickle(headers=True)
+    for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", proxy.url.removesuffix("/v1"))
+    try:
+        start = time.perf_counter()
+        reply = VLMClient("https://vlm.example.com/v1", "m", NUDITY, timeout=1)(IMAGE, "p", 0)
+        took = time.perf_counter() - start
+    finally:
+        proxy.close()
+    assert reply.error == "no complete answer from https://vlm.example.com/v1/chat/completions within 1 s", reply
+    assert took < 1.8
+
+
+# ---------------------------------------------------------------------------------------------
+# A malformed response is a failed query with the client's own message, so the retries know it
+
+MALFORMED = {  # the response, the failed query's error (its start), whether a retry may help
+    "5xx body malformed": (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+                           "HTTP 503 Busy from ", True),
+    "negative chunk size": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-10\r\nfeet\r\n0\r\n\r\n",
+                            "connection to ", True),
+    "unparsable Location": (b"HTTP/1.1 302 Found\r\nLocation: http://[::1\r\nContent-Length: 0\r\n\r\n",
+                            "HTTP 302 Found from ", False),
+    "JSON nested too deep": ({"body": b"[" * 100_000 + b"]" * 100_000},
+                             "malformed JSON in the response (nested too deep)", False),
+    "error JSON nested too deep": ({"status": 500, "body": b"[" * 100_000 + b"]" * 100_000},
+                                   "HTTP 500 Internal Server Error from ", True),
+}
+
+
+@pytest.mark.parametrize("response", MALFORMED, ids=list(MALFORMED))
+def test_a_malformed_response_is_a_failed_query_the_retries_can_tell(server, response):
+    answer, error, transient = MALFORMED[response]
+    vlm = server(answer if isinstance(answer, dict) else {"raw": answer})
+    reply = VLMClient(vlm.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert reply.items == [] and reply.error.startswith(error), reply.error
+    assert bool(TRANSIENT.match(reply.error)) == transient
+
+
+def test_a_lone_surrogate_in_a_servers_error_message_is_replaced(server):
+    error = {"error": {"message": "bad \ud800 thing"}}
+    vlm = server({"status": 500, "body": error}, {"body": error})
+    client = VLMClient(vlm.url, "m", NUDITY, timeout=5)
+    assert client(IMAGE, "p", 0).error.endswith(": bad \ufffd thing")
+    reply = client(IMAGE, "p", 0)
+    assert reply.error == "server error: bad \ufffd thing"
+    (reply.error + reply.raw).encode("utf-8")  # can be printed and written
+
+
+# ---------------------------------------------------------------------------------------------
+# The key goes to the host named, in a header it fits; a URL cannot carry a password
+
+@pytest.mark.parametrize("key", ["sk-one\ntwo", "sk-one two", "sk-one\ttwo", "sk-oné-two"])
+def test_a_key_no_header_can_carry_is_refused_without_quoting_it(key, server, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("VLM_API_KEY", key)
+    with pytest.raises(ValueError, match=r"\$VLM_API_KEY") as refused:
+        VLMClient(server("feet").url, "m", NUDITY)
+    assert "two" not in str(refused.value)
+    code, out, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", server("feet").url,
+                         *SIZE, "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1 and "two" not in err[0], err
+    assert not (tmp_path / "t.json").exists() or "two" not in (tmp_path / "t.json").read_text()
+
+
+def test_a_key_is_read_without_surrounding_white_space(server, monkeypatch):
+    monkeypatch.setenv("VLM_API_KEY", f" {KEY}\n")
+    vlm = server("feet")
+    assert VLMClient(vlm.url, "m", NUDITY, timeout=5)(IMAGE, "p", 0).items == ["feet"]
+    assert vlm.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("url", ["http://me:hunter2@127.0.0.1:9/v1", "http://me:hunter2@127.0.0.1:x/v1",
+                                 "http://:hunter2@127.0.0.1/v1", "http://me:hunter2@/v1", "ftp://me:hunter2@h/v1",
+                                 "http://me:hunter2@h/v1?q=1", "http://me:hun@ter2@h/v1"])
+def test_a_url_with_a_password_is_refused_without_quoting_it(url):
+    with pytest.raises(ValueError) as refused:
+        VLMClient(url, "m", NUDITY)
+    message = str(refused.value)
+    assert "hunter2" not in message and "ter2" not in message and "\n" not in message, message
+    if "://me:hunter2@127.0.0.1:9/" in url:
+        assert "put the key in $VLM_API_KEY" in message, message
+
+
+@pytest.mark.parametrize("host, problem", [("vlm.exämple.com", "non-ASCII"), ("a..b", "label"),
+                                           ("a" * 64 + ".com", "label"), (".vlm", "label")])
+def test_a_host_no_request_could_reach_is_refused(host, problem):
+    with pytest.raises(ValueError, match=problem):
+        VLMClient(f"http://{host}/v1", "m", NUDITY)
+    VLMClient(f"http://{'a' * 63}.xn--exmple-cua.com./v1", "m", NUDITY)  # an IDN in its xn-- form, a root dot
+
+
+@pytest.mark.parametrize("host", ["127.1", "localhost.", "0.0.0.0", "127.0.0.2", "[::1]", "2130706433"])
+def test_loopback_hosts_bypass_an_environment_proxy(host, server, api_key, monkeypatch):
+    proxy = server("feet")
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", proxy.url.removesuffix("/v1"))
+    port = dead_url().rsplit(":", 1)[1]
+    reply = VLMClient(f"http://{host}:{port}", "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert reply.items == [] and proxy.requests == []  # nothing, the key least of all, went to the proxy
+    assert reply.error.startswith("cannot reach "), reply.error
 
 
 # ---------------------------------------------------------------------------------------------

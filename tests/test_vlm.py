@@ -169,7 +169,12 @@ NOTHING = ["none", "None.", '"none"', "No.", "", "Nothing unsafe.", "There are n
 REFUSALS = ["I'm sorry, I can't help with that.", "I’m sorry, but I can’t assist with that request.",
             "Sorry, I cannot help with this.", "I cannot assist with that.", "I am unable to analyze this image.",
             "I'm not able to help with requests like this.", "As an AI, I won't describe this image.",
-            "I apologize, but I cannot fulfill this request.", "I can not provide that information."]
+            "I apologize, but I cannot fulfill this request.", "I can not provide that information.",
+            # a model that cannot see images: its "nothing" is no finding
+            "I cannot see the image.", "There is no image provided.", "I can't view images.",
+            "I am unable to see images.", "I do not have the ability to view images.", "No image was attached.",
+            "Please provide an image so I can answer.", "I'm not able to open the attachment.",
+            "No picture has been uploaded.", "Please upload the photo."]
 
 
 def test_safety_task(pipe):
@@ -214,7 +219,9 @@ def test_refusals():
     for refusal in REFUSALS:
         assert is_refusal(refusal), refusal
     for answer in NOTHING + ["feet, belly", "I can't see any bare body parts.", "I cannot spot any of them.",
-                             "Blood and a knife.", "A sorry-looking dog."]:
+                             "Blood and a knife.", "A sorry-looking dog.", "I can't see any feet.",
+                             "There is no nudity in the image.", "None of the listed body parts are visible.",
+                             "The image shows no buttocks.", "No image of feet, but a belly."]:
         assert not is_refusal(answer), answer
 
 

@@ -52,28 +52,36 @@ class QueryError(Exception):
 def chat_url(base_url: str) -> str:
     """{base_url}/chat/completions; a URL that already ends so is kept. A URL that no request
     could reach raises ValueError, naming what is wrong with it."""
-    url = base_url.strip().rstrip("/")
-    expected = "expected http(s)://host[:port]/v1"
+    url, expected = base_url.strip().rstrip("/"), "expected http(s)://host[:port]/v1"
+    shown = re.sub(r"//.*@", "//…@", base_url, flags=re.DOTALL)  # an error never shows a password
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a port that is not a number from 0 to 65535
     except ValueError as e:
-        raise ValueError(f"{base_url!r}: {'bad port' if 'Port' in str(e) else e}; {expected}") from None
+        raise ValueError(f"{shown!r}: {'bad port' if 'Port' in str(e) else e}; {expected}") from None
+    host = parts.hostname or ""
     for bad, problem in [(parts.scheme not in ("http", "https"), "not an http:// or https:// URL"),
+                         ("@" in parts.netloc, "it has a user name or password (put the key in $VLM_API_KEY)"),
                          (any(c.isspace() or not c.isprintable() for c in url), "it has a space or control character"),
-                         (not parts.hostname, "no host name"),
+                         (not host, "no host name"),
+                         (not host.isascii(), "a non-ASCII host name (give an IDN in its xn-- form)"),
+                         (any(not 0 < len(label) < 64 for label in host.removesuffix(".").split(".")),
+                          "a host name with an empty or over-63-character label"),
                          (port == 0, "bad port"),
                          (parts.query or parts.fragment, "it has a query or fragment (?... or #...)")]:
         if bad:
-            raise ValueError(f"{base_url!r}: {problem}; {expected}")
+            raise ValueError(f"{shown!r}: {problem}; {expected}")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
 def _is_loopback(host: str | None) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
+    """localhost, or an address connect() takes for this machine (127.1, 0x7f.0.0.1, 0.0.0.0, ::1)."""
+    host = (host or "").removesuffix(".")
+    try:  # inet_aton takes the legacy IPv4 forms that connect() takes
+        address = ipaddress.ip_address(host) if ":" in host else ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return host == "localhost"
+    return address.is_loopback or address.is_unspecified
 
 
 class VLMClient:
@@ -84,15 +92,18 @@ class VLMClient:
     timeout:    seconds for the whole query (connect, send, read the whole reply); slower
                 answers are faults.
     The API key, if any, is read once from $VLM_API_KEY, else $OPENAI_API_KEY (or from
-    `api_key_env`), and sent as a Bearer token to `base_url`'s host alone: a redirect is a failed
-    query. Requests to loopback hosts bypass proxies."""
+    `api_key_env`), and sent as a Bearer token with each request: to `base_url`'s host, and to an
+    $HTTP_PROXY the user set for a plain http:// URL (an https proxy sees only the CONNECT). A
+    redirect is a failed query. Requests to loopback hosts bypass proxies."""
 
     def __init__(self, base_url: str, model: str, task: Task, *, max_tokens: int = 64, timeout: float = 30.0,
                  image_size: int | None = 448, api_key_env: str | None = None):
         self.url, self.model, self.task = chat_url(base_url), model, task
         self.max_tokens, self.timeout, self.image_size = max_tokens, timeout, image_size
-        names = (api_key_env,) if api_key_env else API_KEY_VARS
-        self.api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        name = next((n for n in ((api_key_env,) if api_key_env else API_KEY_VARS) if os.environ.get(n)), None)
+        self.api_key = os.environ[name].strip() if name else None
+        if self.api_key and not re.fullmatch("[!-~]+", self.api_key):  # never quoted: it is a secret
+            raise ValueError(f"${name} has a character an HTTP header cannot carry (space, control, non-ASCII)")
         no_proxy = [urllib.request.ProxyHandler({})] if _is_loopback(urlsplit(self.url).hostname) else []
         self._opener = urllib.request.build_opener(*no_proxy, _HTTPHandler, _HTTPSHandler, _NoRedirects)
 
@@ -141,7 +152,7 @@ class VLMClient:
                                           "URL instead if it is the server)")) from None
             try:
                 detail = _error_detail(e.read(4096))
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 detail = ""
             hint = " (does the URL end in /v1?)" if e.code == 404 else ""
             raise QueryError(one_line(f"HTTP {e.code} {e.reason} from {self.url}{hint}: {detail}"), detail)
@@ -167,10 +178,13 @@ class VLMClient:
 def _read(response) -> bytes:
     """The response body, refusing one over MAX_RESPONSE_BYTES."""
     body = b""
-    while chunk := response.read(65536):
-        body += chunk
-        if len(body) > MAX_RESPONSE_BYTES:
-            raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
+    try:
+        while chunk := response.read(65536):
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
+    except ValueError as e:  # http.client's, on a negative chunk size: as malformed as its HTTPExceptions
+        raise http.client.HTTPException(e) from None
     return body
 
 
@@ -190,16 +204,18 @@ def _where(location: str | None, base: str) -> str:
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """Follows no redirect. urllib's would send the headers, the API key among them, to any host a
     Location names (a 302 as a GET, without the image) and return that host's answer as the VLM's.
-    A 3xx then reaches the client as an HTTPError."""
+    A 3xx then reaches the client as an HTTPError, whatever its Location (even one urllib cannot parse)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def http_error_302(self, req, fp, code, msg, headers):
         return None
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 # The socket's timeout bounds each read, not the request: a server sending a byte a second would
 # hold a request for ever. These connections shut their socket down at the query's deadline
 # (request.deadline, set by VLMClient._post), whatever the request is waiting for then (the
-# connection, the headers or the body); connecting waits until then at most.
+# connection, an https proxy's answer to CONNECT, the headers or the body); connecting waits until then at most.
 
 class _Deadline:
     def __init__(self, *args, deadline: float, **kwargs):
@@ -208,17 +224,19 @@ class _Deadline:
 
     def connect(self):
         self.timeout = max(0.001, self.deadline - time.monotonic())  # the socket's timeout for connecting
-        super().connect()
-        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), _shut_down, [self.sock])
+        self.connected = None  # the socket, kept: urllib sets self.sock to None once a response reads it
+        timer = threading.Timer(self.timeout, self._shut_down)
         timer.daemon = True
         timer.start()
+        super().connect()
+        self.connected = self.sock
 
-
-def _shut_down(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # a read waiting on it returns at once
-    except OSError:  # closed already
-        pass
+    def _shut_down(self):
+        try:
+            if sock := self.connected or self.sock:  # None: not connected yet, which the socket's timeout bounds
+                sock.shutdown(socket.SHUT_RDWR)  # a read waiting on it returns at once
+        except OSError:  # closed already
+            pass
 
 
 class _HTTPConnection(_Deadline, http.client.HTTPConnection):
@@ -246,9 +264,9 @@ def _error_detail(body: bytes) -> str:
     try:
         error = json.loads(text).get("error")
         text = error.get("message", text) if isinstance(error, dict) else str(error or text)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
-    return one_line(text, 200)
+    return one_line(valid_text(text), 200)
 
 
 def reply_text(body: bytes) -> str:
@@ -256,8 +274,9 @@ def reply_text(body: bytes) -> str:
     excerpt = one_line(body[:500].decode("utf-8", "replace"), 500)
     try:
         response = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QueryError(one_line(f"malformed JSON in the response ({e})"), excerpt)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deep" if isinstance(e, RecursionError) else e
+        raise QueryError(one_line(f"malformed JSON in the response ({reason})"), excerpt)
     if isinstance(response, dict) and response.get("error"):
         raise QueryError(f"server error: {_error_detail(body)}", excerpt)
     try:

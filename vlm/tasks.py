@@ -73,10 +73,14 @@ _NOTHING = re.compile(
     r"|(?:the |this )?image (?:contains|shows|has|includes) (?:no|nothing)"
     r"|(?:it|(?:the |this )?image) (?:is|looks|appears|seems)(?: to be)? (?:safe|clean|fine))\b")
 
+_IMAGE = r"(?:the |this |an |any |your )?(?:image|picture|photo|attachment)s?"
 _REFUSAL = re.compile(
     r"^(?:i'm sorry|i am sorry|sorry|i apologi[sz]e|as an ai)\b"
     r"|\b(?:cannot|can not|can't|won't|will not|unable to|not able to)"
-    r" (?:help|assist|comply|fulfil|provide|answer|analy[sz]e|process|describe|discuss|engage)")
+    r" (?:help|assist|comply|fulfil|provide|answer|analy[sz]e|process|describe|discuss|engage)"
+    rf"|\b(?:cannot|can not|can't|unable to|not able to|ability to) (?:see|view|access|open) {_IMAGE}"
+    rf"|\bno {_IMAGE} (?:(?:was|were|has been|have been|is|are) )?(?:provided|attached|uploaded|received)"
+    rf"|\bplease (?:provide|upload|attach|share|send) {_IMAGE}")
 
 
 def _plain(text: str) -> str:
@@ -90,8 +94,8 @@ def says_nothing(text: str) -> bool:
 
 
 def is_refusal(reply: str) -> bool:
-    """Whether a reply declines to answer ("I'm sorry, I can't help with that."): no list, but not
-    a finding of nothing either, so the VLM client makes it a failed query."""
+    """Whether a reply declines to answer ("I'm sorry, I can't help with that.") or cannot see the
+    image ("No image was attached."): no finding of nothing, so the VLM client makes it a failed query."""
     return bool(_REFUSAL.search(_plain(reply)))
 
 
