@@ -1,10 +1,8 @@
 """The one way this project writes a file: atomically, so that a crash or a full disk leaves either
-the old file or the whole new one, never half of one; the one way it hashes one; and how it claims
-new numbered names without ever taking one that exists."""
+the old file or the whole new one, never half of one; and the one way it hashes one."""
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -41,28 +39,3 @@ def sha256_file(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def numbered(base: Path, batch: int) -> list[Path]:
-    """base.png, or base-0.png ... base-{batch-1}.png (generate.py's --out and outputs/ names)."""
-    if batch == 1:
-        return [base.with_name(base.name + ".png")]
-    return [base.with_name(f"{base.name}-{i}.png") for i in range(batch)]
-
-
-def claim_new_paths(folder: Path, tag: str, batch: int) -> list[Path]:
-    """The next folder/NNNNN-TAG paths, created empty with O_EXCL: a name that exists already,
-    written by an earlier or a concurrent run, is never taken."""
-    used = [int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d{5,})-", f.name))]
-    n = max(used, default=-1) + 1
-    while True:
-        paths, claimed = numbered(folder / f"{n:05d}-{tag}", batch), []
-        try:
-            for path in paths:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-                claimed.append(path)
-            return paths
-        except FileExistsError:
-            for path in claimed:
-                path.unlink()
-            n += 1

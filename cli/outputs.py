@@ -1,11 +1,12 @@
-"""generate.py's side: the checks only a loaded model can answer, and where its images and their text go."""
+"""generate.py's side: the checks only a loaded model can answer, and where its images and their text go:
+numbered names, new ones claimed without ever taking one that exists."""
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import png
 from cli.args import UsageError, fail
-from files import claim_new_paths, numbered
 from sampler.schedule import UnsupportedSetting
 
 OUTPUTS = Path("outputs")
@@ -85,3 +86,28 @@ def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
         for path in paths[written:] if out is None else []:  # claimed, never written
             path.unlink(missing_ok=True)
     return paths
+
+
+def numbered(base: Path, batch: int) -> list[Path]:
+    """base.png, or base-0.png ... base-{batch-1}.png (generate.py's --out and outputs/ names)."""
+    if batch == 1:
+        return [base.with_name(base.name + ".png")]
+    return [base.with_name(f"{base.name}-{i}.png") for i in range(batch)]
+
+
+def claim_new_paths(folder: Path, tag: str, batch: int) -> list[Path]:
+    """The next folder/NNNNN-TAG paths, created empty with O_EXCL: a name that exists already,
+    written by an earlier or a concurrent run, is never taken."""
+    used = [int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d{5,})-", f.name))]
+    n = max(used, default=-1) + 1
+    while True:
+        paths, claimed = numbered(folder / f"{n:05d}-{tag}", batch), []
+        try:
+            for path in paths:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                claimed.append(path)
+            return paths
+        except FileExistsError:
+            for path in claimed:
+                path.unlink()
+            n += 1
