@@ -13,9 +13,8 @@ OUTPUTS = Path("outputs")
 
 
 def check_out(out: str | None, option: str):
-    """--out or --trace names a file whose folder is made (parents too) if missing, and must take a
-    file of that name, numbered or with its .filmstrip, and files.write_atomic's temporary file beside;
-    --out None: outputs/."""
+    """--out or --trace names a file whose folder is made (parents too) if missing, and must take it, numbered
+    or with its .filmstrip, and files.write_atomic's temporary file beside it; --out None: outputs/."""
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):  # os.path's: no OSError
         raise UsageError(f"{name}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
@@ -90,16 +89,13 @@ def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
 
 def numbered(base: Path, batch: int) -> list[Path]:
     """base.png, or base-0.png ... base-{batch-1}.png (generate.py's --out and outputs/ names)."""
-    if batch == 1:
-        return [base.with_name(base.name + ".png")]
-    return [base.with_name(f"{base.name}-{i}.png") for i in range(batch)]
+    return [base.with_name(base.name + (f"-{i}" if batch > 1 else "") + ".png") for i in range(batch)]
 
 
 def claim_new_paths(folder: Path, tag: str, batch: int) -> list[Path]:
     """The next folder/NNNNN-TAG paths, created empty with O_EXCL: a name that exists already,
     written by an earlier or a concurrent run, is never taken."""
-    used = [int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d{5,})-", f.name))]
-    n = max(used, default=-1) + 1
+    n = max((int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d{5,})-", f.name))), default=-1) + 1
     while True:
         paths, claimed = numbered(folder / f"{n:05d}-{tag}", batch), []
         try:
