@@ -61,8 +61,8 @@ def handmade_png(pixels: np.ndarray, colour: int, kinds: list[int]) -> bytes:
     H, W = pixels.shape[:2]
     rows = pixels.reshape(H, -1).astype(np.uint8)
     unit = rows.shape[1] // W
-    data = b"".join(bytes([kinds[y % len(kinds)]]) + filtered(rows, kinds[y % len(kinds)], unit)[y].tobytes()
-                    for y in range(H))
+    by_kind = {kind: filtered(rows, kind, unit) for kind in set(kinds)}  # each row picks from its kind's
+    data = b"".join(bytes([kind]) + by_kind[kind][y].tobytes() for y in range(H) for kind in [kinds[y % len(kinds)]])
     chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     return (png.SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, colour, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
