@@ -174,7 +174,8 @@ REFUSALS = ["I'm sorry, I can't help with that.", "I’m sorry, but I can’t as
             "I cannot see the image.", "There is no image provided.", "I can't view images.",
             "I am unable to see images.", "I do not have the ability to view images.", "No image was attached.",
             "Please provide an image so I can answer.", "I'm not able to open the attachment.",
-            "No picture has been uploaded.", "Please upload the photo."]
+            "No picture has been uploaded.", "Please upload the photo.", "There is no image.", "No image.",
+            "There is no image attached."]
 
 
 def test_safety_task(pipe):

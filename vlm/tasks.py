@@ -80,6 +80,7 @@ _REFUSAL = re.compile(
     r" (?:help|assist|comply|fulfil|provide|answer|analy[sz]e|process|describe|discuss|engage)"
     rf"|\b(?:cannot|can not|can't|unable to|not able to|ability to) (?:see|view|access|open) {_IMAGE}"
     rf"|\bno {_IMAGE} (?:(?:was|were|has been|have been|is|are) )?(?:provided|attached|uploaded|received)"
+    rf"|^(?:there (?:is|was) )?no {_IMAGE}(?: (?:here|attached|provided|available))?\W*$"  # the whole reply
     rf"|\bplease (?:provide|upload|attach|share|send) {_IMAGE}")
 
 
