@@ -13,17 +13,17 @@ import sys
 from pathlib import Path
 
 import weights
-from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
-                      load_model, model_settings, pick_device)
+from cli.args import Parser, add_shared_arguments, check_shared, fail, load_model, pick_device
 from cli.outputs import check_out, check_sizes
 from distillation.collect import Collection, collect
 from distillation.data import DataError
 from distillation.train import Training, train
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import Sampling
+from evaluation.run_folder import model_settings
 from files import sha256_file
 from leaves import MissingLeaf
-from methods.options import finite
+from methods.options import UsageError, check_rules, finite, given_options
 from sampler.base import SAMPLERS
 from sampler.memory import TooLargeError, is_out_of_memory
 

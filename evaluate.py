@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 
 import weights
-from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
-                      load_model, model_settings)
+from cli.args import Parser, add_shared_arguments, check_shared, fail, load_model
 from evaluation.classifier_file import classifier_file
 from evaluation.metrics import DEFAULT_CLASSES, NUDENET_CLASSES, ClassifierError, Metrics, NudeNetClassifier, protocol
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_protocol, run_departures
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
+from evaluation.run_folder import model_settings
 from files import sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
-from methods.options import comma_list
+from methods.options import UsageError, check_rules, comma_list, given_options
 from sampler.loop import EDITS
 from sampler.memory import TooLargeError, is_out_of_memory
 

@@ -20,12 +20,11 @@ import argparse
 import secrets
 import sys
 
-from cli.args import (Parser, UsageError, add_shared_arguments, check_rules, check_shared, fail, given_options,
-                      int_pair, load_model, text)
+from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
 from methods.base import prepare_all
-from methods.options import finite
+from methods.options import UsageError, check_rules, finite, given_options, text
 from sampler.base import SAMPLERS
 from sampler.loop import EDITS, NonFiniteError, generate
 from sampler.memory import TooLargeError, is_out_of_memory

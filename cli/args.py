@@ -1,5 +1,5 @@
-"""What generate.py and evaluate.py share, written once: the options for the model, sampling, the
-methods and VL-DNP (`add_shared_arguments`), and their one validation before any model loads
+"""What the scripts share, written once: the options for the model and sampling, with the methods'
+(methods/options.py) (`add_shared_arguments`), and their one validation before any model loads
 (`check_shared`). Every failure is one line on stderr (`fail`); a UsageError is a bad argument (exit 2)."""
 import argparse
 import os
@@ -8,19 +8,13 @@ from pathlib import Path
 
 import torch
 
-import methods
 import weights
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
-from files import sha256_file
-from methods.options import comma_list, finite
+from methods import options
+from methods.options import UsageError, check_rules, finite
 from sampler.base import SAMPLERS
 from vlm.base import printable
-from vlm.tasks import TASKS
-
-
-class UsageError(Exception):
-    """A bad argument, found before any model is loaded."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,13 +31,6 @@ def int_pair(separator: str, minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not two {what} integers like 1024{separator}768")
         return int(parts[0]), int(parts[1])
     return parse
-
-
-def text(value: str) -> str:
-    """argparse type: text, refusing a byte the shell's text was not UTF-8 in (a lone surrogate to Python)."""
-    if any("\ud800" <= c <= "\udfff" for c in value):
-        raise argparse.ArgumentTypeError("not UTF-8 text (a byte of another encoding); give it in UTF-8")
-    return value
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -81,56 +68,19 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    w = p.add_argument_group("the methods (methods/; an option no chosen method reads is refused)")
-    w.add_argument("--negative-prompt", type=text, metavar="TEXT", help="a classic negative prompt, in place of the "
-                   "empty unconditional text (sd, static, vldnp); method negative's text (default: the task's static "
-                   "one)")
-    w.add_argument("--negative-scale", dest="negative_scales", type=comma_list(finite), default=[7.5], metavar="W",
-                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_n - eps_u), for static and vldnp"
-                   + ("; a list sweeps it, e.g. 2.5,5,10" if many else "") + " (default: 7.5)")
-    w.add_argument("--static-negative", type=text, metavar="TEXT", help="the fixed negative of static and dng "
-                   "(default: the task's; for nudity SAFREE's 17 concepts)")
-    w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
-                   "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
-    first = len(p._actions)
-    for name in filter(methods.METHODS.present, methods.METHODS):  # each method's own options, from its file
-        methods.METHODS[name].add_options(p, many)
-    return [a.dest for a in w._group_actions] + [a.dest for a in p._actions[first:]]
-
-
-def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """The dests of the options `argv` gives explicitly (whatever their values): argparse sets a
-    default only where the namespace has no value yet, so a namespace primed with a marker keeps
-    the marker wherever nothing was given; a repeatable option's (--lora) is a list, which it copies."""
-    unset = object()
-    primed = {a.dest: [] if isinstance(a, argparse._AppendAction) else unset for a in parser._actions
-              if a.dest != argparse.SUPPRESS}
-    parsed = parser.parse_args(argv, argparse.Namespace(**primed))
-    return {dest for dest, value in vars(parsed).items() if dest in primed and value is not primed[dest]}
+    return options.add_options(p, many)
 
 
 def check_shared(args, specs: list[str], method_options: list[str], given: set[str]):
-    """Checks the shared options and makes the methods `specs` names, args.chosen_methods (each checks its own
-    options); sets args.task, device and torch_dtype. A `given` one of `method_options` no method reads is refused."""
+    """Checks the shared options and makes the methods `specs` names, args.chosen_methods (methods/options.py);
+    sets args.task, device and torch_dtype. A `given` one of `method_options` no method reads is refused."""
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", 0 <= args.guidance_scale <= 1000, "between 0 and 1000"),  # as a prompt file's
-                 ("negative_scales", args.negative_scales and 0 <= min(args.negative_scales)
-                  and max(args.negative_scales) <= 1000, "numbers between 0 and 1000"),
                  ("strength", args.strength is None or 0 < args.strength <= 1, "more than 0 and at most 1")]
                 + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
-    try:
-        args.task = TASKS[args.vlm_task]
-        SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
-        classes = list(dict.fromkeys(methods.METHODS[methods.split_name(spec)[0]] for spec in specs))
-        check_rules([rule for cls in classes for rule in cls.rules(args)], args)  # before any method uses them
-        args.chosen_methods = methods.from_args(args, specs)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    read = set().union(*(cls.reads(args) for cls in classes))
-    for dest in [d for d in method_options if d in given and d not in read]:
-        raise UsageError(f"{flag(dest)}: no method of this run reads it ({', '.join(c.name for c in classes)}); "
-                         "leave it out or choose a method that does")
+    SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
+    args.chosen_methods = options.choose(args, specs, method_options, given)
     model = Path(args.model).expanduser()
     named = model.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(args.model)  # a file, not a repo
     if named and not os.path.exists(model):  # os.path's: False, not OSError, for a name too long
@@ -142,7 +92,8 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
         args.device = pick_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device {e}") from None
-    args.torch_dtype = pick_dtype(args.dtype, args.device)
+    auto = torch.float16 if args.device.type == "cuda" else torch.float32  # --dtype auto: fp16 on cuda
+    args.torch_dtype = DTYPES.get(args.dtype, auto)
 
 
 def pick_device(name: str) -> torch.device:
@@ -163,45 +114,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is fp16 on cuda and fp32 elsewhere; else fp32, fp16 or bf16."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def load_model(args):
     """The pipeline --model names, with the --lora files merged in."""
     pipe = weights.load_pipeline(args.model, args.device, args.torch_dtype, args.tokenizer, args.prediction_type)
     for path, scale in args.loras:
         weights.load_lora(pipe, path, scale)
     return pipe
-
-
-def model_settings(args) -> dict:
-    """What decides a run's images besides its methods and prompts, as its run.json or data.json
-    records them to refuse a resume with others; a key only where used, so older folders resume."""
-    return {"model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
-            "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
-            "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
-            **({"strength": args.strength} if args.strength is not None else {}),
-            **({"lora": [{"file": str(p), "scale": scale, "sha256": sha256_file(p)} for p, scale in args.loras]}
-               if args.loras else {})}
-
-
-def flag(dest: str) -> str:
-    """The option a dest comes from: negative_scales -> --negative-scale."""
-    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance", "dng_lambdas": "--dng-lambda"}.get(
-        dest, "--" + dest.replace("_", "-"))
-
-
-def check_rules(rules: list[tuple[str, bool, str]], args):
-    """Each rule is (argument dest, whether its value is good, what it must be)."""
-    for name, ok, rule in rules:
-        if not ok:
-            value = getattr(args, name)
-            value = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
-            raise UsageError(f"{flag(name)} {value}: must be {rule}")
 
 
 def fail(message, code: int) -> int:

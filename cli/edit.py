@@ -1,6 +1,6 @@
 """generate.py's --init-image and --mask: the images read and checked before any model loads. A leaf
 (generate.py:LEAVES), with the PNG reader (png_reader.py) and the edit itself (sampler/edit.py)."""
-from cli.args import UsageError
+from methods.options import UsageError
 from png_reader import read_image
 from sampler.loop import EDITS
 

@@ -6,7 +6,8 @@ import tempfile
 from pathlib import Path
 
 import png
-from cli.args import UsageError, fail
+from cli.args import fail
+from methods.options import UsageError
 from sampler.schedule import UnsupportedSetting
 
 OUTPUTS = Path("outputs")

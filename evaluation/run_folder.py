@@ -23,7 +23,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from files import write_atomic
+from files import sha256_file, write_atomic
 
 try:
     import fcntl
@@ -66,6 +66,17 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
     except OSError as e:
         return f"--out {out}: {e.strerror or e}"
     return None
+
+
+def model_settings(args) -> dict:
+    """What decides a run's images besides its methods and prompts, as its run.json or data.json
+    records them to refuse a resume with others; a key only where used, so older folders resume."""
+    return {"model": args.model, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type,
+            "dtype": str(args.torch_dtype).removeprefix("torch."), "sampler": args.sampler, "steps": args.steps,
+            "guidance": args.guidance_scale, "seed": args.seed, "height": args.height, "width": args.width,
+            **({"strength": args.strength} if args.strength is not None else {}),
+            **({"lora": [{"file": str(p), "scale": scale, "sha256": sha256_file(p)} for p, scale in args.loras]}
+               if args.loras else {})}
 
 
 def _holds_files(out: Path) -> bool:

@@ -1,7 +1,15 @@
-"""The option types of the methods' command-line options (Method.add_options) and the shared ones
-(cli/args.py): argparse turns a bad value into one line naming the option."""
+"""The methods' command line, written once for generate.py, evaluate.py and distill.py: the options
+several methods share and each method's own (Method.add_options, in its file), their types, and the
+check that makes the methods a command line names (`choose`). A bad option is one line: UsageError."""
 import argparse
 import math
+
+import methods
+from vlm.tasks import TASKS
+
+
+class UsageError(Exception):
+    """A bad argument, found before any model is loaded."""
 
 
 def finite(text: str) -> float:
@@ -18,3 +26,74 @@ def comma_list(item=str):
         return list(dict.fromkeys(item(part.strip()) for part in text.split(",") if part.strip()))
     parse.__name__ = getattr(item, "__name__", "list")  # argparse names the type in its message
     return parse
+
+
+def text(value: str) -> str:
+    """argparse type: text, refusing a byte the shell's text was not UTF-8 in (a lone surrogate to Python)."""
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        raise argparse.ArgumentTypeError("not UTF-8 text (a byte of another encoding); give it in UTF-8")
+    return value
+
+
+def add_options(p: argparse.ArgumentParser, many: bool) -> list[str]:
+    """The methods' options; returns their dests. `many`: evaluate.py's, where lists sweep."""
+    w = p.add_argument_group("the methods (methods/; an option no chosen method reads is refused)")
+    w.add_argument("--negative-prompt", type=text, metavar="TEXT", help="a classic negative prompt, in place of the "
+                   "empty unconditional text (sd, static, vldnp); method negative's text (default: the task's static "
+                   "one)")
+    w.add_argument("--negative-scale", dest="negative_scales", type=comma_list(finite), default=[7.5], metavar="W",
+                   help="w_neg in eps = eps_u + g(eps_c - eps_u) - w_neg(eps_n - eps_u), for static and vldnp"
+                   + ("; a list sweeps it, e.g. 2.5,5,10" if many else "") + " (default: 7.5)")
+    w.add_argument("--static-negative", type=text, metavar="TEXT", help="the fixed negative of static and dng "
+                   "(default: the task's; for nudity SAFREE's 17 concepts)")
+    w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
+                   "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
+    first = len(p._actions)
+    for name in filter(methods.METHODS.present, methods.METHODS):  # each method's own options, from its file
+        methods.METHODS[name].add_options(p, many)
+    return [a.dest for a in w._group_actions] + [a.dest for a in p._actions[first:]]
+
+
+def choose(args, specs: list[str], options: list[str], given: set[str]) -> list[methods.Method]:
+    """The methods `specs` names, each made from its options once they pass its rules; sets args.task.
+    One of `options` that is `given` but read by no method is refused."""
+    try:
+        args.task = TASKS[args.vlm_task]
+        classes = list(dict.fromkeys(methods.METHODS[methods.split_name(spec)[0]] for spec in specs))
+        w = args.negative_scales
+        check_rules([("negative_scales", w and 0 <= min(w) and max(w) <= 1000, "numbers between 0 and 1000")]
+                    + [rule for cls in classes for rule in cls.rules(args)], args)  # before any method uses them
+        chosen = methods.from_args(args, specs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    read = set().union(*(cls.reads(args) for cls in classes))
+    for dest in [d for d in options if d in given and d not in read]:
+        raise UsageError(f"{flag(dest)}: no method of this run reads it ({', '.join(c.name for c in classes)}); "
+                         "leave it out or choose a method that does")
+    return chosen
+
+
+def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dests of the options `argv` gives explicitly (whatever their values): argparse sets a
+    default only where the namespace has no value yet, so a namespace primed with a marker keeps
+    the marker wherever nothing was given; a repeatable option's (--lora) is a list, which it copies."""
+    unset = object()
+    primed = {a.dest: [] if isinstance(a, argparse._AppendAction) else unset for a in parser._actions
+              if a.dest != argparse.SUPPRESS}
+    parsed = parser.parse_args(argv, argparse.Namespace(**primed))
+    return {dest for dest, value in vars(parsed).items() if dest in primed and value is not primed[dest]}
+
+
+def flag(dest: str) -> str:
+    """The option a dest comes from: negative_scales -> --negative-scale."""
+    return {"negative_scales": "--negative-scale", "guidance_scale": "--guidance", "dng_lambdas": "--dng-lambda"}.get(
+        dest, "--" + dest.replace("_", "-"))
+
+
+def check_rules(rules: list[tuple[str, bool, str]], args):
+    """Each rule is (argument dest, whether its value is good, what it must be)."""
+    for name, ok, rule in rules:
+        if not ok:
+            value = getattr(args, name)
+            value = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+            raise UsageError(f"{flag(name)} {value}: must be {rule}")

@@ -9,7 +9,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        PNDMScheduler, StableDiffusionPipeline)
 
-from cli.args import UsageError
+from methods.options import UsageError
 from generate import parse_args
 from helpers import assert_close_rel, assert_same_image, pipeline_images
 from png import parameters_text

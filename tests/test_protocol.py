@@ -10,7 +10,7 @@ from PIL import Image
 from tiny_onnx import linear_softmax, linear_softmax_weights, reference_probs
 
 import evaluate
-from cli.args import given_options
+from methods.options import given_options
 from evaluation.classifier_file import MODEL_SHA256
 from evaluation.metrics import CLIP_MODELS
 from evaluation.protocol import VL_DNP
