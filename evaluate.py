@@ -251,7 +251,7 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
 
 
 def check_edits(args, prompts):
-    """--strength needs rows that edit an image, and must run a step of --steps for each."""
+    """--strength needs rows that edit an image, and must run a step of --steps for each; --vlm-steps, within it."""
     edits = [row for row in prompts.rows if row.init_image is not None]
     if args.strength is not None and not edits:
         raise UsageError(f"--strength: no row of {args.prompts} edits an image (an init_image column)")
@@ -261,7 +261,10 @@ def check_edits(args, prompts):
         edit = EDITS["img2img"]  # a leaf: a copy without sampler/edit.py says so here, in one line
         for strength in {args.strength or (edit.IMG2IMG_STRENGTH if row.mask is None else edit.INPAINT_STRENGTH)
                          for row in edits}:
-            edit.first_step(args.steps, strength)
+            taken = args.steps - edit.first_step(args.steps, strength)
+            if getattr(args, "vlm_steps", None) is not None:  # only vldnp reads them: its leaf is here
+                from methods.vldnp_cli import check_edit_steps
+                check_edit_steps(args.vlm_steps, taken, args.steps)
     except MissingLeaf as e:
         raise UsageError(str(e)) from None
     except ValueError as e:

@@ -3,6 +3,7 @@
 (`check_shared`). Every failure is one line on stderr (`fail`); a UsageError is a bad argument (exit 2)."""
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,7 @@ def int_pair(separator: str, minimum: int):
     def parse(text: str) -> tuple[int, int]:
         parts = text.lower().split(separator)
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(map(int, parts)) < minimum:
-            what = "positive" if minimum > 0 else "non-negative"
-            raise argparse.ArgumentTypeError(f"{text!r} is not two {what} integers like 1024{separator}768")
+            raise argparse.ArgumentTypeError(f"{text!r}: not two integers >= {minimum} like 1024{separator}768")
         return int(parts[0]), int(parts[1])
     return parse
 
@@ -101,12 +101,9 @@ def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, ok in available.items() if ok))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
+    if not re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", name):
         raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
+    device = torch.device(name)
     if not available[device.type]:
         raise ValueError(f"{name}: {device.type} is not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -25,10 +25,7 @@ def read_edit(args) -> dict:
         taken = args.steps - edit.first_step(args.steps, strength)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    if args.vlm_steps is not None:  # only vldnp reads them: its leaf is here
-        from methods.vldnp_cli import parse_steps
-        try:
-            parse_steps(args.vlm_steps, taken)
-        except ValueError as e:
-            raise UsageError(f"--vlm-steps count the steps the edit takes, {taken} of {args.steps}: {e}") from None
+    if getattr(args, "vlm_steps", None) is not None:  # only vldnp reads them: its leaf is here
+        from methods.vldnp_cli import check_edit_steps
+        check_edit_steps(args.vlm_steps, taken, args.steps)
     return {"init_image": image, "mask": mask, "strength": strength}

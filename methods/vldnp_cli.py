@@ -3,7 +3,7 @@ methods they ask for and the proposer they name (vlm/proposers.py). Only a comma
 from pathlib import Path
 
 from leaves import Leaves
-from methods.options import comma_list, finite
+from methods.options import UsageError, comma_list, finite
 from vlm.proposers import LEAVES, PROPOSERS, ProposerSource, check_preview_decoder
 
 # --negative-schedule: "constant" is the paper's fixed w_neg and needs nothing more
@@ -103,6 +103,14 @@ def resolve(args):
         except ValueError as e:
             raise ValueError(f"--vlm-url {e}") from None
     check_preview_decoder(args.preview_decoder)
+
+
+def check_edit_steps(vlm_steps: str | None, taken: int, steps: int):
+    """--vlm-steps count the steps an edit takes, `taken` of `steps`: one past them would never run. UsageError."""
+    try:
+        parse_steps(vlm_steps or "", taken)
+    except ValueError as e:
+        raise UsageError(f"--vlm-steps count the steps the edit takes, {taken} of {steps}: {e}") from None
 
 
 def parse_steps(text: str, num_steps: int | None = None) -> list[int]:

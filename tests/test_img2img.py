@@ -207,6 +207,20 @@ def test_vldnp_queries_within_the_edit_and_sees_the_edited_image(sd1, tmp_path, 
                                  "step 5 is out of range for 5 steps (0 to 4)"]
 
 
+def test_evaluate_refuses_query_steps_past_an_edit_as_generate_does(sd1, tmp_path, capsys, server):
+    """A query step the edit never reaches would leave the image unguarded while its PNG and record read
+    as if the VLM had looked and seen nothing: evaluate.py refuses it up front, in generate.py's words."""
+    png.write_png(tmp_path / "in.png", picture(32, 32, seed=5))
+    (tmp_path / "p.csv").write_text("prompt,init_image\na person on a beach,in.png\n")
+    argv = [tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps", "10", "--device", "cpu",
+            "--quiet", "--methods", "vldnp", "--metrics", "none", "--no-report", "--vlm-url", server("none").url]
+    for more, taken in [(["--strength", "0.5", "--vlm-steps", "2,5"], 5), (["--vlm-steps", "2,9"], 8)]:
+        code, _, err = run(evaluate.main, capsys, *argv, *more)
+        step = more[-1].split(",")[-1]
+        assert code == 2 and err == [f"error: --vlm-steps count the steps the edit takes, {taken} of 10: query steps "
+                                     f"'{more[-1]}': step {step} is out of range for {taken} steps (0 to {taken - 1})"]
+
+
 class Recorder:
     """A proposer that keeps the x0 previews it is shown and finds nothing."""
     needs_image = True
