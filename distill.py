@@ -82,10 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      ("learning_rate", 0 < args.learning_rate <= 1, "more than 0 and at most 1"),
                      ("width", 1 <= args.width <= 1024, "between 1 and 1024"),
                      ("held_out", 0 < args.held_out < 1, "more than 0 and less than 1")], args)
-        try:
-            args.device = pick_device(args.device)
-        except ValueError as e:
-            raise UsageError(f"--device {e}") from None
+        args.device = pick_device(args.device)
         check_out(args.out, "--out")
     args.argv = argv
     return args

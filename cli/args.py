@@ -43,8 +43,8 @@ def lora_spec(text: str) -> tuple[str, float]:
 
 
 def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool) -> list[str]:
-    """The options both scripts take; returns the methods' (those an unused one of is refused). `sampler`:
-    the default sampler; `many`: evaluate.py, where --negative-scale sweeps and --proposer is vldnp's."""
+    """The options the scripts share; returns the methods' (those an unused one of is refused). `sampler`:
+    the default sampler; `many`: evaluate.py's and distill.py's, where lists sweep and --proposer is vldnp's."""
     m = p.add_argument_group("model and sampling")
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="Hugging Face repo id, diffusers folder or .safetensors file (default: %(default)s)")
@@ -67,7 +67,6 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
-
     return options.add_options(p, many)
 
 
@@ -88,26 +87,23 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     for path, _ in args.loras:
         if not os.path.isfile(Path(path).expanduser()):
             raise UsageError(f"--lora {path}: no such file")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as e:
-        raise UsageError(f"--device {e}") from None
+    args.device = pick_device(args.device)
     auto = torch.float16 if args.device.type == "cuda" else torch.float32  # --dtype auto: fp16 on cuda
     args.torch_dtype = DTYPES.get(args.dtype, auto)
 
 
 def pick_device(name: str) -> torch.device:
-    """"auto" is cuda, then mps, then cpu; else a device that exists here, or a ValueError naming it."""
+    """--device: "auto" is cuda, then mps, then cpu; else a device that exists here, or a UsageError."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, ok in available.items() if ok))
     if not re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", name):
-        raise ValueError(f"{name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
+        raise UsageError(f"--device {name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
     device = torch.device(name)
     if not available[device.type]:
-        raise ValueError(f"{name}: {device.type} is not available on this machine")
+        raise UsageError(f"--device {name}: {device.type} is not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{name}: there are only {torch.cuda.device_count()} cuda devices")
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} cuda devices")
     return device
 
 
