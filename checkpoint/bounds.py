@@ -111,6 +111,8 @@ def check_text(c: CLIPTextConfig, where: str = "") -> CLIPTextConfig:
     whole(f"{where}vocab_size", c.vocab_size, 1, MOST["vocab"])
     whole(f"{where}max_position_embeddings", c.max_positions, 1, MOST["positions"])
     whole(f"{where}projection_dim", c.projection_dim, 0, MOST["width"])
+    if c.eos_id is not None:
+        whole(f"{where}eos_token_id", c.eos_id, 0, MOST["vocab"])
     return c
 
 

@@ -138,6 +138,8 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     if c.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise CheckpointError(f"model_type {c['model_type']!r} is not a CLIP text model (SD1/SD2 use CLIPTextModel)")
     get = lambda key: value_or_default(c, key, defaults)
+    eos = c.get("eos_token_id", 49407)  # transformers' default; 2 is its legacy "pool at the largest id"
     return bounded(CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=get("vocab_size"),
-                                  max_positions=get("max_position_embeddings")), where)
+                                  max_positions=get("max_position_embeddings"),
+                                  eos_id=None if eos == 2 else eos), where)
 

@@ -31,11 +31,11 @@ copies' p_i are nearly parallel), and each prompt of a batch gets its own (the r
 runs at batch 1). Its "latent re-attention" (a Fourier filter on the UNet's skip features) is
 registered there but never takes effect, so it is not here.
 
-The pooled output is CLIPTextModel.pooled of the encoder as the pipeline holds it: the final
-LayerNorm of the last layer, at the argmax of the ids (EOS, 49407, is the largest id), as
-transformers pools SD1's encoder. For SD 2.x that encoder is OpenCLIP ViT-H's text tower cut to
-its first 23 layers (SD2 conditions on the penultimate layer), so the pooled output is the
-final-normed 23rd-layer state at EOS, not OpenCLIP's own (24 layers, then its text projection).
+The pooled output is CLIPTextModel.at_eos of the encoder as the pipeline holds it: the final
+LayerNorm of the last layer, at the EOS token, as transformers pools SD1's encoder. For SD 2.x that
+encoder is OpenCLIP ViT-H's text tower cut to its first 23 layers (SD2 conditions on the penultimate
+layer), so the pooled output is the final-normed 23rd-layer state at EOS, not OpenCLIP's own (24
+layers, then its text projection).
 """
 import math
 from dataclasses import dataclass
@@ -136,7 +136,7 @@ class FilteredPrompt:
 
 
 def pooled_outputs(text_encoder, ids: torch.Tensor) -> torch.Tensor:
-    """[N, D] float64: the final-normed hidden state at the argmax of each row of ids [N, T]."""
+    """[N, D] float64: the final-normed hidden state at the EOS token of each row of ids [N, T]."""
     return text_encoder.at_eos(text_encoder(ids), ids).cpu().double()
 
 

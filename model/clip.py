@@ -28,6 +28,7 @@ class CLIPTextConfig:
     context_layer: int = -1
     context_norm: bool = True
     projection_dim: int = 0  # a text_projection of the pooled output (SDXL's bigG: 1280); 0: none
+    eos_id: int | None = None  # the pooled output's token (its first one); None: the largest id (see at_eos)
 
 
 # SD1: OpenAI CLIP ViT-L/14 text tower, all 12 layers.
@@ -171,13 +172,9 @@ class CLIPTextModel(nn.Module):
         out = self.at_eos(self.final_layer_norm(x), ids)  # [B, width]
         return context, self.text_projection(out) if cfg.projection_dim else out
 
-    @staticmethod
-    def at_eos(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The hidden state at the EOS token, [B, width].
-
-        EOS (49407) is the largest id in CLIP's vocabulary and `argmax` returns the first
-        maximum, so this is the first EOS even when the padding is EOS too (SD1). That is
-        what transformers does for configs with the legacy `eos_token_id == 2` (the SD and
-        openai hub files), and equals its newer "first `eos_token_id`" rule whenever every
-        sequence contains EOS and no id above it (no tokens added to the vocabulary)."""
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), ids.argmax(-1)]
+    def at_eos(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The hidden state [B, width] at the first `eos_id` (position 0 if absent), as transformers pools;
+        without one (configs with its legacy eos_token_id 2: the SD hub files), at the first largest id,
+        which is the first EOS: 49407 is the largest id of CLIP's vocabulary."""
+        at = ids.argmax(-1) if self.config.eos_id is None else (ids == self.config.eos_id).int().argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]

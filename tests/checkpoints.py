@@ -114,10 +114,14 @@ TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_
                    "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False}
 
 
-def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True, inpainting=False):
+def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upcast=True, inpainting=False,
+                     hub_token_ids=True):
     """Writes an SDXL diffusers folder with StableDiffusionXLPipeline.save_pretrained, every tensor
     random; tokenizer_2 pads with "!" as SDXL's does. Returns its path. `inpainting`: SDXL
-    inpainting's, a 9-channel UNet under StableDiffusionXLInpaintPipeline (in root/sdxl-inpainting)."""
+    inpainting's, a 9-channel UNet under StableDiffusionXLInpaintPipeline (in root/sdxl-inpainting).
+    `hub_token_ids`: the text configs' special-token ids are the hub's (eos_token_id 2, transformers'
+    legacy value: pool at the largest id); False leaves CLIPTextConfig's own (eos 49407, not in this
+    small vocabulary), as a config written by today's transformers without them holds."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -125,8 +129,8 @@ def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upca
     vocab = write_clip_vocab(root / "vocab-1")
     vocab_2 = write_clip_vocab(root / "vocab-2", pad_token="!")
     vocab_size = len(json.loads((vocab / "vocab.json").read_text()))
-    text_config = lambda spec: CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, eos_token_id=2,
-                                              pad_token_id=1, bos_token_id=0, **spec)
+    ids = dict(eos_token_id=2, pad_token_id=1, bos_token_id=0) if hub_token_ids else {}
+    text_config = lambda spec: CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, **ids, **spec)
     pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline)(
         vae=randomize_(AutoencoderKL(**VAE, sample_size=16, scaling_factor=0.13025, force_upcast=force_upcast),
                        seed + 1),

@@ -9,6 +9,7 @@ import torch
 import transformers
 from helpers import assert_close_rel, clip_features, randomize_, rel_err
 
+from checkpoint.sdxl import penultimate, text_config_with_projection
 from model.clip import SD2_TEXT, SDXL_TEXT_G, SDXL_TEXT_L, CLIPTextConfig, CLIPTextModel
 from model.clip_vision import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, preprocess
 
@@ -150,6 +151,22 @@ def test_bigg_penultimate_and_projected_pool_match_transformers(pad_id, eos_toke
     assert_close_rel(context, expected.hidden_states[-2])
     assert_close_rel(pooled, expected.text_embeds)
     assert_close_rel(ours(ids), expected.hidden_states[-2])
+
+
+@pytest.mark.parametrize("eos_token_id", [2, EOS, 500, 49407],
+                         ids=["legacy-2", "eos", "eos-not-the-largest-id", "transformers-default-not-in-vocab"])
+@torch.no_grad()
+def test_pooled_output_is_where_the_config_says_as_in_transformers(eos_token_id):
+    """transformers pools at ids.argmax() for the legacy eos_token_id 2 of the hub's SD configs, else at
+    the first eos_token_id (position 0 when the ids lack it, as with CLIPTextConfig's default 49407 and a
+    small vocabulary). The config goes through the loader's reader, as a checkpoint's config.json does."""
+    config = hf_text_config(TEXT_G, eos_token_id)
+    config.projection_dim = TEXT_G.projection_dim
+    ref = reference(transformers.CLIPTextModelWithProjection, config, seed=4)
+    ours = copy_text_into(CLIPTextModel(penultimate(text_config_with_projection(config.to_dict()))), ref)
+    ids = prompt_ids([0, 5, 30, 75], 0, seed=2)
+    ids[ids == EOS] = EOS if eos_token_id in (2, 49407) else eos_token_id
+    assert_close_rel(ours.encode(ids)[1], ref(input_ids=ids).text_embeds)
 
 
 @torch.no_grad()

@@ -183,6 +183,7 @@ def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     ("sd1", "scheduler/scheduler_config.json", "num_train_timesteps", 10**10),  # sampling would allocate 40 GB
     ("sd1", "text_encoder/config.json", "max_position_embeddings", -5),
     ("sd1", "text_encoder/config.json", "num_attention_heads", 3),
+    ("sd1", "text_encoder/config.json", "eos_token_id", [49407]),  # where the pooled output is taken
     ("clip", "config.json", "vision_config.patch_size", 0),
     ("clip", "config.json", "vision_config.image_size", 4),  # smaller than a patch
     ("taesd", "config.json", "latent_channels", None),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
-from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER
+from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER, make_sdxl_folder
 from helpers import assert_same_image, ddim_reference, pipeline_images, scheduler_classes, sdxl_reference
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
@@ -307,6 +307,16 @@ def test_an_empty_prompt_on_sdxl_matches_diffusers(sdxl, negative_prompt):
     kw = dict(DEFAULTS, prompt="", negative_prompt=negative_prompt)
     ours = generate(load_pipeline(sdxl), **kw, progress=False)
     assert_same_image(ours, reference_images(sdxl_reference(sdxl, "ddim"), **kw))
+
+
+@pytest.mark.parametrize("negative_prompt", [None, ""], ids=["no-negative", "negative-empty"])
+def test_an_empty_prompt_on_sdxl_with_transformers_own_token_ids_matches_diffusers(tmp_path, negative_prompt):
+    """Text configs written without the hub's legacy eos_token_id 2: the pooled output is taken where
+    transformers takes it (the first eos_token_id; position 0 when the ids lack it), not at the largest id."""
+    folder = make_sdxl_folder(tmp_path, hub_token_ids=False)
+    kw = dict(DEFAULTS, prompt="", negative_prompt=negative_prompt)
+    ours = generate(load_pipeline(folder), **kw, progress=False)
+    assert_same_image(ours, reference_images(sdxl_reference(folder, "ddim"), **kw))
 
 
 def test_sdxl_default_size_is_diffusers(sdxl):
