@@ -1,9 +1,13 @@
 """A scripted OpenAI-compatible chat-completions server on a loopback address, for the VLM tests."""
+import datetime
+import ipaddress
 import json
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 def completion(content) -> dict:
@@ -16,13 +20,38 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
+class CountingServer(ThreadingHTTPServer):
+    """Counts the connections it accepts. With `tls` (an ssl.SSLContext) it speaks https, and
+    counts the TLS handshakes that complete: one the client breaks off sends it no request."""
+    tls, connections, handshakes = None, 0, 0
+
+    def get_request(self):
+        sock, address = super().get_request()
+        self.connections += 1
+        return (self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False) if self.tls
+                else sock), address
+
+    def finish_request(self, sock, address):
+        if self.tls:
+            try:
+                sock.do_handshake()
+            except OSError:  # ssl.SSLError among them: the client refused the certificate
+                return
+            self.handshakes += 1
+        super().finish_request(sock, address)
+
+
 class LocalServer:
     """Serves `handler` (a QuietHandler class) on a free port of loopback address `host` (all of
-    127.0.0.0/8 is loopback: a second host for redirect tests), in a thread, until close()."""
+    127.0.0.0/8 is loopback: a second host for redirect tests), in a thread, until close(); over
+    TLS with `tls`, a (certificate, key) pair of PEM files."""
 
-    def __init__(self, handler, host: str = "127.0.0.1"):
-        self.server = ThreadingHTTPServer((host, 0), handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}/v1"
+    def __init__(self, handler, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None):
+        self.server = CountingServer((host, 0), handler)
+        if tls:
+            self.server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.server.tls.load_cert_chain(*tls)
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -39,7 +68,7 @@ class ScriptedVLM(LocalServer):
     for before answering), answered (an Event set once the answer is sent); or raw (bytes: the
     whole response, status line and headers included, sent as they are)."""
 
-    def __init__(self, script, host: str = "127.0.0.1"):
+    def __init__(self, script, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
         vlm = self
 
@@ -74,7 +103,7 @@ class ScriptedVLM(LocalServer):
 
             do_GET = do_POST
 
-        super().__init__(Handler, host)
+        super().__init__(Handler, host, tls)
 
 
 class Trickle(LocalServer):
@@ -121,3 +150,29 @@ def dead_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+def self_signed(folder: Path, host: str = "127.0.0.1", expired: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (a name or an IP address), valid from yesterday to
+    tomorrow (`expired`: until yesterday), and its key: (certificate.pem, key.pem) in `folder`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key, name = ec.generate_private_key(ec.SECP256R1()), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alternative = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alternative = x509.DNSName(host)
+    day, now = datetime.timedelta(days=1), datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - 2 * day).not_valid_after(now - day if expired else now + day)
+                   .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    paths = folder / "certificate.pem", folder / "key.pem"
+    paths[0].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths

@@ -1,14 +1,16 @@
-"""What bad input gets: a redirect, a slow or huge server reply, terminal escapes in server text, NUL
-in a prompt, two runs on one folder, sizes that cannot fit in memory and an allocation that fails.
-Each is a failed query or one line and a non-zero exit; nothing already made is lost, and no
-secret goes to a host the user did not name."""
+"""What bad input gets: a redirect, a slow or huge server reply, a name lookup that hangs, a certificate
+that does not verify, terminal escapes in server text, NUL in a prompt, two runs on one folder, sizes
+that cannot fit in memory and an allocation that fails. Each is a failed query or one line and a
+non-zero exit; nothing already made is lost, and no secret goes to a host the user did not name."""
 import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import evaluate
 import evaluation.run
 import generate
 from cli.args import fail
-from fake_vlm import Trickle, dead_url, redirect
+from fake_vlm import Trickle, dead_url, redirect, self_signed
 from helpers import run
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
@@ -163,6 +165,69 @@ def test_an_https_proxys_slow_connect_answer_is_within_the_deadline(monkeypatch)
         proxy.close()
     assert reply.error == "no complete answer from https://vlm.example.com/v1/chat/completions within 1 s", reply
     assert took < 1.8
+
+
+def no_proxies(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_name_lookup_that_hangs_ends_at_the_deadline(server, monkeypatch):
+    """A lookup cannot be interrupted; a DNS server that never answers must not hold the query past
+    its deadline. The lookup is the client's `getaddrinfo`, so no real DNS is asked."""
+    no_proxies(monkeypatch)
+    vlm, released, lookups = server("feet"), threading.Event(), []
+    port = vlm.url.rsplit(":", 1)[1].removesuffix("/v1")
+
+    def getaddrinfo(host, *args, **kwargs):
+        lookups.append((host, threading.current_thread() is threading.main_thread()))
+        if host == "hangs.example":
+            released.wait(60)  # far past the deadline
+        return socket.getaddrinfo("127.0.0.1" if host.endswith(".example") else host, *args, **kwargs)
+    try:
+        client = VLMClient(f"http://hangs.example:{port}/v1", "m", NUDITY, timeout=1)
+        client.getaddrinfo = getaddrinfo
+        reply = RetryingProposer(client, retries=1, backoff=0)(IMAGE, "p", 0)
+    finally:
+        released.set()
+    assert reply.error == "name lookup for hangs.example took longer than the deadline (after 2 attempts)", reply
+    assert vlm.requests == [] and lookups == [("hangs.example", False)] * 2
+    for host in ("answers.example", "localhost", "127.0.0.1"):  # a loopback host is looked up at once, here
+        client = VLMClient(f"http://{host}:{port}/v1", "m", NUDITY, timeout=5)
+        client.getaddrinfo = getaddrinfo
+        assert client(IMAGE, "p", 0).items == ["feet"] and lookups[-1] == (host, host != "answers.example")
+    assert len(vlm.requests) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# A certificate that does not verify is a permanent fault: one line at once, never retried, no key sent
+
+@pytest.mark.parametrize("problem, reason", [
+    ("self-signed", "self.signed certificate"),
+    ("another host's", r"IP address mismatch, certificate is not valid for '127\.0\.0\.1'\."),
+    ("expired", "certificate has expired"),
+    (None, None)])  # the control: a certificate the client trusts, which gets the key
+def test_a_certificate_that_does_not_verify_fails_at_once_without_the_key(problem, reason, server, api_key,
+                                                                         monkeypatch, tmp_path, capsys):
+    no_proxies(monkeypatch)
+    files = self_signed(tmp_path, "vlm.example.com" if problem == "another host's" else "127.0.0.1",
+                        expired=problem == "expired")
+    if problem != "self-signed":
+        monkeypatch.setenv("SSL_CERT_FILE", str(files[0]))  # this client trusts it, as its own CA
+    vlm = server("feet", tls=files)
+    reply = RetryingProposer(VLMClient(vlm.url, "m", NUDITY, timeout=5), retries=3, backoff=0)(IMAGE, "p", 0)
+    if problem is None:
+        assert reply.items == ["feet"] and vlm.server.handshakes == 1
+        assert vlm.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    else:
+        host = vlm.url.removeprefix("https://").removesuffix("/v1")
+        assert re.fullmatch(rf"cannot trust {host}: certificate verify failed: {reason} \(.*\)", reply.error), reply
+        assert vlm.server.handshakes == 0 and vlm.requests == []  # the handshake broke off: no request, no key
+    assert vlm.server.connections == 1  # not retried
+    if problem == "self-signed":  # the check before loading: one line, exit 2, no traceback
+        code, _, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", vlm.url, *SIZE,
+                           "--out", tmp_path / "x.png")
+        assert code == 2 and len(err) == 1 and "certificate verify failed: self" in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------

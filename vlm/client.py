@@ -13,9 +13,9 @@ Standard library only. A query never raises: every failure is a Reply with no it
 one-line error, so the sampler keeps the negative already in force.
 
 The server is not trusted. A redirect is not followed: the request, with its API key, goes to the
-URL given and nowhere else. One deadline bounds a whole query, and one size limit its reply.
-Server text (errors, replies) is kept as `printable` text, with no control character a terminal
-would obey.
+URL given and nowhere else, over https only once the certificate verifies. One deadline bounds a
+whole query (its name lookup too), one size limit its reply. Server text (errors, replies) is kept
+`printable`, with no control character a terminal would obey.
 """
 import base64
 import functools
@@ -25,6 +25,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -33,12 +34,14 @@ from urllib.parse import urljoin, urlsplit
 
 import torch
 
+from leaves import Leaves
 from png import encode_png
 from vlm.base import Reply, one_line, prepare_image, printable, valid_text
 from vlm.tasks import MAX_REPLY_CHARS, Task, is_refusal
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
 API_KEY_VARS = ("VLM_API_KEY", "OPENAI_API_KEY")
+GUARDS = Leaves("guard", {"lookup": "vlm.lookup:create_connection"})  # a name lookup that ends at the deadline
 
 
 class QueryError(Exception):
@@ -74,7 +77,7 @@ def chat_url(base_url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     """localhost, or an address connect() takes for this machine (127.1, 0x7f.0.0.1, 0.0.0.0, ::1)."""
     host = (host or "").removesuffix(".")
     try:  # inet_aton takes the legacy IPv4 forms that connect() takes
@@ -89,12 +92,12 @@ class VLMClient:
 
     image_size: the longer side the image is scaled to before sending. 448 is the paper's size
                 (448x448 for SD's square images); None sends the decoded image as it is.
-    timeout:    seconds for the whole query (connect, send, read the whole reply); slower
-                answers are faults.
+    timeout:    seconds for the whole query (look up, connect, send, read); slower answers are faults.
     The API key, if any, is read once from $VLM_API_KEY, else $OPENAI_API_KEY (or from
     `api_key_env`), and sent as a Bearer token with each request: to `base_url`'s host, and to an
     $HTTP_PROXY the user set for a plain http:// URL (an https proxy sees only the CONNECT). A
     redirect is a failed query. Requests to loopback hosts bypass proxies."""
+    getaddrinfo = staticmethod(socket.getaddrinfo)  # the name lookup (with vlm/lookup.py); a test may set its own
 
     def __init__(self, base_url: str, model: str, task: Task, *, max_tokens: int = 64, timeout: float = 30.0,
                  image_size: int | None = 448, api_key_env: str | None = None):
@@ -104,8 +107,14 @@ class VLMClient:
         self.api_key = os.environ[name].strip() if name else None
         if self.api_key and not re.fullmatch("[!-~]+", self.api_key):  # never quoted: it is a secret
             raise ValueError(f"${name} has a character an HTTP header cannot carry (space, control, non-ASCII)")
-        no_proxy = [urllib.request.ProxyHandler({})] if _is_loopback(urlsplit(self.url).hostname) else []
-        self._opener = urllib.request.build_opener(*no_proxy, _HTTPHandler, _HTTPSHandler, _NoRedirects)
+        # No redirect handler: urllib's would send the headers, the API key among them, to any host a Location
+        # names (a 302 as a GET, without the image) and return that host's answer as the VLM's. A 3xx is an
+        # HTTPError, whatever its Location (even one urllib cannot parse). None: the environment's proxies.
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler({} if is_loopback(urlsplit(self.url).hostname) else None),
+                        _HTTPHandler(), _HTTPSHandler(), urllib.request.HTTPErrorProcessor(),
+                        urllib.request.HTTPDefaultErrorHandler()):
+            self._opener.add_handler(handler)
 
     def __repr__(self):
         return f"VLMClient({self.url!r}, model={self.model!r}, task={self.task.name!r})"
@@ -138,7 +147,9 @@ class VLMClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        deadline = request.deadline = time.monotonic() + self.timeout  # read by the connection (_Deadline)
+        deadline = request.deadline = time.monotonic() + self.timeout  # read by the connection (_Deadline),
+        request.getaddrinfo = self.getaddrinfo  # as is this
+        too_slow = QueryError(f"no complete answer from {self.url} within {self.timeout:g} s")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 body = _read(response)
@@ -159,7 +170,10 @@ class VLMClient:
         except Exception as e:
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
             if isinstance(reason, TimeoutError) or time.monotonic() >= deadline:  # past it, the socket was shut
-                raise self._too_slow() from None
+                raise too_slow from None
+            if isinstance(reason, ssl.SSLCertVerificationError):  # no retry will make it verify
+                raise QueryError(one_line(f"cannot trust {urlsplit(self.url).netloc}: certificate verify failed: "
+                                          f"{reason.verify_message} (a private CA goes in $SSL_CERT_FILE)")) from None
             if isinstance(reason, ConnectionRefusedError):
                 raise QueryError(f"cannot reach {self.url}: connection refused (is the server running?)") from None
             if isinstance(e, urllib.error.URLError):
@@ -168,23 +182,18 @@ class VLMClient:
                 raise QueryError(one_line(f"connection to {self.url} failed: {type(e).__name__}: {e}")) from None
             raise
         if time.monotonic() >= deadline:  # the socket was shut down then: the body may be cut short
-            raise self._too_slow()
+            raise too_slow
         return body
-
-    def _too_slow(self) -> QueryError:
-        return QueryError(f"no complete answer from {self.url} within {self.timeout:g} s")
 
 
 def _read(response) -> bytes:
     """The response body, refusing one over MAX_RESPONSE_BYTES."""
-    body = b""
     try:
-        while chunk := response.read(65536):
-            body += chunk
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
+        body = response.read(MAX_RESPONSE_BYTES + 1)
     except ValueError as e:  # http.client's, on a negative chunk size: as malformed as its HTTPExceptions
         raise http.client.HTTPException(e) from None
+    if len(body) > MAX_RESPONSE_BYTES:
+        raise QueryError(f"response over {MAX_RESPONSE_BYTES} bytes")
     return body
 
 
@@ -201,26 +210,17 @@ def _where(location: str | None, base: str) -> str:
     return one_line(where, 200)
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows no redirect. urllib's would send the headers, the API key among them, to any host a
-    Location names (a 302 as a GET, without the image) and return that host's answer as the VLM's.
-    A 3xx then reaches the client as an HTTPError, whatever its Location (even one urllib cannot parse)."""
-
-    def http_error_302(self, req, fp, code, msg, headers):
-        return None
-
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
-
-
 # The socket's timeout bounds each read, not the request: a server sending a byte a second would
 # hold a request for ever. These connections shut their socket down at the query's deadline
 # (request.deadline, set by VLMClient._post), whatever the request is waiting for then (the
 # connection, an https proxy's answer to CONNECT, the headers or the body); connecting waits until then at most.
 
 class _Deadline:
-    def __init__(self, *args, deadline: float, **kwargs):
+    def __init__(self, *args, request: urllib.request.Request, **kwargs):
         super().__init__(*args, **kwargs)
-        self.deadline = deadline
+        self.deadline = request.deadline
+        if GUARDS.present("lookup"):  # in http.client's place, a name lookup the deadline ends too
+            self._create_connection = functools.partial(GUARDS["lookup"], request.getaddrinfo, request.deadline)
 
     def connect(self):
         self.timeout = max(0.001, self.deadline - time.monotonic())  # the socket's timeout for connecting
@@ -249,13 +249,12 @@ class _HTTPSConnection(_Deadline, http.client.HTTPSConnection):
 
 class _HTTPHandler(urllib.request.HTTPHandler):
     def http_open(self, request):
-        return self.do_open(functools.partial(_HTTPConnection, deadline=request.deadline), request)
+        return self.do_open(functools.partial(_HTTPConnection, request=request), request)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, request):
-        return self.do_open(functools.partial(_HTTPSConnection, deadline=request.deadline), request,
-                            context=self._context)
+        return self.do_open(functools.partial(_HTTPSConnection, request=request), request, context=self._context)
 
 
 def _error_detail(body: bytes) -> str:
@@ -286,8 +285,7 @@ def reply_text(body: bytes) -> str:
         raise QueryError("unexpected response: no choices[0].message", excerpt)
     if isinstance(content, list):  # a list of content parts
         content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    if not isinstance(content, str):
-        content = ""
+    content = content if isinstance(content, str) else ""
     content = re.sub(r"<think>.*?(?:</think>|$)", "", valid_text(content), flags=re.DOTALL).strip()  # reasoning models
     if not content:
         if message.get("refusal"):

@@ -7,8 +7,9 @@ import time
 
 from vlm.base import Reply
 
-# The VLM client's messages for faults that may pass: no connection, a timeout, HTTP 408, 429, 5xx.
-TRANSIENT = re.compile(r"^(?:HTTP (?:5\d\d|408|429)\b|cannot reach |no (?:complete )?answer |connection to )")
+# The VLM client's messages for faults that may pass: no connection, a timeout, a slow name lookup, HTTP 408, 429, 5xx.
+TRANSIENT = re.compile(r"^(?:HTTP (?:5\d\d|408|429)\b|cannot reach |no (?:complete )?answer |connection to "
+                       r"|name lookup )")
 
 
 class RetryingProposer:
