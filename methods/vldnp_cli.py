@@ -18,7 +18,7 @@ def add_options(p, many: bool):
                    "one (auto: latent with --latent-proposer, vlm with --vlm-url, else clip)"
                    + ("" if many else "; without --method, static and none name those methods"))
     v.add_argument("--vlm-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1; "
-                   "VLM_API_KEY (or OPENAI_API_KEY) goes to that host alone")
+                   "VLM_API_KEY (OPENAI_API_KEY for api.openai.com) goes to that host alone")
     v.add_argument("--vlm-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="(default: %(default)s)")
     v.add_argument("--vlm-steps", metavar="LIST", help="0-based steps to query, or none (default: the paper's "
                    "5,6,7,9,12,16,21,27,34,42 of 50, rescaled)")

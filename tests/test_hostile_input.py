@@ -65,6 +65,14 @@ def write(path: Path, text: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # A redirect is not followed: the key would go with it, and another host's answer would be the guard's
 
+def test_a_server_that_echoes_the_key_never_gets_it_shown(server, api_key):
+    """A reply or an error quoting the key would put it on stderr and into the --trace file."""
+    echo = server(f"feet, {KEY}", dict(status=401, body={"error": {"message": f"invalid key {KEY}"}}))
+    client = VLMClient(echo.url, "m", NUDITY, timeout=5)
+    for reply in client(IMAGE, "p", 0), client(IMAGE, "p", 0):
+        assert KEY not in repr(reply) and "<API key>" in reply.raw + (reply.error or ""), reply
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_a_failed_query_naming_where_it_points(server, api_key, status):
     elsewhere = server("feet", host="127.0.0.2")

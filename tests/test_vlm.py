@@ -276,10 +276,14 @@ def test_api_key_and_image_size(server, monkeypatch, tmp_path):
     reply = VLMClient(server.url + "/", "m", NUDITY, timeout=5)(image, "a cat", 0)
     assert reply == Reply(["feet"], "feet", None, reply.latency) and reply.latency > 0
     assert "Authorization" not in server.requests[-1]["headers"]
-    monkeypatch.setenv("OPENAI_API_KEY", "openai-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "openai-key")  # OpenAI's key goes to OpenAI alone
     VLMClient(server.url + "/chat/completions", "m", NUDITY, timeout=5)(image, "a cat", 0)
-    assert server.requests[-1]["headers"]["Authorization"] == "Bearer openai-key"
+    assert "Authorization" not in server.requests[-1]["headers"]
     assert server.requests[-1]["path"] == "/v1/chat/completions"
+    assert VLMClient("https://api.openai.com/v1", "m", NUDITY).api_key == "openai-key"
+    monkeypatch.setenv("VLM_API_KEY", "vlm-key")
+    VLMClient(server.url, "m", NUDITY, timeout=5)(image, "a cat", 0)
+    assert server.requests[-1]["headers"]["Authorization"] == "Bearer vlm-key"
 
     # 448 on the longer side, the paper's 448x448 for square images, aspect kept
     sent = png_from_data_uri(server.requests[-1]["json"]["messages"][0]["content"][1]["image_url"]["url"], tmp_path)

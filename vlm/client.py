@@ -40,7 +40,7 @@ from vlm.base import Reply, one_line, prepare_image, printable, valid_text
 from vlm.tasks import MAX_REPLY_CHARS, Task, is_refusal
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
-API_KEY_VARS = ("VLM_API_KEY", "OPENAI_API_KEY")
+API_KEY_VARS = {"api.openai.com": ("VLM_API_KEY", "OPENAI_API_KEY")}  # OpenAI's key goes to OpenAI alone
 GUARDS = Leaves("guard", {"lookup": "vlm.lookup:create_connection"})  # a name lookup that ends at the deadline
 
 
@@ -93,17 +93,18 @@ class VLMClient:
     image_size: the longer side the image is scaled to before sending. 448 is the paper's size
                 (448x448 for SD's square images); None sends the decoded image as it is.
     timeout:    seconds for the whole query (look up, connect, send, read); slower answers are faults.
-    The API key, if any, is read once from $VLM_API_KEY, else $OPENAI_API_KEY (or from
-    `api_key_env`), and sent as a Bearer token with each request: to `base_url`'s host, and to an
-    $HTTP_PROXY the user set for a plain http:// URL (an https proxy sees only the CONNECT). A
-    redirect is a failed query. Requests to loopback hosts bypass proxies."""
+    The API key, if any, is read once from $VLM_API_KEY (for api.openai.com, else $OPENAI_API_KEY; or
+    from `api_key_env`), and sent as a Bearer token with each request: to `base_url`'s host, and to an
+    $HTTP_PROXY the user set for a plain http:// URL (an https proxy sees only the CONNECT); a server
+    quoting it back is shown "<API key>". A redirect is a failed query. Loopback hosts bypass proxies."""
     getaddrinfo = staticmethod(socket.getaddrinfo)  # the name lookup (with vlm/lookup.py); a test may set its own
 
     def __init__(self, base_url: str, model: str, task: Task, *, max_tokens: int = 64, timeout: float = 30.0,
                  image_size: int | None = 448, api_key_env: str | None = None):
         self.url, self.model, self.task = chat_url(base_url), model, task
         self.max_tokens, self.timeout, self.image_size = max_tokens, timeout, image_size
-        name = next((n for n in ((api_key_env,) if api_key_env else API_KEY_VARS) if os.environ.get(n)), None)
+        names = (api_key_env,) if api_key_env else API_KEY_VARS.get(urlsplit(self.url).hostname, ("VLM_API_KEY",))
+        name = next((n for n in names if os.environ.get(n)), None)
         self.api_key = os.environ[name].strip() if name else None
         if self.api_key and not re.fullmatch("[!-~]+", self.api_key):  # never quoted: it is a secret
             raise ValueError(f"${name} has a character an HTTP header cannot carry (space, control, non-ASCII)")
@@ -133,14 +134,15 @@ class VLMClient:
                 "temperature": 0, "max_tokens": self.max_tokens, "stream": False}
 
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
-        start = time.perf_counter()
+        start, key = time.perf_counter(), self.api_key
+        hide = (lambda text: text.replace(key, "<API key>")) if key else (lambda text: text)  # quoted back
         try:
-            content = reply_text(self._post(json.dumps(self.request(image)).encode("utf-8")))
+            content = hide(reply_text(self._post(json.dumps(self.request(image)).encode("utf-8"))))
             return Reply(self.task.parse(content), printable(content, keep="\n\t"), None, time.perf_counter() - start)
         except QueryError as e:
-            return Reply([], printable(e.raw, keep="\n\t"), str(e), time.perf_counter() - start)
+            return Reply([], printable(hide(e.raw), keep="\n\t"), hide(str(e)), time.perf_counter() - start)
         except Exception as e:  # anything else is a bug somewhere, but still only a lost query
-            return Reply([], "", one_line(f"{type(e).__name__}: {e}"), time.perf_counter() - start)
+            return Reply([], "", one_line(hide(f"{type(e).__name__}: {e}")), time.perf_counter() - start)
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vl-dnp/1"}
