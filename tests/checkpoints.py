@@ -147,15 +147,17 @@ def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upca
 
 
 def make_clip_folder(folder, seed=1):
-    """A small two-tower CLIPModel folder as transformers writes it, every tensor random: for the CLIP
-    proposer (--clip-model). Returns its path."""
+    """A small two-tower CLIPModel folder as transformers writes it, every tensor random, its token ids the
+    fake vocabulary's (so the text is pooled at its EOS): for the CLIP proposer (--clip-model). Returns its path."""
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     folder = write_clip_vocab(Path(folder))
     vocab = json.loads((folder / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
     config = CLIPConfig(
         text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2),
+                                   num_attention_heads=2, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
+                                   pad_token_id=eos),
         vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=1, num_attention_heads=2),
         projection_dim=16)
