@@ -25,7 +25,7 @@ from png_reader import read_png
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sampler.loop import generate as sample
-from vlm.base import Reply
+from vlm.base import Latents, Reply
 from vlm.latent_proposer import CARD_KEY, LatentNetwork, LatentProposer, NetworkConfig, read_card, save_latent_proposer
 from vlm.tasks import NUDITY
 
@@ -468,3 +468,59 @@ def test_the_file_loads_strictly(tmp_path):
         save_file(load_file(file), tmp_path / "bad.safetensors", {**metadata, CARD_KEY: json.dumps({**card, **change})})
         with pytest.raises(weights.CheckpointError, match=message):
             read_card(tmp_path / "bad.safetensors")
+
+
+def overflowing(path):
+    """A latent proposer whose tensors are all finite, but whose mean and std standardize any x0 to -inf,
+    which its convolution's weights of both signs make NaN."""
+    file = crafted(path)
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(file)
+    state["mean"], state["std"] = torch.full((4,), 3e38), torch.full((4,), 1e-30)
+    save_file(state, path, metadata)
+    return path
+
+
+def test_scores_that_are_not_finite_are_a_failed_query(tmp_path, capsys, sd1):
+    """NaN scores are no verdict: the query fails in one line, as CLIP's does, and the image made without the
+    dynamic negative says so (exit 3), never "Dynamic negative: none"."""
+    proposer = LatentProposer.load(overflowing(tmp_path / "p.safetensors"))
+    reply = proposer(Latents(torch.randn(4, 8, 8), 501), "a cat", 1)
+    assert reply.items == [] and reply.error == ("latent proposer p.safetensors: non-finite scores (NaN or inf): is "
+                                                 "its network or the x0 corrupt?")
+    code, _, err = run(generate.main, capsys, "a person on a beach", "--model", sd1, "--latent-proposer",
+                       tmp_path / "p.safetensors", "--steps", "4", "--vlm-steps", "1,3", "--trace", tmp_path / "t.json",
+                       "--out", tmp_path / "x.png", *SIZE)
+    assert code == 3, err
+    assert err[-1] == ("warning: 2 of 2 VL-DNP queries failed; no answer took effect for image 0: it was made without "
+                       "the dynamic negative (exit status 3)")
+    text = read_png(tmp_path / "x.png")[1]["parameters"]
+    assert "Dynamic negative: unguarded (all queries failed)" in text and "Dynamic negative: none" not in text
+    queries = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
+    assert all(q["error"] == reply.error and q["items"] == [] for q in queries)
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("std", 0.0, "its tensor 'std' holds a value at or below 0, which no standard deviation is"),
+    ("std", -1.0, "its tensor 'std' holds a value at or below 0, which no standard deviation is"),
+    ("mean", float("nan"), "its tensor 'mean' holds NaN or inf"),
+    ("head.weight", float("inf"), "its tensor 'head.weight' holds NaN or inf"),
+])
+def test_a_file_whose_tensors_cannot_score_is_refused_at_load(tmp_path, capsys, sd1, name, value, problem):
+    """A corrupt or hostile file (a zero std, NaN buffers or weights) would score NaN at every query: it is one
+    CheckpointError line naming the file, exit 2 before any image."""
+    file = crafted(tmp_path / "p.safetensors")
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(file)
+    state[name][0] = value
+    save_file(state, tmp_path / "bad.safetensors", metadata)
+    message = f"{tmp_path / 'bad.safetensors'}: {problem}; make it again with distill.py train"
+    with pytest.raises(weights.CheckpointError) as e:
+        LatentProposer.load(tmp_path / "bad.safetensors")
+    assert str(e.value) == message
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--latent-proposer",
+                       tmp_path / "bad.safetensors", "--out", tmp_path / "x.png", *SIZE)
+    assert code == 2 and err == [f"error: {message}"], err
+    assert not (tmp_path / "x.png").exists()
