@@ -302,6 +302,42 @@ def test_a_planted_concept_is_learnt_and_unrelated_labels_are_not(tmp_path, caps
     assert auc(scores(network, examples, by_image)[:, belly], examples.labels[by_image][:, belly]) > 0.85
 
 
+@pytest.mark.parametrize("name", ["x0", "x_t", "t"])
+def test_train_refuses_data_that_are_not_finite(tmp_path, capsys, name):
+    """NaN or inf in an answered query's tensors is one line naming the shard, exit 2, and no file (a network
+    fitted to it would score NaN: found nothing, no error); in a failed query's row it is no data, and is left out."""
+    data = synthetic_folder(tmp_path / "data", prompts=4, images=1)
+    record = read_records(data / "records.jsonl")[1]
+    clean = load_file(data / record["shard"])
+    shard = {k: v.clone() for k, v in clean.items()}
+    shard[name][1] = float("nan") if name != "x0" else float("inf")
+    save_file(shard, data / record["shard"])
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 2 and err == [f"error: {data / record['shard']}: its {name} holds NaN or inf where the teacher "
+                                 "answered; collect into a new folder"], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+    save_file(clean, data / record["shard"])
+    add_prompt(data, {**record, "key": "failed", "prompt": "failed",
+                      "examples": [{**e, "error": "HTTP 500"} for e in record["examples"]]}, shard)
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 0, err
+    assert read_card(tmp_path / "p.safetensors")["data"]["failed_queries_left_out"] == 2
+
+
+def test_train_writes_no_network_that_scores_nan(tmp_path, capsys):
+    """Finite x0 past what fp32 can sum (1e38) make the mean and std inf: one line, exit 2, no file."""
+    data = synthetic_folder(tmp_path / "data", prompts=4, images=1)
+    path = data / read_records(data / "records.jsonl")[1]["shard"]
+    shard = load_file(path)
+    shard["x0"][1] = 1e38
+    save_file(shard, path)
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 2 and err == [f"error: {data}: training made a network that would score NaN (its tensor 'mean' "
+                                 "holds NaN or inf); no file written"], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_the_split_holds_out_whole_prompts():
     prompts = [f"p{i // 3}" for i in range(30)]  # 10 prompts, 3 examples each
     held = split_by_prompt(prompts, 0.2, seed=1)
