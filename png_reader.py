@@ -13,7 +13,6 @@ to save them, so the runtime needs no image library. A leaf: only edits need it 
 """
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,15 +30,23 @@ OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG", b"GIF8": "a GIF", b"RIFF": "a WebP (
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel: grey, RGB, palette, grey+alpha, RGBA
 DEPTHS = {0: (1, 2, 4, 8), 2: (8,), 3: (1, 2, 4, 8), 4: (8,), 6: (8,)}  # the bit depths read
 MAX_SIDE, MAX_PIXELS = 8192, 2**24  # 4096 x 4096 take seconds to read, and far more than any edit
+MAX_BYTES = 5 * MAX_PIXELS  # a file read: the most pixels as RGBA stored uncompressed, and 16 MiB of other chunks
+EXTRA_ROWS = 2**16  # bytes of rows past the image still inflated (and ignored, as PIL does); more are refused
 
 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     """(uint8 [H, W, 3] RGB, its text chunks) of a PNG file; ImageFileError, one line, for a file that
     cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:  # at most MAX_BYTES + 1: a link to /dev/zero is not read whole
+            data = bytearray()
+            while len(data) <= MAX_BYTES and (block := file.read(2**20)):
+                data += block
     except OSError as e:
         raise ImageFileError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_BYTES:
+        raise ImageFileError(f"{path}: over {MAX_BYTES >> 20} MiB, more than a PNG of 2^24 (4096x4096) pixels holds; "
+                             "give an image of the size to edit")
     if not data.startswith(SIGNATURE):
         kind = next((name for magic, name in OTHER_FORMATS.items() if data.startswith(magic)), "not a PNG file")
         raise ImageFileError(f"{path}: {kind}; only PNG images are read: save it as PNG (8 bits per sample)")
@@ -71,13 +78,10 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
                 pass
     if colour == 3 and palette is None:
         raise ImageFileError(f"{path}: a palette PNG without its palette (PLTE chunk)")
-    try:
-        raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    except zlib.error as e:
-        raise ImageFileError(f"{path}: a damaged PNG (its image data does not decompress: {e})") from None
     bits = CHANNELS[colour] * depth  # per pixel
     unit = max(bits // 8, 1)  # the filters' "bytes per pixel"
     row_bytes = (W * bits + 7) // 8
+    raw = _inflate(b"".join(body for kind, body in chunks if kind == b"IDAT"), H * (row_bytes + 1), path, W, H)
     if len(raw) < H * (row_bytes + 1):
         raise ImageFileError(f"{path}: a truncated PNG ({len(raw)} bytes of rows where {H}x{W} needs "
                              f"{H * (row_bytes + 1)})")
@@ -117,6 +121,23 @@ def _chunks(data: bytes, path):
         yield kind, body
         pos += 12 + length
     raise ImageFileError(f"{path}: a truncated PNG (no IEND chunk)")
+
+
+def _inflate(data: bytes, size: int, path, W: int, H: int) -> bytes:
+    """The rows the zlib stream `data` holds, inflated up to `size` + EXTRA_ROWS bytes and no further:
+    a few KB can inflate to gigabytes (a decompression bomb), so a stream longer than that is refused.
+    Bytes after the stream's end are neither inflated nor read, as PIL ignores them."""
+    stream = zlib.decompressobj()
+    try:
+        raw = stream.decompress(data, size + EXTRA_ROWS + 1)  # [max_length]: stops there
+    except zlib.error as e:
+        raise ImageFileError(f"{path}: a damaged PNG (its image data does not decompress: {e})") from None
+    if len(raw) > size + EXTRA_ROWS:
+        raise ImageFileError(f"{path}: a damaged PNG or a decompression bomb (its image data inflates past the "
+                             f"{W}x{H} pixels the header gives)")
+    if not stream.eof:
+        raise ImageFileError(f"{path}: a truncated PNG (its image data stops before the end of its zlib stream)")
+    return raw
 
 
 def unfilter(types: np.ndarray, rows: np.ndarray, unit: int) -> np.ndarray:

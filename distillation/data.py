@@ -132,6 +132,7 @@ def read_examples(folder: Path, concepts: list[str]) -> Examples:
         except CheckpointError as e:
             raise DataError(str(e)) from None
         rows = torch.tensor([e["index"] for e in answered])
+        check_finite(shard, rows, Path(folder) / record["shard"])
         x0.append(shard["x0"][rows])
         t.append(shard["t"][rows])
         labels += [[float(c in e["concepts"]) for c in concepts] for e in answered]
@@ -141,3 +142,12 @@ def read_examples(folder: Path, concepts: list[str]) -> Examples:
         raise DataError(f"{folder}: no answered query to learn from" + (f" ({failed} failed)" if failed else "")
                         + "; collect more with distill.py collect")
     return Examples(torch.cat(x0), torch.cat(t), torch.tensor(labels), prompts, len(images), failed)
+
+
+def check_finite(shard: dict[str, torch.Tensor], rows: torch.Tensor, path: Path):
+    """A DataError naming the shard when the x0, x_t or t of an answered query (`rows`) holds NaN or inf:
+    a network fitted to it scores NaN, which would read as "nothing found"."""
+    for name in ("x0", "x_t", "t"):
+        if name in shard and not torch.isfinite(shard[name][rows]).all():
+            raise DataError(f"{path}: its {name} holds NaN or inf where the teacher answered; collect into a new "
+                            "folder")

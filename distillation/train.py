@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distillation.data import DataError, Examples, read_examples, read_settings
-from vlm.latent_proposer import LatentNetwork, NetworkConfig, save_latent_proposer
+from vlm.latent_proposer import LatentNetwork, NetworkConfig, save_latent_proposer, tensor_problem
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ def train(folder: Path, out: Path, settings: Training, device="cpu", report=prin
     held = split_by_prompt(examples.prompts, settings.held_out, settings.seed)
     train_rows = ~held
     network = fit(examples, train_rows, settings, device)
+    if problem := tensor_problem(network):  # finite data can still overflow (x0 of 1e38) or diverge
+        raise DataError(f"{folder}: training made a network that would score NaN ({problem}); no file written")
     p_train, p_held = scores(network, examples, train_rows), scores(network, examples, held)
     y_train, y_held = examples.labels[train_rows], examples.labels[held]
     rows = []

@@ -1,10 +1,12 @@
 """Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
 checked on, the reference models' outputs on a folder, a loading error's one line, images from a diffusers
-pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a command run in
-bounded memory."""
+pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a PNG that inflates
+to any size, a command run in bounded memory."""
 import resource
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +189,17 @@ def box_mask(height: int, width: int) -> torch.Tensor:
     mask = torch.zeros(height, width, 3, dtype=torch.uint8)
     mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
     return mask
+
+
+def inflating_png(path: Path, inflated: int, width: int = 16, height: int = 16) -> Path:
+    """A PNG whose IHDR gives width x height RGB pixels and whose IDAT holds zlib data of `inflated` zero
+    bytes, compressed about 1000 to 1: a decompression bomb when `inflated` is far past the image's rows."""
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(bytes(min(2**20, inflated - i))) for i in range(0, inflated, 2**20)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
 
 
 def to_pil(image: torch.Tensor):

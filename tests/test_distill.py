@@ -25,7 +25,7 @@ from png_reader import read_png
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sampler.loop import generate as sample
-from vlm.base import Reply
+from vlm.base import Latents, Reply
 from vlm.latent_proposer import CARD_KEY, LatentNetwork, LatentProposer, NetworkConfig, read_card, save_latent_proposer
 from vlm.tasks import NUDITY
 
@@ -302,6 +302,42 @@ def test_a_planted_concept_is_learnt_and_unrelated_labels_are_not(tmp_path, caps
     assert auc(scores(network, examples, by_image)[:, belly], examples.labels[by_image][:, belly]) > 0.85
 
 
+@pytest.mark.parametrize("name", ["x0", "x_t", "t"])
+def test_train_refuses_data_that_are_not_finite(tmp_path, capsys, name):
+    """NaN or inf in an answered query's tensors is one line naming the shard, exit 2, and no file (a network
+    fitted to it would score NaN: found nothing, no error); in a failed query's row it is no data, and is left out."""
+    data = synthetic_folder(tmp_path / "data", prompts=4, images=1)
+    record = read_records(data / "records.jsonl")[1]
+    clean = load_file(data / record["shard"])
+    shard = {k: v.clone() for k, v in clean.items()}
+    shard[name][1] = float("nan") if name != "x0" else float("inf")
+    save_file(shard, data / record["shard"])
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 2 and err == [f"error: {data / record['shard']}: its {name} holds NaN or inf where the teacher "
+                                 "answered; collect into a new folder"], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+    save_file(clean, data / record["shard"])
+    add_prompt(data, {**record, "key": "failed", "prompt": "failed",
+                      "examples": [{**e, "error": "HTTP 500"} for e in record["examples"]]}, shard)
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 0, err
+    assert read_card(tmp_path / "p.safetensors")["data"]["failed_queries_left_out"] == 2
+
+
+def test_train_writes_no_network_that_scores_nan(tmp_path, capsys):
+    """Finite x0 past what fp32 can sum (1e38) make the mean and std inf: one line, exit 2, no file."""
+    data = synthetic_folder(tmp_path / "data", prompts=4, images=1)
+    path = data / read_records(data / "records.jsonl")[1]["shard"]
+    shard = load_file(path)
+    shard["x0"][1] = 1e38
+    save_file(shard, path)
+    code, _, err = run(distill.main, capsys, "train", data, "--out", tmp_path / "p.safetensors", "--epochs", "1")
+    assert code == 2 and err == [f"error: {data}: training made a network that would score NaN (its tensor 'mean' "
+                                 "holds NaN or inf); no file written"], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_the_split_holds_out_whole_prompts():
     prompts = [f"p{i // 3}" for i in range(30)]  # 10 prompts, 3 examples each
     held = split_by_prompt(prompts, 0.2, seed=1)
@@ -468,3 +504,59 @@ def test_the_file_loads_strictly(tmp_path):
         save_file(load_file(file), tmp_path / "bad.safetensors", {**metadata, CARD_KEY: json.dumps({**card, **change})})
         with pytest.raises(weights.CheckpointError, match=message):
             read_card(tmp_path / "bad.safetensors")
+
+
+def overflowing(path):
+    """A latent proposer whose tensors are all finite, but whose mean and std standardize any x0 to -inf,
+    which its convolution's weights of both signs make NaN."""
+    file = crafted(path)
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(file)
+    state["mean"], state["std"] = torch.full((4,), 3e38), torch.full((4,), 1e-30)
+    save_file(state, path, metadata)
+    return path
+
+
+def test_scores_that_are_not_finite_are_a_failed_query(tmp_path, capsys, sd1):
+    """NaN scores are no verdict: the query fails in one line, as CLIP's does, and the image made without the
+    dynamic negative says so (exit 3), never "Dynamic negative: none"."""
+    proposer = LatentProposer.load(overflowing(tmp_path / "p.safetensors"))
+    reply = proposer(Latents(torch.randn(4, 8, 8), 501), "a cat", 1)
+    assert reply.items == [] and reply.error == ("latent proposer p.safetensors: non-finite scores (NaN or inf): is "
+                                                 "its network or the x0 corrupt?")
+    code, _, err = run(generate.main, capsys, "a person on a beach", "--model", sd1, "--latent-proposer",
+                       tmp_path / "p.safetensors", "--steps", "4", "--vlm-steps", "1,3", "--trace", tmp_path / "t.json",
+                       "--out", tmp_path / "x.png", *SIZE)
+    assert code == 3, err
+    assert err[-1] == ("warning: 2 of 2 VL-DNP queries failed; no answer took effect for image 0: it was made without "
+                       "the dynamic negative (exit status 3)")
+    text = read_png(tmp_path / "x.png")[1]["parameters"]
+    assert "Dynamic negative: unguarded (all queries failed)" in text and "Dynamic negative: none" not in text
+    queries = json.loads((tmp_path / "t.json").read_text())["images"][0]["queries"]
+    assert all(q["error"] == reply.error and q["items"] == [] for q in queries)
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("std", 0.0, "its tensor 'std' holds a value at or below 0, which no standard deviation is"),
+    ("std", -1.0, "its tensor 'std' holds a value at or below 0, which no standard deviation is"),
+    ("mean", float("nan"), "its tensor 'mean' holds NaN or inf"),
+    ("head.weight", float("inf"), "its tensor 'head.weight' holds NaN or inf"),
+])
+def test_a_file_whose_tensors_cannot_score_is_refused_at_load(tmp_path, capsys, sd1, name, value, problem):
+    """A corrupt or hostile file (a zero std, NaN buffers or weights) would score NaN at every query: it is one
+    CheckpointError line naming the file, exit 2 before any image."""
+    file = crafted(tmp_path / "p.safetensors")
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(file)
+    state[name][0] = value
+    save_file(state, tmp_path / "bad.safetensors", metadata)
+    message = f"{tmp_path / 'bad.safetensors'}: {problem}; make it again with distill.py train"
+    with pytest.raises(weights.CheckpointError) as e:
+        LatentProposer.load(tmp_path / "bad.safetensors")
+    assert str(e.value) == message
+    code, _, err = run(generate.main, capsys, "a cat", "--model", sd1, "--latent-proposer",
+                       tmp_path / "bad.safetensors", "--out", tmp_path / "x.png", *SIZE)
+    assert code == 2 and err == [f"error: {message}"], err
+    assert not (tmp_path / "x.png").exists()

@@ -12,8 +12,8 @@ import evaluate
 import generate
 import png
 import png_reader
-from helpers import (assert_same_image, box_mask, picture, pipeline_images, reference_pipeline, run,
-                     scheduler_classes, to_pil)
+from helpers import (assert_same_image, box_mask, inflating_png, picture, pipeline_images, reference_pipeline,
+                     run, scheduler_classes, to_pil)
 from sampler.base import SAMPLERS
 from sampler.edit import first_step, mask_from_image
 from sampler.loop import generate as sample
@@ -300,3 +300,20 @@ def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
                        "none")
     assert code == 2 and err == [f"error: --strength: no row of {tmp_path / 'plain.csv'} edits an image (an "
                                  "init_image column)"], err
+
+
+def test_evaluate_fails_a_decompression_bomb_alone(sd1, tmp_path, capsys):
+    """An init_image whose 16 KB of rows inflate to 16 MiB fails its own job in one line (exit 1, as a
+    JPEG does), without inflating it; the rows around it are made."""
+    png.write_png(tmp_path / "a.png", picture(16, 16, seed=1))
+    inflating_png(tmp_path / "bomb.png", 2**24)
+    (tmp_path / "p.csv").write_text("case_number,prompt,evaluation_seed,init_image\n"
+                                    "1,a cat,5,a.png\n2,a dog,6,bomb.png\n3,a bird,7,\n")
+    code, _, err = run(evaluate.main, capsys, tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, "--steps",
+                       "2", "--device", "cpu", "--quiet", "--methods", "sd", "--metrics", "none", "--no-report",
+                       "--height", "16", "--width", "16")
+    assert code == 1, err
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
+    assert {key: r["status"] for key, r in records.items()} == {"1_sd": "ok", "2_sd": "failed", "3_sd": "ok"}
+    assert "inflates past the 16x16 pixels the header gives" in records["2_sd"]["error"]
+    assert "\n" not in records["2_sd"]["error"]

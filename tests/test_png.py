@@ -1,6 +1,7 @@
 """png.py's reader against Pillow's: every colour type and bit depth it takes, every filter type,
 as diffusers' load_image (convert("RGB")) gives them; the files it refuses, each in one line."""
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 import png
 import png_reader
+from helpers import inflating_png
 
 
 def picture(h=19, w=23, channels=3, seed=0) -> np.ndarray:
@@ -133,3 +135,49 @@ def test_a_png_too_large_for_any_edit_is_refused_before_its_rows_are_read(tmp_pa
         png_reader.read_image(tmp_path / "large.png")
     assert str(e.value) == (f"{tmp_path / 'large.png'}: a PNG of {width}x{height} pixels; {limit}, more than any "
                             "Stable Diffusion edit can use: resize it")
+
+
+def test_a_decompression_bomb_is_refused_without_inflating_it(tmp_path):
+    """16 KB of IDAT inflating to 16 MiB under a 16x16 header: refused in one line, after inflating at most
+    the image's rows and EXTRA_ROWS more (tracemalloc sees the inflated bytes; the file is read in MiB blocks)."""
+    bomb = inflating_png(tmp_path / "bomb.png", 2**24)
+    assert bomb.stat().st_size < 2**15
+    tracemalloc.start()
+    try:
+        with pytest.raises(png_reader.ImageFileError) as e:
+            png_reader.read_image(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == (f"{bomb}: a damaged PNG or a decompression bomb (its image data inflates past the 16x16 "
+                            "pixels the header gives)")
+    assert peak < 2**22  # a quarter of what it inflates to
+
+
+def test_rows_and_bytes_past_the_image_are_ignored_as_pillow_ignores_them(tmp_path):
+    """A few rows too many, and junk after the zlib stream, are read as Pillow reads them: the image's rows."""
+    rows = 16 * (1 + 16 * 3)
+    for inflated, junk in [(rows, b""), (rows + png_reader.EXTRA_ROWS, b""), (rows, b"junk after the stream")]:
+        path = inflating_png(tmp_path / "extra.png", inflated)
+        data = path.read_bytes()
+        if junk:  # appended to the IDAT chunk, its length and CRC made anew
+            body = data[41:-16] + junk
+            data = data[:33] + struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(
+                ">I", zlib.crc32(b"IDAT" + body)) + data[-12:]
+            path.write_bytes(data)
+        assert np.array_equal(png_reader.read_image(path).numpy(), pil_rgb(path))
+        assert not png_reader.read_image(path).any()
+    with pytest.raises(png_reader.ImageFileError, match="inflates past the 16x16 pixels"):
+        png_reader.read_image(inflating_png(tmp_path / "extra.png", rows + png_reader.EXTRA_ROWS + 1))
+
+
+def test_a_file_too_large_for_any_png_is_not_read_whole(tmp_path):
+    """A sparse file of MAX_BYTES + 1 (or a link to /dev/zero) is refused after MAX_BYTES + 1 bytes."""
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as f:
+        f.write(png.SIGNATURE)
+        f.truncate(png_reader.MAX_BYTES + 1)
+    with pytest.raises(png_reader.ImageFileError) as e:
+        png_reader.read_image(path)
+    assert str(e.value) == (f"{path}: over 80 MiB, more than a PNG of 2^24 (4096x4096) pixels holds; give an image "
+                            "of the size to edit")

@@ -1,6 +1,6 @@
 """What every proposer is: (x0 image, prompt, step) -> what it sees, as a Reply, or for a proposer
 that reads latents (x0 latents and their timestep, prompt, step) -> Reply; and the text and image
-helpers every proposer and the VL-DNP hook share (server text made printable, x0 as uint8)."""
+helpers every proposer and the VL-DNP hook share (scores checked, server text made printable, x0 as uint8)."""
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +40,11 @@ class Proposer(Protocol):
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
         """image: [3, H, W] in [-1, 1], the decoded x0 prediction of one image of the batch."""
         ...
+
+
+def score_error(scores: torch.Tensor) -> str | None:
+    """Why a proposer's scores are no verdict (NaN or inf: a corrupt network or x0), or None: a failed query."""
+    return None if torch.isfinite(scores).all() else "non-finite scores (NaN or inf): is its network or the x0 corrupt?"
 
 
 def valid_text(text: str) -> str:

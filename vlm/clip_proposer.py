@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from model.clip_vision import CLIPModel, preprocess
 from model.tokenizer import Tokenizer
-from vlm.base import Reply
+from vlm.base import Reply, score_error
 
 DEFAULT_TEMPLATE = "a photo of {}"
 TEMPLATES = {"nudity": "a photo of bare {}"}  # the task asks about *bare* body parts
@@ -86,8 +86,8 @@ class CLIPProposer:
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected one image [3, H, W], got shape {tuple(image.shape)}")
             p = self.score(image[None])[0]
-            if not torch.isfinite(p).all():
-                raise ValueError("non-finite CLIP scores (is the x0 image NaN or inf?)")
+            if error := score_error(p):
+                raise ValueError(error)
         except Exception as e:  # a failed query must never stop the generation
             message = f"CLIP proposer: {type(e).__name__}: {e}".splitlines()[0]
             return Reply(items=[], raw="", error=message, latency=time.perf_counter() - start)

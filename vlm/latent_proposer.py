@@ -17,7 +17,8 @@ The file is safetensors: the network's tensors, and a card, JSON in the header's
 CARD_KEY, which says what the network reads and how well it agreed with its teacher: the task and its
 concepts, the model family and latent space it was trained on (a proposer made for SD 1.x latents reads
 noise in SDXL's), its width, the teacher, the data counts, and per concept the threshold with the
-held-out AUC and agreement. It loads strictly: no pickle, every tensor and card field as written here.
+held-out AUC and agreement. It loads strictly: no pickle, every tensor and card field as written here,
+every tensor finite and the std above 0 (else every score would be NaN).
 """
 import json
 import math
@@ -33,7 +34,7 @@ from safetensors.torch import save
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header
 from files import sha256_file, write_atomic
 from model.unet import TimestepEmbedding, timestep_embedding
-from vlm.base import Latents, Reply
+from vlm.base import Latents, Reply, score_error
 
 CARD_KEY = "vl-dnp latent proposer"
 FORMAT = 1  # the card's layout; a file of another format is refused
@@ -126,6 +127,16 @@ def _card_problem(card: dict) -> str | None:
     return None
 
 
+def tensor_problem(network: LatentNetwork) -> str | None:
+    """Why the network would score NaN whatever it is shown (NaN or inf in a tensor, a std not above 0), or None."""
+    for name, tensor in network.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            return f"its tensor {name!r} holds NaN or inf"
+    if not (network.std > 0).all():
+        return "its tensor 'std' holds a value at or below 0, which no standard deviation is"
+    return None
+
+
 def network_config(card: dict) -> NetworkConfig:
     return NetworkConfig(card["model"]["latent_channels"], len(card["concepts"]), card["network"]["width"],
                          card["network"]["frequencies"])
@@ -134,7 +145,8 @@ def network_config(card: dict) -> NetworkConfig:
 class LatentProposer:
     """Proposer (vlm/base.py) that scores one image's x0 latents with a distilled LatentNetwork and
     reports the concepts above their thresholds; its Reply.raw holds every concept's score, as JSON,
-    for the trace. Runs in fp32 on `device`, whatever the model's dtype. The prompt is not used."""
+    for the trace. Scores that are not finite are a failed query (vlm/base.py:score_error). Runs in fp32
+    on `device`, whatever the model's dtype. The prompt is not used."""
     wants = "latents"
 
     def __init__(self, network: LatentNetwork, card: dict, name: str = "?", sha256: str = ""):
@@ -151,6 +163,8 @@ class LatentProposer:
         state = read_safetensors(path, device, torch.float32)
         network = load_strict(LatentNetwork, network_config(card), state, str(path),
                               "the file's tensors do not match its card")
+        if problem := tensor_problem(network):
+            raise CheckpointError(f"{path}: {problem}; make it again with distill.py train")
         return cls(network, card, path.name, sha256_file(path))
 
     def __repr__(self):
@@ -183,6 +197,8 @@ class LatentProposer:
     def __call__(self, latents: Latents, prompt: str, step: int) -> Reply:
         start = time.perf_counter()
         p = self.score(latents.x0[None], torch.tensor([float(latents.t)]))[0]  # [n]
+        if error := score_error(p):  # a failed query, as CLIP's: never "nothing found"
+            return Reply([], "", f"latent proposer {self.name}: {error}", time.perf_counter() - start)
         items = [c for c, found in zip(self.concepts, (p > self.thresholds).tolist()) if found]
         raw = json.dumps({c: round(s, 4) for c, s in zip(self.concepts, p.tolist())})
         return Reply(items, raw, latency=time.perf_counter() - start)
