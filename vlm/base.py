@@ -32,10 +32,9 @@ class Proposer(Protocol):
     the sampler then skips decoding x0 and passes image=None. A proposer that reads latents sets
     `wants = "latents"`: it is passed a `Latents` in place of the image, and nothing is decoded.
 
-    A proposer that shrinks the image before looking at it may have a method
-    `input_scale(height, width) -> float`, the factor it scales an image of that size by. The
-    VL-DNP hook then decodes a smaller x0 preview (StepState.decode_x0) that is still at least
-    that large, instead of decoding every pixel to throw most away."""
+    A proposer that shrinks the image first may have `input_scale(height, width) -> float`, the
+    factor it scales an image of that size by: the VL-DNP hook then decodes a smaller x0 preview
+    (StepState.decode_x0), still at least that large, instead of every pixel."""
 
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
         """image: [3, H, W] in [-1, 1], the decoded x0 prediction of one image of the batch."""
