@@ -121,7 +121,12 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
         raise RunError(error, quiet=group.rank != 0)
 
     jobs = make_jobs(spec.rows, spec.methods)
-    done = group.broadcast(done_keys(spec.out) if group.rank == 0 else None)
+    bad = []  # the lines of the records files that are no record, by file and line
+    done = group.broadcast(done_keys(spec.out, bad) if group.rank == 0 else None)
+    if bad:
+        more = f" (and {len(bad) - 1} more such line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        group.say(f"warning: {printable(bad[0])}{more}; skipped as a torn line is: a job left without a record "
+                  "is made again", err=True)
     todo = [job for job in jobs if job.key not in done]
     mine = todo[group.rank::group.world]
     group.say(f"{len(jobs)} images ({len(spec.rows)} prompts x {len(spec.methods)} methods): "
