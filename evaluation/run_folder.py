@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from files import sha256_file, write_atomic
+from vlm.base import printable
 
 try:
     import fcntl
@@ -265,6 +266,13 @@ def read_records(path: Path, problem=lambda record: None, bad: list[str] | None 
         elif n < len(lines) and bad is not None:
             bad.append(f"{path}, line {n}: {why}")
     return records
+
+
+def skipped_warning(bad: list[str], then: str) -> str:
+    """One warning for the lines (or files) `bad` that were skipped: the first, how many more, and
+    `then`, what becomes of them."""
+    more = f" (and {len(bad) - 1} more such line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    return f"warning: {printable(bad[0])}{more}; {then}"
 
 
 def _not_a_number(name: str):
