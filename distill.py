@@ -26,6 +26,7 @@ from leaves import MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options
 from sampler.base import SAMPLERS
 from sampler.memory import TooLargeError, is_out_of_memory
+from vlm.base import printable
 
 EXAMPLES = """\
 examples:
@@ -81,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      ("batch_size", 1 <= args.batch_size <= 65536, "between 1 and 65536"),
                      ("learning_rate", 0 < args.learning_rate <= 1, "more than 0 and at most 1"),
                      ("width", 1 <= args.width <= 1024, "between 1 and 1024"),
-                     ("held_out", 0 < args.held_out < 1, "more than 0 and less than 1")], args)
+                     ("held_out", 0 < args.held_out < 1, "more than 0 and less than 1"),
+                     ("seed", 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")], args)
         args.device = pick_device(args.device)
         check_out(args.out, "--out")
     args.argv = argv
@@ -131,8 +133,8 @@ def run_train(args) -> int:
     settings = Training(args.epochs, args.batch_size, args.learning_rate, args.width, args.held_out, args.seed)
     card = train(Path(args.data), Path(args.out), settings, args.device)
     data = card["data"]
-    print(f"{args.out}: {card['task']} on {card['model']['family']} latents, from {data['examples']} answered queries "
-          f"of {data['prompts']} prompts ({data['held_out']['prompts']} held out)")
+    print(printable(f"{args.out}: {card['task']} on {card['model']['family']} latents, from {data['examples']} "
+                    f"answered queries of {data['prompts']} prompts ({data['held_out']['prompts']} held out)"))
     return 0
 
 

@@ -18,9 +18,10 @@ from distillation.data import RECORDS_FILE, DataError, add_prompt, done_keys, la
     write_settings
 from evaluation.prompts import PromptRow
 from evaluation.run import Sampling
-from evaluation.run_folder import cut_torn_tail
+from evaluation.run_folder import cut_torn_tail, skipped_warning
 from methods.base import prepare_all
 from sampler.loop import NonFiniteError, generate
+from vlm.base import printable
 from vlm.latent_proposer import latent_space
 
 
@@ -65,7 +66,11 @@ def collect(spec: Collection) -> int:
     concepts = list(spec.method.task.concepts)
     info = prepare_data_dir(spec.out, spec.settings, {**spec.info, "concepts": concepts})
     cut_torn_tail(spec.out / RECORDS_FILE)
-    done = done_keys(spec.out)
+    bad = []  # the lines of records.jsonl that are no record
+    done = done_keys(spec.out, bad)
+    if bad:
+        print(skipped_warning(bad, "skipped as a torn line is: a prompt left without a record is made again"),
+              file=sys.stderr, flush=True)
     todo = [row for row in spec.rows if str(row.case) not in done]
     print(f"{len(spec.rows)} prompts x {spec.images} images: {len(spec.rows) - len(todo)} done before, "
           f"{len(todo)} to make", flush=True)
@@ -87,7 +92,7 @@ def collect(spec: Collection) -> int:
             record = collect_prompt(spec, row, pipe)
             if record["status"] != "ok":
                 failed += 1
-                tqdm.write(f"warning: case {row.case} failed: {record['error']}", file=sys.stderr)
+                tqdm.write(f"warning: case {row.case} failed: {printable(record['error'])}", file=sys.stderr)
     keys = {str(row.case) for row in spec.rows}
     records = [r for r in latest_records(spec.out) if r["key"] in keys]
     queries = sum(len(r["examples"]) for r in records)

@@ -14,6 +14,8 @@ says ok and whose shard exists. A prompt whose teacher failed on some query is r
 retried on a re-run; until then, the queries that were answered are data.
 """
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,26 +85,117 @@ def add_prompt(out: Path, record: dict, tensors: dict[str, torch.Tensor] | None)
     shard of its own, then appends its record, naming the shard; returns the record. Each attempt at
     a prompt has its own shard, so a record never names tensors another attempt wrote."""
     if tensors is not None:
-        attempt = sum(r["key"] == record["key"] for r in read_records(out / RECORDS_FILE))
+        attempt = sum(r["key"] == record["key"] for r in read_records(out / RECORDS_FILE, record_problem))
         record = {**record, "shard": f"{SHARDS}/{record['key']}.{attempt}.safetensors"}
         write_atomic(out / record["shard"], save({k: v.contiguous() for k, v in tensors.items()}))
     append_record(out / RECORDS_FILE, record)
     return record
 
 
-def latest_records(folder: Path) -> list[dict]:
+def latest_records(folder: Path, bad: list[str] | None = None) -> list[dict]:
     """One record per prompt: its latest ok record, else its latest failed one, of those whose shard
-    is there."""
+    is there. A line that is not a record as collect writes it is skipped, and named in `bad`."""
     best = {}
-    for r in read_records(Path(folder) / RECORDS_FILE):
+    for r in read_records(Path(folder) / RECORDS_FILE, record_problem, bad):
         if r.get("shard") and (Path(folder) / r["shard"]).is_file():
             if r["key"] not in best or r.get("status") == "ok" or best[r["key"]].get("status") != "ok":
                 best[r["key"]] = r
     return list(best.values())
 
 
-def done_keys(folder: Path) -> set[str]:
-    return {r["key"] for r in latest_records(folder) if r.get("status") == "ok"}
+def done_keys(folder: Path, bad: list[str] | None = None) -> set[str]:
+    return {r["key"] for r in latest_records(folder, bad) if r["status"] == "ok"}
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+# A record's fields (distillation/collect.py collect_prompt) that resuming and training read, and what
+# each must be; and each of its examples'.
+RECORD_FIELDS = {
+    "key": (lambda v: isinstance(v, str) and v.isdigit(), "a case number"),
+    "prompt": (lambda v: isinstance(v, str), "text"),
+    "status": (lambda v: v in ("ok", "failed"), '"ok" or "failed"'),
+    "examples": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of objects"),
+}
+EXAMPLE_FIELDS = {
+    "index": (_count, "a whole number >= 0"),
+    "image": (_count, "a whole number >= 0"),
+    "error": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "concepts": (_names, "a list of names"),
+}
+
+
+def record_problem(record: dict) -> str | None:
+    """Why `record` is not one that collect writes, as far as resuming and training read it; None
+    when they can trust it."""
+    for name, (test, what) in RECORD_FIELDS.items():
+        if name not in record or not test(record[name]):
+            return f'"{name}" is not {what}'
+    shard = record.get("shard")
+    if shard is not None and not (isinstance(shard, str)
+                                  and re.fullmatch(rf"{SHARDS}/{record['key']}\.[0-9]+\.safetensors", shard)):
+        return f'"shard" is not {SHARDS}/{record["key"]}.N.safetensors'
+    for n, example in enumerate(record["examples"]):
+        for name, (test, what) in EXAMPLE_FIELDS.items():
+            if name not in example or not test(example[name]):
+                return f'example {n}\'s "{name}" is not {what}'
+    return None
+
+
+def shard_problem(shard: dict[str, torch.Tensor], rows: list[int], channels: int | None, size=None) -> str | None:
+    """Why a shard cannot give the x0 [N, C, h, w] and t [N] of the examples at `rows`: a tensor
+    missing, of another shape or dtype (`channels` C, `size` the [C, h, w] of the shards before),
+    a row past its end, a timestep outside SD's [0, 1000]. None when it can."""
+    x0, t = shard.get("x0"), shard.get("t")
+    if x0 is None or t is None:
+        return f"no {'x0' if x0 is None else 't'} tensor"
+    if not x0.is_floating_point() or not t.is_floating_point():
+        return f"x0 of dtype {str(x0.dtype).removeprefix('torch.')}, t of {str(t.dtype).removeprefix('torch.')}, " \
+               "and both must be floating point"
+    if x0.ndim != 4 or (channels is not None and x0.shape[1] != channels):
+        return f"x0 of shape {list(x0.shape)}, not [N, {channels or 'C'}, h, w]"
+    if size is not None and x0.shape[1:] != size:
+        return f"x0 of shape {list(x0.shape)}, where the shards before have [N, {', '.join(map(str, size))}]"
+    if t.shape != x0.shape[:1]:
+        return f"t of shape {list(t.shape)}, not [{len(x0)}]"
+    if rows and max(rows) >= len(x0):
+        return f"no row {max(rows)} of x0 (it has {len(x0)})"
+    if not bool(((t[rows] >= 0) & (t[rows] <= 1000)).all()):
+        return "a timestep outside [0, 1000]"
+    return None
+
+
+def check_training_data(data: dict, path: Path):
+    """Raises a one-line DataError unless data.json (`data`, read from `path`) holds what training
+    reads: the task's concepts, the latent space collect found, and the settings the card copies."""
+    problem = _training_data_problem(data)
+    if problem:
+        raise DataError(f"{path}: {problem}; collect data into a new folder with distill.py collect")
+
+
+def _training_data_problem(data: dict) -> str | None:
+    concepts, space, settings = data.get("concepts"), data.get("latent_space"), data["settings"]
+    if not _names(concepts) or not concepts or len(set(concepts)) != len(concepts):
+        return "no concepts (a list of distinct names)"
+    if space is None:
+        return "no latent_space: its collection never loaded the model"
+    scaling = space.get("scaling_factor") if isinstance(space, dict) else None
+    if not (isinstance(space, dict) and isinstance(space.get("family"), str)
+            and _count(space.get("latent_channels")) and 0 < space["latent_channels"] <= 4096
+            and isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and 0 < scaling < math.inf):
+        return "a latent_space that is not {family, latent_channels, scaling_factor}"
+    method = settings.get("method")
+    if not (isinstance(method, dict) and isinstance(method.get("task"), str) and "proposer" in method
+            and isinstance(method.get("query_steps"), list)):
+        return "no settings.method {task, proposer, query_steps}"
+    return next((f"no settings.{k}" for k in ("model", "sampler", "steps", "guidance", "height", "width")
+                 if k not in settings), None)
 
 
 @dataclass
@@ -118,11 +211,13 @@ class Examples:
     failed: int  # queries the teacher failed, left out
 
 
-def read_examples(folder: Path, concepts: list[str]) -> Examples:
+def read_examples(folder: Path, concepts: list[str], channels: int | None = None,
+                  bad: list[str] | None = None) -> Examples:
     """Every answered query of the folder. A failed query (an error, a timeout, a refusal) is no
-    verdict, so it is left out, never read as "nothing seen". Raises DataError."""
-    x0, t, labels, prompts, images, failed = [], [], [], [], set(), 0
-    for record in latest_records(folder):
+    verdict, so it is left out, never read as "nothing seen". A record or shard that is not as collect
+    writes it (`channels` latent channels) is left out too, and named in `bad`. Raises DataError."""
+    x0, t, labels, prompts, images, failed, bad = [], [], [], [], set(), 0, [] if bad is None else bad
+    for record in latest_records(folder, bad):
         answered = [e for e in record["examples"] if e["error"] is None]
         failed += len(record["examples"]) - len(answered)
         if not answered:
@@ -131,6 +226,10 @@ def read_examples(folder: Path, concepts: list[str]) -> Examples:
             shard = read_safetensors(Path(folder) / record["shard"])
         except CheckpointError as e:
             raise DataError(str(e)) from None
+        problem = shard_problem(shard, [e["index"] for e in answered], channels, x0[0].shape[1:] if x0 else None)
+        if problem:
+            bad.append(f"{Path(folder) / record['shard']}: {problem}")
+            continue
         rows = torch.tensor([e["index"] for e in answered])
         check_finite(shard, rows, Path(folder) / record["shard"])
         x0.append(shard["x0"][rows])

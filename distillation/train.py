@@ -9,13 +9,16 @@ alone, each concept's AUC (the chance that a random image the teacher said holds
 it said does not; 0.5 is chance) and agreement with the teacher at that threshold.
 """
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from distillation.data import DataError, Examples, read_examples, read_settings
+from distillation.data import SETTINGS_FILE, DataError, Examples, check_training_data, read_examples, read_settings
+from evaluation.run_folder import skipped_warning
+from vlm.base import printable
 from vlm.latent_proposer import LatentNetwork, NetworkConfig, save_latent_proposer, tensor_problem
 
 
@@ -113,11 +116,12 @@ def train(folder: Path, out: Path, settings: Training, device="cpu", report=prin
     """Fits a latent proposer to the data folder `folder` and writes it, with its card, to `out`;
     returns the card. `report` gets a line per concept. Raises DataError."""
     data = read_settings(folder)
-    concepts, space = data.get("concepts"), data.get("latent_space")
-    if not concepts or space is None:
-        raise DataError(f"{folder}: its {'collection never loaded the model' if concepts else 'data.json names no concepts'}"
-                        "; collect data into it first with distill.py collect")
-    examples = read_examples(folder, concepts)
+    check_training_data(data, Path(folder) / SETTINGS_FILE)
+    concepts, space = data["concepts"], data["latent_space"]
+    bad = []  # records and shards that are not as collect writes them
+    examples = read_examples(folder, concepts, space["latent_channels"], bad)
+    if bad:
+        print(skipped_warning(bad, "its examples are left out of training"), file=sys.stderr, flush=True)
     held = split_by_prompt(examples.prompts, settings.held_out, settings.seed)
     train_rows = ~held
     network = fit(examples, train_rows, settings, device)
@@ -156,8 +160,8 @@ def train(folder: Path, out: Path, settings: Training, device="cpu", report=prin
     save_latent_proposer(network.cpu(), card, out)
     for row in rows:
         held_out = row["held_out"]
-        report(f"{row['name']}: threshold {row['threshold']:.3f}, held-out AUC "
+        report(printable(f"{row['name']}: threshold {row['threshold']:.3f}, held-out AUC "
                f"{'n/a (one class)' if held_out['auc'] is None else format(held_out['auc'], '.3f')}, agreement "
                f"{held_out['agreement']:.3f} ({held_out['positives']} of {card['data']['held_out']['examples']} "
-               f"held-out examples found by the teacher)")
+               f"held-out examples found by the teacher)"))
     return card

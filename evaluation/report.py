@@ -3,8 +3,8 @@
 by prompt and method, each with its metrics and its VL-DNP trace.
 
 Everything is built from the run's records (one dict per image, as evaluate.py writes them) and
-plain strings: no plotting or templating library. Record text (prompts, negatives, VLM errors) is
-untrusted and always escaped.
+plain strings: no plotting or templating library. Record text (prompts, negatives, VLM errors, method
+names) is untrusted and always escaped, for HTML and for Markdown alike.
 """
 import csv
 import html
@@ -17,6 +17,7 @@ from urllib.parse import quote
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate
 from files import write_atomic
 from png import SAMPLER_NAMES
+from vlm.base import printable
 
 # A colour per method: Okabe-Ito's, then Paul Tol's muted, then hues a golden angle apart; each
 # round of seven also changes the marker, so no two methods look alike however many there are.
@@ -148,11 +149,17 @@ def prompts_text(run: dict, records: list[dict]) -> str:
 
 # ---------------------------------------------------------------- summary table
 
+def markdown_text(text: str) -> str:
+    """Record text as Markdown shows it, on one line of a list or a table's cell: control
+    characters (a newline) as escapes, HTML as text, `|` not a cell's end."""
+    return html.escape(printable(text), quote=False).replace("|", "\\|")
+
+
 def summary_markdown(rows: list[dict], protocol: str, facts: list[tuple[str, str]] = ()) -> str:
     def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
+        return "| " + " | ".join(map(markdown_text, cells)) + " |\n"
 
-    text = "# Evaluation summary\n\n" + "".join(f"- {label}: {value}\n" for label, value in facts)
+    text = "# Evaluation summary\n\n" + "".join(f"- {label}: {markdown_text(value)}\n" for label, value in facts)
     text += ("\n" if facts else "") + line(SUMMARY_HEADER) + line(["---"] * len(SUMMARY_HEADER))
     text += "".join(line(summary_cells(row)) for row in rows)
     text += ("\nASR: share of images judged unsafe. Toxic rate: mean p_unsafe. CLIP score: mean ± standard "

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import png
 from evaluation.prompts import PromptRow
 from evaluation.run_folder import (IMAGES, RECORDS_FILE, RunLock, append_record, cut_torn_tail, done_keys,
-                                   merge_records, prepare_run_dir)
+                                   merge_records, prepare_run_dir, skipped_warning)
 from methods import Method
 from methods.base import prepare_all
 from sampler.loop import EDITS, NonFiniteError, generate
@@ -121,7 +121,11 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
         raise RunError(error, quiet=group.rank != 0)
 
     jobs = make_jobs(spec.rows, spec.methods)
-    done = group.broadcast(done_keys(spec.out) if group.rank == 0 else None)
+    bad = []  # the lines of the records files that are no record, by file and line
+    done = group.broadcast(done_keys(spec.out, bad) if group.rank == 0 else None)
+    if bad:
+        group.say(skipped_warning(bad, "skipped as a torn line is: a job left without a record is made again"),
+                  err=True)
     todo = [job for job in jobs if job.key not in done]
     mine = todo[group.rank::group.world]
     group.say(f"{len(jobs)} images ({len(spec.rows)} prompts x {len(spec.methods)} methods): "

@@ -19,11 +19,14 @@ exists, and retries the failed ones.
 """
 import errno
 import json
+import math
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from files import sha256_file, write_atomic
+from vlm.base import printable
 
 try:
     import fcntl
@@ -47,9 +50,14 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                stored = data["settings"]
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, RecursionError) as e:
                 return f"--out {out}: {SETTINGS_FILE} is damaged ({e}); use a new --out folder"
+            stored = data.get("settings") if isinstance(data, dict) else None
+            if not isinstance(stored, dict):
+                return f"--out {out}: {SETTINGS_FILE} is damaged (no settings); use a new --out folder"
+            misplaced = misplaced_path(out)
+            if misplaced:
+                return f"--out {out}: {misplaced}; move it away, or use a new --out"
             if stored == settings:
                 write_atomic(path, run_json(settings, info, created=data.get("created")))
             elif made_nothing(out):
@@ -77,6 +85,16 @@ def model_settings(args) -> dict:
             **({"strength": args.strength} if args.strength is not None else {}),
             **({"lora": [{"file": str(p), "scale": scale, "sha256": sha256_file(p)} for p, scale in args.loras]}
                if args.loras else {})}
+
+
+def misplaced_path(out: Path) -> str | None:
+    """Which of the run's paths holds something else than the run keeps there (a folder where
+    records.jsonl or an image goes, a file where images/ goes), in words; None when none does."""
+    images = out / IMAGES
+    if images.exists() and not images.is_dir():
+        return f"{IMAGES} is not a folder"
+    kept = [out / RECORDS_FILE, *out.glob("records.rank*.jsonl"), *(images.glob("*.png") if images.is_dir() else [])]
+    return next((f"{p.relative_to(out)} is not a file" for p in kept if p.exists() and not p.is_file()), None)
 
 
 def _holds_files(out: Path) -> bool:
@@ -169,10 +187,11 @@ def settings_difference(stored: dict, now: dict) -> str:
 
 def _methods_difference(there: list[dict], here: list[dict]) -> str:
     names = [", ".join(map(_method_name, methods)) for methods in (there, here)]
-    if names[0] != names[1]:
+    changed = [(a, b) for a, b in zip(there, here) if a != b and isinstance(a, dict)]
+    if names[0] != names[1] or not changed:
         return (f"the methods (--methods, --negative-scale, --sld-presets): {_short(names[0])} there, "
                 f"{_short(names[1])} now")
-    old, new = next((a, b) for a, b in zip(there, here) if a != b)
+    old, new = changed[0]
     field = _first_difference(old, new)
     flag = METHOD_FLAGS.get(field) or _flag(field)
     if isinstance(flag, dict):
@@ -181,6 +200,8 @@ def _methods_difference(there: list[dict], here: list[dict]) -> str:
 
 
 def _method_name(method: dict) -> str:
+    if not isinstance(method, dict):  # a run.json edited by hand
+        return _value(method)
     scale = method.get("scale")
     return str(method.get("method")) + ("" if scale is None else f" (w_neg {_value(scale)})")
 
@@ -221,21 +242,103 @@ def append_record(path: Path, record: dict):
         os.close(fd)
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSON-lines file; lines that do not parse (a torn last line) are skipped."""
+def read_records(path: Path, problem=lambda record: None, bad: list[str] | None = None) -> list[dict]:
+    """The records of a JSON-lines file, in file order. A line that is not a record is skipped, as
+    if torn: a torn last line (a kill mid-write) quietly, any other (one that is not strict JSON, or
+    not an object, or whose `problem(record)` is not None) named in `bad` as "FILE, line N: why"."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    records = []
-    for line in data.split(b"\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
+    records, lines = [], data.split(b"\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(record, dict) and "key" in record:
+        try:
+            record = json.loads(line, parse_constant=_not_a_number, parse_float=_finite)
+            why = problem(record) if isinstance(record, dict) else "not a JSON object"
+        except ValueError as e:
+            why = f"not JSON ({e})"
+        except RecursionError:
+            why = "not JSON (nested too deeply)"
+        if why is None:
             records.append(record)
+        elif n < len(lines) and bad is not None:
+            bad.append(f"{path}, line {n}: {why}")
     return records
+
+
+def skipped_warning(bad: list[str], then: str) -> str:
+    """One warning for the lines (or files) `bad` that were skipped: the first, how many more, and
+    `then`, what becomes of them."""
+    more = f" (and {len(bad) - 1} more such line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    return f"warning: {printable(bad[0])}{more}; {then}"
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name}, which strict JSON has not")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a float's range")
+    return value
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+KEY = re.compile(r"[0-9]+_[A-Za-z0-9_.+-]+")  # {case}_{method key}, as run.py's Job.key makes it
+# The fields of a record (evaluation/run.py run_job) that resuming, merging and the report read: what
+# each must be, and whether every record has it.
+RECORD_FIELDS = {
+    "key": (lambda v: isinstance(v, str) and KEY.fullmatch(v), "a job's name", True),
+    "job": (_count, "a whole number >= 0", True),
+    "case": (_count, "a whole number >= 0", True),
+    "prompt": (lambda v: isinstance(v, str), "text", True),
+    "seed": (_count, "a whole number >= 0", True),
+    "method": (lambda v: isinstance(v, str) and v != "", "a method's name", True),
+    "scale": (lambda v: v is None or _number(v), "a number or null", True),
+    "status": (lambda v: v in ("ok", "failed"), '"ok" or "failed"', True),
+    "finished": (_number, "a time", True),
+    "metrics": (lambda v: isinstance(v, dict), "an object", True),
+    "timings": (lambda v: isinstance(v, dict), "an object", True),
+    "guidance": (_number, "a number", False),
+    "height": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
+    "width": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
+}
+# The metrics the report reads (evaluation/metrics.py Metrics).
+METRIC_FIELDS = {
+    "p_unsafe": (_number, "a number"),
+    "clip_score": (_number, "a number"),
+    "unsafe": (lambda v: isinstance(v, bool), "true or false"),
+    "nudenet_classifier": (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "numbers by class"),
+    "nudenet_detections": (lambda v: isinstance(v, list) and all(
+        isinstance(d, dict) and isinstance(d.get("class"), str) and _number(d.get("score")) and "box" in d
+        for d in v), "a list of {class, score, box}"),
+}
+
+
+def record_problem(record: dict) -> str | None:
+    """Why `record` is not one that evaluation/run.py writes, as far as resuming, merging and the
+    report read it; None when they can trust it."""
+    for name, (test, what, always) in RECORD_FIELDS.items():
+        if name not in record and always:
+            return f'no "{name}"'
+        if name in record and not test(record[name]):
+            return f'"{name}" is not {what}'
+    if record.get("image") != f"{IMAGES}/{record['key']}.png":
+        return f'"image" is not {IMAGES}/{record["key"]}.png'
+    for name, (test, what) in METRIC_FIELDS.items():
+        if name in record["metrics"] and not test(record["metrics"][name]):
+            return f'metric "{name}" is not {what}'
+    return None
 
 
 def cut_torn_tail(path: Path):
@@ -250,14 +353,16 @@ def cut_torn_tail(path: Path):
         pass
 
 
-def all_records(out: Path) -> list[dict]:
-    """The merged file's records, then each rank's, in file order."""
-    return [r for p in [out / RECORDS_FILE, *sorted(out.glob("records.rank*.jsonl"))] for r in read_records(p)]
+def all_records(out: Path, bad: list[str] | None = None) -> list[dict]:
+    """The merged file's records, then each rank's, in file order; a line that is not a record as
+    run.py writes it is skipped, and named in `bad`."""
+    return [r for p in [out / RECORDS_FILE, *sorted(out.glob("records.rank*.jsonl"))]
+            for r in read_records(p, record_problem, bad)]
 
 
-def done_keys(out: Path) -> set[str]:
-    """The jobs done: a record with status ok, and its image on disk."""
-    return {r["key"] for r in all_records(out) if r.get("status") == "ok" and (out / r["image"]).is_file()}
+def done_keys(out: Path, bad: list[str] | None = None) -> set[str]:
+    """The jobs done: a record with status ok, and its image on disk. The lines skipped go in `bad`."""
+    return {r["key"] for r in all_records(out, bad) if r["status"] == "ok" and (out / r["image"]).is_file()}
 
 
 def merge_records(out: Path) -> list[dict]:
@@ -265,9 +370,9 @@ def merge_records(out: Path) -> list[dict]:
     Written atomically to records.jsonl, which is returned."""
     best = {}
     for r in all_records(out):
-        rank = (r.get("status") == "ok", r.get("finished", 0))
+        rank = (r["status"] == "ok", r["finished"])
         if r["key"] not in best or rank >= best[r["key"]][0]:
             best[r["key"]] = (rank, r)
-    merged = sorted((r for _, r in best.values()), key=lambda r: (r.get("job", 0), r["key"]))
+    merged = sorted((r for _, r in best.values()), key=lambda r: (r["job"], r["key"]))
     write_atomic(out / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
     return merged

@@ -2,6 +2,7 @@
 and generate.py / evaluate.py with --proposer latent. A stub VLM on 127.0.0.1 is the teacher; small
 random-weight SD1 and SDXL folders make the x0."""
 import json
+import shutil
 import socket
 
 import pytest
@@ -560,3 +561,162 @@ def test_a_file_whose_tensors_cannot_score_is_refused_at_load(tmp_path, capsys, 
                        tmp_path / "bad.safetensors", "--out", tmp_path / "x.png", *SIZE)
     assert code == 2 and err == [f"error: {message}"], err
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# tampered data folders: a bad record or shard is skipped with one warning, a bad data.json is one line
+
+SETTINGS = {"model": "m", "sampler": "ddim", "steps": 4, "guidance": 7.5, "height": 16, "width": 16}
+
+
+@pytest.fixture(scope="module")
+def collected(pipe, tmp_path_factory):
+    """A data folder of 3 prompts, 1 image each, queried at steps 1 and 3, that train reads; and
+    the collection that made it."""
+    root = tmp_path_factory.mktemp("collected")
+    rows = read_prompts(write_csv(root / "p.csv")).rows
+
+    def collection(out):
+        spec = planted_collection(pipe, out, rows, images=1)
+        spec.settings = {**SETTINGS, **spec.settings}
+        return spec
+
+    assert collect(collection(root / "data")) == 0
+    return root / "data", collection
+
+
+@pytest.fixture
+def data(collected, tmp_path):
+    """A copy of the collected folder, its records' lines, and the collection that resumes it."""
+    source, collection = collected
+    folder = shutil.copytree(source, tmp_path / "data")
+    return folder, (folder / "records.jsonl").read_text().splitlines(), lambda: collection(folder)
+
+
+def edited_record(lines, **fields):
+    """The records with the first one's `fields` changed (DROP: removed)."""
+    record = {**json.loads(lines[0]), **fields}
+    return [json.dumps({k: v for k, v in record.items() if v is not DROP}), *lines[1:]]
+
+
+def edited_example(lines, **fields):
+    record = json.loads(lines[0])
+    example = {**record["examples"][0], **fields}
+    record["examples"][0] = {k: v for k, v in example.items() if v is not DROP}
+    return [json.dumps(record), *lines[1:]]
+
+
+DROP = object()
+
+
+def train_quietly(capsys, folder, tmp_path, *argv):
+    return run(distill.main, capsys, "train", folder, "--out", tmp_path / "p.safetensors", "--epochs", "1", *argv)
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (lambda lines: edited_record(lines, examples=None), '"examples"'),
+    (lambda lines: edited_record(lines, examples="feet"), '"examples"'),
+    (lambda lines: edited_record(lines, prompt=None), '"prompt"'),
+    (lambda lines: edited_record(lines, shard=5), '"shard"'),
+    (lambda lines: edited_record(lines, shard="shards/1.0.safetensors"), '"shard"'),
+    (lambda lines: edited_record(lines, key=["0"]), '"key"'),
+    (lambda lines: edited_example(lines, error=DROP), '"error"'),
+    (lambda lines: edited_example(lines, index="0"), '"index"'),
+    (lambda lines: edited_example(lines, concepts=None), '"concepts"'),
+    (lambda lines: edited_example(lines, concepts="belly"), '"concepts"'),
+    (lambda lines: edited_example(lines, concepts=[1, 2]), '"concepts"'),
+    (lambda lines: ["[" * 100000 + "]" * 100000, *lines[1:]], "nested too deeply"),
+])
+def test_a_bad_record_is_left_out_of_training_with_one_warning(data, tmp_path, capsys, tamper, why):
+    folder, lines, _ = data
+    (folder / "records.jsonl").write_text("\n".join(tamper(lines)) + "\n")
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith(f"warning: {folder / 'records.jsonl'}, line 1: ") and why in err[0], err
+    assert read_card(tmp_path / "p.safetensors")["data"]["prompts"] == 2
+
+
+def save_shard(path, **tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (lambda s: {"w": torch.zeros(1)}, "no x0"),
+    (lambda s: {"x_t": s["x_t"], "t": s["t"]}, "no x0"),
+    (lambda s: {**s, "x0": s["x0"][:, :2]}, "x0 of shape [2, 2, 8, 8], not [N, 4, h, w]"),
+    (lambda s: {**s, "x0": s["x0"][:, :, :1]}, "x0 of shape [2, 4, 1, 8], where the shards before have [N, 4, 8, 8]"),
+    (lambda s: {**s, "x0": s["x0"].to(torch.int32)}, "x0 of dtype int32"),
+    (lambda s: {**s, "x0": s["x0"][:1], "t": s["t"][:1]}, "no row 1 of x0"),
+    (lambda s: {**s, "t": s["t"] * 0 + 1e9}, "a timestep outside [0, 1000]"),
+    (lambda s: {**s, "t": s["t"][:1]}, "t of shape [1], not [2]"),
+])
+def test_a_bad_shard_is_left_out_of_training_with_one_warning(data, tmp_path, capsys, tamper, why):
+    folder, lines, _ = data
+    shard = folder / json.loads(lines[1])["shard"]
+    save_shard(shard, **tamper(load_file(shard)))
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith(f"warning: {shard}: ") and why in err[0], err
+    assert read_card(tmp_path / "p.safetensors")["data"]["prompts"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"latent_space": [1]}, "latent_space"),
+    ({"latent_space": {**SPACES["sd1"], "latent_channels": 10**9}}, "latent_space"),
+    ({"latent_space": {**SPACES["sd1"], "scaling_factor": "x"}}, "latent_space"),
+    ({"concepts": "belly"}, "concepts"),
+    ({"concepts": [1, 2]}, "concepts"),
+    ({"concepts": None}, "concepts"),
+    ({"settings": {**SETTINGS}}, "settings.method"),
+    ({"settings": {**SETTINGS, "method": {"task": 5}}}, "settings.method"),
+    ({"settings": {"method": {"task": "nudity", "proposer": None, "query_steps": [1, 3]}}}, "settings.model"),
+])
+def test_a_bad_data_json_is_one_line(data, tmp_path, capsys, change, message):
+    folder, _, _ = data
+    stored = json.loads((folder / "data.json").read_text())
+    (folder / "data.json").write_text(json.dumps({**stored, **change}))
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: " in err[0] and message in err[0], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_train_shows_terminal_escapes_from_data_json_as_text(data, tmp_path, capsys):
+    folder, _, _ = data
+    stored = json.loads((folder / "data.json").read_text())
+    stored["settings"]["method"]["task"] = "\x1b]0;pwned\x07"
+    stored["latent_space"]["family"] = "\x1b[2J"
+    (folder / "data.json").write_text(json.dumps(stored))
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 0 and err == [], err
+    assert "\\x1b]0;pwned\\x07 on \\x1b[2J latents" in out[-1]
+    assert not any(c in line for line in out for c in "\x1b\x07")
+
+
+def test_train_bounds_its_seed(data, tmp_path, capsys):
+    folder, _, _ = data
+    code, _, err = train_quietly(capsys, folder, tmp_path, "--seed", str(2**70))
+    assert code == 2 and err == [f"error: --seed {2**70}: must be between 0 and 2^64 - 1"], err
+
+
+@pytest.mark.parametrize("field, value", [("key", ["0"]), ("shard", 5), ("examples", None), ("status", 1)])
+def test_a_resumed_collection_makes_a_bad_records_prompt_again(data, capsys, field, value):
+    folder, lines, collection = data
+    (folder / "records.jsonl").write_text("\n".join(edited_record(lines, **{field: value})) + "\n")
+    capsys.readouterr()
+    assert collect(collection()) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "3 prompts x 1 images: 2 done before, 1 to make"
+    assert len(err.splitlines()) == 1 and err.startswith(f"warning: {folder / 'records.jsonl'}, line 1: "), err
+
+
+def test_a_teachers_error_is_shown_escaped(pipe, tmp_path, capsys):
+    class Failing(Planted):
+        def __call__(self, latents, prompt, step):
+            return Reply([], "", error="\x1b]0;pwned\x07 went wrong")
+
+    rows = read_prompts(write_csv(tmp_path / "p.csv", PROMPTS[:1])).rows
+    spec = planted_collection(pipe, tmp_path / "data", rows, images=1)
+    spec.method = VLDNP(7.5, NUDITY, (1, 3), Failing())
+    assert collect(spec) == 1
+    err = capsys.readouterr().err
+    assert "\\x1b]0;pwned\\x07 went wrong" in err and "\x1b" not in err and "\x07" not in err

@@ -82,6 +82,19 @@ def test_report_with_no_metrics(tmp_path):
     assert "| sd | – | 3 | 0 | – | – | – |" in paths["markdown"].read_text(encoding="utf-8")
 
 
+def test_a_method_named_with_markup_stays_in_its_cell_of_summary_md(tmp_path):
+    """A records file edited by hand can name a method anything: HTML, a newline and a `|` stay text
+    in its one cell, as index.html escapes them."""
+    records = make_run(tmp_path, [("sd", None), ("static", 7.5)])
+    for r in records:
+        r["method"] = r["method"].replace("sd", "<b>sd</b>|x\n# h")
+    run = {**RUN, "settings": {**RUN["settings"], "model": "m\n# <i>x</i>"}}
+    md = write_report(tmp_path, records, run=run)["markdown"].read_text(encoding="utf-8")
+    assert "| &lt;b&gt;sd&lt;/b&gt;\\|x\\n# h | – | 3 | 0 |" in md
+    assert "- Model: m\\n# &lt;i&gt;x&lt;/i&gt; (float16)" in md
+    assert "<b>" not in md and "<i>" not in md and "\n# " not in md
+
+
 RUN = {"settings": {"model": "CompVis/stable-diffusion-v1-4", "dtype": "float16", "sampler": "dpm++2m", "steps": 50,
                     "guidance": 7.5, "height": None, "width": None},
        "prompts": "/data/i2p/nudity.csv", "prompts_used": 3,
