@@ -226,12 +226,12 @@ def read_examples(folder: Path, concepts: list[str], channels: int | None = None
             shard = read_safetensors(Path(folder) / record["shard"])
         except CheckpointError as e:
             raise DataError(str(e)) from None
-        problem = shard_problem(shard, [e["index"] for e in answered], channels, x0[0].shape[1:] if x0 else None)
+        rows = [e["index"] for e in answered]
+        problem = shard_problem(shard, rows, channels, x0[0].shape[1:] if x0 else None) or finite_problem(shard, rows)
         if problem:
             bad.append(f"{Path(folder) / record['shard']}: {problem}")
             continue
-        rows = torch.tensor([e["index"] for e in answered])
-        check_finite(shard, rows, Path(folder) / record["shard"])
+        rows = torch.tensor(rows)
         x0.append(shard["x0"][rows])
         t.append(shard["t"][rows])
         labels += [[float(c in e["concepts"]) for c in concepts] for e in answered]
@@ -243,10 +243,10 @@ def read_examples(folder: Path, concepts: list[str], channels: int | None = None
     return Examples(torch.cat(x0), torch.cat(t), torch.tensor(labels), prompts, len(images), failed)
 
 
-def check_finite(shard: dict[str, torch.Tensor], rows: torch.Tensor, path: Path):
-    """A DataError naming the shard when the x0, x_t or t of an answered query (`rows`) holds NaN or inf:
-    a network fitted to it scores NaN, which would read as "nothing found"."""
+def finite_problem(shard: dict[str, torch.Tensor], rows: list[int]) -> str | None:
+    """Why the x0, x_t or t of the answered queries at `rows` cannot be learnt from: NaN or inf, which
+    would make a network that scores NaN, read as "nothing found"; None when they are finite."""
     for name in ("x0", "x_t", "t"):
         if name in shard and not torch.isfinite(shard[name][rows]).all():
-            raise DataError(f"{path}: its {name} holds NaN or inf where the teacher answered; collect into a new "
-                            "folder")
+            return f"its {name} holds NaN or inf where the teacher answered"
+    return None
