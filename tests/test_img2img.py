@@ -294,6 +294,16 @@ def test_evaluate_edits_the_rows_that_give_an_image(sd1, tmp_path, capsys):
     assert code == 0 and "8 images (4 prompts x 2 methods): 6 done before, 2 to make" in out, err
     records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["status"] == "ok" for r in records)
+    # fixing the skipped row makes its images; a row that no longer inpaints is made again; the rest is kept
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").iterdir()}
+    (tmp_path / "p.csv").write_text((tmp_path / "p.csv").read_text().replace("gone.png", "a.png")
+                                    .replace("a.png,m.png", "a.png,"))
+    code, out, err = run(evaluate.main, capsys, *argv)
+    assert code == 0 and "10 images (5 prompts x 2 methods): 6 done before, 4 to make (2 whose row changed)" in out, err
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
+    assert len(records) == 10 and records["4_sd"]["init_image"].endswith("a.png") and records["2_sd"]["mask"] is None
+    remade = {p.name for p in (tmp_path / "run" / "images").iterdir() if stamps.get(p.name) != p.stat().st_mtime_ns}
+    assert remade == {"2_sd.png", "2_static_w7.5.png", "4_sd.png", "4_static_w7.5.png"}
     # --strength without a row that edits is refused
     (tmp_path / "plain.csv").write_text("prompt\na cat\n")
     code, _, err = run(evaluate.main, capsys, tmp_path / "plain.csv", *argv[1:5], "--strength", "0.5", "--metrics",
