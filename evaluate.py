@@ -222,8 +222,7 @@ def warn_skipped(path, skipped, most: int = 20):
 
 def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpec:
     settings = {
-        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column, **model_settings(args),
-        "methods": [m.settings() for m in args.chosen_methods],
+        **model_settings(args), "methods": [m.settings() for m in args.chosen_methods],
         "metrics": {"names": args.metrics, "nudenet_classes": args.nudenet_classes,
                     "nudenet_threshold": args.nudenet_threshold,
                     "clip_score_model": args.clip_score_model if "clip" in args.metrics else None},
@@ -233,7 +232,7 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         settings["metrics"]["nudenet_classifier"] = {"file": classifier.path.name, "sha256": classifier.sha256}
     if metrics is not None:  # an injected metrics object (tests): its settings are its own
         settings["metrics"] = {"injected": type(metrics).__name__}
-    info = {"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
+    info = {"prompts": str(args.prompts), "prompts_sha256": sha256_file(args.prompts), "prompts_used": len(prompts.rows),
             "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
             "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])}
     if args.protocol is not None:

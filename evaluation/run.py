@@ -122,7 +122,8 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
 
     jobs = make_jobs(spec.rows, spec.methods)
     bad = []  # the lines of the records files that are no record, by file and line
-    done = group.broadcast(done_keys(spec.out, bad) if group.rank == 0 else None)
+    rows = {job.key: row_values(spec, job.row) for job in jobs}
+    done, changed = group.broadcast(done_keys(spec.out, rows, bad) if group.rank == 0 else None)
     if bad:
         group.say(skipped_warning(bad, "skipped as a torn line is: a job left without a record is made again"),
                   err=True)
@@ -130,15 +131,16 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
     mine = todo[group.rank::group.world]
     group.say(f"{len(jobs)} images ({len(spec.rows)} prompts x {len(spec.methods)} methods): "
               f"{len(jobs) - len(todo)} done before, {len(todo)} to make"
+              + (f" ({len(changed)} whose row changed)" if changed else "")
               + (f" on {group.world} ranks" if group.world > 1 else ""))
     failed = run_jobs(spec, mine, group) if mine else 0
 
     group.barrier()  # every rank's records are on disk
     status = 1 if failed else 0
     if group.rank == 0:
-        records = merge_records(spec.out)
-        current = {job.key for job in jobs}
-        bad = sum(r["status"] != "ok" for r in records if r["key"] in current)
+        # the report covers this run's jobs; records.jsonl keeps every job's, of rows run before too
+        records = [r for r in merge_records(spec.out, rows) if r["key"] in rows]
+        bad = sum(r["status"] != "ok" for r in records)
         print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
               + ("; re-run the same command to retry them)" if bad else ")"), flush=True)
         status = 1 if bad else 0
@@ -198,13 +200,12 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     (NaN/inf in the latents, a metric that raised, VL-DNP queries that failed) is recorded as
     status "failed" rather than raised."""
     row, method, sampling = job.row, job.method, spec.sampling
-    seed = row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64
-    cfg_scale = row.guidance if row.guidance is not None else spec.guidance_scale
-    record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, "prompt": row.prompt,
-              **prompt_length(pipe.tokenizer, row.prompt), "seed": seed, "guidance": cfg_scale,
-              "categories": row.categories, "method": method.label, "scale": method.scale, "image": job.image,
-              **({"init_image": str(row.init_image), "mask": row.mask and str(row.mask)} if row.init_image else {}),
-              "negatives": [], "metrics": {}, "timings": {}, "status": "ok", "error": None}
+    values = row_values(spec, row)
+    seed, cfg_scale = values["seed"], values["guidance"]
+    record = {"job": job.index, "key": job.key, "case": row.case, "row": row.index, **values,
+              **prompt_length(pipe.tokenizer, row.prompt), "categories": row.categories, "method": method.label,
+              "scale": method.scale, "image": job.image, "negatives": [], "metrics": {}, "timings": {}, "status": "ok",
+              "error": None}
     start = time.perf_counter()
     try:
         edits = edit_arguments(row, spec.strength, pipe, sampling)
@@ -242,6 +243,14 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         record.update(status="failed", error=f"{len(errors)} of {len(record['negatives'])} VL-DNP queries failed, "
                                              f"the first: {errors[0]}")
     return record
+
+
+def row_values(spec: RunSpec, row: PromptRow) -> dict:
+    """What of `row` decides its jobs' images (run_folder.py ROW_FIELDS), as their records keep it:
+    the prompt, the seed (the row's, else base_seed + case), the CFG scale, the images to edit."""
+    return {"prompt": row.prompt, "seed": row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64,
+            "guidance": row.guidance if row.guidance is not None else spec.guidance_scale,
+            **({"init_image": str(row.init_image), "mask": row.mask and str(row.mask)} if row.init_image else {})}
 
 
 def edit_arguments(row: PromptRow, strength: float | None, pipe, sampling: Sampling) -> dict:

@@ -1,6 +1,7 @@
 """The run folder of an evaluation (evaluation/run.py), which keeps everything:
 
     run.json                the settings that decide the images; a run only resumes with the same
+                            (the prompt file's rows are compared one by one, with the records)
     images/{case}_{method}[_w{scale}].png
     records.jsonl           one record per job in job order, written at the end; a single process
                             appends a JSON line to it as each image is done, and the end folds
@@ -14,8 +15,9 @@
 Nothing is lost. An image is written (atomically) before its record, and a record is one
 os.write on an O_APPEND file followed by fsync, so a crash or Ctrl-C loses at most the image in
 flight, and a kill mid-write leaves at most a torn last line, which readers skip and the next run
-cuts off. A re-run with the same arguments skips every job whose record says ok and whose image
-exists, and retries the failed ones.
+cuts off. A re-run with the same arguments skips every job whose latest record says ok, whose image
+exists and whose row of the prompt file is still the one it was made from (same_row), and makes the
+others: the failed ones, and those whose row was fixed or changed.
 """
 import errno
 import json
@@ -55,6 +57,7 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
             stored = data.get("settings") if isinstance(data, dict) else None
             if not isinstance(stored, dict):
                 return f"--out {out}: {SETTINGS_FILE} is damaged (no settings); use a new --out folder"
+            stored = compared(stored)
             misplaced = misplaced_path(out)
             if misplaced:
                 return f"--out {out}: {misplaced}; move it away, or use a new --out"
@@ -74,6 +77,16 @@ def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str 
     except OSError as e:
         return f"--out {out}: {e.strerror or e}"
     return None
+
+
+# Settings that older run folders hold and that are no longer compared: the prompt file's identity.
+# Each job's record is compared with its row instead (same_row), so that fixing one row costs one row.
+ROW_SETTINGS = ("prompts_sha256", "prompt_column")
+
+
+def compared(settings: dict) -> dict:
+    """`settings` as read from a folder, less those no longer compared (ROW_SETTINGS)."""
+    return {k: v for k, v in settings.items() if k not in ROW_SETTINGS}
 
 
 def model_settings(args) -> dict:
@@ -312,7 +325,12 @@ RECORD_FIELDS = {
     "guidance": (_number, "a number", False),
     "height": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
     "width": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
+    "init_image": (lambda v: isinstance(v, str), "a file name", False),
+    "mask": (lambda v: v is None or isinstance(v, str), "a file name or null", False),
 }
+# What of its row decides a job's image and metrics, as its record keeps it (evaluation/run.py
+# row_values); the categories only label the report's rows.
+ROW_FIELDS = ("prompt", "seed", "guidance", "init_image", "mask")
 # The metrics the report reads (evaluation/metrics.py Metrics).
 METRIC_FIELDS = {
     "p_unsafe": (_number, "a number"),
@@ -360,17 +378,34 @@ def all_records(out: Path, bad: list[str] | None = None) -> list[dict]:
             for r in read_records(p, record_problem, bad)]
 
 
-def done_keys(out: Path, bad: list[str] | None = None) -> set[str]:
-    """The jobs done: a record with status ok, and its image on disk. The lines skipped go in `bad`."""
-    return {r["key"] for r in all_records(out, bad) if r["status"] == "ok" and (out / r["image"]).is_file()}
+def same_row(record: dict, values: dict) -> bool:
+    """Whether `record` was made from the row values `values` (ROW_FIELDS): the same prompt, seed, CFG
+    scale and images to edit. A record without a guidance (an older one) was made with the run's."""
+    def same(a, b):
+        return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b))
+    return all(same(record.get(k, values.get(k) if k == "guidance" else None), values.get(k)) for k in ROW_FIELDS)
 
 
-def merge_records(out: Path) -> list[dict]:
-    """One record per job, in job order: its latest ok record, else its latest failed one.
-    Written atomically to records.jsonl, which is returned."""
-    best = {}
+def done_keys(out: Path, rows: dict[str, dict], bad: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """Of the jobs `rows` names (job key: the row values that decide its image), those done and
+    those whose row changed: done, when the job's latest record is ok, its image is on disk, and it
+    was made from these values; changed, when it was made from others. The lines skipped go in `bad`."""
+    latest = {}
+    for r in all_records(out, bad):
+        if r["key"] in rows and (r["key"] not in latest or r["finished"] >= latest[r["key"]]["finished"]):
+            latest[r["key"]] = r
+    changed = {key for key, r in latest.items() if not same_row(r, rows[key])}
+    return {key for key, r in latest.items() if key not in changed and r["status"] == "ok"
+            and (out / r["image"]).is_file()}, changed
+
+
+def merge_records(out: Path, rows: dict[str, dict] | None = None) -> list[dict]:
+    """One record per job, in job order: its latest ok record, else its latest failed one; of a
+    job `rows` names (as done_keys takes them), one made from those row values first. Written
+    atomically to records.jsonl, which is returned."""
+    best, rows = {}, rows or {}
     for r in all_records(out):
-        rank = (r["status"] == "ok", r["finished"])
+        rank = (r["key"] not in rows or same_row(r, rows[r["key"]]), r["status"] == "ok", r["finished"])
         if r["key"] not in best or rank >= best[r["key"]][0]:
             best[r["key"]] = (rank, r)
     merged = sorted((r for _, r in best.values()), key=lambda r: (r["job"], r["key"]))
