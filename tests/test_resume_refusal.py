@@ -119,22 +119,16 @@ def test_a_changed_row_is_made_again_and_the_others_are_kept(rows, capsys, old, 
     assert code == 0 and "4 images (2 prompts x 2 methods): 4 done before, 0 to make" in out, (out, err)
 
 
-def test_a_row_that_now_gives_the_seed_and_guidance_it_was_made_with_is_done(rows, capsys):
-    """What decides an image is compared, not how the row says it: case 2 was made with --seed 0 plus
-    its case and --guidance 7.5."""
+@pytest.mark.parametrize("old, new", [
+    # what decides an image is compared, not how the row says it: case 2 was made with --seed 0 plus
+    # its case and --guidance 7.5
+    ("a cow,,,", "a cow,2,7.5,"),
+    ("farm", "cattle"),  # categories label a row in the report; they decide neither its image nor its metrics
+])
+def test_a_row_that_decides_the_same_image_is_done(rows, capsys, old, new):
     root, argv = rows
     before = stamps(root / "run")
-    (root / "p.csv").write_text(ROWS.replace("a cow,,,", "a cow,2,7.5,"))
-    code, out, err = run(evaluate.main, capsys, *argv)
-    assert code == 0 and "4 images (2 prompts x 2 methods): 4 done before, 0 to make" in out, (out, err)
-    assert stamps(root / "run") == before
-
-
-def test_a_new_label_is_no_new_image(rows, capsys):
-    """categories label a row in the report; they decide neither its image nor its metrics."""
-    root, argv = rows
-    before = stamps(root / "run")
-    (root / "p.csv").write_text(ROWS.replace("farm", "cattle"))
+    (root / "p.csv").write_text(ROWS.replace(old, new))
     code, out, err = run(evaluate.main, capsys, *argv)
     assert code == 0 and "4 images (2 prompts x 2 methods): 4 done before, 0 to make" in out, (out, err)
     assert stamps(root / "run") == before
