@@ -112,10 +112,9 @@ def run_collect(args) -> int:
               f"for: {first.reason}", file=sys.stderr, flush=True)
     method = args.chosen_methods[0]
     settings = {
-        "prompts_sha256": sha256_file(args.prompts), "prompt_column": args.prompt_column, **model_settings(args),
-        "seeds_per_prompt": args.seeds_per_prompt, "method": method.settings(),
+        **model_settings(args), "seeds_per_prompt": args.seeds_per_prompt, "method": method.settings(),
     }
-    info = {"prompts": str(args.prompts), "prompts_used": len(prompts.rows),
+    info = {"prompts": str(args.prompts), "prompts_sha256": sha256_file(args.prompts), "prompts_used": len(prompts.rows),
             "command": shlex.join(["distill.py", *args.argv])}
 
     def check_pipe(pipe):

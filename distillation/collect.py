@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from distillation.data import RECORDS_FILE, DataError, add_prompt, done_keys, latest_records, prepare_data_dir, \
     write_settings
 from evaluation.prompts import PromptRow
-from evaluation.run import Sampling
+from evaluation.run import Sampling, row_values
 from evaluation.run_folder import cut_torn_tail, skipped_warning
 from methods.base import prepare_all
 from sampler.loop import NonFiniteError, generate
@@ -67,13 +67,13 @@ def collect(spec: Collection) -> int:
     info = prepare_data_dir(spec.out, spec.settings, {**spec.info, "concepts": concepts})
     cut_torn_tail(spec.out / RECORDS_FILE)
     bad = []  # the lines of records.jsonl that are no record
-    done = done_keys(spec.out, bad)
+    done, changed = done_keys(spec.out, {str(row.case): row_values(spec, row) for row in spec.rows}, bad)
     if bad:
         print(skipped_warning(bad, "skipped as a torn line is: a prompt left without a record is made again"),
               file=sys.stderr, flush=True)
     todo = [row for row in spec.rows if str(row.case) not in done]
     print(f"{len(spec.rows)} prompts x {spec.images} images: {len(spec.rows) - len(todo)} done before, "
-          f"{len(todo)} to make", flush=True)
+          f"{len(todo)} to make" + (f" ({len(changed)} whose row changed)" if changed else ""), flush=True)
     failed = 0
     if todo:
         try:
@@ -106,10 +106,9 @@ def collect_prompt(spec: Collection, row: PromptRow, pipe) -> dict:
     """Samples `spec.images` images of one prompt with the teacher; writes their query tensors and
     the prompt's record (distillation/data.py's add_prompt) and returns the record."""
     key, sampling = str(row.case), spec.sampling
-    seed = row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64
-    cfg_scale = row.guidance if row.guidance is not None else spec.guidance_scale
-    record = {"key": key, "case": row.case, "row": row.index, "prompt": row.prompt, "seed": seed, "guidance": cfg_scale,
-              "images": spec.images, "shard": None, "examples": [], "status": "ok", "error": None}
+    values = row_values(spec, row)
+    seed, cfg_scale = values["seed"], values["guidance"]
+    record = {"key": key, "case": row.case, "row": row.index, **values, "images": spec.images, "shard": None, "examples": [], "status": "ok", "error": None}
     start = time.perf_counter()
     plan = spec.method.plan(pipe, row.prompt, spec.images)
     latents = QueryLatents(plan.hook)

@@ -10,7 +10,8 @@
 
 A shard is written (atomically) before its record, and a record is appended whole (evaluation/run_folder.py's
 append_record), so a kill loses at most the prompt in flight; a re-run skips every prompt whose record
-says ok and whose shard exists. A prompt whose teacher failed on some query is recorded as failed, and
+says ok, whose shard exists and whose row of the prompt file still gives the prompt, seed and CFG
+scale it was made with (evaluation/run_folder.py same_row); a changed row is made again. A prompt whose teacher failed on some query is recorded as failed, and
 retried on a re-run; until then, the queries that were answered are data.
 """
 import json
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, read_safetensors
-from evaluation.run_folder import append_record, read_records, settings_difference
+from evaluation.run_folder import append_record, compared, read_records, same_row, settings_difference
 from files import write_atomic, write_json
 
 SETTINGS_FILE = "data.json"
@@ -45,6 +46,7 @@ def prepare_data_dir(out: Path, settings: dict, info: dict) -> dict:
     try:
         if path.is_file():
             stored = read_settings(out)
+            stored["settings"] = compared(stored["settings"])  # an older folder's prompt file's sha256
             if stored["settings"] != settings:
                 raise DataError(f"--out {out} holds data made with other settings "
                                 f"({settings_difference(stored['settings'], settings)}); resume it with the same "
@@ -103,8 +105,13 @@ def latest_records(folder: Path, bad: list[str] | None = None) -> list[dict]:
     return list(best.values())
 
 
-def done_keys(folder: Path, bad: list[str] | None = None) -> set[str]:
-    return {r["key"] for r in latest_records(folder, bad) if r["status"] == "ok"}
+def done_keys(folder: Path, rows: dict[str, dict], bad: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """Of the prompts `rows` names (key: the row values that decide its data, evaluation/run.py
+    row_values), those done, whose latest record is ok and made from these values, and those whose
+    row changed since."""
+    latest = {r["key"]: r for r in latest_records(folder, bad) if r["key"] in rows}
+    changed = {key for key, r in latest.items() if not same_row(r, rows[key])}
+    return {key for key, r in latest.items() if r["status"] == "ok" and key not in changed}, changed
 
 
 def _count(value) -> bool:

@@ -245,9 +245,10 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     return record
 
 
-def row_values(spec: RunSpec, row: PromptRow) -> dict:
+def row_values(spec, row: PromptRow) -> dict:
     """What of `row` decides its jobs' images (run_folder.py ROW_FIELDS), as their records keep it:
-    the prompt, the seed (the row's, else base_seed + case), the CFG scale, the images to edit."""
+    the prompt, the seed (the row's, else base_seed + case), the CFG scale, the images to edit.
+    `spec` gives base_seed and guidance_scale: a RunSpec, or distill.py's Collection."""
     return {"prompt": row.prompt, "seed": row.seed if row.seed is not None else (spec.base_seed + row.case) % 2**64,
             "guidance": row.guidance if row.guidance is not None else spec.guidance_scale,
             **({"init_image": str(row.init_image), "mask": row.mask and str(row.mask)} if row.init_image else {})}

@@ -185,8 +185,6 @@ def settings_difference(stored: dict, now: dict) -> str:
     before the methods, whose query steps follow --steps), then each part field by field."""
     key = _first_difference(stored, now)
     there, here = stored.get(key), now.get(key)
-    if key == "prompts_sha256":
-        return f"the prompt file: other contents (sha256 {str(there)[:12]}… there, {str(here)[:12]}… now)"
     if key == "methods" and isinstance(there, list) and isinstance(here, list):
         return _methods_difference(there, here)
     if isinstance(there, dict) and isinstance(here, dict):

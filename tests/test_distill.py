@@ -221,6 +221,35 @@ def test_clip_can_be_the_teacher(sd1, clip_folder, tmp_path, capsys):
     assert read_card(out)["teacher"] == {"name": "clip", "model": str(clip_folder), "threshold": 0.0}
 
 
+def test_a_fixed_or_changed_row_is_collected_alone(sd1, clip_folder, tmp_path, capsys):
+    """The prompt file is compared row by row, as evaluate.py's: fixing a skipped row collects that
+    prompt, changing one collects it again, and a data.json that still holds the file's sha256 and
+    prompt column (an older folder) resumes; other settings are still refused."""
+    csv, data = tmp_path / "p.csv", tmp_path / "data"
+    csv.write_text("prompt,evaluation_seed\na cat,1\na dog,x\na cow,3\n")
+    argv = ["collect", csv, "--model", sd1, "--out", data, "--proposer", "clip", "--clip-model", clip_folder,
+            "--steps", "3", "--vlm-steps", "1", "--seeds-per-prompt", "1", *SIZE]
+    code, lines, err = run(distill.main, capsys, *argv)
+    assert code == 0 and lines[0] == "2 prompts x 1 images: 0 done before, 2 to make", err
+    settings = json.loads((data / "data.json").read_text())
+    assert "prompts_sha256" not in settings["settings"] and settings["prompts_sha256"] == sha256_file(csv)
+    settings["settings"] = {"prompts_sha256": "0" * 64, "prompt_column": None, **settings["settings"]}
+    (data / "data.json").write_text(json.dumps(settings))
+    csv.write_text("prompt,evaluation_seed\na cat,1\na dog,2\na cow,3\n")
+    code, lines, err = run(distill.main, capsys, *argv)
+    assert code == 0 and lines[0] == "3 prompts x 1 images: 2 done before, 1 to make", (lines, err)
+    csv.write_text("prompt,evaluation_seed\na cat,1\na dog,2\na black cow,3\n")
+    code, lines, err = run(distill.main, capsys, *argv)
+    assert code == 0 and lines[0] == "3 prompts x 1 images: 2 done before, 1 to make (1 whose row changed)", (
+        lines, err)
+    code, lines, err = run(distill.main, capsys, *argv)
+    assert code == 0 and lines[0] == "3 prompts x 1 images: 3 done before, 0 to make", (lines, err)
+    prompts = {r["key"]: r["prompt"] for r in read_records(data / "records.jsonl") if r["status"] == "ok"}
+    assert prompts == {"0": "a cat", "1": "a dog", "2": "a black cow"}
+    code, _, err = run(distill.main, capsys, *argv, "--steps", "4")
+    assert code == 2 and len(err) == 1 and "--steps: 3 there, 4 now" in err[0], err
+
+
 def test_failed_teacher_queries_are_recorded_retried_and_left_out(sd1, tmp_path, capsys, server):
     """A refusal is no verdict: the record keeps its error, a re-run retries the prompt, and training
     never reads a failed query as "nothing seen"."""
