@@ -84,8 +84,8 @@ def check_folder(path: Path) -> dict:
         raise CheckpointError(f"{file}: holds no JSON object")
     cls = index.get("_class_name", "")
     if cls and cls not in SD_PIPELINES + SDXL_PIPELINES:
-        hint = " (the SDXL refiner is not supported)" if "Img2Img" in cls and "XL" in cls else ""
-        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline (SD1/SD2), "
+        hint = " (the SDXL refiner is not supported)" if "Img2Img" in str(cls) and "XL" in str(cls) else ""
+        raise CheckpointError(f"{file}: _class_name is {cls!r}; only StableDiffusionPipeline (SD1/SD2), "
                               f"StableDiffusionXLPipeline and their Inpaint models are supported{hint}")
     sdxl = cls in SDXL_PIPELINES or (path / "text_encoder_2").is_dir()
     needed = SDXL_SUBFOLDERS if sdxl else SUBFOLDERS

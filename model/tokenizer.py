@@ -159,7 +159,7 @@ def _read_json(file, missing_ok=False) -> dict:
         return {}
     try:
         value = json.loads(Path(file).read_text(encoding="utf-8"))
-    except ValueError as e:  # not UTF-8, or not JSON
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's recursion limit
         raise ValueError(f"{file}: not a JSON file ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{file}: holds no JSON object")
