@@ -6,11 +6,13 @@ A guard (checkpoint/configs.py:bounded): a fork that loads only files it trusts 
 """
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
 from checkpoint.tensors import CheckpointError
 from model.clip import CLIPTextConfig
+from model.tokenizer import Tokenizer
 from model.unet import UNetConfig
 from model.vae import VAEConfig
 from sampler.schedule import SchedulerConfig, make_betas
@@ -164,6 +166,22 @@ def check_scheduler(c: SchedulerConfig) -> SchedulerConfig:
     return c
 
 
+def check_tokenizer(tokenizer: Tokenizer, folder, encoder: CLIPTextConfig) -> Tokenizer:
+    """`tokenizer`, read from `folder`, if what it makes fits its text encoder's config `encoder`: ids below
+    vocab_size (an embedding row each), and prompts of at least max_position_embeddings ids. A shorter
+    model_max_length cuts prompt and negative short (at 2, to nothing), which diffusers does in silence."""
+    if tokenizer.max_length < encoder.max_positions:
+        raise CheckpointError(f"{Path(folder) / 'tokenizer_config.json'}: model_max_length={tokenizer.max_length} is "
+                              f"shorter than the text encoder's max_position_embeddings={encoder.max_positions}; "
+                              "prompts and negative prompts would be cut to fewer tokens than it reads")
+    token, top = max(tokenizer.vocab.items(), key=lambda item: item[1])
+    if top >= encoder.vocab_size:
+        file = Path(folder) / ("tokenizer.json" if (Path(folder) / "tokenizer.json").is_file() else "vocab.json")
+        raise CheckpointError(f"{file}: the token {token!r} has id {top}, past the text encoder's vocab_size="
+                              f"{encoder.vocab_size}; the tokenizer is another model's")
+    return tokenizer
+
+
 def check_taesd(c):
     """`c`, a TAESDConfig, if its sizes are within MOST; else a CheckpointError naming the value by its
     diffusers key."""
@@ -178,9 +196,10 @@ def check_taesd(c):
     return c
 
 
-def check(config, where: str = ""):
-    """`config` (a UNet's, VAE's, text encoder's or scheduler's), if it is within the bounds; else a
-    CheckpointError naming the value."""
+def check(config, where="", *against):
+    """`config` (a UNet's, VAE's, text encoder's or scheduler's, or a tokenizer read from the folder `where`
+    for the text encoder of config `against`), if it is within the bounds; else a CheckpointError naming
+    the value."""
     if isinstance(config, UNetConfig):
         return check_unet(config)
     if isinstance(config, VAEConfig):
@@ -189,4 +208,6 @@ def check(config, where: str = ""):
         return check_text(config, where)
     if isinstance(config, SchedulerConfig):
         return check_scheduler(config)
+    if isinstance(config, Tokenizer):
+        return check_tokenizer(config, where, *against)
     raise TypeError(f"no bounds for a {type(config).__name__}")

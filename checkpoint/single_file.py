@@ -64,11 +64,11 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     if family == "sdxl":
         scheduler.timestep_spacing = "leading"  # SDXL's scheduler_config.json says so, for every sampler
         tokenizer, tokenizer_2 = FAMILIES["sdxl"].tokenizers(tokenizer or download_tokenizer(family))
-        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, TOKENIZER_PAD["sdxl_g"]),
+        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, texts[names[1]], TOKENIZER_PAD["sdxl_g"]),
                      text_encoder_2=models[names[1]], force_zeros_for_empty_prompt=True)
     else:
         extra = {}
-    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[names[0]])
+    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), texts[names[0]], TOKENIZER_PAD[names[0]])
     return Pipeline(tokenizer=tokenizer, text_encoder=models[names[0]], unet=models["unet"],
                     vae=models["vae"], scheduler=scheduler, family=family, name=path.name, **extra)
 
