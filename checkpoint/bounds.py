@@ -47,7 +47,7 @@ def _per_level(name: str, values, levels: int, least: int, most: int) -> tuple:
 def _positive(name: str, value, least: float = 0, most: float = math.inf) -> float:
     """`value` if it is a finite number in (least, most), by default above 0, else a CheckpointError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not least < value < most:
-        which = "a positive finite number" if (least, most) == (0, math.inf) else f"a number in ({least:g}, {most:g})"
+        which = "a positive finite number" if (least, most) == (0, math.inf) else f"a number in ({least:.3g}, {most:.3g})"
         raise CheckpointError(f"{name}={value!r} is not {which}")
     return value
 

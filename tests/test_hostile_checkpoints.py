@@ -113,6 +113,9 @@ HOSTILE = {
                            r"config\.json: .*vision_config.*num_hidden_layers"),
     "taesd-blocks": (in_config("taesd", "taesd", "config.json", "num_decoder_blocks", [10**7, 3, 3, 1]),
                      r"config\.json: .*num_decoder_blocks"),
+    # cuts prompt and negative to nothing: the image would be unguarded, its PNG text saying otherwise
+    "tokenizer-length": (in_config("sd1", "pipeline", "tokenizer/tokenizer_config.json", "model_max_length", 2),
+                         r"tokenizer/tokenizer_config\.json: model_max_length=2"),
 }
 UNTOUCHED = {"sd1": untouched("sd1", "pipeline"), "sd1-file": untouched("sd1_file", "pipeline", tokenizer="sd1"),
              "sdxl": untouched("sdxl", "pipeline"), "clip": untouched("clip", "clip"),
@@ -168,7 +171,7 @@ def test_the_untouched_checkpoints_load_in_the_same_memory(outcomes, name):
     assert outcomes[name] == ("loaded", "")
 
 
-@pytest.mark.parametrize("name", ["input-block-index", "unet-layers"])
+@pytest.mark.parametrize("name", ["input-block-index", "unet-layers", "tokenizer-length"])
 def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     out = tmp_path / "image.png"
     _, source, kwargs = sources[name]
