@@ -26,6 +26,9 @@ from sampler.schedule import SchedulerConfig, make_betas
 MOST = dict(image_channels=64, levels=8, channels=8192, layers_per_block=8, transformer_depth=32,
             transformer_blocks=256, width=16384, layers=128, mlp=65536, vocab=1_000_000, positions=4096,
             sample_size=512, image_size=4096, taesd_blocks=16, train_timesteps=100_000)
+# float16's largest value: a VAE scaling factor outside (1/F16_MAX, F16_MAX) makes latents of unit size overflow
+# half precision when divided by it (to decode) or multiplied by it (to encode). SD's are 0.18215 and 0.13025.
+F16_MAX = 65504.0
 
 
 def whole(name: str, value, least: int, most: int) -> int:
@@ -47,14 +50,9 @@ def _per_level(name: str, values, levels: int, least: int, most: int) -> tuple:
 def _positive(name: str, value, least: float = 0, most: float = math.inf) -> float:
     """`value` if it is a finite number in (least, most), by default above 0, else a CheckpointError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not least < value < most:
-        which = "a positive finite number" if (least, most) == (0, math.inf) else f"a number in ({least:.3g}, {most:.3g})"
-        raise CheckpointError(f"{name}={value!r} is not {which}")
+        which = f"in ({least:.3g}, {most:g})" if (least, most) != (0, math.inf) else "positive and finite"
+        raise CheckpointError(f"{name}={value!r} is not a number {which}")
     return value
-
-
-# float16's largest value: a scaling factor outside (1/F16_MAX, F16_MAX) makes latents of unit size overflow
-# half precision when divided by it (to decode) or multiplied by it (to encode). SD's are 0.18215 and 0.13025.
-F16_MAX = 65504.0
 
 
 def _flag(name: str, value):
@@ -149,7 +147,7 @@ def check_vision(c, where: str = ""):
 def check_scheduler(c: SchedulerConfig) -> SchedulerConfig:
     """`c`, if its schedule is within MOST (the samplers build tables of num_train_timesteps values), its
     settings of the types the samplers compute with, and its ᾱ_t above 0 in float32 at every t: at ᾱ_t = 0
-    (β ≥ 1, or a product of 1 − β that underflows) x0 = (x − √(1−ᾱ)·ε)/√ᾱ divides by zero and samples NaN."""
+    (β ≥ 1, or a product of 1 − β that underflows) x0 = (x − √(1−ᾱ)·ε)/√ᾱ divides by zero: NaN images."""
     steps = whole("num_train_timesteps", c.num_train_timesteps, 1, MOST["train_timesteps"])
     whole("steps_offset", c.steps_offset, 0, steps - 1)
     for key in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):

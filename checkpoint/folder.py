@@ -85,7 +85,7 @@ def check_folder(path: Path) -> dict:
     cls = index.get("_class_name", "")
     if cls and cls not in SD_PIPELINES + SDXL_PIPELINES:
         hint = " (the SDXL refiner is not supported)" if "Img2Img" in str(cls) and "XL" in str(cls) else ""
-        raise CheckpointError(f"{file}: _class_name is {cls!r}; only StableDiffusionPipeline (SD1/SD2), "
+        raise CheckpointError(f"{file}: its _class_name names {cls}; only StableDiffusionPipeline (SD1/SD2), "
                               f"StableDiffusionXLPipeline and their Inpaint models are supported{hint}")
     sdxl = cls in SDXL_PIPELINES or (path / "text_encoder_2").is_dir()
     needed = SDXL_SUBFOLDERS if sdxl else SUBFOLDERS
