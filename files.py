@@ -1,8 +1,10 @@
 """The one way this project writes a file: atomically, so that a crash or a full disk leaves either
-the old file or the whole new one, never half of one; and the one way it hashes one."""
+the old file or the whole new one, never half of one; the one way it hashes one; and the one way text
+that came from outside (file names, configs, server replies) is made safe to print on a terminal."""
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -39,3 +41,15 @@ def sha256_file(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides and isolates that reorder
+# what a terminal shows (as in "Trojan Source", Boucher & Anderson 2021)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with each control character (C0, DEL, C1) and bidirectional override written as its
+    Python escape, \\x1b or \\u202e, so that a terminal shows it rather than obeys it (ESC [2J
+    clears the screen, ESC ]0; sets the window title); the characters in `keep` (say "\\n") stay."""
+    return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)

@@ -55,10 +55,6 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     if prediction_type is not None:
         pipe.scheduler.prediction_type = {"v": "v_prediction", "eps": "epsilon"}.get(prediction_type, prediction_type)
     check_widths(pipe, source)
-    # diffusers pads prompts to the tokenizer's model_max_length; they must fit the text encoder
-    for tok, encoder in [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]:
-        if tok is not None:
-            tok.max_length = min(tok.max_length, encoder.config.max_positions)
     return pack_for_cpu(pipe) if pack else pipe
 
 

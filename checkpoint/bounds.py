@@ -4,11 +4,18 @@ line instead of building a model that exhausts memory. Real models are far insid
 
 A guard (checkpoint/configs.py:bounded): a fork that loads only files it trusts may delete this file.
 """
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
 from checkpoint.tensors import CheckpointError
 from model.clip import CLIPTextConfig
+from model.tokenizer import Tokenizer
 from model.unet import UNetConfig
 from model.vae import VAEConfig
-from sampler.schedule import SchedulerConfig
+from sampler.schedule import SchedulerConfig, make_betas
 
 
 # The most a config may ask for. SD1/SD2/SDXL are far inside: UNets of 3 or 4 levels of at most 1280
@@ -19,6 +26,9 @@ from sampler.schedule import SchedulerConfig
 MOST = dict(image_channels=64, levels=8, channels=8192, layers_per_block=8, transformer_depth=32,
             transformer_blocks=256, width=16384, layers=128, mlp=65536, vocab=1_000_000, positions=4096,
             sample_size=512, image_size=4096, taesd_blocks=16, train_timesteps=100_000)
+# float16's largest value: a VAE scaling factor outside (1/F16_MAX, F16_MAX) makes latents of unit size overflow
+# half precision when divided by it (to decode) or multiplied by it (to encode). SD's are 0.18215 and 0.13025.
+F16_MAX = 65504.0
 
 
 def whole(name: str, value, least: int, most: int) -> int:
@@ -37,10 +47,19 @@ def _per_level(name: str, values, levels: int, least: int, most: int) -> tuple:
     return tuple(whole(f"{name}[{i}]", v, least, most) for i, v in enumerate(values))
 
 
-def _positive(name: str, value) -> float:
-    """`value` if it is a number above 0, else a CheckpointError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise CheckpointError(f"{name}={value!r} is not a positive number")
+def _positive(name: str, value, least: float = 0, most: float = math.inf) -> float:
+    """`value` if it is a finite number in (least, most), by default above 0, else a CheckpointError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not least < value < most:
+        which = f"in ({least:.3g}, {most:g})" if (least, most) != (0, math.inf) else "positive and finite"
+        raise CheckpointError(f"{name}={value!r} is not a number {which}")
+    return value
+
+
+def _flag(name: str, value):
+    """`value` if it is true, false or null (diffusers' unset: false here), else a CheckpointError naming it:
+    a string such as "false" would be true."""
+    if value is not None and not isinstance(value, bool):
+        raise CheckpointError(f"{name}={value!r} is not true or false")
     return value
 
 
@@ -91,7 +110,7 @@ def check_vae(c: VAEConfig) -> VAEConfig:
     for level, width in enumerate(channels):
         _divides("norm_num_groups", groups, f"block_out_channels[{level}]", width)
     _positive("norm_eps", c.norm_eps)
-    _positive("scaling_factor", c.scaling_factor)
+    _positive("scaling_factor", c.scaling_factor, 1 / F16_MAX, F16_MAX)
     return c
 
 
@@ -126,11 +145,39 @@ def check_vision(c, where: str = ""):
 
 
 def check_scheduler(c: SchedulerConfig) -> SchedulerConfig:
-    """`c`, if its schedule is within MOST (the samplers build tables of num_train_timesteps values)."""
-    whole("num_train_timesteps", c.num_train_timesteps, 1, MOST["train_timesteps"])
-    _positive("beta_start", c.beta_start)
-    _positive("beta_end", c.beta_end)
+    """`c`, if its schedule is within MOST (the samplers build tables of num_train_timesteps values), its
+    settings of the types the samplers compute with, and its ᾱ_t above 0 in float32 at every t: at ᾱ_t = 0
+    (β ≥ 1, or a product of 1 − β that underflows) x0 = (x − √(1−ᾱ)·ε)/√ᾱ divides by zero: NaN images."""
+    steps = whole("num_train_timesteps", c.num_train_timesteps, 1, MOST["train_timesteps"])
+    whole("steps_offset", c.steps_offset, 0, steps - 1)
+    for key in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):
+        _flag(key, getattr(c, key))
+    if c.clip_sample:
+        _positive("clip_sample_range", c.clip_sample_range)
+    _positive("beta_start", c.beta_start, 0, 1)
+    _positive("beta_end", c.beta_end, 0, 1)
+    trained = torch.cumprod(1 - make_betas(dataclasses.replace(c, rescale_betas_zero_snr=False)), 0)  # ᾱ_t [T]
+    if not trained[-1] > 0:
+        raise CheckpointError(f"beta_start={c.beta_start} and beta_end={c.beta_end} ({c.beta_schedule}, {steps} "
+                              f"timesteps) make ᾱ_t reach 0 in float32 by t={int((trained > 0).sum())}; sampling "
+                              "would divide by it")
     return c
+
+
+def check_tokenizer(tokenizer: Tokenizer, folder, encoder: CLIPTextConfig) -> Tokenizer:
+    """`tokenizer`, read from `folder`, if what it makes fits its text encoder's config `encoder`: ids below
+    vocab_size (an embedding row each), and prompts of at least max_position_embeddings ids. A shorter
+    model_max_length cuts prompt and negative short (at 2, to nothing), which diffusers does in silence."""
+    if tokenizer.max_length < encoder.max_positions:
+        raise CheckpointError(f"{Path(folder) / 'tokenizer_config.json'}: model_max_length={tokenizer.max_length} is "
+                              f"shorter than the text encoder's max_position_embeddings={encoder.max_positions}; "
+                              "prompts and negative prompts would be cut to fewer tokens than it reads")
+    token, top = max(tokenizer.vocab.items(), key=lambda item: item[1])
+    if top >= encoder.vocab_size:
+        file = Path(folder) / ("tokenizer.json" if (Path(folder) / "tokenizer.json").is_file() else "vocab.json")
+        raise CheckpointError(f"{file}: the token {token!r} has id {top}, past the text encoder's vocab_size="
+                              f"{encoder.vocab_size}; the tokenizer is another model's")
+    return tokenizer
 
 
 def check_taesd(c):
@@ -143,13 +190,14 @@ def check_taesd(c):
         blocks = getattr(c, f"{part}_blocks")
         whole(f"len(num_{part}_blocks)", len(blocks), 1, MOST["levels"])
         _per_level(f"num_{part}_blocks", blocks, len(blocks), 0, MOST["taesd_blocks"])
-    _positive("scaling_factor", c.scaling_factor)
+    _positive("scaling_factor", c.scaling_factor, 1 / F16_MAX, F16_MAX)
     return c
 
 
-def check(config, where: str = ""):
-    """`config` (a UNet's, VAE's, text encoder's or scheduler's), if it is within the bounds; else a
-    CheckpointError naming the value."""
+def check(config, where="", *against):
+    """`config` (a UNet's, VAE's, text encoder's or scheduler's, or a tokenizer read from the folder `where`
+    for the text encoder of config `against`), if it is within the bounds; else a CheckpointError naming
+    the value."""
     if isinstance(config, UNetConfig):
         return check_unet(config)
     if isinstance(config, VAEConfig):
@@ -158,4 +206,6 @@ def check(config, where: str = ""):
         return check_text(config, where)
     if isinstance(config, SchedulerConfig):
         return check_scheduler(config)
+    if isinstance(config, Tokenizer):
+        return check_tokenizer(config, where, *against)
     raise TypeError(f"no bounds for a {type(config).__name__}")

@@ -38,10 +38,7 @@ def load_clip(source: str = "openai/clip-vit-large-patch14", device="cpu",
 
     config = read_config(folder / "config.json", clip_config_from_transformers,
                          needed=f"a CLIP folder needs {', '.join(CLIP_FILES[:4])}")
-    tokenizer = load_tokenizer(folder, max_length=config.text.max_positions)
-    if tokenizer.vocab_size > config.text.vocab_size:
-        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the text tower "
-                              f"only {config.text.vocab_size}; they come from different models")
+    tokenizer = load_tokenizer(folder, config.text, max_length=config.text.max_positions)
     state = read_component(folder, "model", device, dtype)
     # Older transformers saved the position_ids buffers (arange); ours are slices, not buffers.
     state = {k.replace("pre_layrnorm", "pre_layernorm"): v for k, v in state.items()

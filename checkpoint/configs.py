@@ -31,10 +31,10 @@ def read_config(file: Path, parse, needed: str = ""):
         raise CheckpointError(f"{file}: a value of the wrong type ({e})") from None
 
 
-def bounded(config, where: str = ""):
-    """`config`, held to the sizes real models are far inside (checkpoint/bounds.py); as it is in a fork
-    that deleted that guard, trusting its files."""
-    return GUARDS["bounds"](config, where) if GUARDS.present("bounds") else config
+def bounded(config, where="", *against):
+    """`config`, held to the sizes real models are far inside (a tokenizer: to the text encoder's config
+    `against`), checkpoint/bounds.py; as it is in a fork that deleted that guard, trusting its files."""
+    return GUARDS["bounds"](config, where, *against) if GUARDS.present("bounds") else config
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:

@@ -59,7 +59,7 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
         text_cfg, tokenizer, extra = sdxl.folder_parts(path, text_cfg, tokenizer, index, device, dtype)
     family = "sdxl" if sdxl is not None else "sd2" if unet_cfg.linear_proj or text_cfg.act == "gelu" else "sd1"
     return Pipeline(
-        tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
+        tokenizer=load_tokenizer(tokenizer or path / "tokenizer", text_cfg),
         text_encoder=load_text_encoder(path / "text_encoder", text_cfg, device, dtype),
         unet=load_strict(UNet, unet_cfg, unet_state, str(path / "unet")),
         vae=load_strict(AutoencoderKL, vae_cfg, vae_state, str(path / "vae")),
@@ -84,8 +84,8 @@ def check_folder(path: Path) -> dict:
         raise CheckpointError(f"{file}: holds no JSON object")
     cls = index.get("_class_name", "")
     if cls and cls not in SD_PIPELINES + SDXL_PIPELINES:
-        hint = " (the SDXL refiner is not supported)" if "Img2Img" in cls and "XL" in cls else ""
-        raise CheckpointError(f"{path}: model_index.json names {cls}; only StableDiffusionPipeline (SD1/SD2), "
+        hint = " (the SDXL refiner is not supported)" if "Img2Img" in str(cls) and "XL" in str(cls) else ""
+        raise CheckpointError(f"{file}: its _class_name names {cls}; only StableDiffusionPipeline (SD1/SD2), "
                               f"StableDiffusionXLPipeline and their Inpaint models are supported{hint}")
     sdxl = cls in SDXL_PIPELINES or (path / "text_encoder_2").is_dir()
     needed = SDXL_SUBFOLDERS if sdxl else SUBFOLDERS
@@ -135,13 +135,16 @@ def rename_legacy_vae_keys(state: dict) -> dict:
     return {pattern.sub(lambda m: legacy[m.group(0)], k): v for k, v in state.items()}
 
 
-def load_tokenizer(folder, pad_token=None, max_length=None) -> Tokenizer:
-    """A tokenizer folder (vocab.json + merges.txt, or tokenizer.json), or a diffusers pipeline folder
-    holding one as tokenizer/; its own pad token wins over `pad_token`."""
+def load_tokenizer(folder, encoder=None, pad_token=None, max_length=None) -> Tokenizer:
+    """A tokenizer folder (vocab.json + merges.txt, or tokenizer.json), or a diffusers pipeline folder holding one
+    as tokenizer/; its own pad token wins over `pad_token`. Its max_length is cut to its text encoder's (`encoder`)."""
     folder = Path(folder)
     if (folder / "tokenizer").is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         folder = folder / "tokenizer"
     try:
-        return Tokenizer.from_folder(folder, pad_token=pad_token, max_length=max_length)
+        tokenizer = Tokenizer.from_folder(folder, pad_token=pad_token, max_length=max_length)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"tokenizer: {e}".replace("\n", " ")) from None
+    if encoder is not None:
+        tokenizer.max_length = min(bounded(tokenizer, folder, encoder).max_length, encoder.max_positions)
+    return tokenizer

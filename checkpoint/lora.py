@@ -231,7 +231,7 @@ def peft_alphas(path: Path):
     text = safetensors_header(path)[1].get("lora_adapter_metadata")
     try:
         metadata = json.loads(text) if text else {}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past Python's limit
         raise LoraError(f"{path}: its lora_adapter_metadata is not JSON ({e})") from None
     if not isinstance(metadata, dict):
         raise LoraError(f"{path}: its lora_adapter_metadata is not a JSON object")

@@ -33,7 +33,7 @@ def folder_parts(path: Path, text_cfg: CLIPTextConfig, tokenizer, index: dict, d
     text_cfg_2 = read_config(path / "text_encoder_2" / "config.json", text_config_with_projection)
     tokenizer, tokenizer_2 = tokenizers(tokenizer or path)
     return penultimate(text_cfg), tokenizer, dict(
-        tokenizer_2=load_tokenizer(tokenizer_2),
+        tokenizer_2=load_tokenizer(tokenizer_2, text_cfg_2),
         text_encoder_2=load_text_encoder(path / "text_encoder_2", penultimate(text_cfg_2), device, dtype),
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
 

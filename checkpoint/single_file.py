@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from checkpoint.folder import FAMILIES, load_tokenizer
@@ -14,6 +15,7 @@ from checkpoint.original import (IGNORED, PREFIX, TEXT_ENCODERS, inspect_single_
 from checkpoint.pipeline import Pipeline
 from checkpoint.prediction import MARKERS, NAMES, Prediction, assumed_warning, read_prediction, written_metadata
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header, to_dtype
+from files import printable
 from model.clip import CLIPTextModel
 from model.unet import UNet
 from model.vae import AutoencoderKL
@@ -58,17 +60,17 @@ def load_single_file(path: Path, device, dtype, tokenizer=None, prediction_type=
     if prediction.type == "v_prediction" and family == "sd2":
         unet_cfg.sample_size = 96  # the 768-v models
     if prediction.said_by is None:
-        print(assumed_warning(path.name), file=sys.stderr, flush=True)
+        print(assumed_warning(printable(path.name)), file=sys.stderr, flush=True)
     scheduler = SchedulerConfig(prediction_type=prediction.type, rescale_betas_zero_snr=prediction.zero_snr)
     names = TEXT_ENCODERS[family]
     if family == "sdxl":
         scheduler.timestep_spacing = "leading"  # SDXL's scheduler_config.json says so, for every sampler
         tokenizer, tokenizer_2 = FAMILIES["sdxl"].tokenizers(tokenizer or download_tokenizer(family))
-        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, TOKENIZER_PAD["sdxl_g"]),
+        extra = dict(tokenizer_2=load_tokenizer(tokenizer_2, texts[names[1]], TOKENIZER_PAD["sdxl_g"]),
                      text_encoder_2=models[names[1]], force_zeros_for_empty_prompt=True)
     else:
         extra = {}
-    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), TOKENIZER_PAD[names[0]])
+    tokenizer = load_tokenizer(tokenizer or download_tokenizer(family), texts[names[0]], TOKENIZER_PAD[names[0]])
     return Pipeline(tokenizer=tokenizer, text_encoder=models[names[0]], unet=models["unet"],
                     vae=models["vae"], scheduler=scheduler, family=family, name=path.name, **extra)
 
@@ -109,7 +111,10 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
             out_state[k.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.")] = torch.zeros_like(out_state[k])
     out_state = {k: v.to(dtype or v.dtype).contiguous() for k, v in out_state.items()}
     out = Path(out)
-    save_file(out_state, str(out), metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
+    try:
+        save_file(out_state, str(out), metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
+    except SafetensorError as e:  # what the file system said, in safetensors' words
+        raise OSError(f"{out}: cannot write it ({e})") from None
     return out
 
 
@@ -123,10 +128,14 @@ def main(argv, export_single_file) -> int:
     ex.add_argument("out", help="output .safetensors path")
     ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     args = parser.parse_args(argv)
-    try:
-        path = export_single_file(args.source, args.out, to_dtype(args.dtype))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    out = Path(args.out)
+    try:  # the output's folder first, made if missing as generate.py's --out: before a load that may take minutes
+        if out.is_dir():
+            raise OSError(f"{out}: names a folder; give a file name, e.g. {out / 'model.safetensors'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = export_single_file(args.source, out, to_dtype(args.dtype))
+    except (CheckpointError, OSError) as e:  # one line, with what a terminal would obey shown as escapes
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    print(f"wrote {printable(str(path))}")
     return 0

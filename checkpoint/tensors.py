@@ -29,12 +29,12 @@ def to_dtype(dtype) -> torch.dtype:
 
 
 def read_json(file: Path, needed: str = "") -> dict:
-    """A JSON file, or a CheckpointError saying it is missing (and what needs it) or broken."""
+    """A JSON file, or a CheckpointError: missing (and what needs it), not JSON, or past Python's json limits."""
     try:
         return json.loads(Path(file).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing{f' ({needed})' if needed else ''}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 

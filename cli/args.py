@@ -15,7 +15,7 @@ from checkpoint.tensors import DTYPES
 from methods import options
 from methods.options import UsageError, check_rules, finite
 from sampler.base import SAMPLERS
-from vlm.base import printable
+from files import printable
 
 
 class Parser(argparse.ArgumentParser):
@@ -117,7 +117,7 @@ def load_model(args):
 
 def fail(message, code: int) -> int:
     """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`.
-    Control characters are shown as escapes (vlm.client.printable), whoever wrote the message."""
+    Control characters are shown as escapes (files.printable), whoever wrote the message."""
     lines = str(message).strip().splitlines()
     print(f"error: {printable(lines[0] if lines else str(message))}", file=sys.stderr)
     return code

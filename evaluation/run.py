@@ -29,7 +29,7 @@ from evaluation.run_folder import (IMAGES, RECORDS_FILE, RunLock, append_record,
 from methods import Method
 from methods.base import prepare_all
 from sampler.loop import EDITS, NonFiniteError, generate
-from vlm.base import printable
+from files import printable
 
 # Ranks wait for each other at the end, and a resumed run can leave one rank hours of work more
 # than another; the default collective timeout (10 to 30 minutes) would kill the waiting ones.

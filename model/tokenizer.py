@@ -42,7 +42,7 @@ class Tokenizer:
         for token in (BOS, EOS, pad_token):
             if token not in vocab:
                 raise ValueError(f"token {token!r} is not in the vocabulary")
-        self.max_length = max_length
+        self.max_length, self.vocab = max_length, vocab  # vocab: token -> id, every id it makes
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         normalized = {BOS: True, EOS: True, pad_token: False} if normalized is None else normalized
 
@@ -76,18 +76,17 @@ class Tokenizer:
         and merges.txt (the hub's SD repos). The special tokens come from special_tokens_map.json, else
         tokenizer_config.json, else `pad_token`; max_length from model_max_length (77 if absent)."""
         path = Path(path)
-        config = {**_read_json(path / "tokenizer_config.json", missing_ok=True),
-                  **_read_json(path / "special_tokens_map.json", missing_ok=True)}
+        special = _read_json(path / "special_tokens_map.json", missing_ok=True)
+        config, tokens = {**_read_json(path / "tokenizer_config.json", missing_ok=True), **special}, {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):  # each entry as a dict
+            tokens[key] = entry = config[key] if isinstance(config.get(key), dict) else {"content": config.get(key)}
+            if not isinstance(entry.get("content"), (str, type(None))):
+                file = path / ("special_tokens_map.json" if key in special else "tokenizer_config.json")
+                raise ValueError(f"{file}: {key} is {entry.get('content')!r}, not a token")
         # transformers matches a special token given as a plain string only as typed, and of a token's
         # entries the last one counts; tokenizer.json holds what it registered.
-        normalized = {}
-        for entry in (config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")):
-            if isinstance(entry, dict):
-                normalized[entry.get("content")] = entry.get("normalized", False)
-            elif entry is not None:
-                normalized[entry] = False
-        pad = config.get("pad_token") or pad_token
-        pad = pad.get("content") if isinstance(pad, dict) else pad
+        normalized = {e.get("content"): e.get("normalized", False) for e in tokens.values()}
+        pad = tokens["pad_token"].get("content") or pad_token
         length = config.get("model_max_length")  # 1e30, transformers' "no limit", is no length either
         args = (pad, max_length or (length if isinstance(length, int) and length < 10**30 else 77), normalized)
         file = path / "tokenizer.json"
@@ -101,8 +100,12 @@ class Tokenizer:
         model = fast.get("model")
         if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise ValueError(f"{file}: holds no BPE model; not a CLIP tokenizer")
-        normalized.update({t.get("content"): t.get("normalized") for t in fast.get("added_tokens", [])})
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        added, merges = fast.get("added_tokens", []), model.get("merges", [])
+        if not isinstance(merges, list) or not isinstance(added, list) or any(
+                not isinstance(t, dict) or not isinstance(t.get("content"), str) for t in added):
+            raise ValueError(f"{file}: model.merges is not a list, or added_tokens not a list of {{\"content\": ...}}")
+        normalized.update({t["content"]: t.get("normalized") for t in added})
+        merges = [tuple(m.split(" ") if isinstance(m, str) else m if isinstance(m, list) else [m]) for m in merges]
         return cls._checked(model["vocab"], merges, file, file, *args)
 
     @classmethod
@@ -159,7 +162,7 @@ def _read_json(file, missing_ok=False) -> dict:
         return {}
     try:
         value = json.loads(Path(file).read_text(encoding="utf-8"))
-    except ValueError as e:  # not UTF-8, or not JSON
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's recursion limit
         raise ValueError(f"{file}: not a JSON file ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{file}: holds no JSON object")

@@ -26,10 +26,11 @@ from transformers import CLIPConfig, CLIPTextConfig
 from checkpoint.clip import clip_config_from_transformers, load_clip
 from checkpoint.configs import text_config_from_transformers, unet_config_from_diffusers, vae_config_from_diffusers
 from checkpoint.sdxl import text_config_with_projection
+from checkpoint.single_file import main as single_file_main
 from checkpoints import make_taesd_folder
-from helpers import run_bounded
+from helpers import run, run_bounded
 from checkpoint.taesd import load_taesd, taesd_config_from_diffusers
-from weights import CheckpointError, load_pipeline
+from weights import CheckpointError, export_single_file, load_pipeline
 
 # Address space for a child that loads the small checkpoints below: they need under 1 GiB of it.
 MEMORY = 3 * 2**29
@@ -49,13 +50,25 @@ def with_tensors(file: Path, out: Path, tensors: dict) -> Path:
     return out
 
 
-def with_config(folder: Path, out: Path, file: str, key: str, value) -> Path:
-    """A copy of `folder` whose `file` (a config.json) has `key` set to `value`; "a.b" sets b in the dict a."""
+def with_config(folder: Path, out: Path, file: str, key: str, value, **also) -> Path:
+    """A copy of `folder` whose `file` (a JSON object) has `key` set to `value`, and each key of `also`
+    to its value; "a.b" sets b in the dict a."""
     out = Path(shutil.copytree(folder, out))
     config = json.loads((out / file).read_text())
-    *outer, last = key.split(".")
-    (config[outer[0]] if outer else config)[last] = value
+    for key, value in {key: value, **also}.items():
+        *outer, last = key.split(".")
+        inner = config
+        for name in outer:
+            inner = inner[name]
+        inner[last] = value
     (out / file).write_text(json.dumps(config))
+    return out
+
+
+def with_text(folder: Path, out: Path, file: str, text: str) -> Path:
+    """A copy of `folder` whose `file` holds `text`."""
+    out = Path(shutil.copytree(folder, out))
+    (out / file).write_text(text)
     return out
 
 
@@ -100,6 +113,9 @@ HOSTILE = {
                            r"config\.json: .*vision_config.*num_hidden_layers"),
     "taesd-blocks": (in_config("taesd", "taesd", "config.json", "num_decoder_blocks", [10**7, 3, 3, 1]),
                      r"config\.json: .*num_decoder_blocks"),
+    # cuts prompt and negative to nothing: the image would be unguarded, its PNG text saying otherwise
+    "tokenizer-length": (in_config("sd1", "pipeline", "tokenizer/tokenizer_config.json", "model_max_length", 2),
+                         r"tokenizer/tokenizer_config\.json: model_max_length=2"),
 }
 UNTOUCHED = {"sd1": untouched("sd1", "pipeline"), "sd1-file": untouched("sd1_file", "pipeline", tokenizer="sd1"),
              "sdxl": untouched("sdxl", "pipeline"), "clip": untouched("clip", "clip"),
@@ -155,7 +171,7 @@ def test_the_untouched_checkpoints_load_in_the_same_memory(outcomes, name):
     assert outcomes[name] == ("loaded", "")
 
 
-@pytest.mark.parametrize("name", ["input-block-index", "unet-layers"])
+@pytest.mark.parametrize("name", ["input-block-index", "unet-layers", "tokenizer-length"])
 def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     out = tmp_path / "image.png"
     _, source, kwargs = sources[name]
@@ -168,8 +184,9 @@ def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     assert not out.exists()
 
 
-# Values that fit in memory but no model has, or of the wrong type: each one line naming file and key.
-@pytest.mark.parametrize("base, file, key, value", [
+# Values that fit in memory but no model has, or of the wrong type: each one line naming file and key (and
+# the other keys to set with it, when there are).
+@pytest.mark.parametrize("base, file, key, value, also", [row if len(row) == 5 else (*row, {}) for row in [
     ("sd1", "unet/config.json", "layers_per_block", "2"),
     ("sd1", "unet/config.json", "layers_per_block", 2.5),
     ("sd1", "unet/config.json", "layers_per_block", 0),
@@ -187,14 +204,106 @@ def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     ("clip", "config.json", "vision_config.patch_size", 0),
     ("clip", "config.json", "vision_config.image_size", 4),  # smaller than a patch
     ("taesd", "config.json", "latent_channels", None),
-])
-def test_a_config_value_no_model_has_is_one_line(bases, tmp_path, base, file, key, value):
-    folder = with_config(bases[base], tmp_path / "folder", file, key, value)
+    ("taesd", "config.json", "scaling_factor", float("inf")),
+    # a scaling factor that makes unit latents overflow float16 either way it is applied
+    ("sd1", "vae/config.json", "scaling_factor", 1e-300),
+    ("sd1", "vae/config.json", "scaling_factor", 0),
+    ("sd1", "vae/config.json", "scaling_factor", float("inf")),
+    ("sd1", "vae/config.json", "scaling_factor", 1e5),
+    # betas at or past 1 make ᾱ reach 0 or go negative: NaN at the first step
+    ("sd1", "scheduler/scheduler_config.json", "beta_end", 1.0),
+    ("sd1", "scheduler/scheduler_config.json", "beta_end", float("inf")),
+    ("sd1", "scheduler/scheduler_config.json", "beta_start", float("nan")),
+    ("sd1", "scheduler/scheduler_config.json", "beta_end", 0.5),  # ᾱ underflows to 0 in float32
+    ("sdxl", "scheduler/scheduler_config.json", "steps_offset", "1"),
+    ("sdxl", "scheduler/scheduler_config.json", "steps_offset", None),
+    ("sdxl", "scheduler/scheduler_config.json", "clip_sample", "false"),  # a string is true
+    ("sdxl", "scheduler/scheduler_config.json", "clip_sample_range", "1", {"clip_sample": True}),
+    ("sdxl", "scheduler/scheduler_config.json", "clip_sample_range", None, {"clip_sample": True}),
+    # a tokenizer shorter than its text encoder cuts prompt and negative to nothing, or to less than it reads
+    ("sd1", "tokenizer/tokenizer_config.json", "model_max_length", 2),
+    ("sd1", "tokenizer/tokenizer_config.json", "model_max_length", 0),
+    ("sd1", "tokenizer/tokenizer_config.json", "model_max_length", True),
+    ("sd1", "tokenizer/tokenizer_config.json", "model_max_length", -5),
+    ("sd1", "tokenizer/tokenizer_config.json", "model_max_length", 76),
+    ("sdxl", "tokenizer_2/tokenizer_config.json", "model_max_length", 3),
+    # an id past the text encoder's embedding
+    ("sd1", "tokenizer/vocab.json", "<|startoftext|>", 10**6),
+    ("sd1", "tokenizer/vocab.json", "a</w>", 5000),
+    ("sdxl", "tokenizer_2/tokenizer.json", "model.vocab.<|endoftext|>", 10**7),
+    ("sd1", "model_index.json", "_class_name", 5),
+    ("sd1", "model_index.json", "_class_name", True),
+]])
+def test_a_config_value_no_model_has_is_one_line(bases, tmp_path, base, file, key, value, also):
+    folder = with_config(bases[base], tmp_path / "folder", file, key, value, **also)
     load = {"clip": load_clip, "taesd": load_taesd}.get(base, load_pipeline)
     with pytest.raises(CheckpointError) as info:
         load(folder)
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(folder / file)) and key.split(".")[-1] in message, message
+
+
+# What Python's json cannot read back into values: nesting past its recursion limit, and integers past its
+# limit on digits. Every JSON file a checkpoint holds, through the one reader each uses.
+NESTED, DIGITS = "[" * 100_000 + "]" * 100_000, '{"vocab_size": 1' + "0" * 5000 + "}"
+
+
+@pytest.mark.parametrize("base, file, text", [
+    ("sd1", "model_index.json", NESTED),
+    ("sd1", "unet/config.json", NESTED),
+    ("sd1", "scheduler/scheduler_config.json", NESTED),
+    ("sd1", "text_encoder/config.json", NESTED),
+    ("sd1", "text_encoder/config.json", DIGITS),
+    ("sd1", "tokenizer/vocab.json", NESTED),
+    ("sd1", "tokenizer/special_tokens_map.json", NESTED),
+    ("sdxl", "tokenizer_2/tokenizer.json", NESTED),
+    ("clip", "config.json", NESTED),
+    ("clip", "config.json", DIGITS),
+], ids=lambda v: "nested" if v is NESTED else "digits" if v is DIGITS else None)
+def test_json_past_pythons_limits_is_one_line(bases, tmp_path, base, file, text):
+    folder = with_text(bases[base], tmp_path / "folder", file, text)
+    load = {"clip": load_clip}.get(base, load_pipeline)
+    with pytest.raises(CheckpointError) as info:
+        load(folder)
+    assert "\n" not in str(info.value) and str(folder / file) in str(info.value), str(info.value)
+
+
+def test_a_tokenizer_config_that_sets_no_length_still_loads(bases, tmp_path):
+    """Old tokenizer configs lack model_max_length, or hold transformers' "no limit" (int(1e30))."""
+    folder = Path(shutil.copytree(bases["sd1"], tmp_path / "folder"))
+    config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    for length in [None, int(1e30)]:
+        (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": length}))
+        assert load_pipeline(folder).tokenizer.max_length == 77
+    del config["model_max_length"]
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_pipeline(folder).tokenizer.max_length == 77
+
+
+# `python weights.py export`: one line for what it cannot read or write, exit status 2, terminal escapes shown
+def export(capsys, *argv):
+    return run(single_file_main, capsys, "export", *argv, export_single_file=export_single_file)
+
+
+def test_export_says_a_broken_source_in_one_line(bases, tmp_path, capsys):
+    for name, make in [("class", lambda f: with_config(bases["sd1"], f, "model_index.json", "_class_name", 5)),
+                       ("nested", lambda f: with_text(bases["sd1"], f, "unet/config.json", NESTED)),
+                       ("escape\x1b]0;title\x07\nline", lambda f: f)]:  # no such source; its name in the message
+        code, out, err = export(capsys, make(tmp_path / name), tmp_path / "out.safetensors")
+        assert code == 2 and out == [] and len(err) == 1 and err[0].startswith("error: "), (name, err)
+        assert "\x1b" not in err[0] and "\x07" not in err[0], err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_export_writes_into_a_new_folder_and_refuses_a_folder(bases, tmp_path, capsys):
+    tmp_path.joinpath("folder").mkdir()
+    code, _, err = export(capsys, bases["sd1"], tmp_path / "folder")
+    assert code == 2 and len(err) == 1 and "folder" in err[0], err
+    (tmp_path / "file").write_text("")
+    code, _, err = export(capsys, bases["sd1"], tmp_path / "file" / "out.safetensors")  # under a file
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    code, out, _ = export(capsys, bases["sd1"], tmp_path / "new" / "out.safetensors")
+    assert code == 0 and (tmp_path / "new" / "out.safetensors").is_file(), out
 
 
 # The configs of the real models must pass: diffusers and transformers write them as for the hub repos.

@@ -30,7 +30,7 @@ from png_reader import read_png
 from sampler.loop import Guidance, generate as sample
 from methods.vldnp import DynamicNegatives
 from sampler.memory import GiB, TooLargeError, check_memory, is_out_of_memory, unet_bytes, vae_bytes
-from vlm.base import printable
+from files import printable
 from vlm.proposers import check_proposer
 from vlm.client import VLMClient
 from vlm.retry import TRANSIENT, RetryingProposer

@@ -190,12 +190,13 @@ def test_sd2_files_that_say_their_prediction_type_are_read_so(sd2v, tmp_path, ca
 
 
 def test_sd2_file_that_does_not_say_is_epsilon_with_one_warning(sd2v, tmp_path, capsys):
-    plain = _resaved(export_single_file(sd2v, tmp_path / "exported.safetensors"), tmp_path / "plain.safetensors",
+    plain = _resaved(export_single_file(sd2v, tmp_path / "exported.safetensors"),
+                     tmp_path / "plain\x1b]0;title\x07.safetensors",  # its name shown, not obeyed by the terminal
                      global_step=torch.tensor(110000))  # a step that tells nothing
     pipe = load_pipeline(plain, tokenizer=sd2v / "tokenizer")
     assert pipe.scheduler.prediction_type == "epsilon"
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: plain.safetensors:"), lines
+    assert len(lines) == 1 and lines[0].startswith("warning: plain\\x1b]0;title\\x07.safetensors:"), lines
     assert "assuming epsilon" in lines[0] and "--prediction-type v" in lines[0] and 'prediction_type="v"' in lines[0]
     # the caller's choice is no guess: no warning, and it wins over what a file says
     assert load_pipeline(plain, tokenizer=sd2v / "tokenizer", prediction_type="v").scheduler.prediction_type == "v_prediction"

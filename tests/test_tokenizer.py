@@ -248,10 +248,20 @@ DAMAGED = [
     ("tokenizer.json", b"{not json"), ("tokenizer.json", b'{"model": {"type": "WordPiece", "vocab": {}}}'),
     ("tokenizer.json", b'{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}}'),
     ("tokenizer_config.json", b"{not json"), ("special_tokens_map.json", b"\xff"),
+    # JSON of the wrong shapes, and nested past Python's recursion limit
+    ("special_tokens_map.json", b'{"bos_token": ["<|startoftext|>"]}'),
+    ("special_tokens_map.json", b'{"pad_token": {"content": ["!"]}}'),
+    *[("tokenizer.json", b'{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2}, '
+       b'"merges": [["a", "a"]]}, "added_tokens": ' + added + b"}")
+      for added in [b"[1, 2]", b'{"a": 1}', b"null", b'[{"content": ["a"]}]']],
+    *[("tokenizer.json", b'{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2}, '
+       b'"merges": ' + merges + b"}}") for merges in [b"[1, 2]", b"null", b'{"a": "b"}']],
+    *[(name, b"[" * 100_000 + b"]" * 100_000)
+      for name in ["vocab.json", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"]],
 ]
 
 
-@pytest.mark.parametrize("name, data", DAMAGED)
+@pytest.mark.parametrize("name, data", DAMAGED, ids=lambda v: v if isinstance(v, str) else ascii(v[:60])[2:-1])
 def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, name, data):
     folder = write_clip_vocab(tmp_path / "files")
     if name == "tokenizer.json":

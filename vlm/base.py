@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from files import printable
 from sampler.loop import to_uint8
 
 
@@ -50,18 +51,6 @@ def valid_text(text: str) -> str:
     """`text` with each lone surrogate replaced by U+FFFD. JSON can carry one ("\\ud83d") but UTF-8
     cannot, so a reply holding one could be written to no file or PNG."""
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
-
-
-# C0 and C1 control characters, DEL, and the bidirectional overrides and isolates that reorder
-# what a terminal shows (as in "Trojan Source", Boucher & Anderson 2021)
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str, keep: str = "") -> str:
-    """`text` with each control character (C0, DEL, C1) and bidirectional override written as its
-    Python escape, \\x1b or \\u202e, so that a terminal shows it rather than obeys it (ESC [2J
-    clears the screen, ESC ]0; sets the window title); the characters in `keep` (say "\\n") stay."""
-    return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -34,9 +34,10 @@ from urllib.parse import urljoin, urlsplit
 
 import torch
 
+from files import printable
 from leaves import Leaves
 from png import encode_png
-from vlm.base import Reply, one_line, prepare_image, printable, valid_text
+from vlm.base import Reply, one_line, prepare_image, valid_text
 from vlm.tasks import MAX_REPLY_CHARS, Task, is_refusal
 
 MAX_RESPONSE_BYTES = 1 << 20  # a 64-token answer is a few hundred bytes of JSON
