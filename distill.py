@@ -21,12 +21,11 @@ from distillation.train import Training, train
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import Sampling
 from evaluation.run_folder import model_settings
-from files import sha256_file
+from files import printable, sha256_file
 from leaves import MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options
 from sampler.base import SAMPLERS
 from sampler.memory import TooLargeError, is_out_of_memory
-from vlm.base import printable
 
 EXAMPLES = """\
 examples:

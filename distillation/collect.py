@@ -19,9 +19,9 @@ from distillation.data import RECORDS_FILE, DataError, add_prompt, done_keys, la
 from evaluation.prompts import PromptRow
 from evaluation.run import Sampling, row_values
 from evaluation.run_folder import cut_torn_tail, skipped_warning
+from files import printable
 from methods.base import prepare_all
 from sampler.loop import NonFiniteError, generate
-from vlm.base import printable
 from vlm.latent_proposer import latent_space
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from distillation.data import SETTINGS_FILE, DataError, Examples, check_training_data, read_examples, read_settings
 from evaluation.run_folder import skipped_warning
-from vlm.base import printable
+from files import printable
 from vlm.latent_proposer import LatentNetwork, NetworkConfig, save_latent_proposer, tensor_problem
 
 

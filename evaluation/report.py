@@ -15,9 +15,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate
-from files import write_atomic
+from files import printable, write_atomic
 from png import SAMPLER_NAMES
-from vlm.base import printable
 
 # A colour per method: Okabe-Ito's, then Paul Tol's muted, then hues a golden angle apart; each
 # round of seven also changes the marker, so no two methods look alike however many there are.

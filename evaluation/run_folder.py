@@ -27,8 +27,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from files import sha256_file, write_atomic
-from vlm.base import printable
+from files import printable, sha256_file, write_atomic
 
 try:
     import fcntl
