@@ -49,7 +49,6 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str, keep: str = "") -> str:
-    """`text` with each control character (C0, DEL, C1) and bidirectional override written as its
-    Python escape, \\x1b or \\u202e, so that a terminal shows it rather than obeys it (ESC [2J
-    clears the screen, ESC ]0; sets the window title); the characters in `keep` (say "\\n") stay."""
+    """`text` with each control character (C0, DEL, C1) and bidi override as its Python escape (\\x1b,
+    \\u202e), which a terminal shows rather than obeys (ESC [2J clears it); those in `keep` ("\\n") stay."""
     return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)

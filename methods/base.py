@@ -18,10 +18,9 @@ from files import write_json
 
 @dataclass
 class Plan:
-    """One prompt made by one method: `prompt` (a text or a sampler.loop Conditioning) and the other
-    keywords of generate() in `arguments`; `parameters`, the PNG settings it adds, led by "Method";
-    `negatives`, what the records keep of its negatives (per query: step, negative, error), the same
-    for every image. Methods whose hooks decide per image override the methods below."""
+    """One prompt made by one method: `prompt` (a text or a sampler.loop Conditioning) and generate()'s
+    other keywords (`arguments`); the PNG settings it adds, led by "Method" (`parameters`); what the records
+    keep of its negatives per query, alike for every image (`negatives`). Per-image hooks override below."""
     prompt: object
     arguments: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
@@ -72,8 +71,7 @@ class Method:
 
     @classmethod
     def add_options(cls, parser, many: bool):
-        """Adds the command-line options of this method alone (cli/args.py adds the shared ones);
-        `many`: evaluate.py's, where a list of values sweeps."""
+        """Adds this method's own options (methods/options.py adds the shared ones); `many`: lists sweep."""
 
     @classmethod
     def rules(cls, args) -> list[tuple[str, bool, str]]:

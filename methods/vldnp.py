@@ -70,10 +70,9 @@ class DynamicNegatives:
     answer it needs (None: no limit). Call `close()` afterwards to collect the answers outstanding."""
 
     def __init__(self, proposer, task: Task, query_steps=None, negative_scale: float = 7.5, asynchronous: bool = False,
-                 max_workers: int = 4, full_decode: bool = False, timeout: float | None = None,
-                 preview=None):
-        self.proposer, self.task, self.full_decode, self.timeout = proposer, task, full_decode, timeout
-        self.preview = preview
+                 max_workers: int = 4, full_decode: bool = False, timeout: float | None = None, preview=None):
+        self.proposer, self.task, self.preview, self.full_decode = proposer, task, preview, full_decode
+        self.timeout = timeout
         self.query_steps = None if query_steps is None else sorted({int(s) for s in query_steps})
         self.negative_scale, self.asynchronous, self.max_workers = negative_scale, asynchronous, max_workers
         self.prompts: list[str] = []

@@ -80,10 +80,8 @@ class Guidance:
                negatives, the unconditional branch is skipped and the output is out_c, as diffusers does.
     negative_scale: w_neg, how hard the three-branch negative pushes: one per image, or one for all.
     rule:      None for `guide`; else a callable (out_u, out_c, out_n, guidance, step) -> guided output
-               that combines the same branches differently, e.g. Safe Latent Diffusion (methods/sld.py).
-               It may be called twice for one step (after a hook changed a branch) and must then
-               give the same answer.
-    """
+               that combines the branches otherwise, e.g. Safe Latent Diffusion (methods/sld.py); it may
+               be called twice for one step (after a hook changed a branch) and must then agree."""
     prompt: list[Conditioning]
     uncond: list[Conditioning]
     negative: list[Conditioning | None]
