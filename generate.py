@@ -11,10 +11,9 @@ examples:
   python generate.py "a person at the beach" --method safree --sampler dpm++2m   # as evaluate.py's safree
   python generate.py "a person at the beach" --method dng --sampler euler-a --trace trace.json
 
-Prints the seed, then each image's path. Exit status: 0 done; 1 sampling failed (nothing saved), or
-the trace could not be written; 2 bad argument or model, or a VLM that does not answer (see
---allow-vlm-failures); 3 images saved, but for one or more of them no VL-DNP answer took effect: they
-were made without the dynamic negative, as their PNGs say; 130 interrupted. A bug is a traceback.
+Prints the seed, then each image's path. Exit status: 0 done; 1 nothing saved, or no trace written;
+2 bad argument, model or VLM (see --allow-vlm-failures); 3 saved, but made without the dynamic negative
+(no VL-DNP answer took effect, as the PNGs say); 130 interrupted. A bug is a traceback.
 """
 import argparse
 import secrets

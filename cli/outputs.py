@@ -83,8 +83,8 @@ def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
             png.write_png(path, image, {"parameters": text})
             written += 1
     finally:
-        for path in paths[written:] if out is None else []:  # claimed, never written
-            path.unlink(missing_ok=True)
+        if out is None and not written:  # the first, claimed, never written
+            paths[0].unlink(missing_ok=True)
     return paths
 
 
@@ -94,17 +94,13 @@ def numbered(base: Path, batch: int) -> list[Path]:
 
 
 def claim_new_paths(folder: Path, tag: str, batch: int) -> list[Path]:
-    """The next folder/NNNNN-TAG paths, created empty with O_EXCL: a name that exists already,
-    written by an earlier or a concurrent run, is never taken."""
+    """The next folder/NNNNN-TAG paths, the first created empty with O_EXCL: a name that exists already,
+    written by an earlier run (numbered below N) or a concurrent one (which claimed the same first), is never taken."""
     n = max((int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d{5,})-", f.name))), default=-1) + 1
     while True:
-        paths, claimed = numbered(folder / f"{n:05d}-{tag}", batch), []
+        paths = numbered(folder / f"{n:05d}-{tag}", batch)
         try:
-            for path in paths:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-                claimed.append(path)
+            os.close(os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             return paths
         except FileExistsError:
-            for path in claimed:
-                path.unlink()
             n += 1

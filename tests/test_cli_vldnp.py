@@ -135,7 +135,7 @@ def test_help_documents_exit_status_3_and_the_flag(capsys):
     assert generate.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--allow-vlm-failures" in text
-    assert "3 images saved, but for one or more of them no VL-DNP answer took effect" in text
+    assert "3 saved, but made without the dynamic negative (no VL-DNP answer took effect" in text
 
 
 def test_a_reply_with_a_lone_surrogate_is_saved_and_traced(sd1, tmp_path, capsys, server):
