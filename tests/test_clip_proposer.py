@@ -94,7 +94,7 @@ def broken(folder: Path, tmp_path: Path, what: str) -> Path:
     ("text-only", "holds a 'clip_text_model' model"),
     ("wrong-shape", "of the wrong shape"),
     ("bad-act", "hidden_act 'relu'"),
-    ("small-vocab", "different models"),
+    ("small-vocab", "past the text encoder's vocab_size=1000; the tokenizer is another model's"),
     ("corrupt", "truncated or corrupt"),
 ])
 def test_load_clip_errors(clip_reference, tmp_path, what, says):
