@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, read_safetensors
-from evaluation.run_folder import append_record, compared, read_records, same_row, settings_difference
+from evaluation.run_folder import append_record, compared, is_count, read_records, same_row, settings_difference
 from files import write_atomic, write_json
 
 SETTINGS_FILE = "data.json"
@@ -114,10 +114,6 @@ def done_keys(folder: Path, rows: dict[str, dict], bad: list[str] | None = None)
     return {key for key, r in latest.items() if r["status"] == "ok" and key not in changed}, changed
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _names(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
@@ -131,8 +127,8 @@ RECORD_FIELDS = {
     "examples": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of objects"),
 }
 EXAMPLE_FIELDS = {
-    "index": (_count, "a whole number >= 0"),
-    "image": (_count, "a whole number >= 0"),
+    "index": (is_count, "a whole number >= 0"),
+    "image": (is_count, "a whole number >= 0"),
     "error": (lambda v: v is None or isinstance(v, str), "text or null"),
     "concepts": (_names, "a list of names"),
 }
@@ -194,7 +190,7 @@ def _training_data_problem(data: dict) -> str | None:
         return "no latent_space: its collection never loaded the model"
     scaling = space.get("scaling_factor") if isinstance(space, dict) else None
     if not (isinstance(space, dict) and isinstance(space.get("family"), str)
-            and _count(space.get("latent_channels")) and 0 < space["latent_channels"] <= 4096
+            and is_count(space.get("latent_channels")) and 0 < space["latent_channels"] <= 4096
             and isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and 0 < scaling < math.inf):
         return "a latent_space that is not {family, latent_channels, scaling_factor}"
     method = settings.get("method")

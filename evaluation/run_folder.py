@@ -300,7 +300,8 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _count(value) -> bool:
+def is_count(value) -> bool:
+    """A whole number >= 0 (not a bool), as a record field must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -309,10 +310,10 @@ KEY = re.compile(r"[0-9]+_[A-Za-z0-9_.+-]+")  # {case}_{method key}, as run.py's
 # each must be, and whether every record has it.
 RECORD_FIELDS = {
     "key": (lambda v: isinstance(v, str) and KEY.fullmatch(v), "a job's name", True),
-    "job": (_count, "a whole number >= 0", True),
-    "case": (_count, "a whole number >= 0", True),
+    "job": (is_count, "a whole number >= 0", True),
+    "case": (is_count, "a whole number >= 0", True),
     "prompt": (lambda v: isinstance(v, str), "text", True),
-    "seed": (_count, "a whole number >= 0", True),
+    "seed": (is_count, "a whole number >= 0", True),
     "method": (lambda v: isinstance(v, str) and v != "", "a method's name", True),
     "scale": (lambda v: v is None or _number(v), "a number or null", True),
     "status": (lambda v: v in ("ok", "failed"), '"ok" or "failed"', True),
@@ -320,8 +321,8 @@ RECORD_FIELDS = {
     "metrics": (lambda v: isinstance(v, dict), "an object", True),
     "timings": (lambda v: isinstance(v, dict), "an object", True),
     "guidance": (_number, "a number", False),
-    "height": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
-    "width": (lambda v: _count(v) and v > 0, "a whole number > 0", False),
+    "height": (lambda v: is_count(v) and v > 0, "a whole number > 0", False),
+    "width": (lambda v: is_count(v) and v > 0, "a whole number > 0", False),
     "init_image": (lambda v: isinstance(v, str), "a file name", False),
     "mask": (lambda v: v is None or isinstance(v, str), "a file name or null", False),
 }
