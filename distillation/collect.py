@@ -108,7 +108,8 @@ def collect_prompt(spec: Collection, row: PromptRow, pipe) -> dict:
     key, sampling = str(row.case), spec.sampling
     values = row_values(spec, row)
     seed, cfg_scale = values["seed"], values["guidance"]
-    record = {"key": key, "case": row.case, "row": row.index, **values, "images": spec.images, "shard": None, "examples": [], "status": "ok", "error": None}
+    record = {"key": key, "case": row.case, "row": row.index, **values, "images": spec.images, "shard": None,
+              "examples": [], "status": "ok", "error": None}
     start = time.perf_counter()
     plan = spec.method.plan(pipe, row.prompt, spec.images)
     latents = QueryLatents(plan.hook)

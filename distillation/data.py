@@ -11,8 +11,9 @@
 A shard is written (atomically) before its record, and a record is appended whole (evaluation/run_folder.py's
 append_record), so a kill loses at most the prompt in flight; a re-run skips every prompt whose record
 says ok, whose shard exists and whose row of the prompt file still gives the prompt, seed and CFG
-scale it was made with (evaluation/run_folder.py same_row); a changed row is made again. A prompt whose teacher failed on some query is recorded as failed, and
-retried on a re-run; until then, the queries that were answered are data.
+scale it was made with (evaluation/run_folder.py same_row); a changed row is made again. A prompt
+whose teacher failed on some query is recorded as failed, and retried on a re-run; until then, the
+queries that were answered are data.
 """
 import json
 import math
