@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 import generate
-from evaluation.report import pareto_svg
+from evaluation.plot import pareto_svg
 from helpers import run
 from methods.dng import DNG, Strength, update
 from methods.vldnp import VLDNP

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate, protocol
-from evaluation.report import pareto_svg, write_report
+from evaluation.plot import pareto_svg
+from evaluation.report import write_report
 from png import write_png
 from png_reader import read_png
 
