@@ -40,7 +40,7 @@ def load_folder(path: Path, device, dtype, tokenizer=None) -> Pipeline:
     if (sdxl is not None) != ((path / "text_encoder_2").is_dir() or index.get("_class_name") in SDXL_PIPELINES):
         raise CheckpointError(f"{path}: the UNet {'takes' if sdxl else 'takes no'} SDXL's added conditioning but "
                               f"the folder {'has no' if sdxl else 'has a'} second text encoder (text_encoder_2/)")
-    vae_cfg = read_config(path / "vae" / "config.json", vae_config_from_diffusers)
+    vae_cfg = read_config(path / "vae" / "config.json", sdxl.vae_config if sdxl else vae_config_from_diffusers)
     text_cfg = read_config(path / "text_encoder" / "config.json", text_config_from_transformers)
 
     unet_state = read_component(path / "unet", "diffusion_pytorch_model", device, dtype)

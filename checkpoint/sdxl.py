@@ -4,14 +4,17 @@ penultimate layer; and a VAE that decodes in fp32 beside an fp16 UNet. SDXL's UN
 encoder and Pipeline are SD's classes with other config values. A leaf (checkpoint/folder.py:FAMILIES):
 without it, SD 1.x/2.x alone load."""
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
-from checkpoint.configs import bounded, read_config, text_config_from_transformers, value_or_default
+from checkpoint.configs import (bounded, read_config, text_config_from_transformers, vae_config_from_diffusers,
+                                value_or_default)
 from checkpoint.folder import load_text_encoder, load_tokenizer
 from checkpoint.tensors import CheckpointError, read_json
 from model.clip import CLIPTextConfig
+from model.vae import VAEConfig
 
 
 def text_config_with_projection(c: dict) -> CLIPTextConfig:
@@ -45,6 +48,19 @@ def tokenizers(folder) -> tuple[Path, Path]:
         raise CheckpointError(f"tokenizer: {folder} has no tokenizer_2/; SDXL needs two tokenizers, pass a diffusers "
                               "SDXL folder holding tokenizer/ and tokenizer_2/")
     return folder / "tokenizer", folder / "tokenizer_2"
+
+
+def vae_config(c: dict) -> VAEConfig:
+    """VAEConfig from an SDXL folder's vae/config.json, with the latents_mean and latents_std per channel that
+    StableDiffusionXLPipeline takes out of the latents where the config gives both (SD's pipeline ignores them)."""
+    cfg, moments = vae_config_from_diffusers(c), [c.get("latents_mean"), c.get("latents_std")]
+    if None in moments:
+        return cfg
+    if not all(isinstance(m, list) and len(m) == cfg.latent_channels and all(
+            type(v) in (int, float) and math.isfinite(v) for v in m) for m in moments) or min(moments[1]) <= 0:
+        raise CheckpointError(f"latents_mean and latents_std must be {cfg.latent_channels} finite numbers each, "
+                              "the std above 0")
+    return dataclasses.replace(cfg, latents_mean=tuple(moments[0]), latents_std=tuple(moments[1]))
 
 
 def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:

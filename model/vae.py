@@ -35,6 +35,9 @@ class VAEConfig:
     # unit-variance inputs (Rombach et al. 2022, Sec. 4.3.2). Applied only in
     # AutoencoderKL.encode / decode.
     scaling_factor: float = 0.18215
+    # Per channel, taken out of z before that scaling where an SDXL VAE's config says (Playground v2.5's)
+    latents_mean: tuple[float, ...] = (0.0,)
+    latents_std: tuple[float, ...] = (1.0,)
 
 
 SD = VAEConfig()  # SD 1.x and SD 2.x share the same VAE
@@ -182,7 +185,7 @@ class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1).
 
     This class is the ONE place where latents are scaled: `encode` returns
-    `scaling_factor * z` and `decode` divides by it, so everything outside the VAE
+    `scaling_factor * (z - mean) / std` and `decode` inverts it, so everything outside the VAE
     (UNet, sampler, pipeline) only ever sees scaled latents.
     """
 
@@ -197,7 +200,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8].
 
-        Returns `scaling_factor * z`, where z is the posterior mean if `generator` is None,
+        Returns `scaling_factor * (z - mean) / std` (the config's latents_mean and latents_std:
+        0 and 1 in SD), where z is the posterior mean if `generator` is None,
         else a sample `mean + std * eps`. eps ~ N(0, I) is drawn on the generator's device
         in the latents' dtype and then moved to the latents' device, with logvar clamped
         to [-30, 20] first: the same draw as diffusers' DiagonalGaussianDistribution.sample,
@@ -210,7 +214,8 @@ class AutoencoderKL(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
             z = mean + std * eps.to(mean.device)
-        return self.config.scaling_factor * z
+        latents_mean, latents_std = self.moments(z)
+        return (z - latents_mean) * self.config.scaling_factor / latents_std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w].
@@ -219,5 +224,15 @@ class AutoencoderKL(nn.Module):
         `(images / 2 + 0.5).clamp(0, 1)` when converting to pixels. The latents are cast to the
         VAE's dtype, which may be wider than the UNet's (SDXL's VAE decodes in fp32).
         """
-        z = latents.to(self.post_quant_conv.weight.dtype) / self.config.scaling_factor
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self.unscale(latents)))
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> z in the VAE's dtype, `encode`'s scaling undone as diffusers' SDXL pipelines do."""
+        latents = latents.to(self.post_quant_conv.weight.dtype)
+        latents_mean, latents_std = self.moments(latents)
+        return latents * latents_std / self.config.scaling_factor + latents_mean
+
+    def moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The config's latents_mean and latents_std, [1, C, 1, 1] in `like`'s dtype (C = 1: 0 and 1)."""
+        as_tensor = lambda v: torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return as_tensor(self.config.latents_mean), as_tensor(self.config.latents_std)

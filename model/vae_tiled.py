@@ -24,7 +24,7 @@ def decode_tiled(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16) 
     B, _, h, w = latents.shape
     f = 2 ** (len(vae.config.channels) - 1)  # image pixels per latent pixel
     latents = latents.to(vae.post_quant_conv.weight.dtype)
-    z = vae.post_quant_conv(latents / vae.config.scaling_factor)  # 1x1: exact per tile
+    z = vae.post_quant_conv(vae.unscale(latents))  # 1x1: exact per tile
     rows, cols = _tile_spans(h, tile, overlap), _tile_spans(w, tile, overlap)
     images = latents.new_zeros(B, vae.config.out_channels, f * h, f * w)
     total = latents.new_zeros(f * h, f * w)  # sum of the blend weights at each pixel

@@ -105,6 +105,10 @@ SDXL_WIDTH = SDXL["unet"]["cross_attention_dim"]  # both text encoders' hidden s
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
                       prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, clip_sample=False)
+# playgroundai/playground-v2.5-1024px-aesthetic's vae/config.json sets these: an SDXL VAE whose latents are
+# normalised per channel before scaling (its pipeline's EDM scheduler aside)
+NORMALISED_VAE = dict(latents_mean=[-1.6574, 1.886, -1.383, 2.5155], latents_std=[8.4927, 5.9022, 6.5498, 5.2299],
+                      scaling_factor=0.5)
 # stabilityai/sdxl-turbo's scheduler/scheduler_config.json: SDXL base's betas, EulerAncestralDiscreteScheduler,
 # "trailing" spacing (diffusers PR 6121 and the SDXL-Turbo docs: 1-4 steps at guidance 0)
 TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,

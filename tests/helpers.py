@@ -2,6 +2,8 @@
 checked on, the reference models' outputs on a folder, a loading error's one line, images from a diffusers
 pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a PNG that inflates
 to any size, a command run in bounded memory."""
+import json
+import os
 import resource
 import shutil
 import struct
@@ -120,6 +122,17 @@ def ddim_reference(folder):
     are compared with."""
     from diffusers import StableDiffusionPipeline
     return reference_pipeline(StableDiffusionPipeline, folder, "ddim")
+
+
+def with_settings(folder, root, config="scheduler/scheduler_config.json", **settings):
+    """A copy of `folder` (its weights linked) whose scheduler_config.json (or another `config`) has `settings`
+    changed."""
+    copy = root / folder.name
+    shutil.copytree(folder, copy, copy_function=os.link)
+    file = copy / config
+    file.unlink()  # linked: write a new file, not into the original's
+    file.write_text(json.dumps({**json.loads((folder / config).read_text()), **settings}))
+    return copy
 
 
 def assert_same_image(ours, expected):

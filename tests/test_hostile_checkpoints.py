@@ -210,6 +210,10 @@ def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     ("sd1", "vae/config.json", "scaling_factor", 0),
     ("sd1", "vae/config.json", "scaling_factor", float("inf")),
     ("sd1", "vae/config.json", "scaling_factor", 1e5),
+    # SDXL's per-channel latents_mean and latents_std: one number a channel, the std above 0
+    ("sdxl", "vae/config.json", "latents_std", [1.0, 0.0, 1.0, 1.0], {"latents_mean": [0.0] * 4}),
+    ("sdxl", "vae/config.json", "latents_mean", [0.0, 1.0], {"latents_std": [1.0] * 4}),
+    ("sdxl", "vae/config.json", "latents_mean", ["0", 0, 0, 0], {"latents_std": [1.0] * 4}),
     # betas at or past 1 make ᾱ reach 0 or go negative: NaN at the first step
     ("sd1", "scheduler/scheduler_config.json", "beta_end", 1.0),
     ("sd1", "scheduler/scheduler_config.json", "beta_end", float("inf")),

@@ -12,8 +12,9 @@ import evaluate
 import generate
 import png
 import png_reader
+from checkpoints import NORMALISED_VAE
 from helpers import (assert_same_image, box_mask, inflating_png, picture, pipeline_images, reference_pipeline,
-                     run, scheduler_classes, to_pil)
+                     run, scheduler_classes, to_pil, with_settings)
 from sampler.base import SAMPLERS
 from sampler.edit import first_step, mask_from_image
 from sampler.loop import generate as sample
@@ -86,6 +87,15 @@ def test_sdxl_matches_diffusers(sdxl, sampler):
     ours = sample(load_pipeline(sdxl), "a castle", steps=5, init_image=image, strength=0.6, sampler=sampler,
                   progress=False)
     assert_same_image(ours, reference(StableDiffusionXLImg2ImgPipeline, sdxl, sampler, "a castle", image, steps=5,
+                                      strength=0.6))
+
+
+def test_sdxl_with_a_normalised_vae_matches_diffusers(sdxl, tmp_path):
+    """A VAE config with latents_mean and latents_std (Playground v2.5's): StableDiffusionXLImg2ImgPipeline
+    encodes the image to (z − mean)·scaling_factor/std, and decodes back."""
+    folder, image = with_settings(sdxl, tmp_path, "vae/config.json", **NORMALISED_VAE), picture(32, 24, seed=4)
+    ours = sample(load_pipeline(folder), "a castle", steps=5, init_image=image, strength=0.6, progress=False)
+    assert_same_image(ours, reference(StableDiffusionXLImg2ImgPipeline, folder, "ddim", "a castle", image, steps=5,
                                       strength=0.6))
 
 

@@ -4,15 +4,15 @@ the loop's conditioning, with no SDXL branch in the loop (SDXL base's and SDXL-T
 image of an original single file)."""
 import inspect
 import json
-import os
 import shutil
 
 import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
-from checkpoints import SDXL_SCHEDULER, TURBO_SCHEDULER, make_sdxl_folder
-from helpers import assert_same_image, ddim_reference, pipeline_images, scheduler_classes, sdxl_reference
+from checkpoints import NORMALISED_VAE, SDXL_SCHEDULER, TURBO_SCHEDULER, make_sdxl_folder
+from helpers import (assert_same_image, ddim_reference, pipeline_images, scheduler_classes, sdxl_reference,
+                     with_settings)
 from sampler.base import SAMPLERS, Sampler
 from sampler.ddim import DDIM
 from sampler.loop import NonFiniteError, generate
@@ -63,16 +63,6 @@ def test_sd2_v_prediction_matches_diffusers(sd2v, tmp_path):
     assert_same_image(generate(pipe, **kw, progress=False), reference_images(ddim_reference(sd2v), **kw))
 
 
-def with_scheduler_settings(folder, root, **settings):
-    """A copy of `folder` (its weights linked) whose scheduler_config.json has `settings` changed."""
-    copy = root / folder.name
-    shutil.copytree(folder, copy, copy_function=os.link)
-    file = copy / "scheduler" / "scheduler_config.json"
-    file.unlink()  # linked: write a new file, not into the original's
-    file.write_text(json.dumps({**json.loads((folder / "scheduler" / "scheduler_config.json").read_text()), **settings}))
-    return copy
-
-
 OUTDATED = {"steps_offset-0": dict(steps_offset=0), "clip_sample": dict(clip_sample=True)}
 
 
@@ -84,7 +74,7 @@ def test_an_outdated_sd_scheduler_config_is_read_as_stable_diffusion_pipeline_re
     to False in the scheduler config they are given, as hub folders of SD 1.x/2.x still hold older values;
     a scheduler made from the pipeline's config inherits them."""
     from diffusers import StableDiffusionPipeline
-    folder = with_scheduler_settings(sd1, tmp_path, **OUTDATED[outdated])
+    folder = with_settings(sd1, tmp_path, **OUTDATED[outdated])
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = scheduler_classes()[sampler].from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -94,7 +84,7 @@ def test_an_outdated_sd_scheduler_config_is_read_as_stable_diffusion_pipeline_re
 
 def test_an_sdxl_scheduler_config_is_read_as_written(sdxl, tmp_path):
     """StableDiffusionXLPipeline rewrites nothing: steps_offset 0 stays 0."""
-    folder = with_scheduler_settings(sdxl, tmp_path, steps_offset=0)
+    folder = with_settings(sdxl, tmp_path, steps_offset=0)
     ours = generate(load_pipeline(folder), "a photo of a dog", **DEFAULTS, progress=False)
     assert_same_image(ours, reference_images(sdxl_reference(folder, "ddim"), "a photo of a dog", **DEFAULTS))
 
@@ -317,6 +307,17 @@ def test_an_empty_prompt_on_sdxl_with_transformers_own_token_ids_matches_diffuse
     kw = dict(DEFAULTS, prompt="", negative_prompt=negative_prompt)
     ours = generate(load_pipeline(folder), **kw, progress=False)
     assert_same_image(ours, reference_images(sdxl_reference(folder, "ddim"), **kw))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd1"])
+def test_a_vae_config_with_latents_mean_and_std_is_read_as_diffusers_reads_it(request, tmp_path, family):
+    """StableDiffusionXLPipeline decodes (latents·std/scaling_factor + mean); StableDiffusionPipeline has no
+    such keys and decodes latents/scaling_factor, whatever the VAE's config says."""
+    folder = with_settings(request.getfixturevalue(family), tmp_path, "vae/config.json", **NORMALISED_VAE)
+    kw = dict(DEFAULTS, prompt="a cat on a table", negative_prompt="blurry")
+    ours = generate(load_pipeline(folder), **kw, progress=False)
+    assert_same_image(ours, reference_images(sdxl_reference(folder, "ddim") if family == "sdxl" else
+                                             ddim_reference(folder), **kw))
 
 
 def test_sdxl_default_size_is_diffusers(sdxl):
