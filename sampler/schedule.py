@@ -51,6 +51,8 @@ class SchedulerConfig:
         """Read a diffusers scheduler_config.json of any scheduler class. Missing keys keep SD's
         defaults (timestep_spacing: None, the sampler's own); keys that are not fields go to
         other_settings, but for those set to null, which diffusers' classes take as unset."""
+        if str(d.get("_class_name")).startswith(("EDM", "FlowMatch")):  # Playground v2.5's; SD3's
+            raise ValueError(f"{d['_class_name']} samples a noise schedule other than SD's betas; not supported")
         if d.get("thresholding"):
             raise ValueError("thresholding=true (dynamic thresholding) is not supported")
         if d.get("trained_betas") is not None:

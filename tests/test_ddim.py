@@ -1,8 +1,10 @@
 """Parity of sampler/ddim.py with diffusers' DDIMScheduler, configured with SD's settings and variations."""
 import dataclasses
+import json
 
 import pytest
 import torch
+import diffusers
 from diffusers import DDIMScheduler, PNDMScheduler
 
 from helpers import assert_close_rel
@@ -182,6 +184,16 @@ def test_from_dict_matches_diffusers_from_config():
 def test_from_dict_rejects_unsupported(bad):
     with pytest.raises(ValueError):
         SchedulerConfig.from_dict({**SD14_SCHEDULER_JSON, **bad})
+
+
+@pytest.mark.parametrize("scheduler", ["EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+                                       "FlowMatchEulerDiscreteScheduler"])
+def test_from_dict_rejects_a_schedule_without_sd_betas(scheduler):
+    """Playground v2.5's EDM scheduler (an SDXL UNet and VAE) and the flow-matching ones sample another noise
+    schedule than SD's betas, which these samplers would silently use in their place."""
+    config = json.loads(getattr(diffusers, scheduler)().to_json_string())
+    with pytest.raises(ValueError, match=scheduler):
+        SchedulerConfig.from_dict(config)
 
 
 def test_rejects_bad_step_counts():
