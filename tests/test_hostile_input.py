@@ -207,6 +207,15 @@ def test_a_name_lookup_that_hangs_ends_at_the_deadline(server, monkeypatch):
     assert len(vlm.requests) == 3
 
 
+def test_a_name_lookup_that_finds_no_address_is_a_failed_query(monkeypatch):
+    """A `getaddrinfo` may answer with no address at all (the system's raises instead): a failed query
+    that says so, as a lookup that fails, not a NameError."""
+    no_proxies(monkeypatch)
+    client = VLMClient("http://nowhere.example:8000/v1", "m", NUDITY, timeout=5)
+    client.getaddrinfo = lambda *args, **kwargs: []
+    assert client(IMAGE, "p", 0).error == "name lookup for nowhere.example found no address"
+
+
 # ---------------------------------------------------------------------------------------------
 # A certificate that does not verify is a permanent fault: one line at once, never retried, no key sent
 
