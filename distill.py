@@ -33,8 +33,9 @@ examples:
   python distill.py train data/nudity --out nudity-sd14.safetensors
   python evaluate.py nudity.csv --out runs/latent --methods sd,vldnp --latent-proposer nudity-sd14.safetensors
 
-collect: re-run the same command to resume. Exit status: 0 done; 1 some prompts failed (re-run to
-retry them); 2 bad argument, prompt file, model, data folder or VLM; 130 interrupted.
+collect: re-run the same command to resume. Exit status: 0 done; 1 some prompts failed (a re-run
+retries those whose VLM queries failed; NaN latents fail again); 2 bad argument, prompt file, model,
+data folder or VLM; 130 interrupted.
 """
 
 

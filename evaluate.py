@@ -46,8 +46,9 @@ examples:
 
 Re-run the same command to resume; a folder whose run made no image takes other settings. Rows
 of PROMPTS.csv that cannot be used are skipped, each named in a warning and listed in run.json.
-Exit status: 0 all images done, 1 some failed (re-run to retry them), 2 bad argument, prompt file
-with no usable row, model, run folder or VLM, 130 interrupted.
+Exit status: 0 all images done, 1 some failed (the summary says which a re-run may mend: those whose
+VL-DNP queries failed), 2 bad argument, prompt file with no usable row, model, run folder or VLM, 130
+interrupted.
 """
 
 

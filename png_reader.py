@@ -11,6 +11,8 @@ diffusers' load_image (PIL's convert("RGB")) gives them: grey repeated, the pale
 alpha dropped. Other files (JPEG, 16-bit or interlaced PNGs) are refused in one line that says how
 to save them, so the runtime needs no image library. A leaf: only edits need it (docs/fork.md).
 """
+import os
+import stat
 import struct
 import zlib
 
@@ -37,9 +39,11 @@ EXTRA_ROWS = 2**16  # bytes of rows past the image still inflated (and ignored, 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     """(uint8 [H, W, 3] RGB, its text chunks) of a PNG file; ImageFileError, one line, for a file that
     cannot be read."""
-    try:
-        with open(path, "rb") as file:  # at most MAX_BYTES + 1: a link to /dev/zero is not read whole
-            data = bytearray()
+    try:  # opened without waiting (a named pipe's open waits for a writer), then refused unless a file
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise ImageFileError(f"{path}: not a regular file (a named pipe or a device); give a PNG file")
+            data = bytearray()  # at most MAX_BYTES + 1
             while len(data) <= MAX_BYTES and (block := file.read(2**20)):
                 data += block
     except OSError as e:

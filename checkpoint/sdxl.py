@@ -38,7 +38,16 @@ def folder_parts(path: Path, text_cfg: CLIPTextConfig, tokenizer, index: dict, d
     return penultimate(text_cfg), tokenizer, dict(
         tokenizer_2=load_tokenizer(tokenizer_2, text_cfg_2),
         text_encoder_2=load_text_encoder(path / "text_encoder_2", penultimate(text_cfg_2), device, dtype),
-        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+        force_zeros_for_empty_prompt=switch(index, "force_zeros_for_empty_prompt", path / "model_index.json"))
+
+
+def switch(config: dict, key: str, file: Path) -> bool:
+    """config[key], true when unset as in diffusers' SDXL; a CheckpointError naming `file` unless it is true
+    or false (a string "false" would be true, and diffusers reads 0 as false)."""
+    value = config.get(key, True)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{file}: {key}={value!r} is not true or false")
+    return value
 
 
 def tokenizers(folder) -> tuple[Path, Path]:
@@ -66,9 +75,8 @@ def vae_config(c: dict) -> VAEConfig:
 def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
     """SDXL's VAE overflows in fp16: diffusers decodes it in fp32 unless its config says it is safe
     (force_upcast false, as in madebyollin/sdxl-vae-fp16-fix)."""
-    if dtype != torch.float16 or read_json(folder / "config.json").get("force_upcast", True) is False:
-        return dtype
-    return torch.float32
+    upcast = switch(read_json(folder / "config.json"), "force_upcast", folder / "config.json")
+    return torch.float32 if upcast and dtype == torch.float16 else dtype
 
 
 def check_added_conditioning(pipe, source):

@@ -1,7 +1,9 @@
 """Loading and writing original single files with the tables of original.py, and the command line that
 writes one (`python weights.py export`)."""
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -111,10 +113,20 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
             out_state[k.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.")] = torch.zeros_like(out_state[k])
     out_state = {k: v.to(dtype or v.dtype).contiguous() for k, v in out_state.items()}
     out = Path(out)
-    try:
-        save_file(out_state, str(out), metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
-    except SafetensorError as e:  # what the file system said, in safetensors' words
-        raise OSError(f"{out}: cannot write it ({e})") from None
+    # Atomic as files.write_atomic, whose bytes (safetensors' save) would hold the weights twice in memory: written
+    # in a temporary folder beside `out` (removed, whatever happens), flushed to disk and renamed over `out`.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as folder:
+        part = os.path.join(folder, "part")
+        try:
+            save_file(out_state, part, metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
+        except SafetensorError as e:  # what the file system said, in safetensors' words
+            raise OSError(f"{out}: cannot write it ({e})") from None
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(part, 0o666 & ~umask)  # a plain open()'s permissions (safetensors' own temporary file has 0600)
+        os.replace(part, out)
     return out
 
 

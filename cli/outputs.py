@@ -19,6 +19,8 @@ def check_out(out: str | None, option: str):
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):  # os.path's: no OSError
         raise UsageError(f"{name}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
+    if out is not None and not re.fullmatch(r"[^\s.]|\S.*[^\s.]", Path(out).name, re.S):  # "x.png ", "x.", "", "a/.."
+        raise UsageError(f"{option} {out!r}: a file name may not be empty, begin or end in a space, or end in '.'")
     existing = next(p for p in [folder, *folder.parents] if os.path.lexists(p))
     if not existing.is_dir():
         raise UsageError(f"{name}: {existing} is a file, not a folder")
@@ -71,12 +73,9 @@ def write_trace(plan, path: str, saved: bool) -> int:
 
 
 def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
-    """Writes each image (uint8 [H, W, 3]) atomically to `out` (or new paths in outputs/); an image that
-    cannot be written leaves no file behind."""
-    if out is None:  # claimed: made empty, so that no other run takes the names
-        paths = claim_new_paths(OUTPUTS, str(seed), len(images))
-    else:
-        paths = numbered(Path(out).with_suffix("") if Path(out).suffix.lower() == ".png" else Path(out), len(images))
+    """Writes each image (uint8 [H, W, 3]) atomically to `out` (or new paths in outputs/, claimed: made empty,
+    so that no other run takes the names); an image that cannot be written leaves no file behind."""
+    paths = claim_new_paths(OUTPUTS, str(seed), len(images)) if out is None else numbered(Path(out), len(images))
     written = 0
     try:
         for path, image, text in zip(paths, images, texts):
@@ -89,7 +88,8 @@ def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
 
 
 def numbered(base: Path, batch: int) -> list[Path]:
-    """base.png, or base-0.png ... base-{batch-1}.png (generate.py's --out and outputs/ names)."""
+    """base.png, or base-0.png ... base-{batch-1}.png, base's .png not doubled (generate.py's --out, outputs/)."""
+    base = base.with_suffix("") if base.suffix.lower() == ".png" else base
     return [base.with_name(base.name + (f"-{i}" if batch > 1 else "") + ".png") for i in range(batch)]
 
 

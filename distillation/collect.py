@@ -97,8 +97,11 @@ def collect(spec: Collection) -> int:
     records = [r for r in latest_records(spec.out) if r["key"] in keys]
     queries = sum(len(r["examples"]) for r in records)
     errors = sum(e["error"] is not None for r in records for e in r["examples"])
+    advice = "; re-run the same command to retry them"  # a failed prompt is made again
+    if spec.allow_failures:  # its failed queries let pass, a prompt is done
+        advice = "; --allow-vlm-failures keeps their prompts done: a re-run does not ask them again"
     print(f"records: {spec.out / RECORDS_FILE} ({len(records)} prompts, {queries} queries, {errors} failed and left "
-          "out of training" + ("; re-run the same command to retry them)" if errors else ")"), flush=True)
+          f"out of training{advice if errors else ''})", flush=True)
     return 1 if failed else 0
 
 

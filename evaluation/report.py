@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from evaluation.metrics import NO_METRICS, PROTOCOL, aggregate
 from evaluation.plot import pareto_svg
+from evaluation.run_folder import REPORT_FILES
 from files import printable, write_atomic
 from png import SAMPLER_NAMES
 
@@ -36,13 +37,13 @@ def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL, r
     svg = pareto_svg(rows)
     facts = run_facts(run or {}, records)
     protocol = protocol.strip() or NO_METRICS
-    files = {
-        "markdown": ("summary.md", summary_markdown(rows, protocol, facts)),
-        "csv": ("summary.csv", summary_csv(rows)),
-        "plot": ("pareto.svg", svg),
-        "html": ("index.html", report_html(run_dir.name, records, rows, svg, protocol, facts)),
+    texts = {
+        "markdown": summary_markdown(rows, protocol, facts),
+        "csv": summary_csv(rows),
+        "plot": svg,
+        "html": report_html(run_dir.name, records, rows, svg, protocol, facts),
     }
-    return {kind: write_atomic(run_dir / name, text) for kind, (name, text) in files.items()}
+    return {kind: write_atomic(run_dir / REPORT_FILES[kind], text) for kind, text in texts.items()}
 
 
 # ---------------------------------------------------------------- formatting

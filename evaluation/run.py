@@ -140,9 +140,9 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
     if group.rank == 0:
         # the report covers this run's jobs; records.jsonl keeps every job's, of rows run before too
         records = [r for r in merge_records(spec.out, rows) if r["key"] in rows]
-        bad = sum(r["status"] != "ok" for r in records)
-        print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
-              + ("; re-run the same command to retry them)" if bad else ")"), flush=True)
+        bad = [r for r in records if r["status"] != "ok"]
+        print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {len(bad)} failed{retry_advice(bad)})",
+              flush=True)
         status = 1 if bad else 0
         if spec.write_report is not None:
             try:
@@ -155,6 +155,22 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
                 status = 1
     group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
     return status
+
+
+def retry_advice(failed: list[dict]) -> str:
+    """The summary's word on the failed records: a re-run of the same command makes each image again, which may
+    mend those whose VL-DNP queries failed (a VLM that did not answer for a while), not the others (NaN latents,
+    an image to edit that cannot be read, a metric that raised): the same settings fail them the same way."""
+    queries = sum(not str(r.get("error")).startswith("metrics: ") and isinstance(r.get("negatives"), list)
+                  and any(isinstance(q, dict) and q.get("error") for q in r["negatives"]) for r in failed)
+    others, advice = len(failed) - queries, ""
+    if queries:
+        which = f"the {queries} whose VL-DNP queries failed" if others else "them"
+        advice += f"; re-run the same command to retry {which}"
+    if others:
+        advice += (f"; {f'the other {others}' if queries else 'they'} would fail the same way again until what the "
+                   "warnings above name is fixed")
+    return advice
 
 
 def run_jobs(spec: RunSpec, jobs: list[Job], group: "Group") -> int:

@@ -38,6 +38,7 @@ SETTINGS_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 LOCK_FILE = ".lock"
 IMAGES = "images"
+REPORT_FILES = {"markdown": "summary.md", "csv": "summary.csv", "plot": "pareto.svg", "html": "index.html"}  # by kind
 
 
 def prepare_run_dir(out: Path, settings: dict, info: dict | None = None) -> str | None:
@@ -101,11 +102,13 @@ def model_settings(args) -> dict:
 
 def misplaced_path(out: Path) -> str | None:
     """Which of the run's paths holds something else than the run keeps there (a folder where
-    records.jsonl or an image goes, a file where images/ goes), in words; None when none does."""
+    records.jsonl, an image or a file of the report goes, a file where images/ goes), in words; None
+    when none does."""
     images = out / IMAGES
     if images.exists() and not images.is_dir():
         return f"{IMAGES} is not a folder"
-    kept = [out / RECORDS_FILE, *out.glob("records.rank*.jsonl"), *(images.glob("*.png") if images.is_dir() else [])]
+    kept = [out / RECORDS_FILE, *out.glob("records.rank*.jsonl"), *(images.glob("*.png") if images.is_dir() else []),
+            *(out / name for name in REPORT_FILES.values())]
     return next((f"{p.relative_to(out)} is not a file" for p in kept if p.exists() and not p.is_file()), None)
 
 

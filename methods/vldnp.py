@@ -81,8 +81,7 @@ class DynamicNegatives:
         self.frames: list[list[torch.Tensor]] = []  # per image, the uint8 x0 image sent with each query
         self._items: list[list[str]] = []  # per image, all items so far (accumulate mode)
         self._pending: list[deque] = []  # per image, (Query, Future) in query order
-        self._pool = None
-        self._started = False
+        self._pool, self._started = None, False
         self.decode_factor: int | None = None  # k of the x0 previews, once decoded
 
     def __call__(self, state) -> None:
@@ -101,8 +100,9 @@ class DynamicNegatives:
         if self._started:
             raise RuntimeError("a DynamicNegatives hook serves one generate() call; make a new one per call")
         self._started = True
-        if self.query_steps is None:
-            self.query_steps = default_query_steps(state.num_steps)
+        self.query_steps = default_query_steps(state.num_steps) if self.query_steps is None else self.query_steps
+        if self.query_steps and not 0 <= self.query_steps[0] <= self.query_steps[-1] < state.num_steps:  # never run
+            raise ValueError(f"query steps {self.query_steps}: the chain takes steps 0 to {state.num_steps - 1}")
         self.prompts, self.negatives = [words(p) for p in state.guidance.prompt], list(state.guidance.negative)
         B = len(self.prompts)
         self.trace, self.frames = [[] for _ in range(B)], [[] for _ in range(B)]

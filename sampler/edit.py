@@ -62,9 +62,9 @@ def check_edit(pipe, image: torch.Tensor | None, mask: torch.Tensor | None, stre
         raise ValueError(f"the image is {W}x{H}; the edit has its size (leave out the height and width, or give "
                          f"{H} and {W})")
     scale = 8 if pipe is None else pipe.vae_scale
-    if H % scale or W % scale:
-        raise ValueError(f"the image is {W}x{H}; its sides must be multiples of {scale}, the VAE's scale: crop or "
-                         f"resize it, e.g. to {W - W % scale}x{H - H % scale}")
+    if H % scale or W % scale:  # a side shorter than the scale: resized up to it, not down to 0
+        raise ValueError(f"the image is {W}x{H}; its sides must be multiples of {scale} (the VAE's scale), at least "
+                         f"{scale}: crop or resize it, e.g. to {max(W - W % scale, scale)}x{max(H - H % scale, scale)}")
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (H, W)):
         what = f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2 else f"{mask.dtype} {list(mask.shape)}"
         raise ValueError(f"the mask is {what}; it must be a bool [H, W] of the image's size, {W}x{H}")

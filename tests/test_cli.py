@@ -70,6 +70,10 @@ BAD = [
     (["--out", "{tmp}/a-file/new/x.png"], "a-file is a file, not a folder"),
     (["--out", "{tmp}"], "names a folder"), (["--out", "{tmp}/new-folder/"], "names a folder"),
     (["--out", "{unwritable}/x.png"], "cannot write"), (["--out", "{unwritable}/new/x.png"], "cannot create"),
+    # names that would make odd files ("x.png .png", "x..png", " .png") or none ("" was a traceback after sampling)
+    (["--out", "{tmp}/x.png "], "png ': a file name"), (["--out", "{tmp}/x.png\t"], "a file name"),
+    (["--out", "{tmp}/ x.png"], "a file name"), (["--out", "{tmp}/x."], "a file name"), (["--out", ""], "a file name"),
+    (["--out", "{tmp}/new-folder/.."], "a file name"), (["--trace", "{tmp}/t.json "], "--trace"),
     (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),

@@ -272,9 +272,11 @@ def test_failed_teacher_queries_are_recorded_retried_and_left_out(sd1, tmp_path,
     assert len(examples.prompts) == 4 and examples.failed == 0
 
     vlm = server("none", REFUSAL, "feet")  # allowed failures: the prompt is done, its failed query left out
-    code, _, err = run(distill.main, capsys, *args[:5], tmp_path / "allowed", *args[6:7], vlm.url, *args[8:],
-                       "--allow-vlm-failures")
+    code, lines, err = run(distill.main, capsys, *args[:5], tmp_path / "allowed", *args[6:7], vlm.url, *args[8:],
+                           "--allow-vlm-failures")
     assert code == 0, err
+    assert lines[-1].endswith("1 failed and left out of training; --allow-vlm-failures keeps their prompts done: a "
+                              "re-run does not ask them again)"), lines  # not "re-run ... to retry them"
     examples = read_examples(tmp_path / "allowed", list(NUDITY.concepts))
     assert examples.failed == 1 and len(examples.prompts) == 3 and examples.labels.sum() == 3
     assert all(r["status"] == "ok" for r in read_records(tmp_path / "allowed" / "records.jsonl"))

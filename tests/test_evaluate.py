@@ -299,9 +299,10 @@ def test_unreachable_and_failing_vlm(sd1, tmp_path, capsys, server):
 
     # answers the check, then refuses a query: the image is recorded as failed, and a re-run retries it
     vlm = server("none", {"status": 400, "body": {"error": {"message": "bad image"}}}, "feet")
-    code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
+    code, out, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
     (rec,) = records(tmp_path / "run")
     assert code == 1 and rec["status"] == "failed" and "1 of 1 VL-DNP queries failed" in rec["error"]
+    assert out[-1].endswith("(1 images, 1 failed; re-run the same command to retry them)"), out
     assert "HTTP 400" in rec["negatives"][0]["error"]
     code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "run", "--vlm-url", vlm.url)
     (rec,) = records(tmp_path / "run")
@@ -463,6 +464,18 @@ def test_evaluate_refuses_safree_on_sdxl_in_one_line(sdxl, tmp_path, capsys):
     assert code == 2
     assert err == ["error: SAFREE is implemented for SD 1.x and 2.x (one CLIP text encoder), not sdxl"], err
     assert not (out / "records.jsonl").exists() and not any((out / "images").iterdir())
+
+
+def test_the_summary_offers_a_retry_only_where_a_re_run_may_mend_it(sd1, tmp_path, capsys):
+    """An image to edit that is no PNG fails the same way on every run: the summary says so, not "re-run the same
+    command to retry them" (what it says where VL-DNP queries failed: test_unreachable_and_failing_vlm)."""
+    (tmp_path / "text.png").write_text("not an image\n")
+    write(tmp_path / "p.csv", "prompt,init_image\na cat,text.png\na dog,\n")
+    code, out, err = run(evaluate.main, capsys, tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1, *SIZE,
+                         "--methods", "sd", "--metrics", "none", "--no-report")
+    assert code == 1 and "text.png: not a PNG file" in err[-1], err
+    assert out[-1].endswith("(2 images, 1 failed; they would fail the same way again until what the warnings above "
+                            "name is fixed)"), out
 
 
 def test_a_failed_images_warning_shows_terminal_escapes_as_text(sd1, tmp_path, capsys):

@@ -237,6 +237,11 @@ def test_generate_py_says_it_in_one_line_and_exits_2(sources, name, tmp_path):
     ("sdxl", "tokenizer_2/tokenizer.json", "model.vocab.<|endoftext|>", 10**7),
     ("sd1", "model_index.json", "_class_name", 5),
     ("sd1", "model_index.json", "_class_name", True),
+    # SDXL's switches: a string "false" would be true, and 0 means false to diffusers, not here
+    ("sdxl", "model_index.json", "force_zeros_for_empty_prompt", "false"),
+    ("sdxl", "model_index.json", "force_zeros_for_empty_prompt", None),
+    ("sdxl", "vae/config.json", "force_upcast", "false"),
+    ("sdxl", "vae/config.json", "force_upcast", 0),
 ]])
 def test_a_config_value_no_model_has_is_one_line(bases, tmp_path, base, file, key, value, also):
     folder = with_config(bases[base], tmp_path / "folder", file, key, value, **also)

@@ -207,6 +207,15 @@ def test_a_name_lookup_that_hangs_ends_at_the_deadline(server, monkeypatch):
     assert len(vlm.requests) == 3
 
 
+def test_a_name_lookup_that_finds_no_address_is_a_failed_query(monkeypatch):
+    """A `getaddrinfo` may answer with no address at all (the system's raises instead): a failed query
+    that says so, as a lookup that fails, not a NameError."""
+    no_proxies(monkeypatch)
+    client = VLMClient("http://nowhere.example:8000/v1", "m", NUDITY, timeout=5)
+    client.getaddrinfo = lambda *args, **kwargs: []
+    assert client(IMAGE, "p", 0).error == "name lookup for nowhere.example found no address"
+
+
 # ---------------------------------------------------------------------------------------------
 # A certificate that does not verify is a permanent fault: one line at once, never retried, no key sent
 
@@ -287,6 +296,19 @@ def test_a_key_no_header_can_carry_is_refused_without_quoting_it(key, server, mo
                          *SIZE, "--trace", tmp_path / "t.json", "--out", tmp_path / "x.png")
     assert code == 2 and len(err) == 1 and "two" not in err[0], err
     assert not (tmp_path / "t.json").exists() or "two" not in (tmp_path / "t.json").read_text()
+
+
+def test_a_key_sent_in_the_clear_to_another_machine_is_one_warning(server, api_key, monkeypatch, tmp_path, capsys):
+    """Over http:// the key crosses the network unencrypted (to the host named, through a proxy here): one
+    line on stderr before anything loads. To this machine it crosses none, and nothing is said."""
+    no_proxies(monkeypatch)
+    monkeypatch.setenv("http_proxy", server("feet").url.removesuffix("/v1"))
+    for url, warnings in [("http://vlm.example:8000/v1", ["warning: the API key goes to vlm.example unencrypted "
+                                                          "(http://); an https:// URL keeps it secret"]),
+                          (server("feet").url, [])]:
+        code, _, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", url, *SIZE,
+                           "--out", tmp_path / "x.png")
+        assert code == 2 and err[:-1] == warnings and "org/not-loaded" in err[-1], err
 
 
 def test_a_key_is_read_without_surrounding_white_space(server, monkeypatch):

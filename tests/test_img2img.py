@@ -3,6 +3,8 @@ StableDiffusionXLImg2ImgPipeline on random-weight SD1, SD2-v and SDXL folders, f
 the same timesteps, the same draws, the same image for a seed. Then generate.py --init-image and the
 bad input it refuses in one line, every method on an edit, and evaluate.py's init_image column."""
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -151,15 +153,32 @@ def test_generate_py_edits_an_image(sd1, tmp_path, capsys):
     (["--init-image", "{tmp}/missing.png"], "missing.png: cannot read it"),
     (["--init-image", "{tmp}/photo.jpg"], "photo.jpg: a JPEG; only PNG images are read"),
     (["--init-image", "{tmp}/odd.png"], "odd.png: the image is 30x24; its sides must be multiples of 8"),
+    # smaller than the VAE's scale: resized "e.g. to 0x0" before
+    (["--init-image", "{tmp}/dot.png"], "dot.png: the image is 1x1; its sides must be multiples of 8 (the VAE's scale), "
+                                        "at least 8: crop or resize it, e.g. to 8x8"),
+    (["--init-image", "{tmp}/strip.png"], "strip.png: the image is 20x4; its sides must be multiples of 8 (the VAE's "
+                                          "scale), at least 8: crop or resize it, e.g. to 16x8"),
+    # what is no file: a named pipe (opened, it waited for a writer for ever), a folder, a device
+    (["--init-image", "{tmp}/pipe.png"], "pipe.png: not a regular file"), (["--mask", "{tmp}/pipe.png"], "pipe.png: not"),
+    (["--init-image", "{tmp}"], "cannot read it (Is a directory)"),
+    (["--init-image", "/dev/null"], "/dev/null: not a regular file"),
 ])
 def test_generate_py_refuses_bad_edits(sd1, tmp_path, capsys, monkeypatch, args, message):
     png.write_png(tmp_path / "in.png", picture(24, 32))
     png.write_png(tmp_path / "odd.png", picture(24, 30))
+    png.write_png(tmp_path / "dot.png", picture(1, 1))
+    png.write_png(tmp_path / "strip.png", picture(4, 20))
     to_pil(picture(24, 32)).save(tmp_path / "photo.jpg")
+    os.mkfifo(tmp_path / "pipe.png")  # a reader still waiting on it after 20 s gets a writer, reads nothing and fails
+    writer = threading.Timer(20, lambda: os.close(os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK)))
+    writer.start()
     monkeypatch.setattr("weights.load_pipeline", lambda *a, **k: pytest.fail("bad input must stop before loading"))
     args = [a.format(tmp=tmp_path) for a in args]
     image = [] if "--init-image" in args else ["--init-image", tmp_path / "in.png"]
-    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, *image, *args)
+    try:
+        code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *FAST, *image, *args)
+    finally:
+        writer.cancel()
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 

@@ -131,7 +131,8 @@ def test_a_damaged_run_json_is_one_line(folder, capsys, text, message):
     assert sorted(p.name for p in (out / "images").iterdir()) == before
 
 
-@pytest.mark.parametrize("path", ["images/0_sd.png", "records.jsonl", "records.rank3.jsonl", "images"])
+@pytest.mark.parametrize("path", ["images/0_sd.png", "records.jsonl", "records.rank3.jsonl", "images", "summary.md",
+                                  "summary.csv", "pareto.svg", "index.html"])  # the report's: a traceback, after
 def test_a_folder_where_the_run_keeps_a_file_is_one_line(folder, capsys, path):
     out, argv = folder
     target = out / path

@@ -5,6 +5,9 @@ type read off the file, the full SDXL key set read off its shapes, and damaged f
 import dataclasses
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +159,25 @@ def _resaved(file: Path, out: Path, metadata=None, **markers) -> Path:
     """`file` saved again with only `metadata` (besides format) and `markers` added as tensors."""
     save_file({**load_file(file), **markers}, out, metadata={"format": "pt", **(metadata or {})})
     return out
+
+
+def test_an_export_replaces_the_file_whole_or_not_at_all(sd1, tmp_path):
+    """A disk that fills up mid-export (here a file-size limit, RLIMIT_FSIZE, below the export's size) is one
+    line and exit 2; the file it was to replace is as it was, and no partial file is left beside it. A whole
+    export gets the permissions a plain open() would give it, as every file this project writes."""
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the old file")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))  # Python ignores SIGXFSZ: EFBIG
+    done = subprocess.run([sys.executable, "weights.py", "export", str(sd1), str(out)], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {out}"), done.stderr[-2000:]
+    assert out.read_bytes() == b"the old file" and os.listdir(tmp_path) == [out.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert load_file(export_single_file(sd1, out)) and os.listdir(tmp_path) == [out.name]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_a_v_model_exported_says_so_and_makes_diffusers_image(sd2v, tmp_path, capsys):

@@ -372,6 +372,16 @@ def test_queries_and_decodes_only_at_the_schedule(pipe):
     assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
 
 
+@pytest.mark.parametrize("steps", [[2, STEPS], [-1, 2]])
+def test_query_steps_the_chain_never_takes_are_refused(pipe, steps):
+    """A query step past the chain's last (or below 0) never runs, yet the PNG and the trace listed it: refused,
+    as --vlm-steps is (methods/vldnp_cli.py), before any query."""
+    proposer = Scripted(NUDITY, {})
+    with pytest.raises(ValueError, match=fr"query steps \[{steps[0]}, {steps[1]}\]: the chain takes steps 0 to {STEPS - 1}"):
+        run(pipe, "a cat", [DynamicNegatives(proposer, NUDITY, steps)])
+    assert proposer.calls == []
+
+
 class Shrinking(Scripted):
     """A Scripted proposer that scales an image of any size by `scale` before looking at it."""
 

@@ -31,6 +31,7 @@ def create_connection(getaddrinfo, deadline: float, address: tuple[str, int], ti
         thread.join(deadline - time.monotonic())
     if isinstance(outcome := found[-1], Exception):  # read once: a late lookup may still append
         raise outcome
+    error = QueryError(f"name lookup for {host} found no address")  # or the last address's failure
     for *_, ip in outcome:  # each address in turn, as socket.create_connection does
         try:
             return socket.create_connection(ip[:2], max(0.001, deadline - time.monotonic()), source_address)

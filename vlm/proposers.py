@@ -8,20 +8,26 @@ fork may delete (its file and its line in LEAVES):
     latent a network distilled from a teacher's answers scores x0 latents, undecoded (vlm/latent_proposer.py)
     taesd  the tiny autoencoder for cheaper previews (checkpoint/taesd.py)
 """
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import torch
 
 from checkpoint.tensors import CheckpointError
-from files import sha256_file
+from files import printable, sha256_file
 from leaves import Leaves
 from vlm.tasks import Task
 
 
 def make_vlm(args, task: Task, device, dtype):
     client = LEAVES["vlm"](args.vlm_url, args.vlm_model, task, timeout=args.vlm_timeout)
+    host = urlsplit(client.url).hostname
+    if client.api_key and client.url.startswith("http:") and not LEAVES["vlm client"].is_loopback(host):
+        print(f"warning: the API key goes to {printable(host)} unencrypted (http://); an https:// URL keeps it secret",
+              file=sys.stderr, flush=True)
     if not LEAVES.present("retry"):  # a fork without vlm/retry.py asks once
         return client
     return LEAVES["retry"](client, retries=args.vlm_retries, max_in_flight=args.vlm_max_in_flight)
