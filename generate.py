@@ -22,8 +22,7 @@ import sys
 from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
 from leaves import Leaves, MissingLeaf
-from methods.base import prepare_all
-from methods.options import UsageError, check_rules, finite, given_options, text
+from methods.options import UsageError, check_rules, finite, given_options, prepare_all, text
 from sampler.base import SAMPLERS
 from sampler.loop import EDITS, NonFiniteError, generate
 from sampler.memory import TooLargeError, is_out_of_memory

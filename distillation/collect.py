@@ -20,7 +20,7 @@ from evaluation.prompts import PromptRow
 from evaluation.run import Sampling, row_values
 from evaluation.run_folder import cut_torn_tail, skipped_warning
 from files import printable
-from methods.base import prepare_all
+from methods.options import prepare_all
 from sampler.loop import NonFiniteError, generate
 from vlm.latent_proposer import latent_space
 

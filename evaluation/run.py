@@ -27,7 +27,7 @@ from evaluation.prompts import PromptRow
 from evaluation.run_folder import (IMAGES, RECORDS_FILE, RunLock, append_record, cut_torn_tail, done_keys,
                                    merge_records, prepare_run_dir, skipped_warning)
 from methods import Method
-from methods.base import prepare_all
+from methods.options import prepare_all
 from sampler.loop import EDITS, NonFiniteError, generate
 from files import printable
 

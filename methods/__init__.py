@@ -15,7 +15,7 @@ Every method is a leaf (leaves.py): a fork deletes a method's file and its line 
 from leaves import Leaves
 from methods.base import Method, Plan
 
-__all__ = ["METHODS", "Method", "Plan", "from_args", "split_name"]
+__all__ = ["METHODS", "Method", "Plan"]
 
 METHODS: Leaves = Leaves("method", {
     "sd": "methods.sd:PlainSD",
@@ -26,24 +26,3 @@ METHODS: Leaves = Leaves("method", {
     "safree": "methods.safree:Safree",
     "dng": "methods.dng:DNG",
 })
-
-
-def split_name(spec: str) -> tuple[str, str | None]:
-    """"sld-max" -> ("sld", "max"), a method and its variant; "vldnp" -> ("vldnp", None)."""
-    if spec in METHODS:
-        return spec, None
-    name, _, variant = spec.partition("-")
-    if name in METHODS and variant:
-        return name, variant
-    raise ValueError(f"unknown method {spec!r}; use {', '.join(METHODS)} (sld also as sld-weak ... sld-max)")
-
-
-def from_args(args, specs: list[str]) -> list[Method]:
-    """The instances a command line asks for, in the order named: one per variant and swept value.
-    Raises ValueError, one line, for a setting a method cannot take."""
-    methods = {}
-    for spec in dict.fromkeys(specs):
-        name, variant = split_name(spec)
-        for method in METHODS[name].from_args(args, variant):
-            methods.setdefault(method.key, method)
-    return list(methods.values())

@@ -2,7 +2,7 @@
 sampler/loop.py's `generate` (the prompt's conditioning, the branches, a guidance rule, step hooks)
 and says what it records: the PNG's parameters and, per image, the negatives it used.
 
-    method = StaticNegative(negative_scale=7.5)     # methods/static.py; or methods.from_args(args, ["static"])
+    method = StaticNegative(negative_scale=7.5)     # methods/static.py; a command line: options.from_args
     plan = method.plan(pipe, "a person on a beach")
     images = generate(pipe, plan.prompt, **plan.arguments, seed=1)
     plan.finish()                                  # hooks that run in the background are collected
@@ -126,16 +126,6 @@ class Method:
     def plan(self, pipe, prompt: str, batch: int = 1) -> Plan:
         """generate()'s arguments for `batch` images of `prompt`, and what the method records."""
         raise NotImplementedError
-
-
-def prepare_all(methods: list[Method], device, dtype, allow_failures: bool) -> str | None:
-    """Method.prepare for each, before the model loads: a one-line ValueError for a part that cannot load
-    or, unless `allow_failures`, a VLM that does not answer; then the warning to show, or None."""
-    problem = next(filter(None, [method.prepare(device, dtype) for method in methods]), None)
-    if problem and not allow_failures:
-        raise ValueError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
-                         "--allow-vlm-failures runs anyway, recording each failed query")
-    return problem and f"the VLM does not answer ({problem}); running anyway, recording each failed query"
 
 
 def classic_negative(text: str | None) -> list[dict]:

@@ -1,10 +1,11 @@
 """The methods' command line, written once for generate.py, evaluate.py and distill.py: the options
 several methods share and each method's own (Method.add_options, in its file), their types, and the
-check that makes the methods a command line names (`choose`). A bad option is one line: UsageError."""
+check that makes the methods a command line names (`choose`), then readies their parts (`prepare_all`).
+A bad option is one line: UsageError."""
 import argparse
 import math
 
-import methods
+from methods import METHODS, Method
 from vlm.tasks import TASKS
 
 
@@ -49,21 +50,21 @@ def add_options(p: argparse.ArgumentParser, many: bool) -> list[str]:
     w.add_argument("--vlm-task", choices=sorted(TASKS), default="nudity", help="the concern: what a proposer is "
                    "asked, and the static negative: nudity (the paper's), safety, creative (default: %(default)s)")
     first = len(p._actions)
-    for name in filter(methods.METHODS.present, methods.METHODS):  # each method's own options, from its file
-        methods.METHODS[name].add_options(p, many)
+    for name in filter(METHODS.present, METHODS):  # each method's own options, from its file
+        METHODS[name].add_options(p, many)
     return [a.dest for a in w._group_actions] + [a.dest for a in p._actions[first:]]
 
 
-def choose(args, specs: list[str], options: list[str], given: set[str]) -> list[methods.Method]:
+def choose(args, specs: list[str], options: list[str], given: set[str]) -> list[Method]:
     """The methods `specs` names, each made from its options once they pass its rules; sets args.task.
     One of `options` that is `given` but read by no method is refused."""
     try:
         args.task = TASKS[args.vlm_task]
-        classes = list(dict.fromkeys(methods.METHODS[methods.split_name(spec)[0]] for spec in specs))
+        classes = list(dict.fromkeys(METHODS[split_name(spec)[0]] for spec in specs))
         w = args.negative_scales
         check_rules([("negative_scales", w and 0 <= min(w) and max(w) <= 1000, "numbers between 0 and 1000")]
                     + [rule for cls in classes for rule in cls.rules(args)], args)  # before any method uses them
-        chosen = methods.from_args(args, specs)
+        chosen = from_args(args, specs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     read = set().union(*(cls.reads(args) for cls in classes))
@@ -97,3 +98,34 @@ def check_rules(rules: list[tuple[str, bool, str]], args):
             value = getattr(args, name)
             value = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
             raise UsageError(f"{flag(name)} {value}: must be {rule}")
+
+
+def split_name(spec: str) -> tuple[str, str | None]:
+    """"sld-max" -> ("sld", "max"), a method and its variant; "vldnp" -> ("vldnp", None)."""
+    if spec in METHODS:
+        return spec, None
+    name, _, variant = spec.partition("-")
+    if name in METHODS and variant:
+        return name, variant
+    raise ValueError(f"unknown method {spec!r}; use {', '.join(METHODS)} (sld also as sld-weak ... sld-max)")
+
+
+def from_args(args, specs: list[str]) -> list[Method]:
+    """The instances a command line asks for, in the order named: one per variant and swept value.
+    Raises ValueError, one line, for a setting a method cannot take."""
+    made = {}
+    for spec in dict.fromkeys(specs):
+        name, variant = split_name(spec)
+        for method in METHODS[name].from_args(args, variant):
+            made.setdefault(method.key, method)
+    return list(made.values())
+
+
+def prepare_all(chosen: list[Method], device, dtype, allow_failures: bool) -> str | None:
+    """Method.prepare for each, before the model loads: a one-line ValueError for a part that cannot load
+    or, unless `allow_failures`, a VLM that does not answer; then the warning to show, or None."""
+    problem = next(filter(None, [method.prepare(device, dtype) for method in chosen]), None)
+    if problem and not allow_failures:
+        raise ValueError(f"the VLM does not answer: {problem}. Start it or fix --vlm-url; "
+                         "--allow-vlm-failures runs anyway, recording each failed query")
+    return problem and f"the VLM does not answer ({problem}); running anyway, recording each failed query"
