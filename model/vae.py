@@ -214,8 +214,8 @@ class AutoencoderKL(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
             z = mean + std * eps.to(mean.device)
-        latents_mean, latents_std = self.moments(z)
-        return (z - latents_mean) * self.config.scaling_factor / latents_std
+        shift, spread = self.latent_stats(z)  # [1, C, 1, 1] each
+        return (z - shift) * self.config.scaling_factor / spread
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w].
@@ -227,12 +227,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(self.unscale(latents)))
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> z in the VAE's dtype, `encode`'s scaling undone as diffusers' SDXL pipelines do."""
-        latents = latents.to(self.post_quant_conv.weight.dtype)
-        latents_mean, latents_std = self.moments(latents)
-        return latents * latents_std / self.config.scaling_factor + latents_mean
+        """Scaled latents -> z in the VAE's dtype: `encode`'s scaling undone."""
+        z = latents.to(self.post_quant_conv.weight.dtype)
+        shift, spread = self.latent_stats(z)  # [1, C, 1, 1] each
+        return z * spread / self.config.scaling_factor + shift
 
-    def moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The config's latents_mean and latents_std, [1, C, 1, 1] in `like`'s dtype (C = 1: 0 and 1)."""
-        as_tensor = lambda v: torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-        return as_tensor(self.config.latents_mean), as_tensor(self.config.latents_std)
+    def latent_stats(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """The config's latents_mean and latents_std as [1, C, 1, 1] tensors like `like` (SD's: [0] and [1])."""
+        return [like.new_tensor(v).view(1, -1, 1, 1) for v in (self.config.latents_mean, self.config.latents_std)]
