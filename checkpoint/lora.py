@@ -18,6 +18,12 @@ Two formats, as diffusers' load_lora_weights reads them (+ fuse_lora gives the s
                     file's lora_adapter_metadata (lora_alpha, r, alpha_pattern, rank_pattern, use_rslora),
                     α = r without it
 
+Where diffusers 0.42 differs, this module follows kohya's and A1111's rule, the formula above: a
+kohya file whose α differs by layer gets each layer's own α (diffusers gives the UNet's attention
+and the text encoders' layers the file's most common one), and a 1x1 convolution (SD1's proj_in,
+proj_out) takes [r, in] matrices as a linear layer takes [r, in, 1, 1] ones, the same update
+(diffusers refuses both spellings).
+
 Matching is strict: every key of the file must name a layer of this model, with both matrices, of
 that layer's shape, or the file is refused in one line naming the key, and nothing is merged. The
 layer names come from the model itself and from the original-name tables the single-file loader

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # the layers the files below adapt: attention, feed-forward, projections and (LoCon) resnet convolutions
 UNET_LAYERS = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
                "proj_out", "resnets.0.conv1", "resnets.1.conv2", "time_emb_proj")
-TEXT_LAYERS = ("mlp.fc1", "mlp.fc2")  # diffusers 0.42 drops kohya's text attention LoRAs (tested on their own below)
+TEXT_LAYERS = ("mlp.fc1", "mlp.fc2")  # text attention: test_per_layer_alphas_merge_by_the_formula
 
 
 def reference(folder):
@@ -136,18 +136,49 @@ def test_sdxl_peft_matches_diffusers(sdxl, tmp_path):
     assert_matches_diffusers(sdxl, peft_file(sdxl, tmp_path / "xl.safetensors", seed=3), 1.0)
 
 
-def test_kohya_text_attention_layers_merge_by_the_formula(sd1, tmp_path):
-    """W' = W + s·(α/r)·up·down, for the text encoder's attention too (which diffusers 0.42 drops)."""
-    file = kohya_file(sd1, tmp_path / "te.safetensors", text=("q_proj", "out_proj"), rank=3, alpha=1.5)
-    pipe = load_pipeline(sd1, pack=False)
-    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    load_lora(pipe, file, 0.5)
+def test_per_layer_alphas_merge_by_the_formula(sd1, tmp_path):
+    """W' = W + s·(α/r)·up·down with each layer's own α (kohya's and A1111's rule), text attention
+    included. diffusers 0.42 gives the UNet's attention and the text encoder's layers the file's most
+    common α instead (its alpha_pattern keys miss them), so on this file it differs there."""
+    file = kohya_file(sd1, tmp_path / "te.safetensors", text=("q_proj", "out_proj"), rank=3)
     state = load_file(file)
-    for layer in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj"):
-        name = "lora_te_text_model_" + layer.replace(".", "_")
-        delta = state[f"{name}.lora_up.weight"] @ state[f"{name}.lora_down.weight"] * 0.5 * 1.5 / 3
-        assert torch.allclose(pipe.text_encoder.state_dict()[f"{layer}.weight"], before[f"{layer}.weight"] + delta,
-                              atol=1e-6)
+    for i, key in enumerate(k for k in state if k.endswith(".alpha")):
+        state[key] = torch.tensor(0.5 + i % 4)  # α of 0.5, 1.5, 2.5, 3.5 by turns
+    save_file(state, file)
+    pipe = load_pipeline(sd1, pack=False)
+    before = {part: {k: v.clone() for k, v in getattr(pipe, part).state_dict().items()}
+              for part in ("unet", "text_encoder")}
+    load_lora(pipe, file, 0.5)
+    layers = [("text_encoder", "lora_te_text_model_", "encoder.layers.0.self_attn.q_proj"),
+              ("text_encoder", "lora_te_text_model_", "encoder.layers.1.self_attn.out_proj"),
+              ("unet", "lora_unet_", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+              ("unet", "lora_unet_", "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0")]
+    alphas = set()
+    for part, prefix, layer in layers:
+        name = prefix + layer.replace(".", "_")
+        alphas.add(state[f"{name}.alpha"].item())
+        delta = state[f"{name}.lora_up.weight"] @ state[f"{name}.lora_down.weight"] * 0.5 * state[f"{name}.alpha"] / 3
+        after = getattr(pipe, part).state_dict()[f"{layer}.weight"]
+        assert torch.allclose(after, before[part][f"{layer}.weight"] + delta, atol=1e-6)
+    assert len(alphas) > 1
+
+
+def test_one_by_one_convolutions_take_linear_matrices_and_back(sd1, sd2v, tmp_path):
+    """SD1's proj_in/proj_out are 1x1 convolutions, SD2's linear layers: a file that spells their
+    matrices the other way ([r, in] for the conv, [r, in, 1, 1] for the linear layer) merges exactly
+    as the file in the layer's own shape. diffusers 0.42 refuses such a file; the update is the same."""
+    for folder, reshape in [(sd1, lambda v: v.flatten(1)), (sd2v, lambda v: v[..., None, None])]:
+        native = kohya_file(folder, tmp_path / "native.safetensors", text=())
+        state = {k: reshape(v) if k.endswith(".weight") and "_proj_" in k and v.ndim in (2, 4) else v
+                 for k, v in load_file(native).items()}
+        assert any(v.ndim != load_file(native)[k].ndim for k, v in state.items())
+        save_file(state, tmp_path / "other.safetensors")
+        merged = []
+        for file in (native, tmp_path / "other.safetensors"):
+            pipe = load_pipeline(folder, pack=False)
+            load_lora(pipe, file, 0.8)
+            merged.append(pipe.unet.state_dict())
+        assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
 
 
 def test_remove_restores_the_weights_exactly(sd1, tmp_path):
