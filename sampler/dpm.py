@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from sampler.schedule import (SchedulerConfig, checked_timesteps, make_betas, make_timesteps, refuse_other_settings,
-                              x0_and_eps)
+from sampler.schedule import (SchedulerConfig, UnsupportedSetting, checked_timesteps, make_betas, make_timesteps,
+                              refuse_other_settings, x0_and_eps)
 
 
 def dpm_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torch.Tensor:
@@ -56,6 +56,11 @@ class DPMSolverPP:
 
     def __init__(self, config: SchedulerConfig, num_steps: int, start: int = 0):
         refuse_other_settings(config, "dpm++2m", self.settings)
+        learned = config.other_settings.get("variance_type") in ("learned", "learned_range")
+        if learned and config.prediction_type == "epsilon":  # diffusers keeps 3 of SD's 4 channels and fails
+            raise UnsupportedSetting(f"the model's scheduler config sets variance_type="
+                                     f"{config.other_settings['variance_type']!r}; the dpm++2m sampler reads an "
+                                     "epsilon model's output as ε alone, not as ε and a learned variance")
         spacing = config.timestep_spacing or "linspace"  # DPMSolverMultistepScheduler's default
         self.timesteps = t = checked_timesteps(config, num_steps, spacing, lay_out=dpm_timesteps, start=start)  # [N]
         self.config, self.num_steps = config, len(t)

@@ -239,3 +239,21 @@ def test_settings_diffusers_would_honour_are_refused_not_ignored():
         ref.set_timesteps(10)
         assert ours.timesteps.tolist() == ref.timesteps.tolist()
         assert ref.config.solver_type == "midpoint" and ref.config.algorithm_type == "dpmsolver++"
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_learned_variance_is_refused_where_diffusers_fails(variance_type):
+    """With variance_type "learned"/"learned_range", diffusers reads an epsilon model's output as
+    [mean, variance] and keeps 3 channels, which SD's 4-channel latents cannot take: it fails mid-
+    sampling. Refused before sampling, in one line; for v-prediction diffusers ignores it, as we do."""
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "variance_type": variance_type}
+    ref = DPMSolverMultistepScheduler.from_config(sd)
+    ref.set_timesteps(5)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(RuntimeError):
+        ref.step(fake_model(x, ref.timesteps[0]), ref.timesteps[0], x)
+    message = f"sets variance_type='{variance_type}'; the dpm++2m sampler reads an epsilon"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DPMSolverPP(SchedulerConfig.from_dict(sd), 5)
+    ours, ref = pair(5, variance_type=variance_type, prediction_type="v_prediction")
+    run_trajectory(ours, ref, x)
