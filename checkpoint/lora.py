@@ -19,8 +19,8 @@ Two formats, as diffusers' load_lora_weights reads them (+ fuse_lora gives the s
                     α = r without it
 
 Where diffusers 0.42 differs, this module follows kohya's and A1111's rule, the formula above: a
-kohya file whose α differs by layer gets each layer's own α (diffusers gives the UNet's attention
-and the text encoders' layers the file's most common one), and a 1x1 convolution (SD1's proj_in,
+kohya file whose α differs by layer gets each layer's own α (diffusers gives some layers, the
+UNet's attention and the text encoder's among them, the file's most common one), and a 1x1 convolution (SD1's proj_in,
 proj_out) takes [r, in] matrices as a linear layer takes [r, in, 1, 1] ones, the same update
 (diffusers refuses both spellings).
 

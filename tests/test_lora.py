@@ -138,8 +138,8 @@ def test_sdxl_peft_matches_diffusers(sdxl, tmp_path):
 
 def test_per_layer_alphas_merge_by_the_formula(sd1, tmp_path):
     """W' = W + s·(α/r)·up·down with each layer's own α (kohya's and A1111's rule), text attention
-    included. diffusers 0.42 gives the UNet's attention and the text encoder's layers the file's most
-    common α instead (its alpha_pattern keys miss them), so on this file it differs there."""
+    included. diffusers 0.42 gives some layers, the UNet's attention and the text encoder's among them,
+    the file's most common α instead (its alpha_pattern keys miss them), so on this file it differs."""
     file = kohya_file(sd1, tmp_path / "te.safetensors", text=("q_proj", "out_proj"), rank=3)
     state = load_file(file)
     for i, key in enumerate(k for k in state if k.endswith(".alpha")):
