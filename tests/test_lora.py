@@ -136,6 +136,30 @@ def test_sdxl_peft_matches_diffusers(sdxl, tmp_path):
     assert_matches_diffusers(sdxl, peft_file(sdxl, tmp_path / "xl.safetensors", seed=3), 1.0)
 
 
+def test_peft_text_encoder_mlp_only_merges_as_peft_does(sd1, tmp_path):
+    """A diffusers file whose text-encoder adapter holds only MLP layers (fc1, fc2): diffusers 0.42
+    cannot tell its format ("Could not automatically infer state dict type"); its update is peft's."""
+    from peft.tuners.lora import LoraLayer
+    torch.manual_seed(0)
+    ref = reference(sd1)
+    config = LoraConfig(r=2, lora_alpha=5, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    ref.text_encoder.add_adapter(config)
+    file = tmp_path / "mlp.safetensors"
+    layers = get_peft_model_state_dict(ref.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name=file.name, text_encoder_lora_layers=layers,
+                                              text_encoder_lora_adapter_metadata=config.to_dict())
+    pipe = load_pipeline(sd1, pack=False)
+    load_lora(pipe, file, 1.0)
+    merged = 0
+    for name, module in ref.text_encoder.named_modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+            ours = pipe.text_encoder.get_submodule(name.removeprefix("text_model.")).weight
+            assert torch.allclose(ours, module.base_layer.weight, atol=1e-6)
+            merged += 1
+    assert merged == 4  # fc1 and fc2 of both layers
+
+
 def test_per_layer_alphas_merge_by_the_formula(sd1, tmp_path):
     """W' = W + s·(α/r)·up·down with each layer's own α (kohya's and A1111's rule), text attention
     included. diffusers 0.42 gives some layers, the UNet's attention and the text encoder's among them,
