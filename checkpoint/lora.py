@@ -22,8 +22,9 @@ Where diffusers 0.42 differs, this module follows kohya's and A1111's rule, the 
 kohya file whose α differs by layer gets each layer's own α (diffusers gives some layers, the
 UNet's attention and the text encoder's among them, the file's most common one), and a 1x1 convolution (SD1's proj_in,
 proj_out) takes [r, in] matrices as a linear layer takes [r, in, 1, 1] ones, the same update
-(diffusers refuses both spellings). diffusers also refuses a diffusers file whose text-encoder
-adapter holds only MLP layers; it merges here as peft merges it.
+(diffusers refuses both spellings). diffusers also refuses an SD1/SD2 kohya file in the original
+names (it maps them for SDXL only) and a diffusers file whose text-encoder adapter holds only MLP
+layers; both merge here, the latter as peft merges it.
 
 Matching is strict: every key of the file must name a layer of this model, with both matrices, of
 that layer's shape, or the file is refused in one line naming the key, and nothing is merged. The

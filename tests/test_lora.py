@@ -160,6 +160,19 @@ def test_peft_text_encoder_mlp_only_merges_as_peft_does(sd1, tmp_path):
     assert merged == 4  # fc1 and fc2 of both layers
 
 
+def test_sd1_kohya_with_original_names_merges_as_with_diffusers_names(sd1, tmp_path):
+    """kohya's original (input_blocks_1_1_...) names name the same layers in SD1 as in SDXL; diffusers
+    0.42 maps them for SDXL only (its SD1 loader finds no such module) and refuses the file."""
+    merged = []
+    for names in ("diffusers", "original"):
+        file = kohya_file(sd1, tmp_path / f"{names}.safetensors", unet_names=names, text=())
+        assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(file)) == (names == "original")
+        pipe = load_pipeline(sd1, pack=False)
+        load_lora(pipe, file, 0.8)
+        merged.append(pipe.unet.state_dict())
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
+
+
 def test_per_layer_alphas_merge_by_the_formula(sd1, tmp_path):
     """W' = W + s·(α/r)·up·down with each layer's own α (kohya's and A1111's rule), text attention
     included. diffusers 0.42 gives some layers, the UNet's attention and the text encoder's among them,
