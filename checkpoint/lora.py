@@ -147,7 +147,10 @@ def read_lora(path: Path, pipe) -> list[Update]:
         raise LoraError(f"{path}: holds no tensors")
     kohya = all(k.startswith(tuple(KOHYA_PARTS)) for k in keys)
     if not kohya and not all(k.startswith(tuple(PEFT_PARTS)) for k in keys):
-        key = next(k for k in keys if not k.startswith(tuple(KOHYA_PARTS) + tuple(PEFT_PARTS)))
+        key = next((k for k in keys if not k.startswith(tuple(KOHYA_PARTS) + tuple(PEFT_PARTS))), None)
+        if key is None:  # both formats' keys: diffusers would read one and drop the other
+            kohya_key, key = (next(k for k in keys if k.startswith(tuple(p))) for p in (KOHYA_PARTS, PEFT_PARTS))
+            raise LoraError(f"{path}: {key} is diffusers' format beside kohya's {kohya_key}; a LoRA file holds one")
         what = "a full model, not a LoRA" if key.startswith(("model.diffusion_model.", "first_stage_model.")) else \
             "a key of neither LoRA format (kohya's lora_unet_/lora_te_, diffusers' unet./text_encoder.)"
         raise LoraError(f"{path}: {key} is {what}")

@@ -279,6 +279,8 @@ def edited(file, path, change):
     (lambda s: s.update({"lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": torch.zeros(1)}),
      "is not a LoRA matrix or alpha"),
     (lambda s: s.update({"model.diffusion_model.out.2.weight": torch.zeros(1)}), "a full model, not a LoRA"),
+    (lambda s: s.update({"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8)}),
+     "is diffusers' format beside kohya's lora_"),
     (lambda s: s.update({f"{first_layer(s)}.lora_down.weight": s[f"{first_layer(s)}.lora_down.weight"][:0],
                          f"{first_layer(s)}.lora_up.weight": s[f"{first_layer(s)}.lora_up.weight"][:, :0]}),
      ".lora_down.weight has rank 0"),
