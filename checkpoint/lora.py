@@ -18,13 +18,16 @@ Two formats, as diffusers' load_lora_weights reads them (+ fuse_lora gives the s
                     file's lora_adapter_metadata (lora_alpha, r, alpha_pattern, rank_pattern, use_rslora),
                     α = r without it
 
-Where diffusers 0.42 differs, this module follows kohya's and A1111's rule, the formula above: a
-kohya file whose α differs by layer gets each layer's own α (diffusers gives some layers, the
-UNet's attention and the text encoder's among them, the file's most common one), and a 1x1 convolution (SD1's proj_in,
-proj_out) takes [r, in] matrices as a linear layer takes [r, in, 1, 1] ones, the same update
-(diffusers refuses both spellings). diffusers also refuses an SD1/SD2 kohya file in the original
-names (it maps them for SDXL only) and a diffusers file whose text-encoder adapter holds only MLP
-layers; both merge here, the latter as peft merges it.
+Where diffusers 0.42 differs, this module follows the formula above (kohya's and A1111's rule):
+- a kohya file whose α differs by layer: each layer's own α (diffusers gives some layers, the UNet's
+  attention and the text encoder's among them, the file's most common one);
+- a 1x1 convolution (SD1's proj_in, proj_out) given [r, in] matrices, or a linear layer (SD2's)
+  given [r, in, 1, 1] ones: the same update (diffusers refuses both);
+- an SD1/SD2 kohya file in the original names (diffusers maps them for SDXL only and refuses it);
+- a diffusers file whose text-encoder adapter holds only MLP layers (diffusers refuses it): merged
+  as peft merges it;
+- an SDXL kohya file's add_embedding in diffusers' names (lora_unet_add_embedding_linear_1), which
+  diffusers drops silently: merged, as diffusers merges the original name (label_emb_0_0).
 
 Matching is strict: every key of the file must name a layer of this model, with both matrices, of
 that layer's shape, or the file is refused in one line naming the key, and nothing is merged. The
