@@ -6,6 +6,9 @@ Large Language Models", eq. 3):
 per layer it names, with s the scale the user gives, r the rank and α the file's alpha (α = r where
 it gives none). Convolutions take A as [r, in, kh, kw] and B as [out, r, 1, 1]: B A is then the
 kernel's update. Once merged, sampling costs nothing extra; `Lora.remove()` puts the weights back.
+The sum is taken in float32 from the file's matrices and rounded once to the model's dtype; peft,
+under diffusers' fuse_lora, holds A and B in a half-precision model's dtype and rounds B A to it
+before the sum, so on such a model the two differ by that rounding.
 
 Two formats, as diffusers' load_lora_weights reads them (+ fuse_lora gives the same weights):
 
