@@ -38,9 +38,8 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     `tokenizer` is a tokenizer folder (vocab.json + merges.txt, or tokenizer.json); single files need
     one, and without it the matching text encoder's tokenizer is downloaded. `prediction_type`
     ("epsilon" or "v") overrides the scheduler's, or what a single file says of it; an SD2 file
-    that says nothing is taken as epsilon, with a warning on stderr (checkpoint/prediction.py). `pack`
-    packs the convolution weights for the CPU in fp32 (model/packing.py); `pack=False` keeps plain
-    nn.Conv2d weights."""
+    that says nothing is taken as epsilon, with a warning on stderr (checkpoint/prediction.py). `pack` packs the
+    convolution weights for the CPU in fp32 (model/packing.py); `pack=False` keeps plain nn.Conv2d weights."""
     device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_file():

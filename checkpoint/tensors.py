@@ -109,10 +109,9 @@ def meta_model(model_cls, config):
 
 
 def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
-    """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
-    exactly the model's tensors, each of the model's shape and floating point. The result needs no
-    initialization and holds only the tensors in `state`. `names` maps our keys to the file's, for the
-    messages."""
+    """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold exactly the model's
+    tensors, each of the model's shape and floating point. The result needs no initialization and holds only the tensors
+    in `state`. `names` maps our keys to the file's, for the messages."""
     model = meta_model(model_cls, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     name = lambda k: (names or {}).get(k, k)

@@ -73,6 +73,20 @@ def test_a_server_that_echoes_the_key_never_gets_it_shown(server, api_key):
         assert KEY not in repr(reply) and "<API key>" in reply.raw + (reply.error or ""), reply
 
 
+@pytest.mark.parametrize("entry", [
+    dict(status=401, body={"error": {"message": "x" * 185 + f" {KEY}"}}),  # the error's detail is cut at 200
+    dict(body=b"y" * 490 + KEY.encode()),  # a malformed reply's excerpt is cut at 500
+    dict(status=500, body=b" " * 4090 + KEY.encode()),  # across the first 4096 bytes of an error body
+    dict(status=401, reason="r" * 280 + f" {KEY}", body=b"{}"),  # the status line's phrase, cut with the rest
+    redirect("http://127.0.0.2:9/" + "p" * 170 + KEY),  # a Location, cut at 200
+    dict(content="w" * 4090 + KEY),  # a reply over MAX_REPLY_CHARS, kept as far as that for the trace
+], ids=["detail", "excerpt", "long error", "reason", "location", "long reply"])
+def test_a_key_quoted_where_a_message_is_cut_shows_no_part_of_it(server, api_key, entry):
+    """Cutting a message to its length before hiding the key would show the key's first characters."""
+    reply = VLMClient(server(entry).url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert KEY[:6] not in reply.raw + reply.error, reply
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_a_failed_query_naming_where_it_points(server, api_key, status):
     elsewhere = server("feet", host="127.0.0.2")
