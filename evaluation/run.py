@@ -211,6 +211,9 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         edits = edit_arguments(row, spec.strength, pipe, sampling)
     except ValueError as e:  # an image that cannot be read, or edited at this size or model: this job fails alone
         return {**record, "status": "failed", "error": str(e)}
+    if method.needs_cfg and cfg_scale <= 1:  # the row's own CFG scale: the method's guard would be off
+        return {**record, "status": "failed", "error": f"{method.label} needs a CFG scale above 1, the row gives "
+                f"{cfg_scale:g}: at 1 or less the unconditional branch its guard acts through is skipped"}
     plan = method.plan(pipe, row.prompt)
     try:
         image = generate(pipe, plan.prompt, steps=sampling.steps, guidance_scale=cfg_scale, height=sampling.height,
