@@ -25,7 +25,7 @@ from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_prot
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
 from evaluation.run_folder import model_settings
-from files import sha256_file
+from files import printable, sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
 from methods.options import UsageError, check_rules, comma_list, given_options
@@ -214,9 +214,10 @@ def warn_skipped(path, skipped, most: int = 20):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     for row in skipped[:most]:
-        print(f"warning: {path}, line {row.line}: {row.reason}; the row is skipped", file=sys.stderr, flush=True)
+        print(printable(f"warning: {path}, line {row.line}: {row.reason}; the row is skipped"), file=sys.stderr,
+              flush=True)
     if len(skipped) > most:
-        print(f"warning: {len(skipped) - most} more rows of {path} are skipped; run.json lists them all",
+        print(printable(f"warning: {len(skipped) - most} more rows of {path} are skipped; run.json lists them all"),
               file=sys.stderr, flush=True)
 
 

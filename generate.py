@@ -21,6 +21,7 @@ import sys
 
 from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
+from files import printable
 from leaves import Leaves, MissingLeaf
 from methods.base import prepare_all
 from methods.options import UsageError, check_rules, finite, given_options, text
@@ -120,7 +121,7 @@ def run(args, method) -> int:
             plan.finish()  # collects the answers still outstanding
         for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, b)
                                             for b in range(args.batch)], seed):
-            print(path)
+            print(printable(str(path)))
         saved = True
     except NonFiniteError as e:
         return fail(f"{e}. Nothing was saved.", 1)

@@ -97,8 +97,9 @@ def collect(spec: Collection) -> int:
     records = [r for r in latest_records(spec.out) if r["key"] in keys]
     queries = sum(len(r["examples"]) for r in records)
     errors = sum(e["error"] is not None for r in records for e in r["examples"])
-    print(f"records: {spec.out / RECORDS_FILE} ({len(records)} prompts, {queries} queries, {errors} failed and left "
-          "out of training" + ("; re-run the same command to retry them)" if errors else ")"), flush=True)
+    print(printable(f"records: {spec.out / RECORDS_FILE} ({len(records)} prompts, {queries} queries, {errors} failed "
+                    "and left out of training" + ("; re-run the same command to retry them)" if errors else ")")),
+          flush=True)
     return 1 if failed else 0
 
 

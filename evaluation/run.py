@@ -141,16 +141,16 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
         # the report covers this run's jobs; records.jsonl keeps every job's, of rows run before too
         records = [r for r in merge_records(spec.out, rows) if r["key"] in rows]
         bad = sum(r["status"] != "ok" for r in records)
-        print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
-              + ("; re-run the same command to retry them)" if bad else ")"), flush=True)
+        print(printable(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
+                        + ("; re-run the same command to retry them)" if bad else ")")), flush=True)
         status = 1 if bad else 0
         if spec.write_report is not None:
             try:
                 for name, path in spec.write_report(spec.out, records).items():
-                    print(f"{name}: {path}", flush=True)
+                    print(printable(f"{name}: {path}"), flush=True)
             except Exception:  # the records are safe on disk; say so rather than lose the message
                 traceback.print_exc()
-                print(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}",
+                print(printable(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}"),
                       file=sys.stderr, flush=True)
                 status = 1
     group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
@@ -323,7 +323,7 @@ class Group:
         """Prints on rank 0, or on every rank with the rank named."""
         if self.rank == 0 or every_rank:
             prefix = f"[rank {self.rank}] " if every_rank and self.world > 1 else ""
-            print(prefix + message, file=sys.stderr if err else sys.stdout, flush=True)
+            print(printable(prefix + message), file=sys.stderr if err else sys.stdout, flush=True)
 
     def close(self):
         if self.world > 1 and dist.is_initialized():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distill
 import evaluate
 import evaluation.run
 import generate
@@ -385,6 +386,29 @@ def test_generate_and_evaluate_show_a_servers_escapes(server, tmp_path, capsys):
     code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", "org/not-loaded",
                        "--methods", "vldnp", "--vlm-url", vlm.url, "--vlm-retries", "0", *SIZE, "--metrics", "none")
     assert code == 2 and len(err) == 1 and f"down{SHOWN}" in err[0] and not OBEYED.search(err[0]), err
+
+
+def test_escapes_in_file_names_reach_no_output_raw(sd1, server, tmp_path, capsys):
+    """generate.py prints each image's and the trace's path, evaluate.py and distill.py collect their prompt
+    file's in a warning and their folder's in each file they name: a name is the user's, but what it holds
+    is only shown."""
+    folder = tmp_path / f"in{ESCAPES}"
+    folder.mkdir()
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *SIZE, "--method", "static",
+                         "--out", folder / "x.png", "--trace", folder / "t.json")
+    assert code == 0 and (folder / "x.png").is_file() and (folder / "t.json").is_file(), err
+    assert out[1:] == [f"{tmp_path}/in{SHOWN}/x.png", f"trace: {tmp_path}/in{SHOWN}/t.json"], out
+    csv = write(folder / "p.csv", 'prompt\na cat\n"unclosed\n')
+    code, out, err = run(evaluate.main, capsys, csv, "--out", folder / "run", "--model", sd1, *SIZE[:-1],
+                         "--methods", "sd", "--metrics", "none", "--quiet")
+    assert code == 0 and (folder / "run" / "images" / "0_sd.png").is_file(), err
+    assert f"in{SHOWN}/p.csv, line 3" in err[0] and f"in{SHOWN}/run/records.jsonl" in "\n".join(out), (out, err)
+    assert not OBEYED.search("\n".join(out + err)), (out, err)
+    code, out, err = run(distill.main, capsys, "collect", csv, "--model", sd1, "--out", folder / "data", "--vlm-url",
+                         server("feet").url, "--steps", "2", "--vlm-steps", "1", *SIZE[2:])
+    assert code == 0 and f"rows of {tmp_path}/in{SHOWN}/p.csv are skipped" in err[0], err
+    assert out[-1].startswith(f"records: {tmp_path}/in{SHOWN}/data/records.jsonl") and not OBEYED.search(
+        "\n".join(out + err)), (out, err)
 
 
 def strings(data):
