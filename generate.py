@@ -64,7 +64,7 @@ def parse_args(argv=None):
         keys = ", ".join(m.key for m in args.chosen_methods)
         raise UsageError(f"--method {spec} makes {len(args.chosen_methods)} images ({keys}); generate.py makes one: "
                          "name one preset, e.g. sld-medium, or give one --negative-scale")
-    check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
+    check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", 1 <= args.batch <= 10**6, "between 1 and 1000000"),
                  ("eta", not args.eta or args.sampler == "ddim", f"0 with {args.sampler}; only ddim takes eta"),
                  ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")], args)
     args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}

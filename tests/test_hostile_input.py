@@ -23,7 +23,7 @@ import evaluation.run
 import generate
 from cli.args import fail
 from fake_vlm import Trickle, dead_url, redirect, self_signed
-from helpers import run
+from helpers import run, run_bounded
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png
@@ -563,6 +563,17 @@ def test_images_that_cannot_fit_are_refused_before_sampling(sd1, tmp_path, capsy
                            "--metrics", "none", "--steps", "2", "--device", "cpu", "--quiet", *flags)
         assert code == 2 and len(err) == 1 and re.search(advice, err[0]), err
         assert list((tmp_path / "run" / "images").iterdir()) == []
+
+
+def test_a_batch_whose_bookkeeping_alone_cannot_fit_is_refused_before_loading(sd1, tmp_path):
+    """The per-image lists are made before the memory estimate can speak: 10^20 images once took all
+    the machine's memory (exit 137, no message). In a child limited to 3 GiB, as the hostile checkpoints."""
+    args = [sys.executable, "generate.py", "a cat", "--model", str(sd1), "--proposer", "none", "--steps", "1",
+            "--height", "16", "--width", "16", "--device", "cpu", "--quiet", "--out", str(tmp_path / "x.png")]
+    done = run_bounded(args + ["--batch", str(10**20)], 3 * 2**30, timeout=600)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["error: --batch 100000000000000000000: must be between 1 and 1000000"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_what_a_refusal_names_fits(pipe):
