@@ -1,9 +1,8 @@
 """CLIP's text transformer (Radford et al. 2021, "Learning Transferable Visual Models From Natural
 Language Supervision"), Stable Diffusion's text encoder: the UNet is conditioned on its hidden states.
 
-`CLIPEncoder` is the pre-LN transformer both of CLIP's towers share; the image tower and the
-two-tower model, which the CLIP proposer and the CLIP score use, are in model/clip_vision.py. State-dict
-names equal transformers' CLIP names.
+`CLIPEncoder` is the pre-LN transformer both of CLIP's towers share; the image tower and the two-tower model, which the
+CLIP proposer and the CLIP score use, are in model/clip_vision.py. State-dict names equal transformers' CLIP names.
 """
 from dataclasses import dataclass
 
