@@ -65,9 +65,8 @@ def load_lora(pipe: Pipeline, path, scale: float = 1.0):
 
 
 def check_widths(pipe: Pipeline, source):
-    """The text encoders' outputs must be what the UNet takes: their widths side by side its
-    cross-attention width, and (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added
-    embedding's inputs."""
+    """The text encoders' outputs must be what the UNet takes: their widths side by side its cross-attention width, and
+    (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added embedding's inputs."""
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
     width, unet = sum(e.config.width for e in encoders), pipe.unet.config
     if width != unet.context_dim:

@@ -29,11 +29,16 @@ def to_dtype(dtype) -> torch.dtype:
 
 
 def read_json(file: Path, needed: str = "") -> dict:
-    """A JSON file, or a CheckpointError: missing (and what needs it), not JSON, or past Python's json limits."""
+    """A JSON file, or a CheckpointError: missing (and what needs it), no file (a folder; a link to /dev/zero or
+    a FIFO, never read), unreadable, not JSON, or past Python's json limits."""
+    if Path(file).exists() and not Path(file).is_file():
+        raise CheckpointError(f"{file}: not a file")
     try:
         return json.loads(Path(file).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing{f' ({needed})' if needed else ''}") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 

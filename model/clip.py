@@ -129,9 +129,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text tower: token + learned position embeddings, a causal transformer, a final
-    LayerNorm. No padding mask: SD pipelines pass none, so pad tokens are attended to (only
-    by later positions, because of the causal mask).
+    """CLIP text tower: token + learned position embeddings, a causal transformer, a final LayerNorm. No padding mask:
+    SD pipelines pass none, so pad tokens are attended to (only by later positions, because of the causal mask).
 
     `forward` gives the states the UNet reads (the config's `context_layer` and `context_norm`);
     `encode` gives them together with the pooled output, projected when the config has a
