@@ -47,7 +47,8 @@ examples:
 Re-run the same command to resume; a folder whose run made no image takes other settings. Rows
 of PROMPTS.csv that cannot be used are skipped, each named in a warning and listed in run.json.
 Exit status: 0 all images done, 1 some failed (re-run to retry them), 2 bad argument, prompt file
-with no usable row, model, run folder or VLM, 130 interrupted.
+with no usable row, model, run folder or VLM, 3 all done, but some without the guard asked for
+(--allow-vlm-failures; the records and the report say which), 130 interrupted.
 """
 
 

@@ -143,7 +143,8 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
         bad = sum(r["status"] != "ok" for r in records)
         print(printable(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {bad} failed"
                         + ("; re-run the same command to retry them)" if bad else ")")), flush=True)
-        status = 1 if bad else 0
+        unguarded = [r["unguarded"] for r in records if r["status"] == "ok" and r.get("unguarded")]
+        status = 1 if bad else 3 if unguarded else 0
         if spec.write_report is not None:
             try:
                 for name, path in spec.write_report(spec.out, records).items():
@@ -153,6 +154,11 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
                 print(printable(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}"),
                       file=sys.stderr, flush=True)
                 status = 1
+        if unguarded:  # --allow-vlm-failures made them: never to pass for guarded ones
+            n = len(unguarded)
+            print(f"warning: {n} image{'s were' if n > 1 else ' was'} made without the guard asked for "
+                  f"({', '.join(dict.fromkeys(unguarded))}); {'their records say' if n > 1 else 'its record says'} "
+                  f"so, and the report counts {'them' if n > 1 else 'it'} apart", file=sys.stderr, flush=True)
     group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
     return status
 
@@ -225,7 +231,7 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     finally:
         plan.finish()
     sampled = time.perf_counter()
-    record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
+    record.update(negatives=plan.queries(0), unguarded=plan.unguarded(0), height=image.shape[0], width=image.shape[1])
     text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
                                guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
                                model=spec.model_name, strength=edits.get("strength"), loras=pipe.loras,
