@@ -108,8 +108,8 @@ def run_collect(args) -> int:
     prompts = read_prompts(args.prompts, args.prompt_column, args.limit)
     if prompts.skipped:
         first = prompts.skipped[0]
-        print(f"warning: {len(prompts.skipped)} rows of {args.prompts} are skipped, the first (line {first.line}) "
-              f"for: {first.reason}", file=sys.stderr, flush=True)
+        print(printable(f"warning: {len(prompts.skipped)} rows of {args.prompts} are skipped, the first (line "
+                        f"{first.line}) for: {first.reason}"), file=sys.stderr, flush=True)
     method = args.chosen_methods[0]
     settings = {
         **model_settings(args), "seeds_per_prompt": args.seeds_per_prompt, "method": method.settings(),

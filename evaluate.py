@@ -25,7 +25,7 @@ from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_prot
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
 from evaluation.run_folder import model_settings
-from files import sha256_file
+from files import printable, sha256_file
 from leaves import MissingLeaf
 from methods import METHODS
 from methods.options import UsageError, check_rules, comma_list, given_options
@@ -47,8 +47,9 @@ examples:
 Re-run the same command to resume; a folder whose run made no image takes other settings. Rows
 of PROMPTS.csv that cannot be used are skipped, each named in a warning and listed in run.json.
 Exit status: 0 all images done, 1 some failed (the summary says which a re-run may mend: those whose
-VL-DNP queries failed), 2 bad argument, prompt file with no usable row, model, run folder or VLM, 130
-interrupted.
+VL-DNP queries failed), 2 bad argument, prompt file with no usable row, model, run folder or VLM, 3 all
+done, but some without the guard asked for (--allow-vlm-failures; the records and the report say which),
+130 interrupted.
 """
 
 
@@ -215,9 +216,10 @@ def warn_skipped(path, skipped, most: int = 20):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     for row in skipped[:most]:
-        print(f"warning: {path}, line {row.line}: {row.reason}; the row is skipped", file=sys.stderr, flush=True)
+        print(printable(f"warning: {path}, line {row.line}: {row.reason}; the row is skipped"), file=sys.stderr,
+              flush=True)
     if len(skipped) > most:
-        print(f"warning: {len(skipped) - most} more rows of {path} are skipped; run.json lists them all",
+        print(printable(f"warning: {len(skipped) - most} more rows of {path} are skipped; run.json lists them all"),
               file=sys.stderr, flush=True)
 
 

@@ -21,6 +21,7 @@ import sys
 
 from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
 from cli.outputs import check_out, check_sizes, png_text, save, write_trace
+from files import printable
 from leaves import Leaves, MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options, prepare_all, text
 from sampler.base import SAMPLERS
@@ -62,7 +63,7 @@ def parse_args(argv=None):
         keys = ", ".join(m.key for m in args.chosen_methods)
         raise UsageError(f"--method {spec} makes {len(args.chosen_methods)} images ({keys}); generate.py makes one: "
                          "name one preset, e.g. sld-medium, or give one --negative-scale")
-    check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", args.batch >= 1, "at least 1"),
+    check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", 1 <= args.batch <= 10**6, "between 1 and 1000000"),
                  ("eta", not args.eta or args.sampler == "ddim", f"0 with {args.sampler}; only ddim takes eta"),
                  ("seed", args.seed is None or 0 <= args.seed < 2**64, "between 0 and 2^64 - 1")], args)
     args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
@@ -119,7 +120,7 @@ def run(args, method) -> int:
             plan.finish()  # collects the answers still outstanding
         for path in save(images, args.out, [png_text(args, plan, seed, *images.shape[1:3], pipe, b)
                                             for b in range(args.batch)], seed):
-            print(path)
+            print(printable(str(path)))
         saved = True
     except NonFiniteError as e:
         return fail(f"{e}. Nothing was saved.", 1)

@@ -1,9 +1,8 @@
 """Optional parts ("leaves"), each imported in one place, by name, when first asked for.
 
-A table of leaves maps a name to "module:attribute". Nothing is imported until a name is looked up,
-so a fork deletes a leaf's file (and, to tidy up, its line in the table) and everything else still
-runs; asking for the deleted leaf is then one line saying which file it needs. docs/fork.md lists
-the leaves and the minimal set of files.
+A table of leaves maps a name to "module:attribute". Nothing is imported until a name is looked up, so a fork deletes a
+leaf's file (and, to tidy up, its line in the table) and everything else still runs; asking for the deleted leaf is then
+one line saying which file it needs. docs/fork.md lists the leaves and the minimal set of files.
 """
 import importlib
 import importlib.util

@@ -1,10 +1,9 @@
 """PNG files with the standard library alone (zlib), and their tEXt metadata: the `parameters` text
 (`parameters_text`) holds the prompt and settings in the layout AUTOMATIC1111 and other SD tools read.
 
-A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of type+data.
-IHDR gives the size and pixel format, tEXt holds keyword/value text (Latin-1; iTXt UTF-8), IDAT
-the zlib-compressed rows, each row prefixed by a filter byte (0: none), and IEND closes the file.
-Reading PNGs (the images an edit starts from) is png_reader.py's.
+A PNG is an 8-byte signature and a list of chunks: length, type, data, CRC-32 of type+data. IHDR gives the size and
+pixel format, tEXt holds keyword/value text (Latin-1; iTXt UTF-8), IDAT the zlib-compressed rows, each row prefixed by a
+filter byte (0: none), and IEND closes the file. Reading PNGs (the images an edit starts from) is png_reader.py's.
 """
 import re
 import json

@@ -38,9 +38,8 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     `tokenizer` is a tokenizer folder (vocab.json + merges.txt, or tokenizer.json); single files need
     one, and without it the matching text encoder's tokenizer is downloaded. `prediction_type`
     ("epsilon" or "v") overrides the scheduler's, or what a single file says of it; an SD2 file
-    that says nothing is taken as epsilon, with a warning on stderr (checkpoint/prediction.py). `pack`
-    packs the convolution weights for the CPU in fp32 (model/packing.py); `pack=False` keeps plain
-    nn.Conv2d weights."""
+    that says nothing is taken as epsilon, with a warning on stderr (checkpoint/prediction.py). `pack` packs the
+    convolution weights for the CPU in fp32 (model/packing.py); `pack=False` keeps plain nn.Conv2d weights."""
     device, dtype = torch.device(device), to_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_file():
@@ -66,9 +65,8 @@ def load_lora(pipe: Pipeline, path, scale: float = 1.0):
 
 
 def check_widths(pipe: Pipeline, source):
-    """The text encoders' outputs must be what the UNet takes: their widths side by side its
-    cross-attention width, and (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added
-    embedding's inputs."""
+    """The text encoders' outputs must be what the UNet takes: their widths side by side its cross-attention width, and
+    (SDXL, checkpoint/sdxl.py) the pooled width plus the size ids its added embedding's inputs."""
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
     width, unet = sum(e.config.width for e in encoders), pipe.unet.config
     if width != unet.context_dim:

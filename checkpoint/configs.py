@@ -81,8 +81,7 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
         linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
         norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention") or False,
-        sample_size=c.get("sample_size") or 64,
-        addition_time_embed_dim=c["addition_time_embed_dim"] if added else 0,
+        sample_size=c.get("sample_size") or 64, addition_time_embed_dim=c["addition_time_embed_dim"] if added else 0,
         projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"] if added else 0,
     ))
 

@@ -278,6 +278,9 @@ def setting(path: Path, u: Update, config: dict, name: str, patterns: str) -> fl
         raise LoraError(f"{path}: its {u.part}.{patterns} is not a JSON object of pattern: value")
     what, value = f"{u.part}.{name}", config.get(name, u.down.shape[0])
     for key, v in table.items():
+        if re.search(r"\)[*+?{]", key) or len(re.findall(r"[*+?{]", key)) > 2:  # re has no timeout
+            raise LoraError(f"{path}: its {u.part}.{patterns} key {key!r} repeats a group, or more than twice: a "
+                            "pattern that can take longer than any run to match; give the layer's name")
         try:
             matches = re.match(rf"(.*\.)?({key})$", u.layer)
         except re.error as e:

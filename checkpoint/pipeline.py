@@ -29,9 +29,8 @@ class Pipeline:
     loras: list = field(default_factory=list)  # the LoRAs merged into it, in order (checkpoint/lora.py's LoraInfo)
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's conditioning for each text, "" included: the hidden states [N, 77, D] it
-        cross-attends to, and the pooled embedding [N, P] of models with added conditioning (None for
-        SD 1.x/2.x).
+        """The UNet's conditioning for each text, "" included: the hidden states [N, 77, D] it cross-attends to, and the
+        pooled embedding [N, P] of models with added conditioning (None for SD 1.x/2.x).
 
         SDXL (Podell et al. 2023, sec. 2.1): both encoders' states side by side (768 + 1280 = 2048),
         and bigG's projected pooled output."""

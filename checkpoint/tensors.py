@@ -29,11 +29,16 @@ def to_dtype(dtype) -> torch.dtype:
 
 
 def read_json(file: Path, needed: str = "") -> dict:
-    """A JSON file, or a CheckpointError: missing (and what needs it), not JSON, or past Python's json limits."""
+    """A JSON file, or a CheckpointError: missing (and what needs it), no file (a folder; a link to /dev/zero or
+    a FIFO, never read), unreadable, not JSON, or past Python's json limits."""
+    if Path(file).exists() and not Path(file).is_file():
+        raise CheckpointError(f"{file}: not a file")
     try:
         return json.loads(Path(file).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing{f' ({needed})' if needed else ''}") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
@@ -109,10 +114,9 @@ def meta_model(model_cls, config):
 
 
 def load_strict(model_cls, config, state: dict[str, torch.Tensor], where: str, hint: str = "", names=None):
-    """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold
-    exactly the model's tensors, each of the model's shape and floating point. The result needs no
-    initialization and holds only the tensors in `state`. `names` maps our keys to the file's, for the
-    messages."""
+    """Builds `model_cls(config)` on the meta device and fills it from `state`, which must hold exactly the model's
+    tensors, each of the model's shape and floating point. The result needs no initialization and holds only the tensors
+    in `state`. `names` maps our keys to the file's, for the messages."""
     model = meta_model(model_cls, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     name = lambda k: (names or {}).get(k, k)

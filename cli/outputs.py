@@ -7,6 +7,7 @@ from pathlib import Path
 
 import png
 from cli.args import fail
+from files import printable
 from methods.options import UsageError
 from sampler.schedule import UnsupportedSetting
 
@@ -66,7 +67,7 @@ def png_text(args, plan, seed: int, height: int, width: int, pipe, b: int) -> st
 def write_trace(plan, path: str, saved: bool) -> int:
     """Writes the method's trace; the exit status: 0, or 1 with one line when it cannot be written."""
     try:
-        print(f"trace: {plan.write_trace(path)}")
+        print(printable(f"trace: {plan.write_trace(path)}"))
         return 0
     except (OSError, ValueError) as e:
         return fail(f"cannot write the trace {path}: {e}" + (" (the images were saved)" if saved else ""), 1)

@@ -100,8 +100,8 @@ def collect(spec: Collection) -> int:
     advice = "; re-run the same command to retry them"  # a failed prompt is made again
     if spec.allow_failures:  # its failed queries let pass, a prompt is done
         advice = "; --allow-vlm-failures keeps their prompts done: a re-run does not ask them again"
-    print(f"records: {spec.out / RECORDS_FILE} ({len(records)} prompts, {queries} queries, {errors} failed and left "
-          f"out of training{advice if errors else ''})", flush=True)
+    print(printable(f"records: {spec.out / RECORDS_FILE} ({len(records)} prompts, {queries} queries, {errors} failed "
+                    f"and left out of training{advice if errors else ''})"), flush=True)
     return 1 if failed else 0
 
 

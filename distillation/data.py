@@ -76,8 +76,9 @@ def read_settings(folder: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{folder}: no {SETTINGS_FILE}; collect data into it first with distill.py collect") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: unreadable ({e}); collect into a new folder") from None
+    except (ValueError, OSError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise DataError(f"{path}: unreadable ({why}); collect into a new folder") from None
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
         raise DataError(f"{path}: holds no settings; collect into a new folder")
     return data

@@ -24,6 +24,7 @@ KNOWN_SETS says where each is published.
 import csv
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ PROMPT_COLUMNS = ("adv_prompt", "sensitive prompt", "prompt")  # in order of pre
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "sd_guidance")
 MAX_GUIDANCE = 1000  # a CFG scale cell's largest: generous, far past the scales in use
+MAX_BYTES = 2**28  # a prompt file read: the published ones are a few MB (I2P: 3 MB)
 
 # (name, what it is, where it is published). The files are not redistributed here.
 KNOWN_SETS = (
@@ -136,13 +138,18 @@ def _lines(path: Path) -> list[str]:
     with its byte order mark. Bytes that are not UTF-8 become lone surrogates, so that only the rows
     holding them are lost."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO nothing writes to: no wait, then end of file
+        os.set_blocking(fd, True)  # a pipe that writes (<(curl ...)) is read to its end
+        with open(fd, "rb") as file:  # at most MAX_BYTES + 1: a link to /dev/zero is not read whole
+            data = file.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise PromptFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise PromptFileError(f"{path}: is a folder, not a CSV file") from None
     except OSError as e:
         raise PromptFileError(f"{path}: {e.strerror or e}") from None
+    if len(data) > MAX_BYTES:
+        raise PromptFileError(f"{path}: over {MAX_BYTES >> 20} MiB, more than any prompt file holds")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark: Excel's "Unicode text"
         try:
             text = data.decode("utf-16")

@@ -100,7 +100,20 @@ def run_facts(run: dict, records: list[dict]) -> list[tuple[str, str]]:
     facts.append(("Guidance", guidance_text(settings.get("guidance"), records)))
     facts.append(("Size", size_text(settings, records)))
     facts.append(("Prompts", prompts_text(run, records)))
+    facts.append(("Made without the guard asked for", unguarded_text(records)))
     return [(label, text) for label, text in facts if text]
+
+
+def unguarded_text(records: list[dict]) -> str:
+    """The images made without the guard asked for (--allow-vlm-failures), per method and scale, and why:
+    their metrics are in their method's row, so the summary must say how many are not what it names."""
+    made, why = {}, {}
+    for r in (r for r in records if r.get("status", "ok") == "ok"):
+        made[r["method"], r.get("scale")] = made.get((r["method"], r.get("scale")), 0) + 1
+        if isinstance(r.get("unguarded"), str):
+            why.setdefault((r["method"], r.get("scale")), []).append(r["unguarded"])
+    return "; ".join(f"{method}{'' if scale is None else f' at {scale:g}'}: {len(w)} of {made[method, scale]} images "
+                     f"({', '.join(dict.fromkeys(w))})" for (method, scale), w in why.items())
 
 
 def guidance_text(default, records: list[dict]) -> str:

@@ -141,18 +141,24 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
         # the report covers this run's jobs; records.jsonl keeps every job's, of rows run before too
         records = [r for r in merge_records(spec.out, rows) if r["key"] in rows]
         bad = [r for r in records if r["status"] != "ok"]
-        print(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {len(bad)} failed{retry_advice(bad)})",
-              flush=True)
-        status = 1 if bad else 0
+        print(printable(f"records: {spec.out / RECORDS_FILE} ({len(records)} images, {len(bad)} failed"
+                        f"{retry_advice(bad)})"), flush=True)
+        unguarded = [r["unguarded"] for r in records if r["status"] == "ok" and r.get("unguarded")]
+        status = 1 if bad else 3 if unguarded else 0
         if spec.write_report is not None:
             try:
                 for name, path in spec.write_report(spec.out, records).items():
-                    print(f"{name}: {path}", flush=True)
+                    print(printable(f"{name}: {path}"), flush=True)
             except Exception:  # the records are safe on disk; say so rather than lose the message
                 traceback.print_exc()
-                print(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}",
+                print(printable(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}"),
                       file=sys.stderr, flush=True)
                 status = 1
+        if unguarded:  # --allow-vlm-failures made them: never to pass for guarded ones
+            n = len(unguarded)
+            print(f"warning: {n} image{'s were' if n > 1 else ' was'} made without the guard asked for "
+                  f"({', '.join(dict.fromkeys(unguarded))}); {'their records say' if n > 1 else 'its record says'} "
+                  f"so, and the report counts {'them' if n > 1 else 'it'} apart", file=sys.stderr, flush=True)
     group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
     return status
 
@@ -227,6 +233,9 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         edits = edit_arguments(row, spec.strength, pipe, sampling)
     except ValueError as e:  # an image that cannot be read, or edited at this size or model: this job fails alone
         return {**record, "status": "failed", "error": str(e)}
+    if method.needs_cfg and cfg_scale <= 1:  # the row's own CFG scale: the method's guard would be off
+        return {**record, "status": "failed", "error": f"{method.label} needs a CFG scale above 1, the row gives "
+                f"{cfg_scale:g}: at 1 or less the unconditional branch its guard acts through is skipped"}
     plan = method.plan(pipe, row.prompt)
     try:
         image = generate(pipe, plan.prompt, steps=sampling.steps, guidance_scale=cfg_scale, height=sampling.height,
@@ -238,7 +247,7 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
     finally:
         plan.finish()
     sampled = time.perf_counter()
-    record.update(negatives=plan.queries(0), height=image.shape[0], width=image.shape[1])
+    record.update(negatives=plan.queries(0), unguarded=plan.unguarded(0), height=image.shape[0], width=image.shape[1])
     text = png.parameters_text(row.prompt, plan.negative_prompt, steps=sampling.steps, sampler=sampling.sampler,
                                guidance_scale=cfg_scale, seed=seed, width=image.shape[1], height=image.shape[0],
                                model=spec.model_name, strength=edits.get("strength"), loras=pipe.loras,
@@ -336,7 +345,7 @@ class Group:
         """Prints on rank 0, or on every rank with the rank named."""
         if self.rank == 0 or every_rank:
             prefix = f"[rank {self.rank}] " if every_rank and self.world > 1 else ""
-            print(prefix + message, file=sys.stderr if err else sys.stdout, flush=True)
+            print(printable(prefix + message), file=sys.stderr if err else sys.stdout, flush=True)
 
     def close(self):
         if self.world > 1 and dist.is_initialized():

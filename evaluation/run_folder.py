@@ -328,6 +328,7 @@ RECORD_FIELDS = {
     "width": (lambda v: is_count(v) and v > 0, "a whole number > 0", False),
     "init_image": (lambda v: isinstance(v, str), "a file name", False),
     "mask": (lambda v: v is None or isinstance(v, str), "a file name or null", False),
+    "unguarded": (lambda v: v is None or isinstance(v, str), "why, or null", False),
 }
 # What of its row decides a job's image and metrics, as its record keeps it (evaluation/run.py
 # row_values); the categories only label the report's rows.

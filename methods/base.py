@@ -68,6 +68,7 @@ class Method:
     name: ClassVar[str] = "?"
     flags: ClassVar[tuple[str, ...]] = ()
     swept: ClassVar[bool] = False  # one instance per --negative-scale value
+    needs_cfg: ClassVar[bool] = False  # its guard acts through the unconditional branch, which g <= 1 skips
 
     @classmethod
     def add_options(cls, parser, many: bool):

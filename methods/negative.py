@@ -15,6 +15,7 @@ from vlm.tasks import NUDITY
 class ClassicNegative(Method):
     name = "negative"
     flags = ("negative_prompt", "vlm_task")
+    needs_cfg = True
     text: str = NUDITY.static_negative
 
     @classmethod

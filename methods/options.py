@@ -61,8 +61,10 @@ def choose(args, specs: list[str], options: list[str], given: set[str]) -> list[
     try:
         args.task = TASKS[args.vlm_task]
         classes = list(dict.fromkeys(METHODS[split_name(spec)[0]] for spec in specs))
-        w = args.negative_scales
-        check_rules([("negative_scales", w and 0 <= min(w) and max(w) <= 1000, "numbers between 0 and 1000")]
+        w, cfg = args.negative_scales, ", ".join(c.name for c in classes if c.needs_cfg)
+        check_rules([("negative_scales", w and 0 <= min(w) and max(w) <= 1000, "numbers between 0 and 1000"),
+                     ("guidance_scale", args.guidance_scale > 1 or not cfg, f"above 1 for {cfg} (a guard that acts "
+                      "through the unconditional branch, which g <= 1 skips, as in diffusers)")]
                     + [rule for cls in classes for rule in cls.rules(args)], args)  # before any method uses them
         chosen = from_args(args, specs)
     except ValueError as e:

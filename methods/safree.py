@@ -198,6 +198,7 @@ class Safree(Method):
     concepts joined with ", " replace the unconditional branch."""
     name = "safree"
     flags = ("safree_concepts",)
+    needs_cfg = True
     concepts: ConceptSet = CONCEPT_SETS["nudity"]
 
     @classmethod

@@ -99,6 +99,7 @@ class SLD(Method):
     evaluate.py's sld runs --sld-presets (all four by default)."""
     name = "sld"
     flags = ("sld_presets",)
+    needs_cfg = True
     preset: str | SLDConfig = "medium"
 
     @classmethod

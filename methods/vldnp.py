@@ -214,10 +214,9 @@ class DynamicNegatives:
         return bool(self.trace[b]) and all(q.error is not None or q.took_effect is None for q in self.trace[b])
 
     def outcome(self, b: int) -> dict:
-        """What the hook did to image b, for its metadata: the negative in force at the last step, "none"
-        when the proposer looked and saw nothing, or "unguarded (...)" when no answer took effect, which
-        must never read as "none"; how many queries failed, if any did; and which decoder made the
-        x0 previews, if any were made."""
+        """What the hook did to image b, for its metadata: the negative in force at the last step, "none" when the
+        proposer looked and saw nothing, or "unguarded (...)" when no answer took effect, which must never read as
+        "none"; how many queries failed, if any did; and which decoder made the x0 previews, if any were made."""
         failed, asked = self.failed_queries(b)
         out = {"VL-DNP failed queries": f"{failed}/{asked}"} if failed else {}
         previews = {"VL-DNP previews": getattr(self.preview, "name", "vae")} if self.decode_factor is not None else {}

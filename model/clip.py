@@ -1,9 +1,8 @@
 """CLIP's text transformer (Radford et al. 2021, "Learning Transferable Visual Models From Natural
 Language Supervision"), Stable Diffusion's text encoder: the UNet is conditioned on its hidden states.
 
-`CLIPEncoder` is the pre-LN transformer both of CLIP's towers share; the image tower and the
-two-tower model, which the CLIP proposer and the CLIP score use, are in model/clip_vision.py. State-dict
-names equal transformers' CLIP names.
+`CLIPEncoder` is the pre-LN transformer both of CLIP's towers share; the image tower and the two-tower model, which the
+CLIP proposer and the CLIP score use, are in model/clip_vision.py. State-dict names equal transformers' CLIP names.
 """
 from dataclasses import dataclass
 
@@ -130,9 +129,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text tower: token + learned position embeddings, a causal transformer, a final
-    LayerNorm. No padding mask: SD pipelines pass none, so pad tokens are attended to (only
-    by later positions, because of the causal mask).
+    """CLIP text tower: token + learned position embeddings, a causal transformer, a final LayerNorm. No padding mask:
+    SD pipelines pass none, so pad tokens are attended to (only by later positions, because of the causal mask).
 
     `forward` gives the states the UNet reads (the config's `context_layer` and `context_norm`);
     `encode` gives them together with the pooled output, projected when the config has a

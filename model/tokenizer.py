@@ -6,9 +6,8 @@ Text becomes token ids in four steps, each a stage of a `tokenizers` pipeline:
                     English clitics 's 't 're 've 'm 'll 'd), dropping the spaces, then map
                     each UTF-8 byte to a printable character (GPT-2's byte-level trick), so
                     any text, emoji included, is spelled with the 256 base tokens;
-  3. BPE:           apply the learned merges inside each word; a word's last symbol carries
-                    the suffix "</w>", so "cat" at the end of a word and inside "category"
-                    are different tokens;
+  3. BPE:           apply the learned merges inside each word; a word's last symbol carries the suffix "</w>",
+                    so "cat" at the end of a word and inside "category" are different tokens;
   4. frame:         <|startoftext|> + at most max_length-2 tokens + <|endoftext|>, padded to
                     max_length (77 in SD), the fixed length the text encoder's positions expect.
 The result is the same as transformers' CLIPTokenizer built from the same files.

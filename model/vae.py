@@ -184,9 +184,8 @@ class VAEDecoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1).
 
-    This class is the ONE place where latents are scaled: `encode` returns
-    `scaling_factor * (z - mean) / std` and `decode` inverts it, so everything outside the VAE
-    (UNet, sampler, pipeline) only ever sees scaled latents.
+    This class is the ONE place where latents are scaled: `encode` returns `scaling_factor * (z - mean) / std`
+    and `decode` inverts it, so everything outside the VAE (UNet, sampler, pipeline) only ever sees scaled latents.
     """
 
     def __init__(self, cfg: VAEConfig = SD):

@@ -51,8 +51,7 @@ class DDIM:
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, eta: float = 0.0, generator=None):
         """One update from x at timesteps[i] to x_prev at prev_timesteps[i]. Returns (x_prev, x0).
-        For eta > 0, z is drawn from `generator` as diffusers draws it: shaped like model_output, in
-        its dtype."""
+        For eta > 0, z is drawn from `generator` as diffusers draws it: shaped like model_output, in its dtype."""
         mean, sigma, x0 = self._gaussian(model_output, i, x, eta)
         if eta > 0:
             z = randn(model_output.shape, generator, model_output.device, model_output.dtype)

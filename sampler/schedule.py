@@ -101,9 +101,8 @@ def make_betas(cfg: SchedulerConfig) -> torch.Tensor:
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Shift and scale √ᾱ so that ᾱ_T = 0, which means zero SNR at the last step, while √ᾱ_1 stays
-    unchanged. From Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
-    Algorithm 1."""
+    """Shift and scale √ᾱ so that ᾱ_T = 0, which means zero SNR at the last step, while √ᾱ_1 stays unchanged. From Lin
+    et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     alpha_bar = ((sqrt_ab - last) * (first / (first - last))) ** 2

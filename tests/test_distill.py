@@ -537,6 +537,9 @@ def test_the_file_loads_strictly(tmp_path):
         save_file(load_file(file), tmp_path / "bad.safetensors", {**metadata, CARD_KEY: json.dumps({**card, **change})})
         with pytest.raises(weights.CheckpointError, match=message):
             read_card(tmp_path / "bad.safetensors")
+    save_file(load_file(file), tmp_path / "deep.safetensors", {**metadata, CARD_KEY: "[" * 100000})
+    with pytest.raises(weights.CheckpointError, match="card is unreadable .RecursionError"):
+        read_card(tmp_path / "deep.safetensors")
 
 
 def overflowing(path):
@@ -710,6 +713,14 @@ def test_a_bad_data_json_is_one_line(data, tmp_path, capsys, change, message):
     code, out, err = train_quietly(capsys, folder, tmp_path)
     assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: " in err[0] and message in err[0], err
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_a_data_json_nested_past_pythons_limit_is_one_line(data, tmp_path, capsys):
+    folder, _, _ = data
+    (folder / "data.json").write_text("[" * 100000)
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 2 and err == [f"error: {folder / 'data.json'}: unreadable (nested too deeply); collect into a "
+                                 "new folder"], err
 
 
 def test_train_shows_terminal_escapes_from_data_json_as_text(data, tmp_path, capsys):

@@ -312,9 +312,26 @@ def test_unreachable_and_failing_vlm(sd1, tmp_path, capsys, server):
     code, _, err = run(evaluate.main, capsys, *base, "--out", tmp_path / "allowed", "--vlm-url", dead_url(),
                        "--allow-vlm-failures")
     (rec,) = records(tmp_path / "allowed")
-    assert code == 0 and rec["status"] == "ok" and rec["negatives"][0]["error"].startswith("cannot reach")
+    assert code == 3 and rec["status"] == "ok" and rec["negatives"][0]["error"].startswith("cannot reach")
     text = read_png(tmp_path / "allowed" / rec["image"])[1]["parameters"]  # made unguarded: never "none"
     assert "VL-DNP failed queries: 1/1" in text and "Dynamic negative: unguarded (all queries failed)" in text
+    assert rec["unguarded"] == "every VL-DNP query failed"
+
+
+def test_images_made_without_the_guard_are_counted_apart_in_the_report(sd1, tmp_path, capsys, server):
+    """--allow-vlm-failures makes them; the summary must not let them pass for guarded ones, nor exit 0."""
+    csv = write(tmp_path / "p.csv", "prompt\na person\na dog\n")
+    vlm = server("none", "none", {"status": 503, "body": b"{}"})  # the check and the first image's query answer
+    code, out, err = run(evaluate.main, capsys, csv, "--model", sd1, *SIZE, "--methods", "sd,vldnp", "--vlm-steps",
+                         "1", "--metrics", "none", "--vlm-retries", "0", "--out", tmp_path / "run", "--vlm-url",
+                         vlm.url, "--allow-vlm-failures")
+    keys = {r["key"]: r.get("unguarded") for r in records(tmp_path / "run")}
+    assert code == 3 and keys == {"0_sd": None, "1_sd": None, "0_vldnp_w7.5": None,
+                                  "1_vldnp_w7.5": "every VL-DNP query failed"}, (keys, err)
+    assert err[-1] == ("warning: 1 image was made without the guard asked for (every VL-DNP query failed); its "
+                       "record says so, and the report counts it apart"), err
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "- Made without the guard asked for: vldnp at 7.5: 1 of 2 images (every VL-DNP query failed)\n" in summary
 
 
 def test_retrying_proposer(server):

@@ -10,6 +10,7 @@ generate.py), in bounded memory, before anything their header or config asks for
 A load that could exhaust memory runs in a child process limited to MEMORY bytes of address space, next to
 the untouched checkpoints it was made from, which must load within the same limit."""
 import json
+import os
 import re
 import shutil
 import struct
@@ -83,6 +84,16 @@ def in_config(base, loader, file, key, value):
     return lambda bases, out: (loader, with_config(bases[base], out, file, key, value), {})
 
 
+def replaced(base, file, make):
+    """A case: a copy of a folder whose `file` is what `make(path)` puts there instead (a link, a folder, a FIFO)."""
+    def case(bases, out):
+        out = Path(shutil.copytree(bases[base], out))
+        (out / file).unlink()
+        make(out / file)
+        return "pipeline", out, {}
+    return case
+
+
 def untouched(base, loader, **kwargs):
     return lambda bases, out: (loader, bases[base], {k: str(bases[v]) for k, v in kwargs.items()})
 
@@ -116,6 +127,12 @@ HOSTILE = {
     # cuts prompt and negative to nothing: the image would be unguarded, its PNG text saying otherwise
     "tokenizer-length": (in_config("sd1", "pipeline", "tokenizer/tokenizer_config.json", "model_max_length", 2),
                          r"tokenizer/tokenizer_config\.json: model_max_length=2"),
+    # a config that is no file: read whole, /dev/zero would take all memory; a FIFO would wait for ever
+    "config-is-dev-zero": (replaced("sd1", "unet/config.json", lambda path: path.symlink_to("/dev/zero")),
+                           r"unet/config\.json: not a file"),
+    "config-is-a-folder": (replaced("sd1", "vae/config.json", Path.mkdir), r"vae/config\.json: not a file"),
+    "config-is-a-fifo": (replaced("sd1", "text_encoder/config.json", os.mkfifo),
+                         r"text_encoder/config\.json: not a file"),
 }
 UNTOUCHED = {"sd1": untouched("sd1", "pipeline"), "sd1-file": untouched("sd1_file", "pipeline", tokenizer="sd1"),
              "sdxl": untouched("sdxl", "pipeline"), "clip": untouched("clip", "clip"),

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import distill
 import evaluate
 import evaluation.run
 import generate
 from cli.args import fail
 from fake_vlm import Trickle, dead_url, redirect, self_signed
-from helpers import run
+from helpers import run, run_bounded
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png
@@ -71,6 +72,20 @@ def test_a_server_that_echoes_the_key_never_gets_it_shown(server, api_key):
     client = VLMClient(echo.url, "m", NUDITY, timeout=5)
     for reply in client(IMAGE, "p", 0), client(IMAGE, "p", 0):
         assert KEY not in repr(reply) and "<API key>" in reply.raw + (reply.error or ""), reply
+
+
+@pytest.mark.parametrize("entry", [
+    dict(status=401, body={"error": {"message": "x" * 185 + f" {KEY}"}}),  # the error's detail is cut at 200
+    dict(body=b"y" * 490 + KEY.encode()),  # a malformed reply's excerpt is cut at 500
+    dict(status=500, body=b" " * 4090 + KEY.encode()),  # across the first 4096 bytes of an error body
+    dict(status=401, reason="r" * 280 + f" {KEY}", body=b"{}"),  # the status line's phrase, cut with the rest
+    redirect("http://127.0.0.2:9/" + "p" * 170 + KEY),  # a Location, cut at 200
+    dict(content="w" * 4090 + KEY),  # a reply over MAX_REPLY_CHARS, kept as far as that for the trace
+], ids=["detail", "excerpt", "long error", "reason", "location", "long reply"])
+def test_a_key_quoted_where_a_message_is_cut_shows_no_part_of_it(server, api_key, entry):
+    """Cutting a message to its length before hiding the key would show the key's first characters."""
+    reply = VLMClient(server(entry).url, "m", NUDITY, timeout=5)(IMAGE, "p", 0)
+    assert KEY[:6] not in reply.raw + reply.error, reply
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -395,6 +410,29 @@ def test_generate_and_evaluate_show_a_servers_escapes(server, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and f"down{SHOWN}" in err[0] and not OBEYED.search(err[0]), err
 
 
+def test_escapes_in_file_names_reach_no_output_raw(sd1, server, tmp_path, capsys):
+    """generate.py prints each image's and the trace's path, evaluate.py and distill.py collect their prompt
+    file's in a warning and their folder's in each file they name: a name is the user's, but what it holds
+    is only shown."""
+    folder = tmp_path / f"in{ESCAPES}"
+    folder.mkdir()
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *SIZE, "--method", "static",
+                         "--out", folder / "x.png", "--trace", folder / "t.json")
+    assert code == 0 and (folder / "x.png").is_file() and (folder / "t.json").is_file(), err
+    assert out[1:] == [f"{tmp_path}/in{SHOWN}/x.png", f"trace: {tmp_path}/in{SHOWN}/t.json"], out
+    csv = write(folder / "p.csv", 'prompt\na cat\n"unclosed\n')
+    code, out, err = run(evaluate.main, capsys, csv, "--out", folder / "run", "--model", sd1, *SIZE[:-1],
+                         "--methods", "sd", "--metrics", "none", "--quiet")
+    assert code == 0 and (folder / "run" / "images" / "0_sd.png").is_file(), err
+    assert f"in{SHOWN}/p.csv, line 3" in err[0] and f"in{SHOWN}/run/records.jsonl" in "\n".join(out), (out, err)
+    assert not OBEYED.search("\n".join(out + err)), (out, err)
+    code, out, err = run(distill.main, capsys, "collect", csv, "--model", sd1, "--out", folder / "data", "--vlm-url",
+                         server("feet").url, "--steps", "2", "--vlm-steps", "1", *SIZE[2:])
+    assert code == 0 and f"rows of {tmp_path}/in{SHOWN}/p.csv are skipped" in err[0], err
+    assert out[-1].startswith(f"records: {tmp_path}/in{SHOWN}/data/records.jsonl") and not OBEYED.search(
+        "\n".join(out + err)), (out, err)
+
+
 def strings(data):
     """Every string in a JSON value."""
     if isinstance(data, str):
@@ -547,6 +585,17 @@ def test_images_that_cannot_fit_are_refused_before_sampling(sd1, tmp_path, capsy
                            "--metrics", "none", "--steps", "2", "--device", "cpu", "--quiet", *flags)
         assert code == 2 and len(err) == 1 and re.search(advice, err[0]), err
         assert list((tmp_path / "run" / "images").iterdir()) == []
+
+
+def test_a_batch_whose_bookkeeping_alone_cannot_fit_is_refused_before_loading(sd1, tmp_path):
+    """The per-image lists are made before the memory estimate can speak: 10^20 images once took all
+    the machine's memory (exit 137, no message). In a child limited to 3 GiB, as the hostile checkpoints."""
+    args = [sys.executable, "generate.py", "a cat", "--model", str(sd1), "--proposer", "none", "--steps", "1",
+            "--height", "16", "--width", "16", "--device", "cpu", "--quiet", "--out", str(tmp_path / "x.png")]
+    done = run_bounded(args + ["--batch", str(10**20)], 3 * 2**30, timeout=600)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["error: --batch 100000000000000000000: must be between 1 and 1000000"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_what_a_refusal_names_fits(pipe):

@@ -305,6 +305,8 @@ def test_bad_files_are_one_line_and_merge_nothing(sd1, tmp_path, change, message
     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": [1]}', "its unet.alpha_pattern is not a JSON object"),
     ('{"unet.lora_alpha": 4, "unet.rank_pattern": "attn1"}', "its unet.rank_pattern is not a JSON object"),
     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 2}}', "its unet.alpha_pattern key '(' is not a regular"),
+    ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"(.*)*!": 2}}', "its unet.alpha_pattern key '(.*)*!' repeats"),
+    ('{"unet.lora_alpha": 4, "unet.rank_pattern": {".*.*.*.*.*.*!": 2}}', "its unet.rank_pattern key '.*.*"),
     ('{"unet.lora_alpha": "8", "unet.r": 2}', "its unet.lora_alpha '8' is not a finite number"),
     ('{"unet.lora_alpha": NaN}', "its unet.lora_alpha nan is not a finite number"),
     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"to_q": Infinity}}', "its unet.alpha_pattern value inf is not"),

@@ -117,6 +117,37 @@ def test_conflicts_are_one_line(sd1, capsys, argv, message):
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
+@pytest.mark.parametrize("method", ["sld-max", "negative", "safree"])
+@pytest.mark.parametrize("guidance", ["1", "0.5", "0"])
+def test_a_guard_that_acts_through_the_unconditional_branch_refuses_a_guidance_that_skips_it(sd1, capsys, tmp_path,
+                                                                                             method, guidance):
+    """At g <= 1 there is no unconditional branch (ε = ε_c, as diffusers): SLD, a classic negative and
+    SAFREE's would be off, in an image whose PNG names them."""
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *SMALL, "--method", method,
+                         "--guidance", guidance, "--out", tmp_path / "x.png")
+    assert code == 2 and out == [] and not (tmp_path / "x.png").exists(), err
+    assert err == [f"error: --guidance {float(guidance)}: must be above 1 for {method.removesuffix('-max')} (a guard "
+                   "that acts through the unconditional branch, which g <= 1 skips, as in diffusers)"], err
+    (tmp_path / "p.csv").write_text("prompt\na cat\n")
+    code, out, err = run(evaluate.main, capsys, tmp_path / "p.csv", "--out", tmp_path / "run", "--model", sd1,
+                         *SMALL[:6], "--methods", method, "--guidance", guidance, "--metrics", "none", "--quiet")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --guidance {float(guidance)}: must be above 1"), err
+
+
+def test_evaluate_fails_the_rows_whose_guidance_skips_the_guard(sd1, capsys, tmp_path):
+    """A prompt file's own CFG scale of 1 or less: those rows' images fail, the others are made."""
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_guidance\n1,a cat,1\n2,a dog,6\n")
+    code, _, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", sd1, *SMALL[:6],
+                       "--methods", "sd,sld,negative,safree", "--sld-presets", "max", "--metrics", "none",
+                       "--no-report", "--quiet")
+    records = {r["key"]: r for r in map(json.loads, (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
+    assert code == 1 and {k for k, r in records.items() if r["status"] != "ok"} == {
+        "1_sld-max", "1_negative", "1_safree"}, err
+    assert "needs a CFG scale above 1" in records["1_sld-max"]["error"]
+    assert not (tmp_path / "run" / "images" / "1_sld-max.png").exists()
+
+
 def test_without_method_the_flags_decide_as_before(sd1, tmp_path, capsys):
     """--proposer none and --negative-prompt still make plain SD with a classic negative: method sd."""
     out = tmp_path / "n.png"

@@ -2,12 +2,16 @@
 MMA-Diffusion, UnlearnDiffAtk, COCO-30k): their columns, as published, and rows written here, with
 the mess those files hold. A bad row is skipped and named, never the file."""
 import json
+import os
 import re
+import sys
+import threading
 
 import pytest
 
 import evaluate
 from evaluation.prompts import PromptFileError, read_prompts
+from helpers import run_bounded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,6 +220,38 @@ def test_missing_file_and_folder(tmp_path):
         read_prompts(tmp_path / "none.csv")
     with pytest.raises(PromptFileError, match="is a folder"):
         read_prompts(tmp_path)
+
+
+def test_a_fifo_nothing_writes_to_is_an_empty_file_not_a_wait(tmp_path):
+    """open() of a FIFO waits for a writer; one nothing writes to would hold evaluate.py for ever."""
+    fifo = tmp_path / "prompts.csv"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(PromptFileError, read_prompts, fifo)),
+                              daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # let the waiting open() go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and "the file is empty" in str(outcome[0].value)
+
+
+def test_a_pipe_that_writes_is_read(tmp_path):
+    """A process substitution, <(curl ...), is a pipe: it is read as a file is."""
+    read, write_end = os.pipe()
+    os.write(write_end, b"prompt\na cat\n")
+    os.close(write_end)
+    assert [r.prompt for r in read_prompts(f"/dev/fd/{read}").rows] == ["a cat"]
+    os.close(read)
+
+
+def test_a_file_too_large_for_any_prompt_set_is_not_read_whole(tmp_path):
+    """A link to /dev/zero is read to the limit and refused, in a child limited to 1.5 GiB."""
+    done = run_bounded([sys.executable, "-c", "import sys; from evaluation.prompts import read_prompts\n"
+                        "try:\n    read_prompts('/dev/zero')\nexcept ValueError as e:\n    sys.exit(str(e))"],
+                       3 * 2**29, timeout=600)
+    assert done.returncode == 1 and done.stderr == "/dev/zero: over 256 MiB, more than any prompt file holds\n", \
+        done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,9 +60,8 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def prepare_image(image: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """[3, H, W] in [-1, 1] -> uint8 [h, w, 3], scaled (bicubic, antialiased) so that its longer
-    side is `size`, which keeps the aspect ratio; at size None or the image's own size, exactly
-    `to_uint8` of the image."""
+    """[3, H, W] in [-1, 1] -> uint8 [h, w, 3], scaled (bicubic, antialiased) so that its longer side is `size`, which
+    keeps the aspect ratio; at size None or the image's own size, exactly `to_uint8` of the image."""
     H, W = image.shape[-2:]
     if size is None or max(H, W) == size:
         return to_uint8(image[None])[0]

@@ -135,8 +135,7 @@ class VLMClient:
                 "temperature": 0, "max_tokens": self.max_tokens, "stream": False}
 
     def __call__(self, image: torch.Tensor, prompt: str, step: int) -> Reply:
-        start, key = time.perf_counter(), self.api_key
-        hide = (lambda text: text.replace(key, "<API key>")) if key else (lambda text: text)  # quoted back
+        start, hide = time.perf_counter(), functools.partial(hide_key, key=self.api_key)  # quoted back
         try:
             content = hide(reply_text(self._post(json.dumps(self.request(image)).encode("utf-8"))))
             return Reply(self.task.parse(content), printable(content, keep="\n\t"), None, time.perf_counter() - start)
@@ -146,9 +145,8 @@ class VLMClient:
             return Reply([], "", one_line(hide(f"{type(e).__name__}: {e}")), time.perf_counter() - start)
 
     def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vl-dnp/1"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vl-dnp/1",
+                   **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         deadline = request.deadline = time.monotonic() + self.timeout  # read by the connection (_Deadline),
         request.getaddrinfo = self.getaddrinfo  # as is this
@@ -165,7 +163,7 @@ class VLMClient:
                                           "the query and its API key reach no host but the one given (give that "
                                           "URL instead if it is the server)")) from None
             try:
-                detail = _error_detail(e.read(4096))
+                detail = _error_detail(e.read(MAX_RESPONSE_BYTES))  # all of it: a key cut at a byte would show
             except (OSError, http.client.HTTPException):
                 detail = ""
             hint = " (does the URL end in /v1?)" if e.code == 404 else ""
@@ -187,6 +185,14 @@ class VLMClient:
         if time.monotonic() >= deadline:  # the socket was shut down then: the body may be cut short
             raise too_slow
         return body
+
+
+def hide_key(text: str, key: str | None) -> str:
+    """`text` from a server with `key` as <API key>, whole or where a "…" cut it, as every cut of server text must."""
+    text = text.replace(key, "<API key>") if key else text
+    for n in range(len(key or "") - 1, 3, -1):  # the longest start first
+        text = text.replace(f"{key[:n]}…", "<API key>…")
+    return text
 
 
 def _read(response) -> bytes:
@@ -273,7 +279,7 @@ def _error_detail(body: bytes) -> str:
 
 def reply_text(body: bytes) -> str:
     """choices[0].message.content of a chat-completions response, stripped, as text."""
-    excerpt = one_line(body[:500].decode("utf-8", "replace"), 500)
+    excerpt = one_line(body.decode("utf-8", "replace"), 500)  # cut with a "…", as hide_key needs
     try:
         response = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -300,5 +306,5 @@ def reply_text(body: bytes) -> str:
         raise QueryError(one_line(f"the model declined to answer: {content}", 200), content)
     if len(content) > MAX_REPLY_CHARS:
         raise QueryError(f"reply of {len(content)} characters, over the {MAX_REPLY_CHARS} limit",
-                         content[:MAX_REPLY_CHARS])
+                         content[:MAX_REPLY_CHARS - 1] + "…")
     return content

@@ -100,7 +100,7 @@ def read_card(path) -> dict:
     try:
         card = json.loads(text)
         problem = _card_problem(card)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # RecursionError: nested too deep
         problem = f"unreadable ({type(e).__name__}: {e})"
     if problem:
         raise CheckpointError(f"{path}: its latent proposer card is {problem}")

@@ -23,11 +23,10 @@ MAX_NEGATIVE_CHARS = 1000  # cut before tokenizing; 75 tokens fit well within it
 
 @dataclass(frozen=True)
 class Task:
-    """name: the --vlm-task value. question: what a VLM is asked. concepts: the phrases the CLIP
-    proposer scores. mode: "replace" (each answer replaces the negative) or "accumulate" (answers
-    add up). parse_reply: reply text -> items; format: items -> negative text. Use them through
-    `parse` and `negative`, which add the length caps. static_negative: the fixed negative that
-    stands for the whole concern, for the baselines that do not look (static, negative)."""
+    """name: the --vlm-task value. question: what a VLM is asked. concepts: the phrases the CLIP proposer scores. mode:
+    "replace" (each answer replaces the negative) or "accumulate" (answers add up). parse_reply: reply text -> items;
+    format: items -> negative text. Use them through `parse` and `negative`, which add the length caps. static_negative:
+    the fixed negative that stands for the whole concern, for the baselines that do not look (static, negative)."""
     name: str
     question: str
     concepts: tuple[str, ...]
@@ -74,13 +73,17 @@ _NOTHING = re.compile(
     r"|(?:it|(?:the |this )?image) (?:is|looks|appears|seems)(?: to be)? (?:safe|clean|fine))\b")
 
 _IMAGE = r"(?:the |this |an |any |your )?(?:image|picture|photo|attachment)s?"
+_GIVEN = "provided|attached|uploaded|received|shared|included|given|sent"
 _REFUSAL = re.compile(
     r"^(?:i'm sorry|i am sorry|sorry|i apologi[sz]e|as an ai)\b"
     r"|\b(?:cannot|can not|can't|won't|will not|unable to|not able to)"
     r" (?:help|assist|comply|fulfil|provide|answer|analy[sz]e|process|describe|discuss|engage)"
     rf"|\b(?:cannot|can not|can't|unable to|not able to|ability to) (?:see|view|access|open) {_IMAGE}"
-    rf"|\bno {_IMAGE} (?:(?:was|were|has been|have been|is|are) )?(?:provided|attached|uploaded|received)"
-    rf"|^(?:there (?:is|was) )?no {_IMAGE}(?: (?:here|attached|provided|available))?\W*$"  # the whole reply
+    rf"|\b(?:no|not have|n't have) access to {_IMAGE}|\bwithout {_IMAGE}"
+    rf"|\bno {_IMAGE} (?:(?:was|were|has been|have been|is|are) )?(?:{_GIVEN})"
+    rf"|{_IMAGE} (?:(?:is|was|are|were|has|have)(?: not|n't)|not)(?: been)? (?:visible|available|accessible|{_GIVEN})"
+    rf"|^(?:(?:there is|there was|there's|i see|i find) )?no {_IMAGE}(?: (?:here|{_GIVEN}|available))?\W*$"  # all of it
+    rf"|\b(?:don't|do not) see {_IMAGE}(?: (?:here|{_GIVEN}))?\W*$"
     rf"|\bplease (?:provide|upload|attach|share|send) {_IMAGE}")
 
 
