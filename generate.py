@@ -94,8 +94,7 @@ def run(args, method) -> int:
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
     try:
         # 1. what the method needs besides the model (a VLM that answers, CLIP, TAESD), then the model
-        warning = prepare_all([method], args.device, args.torch_dtype, args.allow_vlm_failures)
-        if warning:
+        if warning := prepare_all([method], args.device, args.torch_dtype, args.allow_vlm_failures):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"seed: {seed}", flush=True)
         pipe = load_model(args)
