@@ -155,7 +155,10 @@ def load_classifier(args) -> NudeNetClassifier | None:
 
 
 def pick_rank_device(device: torch.device) -> torch.device:
-    """The device of this process; under torchrun with CUDA, cuda:LOCAL_RANK."""
+    """The device of this process; under torchrun with CUDA, cuda:LOCAL_RANK. Checks torchrun's environment first."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        if not os.environ.get(name, "0").isdecimal():
+            raise UsageError(f"{name}={os.environ[name]!r}: torchrun's environment holds whole numbers; unset it")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
         if device.index is not None:
             raise UsageError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")

@@ -136,6 +136,15 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name, value", [("RANK", "x"), ("WORLD_SIZE", "two"), ("LOCAL_RANK", "-1")])
+def test_a_torchrun_environment_of_other_than_whole_numbers_is_one_line(tmp_path, capsys, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    csv = write(tmp_path / "p.csv", CSV)
+    code, out, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, *SIZE)
+    assert code == 2 and len(err) == 1 and f"{name}={value!r}" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods
 
