@@ -11,8 +11,11 @@ from pathlib import Path
 
 def write_atomic(path, data: bytes | str) -> Path:
     """Writes `data` (text as UTF-8) to a temporary file beside `path`, flushes it to disk and renames
-    it over `path`. The file gets the permissions a plain open() would give it (0666 less the umask)."""
+    it over `path`, which must not be a device or a pipe. The file gets the permissions a plain open() would give
+    it (0666 less the umask)."""
     path = Path(path)
+    if path.exists() and not (path.is_symlink() or path.is_file() or path.is_dir()):  # renamed over, /dev/null: gone
+        raise FileExistsError(f"{path} is not a regular file (a device or a pipe); not replaced")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

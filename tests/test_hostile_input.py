@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -431,6 +432,19 @@ def test_escapes_in_file_names_reach_no_output_raw(sd1, server, tmp_path, capsys
     assert code == 0 and f"rows of {tmp_path}/in{SHOWN}/p.csv are skipped" in err[0], err
     assert out[-1].startswith(f"records: {tmp_path}/in{SHOWN}/data/records.jsonl") and not OBEYED.search(
         "\n".join(out + err)), (out, err)
+
+
+def test_a_trace_named_after_a_pipe_or_device_never_replaces_it(sd1, tmp_path, capsys):
+    """Run as root, an atomic write's rename would put a file in place of /dev/null; a named pipe stands in for it
+    here. The image is saved; the trace is one line and exit 1, and the pipe is still a pipe."""
+    fifo = tmp_path / "t.json"
+    os.mkfifo(fifo)
+    code, out, err = run(generate.main, capsys, "a cat", "--model", sd1, *SIZE, "--method", "static",
+                         "--out", tmp_path / "x.png", "--trace", fifo)
+    assert code == 1 and (tmp_path / "x.png").is_file() and stat.S_ISFIFO(os.lstat(fifo).st_mode), err
+    assert err == [f"error: cannot write the trace {fifo}: {fifo} is not a regular file (a device or a pipe); not "
+                   "replaced (the images were saved)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "x.png"]
 
 
 def strings(data):
