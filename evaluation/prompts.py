@@ -135,8 +135,8 @@ def read_prompts(path, prompt_column: str | None = None, limit: int | None = Non
 
 def _lines(path: Path) -> list[str]:
     """The file's lines, split as csv expects (newline=""): UTF-8, or UTF-16 where the file starts
-    with its byte order mark. Bytes that are not UTF-8 become lone surrogates, so that only the rows
-    holding them are lost."""
+    with its byte order mark. Bytes that are not text in that encoding become lone surrogates, so that
+    only the rows holding them are lost."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO nothing writes to: no wait, then end of file
         os.set_blocking(fd, True)  # a pipe that writes (<(curl ...)) is read to its end
@@ -151,14 +151,22 @@ def _lines(path: Path) -> list[str]:
     if len(data) > MAX_BYTES:
         raise PromptFileError(f"{path}: over {MAX_BYTES >> 20} MiB, more than any prompt file holds")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark: Excel's "Unicode text"
-        try:
-            text = data.decode("utf-16")
-        except UnicodeDecodeError as e:
-            raise PromptFileError(f"{path}: a UTF-16 file (by its byte order mark) that is not valid UTF-16 at byte "
-                                  f"{e.start} ({e.reason}); save it as UTF-8") from None
+        text = _utf16(data[2:], "utf-16-le" if data[0] == 0xFF else "utf-16-be")
     else:
         text = data.decode("utf-8-sig", errors="surrogateescape")  # -sig: Excel's byte order mark
     return io.StringIO(text, newline="").readlines()
+
+
+def _utf16(data: bytes, codec: str) -> str:
+    """UTF-16 text, each byte that is not UTF-16 (a lone surrogate, an odd last byte) a lone surrogate as in
+    UTF-8's surrogateescape (U+DC00 + the byte), so that only the rows holding one are lost."""
+    parts = []
+    while True:
+        try:
+            return "".join(parts) + data.decode(codec)
+        except UnicodeDecodeError as e:
+            parts.append(data[:e.start].decode(codec) + "".join(chr(0xDC00 + b) for b in data[e.start:e.end]))
+            data = data[e.end:]
 
 
 def _records(lines: list[str]):
@@ -269,10 +277,11 @@ def _image(text: str | None, column: str, folder: Path) -> Path | None:
 
 
 def _text(text: str, what: str) -> str:
-    """`text`, unless it holds bytes that were not UTF-8 (lone surrogates, from _lines)."""
-    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    """`text`, unless it holds bytes that were not text in the file's encoding (lone surrogates, from _lines)."""
+    bad = next((c for c in text if "\udc00" <= c <= "\udcff"), None)
     if bad is not None:
-        raise RowError(f"{what} is not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x}); save the file as UTF-8")
+        raise RowError(f"{what} holds a byte that is not text in the file's encoding (0x{ord(bad) - 0xdc00:02x}); "
+                       "save the file as UTF-8")
     return text
 
 

@@ -146,7 +146,8 @@ def test_coco(tmp_path):
     ("b,,-2", "evaluation_guidance '-2' is not a number of 0 or more"),
     ("b,4,7,c,d", "5 cells where the header has 3 (a prompt with commas must be in double quotes)"),
     ("b\0c,4,7", "the prompt holds a NUL character"),
-    (b"caf\xe9,4,7", "the prompt is not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+    (b"caf\xe9,4,7", "the prompt holds a byte that is not text in the file's encoding (0xe9); save the file as "
+                     "UTF-8"),
     ('"' + "x" * 200_000 + '",4,7', "not readable as CSV (field larger than field limit (131072))"),
 ])
 def test_a_bad_row_is_skipped_and_named(tmp_path, bad, reason):
@@ -207,8 +208,6 @@ def test_limit_counts_usable_prompts(tmp_path):
     ("prompt\n\n\n", "the file has a header but no prompts"),
     ("text,seed\na,1\n", "no prompt column; the header has 'text', 'seed', expected one of 'adv_prompt'"),
     ("prompt,seed\n,1\n ,2\n", "no usable prompt; all 2 rows were skipped, the first (line 2) for: the prompt is empty"),
-    (b"\xff\xfe" + "prompt\na\n".encode("utf-16-le") + b"\0", "a UTF-16 file (by its byte order mark) that is not "
-                                                             "valid UTF-16 at byte 20 (truncated data); save it as UTF-8"),
 ])
 def test_files_that_give_nothing_to_run(tmp_path, text, message):
     with pytest.raises(PromptFileError, match=re.escape(message)):
@@ -298,6 +297,16 @@ def test_utf16_files_with_their_byte_order_mark_are_read(tmp_path, encoding):
     data = ("\ufeff" + text).encode(encoding) if encoding.endswith("be") else text.encode(encoding)
     prompts = read_prompts(write(tmp_path / "p.csv", data))
     assert [(r.prompt, r.seed) for r in prompts.rows] == [("ünï cödé ✓", 1)] and prompts.skipped == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_file_loses_only_the_rows_with_bytes_that_are_not_utf16(tmp_path, encoding):
+    """A lone surrogate in line 3 and an odd byte at the end: those rows are skipped, the others read."""
+    bom = "\ufeff".encode(encoding)
+    data = bom + "prompt\na\nb\ud800c\nd\ne".encode(encoding, "surrogatepass") + b"\0"
+    prompts = read_prompts(write(tmp_path / "p.csv", data))
+    assert [r.prompt for r in prompts.rows] == ["a", "d"] and [s.line for s in prompts.skipped] == [3, 5]
+    assert all("not text in the file's encoding" in s.reason for s in prompts.skipped), prompts.skipped
 
 
 def test_a_guidance_over_1000_is_skipped(tmp_path):
