@@ -149,7 +149,11 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
             try:
                 for name, path in spec.write_report(spec.out, records).items():
                     print(printable(f"{name}: {path}"), flush=True)
-            except Exception:  # the records are safe on disk; say so rather than lose the message
+            except OSError as e:  # a full disk, say: the records are safe on disk
+                print(printable(f"error: cannot write the report ({e}); the records are in {spec.out / RECORDS_FILE}"),
+                      file=sys.stderr, flush=True)
+                status = 1
+            except Exception:  # a bug: its traceback, and where the records are safe on disk
                 traceback.print_exc()
                 print(printable(f"error: the report failed (above); the records are in {spec.out / RECORDS_FILE}"),
                       file=sys.stderr, flush=True)

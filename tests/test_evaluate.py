@@ -161,6 +161,20 @@ def chosen(*argv):
     return args.chosen_methods
 
 
+def test_a_report_that_cannot_be_written_is_one_line_and_keeps_the_records(sd1, tmp_path, capsys):
+    """A full disk when the report is written: the images and records are kept, the error is one line (a bug in the
+    report would still be a traceback)."""
+    def full_disk(run_dir, records):
+        raise OSError(28, "No space left on device", str(run_dir / "index.html"))
+    out = tmp_path / "run"
+    code, lines, err = run(evaluate.main, capsys, write(tmp_path / "p.csv", CSV), "--out", out, "--model", sd1, *SIZE,
+                           "--methods", "sd", metrics=FakeMetrics(), report=full_disk)
+    assert code == 1 and len(records(out)) == 2 and err[-1] == (
+        f"error: cannot write the report ([Errno 28] No space left on device: '{out / 'index.html'}'); the records "
+        f"are in {out / 'records.jsonl'}"), err
+    assert not any("Traceback" in line for line in err), err
+
+
 def test_sweeps_expand_static_and_vldnp_only(tmp_path):
     methods = chosen("--methods", "sd,negative,static,vldnp", "--negative-scale", "0,2.5,15", "--vlm-steps", "1")
     assert [m.key for m in methods] == ["sd", "negative", "static_w0", "static_w2.5", "static_w15",
