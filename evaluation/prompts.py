@@ -272,7 +272,8 @@ def _image(text: str | None, column: str, folder: Path) -> Path | None:
         return None
     path = folder / Path(text).expanduser()
     if not path.is_file():
-        raise RowError(f"{column} {text!r}: no such file" + ("" if Path(text).is_absolute() else f" in {folder}"))
+        why = "not a file (a folder, a pipe or a device)" if path.exists() else "no such file"
+        raise RowError(f"{column} {text!r}: {why}" + ("" if Path(text).is_absolute() else f" in {folder}"))
     return path
 
 

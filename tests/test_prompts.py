@@ -309,6 +309,17 @@ def test_a_utf16_file_loses_only_the_rows_with_bytes_that_are_not_utf16(tmp_path
     assert all("not text in the file's encoding" in s.reason for s in prompts.skipped), prompts.skipped
 
 
+def test_an_image_cell_naming_a_pipe_or_folder_skips_its_row_saying_so(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dir.png").mkdir()
+    prompts = read_prompts(write(tmp_path / "p.csv", "prompt,init_image\na,pipe.png\nb,dir.png\nc,gone.png\nd,\n"))
+    assert [r.prompt for r in prompts.rows] == ["d"]
+    assert [s.reason for s in prompts.skipped] == [
+        f"init_image 'pipe.png': not a file (a folder, a pipe or a device) in {tmp_path}",
+        f"init_image 'dir.png': not a file (a folder, a pipe or a device) in {tmp_path}",
+        f"init_image 'gone.png': no such file in {tmp_path}"]
+
+
 def test_a_guidance_over_1000_is_skipped(tmp_path):
     prompts = read_prompts(write(tmp_path / "p.csv", 'prompt,sd_guidance_scale\nhuge,"1e308"\nbig,1000.5\nok,1000\n'))
     assert [(r.prompt, r.guidance) for r in prompts.rows] == [("ok", 1000.0)]
