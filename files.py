@@ -10,26 +10,30 @@ from pathlib import Path
 
 
 def write_atomic(path, data: bytes | str) -> Path:
-    """Writes `data` (text as UTF-8) to a temporary file beside `path`, flushes it to disk and renames
-    it over `path`, which must not be a device or a pipe. The file gets the permissions a plain open() would give
-    it (0666 less the umask)."""
+    """Writes `data` (text as UTF-8) to a temporary file beside `path` and `settle`s it there."""
     path = Path(path)
-    if path.exists() and not (path.is_symlink() or path.is_file() or path.is_dir()):  # renamed over, /dev/null: gone
-        raise FileExistsError(f"{path} is not a regular file (a device or a pipe); not replaced")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
+        settle(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def settle(tmp, path: Path):
+    """Renames the whole written file `tmp` over `path` once it is on disk, with the permissions a plain open() would
+    give it (0666 less the umask); never over a device or a pipe (renamed over, /dev/null would be gone)."""
+    if path.exists() and not (path.is_symlink() or path.is_file() or path.is_dir()):
+        raise FileExistsError(f"{path} is not a regular file (a device or a pipe); not replaced")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files (and safetensors') are 0600
+    os.replace(tmp, path)
 
 
 def write_json(path, data) -> Path:

@@ -17,7 +17,7 @@ from checkpoint.original import (IGNORED, PREFIX, TEXT_ENCODERS, inspect_single_
 from checkpoint.pipeline import Pipeline
 from checkpoint.prediction import MARKERS, NAMES, Prediction, assumed_warning, read_prediction, written_metadata
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header, to_dtype
-from files import printable
+from files import printable, settle
 from model.clip import CLIPTextModel
 from model.unet import UNet
 from model.vae import AutoencoderKL
@@ -114,19 +114,14 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     out_state = {k: v.to(dtype or v.dtype).contiguous() for k, v in out_state.items()}
     out = Path(out)
     # Atomic as files.write_atomic, whose bytes (safetensors' save) would hold the weights twice in memory: written
-    # in a temporary folder beside `out` (removed, whatever happens), flushed to disk and renamed over `out`.
+    # in a temporary folder beside `out` (removed, whatever happens), then settled over `out`.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as folder:
         part = os.path.join(folder, "part")
         try:
             save_file(out_state, part, metadata={"format": "pt", **written_metadata(pipe.scheduler.prediction_type)})
         except SafetensorError as e:  # what the file system said, in safetensors' words
             raise OSError(f"{out}: cannot write it ({e})") from None
-        with open(part, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(part, 0o666 & ~umask)  # a plain open()'s permissions (safetensors' own temporary file has 0600)
-        os.replace(part, out)
+        settle(part, out)
     return out
 
 
