@@ -19,7 +19,7 @@ import evaluate
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
-from helpers import parameters, pixels, run
+from helpers import parameters, pixels, run, write
 from png_reader import read_png
 from sampler.loop import generate
 from vlm.base import Reply
@@ -28,7 +28,6 @@ from methods.vldnp import DynamicNegatives
 from vlm.retry import RetryingProposer
 from vlm.tasks import SAFREE_NUDITY_CONCEPTS
 from vlm.tasks import NUDITY
-from weights import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -37,16 +36,6 @@ CSV = 'case_number,prompt,evaluation_seed,evaluation_guidance,categories\n3,a ca
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
-
-
-def write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def records(run_dir, name="records.jsonl"):

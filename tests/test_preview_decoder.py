@@ -23,17 +23,11 @@ from vlm.base import Reply
 from vlm.proposers import make_preview
 from vlm.trace import trace_dict
 from vlm.tasks import get_task
-from weights import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["a person on a beach", "--steps", "3", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
        "--quiet"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
 
 
 @pytest.fixture(scope="module")
