@@ -144,7 +144,7 @@ def test_decode_matches_transformers_and_round_trips(pair):
         assert ours.decode(ours.encode(text)) == " ".join(expected.split())
 
 
-def test_truncate(pair):
+def test_truncate_keeps_the_longest_prefix_of_whole_words(pair):
     ours, _ = pair
     text = "  a majestic   waterfall surrounded by lush tropical jungle, café 🔥 mist " * 12
     words = text.split()
