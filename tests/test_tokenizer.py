@@ -274,6 +274,17 @@ def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, name, data)
         load_tokenizer(folder)
 
 
+def test_a_bug_building_the_tokenizer_keeps_its_own_traceback(tmp_path):
+    """Only what the tokenizers library raises about the files becomes a ValueError naming them; a bug
+    (here an AttributeError in a fork's __init__) is not passed off as a damaged file."""
+    class Forked(Tokenizer):
+        def __init__(self, *args, **kwargs):
+            raise AttributeError("a bug in the fork")
+
+    with pytest.raises(AttributeError, match="a bug in the fork"):
+        Forked.from_folder(write_clip_vocab(tmp_path / "files"))
+
+
 def test_fake_vocab_has_clip_layout(tmp_path):
     start = time.perf_counter()
     folder = write_clip_vocab(tmp_path / "a", num_merges=800)
