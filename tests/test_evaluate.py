@@ -177,6 +177,23 @@ def test_sweeps_expand_static_and_vldnp_only(tmp_path):
     assert [m.key for m in chosen("--methods", "sld-max,sld")] == ["sld-max", "sld-weak", "sld-medium", "sld-strong"]
 
 
+class BrokenMetrics(FakeMetrics):
+    """A metric with a bug in it."""
+    def __call__(self, image, prompt):
+        return {"mean": image.float().mean().item() / 0}
+
+
+def test_a_metric_that_raises_fails_its_record_and_shows_its_traceback(sd1, tmp_path, capsys):
+    """The run goes on (the other images may still be scored) and the record says why, in one line; the
+    exception's traceback still shows on stderr, as a bug's must."""
+    csv, out = write(tmp_path / "p.csv", CSV), tmp_path / "run"
+    code, _, err = run(evaluate.main, capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd",
+                       metrics=BrokenMetrics(), report=FakeReport())
+    assert code == 1 and [r["status"] for r in records(out)] == ["failed", "failed"]
+    assert records(out)[0]["error"] == "metrics: ZeroDivisionError: float division by zero"
+    assert "Traceback (most recent call last):" in err and any("in __call__" in line for line in err)
+
+
 def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, capsys):
     csv, out, report = write(tmp_path / "p.csv", CSV), tmp_path / "run", FakeReport()
     argv = [csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd,negative,static", "--negative-scale", "0,5"]
