@@ -1,7 +1,8 @@
 """Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
 checked on, a stand-in UNet for the samplers, the reference models' outputs on a folder, a loading error's
-one line, images from a diffusers pipeline compared with ours, a file written in one call, a PNG's pixels
-and settings, a hub cache laid out by hand, a PNG that inflates to any size, a command run in bounded memory."""
+one line, images from a diffusers pipeline (and TAESD decodes) to compare with ours, a file written in one
+call, a PNG's pixels and settings, a hub cache laid out by hand, a PNG that inflates to any size, a command
+run in bounded memory."""
 import json
 import os
 import resource
@@ -114,6 +115,12 @@ def assert_matches(pipe, ref):
         assert_close_rel(pipe.unet(ref["x"], torch.tensor([999, 1]), ref["context"]), ref["eps"])
         assert_close_rel(pipe.vae.decode(ref["z"]), ref["decoded"])
         assert_close_rel(pipe.vae.encode(ref["images"]), ref["encoded"])
+
+
+def tiny_reference_decode(ref, latents):
+    """What diffusers' pipelines do with an AutoencoderTiny `ref` (TAESD): unscale, decode; images in [-1, 1]."""
+    with torch.no_grad():
+        return ref.decode(latents / ref.config.scaling_factor).sample
 
 
 def error_of(source, load=None, **kw) -> str:

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close_rel, error_of, hub_cache, randomize_
+from helpers import assert_close_rel, error_of, hub_cache, randomize_, tiny_reference_decode
 from checkpoint.taesd import load_taesd
 from model.taesd import SD, TAESD, TAESDConfig
 
@@ -38,12 +38,6 @@ def ours(ref):
     return model
 
 
-def reference_decode(ref, latents):
-    """What diffusers' pipelines do with AutoencoderTiny: unscale, decode; images in [-1, 1]."""
-    with torch.no_grad():
-        return ref.decode(latents / ref.config.scaling_factor).sample
-
-
 def reference_encode(ref, images):
     with torch.no_grad():
         return ref.encode(images).latents * ref.config.scaling_factor
@@ -61,7 +55,7 @@ def test_decode_matches_diffusers(ref, ours, size):
     with torch.no_grad():
         out = ours.decode(z)
     assert out.shape == (2, 3, 8 * size[0], 8 * size[1])
-    assert_close_rel(out, reference_decode(ref, z))
+    assert_close_rel(out, tiny_reference_decode(ref, z))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 40), (33, 17)])
@@ -79,7 +73,7 @@ def test_scaling_factor_is_applied_as_diffusers_pipelines_apply_it():
     ours.load_state_dict(ref.state_dict(), strict=True)
     z, images = torch.randn(1, 4, 5, 7), torch.rand(1, 3, 20, 28) * 2 - 1
     with torch.no_grad():
-        assert_close_rel(ours.decode(z), reference_decode(ref, z))
+        assert_close_rel(ours.decode(z), tiny_reference_decode(ref, z))
         assert_close_rel(ours.encode(images), reference_encode(ref, images))
 
 
@@ -89,7 +83,7 @@ def test_scaling_factor_is_applied_as_diffusers_pipelines_apply_it():
 def assert_same_model(loaded, ref, encoder=True):
     z = 2 * torch.randn(1, 4, 6, 10)
     with torch.no_grad():
-        assert_close_rel(loaded.decode(z), reference_decode(ref, z))
+        assert_close_rel(loaded.decode(z), tiny_reference_decode(ref, z))
         if encoder:
             images = torch.rand(1, 3, 40, 24) * 2 - 1
             assert_close_rel(loaded.encode(images), reference_encode(ref, images))
@@ -164,7 +158,7 @@ def test_hub_id_loads_from_the_cache_offline(ref, tmp_path):
     hub_cache(tmp_path / "home", "madebyollin/taesd", tmp_path / "repo")
     result = _run(LOAD_FROM_HUB, tmp_path / "home")
     assert result.returncode == 0, result.stderr
-    expected = reference_decode(ref, torch.ones(1, 4, 2, 2)).sum().item()
+    expected = tiny_reference_decode(ref, torch.ones(1, 4, 2, 2)).sum().item()
     assert float(result.stdout) == pytest.approx(expected, rel=1e-5)
 
 
