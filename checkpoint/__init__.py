@@ -10,6 +10,7 @@
     hub.py          Hugging Face hub downloads, every failure one line
     clip.py         the two-tower CLIP that the CLIP proposer and the CLIP score use
     pipeline.py     the Pipeline: what a loaded model is
+    bounds.py, lora.py, taesd.py  the sizes a config may ask for (a guard), LoRA files, TAESD weights
 """
 import re
 

@@ -141,4 +141,3 @@ def text_config_from_transformers(c: dict, defaults: dict = TEXT_DEFAULTS, where
     return bounded(CLIPTextConfig(**tower_fields(c, defaults, where), vocab_size=get("vocab_size"),
                                   max_positions=get("max_position_embeddings"),
                                   eos_id=None if eos == 2 else eos), where)
-

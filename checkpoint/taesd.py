@@ -25,7 +25,7 @@ from model.taesd import SD, TAESD, TAESDConfig, TAESDDecoder, TAESDEncoder
 # madebyollin's TAESDs on the hub by the name --preview-decoder gives them, and the model families
 # whose latents each was trained to decode: the networks are the same, the latent spaces are not.
 REPOS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
-FAMILIES = {"taesd": ("sd1", "sd2"), "taesdxl": ("sdxl",)}
+DECODES = {"taesd": ("sd1", "sd2"), "taesdxl": ("sdxl",)}
 REPO = REPOS["taesd"]
 TAESD_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 HUB_FILES = ["config.json", TAESD_WEIGHTS_FILE]

@@ -17,7 +17,7 @@ Alignment: CLIP score (Hessel et al. 2021, "CLIPScore"), at the scale torchmetri
 
     clip_score = 100 * max(cos(E_image, E_text), 0)
 
-computed with this project's CLIP (model/clip.py). `PROTOCOL` states every choice in words; the
+computed with this project's CLIP (model/clip_vision.py). `PROTOCOL` states every choice in words; the
 report prints it, because papers differ on exactly these choices.
 """
 import importlib.metadata
@@ -144,9 +144,8 @@ class Metrics:
     `clip_score`. A metric whose optional dependency is missing is left out of the dict and named,
     with the command that installs it, in `disabled`.
 
-    `clip_model`: a hub repo id or a transformers CLIP folder (see CLIP_MODELS), loaded on
-    `device` in `dtype`; a loaded (CLIPModel, Tokenizer) pair; or None for no CLIP score.
-    NudeNet runs on the CPU (onnxruntime), whatever `device` is.
+    `clip_model`: a hub repo id or a transformers CLIP folder (see CLIP_MODELS), loaded on `device`
+    in `dtype`; a loaded (CLIPModel, Tokenizer) pair; or None. NudeNet runs on the CPU (onnxruntime).
 
     `classifier`: NudeNet's older classifier (an ONNX file, such as the paper's that
     evaluation.classifier_file.classifier_file() fetches, or a loaded NudeNetClassifier) as the

@@ -262,7 +262,8 @@ def run_job(spec: RunSpec, job: Job, pipe, metrics) -> dict:
         try:
             record["metrics"] = metrics(image, row.prompt)
             json.dumps(record["metrics"], allow_nan=False)  # the records are strict JSON, for the HTML page too
-        except Exception as e:  # one image's metric; the others may still work
+        except Exception as e:  # one image's metric; the others may still work, and the traceback shows why
+            tqdm.write(traceback.format_exc().rstrip(), file=sys.stderr)
             record.update(metrics={}, status="failed", error=f"metrics: {type(e).__name__}: {e}".splitlines()[0])
     end = time.perf_counter()
     record["timings"] = {"sampling": round(sampled - start, 4), "metrics": round(end - written, 4),

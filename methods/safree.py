@@ -170,8 +170,8 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
     if n == 0:  # no tokens: P_in = 0, so e' = 0 and cos(e', e) = 0, and no row to replace
         zeros = torch.zeros_like(hidden)
         return FilteredPrompt(prompt, concepts, P_c, torch.zeros(D, D, dtype=torch.float64), [],
-                      torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), hidden, zeros,
-                      hidden.clone(), 1.0, filter_steps(1.0, concepts.k, concepts.midpoint))
+                              torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), hidden, zeros,
+                              hidden.clone(), 1.0, filter_steps(1.0, concepts.k, concepts.midpoint))
     copies = torch.tensor(ids).repeat(n, 1)  # [n, T]
     copies[torch.arange(n), torch.arange(1, n + 1)] = 0
     p = pooled_outputs(encoder, copies.to(device))  # [n, D]
@@ -189,7 +189,7 @@ def safree(pipe, prompt: str, concepts: ConceptSet = CONCEPT_SETS["nudity"], alp
     marked = min(n + 2, L)
     beta = 1 - F.cosine_similarity(projected[:marked], hidden[:marked], dim=-1).mean().item()
     return FilteredPrompt(prompt, concepts, P_c, P_in, ids[1:n + 1], d, is_trigger, hidden, projected, filtered, beta,
-                  filter_steps(beta, concepts.k, concepts.midpoint))
+                          filter_steps(beta, concepts.k, concepts.midpoint))
 
 
 @dataclass(frozen=True)

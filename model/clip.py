@@ -124,8 +124,7 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        T = ids.shape[1]
-        return self.token_embedding(ids) + self.position_embedding.weight[:T]  # [B, T, width]
+        return self.token_embedding(ids) + self.position_embedding.weight[:ids.shape[1]]  # [B, T, width]
 
 
 class CLIPTextModel(nn.Module):

@@ -114,7 +114,9 @@ class Tokenizer:
             return cls(vocab, merges, *args, **kwargs)
         except ValueError as e:  # a special token is not in the vocabulary
             raise ValueError(f"{vocab_file}: {e}") from None
-        except Exception as e:  # what tokenizers raises names no file
+        except Exception as e:  # tokenizers raises a bare Exception or a TypeError, naming no file
+            if type(e) not in (Exception, TypeError):  # a bug, not the files: its own traceback
+                raise
             bad = next((m for m in merges if len(m) != 2 or not all(isinstance(t, str) and t in vocab for t in m)
                         or "".join(m) not in vocab), None)
             if bad is None:

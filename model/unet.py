@@ -8,7 +8,7 @@ code with another config: per-level transformer depths, no attention at the top 
 pooled text embedding and size/crop ids added to the time embedding.
 
 Parameter names follow diffusers' UNet2DConditionModel, so a diffusers state dict loads as is;
-weights.py maps the original CompVis/Stability names onto these.
+checkpoint/original.py maps the original CompVis/Stability names onto these.
 """
 import math
 from dataclasses import dataclass
@@ -69,7 +69,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return self.linear_2(F.silu(self.linear_1(x)))  # [B, in_dim] -> [B, dim]
 
 
 class ResnetBlock(nn.Module):
@@ -121,9 +121,9 @@ class CrossAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x, context=None):
-        context = x if context is None else context
+        context = x if context is None else context  # [B, M, context_dim]; x: [B, N, dim]
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, self.upcast)
-        return self.to_out[0](out)
+        return self.to_out[0](out)  # [B, N, dim]
 
 
 class GEGLU(nn.Module):
@@ -134,8 +134,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        x, gate = self.proj(x).chunk(2, dim=-1)  # [B, N, hidden] each
+        return x * F.gelu(gate)  # [B, N, hidden]
 
 
 class FeedForward(nn.Module):
@@ -206,7 +206,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(x)  # [B, C, H, W] -> [B, C, ⌈H/2⌉, ⌈W/2⌉]
 
 
 class Upsample(nn.Module):
@@ -216,7 +216,7 @@ class Upsample(nn.Module):
 
     def forward(self, x, size):
         # Nearest-neighbour to the skip connection's size: x2, or one less where a downsample rounded up.
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # [B, C, *size]
 
 
 class Block(nn.Module):
@@ -237,17 +237,17 @@ class Block(nn.Module):
         attentions = getattr(self, "attentions", [None] * len(self.resnets))
         for resnet, attn in zip(self.resnets, attentions):
             if self.up:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = resnet(x, temb)
+                x = torch.cat([x, skips.pop()], dim=1)  # [B, C + C_skip, H, W]
+            x = resnet(x, temb)  # [B, C_out, H, W]
             if attn is not None:
                 x = attn(x, context)
             if not self.up:
                 skips.append(x)
         if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x)  # [B, C_out, H/2, W/2]
             skips.append(x)
         if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x, skips[-1].shape[-2:])
+            x = self.upsamplers[0](x, skips[-1].shape[-2:])  # [B, C_out, ~2H, ~2W]: the next skip's size
         return x
 
 

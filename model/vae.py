@@ -96,9 +96,9 @@ class DownBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x)  # [B, out_channels, H, W]
         for downsampler in self.downsamplers:
-            x = downsampler(x)
+            x = downsampler(x)  # [B, out_channels, H/2, W/2]
         return x
 
 
@@ -113,7 +113,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x)  # [B, out_channels, H, W]
         for upsampler in self.upsamplers:
             x = upsampler(x, (2 * x.shape[-2], 2 * x.shape[-1]))  # [B, C, 2H, 2W]
         return x

@@ -28,22 +28,16 @@ def dpm_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> torc
 class DPMSolverPP:
     """DPM-Solver++(2M) over `num_steps` of the training timesteps. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t)
     and λ_t = log(α_t / σ_t) (half the log-SNR), step i goes from s = timesteps[i] to the next
-    timestep t, or to clean data (σ = 0, λ = ∞) after the last, with h = λ_t − λ_s:
+    timestep t, or to clean data (σ = 0, λ = ∞) after the last, with h = λ_t − λ_s (Alg. 2):
 
-        x_t = (σ_t / σ_s) · x_s − α_t · (e^{−h} − 1) · D                                    (Alg. 2)
+        x_t = (σ_t / σ_s) · x_s − α_t · (e^{−h} − 1) · D,    D = x0_s + (x0_s − x0_prev) / (2r)
 
-    With D = x0_s this is the first-order update, which is DDIM. The second-order one extrapolates x0
-    linearly in λ from the previous step's prediction, r = h_prev / h:
+    r = h_prev / h: D extrapolates x0 linearly in λ. D = x0_s, the first-order update (DDIM), is taken
+    at the first step and at the last, to σ = 0 (diffusers' lower_order_final): the result is the last x0.
 
-        D = x0_s + (x0_s − x0_prev) / (2r)
-
-    The first step has no previous x0 and the last, which lands on σ = 0, is first order (diffusers'
-    lower_order_final): the result is the last predicted x0.
-
-    Being multistep, the object keeps the previous x0: call `step` once per step, in order, and make
-    a fresh object for each generation. `predict` is pure and may be called any time. The update
-    runs in float32 and the result has model_output's dtype, as in diffusers. It is deterministic:
-    `eta` > 0 raises ValueError, and `generator` is unused."""
+    Multistep: the object keeps the previous x0, so call `step` once per step, in order, on a fresh
+    object per generation; `predict` is pure. The update runs in float32 and returns model_output's
+    dtype, as in diffusers. Deterministic: `eta` > 0 raises ValueError, and `generator` is unused."""
 
     init_noise_scale = 1.0  # x_T ~ N(0, I)
     # DPMSolverMultistepScheduler's settings that change its 2M update, with the value this class

@@ -41,16 +41,11 @@ class Euler:
         x̂' = x̂ + (ρ_{i+1} − ρ_i) · (x̂ − x0)/ρ_i = x0 + ρ_{i+1} · ε
 
     In x that is x' = α_{i+1}·x0 + σ_{i+1}·ε: DDIM's deterministic update (Song et al. 2021, eq. 12,
-    η = 0) at Euler's noise levels. The last step lands on x0.
-
-    ρ at a timestep is the training table's, interpolated linearly between whole timesteps (the
-    "linspace" layout's points mostly fall between them). diffusers starts from x̂_T = z·ρ_max for
-    "linspace" and "trailing" and from z·√(ρ_max² + 1) for "leading" (its init_noise_sigma), z ~ N(0, I):
-    in x, `init_noise_scale`·z, which is σ_0 = ρ_0 / √(ρ_0² + 1) or 1.
-
-    The object holds only tables and `step` is a pure function of its arguments. The update runs in
-    float32 and the result has model_output's dtype, as in diffusers. It is deterministic: `eta` > 0
-    raises ValueError, and `generator` is unused."""
+    η = 0) at Euler's noise levels; the last step lands on x0. ρ at a timestep is the training table's,
+    interpolated linearly between whole timesteps. diffusers starts from x̂_T = init_noise_sigma·z,
+    z ~ N(0, I), with ρ_0 or, for "leading", √(ρ_0² + 1): in x, `init_noise_scale`·z, σ_0 or 1.
+    `step` is pure; it runs in float32 and returns model_output's dtype, as in diffusers, and is
+    deterministic: `eta` > 0 raises ValueError, and `generator` is unused."""
 
     # EulerDiscreteScheduler's settings with the one value each that this class implements
     settings = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
@@ -91,21 +86,18 @@ class Euler:
 
 
 class EulerAncestral(Euler):
-    """Euler's method with ancestral noise (k-diffusion's `get_ancestral_step`, η = 1). Step i takes
-    an Euler step down to ρ_down and adds fresh noise z ~ N(0, I) of ρ_up, which brings the noise level
-    back to ρ_{i+1}:
+    """Euler's method with ancestral noise (k-diffusion's `get_ancestral_step`, η = 1): step i takes an
+    Euler step down to ρ_down and adds fresh noise z ~ N(0, I) of ρ_up, back up to ρ_{i+1}:
 
         ρ_up² = ρ_{i+1}² (ρ_i² − ρ_{i+1}²) / ρ_i²,   ρ_down² = ρ_{i+1}² − ρ_up²
         x̂' = x0 + ρ_down · ε + ρ_up · z
 
     α_{i+1}·ρ_up is DDPM's posterior standard deviation between the two timesteps (Ho et al. 2020,
     eq. 7), so in x this is DDIM's update with η = 1 (Song et al. 2021, eq. 12 and 16) at Euler's noise
-    levels. The last step (ρ_{i+1} = 0) adds no noise and lands on x0.
-
-    z is drawn at every step, the last included, from `generator` as diffusers draws it: shaped like
-    model_output, in its dtype, after the initial latents. Its strength is fixed, as in diffusers, so
-    `eta` > 0 raises ValueError here too. The update runs in float32 and the result has model_output's
-    dtype."""
+    levels. The last step (ρ_{i+1} = 0) adds no noise and lands on x0. z is drawn at every step, the
+    last included, from `generator` as diffusers draws it: shaped like model_output, in its dtype,
+    after the initial latents. Its strength is fixed, as in diffusers: `eta` > 0 raises ValueError.
+    The update runs in float32 and returns model_output's dtype."""
 
     settings = {}  # EulerAncestralDiscreteScheduler has none of EulerDiscreteScheduler's settings
 

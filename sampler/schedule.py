@@ -17,9 +17,8 @@ class SchedulerConfig:
 
     timestep_spacing None means the config did not say, as SD 1.x/2.x's scheduler_config.json files
     do not. diffusers then uses the default of whichever scheduler class reads the config, and so do
-    we: DDIM takes "leading" (DDIMScheduler's default), DPM-Solver++ and Euler take "linspace"
-    (DPMSolverMultistepScheduler's and EulerDiscreteScheduler's), which is what
-    `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` gives on an SD folder.
+    we: DDIM takes "leading", DPM-Solver++ and Euler "linspace" (each diffusers class's default), as
+    `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` does on an SD folder.
 
     `other_settings` holds the config's keys that are not fields, as `from_dict` read them: the
     settings of some scheduler classes only, such as EulerDiscreteScheduler's use_karras_sigmas. A

@@ -150,21 +150,31 @@ def make_sdxl_folder(root, seed=0, force_zeros_for_empty_prompt=True, force_upca
     return folder
 
 
+def small_clip_config(folder: Path, layers: int, heads: int, vision_width: int, projection_dim: int,
+                      image_size: int = 32):
+    """A small two-tower CLIPConfig whose token ids are those of the fake vocabulary in `folder` (so the
+    text is pooled at its EOS): text 32 wide, the vision tower `vision_width` wide, patches of 8."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    vocab = json.loads((folder / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
+    return CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=vision_width,
+                                       intermediate_size=2 * vision_width, num_hidden_layers=layers,
+                                       num_attention_heads=heads),
+        projection_dim=projection_dim)
+
+
 def make_clip_folder(folder, seed=1):
     """A small two-tower CLIPModel folder as transformers writes it, every tensor random, its token ids the
     fake vocabulary's (so the text is pooled at its EOS): for the CLIP proposer (--clip-model). Returns its path."""
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+    from transformers import CLIPModel
 
     folder = write_clip_vocab(Path(folder))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
-                                   pad_token_id=eos),
-        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
+    config = small_clip_config(folder, layers=1, heads=2, vision_width=32, projection_dim=16)
     randomize_(CLIPModel(config), seed).save_pretrained(folder)
     return folder
 
@@ -172,18 +182,10 @@ def make_clip_folder(folder, seed=1):
 def make_clip_reference(folder, seed=0, image_size=32):
     """A small two-tower CLIPModel as transformers writes it, every tensor random, its token ids the
     fake vocabulary's: (its folder, the transformers model with eager attention), for parity tests."""
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+    from transformers import CLIPModel
 
     folder = write_clip_vocab(Path(folder))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos,
-                                   pad_token_id=eos),
-        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=48, intermediate_size=96,
-                                       num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=24)
+    config = small_clip_config(folder, layers=2, heads=4, vision_width=48, projection_dim=24, image_size=image_size)
     config._attn_implementation = "eager"
     ref = randomize_(CLIPModel(config).eval(), seed)
     ref.save_pretrained(folder)

@@ -27,6 +27,13 @@ def sd2v(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("sd2v") / "sd2v", "sd2", seed=3, prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="module")
+def pipe(sd1):
+    """`sd1` loaded by weights.load_pipeline, once per test module (a module's tests may change it)."""
+    import weights
+    return weights.load_pipeline(sd1)
+
+
 @pytest.fixture(scope="session")
 def sdxl(tmp_path_factory):
     """A small random-weight SDXL diffusers folder, written by StableDiffusionXLPipeline.save_pretrained."""

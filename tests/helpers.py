@@ -1,7 +1,8 @@
 """Shared test helpers: randomized weights, a relative-error check, the prompts SDXL's text side is
-checked on, the reference models' outputs on a folder, a loading error's one line, images from a diffusers
-pipeline compared with ours, a PNG's pixels and settings, a hub cache laid out by hand, a PNG that inflates
-to any size, a command run in bounded memory."""
+checked on, a stand-in UNet for the samplers, the reference models' outputs on a folder, a loading error's
+one line, images from a diffusers pipeline (and TAESD decodes) to compare with ours, a file written in one
+call, a PNG's pixels and settings, a hub cache laid out by hand, a PNG that inflates to any size, a command
+run in bounded memory."""
 import json
 import os
 import resource
@@ -39,11 +40,28 @@ def clip_features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def fake_model(x, t):
+    """A fixed, nonlinear stand-in for the UNet: depends on x and on t."""
+    return torch.sin(1.3 * x + t / 97.0) + 0.2 * x
+
+
 def pipeline_images(ref, prompt, *, seed=0, **kwargs) -> torch.Tensor:
     """Runs the diffusers pipeline `ref` with a CPU generator seeded `seed`, as generate() draws;
     uint8 [B, H, W, 3], rounded as diffusers' numpy_to_pil rounds."""
     out = ref(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
     return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+def images_with_scheduler(folder, scheduler_class, prompt, negative_prompt=None, steps=5, guidance_scale=7.5,
+                          height=32, width=32, batch=1, seed=0) -> torch.Tensor:
+    """diffusers' StableDiffusionPipeline on `folder` with `scheduler_class.from_config(pipe.scheduler.config)`,
+    as diffusers' docs swap a scheduler in: its images, as `pipeline_images` gives them."""
+    from diffusers import StableDiffusionPipeline
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = scheduler_class.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                           guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=batch)
 
 
 def scheduler_classes() -> dict:
@@ -66,15 +84,8 @@ def reference_pipeline(cls, folder, sampler: str):
 def sdxl_reference(folder, sampler):
     """diffusers' StableDiffusionXLPipeline on the folder, its scheduler config read as the diffusers
     scheduler our `sampler` follows, no progress bar: the reference of the loop's SDXL images."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, StableDiffusionXLPipeline)
-
-    schedulers = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-                  "euler-a": EulerAncestralDiscreteScheduler}
-    ref = StableDiffusionXLPipeline.from_pretrained(folder)
-    ref.scheduler = schedulers[sampler].from_pretrained(folder, subfolder="scheduler")
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    from diffusers import StableDiffusionXLPipeline
+    return reference_pipeline(StableDiffusionXLPipeline, folder, sampler)
 
 
 def reference_outputs(folder):
@@ -106,12 +117,19 @@ def assert_matches(pipe, ref):
         assert_close_rel(pipe.vae.encode(ref["images"]), ref["encoded"])
 
 
-def error_of(source, **kw) -> str:
-    """The message of the CheckpointError that loading `source` raises, checked to be one line."""
+def tiny_reference_decode(ref, latents):
+    """What diffusers' pipelines do with an AutoencoderTiny `ref` (TAESD): unscale, decode; images in [-1, 1]."""
+    with torch.no_grad():
+        return ref.decode(latents / ref.config.scaling_factor).sample
+
+
+def error_of(source, load=None, **kw) -> str:
+    """The message of the CheckpointError that `load(source, **kw)` (by default weights.load_pipeline)
+    raises, checked to be one line."""
     from weights import CheckpointError, load_pipeline
 
     with pytest.raises(CheckpointError) as info:
-        load_pipeline(source, **kw)
+        (load or load_pipeline)(source, **kw)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -141,8 +159,19 @@ def assert_same_image(ours, expected):
     assert ours.shape == expected.shape and ours.dtype == torch.uint8
     assert ((expected > 0) & (expected < 255)).float().mean() > 0.2, "reference image is saturated"
     assert expected.float().std() > 10, "reference image is flat"
-    diff = (ours.int() - expected.int()).abs().max().item()
+    diff = max_diff(ours, expected)
     assert diff <= 2, f"pixels differ by up to {diff} levels"
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest difference between two uint8 images, in levels."""
+    return (a.int() - b.int()).abs().max().item()
+
+
+def write(path: Path, text: str | bytes, encoding: str = "utf-8") -> Path:
+    """Writes `text` (encoded in `encoding`) or bytes to `path`; returns the path."""
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return path
 
 
 def pixels(path) -> torch.Tensor:

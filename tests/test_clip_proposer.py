@@ -226,7 +226,7 @@ def test_failures_are_error_replies(loaded):
         CLIPProposer(model, tok, [])
 
 
-def test_bf16(clip_reference, loaded):
+def test_clip_in_bf16_scores_within_3e_2_of_fp32(clip_reference, loaded):
     model, tok = load_clip(clip_reference[0], dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     img = image(9)

@@ -7,7 +7,7 @@ import torch
 import diffusers
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from helpers import assert_close_rel
+from helpers import assert_close_rel, fake_model
 from sampler.ddim import DDIM
 from sampler.schedule import SchedulerConfig
 
@@ -20,11 +20,6 @@ def pair(num_steps, **overrides):
     ref = DDIMScheduler(**{**SD_SETTINGS, **overrides})
     ref.set_timesteps(num_steps)
     return DDIM(SchedulerConfig(**overrides), num_steps), ref
-
-
-def fake_model(x, t):
-    """A fixed, nonlinear stand-in for the UNet: depends on x and on t."""
-    return torch.sin(1.3 * x + t / 97.0) + 0.2 * x
 
 
 # ---- timesteps and ᾱ tables

@@ -56,11 +56,6 @@ def crafted(path, found=("feet",), task="nudity", space=None, concepts=NUDITY.co
     return save_latent_proposer(network, card, path)
 
 
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return weights.load_pipeline(sd1)
-
-
 class Planted:
     """A teacher that reads latents and finds feet where channel 0 of x0 averages above 0."""
     wants = "latents"

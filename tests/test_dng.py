@@ -24,16 +24,10 @@ from sampler.loop import generate as sample
 from sampler.schedule import SchedulerConfig
 from vlm.base import Reply
 from vlm.tasks import NUDITY
-from weights import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a person on a beach"
 SMALL = ["--steps", "4", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
 
 
 # ---------------------------------------------------------------- the released posterior update

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-from helpers import assert_close_rel, assert_same_image, pipeline_images
+from helpers import assert_close_rel, assert_same_image, fake_model, images_with_scheduler
 from sampler.ddim import DDIM
 from sampler.dpm import DPMSolverPP
 from sampler.loop import generate
@@ -29,11 +29,6 @@ def pair(num_steps, **overrides):
     ref = DPMSolverMultistepScheduler.from_config(d)
     ref.set_timesteps(num_steps)
     return DPMSolverPP(SchedulerConfig.from_dict(d), num_steps), ref
-
-
-def fake_model(x, t):
-    """A fixed, nonlinear stand-in for the UNet: depends on x and on t."""
-    return torch.sin(1.3 * x + t / 97.0) + 0.2 * x
 
 
 # ---- the settings SD's config gives, and the tables
@@ -181,15 +176,6 @@ def sd1_sd14_scheduler(sd1, tmp_path_factory):
     return folder
 
 
-def reference_images(folder, prompt, negative_prompt=None, steps=5, guidance_scale=7.5, height=32, width=32, batch=1,
-                     seed=0):
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=batch)
-
-
 CASES = {
     "plain": dict(prompt="a cat on a table", height=32, width=32, steps=5),
     "negative-batch2-nonsquare": dict(prompt="a photo of a dog", negative_prompt="blurry, ugly", batch=2,
@@ -202,7 +188,7 @@ def test_sd1_matches_diffusers(sd1_sd14_scheduler, case):
     pipe = load_pipeline(sd1_sd14_scheduler)
     assert pipe.scheduler.timestep_spacing is None
     ours = generate(pipe, **CASES[case], sampler="dpm++2m", progress=False)
-    assert_same_image(ours, reference_images(sd1_sd14_scheduler, **CASES[case]))
+    assert_same_image(ours, images_with_scheduler(sd1_sd14_scheduler, DPMSolverMultistepScheduler, **CASES[case]))
     if case == "plain":  # and the sampler mattered: DDIM gives another image
         ddim = generate(pipe, **CASES[case], sampler="ddim", progress=False)
         assert (ddim.int() - ours.int()).abs().max() > 2
@@ -212,7 +198,7 @@ def test_sd2_v_prediction_matches_diffusers(sd2v):
     pipe = load_pipeline(sd2v)
     assert pipe.scheduler.prediction_type == "v_prediction" and pipe.scheduler.timestep_spacing == "leading"
     kw = dict(prompt="a mountain, oil painting!", batch=2, steps=5, height=32, width=32)
-    assert_same_image(generate(pipe, **kw, sampler="dpm++2m", progress=False), reference_images(sd2v, **kw))
+    assert_same_image(generate(pipe, **kw, sampler="dpm++2m", progress=False), images_with_scheduler(sd2v, DPMSolverMultistepScheduler, **kw))
 
 
 def test_generate_rejects_eta_and_unknown_samplers(sd1):

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       PNDMScheduler, StableDiffusionPipeline)
+                       PNDMScheduler)
 
 from methods.options import UsageError
 from generate import parse_args
-from helpers import assert_close_rel, assert_same_image, pipeline_images
+from helpers import assert_close_rel, assert_same_image, fake_model, images_with_scheduler
 from png import parameters_text
 from sampler.euler import Euler, EulerAncestral
 from sampler.loop import generate
@@ -46,11 +46,6 @@ def pair(ref_class, num_steps, config=SD14_SCHEDULER_JSON, **overrides):
     ref = ref_class.from_config(d)
     ref.set_timesteps(num_steps)
     return OURS[ref_class](SchedulerConfig.from_dict(d), num_steps), ref
-
-
-def fake_model(x, t):
-    """A fixed, nonlinear stand-in for the UNet: depends on x and on t."""
-    return torch.sin(1.3 * x + t / 97.0) + 0.2 * x
 
 
 # ---- the settings the configs give, and the noise levels
@@ -209,15 +204,6 @@ def with_config(sd1, tmp_path_factory):
     return folder
 
 
-def reference_images(folder, ref_class, prompt, negative_prompt=None, steps=5, guidance_scale=7.5, height=32,
-                     width=32, batch=1, seed=0):
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = ref_class.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return pipeline_images(ref, prompt, seed=seed, negative_prompt=negative_prompt, num_inference_steps=steps,
-                           guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=batch)
-
-
 CASES = {  # (scheduler config, diffusers class, generate() arguments)
     "sd1-euler": (SD14_SCHEDULER_JSON, EulerDiscreteScheduler, dict(prompt="a cat on a table", steps=7)),
     # "linspace" with one step visits t = 0 alone, from diffusers' x_T = z·ρ(0): init_noise_scale matters
@@ -243,7 +229,7 @@ def test_images_match_diffusers(with_config, case):
     kw = {"height": 32, "width": 32, **kw}
     folder = with_config(config)
     ours = generate(load_pipeline(folder), **kw, sampler=NAMES[ref_class], progress=False)
-    assert_same_image(ours, reference_images(folder, ref_class, **kw))
+    assert_same_image(ours, images_with_scheduler(folder, ref_class, **kw))
 
 
 def test_the_sampler_matters(with_config):
@@ -261,7 +247,7 @@ def test_sd2_v_prediction_matches_diffusers(sd2v, ref_class):
     assert pipe.scheduler.prediction_type == "v_prediction" and pipe.scheduler.timestep_spacing == "leading"
     kw = dict(prompt="a mountain, oil painting!", batch=2, steps=4, height=32, width=32)
     ours = generate(pipe, **kw, sampler=NAMES[ref_class], progress=False)
-    assert_same_image(ours, reference_images(sd2v, ref_class, **kw))
+    assert_same_image(ours, images_with_scheduler(sd2v, ref_class, **kw))
 
 
 # ---- the command line

@@ -19,7 +19,7 @@ import evaluate
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import make_jobs
 from fake_vlm import dead_url
-from helpers import parameters, pixels, run
+from helpers import parameters, pixels, run, write
 from png_reader import read_png
 from sampler.loop import generate
 from vlm.base import Reply
@@ -28,7 +28,6 @@ from methods.vldnp import DynamicNegatives
 from vlm.retry import RetryingProposer
 from vlm.tasks import SAFREE_NUDITY_CONCEPTS
 from vlm.tasks import NUDITY
-from weights import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -37,16 +36,6 @@ CSV = 'case_number,prompt,evaluation_seed,evaluation_guidance,categories\n3,a ca
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
-
-
-def write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def records(run_dir, name="records.jsonl"):
@@ -186,6 +175,23 @@ def test_sweeps_expand_static_and_vldnp_only(tmp_path):
     assert jobs[9].key == "7_negative" and jobs[9].image == "images/7_negative.png"
     assert [m.key for m in chosen("--methods", "sld")] == ["sld-weak", "sld-medium", "sld-strong", "sld-max"]
     assert [m.key for m in chosen("--methods", "sld-max,sld")] == ["sld-max", "sld-weak", "sld-medium", "sld-strong"]
+
+
+class BrokenMetrics(FakeMetrics):
+    """A metric with a bug in it."""
+    def __call__(self, image, prompt):
+        return {"mean": image.float().mean().item() / 0}
+
+
+def test_a_metric_that_raises_fails_its_record_and_shows_its_traceback(sd1, tmp_path, capsys):
+    """The run goes on (the other images may still be scored) and the record says why, in one line; the
+    exception's traceback still shows on stderr, as a bug's must."""
+    csv, out = write(tmp_path / "p.csv", CSV), tmp_path / "run"
+    code, _, err = run(evaluate.main, capsys, csv, "--out", out, "--model", sd1, *SIZE, "--methods", "sd",
+                       metrics=BrokenMetrics(), report=FakeReport())
+    assert code == 1 and [r["status"] for r in records(out)] == ["failed", "failed"]
+    assert records(out)[0]["error"] == "metrics: ZeroDivisionError: float division by zero"
+    assert "Traceback (most recent call last):" in err and any("in __call__" in line for line in err)
 
 
 def test_methods_equal_generate_and_a_rerun_redoes_nothing(sd1, pipe, tmp_path, capsys):

@@ -24,7 +24,7 @@ import evaluation.run
 import generate
 from cli.args import fail
 from fake_vlm import Trickle, dead_url, redirect, self_signed
-from helpers import run, run_bounded
+from helpers import run, run_bounded, write
 from model.unet import SD15, SDXL
 from model.vae import SD as SD_VAE
 from png import SIGNATURE, encode_png
@@ -38,7 +38,6 @@ from vlm.client import VLMClient
 from vlm.retry import TRANSIENT, RetryingProposer
 from vlm.open_tasks import SAFETY
 from vlm.tasks import NUDITY
-from weights import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-secret-0123456789"
@@ -48,20 +47,10 @@ IMAGE = torch.zeros(3, 8, 8)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
-
-
 @pytest.fixture
 def api_key(monkeypatch):
     monkeypatch.setenv("VLM_API_KEY", KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def small_models(seed=0):
             randomize_(AutoencoderKL(SMALL_VAE), seed + 1).requires_grad_(False).eval())
 
 
-def run(unet, vae):
+def model_outputs(unet, vae):
     g = torch.Generator().manual_seed(1)
     x, context = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 7, 24, generator=g)
     with torch.no_grad():
@@ -307,7 +307,7 @@ def test_a_packed_unet_and_vae_match_the_plain_ones():
     inputs = {}
     for conv in convs:
         conv.register_forward_pre_hook(lambda conv, args: inputs.__setitem__(conv, args[0]))
-    expected, first, got = run(*plain), run(*packed), run(*packed)
+    expected, first, got = model_outputs(*plain), model_outputs(*packed), model_outputs(*packed)
     assert all(conv.packed == onednn(conv, inputs[conv]) for conv in convs)
     assert any(conv.packed for conv in convs)
     for a, b, c in zip(got, expected, first):
@@ -324,12 +324,12 @@ def test_a_packed_unet_and_vae_match_the_plain_ones():
 def test_unpacking_round_trips():
     plain = small_models()
     models = tuple(pack_convolutions(m) for m in small_models())
-    run(*models)
+    model_outputs(*models)
     models = tuple(unpack_convolutions(m) for m in models)
     for model, ref in zip(models, plain):
         assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
         assert all(not p.is_mkldnn and not p.requires_grad for p in model.parameters())
         ref_state = ref.state_dict()
         assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
-    for a, b in zip(run(*models), run(*plain)):
+    for a, b in zip(model_outputs(*models), model_outputs(*plain)):
         assert torch.equal(a, b)

@@ -14,7 +14,7 @@ import png_reader
 from helpers import inflating_png
 
 
-def picture(h=19, w=23, channels=3, seed=0) -> np.ndarray:
+def smooth_rows(h=19, w=23, channels=3, seed=0) -> np.ndarray:
     """Smooth rows with noise, so that Pillow's adaptive filtering picks several filter types."""
     rng = np.random.default_rng(seed)
     steps = rng.integers(-6, 7, (h, w, channels))
@@ -30,7 +30,7 @@ def pil_rgb(path) -> np.ndarray:
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
 def test_pillow_files_read_as_pillow_reads_them(tmp_path, mode):
-    rgba = Image.fromarray(picture(channels=4).astype(np.uint8), "RGBA")
+    rgba = Image.fromarray(smooth_rows(channels=4).astype(np.uint8), "RGBA")
     path = tmp_path / f"{mode}.png"
     (rgba if mode == "RGBA" else rgba.convert(mode)).save(path)
     ours = png_reader.read_image(path)
@@ -40,7 +40,7 @@ def test_pillow_files_read_as_pillow_reads_them(tmp_path, mode):
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_palettes_of_every_depth(tmp_path, bits):
-    image = Image.fromarray(picture().astype(np.uint8)).quantize(2**bits)
+    image = Image.fromarray(smooth_rows().astype(np.uint8)).quantize(2**bits)
     image.save(tmp_path / "p.png", bits=bits)
     assert Image.open(tmp_path / "p.png").mode == "P"
     assert np.array_equal(png_reader.read_image(tmp_path / "p.png").numpy(), pil_rgb(tmp_path / "p.png"))
@@ -74,7 +74,7 @@ def handmade_png(pixels: np.ndarray, colour: int, kinds: list[int]) -> bytes:
                                                                                   "paeth", "mixed"])
 @pytest.mark.parametrize("colour,channels", [(2, 3), (6, 4), (0, 1)], ids=["rgb", "rgba", "grey"])
 def test_every_filter_type(tmp_path, kinds, colour, channels):
-    pixels = picture(channels=channels, seed=len(kinds))
+    pixels = smooth_rows(channels=channels, seed=len(kinds))
     (tmp_path / "f.png").write_bytes(handmade_png(pixels, colour, kinds))
     ours = png_reader.read_image(tmp_path / "f.png").numpy()
     assert np.array_equal(ours, pil_rgb(tmp_path / "f.png"))
@@ -82,7 +82,7 @@ def test_every_filter_type(tmp_path, kinds, colour, channels):
 
 
 def test_written_pngs_read_back_with_their_text(tmp_path):
-    image = torch.from_numpy(picture().astype(np.uint8))
+    image = torch.from_numpy(smooth_rows().astype(np.uint8))
     png.write_png(tmp_path / "ours.png", image, {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"})
     back, text = png_reader.read_png(tmp_path / "ours.png")
     assert torch.equal(back, image) and text == {"parameters": "a cat\nSteps: 3", "ünï": "tëxt ✓"}
@@ -100,11 +100,11 @@ def test_written_pngs_read_back_with_their_text(tmp_path):
 def test_unreadable_files_are_one_line(tmp_path, case, expected):
     path = tmp_path / "in.png"
     good = tmp_path / "good.png"
-    Image.fromarray(picture().astype(np.uint8)).save(good)
+    Image.fromarray(smooth_rows().astype(np.uint8)).save(good)
     if case == "jpeg":
-        Image.fromarray(picture().astype(np.uint8)).save(path, format="JPEG")
+        Image.fromarray(smooth_rows().astype(np.uint8)).save(path, format="JPEG")
     elif case == "sixteen":
-        Image.fromarray((picture(channels=1)[..., 0] * 200).astype(np.uint16)).save(path)
+        Image.fromarray((smooth_rows(channels=1)[..., 0] * 200).astype(np.uint16)).save(path)
     elif case == "interlaced":  # Pillow writes none: the IHDR's interlace byte set, its CRC made anew
         data = bytearray(good.read_bytes())
         data[28] = 1

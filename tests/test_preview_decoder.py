@@ -15,7 +15,7 @@ from diffusers import AutoencoderTiny
 import evaluate
 import generate
 from checkpoint.tensors import CheckpointError
-from helpers import hub_cache, randomize_
+from helpers import hub_cache, randomize_, tiny_reference_decode
 from methods.vldnp import DynamicNegatives
 from png_reader import read_png
 from sampler.loop import generate as sample
@@ -23,17 +23,11 @@ from vlm.base import Reply
 from vlm.proposers import make_preview
 from vlm.trace import trace_dict
 from vlm.tasks import get_task
-from weights import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["a person on a beach", "--steps", "3", "--height", "16", "--width", "16", "--seed", "3", "--device", "cpu",
        "--quiet"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +71,10 @@ def previews(pipe, preview, scale=None):
     return torch.stack(proposer.images), x0[0], hook
 
 
-def reference_decode(ref, latents):
-    """What diffusers' pipelines do with AutoencoderTiny: unscale, decode; images in [-1, 1]."""
-    with torch.no_grad():
-        return ref.decode(latents / ref.config.scaling_factor).sample
-
-
 @pytest.mark.parametrize("scale, k", [(None, 1), (0.5, 2)])
 def test_taesd_previews_are_autoencoder_tinys_decode_of_x0(pipe, ref, taesd, scale, k):
     seen, x0, hook = previews(pipe, make_preview(str(taesd)), scale)
-    expected = reference_decode(ref, F.avg_pool2d(x0, k) if k > 1 else x0)  # [1, 3, 16/k, 16/k]
+    expected = tiny_reference_decode(ref, F.avg_pool2d(x0, k) if k > 1 else x0)  # [1, 3, 16/k, 16/k]
     assert seen.shape == expected.shape == (1, 3, 16 // k, 16 // k)
     assert (seen - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert hook.decode_factor == k and trace_dict(hook)["preview_decoder"] == str(taesd)

@@ -11,7 +11,7 @@ import pytest
 
 import evaluate
 from evaluation.prompts import PromptFileError, read_prompts
-from helpers import run_bounded
+from helpers import run_bounded, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,11 +76,6 @@ COCO_30K = (
     '000000482917,coco-30k,"A dog sitting between its owner\'s feet watching tv\n",64297\n'
 )
 COCO_10K = COCO_30K.replace("image_id,", "case_number,")
-
-
-def write(path, text, encoding="utf-8"):
-    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
-    return path
 
 
 def table(prompts):

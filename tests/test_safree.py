@@ -11,6 +11,7 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from checkpoints import make_sd_folder
+from helpers import max_diff
 from sampler.loop import Embedded, Switch, generate
 from methods.safree import CONCEPT_SETS, ConceptSet, concept_set, filter_steps, projection, safree, triggers
 from vlm.tasks import SAFREE_NUDITY_CONCEPTS as NUDITY
@@ -153,10 +154,6 @@ class Reference:
 def model(request, tmp_path_factory):
     folder = make_sd_folder(tmp_path_factory.mktemp(request.param), request.param)
     return load_pipeline(folder), Reference(folder)
-
-
-def max_diff(a, b) -> int:
-    return (a.int() - b.int()).abs().max().item()
 
 
 # On these random weights, a prompt of 64 tokens puts β near 0.505, so that t* = 2 (short prompts give

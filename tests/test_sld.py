@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionPipelineSafe
 
-from helpers import pipeline_images
+from helpers import max_diff, pipeline_images
 from sampler.loop import Guidance, generate
 from methods.sld import PRESETS, SAFETY_CONCEPT, SLD, SafeLatentDiffusion, SLDConfig
 from weights import load_pipeline
@@ -14,11 +14,6 @@ SIZE = dict(height=16, width=16)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return load_pipeline(sd1)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +32,6 @@ def reference_images(ref, prompt, config: SLDConfig, steps, guidance_scale=7.5, 
                            sld_warmup_steps=config.warmup_steps, sld_guidance_scale=config.scale,
                            sld_threshold=config.threshold, sld_momentum_scale=config.momentum_scale,
                            sld_mom_beta=config.momentum_beta)
-
-
-def max_diff(a, b) -> int:
-    return (a.int() - b.int()).abs().max().item()
 
 
 def test_presets_are_diffusers_safety_config():

@@ -12,9 +12,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close_rel, hub_cache, randomize_
+from helpers import assert_close_rel, error_of, hub_cache, randomize_, tiny_reference_decode
 from checkpoint.taesd import load_taesd
-from checkpoint.tensors import CheckpointError
 from model.taesd import SD, TAESD, TAESDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +38,6 @@ def ours(ref):
     return model
 
 
-def reference_decode(ref, latents):
-    """What diffusers' pipelines do with AutoencoderTiny: unscale, decode; images in [-1, 1]."""
-    with torch.no_grad():
-        return ref.decode(latents / ref.config.scaling_factor).sample
-
-
 def reference_encode(ref, images):
     with torch.no_grad():
         return ref.encode(images).latents * ref.config.scaling_factor
@@ -62,7 +55,7 @@ def test_decode_matches_diffusers(ref, ours, size):
     with torch.no_grad():
         out = ours.decode(z)
     assert out.shape == (2, 3, 8 * size[0], 8 * size[1])
-    assert_close_rel(out, reference_decode(ref, z))
+    assert_close_rel(out, tiny_reference_decode(ref, z))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 40), (33, 17)])
@@ -80,7 +73,7 @@ def test_scaling_factor_is_applied_as_diffusers_pipelines_apply_it():
     ours.load_state_dict(ref.state_dict(), strict=True)
     z, images = torch.randn(1, 4, 5, 7), torch.rand(1, 3, 20, 28) * 2 - 1
     with torch.no_grad():
-        assert_close_rel(ours.decode(z), reference_decode(ref, z))
+        assert_close_rel(ours.decode(z), tiny_reference_decode(ref, z))
         assert_close_rel(ours.encode(images), reference_encode(ref, images))
 
 
@@ -90,7 +83,7 @@ def test_scaling_factor_is_applied_as_diffusers_pipelines_apply_it():
 def assert_same_model(loaded, ref, encoder=True):
     z = 2 * torch.randn(1, 4, 6, 10)
     with torch.no_grad():
-        assert_close_rel(loaded.decode(z), reference_decode(ref, z))
+        assert_close_rel(loaded.decode(z), tiny_reference_decode(ref, z))
         if encoder:
             images = torch.rand(1, 3, 40, 24) * 2 - 1
             assert_close_rel(loaded.encode(images), reference_encode(ref, images))
@@ -165,19 +158,11 @@ def test_hub_id_loads_from_the_cache_offline(ref, tmp_path):
     hub_cache(tmp_path / "home", "madebyollin/taesd", tmp_path / "repo")
     result = _run(LOAD_FROM_HUB, tmp_path / "home")
     assert result.returncode == 0, result.stderr
-    expected = reference_decode(ref, torch.ones(1, 4, 2, 2)).sum().item()
+    expected = tiny_reference_decode(ref, torch.ones(1, 4, 2, 2)).sum().item()
     assert float(result.stdout) == pytest.approx(expected, rel=1e-5)
 
 
 # Strictness: every failure is one CheckpointError line that says what is wrong.
-
-
-def error_of(source) -> str:
-    with pytest.raises(CheckpointError) as info:
-        load_taesd(source)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -206,44 +191,45 @@ def copy_with_config(saved: Path, tmp_path: Path, **changes) -> Path:
     (dict(_class_name="AutoencoderKL"), "AutoencoderKL (the full VAE), not TAESD's AutoencoderTiny"),
 ])
 def test_folder_config_errors(saved, tmp_path, changes, expected):
-    assert expected in error_of(copy_with_config(saved, tmp_path, **changes))
+    assert expected in error_of(copy_with_config(saved, tmp_path, **changes), load_taesd)
 
 
 def test_folder_errors(saved, tmp_path):
     vae = tmp_path / "vae"
     AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).save_pretrained(vae)
-    assert "holds a AutoencoderKL (the full VAE)" in error_of(vae)
+    assert "holds a AutoencoderKL (the full VAE)" in error_of(vae, load_taesd)
     (vae / "config.json").write_text((saved / "config.json").read_text())  # TAESD's config, a VAE's tensors
-    assert "unexpected (first: decoder.conv_in" in error_of(vae)
+    assert "unexpected (first: decoder.conv_in" in error_of(vae, load_taesd)
 
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(saved / "config.json", no_weights)
-    assert "diffusion_pytorch_model.safetensors: missing" in error_of(no_weights)
+    assert "diffusion_pytorch_model.safetensors: missing" in error_of(no_weights, load_taesd)
     (tmp_path / "empty").mkdir()
-    assert "config.json: missing (a TAESD folder holds config.json" in error_of(tmp_path / "empty")
+    assert "config.json: missing (a TAESD folder holds config.json" in error_of(tmp_path / "empty", load_taesd)
 
     pipeline = tmp_path / "pipeline"
     shutil.copytree(saved, pipeline / "vae")
     (pipeline / "model_index.json").write_text("{}")
-    assert "a whole pipeline folder" in error_of(pipeline)
-    assert "no such file or folder" in error_of(tmp_path / "nowhere")
+    assert "a whole pipeline folder" in error_of(pipeline, load_taesd)
+    assert "no such file or folder" in error_of(tmp_path / "nowhere", load_taesd)
 
 
 def test_single_file_errors(ref, tmp_path):
     encoder_file, decoder_file = madebyollin_files(ref, tmp_path)
-    assert "TAESD's encoder alone; pass its decoder file" in error_of(encoder_file)
+    assert "TAESD's encoder alone; pass its decoder file" in error_of(encoder_file, load_taesd)
     ref.save_pretrained(tmp_path / "folder")
     weights = tmp_path / "folder" / "diffusion_pytorch_model.safetensors"
-    assert "a diffusers AutoencoderTiny weights file; pass the folder" in error_of(weights)
+    assert "a diffusers AutoencoderTiny weights file; pass the folder" in error_of(weights, load_taesd)
 
     vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).state_dict()
     save_file({k: v.contiguous() for k, v in vae.items()}, tmp_path / "vae.safetensors")
-    assert "a Stable Diffusion checkpoint or its full VAE, not TAESD" in error_of(tmp_path / "vae.safetensors")
+    message = error_of(tmp_path / "vae.safetensors", load_taesd)
+    assert "a Stable Diffusion checkpoint or its full VAE, not TAESD" in message
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
-    assert "not a TAESD file" in error_of(tmp_path / "other.safetensors")
+    assert "not a TAESD file" in error_of(tmp_path / "other.safetensors", load_taesd)
     torch.save({"1.weight": torch.zeros(2)}, tmp_path / "taesd_decoder.pth")
-    assert "not a readable safetensors file" in error_of(tmp_path / "taesd_decoder.pth")
+    assert "not a readable safetensors file" in error_of(tmp_path / "taesd_decoder.pth", load_taesd)
 
     # a decoder file with one tensor short, one too many, or for 16-channel latents (taef1, taesd3)
     good = load_file(decoder_file)
@@ -255,7 +241,7 @@ def test_single_file_errors(ref, tmp_path):
               "(first: taesd_decoder.safetensors:1.weight (64, 16, 3, 3) (model: (64, 4, 3, 3))); madebyollin")]
     for drop, add, expected in cases:
         save_file({**{k: v for k, v in good.items() if k not in drop}, **add}, broken)
-        assert expected in error_of(broken)
+        assert expected in error_of(broken, load_taesd)
 
     shutil.copy(decoder_file, encoder_file)  # a decoder where the encoder should be
-    assert "next to the decoder file, but not TAESD's encoder" in error_of(decoder_file)
+    assert "next to the decoder file, but not TAESD's encoder" in error_of(decoder_file, load_taesd)

@@ -144,7 +144,7 @@ def test_decode_matches_transformers_and_round_trips(pair):
         assert ours.decode(ours.encode(text)) == " ".join(expected.split())
 
 
-def test_truncate(pair):
+def test_truncate_keeps_the_longest_prefix_of_whole_words(pair):
     ours, _ = pair
     text = "  a majestic   waterfall surrounded by lush tropical jungle, café 🔥 mist " * 12
     words = text.split()
@@ -272,6 +272,17 @@ def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, name, data)
     assert str(folder / name) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match=name):  # what load_pipeline and generate.py report
         load_tokenizer(folder)
+
+
+def test_a_bug_building_the_tokenizer_keeps_its_own_traceback(tmp_path):
+    """Only what the tokenizers library raises about the files becomes a ValueError naming them; a bug
+    (here an AttributeError in a fork's __init__) is not passed off as a damaged file."""
+    class Forked(Tokenizer):
+        def __init__(self, *args, **kwargs):
+            raise AttributeError("a bug in the fork")
+
+    with pytest.raises(AttributeError, match="a bug in the fork"):
+        Forked.from_folder(write_clip_vocab(tmp_path / "files"))
 
 
 def test_fake_vocab_has_clip_layout(tmp_path):

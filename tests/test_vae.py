@@ -130,7 +130,7 @@ def test_full_sd_layout_decode():
 
 
 @torch.no_grad()
-def test_bf16_cpu_smoke(small_pair):
+def test_bf16_decode_is_within_5_percent_of_the_fp32_reference(small_pair):
     """bf16 keeps ~3 significant digits; through ~30 layers we allow 5% relative error."""
     ref, _ = small_pair
     ours = AutoencoderKL(SMALL).eval()

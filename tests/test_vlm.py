@@ -29,12 +29,8 @@ from vlm.trace import trace_dict, write_trace
 SIZE, STEPS = 32, 6  # the tiny VAE halves: 16x16 latents
 
 
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    return weights.load_pipeline(sd1)
-
-
-def run(pipe, prompt, hooks, steps=STEPS):
+def draw(pipe, prompt, hooks, steps=STEPS):
+    """generate() at the tests' size and seed, with `hooks`: uint8 [B, H, W, 3]."""
     return generate(pipe, prompt, steps=steps, height=SIZE, width=SIZE, seed=0, hooks=hooks, progress=False)
 
 
@@ -254,7 +250,7 @@ def test_request_shape(pipe, server, monkeypatch, tmp_path):
     server = server("female breast")
     client = VLMClient(server.url, "Qwen/Qwen2.5-VL-7B-Instruct", NUDITY, max_tokens=32, timeout=5, image_size=None)
     recorder = Recorder(decode_steps={1, 3})
-    run(pipe, "a cat", [DynamicNegatives(client, NUDITY, [1, 3]), recorder])
+    draw(pipe, "a cat", [DynamicNegatives(client, NUDITY, [1, 3]), recorder])
 
     assert len(server.requests) == 2
     for request, step in zip(server.requests, [1, 3]):
@@ -357,23 +353,23 @@ def test_a_failed_query_is_warned_on_a_line_of_its_own_beside_the_progress_bar(p
 def test_queries_and_decodes_only_at_the_schedule(pipe):
     counted = dataclasses.replace(pipe, vae=CountingVAE(pipe.vae))
     proposer = Scripted(NUDITY, {})
-    run(counted, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [0, 2, 5])])
+    draw(counted, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [0, 2, 5])])
     assert [(step, prompt) for step, prompt, _ in proposer.calls] == [
         (0, "a cat"), (0, "a dog"), (2, "a cat"), (2, "a dog"), (5, "a cat"), (5, "a dog")]
     assert all(image.shape == (3, SIZE, SIZE) for _, _, image in proposer.calls)
     assert counted.vae.calls == 3 + 1  # one batched decode per query step, and the final image
 
     counted.vae.calls, recorder = 0, Recorder()
-    run(counted, "a cat", [DynamicNegatives(proposer, NUDITY, []), recorder])  # an empty schedule
+    draw(counted, "a cat", [DynamicNegatives(proposer, NUDITY, []), recorder])  # an empty schedule
     assert counted.vae.calls == 1 and len(proposer.calls) == 6
     assert recorder.negatives == [[None]] * STEPS and recorder.scales == [[7.5]] * STEPS
 
     counted.vae.calls, recorder = 0, Recorder()  # static: the same negative, no image needed
-    run(counted, "a cat", [DynamicNegatives(FixedProposer(NUDITY.concepts), NUDITY, [0], negative_scale=9), recorder])
+    draw(counted, "a cat", [DynamicNegatives(FixedProposer(NUDITY.concepts), NUDITY, [0], negative_scale=9), recorder])
     everything = "Nudity, Sexual, " + ", ".join(NUDITY.concepts) + "."
     assert counted.vae.calls == 1 and recorder.negatives == [[everything]] * STEPS and recorder.scales == [[9]] * STEPS
     counted.vae.calls, recorder = 0, Recorder()
-    run(counted, "a cat", [DynamicNegatives(FixedProposer([]), NUDITY, [0, 3]), recorder])
+    draw(counted, "a cat", [DynamicNegatives(FixedProposer([]), NUDITY, [0, 3]), recorder])
     assert counted.vae.calls == 1 and recorder.negatives == [[None]] * STEPS
 
 
@@ -383,7 +379,7 @@ def test_query_steps_the_chain_never_takes_are_refused(pipe, steps):
     as --vlm-steps is (methods/vldnp_cli.py), before any query."""
     proposer = Scripted(NUDITY, {})
     with pytest.raises(ValueError, match=fr"query steps \[{steps[0]}, {steps[1]}\]: the chain takes steps 0 to {STEPS - 1}"):
-        run(pipe, "a cat", [DynamicNegatives(proposer, NUDITY, steps)])
+        draw(pipe, "a cat", [DynamicNegatives(proposer, NUDITY, steps)])
     assert proposer.calls == []
 
 
@@ -443,13 +439,13 @@ def test_proposer_input_scales():
 def test_replace_and_accumulate(pipe):
     recorder = Recorder()
     script = {1: "Blood, gore", 2: "None.", 3: "weapon"}
-    run(pipe, "a cat", [DynamicNegatives(Scripted(SAFETY, script), SAFETY, [1, 2, 3], negative_scale=11), recorder])
+    draw(pipe, "a cat", [DynamicNegatives(Scripted(SAFETY, script), SAFETY, [1, 2, 3], negative_scale=11), recorder])
     assert recorder.negatives == [[None], ["blood, gore"], [None], ["weapon"], ["weapon"], ["weapon"]]
     assert recorder.scales[1:] == [[11]] * (STEPS - 1)
 
     recorder = Recorder()
     script = {1: "A dog.", 2: "watercolor, dog", 3: "none"}
-    run(pipe, "a cat", [DynamicNegatives(Scripted(CREATIVE, script), CREATIVE, [1, 2, 3]), recorder])
+    draw(pipe, "a cat", [DynamicNegatives(Scripted(CREATIVE, script), CREATIVE, [1, 2, 3]), recorder])
     assert recorder.negatives == [[None], ["dog"], ["dog, watercolor"], ["dog, watercolor"], ["dog, watercolor"],
                                   ["dog, watercolor"]]
 
@@ -460,7 +456,7 @@ def test_guidance_matches_reference(pipe, reference, server, tmp_path):
     server = server("female breast", "Feet and belly.")
     client = VLMClient(server.url, "m", NUDITY, timeout=5, image_size=None)
     dnp, recorder = DynamicNegatives(client, NUDITY, [1, 3], negative_scale=15), Recorder()
-    image = run(pipe, "a cat", [dnp, recorder])
+    image = draw(pipe, "a cat", [dnp, recorder])
 
     first, second = "Nudity, Sexual, female breast.", "Nudity, Sexual, feet, belly."
     xs, x0s, ref_image = reference.sample("a cat", noise(1), {1: first, 3: second}, w=15)
@@ -488,7 +484,7 @@ def test_batch_independence(pipe, reference):
     image gives with its own answers."""
     script = {("a cat", 1): "female breast", ("a cat", 3): "none", ("a dog", 1): "none", ("a dog", 3): "male breast"}
     proposer, recorder = Scripted(NUDITY, script), Recorder(decode_steps={1, 3})
-    run(pipe, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [1, 3]), recorder])
+    draw(pipe, ["a cat", "a dog"], [DynamicNegatives(proposer, NUDITY, [1, 3]), recorder])
     for step, prompt, image in proposer.calls:
         b = ["a cat", "a dog"].index(prompt)
         assert torch.equal(to_uint8(image[None]), recorder.decoded[step][b:b + 1])
@@ -526,7 +522,7 @@ def test_faults_keep_the_negative(pipe, server, capsys, fault):
     dnp, recorder = DynamicNegatives(lambda image, prompt, step: (good if step == 1 else bad)(image, prompt, step),
                                      NUDITY, [1, 3]), Recorder()
     capsys.readouterr()
-    run(pipe, "a cat", [dnp, recorder])
+    draw(pipe, "a cat", [dnp, recorder])
 
     kept = "Nudity, Sexual, female breast."
     assert recorder.negatives == [[None]] + [[kept]] * (STEPS - 1)
@@ -556,14 +552,14 @@ def test_the_hook_waits_no_longer_than_its_timeout(pipe, capsys):
 
     try:
         dnp, recorder = DynamicNegatives(hanging_at({3}), NUDITY, [1, 3], timeout=0.5), Recorder()
-        run(pipe, "a cat", [dnp, recorder])
+        draw(pipe, "a cat", [dnp, recorder])
         feet = "Nudity, Sexual, feet."
         assert recorder.negatives == [[None]] + [[feet]] * (STEPS - 1)
         failed = dnp.trace[0][1]
         assert failed.error == "no answer within 0.5 s" and failed.negative == feet and failed.took_effect == 3
 
         dnp = DynamicNegatives(hanging_at({4}), NUDITY, [4], asynchronous=True, timeout=0.5)
-        run(pipe, "a cat", [dnp])
+        draw(pipe, "a cat", [dnp])
         start = time.perf_counter()
         dnp.close()
         assert time.perf_counter() - start < 1.5
@@ -582,7 +578,7 @@ def test_a_non_finite_x0_is_not_sent(pipe, capsys):
     script = {1: "female breast", 3: "none"}
     proposer, recorder = Scripted(NUDITY, script), Recorder()
     dnp = DynamicNegatives(proposer, NUDITY, [1, 3])
-    run(pipe, ["a cat", "a dog"], [poison, dnp, recorder])
+    draw(pipe, ["a cat", "a dog"], [poison, dnp, recorder])
     assert [(step, prompt) for step, prompt, _ in proposer.calls] == [(1, "a cat"), (1, "a dog"), (3, "a dog")]
     kept = "Nudity, Sexual, female breast."
     assert recorder.negatives == [[None, None]] + [[kept, kept]] * 2 + [[kept, None]] * (STEPS - 3)
@@ -604,7 +600,7 @@ def test_async_answer_applies_at_a_later_step(pipe, reference, server):
             time.sleep(0.2)
 
     recorder, steps = Recorder(), 8
-    run(pipe, "a cat", [dnp, recorder, gate], steps=steps)
+    draw(pipe, "a cat", [dnp, recorder, gate], steps=steps)
     dnp.close()
     [query] = dnp.trace[0]
     took = query.took_effect
@@ -621,7 +617,7 @@ def test_async_answer_after_sampling_is_collected(pipe, server):
     server = server(dict(content="feet", delay=1))
     dnp, recorder = DynamicNegatives(VLMClient(server.url, "m", NUDITY, timeout=5), NUDITY, [4],
                                      asynchronous=True), Recorder()
-    run(pipe, "a cat", [dnp, recorder])
+    draw(pipe, "a cat", [dnp, recorder])
     dnp.close()  # waits for the answer that came after the last step
     [query] = dnp.trace[0]
     assert recorder.negatives == [[None]] * STEPS
@@ -643,7 +639,7 @@ def test_a_late_answer_keeps_the_negative_in_force(pipe):
             time.sleep(0.3)
 
     dnp, recorder = DynamicNegatives(proposer, NUDITY, [1, 4], asynchronous=True), Recorder()
-    run(pipe, "a cat", [dnp, recorder, gate])
+    draw(pipe, "a cat", [dnp, recorder, gate])
     release.set()
     dnp.close()
     assert recorder.negatives[-1] == [first] and dnp.negatives == [first]
@@ -659,15 +655,15 @@ def test_trace_of_a_proposer_with_lone_surrogates(pipe, tmp_path):
     def proposer(image, prompt, step):
         return Reply(["blood \ud83d"], "blood \ud83d", None)
     dnp = DynamicNegatives(proposer, SAFETY, [1])
-    run(pipe, "a cat", [dnp])
+    draw(pipe, "a cat", [dnp])
     [query] = json.loads(write_trace(dnp, tmp_path / "t.json").read_text(encoding="utf-8"))["images"][0]["queries"]
     assert query["raw"] == query["negative"] == "blood \ufffd" and query["items"] == ["blood \ufffd"]
 
 
-def test_trace_file(pipe, tmp_path, capsys):
+def test_trace_file_records_each_query_beside_a_filmstrip_of_what_was_sent(pipe, tmp_path, capsys):
     script = {1: "female breast", ("a dog", 3): RuntimeError("no GPU left"), 3: "feet"}
     dnp, recorder = DynamicNegatives(Scripted(NUDITY, script), NUDITY, [1, 3]), Recorder(decode_steps={1, 3})
-    run(pipe, ["a cat", "a dog"], [dnp, recorder])
+    draw(pipe, ["a cat", "a dog"], [dnp, recorder])
     assert capsys.readouterr().err.count("warning") == 1
     path = write_trace(dnp, tmp_path / "run.json")
 

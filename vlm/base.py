@@ -30,7 +30,7 @@ class Reply:
 
 class Proposer(Protocol):
     """A proposer whose answer ignores the image may set a class attribute `needs_image = False`:
-    the sampler then skips decoding x0 and passes image=None. A proposer that reads latents sets
+    the VL-DNP hook then skips decoding x0 and passes image=None. A proposer that reads latents sets
     `wants = "latents"`: it is passed a `Latents` in place of the image, and nothing is decoded.
 
     A proposer that shrinks the image first may have `input_scale(height, width) -> float`, the

@@ -8,7 +8,8 @@ from files import write_json
 from png import write_png
 
 
-def write_trace(path: Path, data: dict, rows: list[list[torch.Tensor]], labels: list[list[tuple[int, bool]]]) -> Path:
+def write_with_filmstrip(path: Path, data: dict, rows: list[list[torch.Tensor]],
+                         labels: list[list[tuple[int, bool]]]) -> Path:
     """Writes the trace `data` as JSON at `path` and, if images were sent, their filmstrip beside it as
     <stem>.filmstrip.png, named in data["filmstrip"]. A filmstrip that cannot be written raises after
     the JSON, the trace itself, is written."""

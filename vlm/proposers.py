@@ -151,7 +151,7 @@ def make_preview(choice: str, device=None, dtype=None):
         model = taesd.load_taesd(source, device or "cpu", dtype or "fp32")
     except CheckpointError as e:
         raise CheckpointError(f"--preview-decoder {choice}: {e} (or decode the previews with the model's VAE: "
-                         "--preview-decoder vae)") from None
+                              "--preview-decoder vae)") from None
     if choice in taesd.REPOS:
-        return preview(model.decode, f"{choice} ({source})", taesd.FAMILIES[choice])
+        return preview(model.decode, f"{choice} ({source})", taesd.DECODES[choice])
     return preview(model.decode, choice)

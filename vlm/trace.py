@@ -7,7 +7,7 @@ from pathlib import Path
 from files import write_json
 from leaves import Leaves
 
-LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:write_trace"})
+LEAVES = Leaves("trace part", {"filmstrip": "vlm.filmstrip:write_with_filmstrip"})
 
 
 def trace_dict(hook) -> dict:
