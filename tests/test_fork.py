@@ -111,6 +111,13 @@ def test_a_leaf_the_copy_lacks_is_one_line(with_command_line, sd1, tmp_path, arg
         f"error: {missing}, which this copy of the project does not have"], result.stderr
 
 
+def test_a_copy_without_the_vlm_client_says_so_for_vlm_url(sd1, tmp_path):
+    fork = copy([f for f in LIBRARY + COMMAND_LINE if f != "vlm/client.py"], tmp_path)
+    result = python_in(fork, "generate.py", "a cat", "--model", sd1, "--device", "cpu", "--out", tmp_path / "x.png", *VLM)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: proposer 'vlm' needs vlm/client.py, which this copy of the project does not have"], result.stderr
+
+
 def test_the_sets_are_small():
     lines = lambda files: sum(len((ROOT / path).read_text().splitlines()) for path in files)
     assert lines(LIBRARY) <= MOST_LINES, f"the minimal set is {lines(LIBRARY)} lines"
