@@ -168,3 +168,11 @@ def test_the_table_of_leaves_names_each_leaf_under_its_table():
         for leaf, file in entries.items():
             assert file in LIBRARY or any(leaf in leaves or f"`{file}`" in files for leaves, files in listed), \
                 f"{table}'s leaf {leaf!r} ({file}) is missing from docs/fork.md's table of leaves"
+
+
+def test_the_recipe_for_a_sampler_names_all_that_the_protocol_asks():
+    from sampler.base import Sampler
+    asked = set(Sampler.__annotations__) | {name for name, v in vars(Sampler).items()
+                                            if callable(v) and not name.startswith("_")}
+    recipe = re.search(r"^- \*\*A sampler\*\*:(.*?)^- ", PAGE, flags=re.M | re.S)[1]
+    assert asked - set(re.findall(r"`(\w+)`", recipe)) == set()
