@@ -33,7 +33,8 @@ def hub_patterns(dtype: torch.dtype, components=tuple(WEIGHT_FILE_STEMS)) -> lis
 
 
 # What to do instead of downloading, appended to each failure of a pipeline's download.
-LOCAL_MODEL = "--model (load_pipeline's source) also takes a local diffusers folder or a .safetensors file"
+LOCAL_MODEL = ("--model (weights.py export's SOURCE, load_pipeline's source) also takes a local diffusers folder or "
+               "a .safetensors file")
 
 
 def download(repo_id: str, dtype=torch.float32) -> Path:

@@ -125,15 +125,20 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as the other scripts' (cli/args.py:Parser)
+        self.exit(2, f"error: {printable(message)}\n")
+
+
 def main(argv, export_single_file) -> int:
     """`python weights.py export SOURCE OUT.safetensors [--dtype fp16]`, with weights.export_single_file,
     which loads any source (passed in: checkpoint/ does not import the front)."""
-    parser = argparse.ArgumentParser(prog="weights.py", description="Stable Diffusion weights tools.")
+    parser = OneLineParser(prog="weights.py", description="Stable Diffusion weights tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
     ex.add_argument("source", help="repo id, diffusers folder or single file")
     ex.add_argument("out", help="output .safetensors path")
-    ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default: %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:  # the output's folder first, made if missing as generate.py's --out: before a load that may take minutes

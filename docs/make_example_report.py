@@ -62,7 +62,7 @@ def main():
         readme = out / "README.md"
         kept = readme.read_text() if readme.exists() else None  # written by hand
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp / "example-report", out)
+        shutil.copytree(tmp / "example-report", out, ignore=shutil.ignore_patterns(".lock"))  # the run's, not the report's
         if kept is not None:
             readme.write_text(kept)
     print(f"wrote {out}")

@@ -98,6 +98,7 @@ def resolve(args):
     if args.proposer == "vlm":
         if not args.vlm_url:
             raise ValueError("--proposer vlm needs --vlm-url, e.g. http://localhost:8000/v1")
+        LEAVES["vlm"]  # a copy without vlm/client.py says so now, not as a bad --vlm-url
         try:
             LEAVES["vlm client"].chat_url(args.vlm_url)
         except ValueError as e:

@@ -1,6 +1,7 @@
 """docs/fork.md: the minimal set, copied alone into an empty folder, makes an image from a diffusers folder
 with VL-DNP asking a VLM server, by the code the page shows; with the command line's files added,
 generate.py does; a leaf the copy lacks is one line; and the sets stay small."""
+import ast
 import os
 import re
 import shutil
@@ -110,7 +111,68 @@ def test_a_leaf_the_copy_lacks_is_one_line(with_command_line, sd1, tmp_path, arg
         f"error: {missing}, which this copy of the project does not have"], result.stderr
 
 
+def test_a_copy_without_the_vlm_client_says_so_for_vlm_url(sd1, tmp_path):
+    fork = copy([f for f in LIBRARY + COMMAND_LINE if f != "vlm/client.py"], tmp_path)
+    result = python_in(fork, "generate.py", "a cat", "--model", sd1, "--device", "cpu", "--out", tmp_path / "x.png", *VLM)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: proposer 'vlm' needs vlm/client.py, which this copy of the project does not have"], result.stderr
+
+
 def test_the_sets_are_small():
     lines = lambda files: sum(len((ROOT / path).read_text().splitlines()) for path in files)
     assert lines(LIBRARY) <= MOST_LINES, f"the minimal set is {lines(LIBRARY)} lines"
     assert lines(COMMAND_LINE) <= 975, f"the command line adds {lines(COMMAND_LINE)} lines"
+
+
+def leaf_tables() -> dict[str, dict[str, str]]:
+    """Every table of leaves in the code, "file.py:NAME" -> {leaf: its module's file}, read without importing."""
+    tables = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        if {"tests", "benchmarks"} & set(path.relative_to(ROOT).parts):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            call = getattr(node, "value", None)
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(call, ast.Call) \
+                    and getattr(call.func, "id", None) == "Leaves":
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+                entries = ast.literal_eval(call.args[1])
+                tables[f"{path.relative_to(ROOT)}:{target.id}"] = {
+                    leaf: entry.partition(":")[0].replace(".", "/") + ".py" for leaf, entry in entries.items()}
+    return tables
+
+
+def documented_leaves() -> list[tuple[str, list[str], str]]:
+    """(table, leaves, file cell) per row of the page's table of leaves; a blank table cell is the row above's."""
+    rows, table = [], None
+    for line in section("## The leaves").split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] == "table" or set(cells[0]) <= {"-"} and cells[0]:
+            continue
+        table = cells[0].strip("`") or table
+        rows.append((table, re.findall(r"`([^`]+)`", cells[1]), cells[2]))
+    return rows
+
+
+def test_the_table_of_leaves_names_each_leaf_under_its_table():
+    """Each leaf the page lists is in the table it is listed under, with its file; each leaf in the code is listed."""
+    tables, rows = leaf_tables(), documented_leaves()
+    for table, leaves, files in rows:
+        if table == "—":
+            continue
+        assert table in tables, f"docs/fork.md names {table}, which is no table of leaves"
+        for leaf in leaves:
+            assert leaf in tables[table], f"docs/fork.md lists {leaf!r} under {table}, which has no such leaf"
+            assert "…" in files or f"`{tables[table][leaf]}`" in files, f"{leaf!r}: {tables[table][leaf]} not in its row"
+    for table, entries in tables.items():
+        listed = [(leaves, files) for t, leaves, files in rows if t == table]
+        for leaf, file in entries.items():
+            assert file in LIBRARY or any(leaf in leaves or f"`{file}`" in files for leaves, files in listed), \
+                f"{table}'s leaf {leaf!r} ({file}) is missing from docs/fork.md's table of leaves"
+
+
+def test_the_recipe_for_a_sampler_names_all_that_the_protocol_asks():
+    from sampler.base import Sampler
+    asked = set(Sampler.__annotations__) | {name for name, v in vars(Sampler).items()
+                                            if callable(v) and not name.startswith("_")}
+    recipe = re.search(r"^- \*\*A sampler\*\*:(.*?)^- ", PAGE, flags=re.M | re.S)[1]
+    assert asked - set(re.findall(r"`(\w+)`", recipe)) == set()

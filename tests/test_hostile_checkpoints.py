@@ -321,6 +321,14 @@ def test_export_says_a_broken_source_in_one_line(bases, tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("argv", [[], ["export"], ["export", "a"], ["export", "a", "b", "--dtype", "fp8"]])
+def test_export_says_a_bad_argument_in_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        single_file_main(argv, export_single_file)
+    err = capsys.readouterr().err.splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+
+
 def test_export_writes_into_a_new_folder_and_refuses_a_folder(bases, tmp_path, capsys):
     tmp_path.joinpath("folder").mkdir()
     code, _, err = export(capsys, bases["sd1"], tmp_path / "folder")
