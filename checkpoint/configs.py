@@ -47,13 +47,13 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     if added and not (c.get("addition_time_embed_dim") and c.get("projection_class_embeddings_input_dim")):
         raise CheckpointError("addition_embed_type='text_time' needs addition_time_embed_dim and "
                               "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
-    for key, ok in [("class_embed_type", None), ("encoder_hid_dim_type", None),
+    for key, ok in [("class_embed_type", None), ("encoder_hid_dim_type", None), ("timestep_post_act", None),
                     ("time_cond_proj_dim", None), ("dual_cross_attention", False), ("only_cross_attention", False),
                     ("resnet_time_scale_shift", "default"), ("act_fn", "silu"), ("time_embedding_type", "positional"),
                     ("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
                     ("conv_in_kernel", 3), ("conv_out_kernel", 3), ("attention_type", "default"),
                     ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("resnet_out_scale_factor", 1.0),
-                    ("mid_block_scale_factor", 1)]:
+                    ("mid_block_scale_factor", 1), ("time_embedding_act_fn", None), ("downsample_padding", 1)]:
         if c.get(key, ok) != ok:
             raise CheckpointError(f"{key}={c[key]!r} is not supported; only SD1/SD2/SDXL UNets are")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
@@ -67,17 +67,15 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
     # diffusers' "attention_head_dim" holds the number of heads when num_attention_heads is unset.
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
-    layers = c.get("layers_per_block", 2)
-    if isinstance(layers, (list, tuple)):
-        if len(set(layers)) != 1:
-            raise CheckpointError("a different layers_per_block per level is not supported")
-        layers = layers[0]
+    layers = set(per_level(c.get("layers_per_block", 2)))  # one count for every level
+    if len(layers) != 1:
+        raise CheckpointError("a different layers_per_block per level is not supported")
     depth = per_level(c.get("transformer_layers_per_block", 1))
     if any(isinstance(d, (list, tuple)) for d in depth):
         raise CheckpointError("per-block transformer depths are not supported")
     return bounded(UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
-        channels=tuple(c["block_out_channels"]), layers_per_block=layers, attention=tuple(attention),
+        channels=tuple(c["block_out_channels"]), layers_per_block=layers.pop(), attention=tuple(attention),
         num_heads=per_level(heads), transformer_depth=depth, context_dim=c["cross_attention_dim"],
         linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
         norm_eps=c.get("norm_eps", 1e-5), upcast_attention=c.get("upcast_attention") or False,
@@ -100,6 +98,8 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
         raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
     if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
         raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
+    if c.get("act_fn", "silu") != "silu":  # diffusers would run the same tensors through another function
+        raise CheckpointError(f"act_fn={c['act_fn']!r} is not supported; SD's VAE uses 'silu'")
     return bounded(VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),

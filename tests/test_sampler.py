@@ -82,6 +82,25 @@ def test_an_outdated_sd_scheduler_config_is_read_as_stable_diffusion_pipeline_re
     assert_same_image(ours, reference_images(ref, "a photo of a dog", **DEFAULTS))
 
 
+def test_ddim_settings_a_config_lacks_are_sds_not_ddimschedulers_defaults(sd1, tmp_path):
+    """An Euler config written by today's diffusers holds no clip_sample or set_alpha_to_one, and a hand-written one
+    may lack steps_offset. DDIMScheduler.from_config(pipe.scheduler.config) then takes its constructor's defaults
+    (True, True, and 0: StableDiffusionPipeline's rewrite to 1 is undone, the key being listed as defaulted), clipping
+    SD's latents to [-1, 1]; we keep SD's (CompVis' ddim.py: no clipping, ᾱ_0 at the last step, offset 1), which is
+    DDIMScheduler's image with them written (docs/correctness.md)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    folder = with_settings(sd1, tmp_path)
+    written = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config
+    config = {k: v for k, v in written.items() if k not in ("steps_offset", "_use_default_values")}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = DDIMScheduler.from_config({**config, "steps_offset": 1, "clip_sample": False,
+                                               "set_alpha_to_one": False})
+    ref.set_progress_bar_config(disable=True)
+    ours = generate(load_pipeline(folder), "a photo of a dog", **DEFAULTS, progress=False)
+    assert_same_image(ours, reference_images(ref, "a photo of a dog", **DEFAULTS))
+
+
 def test_an_sdxl_scheduler_config_is_read_as_written(sdxl, tmp_path):
     """StableDiffusionXLPipeline rewrites nothing: steps_offset 0 stays 0."""
     folder = with_settings(sdxl, tmp_path, steps_offset=0)

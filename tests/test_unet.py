@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 
 from checkpoint.configs import unet_config_from_diffusers
 from checkpoints import SDXL_WIDTH
-from helpers import assert_close_rel, randomize_
+from helpers import assert_close_rel, randomize_, rel_err
 from model.unet import SD15, SD21, SD21_BASE, SDXL, UNet
 
 SD1_SMALL = dict(
@@ -87,6 +87,20 @@ def test_unsupported_diffusers_configs_are_rejected():
         unet_config_from_diffusers({**SD1_SMALL, "addition_embed_type": "text_time"})
     with pytest.raises(ValueError, match="block type"):
         unet_config_from_diffusers({**SD1_SMALL, "down_block_types": ("SimpleCrossAttnDownBlock2D", "DownBlock2D")})
+
+
+@pytest.mark.parametrize("setting", [dict(timestep_post_act="silu"), dict(time_embedding_act_fn="silu"),
+                                     dict(downsample_padding=0)], ids=lambda setting: next(iter(setting)))
+def test_settings_that_change_the_output_but_no_tensor_are_refused(setting):
+    """With these, diffusers computes another function of the same tensors: loaded, the UNet would differ silently."""
+    ours, ref = build_pair(SD1_SMALL)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 48)
+    other = UNet2DConditionModel(**SD1_SMALL, **setting).eval()
+    other.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        assert rel_err(ours(x, 10, context), other(x, 10, encoder_hidden_states=context).sample) > 1e-2
+    with pytest.raises(ValueError, match=f"{next(iter(setting))}=.* is not supported"):
+        unet_config_from_diffusers(dict(other.config))
 
 
 # The unet/config.json keys that matter, as the hub's SD1.5, SD2.1 (768-v) and SD2.1-base repos hold them.

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
+from checkpoint.configs import vae_config_from_diffusers
 from checkpoints import make_sdxl_folder
 from helpers import assert_close_rel, randomize_, rel_err
 from model.vae import SD, AutoencoderKL, VAEConfig
@@ -83,6 +84,18 @@ def test_fp16_vae_decodes_in_fp32_unless_fp16_safe(tmp_path, force_upcast):
     with torch.no_grad():
         images = pipe.vae.decode(torch.randn(1, 4, 4, 4, dtype=torch.float16))
     assert images.dtype == (torch.float32 if force_upcast else torch.float16)
+
+
+@torch.no_grad()
+def test_a_vae_of_another_activation_is_refused(small_pair):
+    """diffusers' AutoencoderKL with act_fn "gelu" holds SD's tensors but computes another function."""
+    ref, ours = small_pair
+    other = RefAutoencoderKL(**{**ref.config, "act_fn": "gelu"}).eval()
+    other.load_state_dict(ref.state_dict())
+    z = torch.randn(1, 4, 8, 8)
+    assert rel_err(ours.decode(z), other.decode(z / SMALL.scaling_factor).sample) > 1e-2
+    with pytest.raises(ValueError, match="act_fn='gelu' is not supported"):
+        vae_config_from_diffusers(dict(other.config))
 
 
 @torch.no_grad()
