@@ -96,8 +96,11 @@ def check_text_to_image(unet: UNetConfig, where: str):
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
     if c.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
-    if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])) or c.get("use_quant_conv") is False:
+    if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])):
         raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
+    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):  # SD3/Flux VAEs drop them
+        if c.get(key) is False:
+            raise CheckpointError(f"{key}=False is not supported; SD's VAE has it")
     if c.get("act_fn", "silu") != "silu":  # diffusers would run the same tensors through another function
         raise CheckpointError(f"act_fn={c['act_fn']!r} is not supported; SD's VAE uses 'silu'")
     return bounded(VAEConfig(
