@@ -25,7 +25,7 @@ from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_prot
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
 from evaluation.run_folder import model_settings
-from files import printable, sha256_file
+from files import printable
 from leaves import MissingLeaf
 from methods import METHODS
 from methods.options import UsageError, check_rules, comma_list, given_options
@@ -238,7 +238,7 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         settings["metrics"]["nudenet_classifier"] = {"file": classifier.path.name, "sha256": classifier.sha256}
     if metrics is not None:  # an injected metrics object (tests): its settings are its own
         settings["metrics"] = {"injected": type(metrics).__name__}
-    info = {"prompts": str(args.prompts), "prompts_sha256": sha256_file(args.prompts), "prompts_used": len(prompts.rows),
+    info = {"prompts": str(args.prompts), "prompts_sha256": prompts.sha256, "prompts_used": len(prompts.rows),
             "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
             "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])}
     if args.protocol is not None:
