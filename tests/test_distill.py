@@ -684,6 +684,7 @@ def save_shard(path, **tensors):
     (lambda s: {**s, "x0": s["x0"][:1], "t": s["t"][:1]}, "no row 1 of x0"),
     (lambda s: {**s, "t": s["t"] * 0 + 1e9}, "a timestep outside [0, 1000]"),
     (lambda s: {**s, "t": s["t"][:1]}, "t of shape [1], not [2]"),
+    (lambda s: {**s, "x_t": s["x_t"][:1]}, "x_t of shape [1, 4, 8, 8], not [2, 4, 8, 8]"),  # was an IndexError
 ])
 def test_a_bad_shard_is_left_out_of_training_with_one_warning(data, tmp_path, capsys, tamper, why):
     folder, lines, _ = data
@@ -712,6 +713,19 @@ def test_a_bad_data_json_is_one_line(data, tmp_path, capsys, change, message):
     (folder / "data.json").write_text(json.dumps({**stored, **change}))
     code, out, err = train_quietly(capsys, folder, tmp_path)
     assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: " in err[0] and message in err[0], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("key", ["guidance", "steps"])
+def test_a_data_json_holding_nan_is_one_line_before_training(data, tmp_path, capsys, key):
+    """Python's json reads NaN and Infinity, which the card (strict JSON) cannot hold: the file was
+    refused with a ValueError traceback after the whole training."""
+    folder, _, _ = data
+    stored = json.loads((folder / "data.json").read_text())
+    stored["settings"][key] = float("nan") if key == "guidance" else float("inf")
+    (folder / "data.json").write_text(json.dumps(stored))
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: unreadable" in err[0], err
     assert not (tmp_path / "p.safetensors").exists()
 
 
