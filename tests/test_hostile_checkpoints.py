@@ -321,6 +321,17 @@ def test_export_says_a_broken_source_in_one_line(bases, tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("argv, about", [
+    ([], "the following arguments are required: command"), (["export"], "required: source, out"),
+    (["export", "a", "b", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["export", "a", "b", "c\x1b[2J"], "unrecognized arguments: c\\x1b[2J")])  # argparse's own text, escapes raw
+def test_export_says_a_bad_argument_in_one_line(argv, about, capsys):
+    """As generate.py, evaluate.py and distill.py say theirs: not argparse's usage line and message."""
+    code, out, err = run(single_file_main, capsys, *argv, export_single_file=export_single_file)
+    assert code == 2 and out == [] and len(err) == 1 and err[0].startswith("error: ") and about in err[0], err
+    assert "\x1b" not in err[0], err
+
+
 def test_export_writes_into_a_new_folder_and_refuses_a_folder(bases, tmp_path, capsys):
     tmp_path.joinpath("folder").mkdir()
     code, _, err = export(capsys, bases["sd1"], tmp_path / "folder")
