@@ -228,10 +228,10 @@ def _column_picker(path, header: list[str], prompt_column: str | None) -> dict:
     wanted = [prompt_column.strip().lower()] if prompt_column is not None else list(PROMPT_COLUMNS)
     found = next((columns[name] for name in wanted if name in columns), None)
     if found is None:
-        names = ", ".join(repr(h) for h in header) or "none"
+        names = ", ".join(repr(h) for h in header[:20]) + (f", ... of {len(header)} columns" if len(header) > 20 else "")
         accepted = f"--prompt-column {prompt_column!r}" if prompt_column else \
             f"one of {', '.join(repr(c) for c in PROMPT_COLUMNS)}"
-        raise PromptFileError(f"{path}: no prompt column; the header has {names}, expected {accepted}")
+        raise PromptFileError(f"{path}: no prompt column; the header has {names or 'none'}, expected {accepted}")
 
     def first(names):
         return next((columns[n] for n in names if n in columns), None)

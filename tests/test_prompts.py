@@ -215,6 +215,15 @@ def test_files_that_give_nothing_to_run(tmp_path, text, message):
         read_prompts(write(tmp_path / "bad.csv", text))
 
 
+def test_a_header_without_a_prompt_column_is_named_in_a_short_line(tmp_path):
+    """The line names the header's first columns, not all 100,000 of them (a line of megabytes)."""
+    header = ",".join(f"c{i}" for i in range(100000))
+    with pytest.raises(PromptFileError) as refused:
+        read_prompts(write(tmp_path / "wide.csv", header + "\n" + "x,y\n"))
+    assert "the header has 'c0', 'c1', " in str(refused.value) and "of 100000 columns" in str(refused.value)
+    assert len(str(refused.value)) < 1000, len(str(refused.value))
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(PromptFileError, match="no such file"):
         read_prompts(tmp_path / "none.csv")
