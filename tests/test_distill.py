@@ -533,7 +533,10 @@ def test_the_file_loads_strictly(tmp_path):
         LatentProposer.load(tmp_path / "short.safetensors")
     card = json.loads(metadata[CARD_KEY])
     for change, message in [({"format": 2}, "format 2"), ({"concepts": []}, "without a list of distinct concept"),
-                            ({"network": {"width": -1, "frequencies": 32}}, "no positive integer")]:
+                            ({"network": {"width": -1, "frequencies": 32}}, "no positive integer"),
+                            # a name becomes the negative, in the PNG's text: no escape a terminal would obey
+                            ({"concepts": [*card["concepts"][1:], {"name": "feet\x1b[2J", "threshold": 0}]},
+                             "without a list of distinct concept names in printable text")]:
         save_file(load_file(file), tmp_path / "bad.safetensors", {**metadata, CARD_KEY: json.dumps({**card, **change})})
         with pytest.raises(weights.CheckpointError, match=message):
             read_card(tmp_path / "bad.safetensors")
