@@ -20,7 +20,7 @@ import secrets
 import sys
 
 from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
-from cli.outputs import check_out, check_sizes, png_text, save, write_trace
+from cli.outputs import check_out, check_sizes, numbered, png_text, save, write_trace
 from files import printable
 from leaves import Leaves, MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options, prepare_all, text
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
     check_out(args.out, "--out")
     if args.trace:
-        check_out(args.trace, "--trace")
+        check_out(args.trace, "--trace", numbered(args.out, args.batch) if args.out else ())
     return args
 
 

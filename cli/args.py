@@ -13,11 +13,9 @@ import weights
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from methods import options
-from methods.options import UsageError, check_rules, finite
+from methods.options import SIDE, UsageError, check_rules, finite
 from sampler.base import SAMPLERS
 from files import printable
-
-SIDE = 65504  # a size's longest side, in pixels: float16's largest, as SDXL's size ids are in the model's dtype
 
 
 class Parser(argparse.ArgumentParser):
@@ -119,6 +117,5 @@ def load_model(args):
 def fail(message, code: int) -> int:
     """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`.
     Control characters are shown as escapes (files.printable), whoever wrote the message."""
-    lines = str(message).strip().splitlines()
-    print(f"error: {printable(lines[0] if lines else str(message))}", file=sys.stderr)
+    print(f"error: {printable((str(message).strip().splitlines() or [str(message)])[0])}", file=sys.stderr)
     return code
