@@ -15,6 +15,7 @@ scale it was made with (evaluation/run_folder.py same_row); a changed row is mad
 whose teacher failed on some query is recorded as failed, and retried on a re-run; until then, the
 queries that were answered are data.
 """
+import itertools
 import json
 import math
 import re
@@ -88,10 +89,11 @@ def read_settings(folder: Path) -> dict:
 def add_prompt(out: Path, record: dict, tensors: dict[str, torch.Tensor] | None) -> dict:
     """Writes one prompt's query tensors (x0, x_t [N, C, h, w], t [N]; None when it has none) to a
     shard of its own, then appends its record, naming the shard; returns the record. Each attempt at
-    a prompt has its own shard, so a record never names tensors another attempt wrote."""
+    a prompt has its own shard, the first number no file has, so a record never names tensors another attempt
+    wrote (nor the records read: once per prompt, they made a collection quadratic)."""
     if tensors is not None:
-        attempt = sum(r["key"] == record["key"] for r in read_records(out / RECORDS_FILE, record_problem))
-        record = {**record, "shard": f"{SHARDS}/{record['key']}.{attempt}.safetensors"}
+        shard = lambda n: f"{SHARDS}/{record['key']}.{n}.safetensors"
+        record = {**record, "shard": shard(next(n for n in itertools.count() if not (out / shard(n)).exists()))}
         write_atomic(out / record["shard"], save({k: v.contiguous() for k, v in tensors.items()}))
     append_record(out / RECORDS_FILE, record)
     return record
