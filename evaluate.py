@@ -156,9 +156,13 @@ def load_classifier(args) -> NudeNetClassifier | None:
 
 def pick_rank_device(device: torch.device) -> torch.device:
     """The device of this process; under torchrun with CUDA, cuda:LOCAL_RANK. Checks torchrun's environment first."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         if not os.environ.get(name, "0").isdecimal():
             raise UsageError(f"{name}={os.environ[name]!r}: torchrun's environment holds whole numbers; unset it")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and missing:  # torch.distributed would raise as the run starts
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} without {', '.join(missing)}: start the run with "
+                         "torchrun, which sets them all, or unset WORLD_SIZE")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
         if device.index is not None:
             raise UsageError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
