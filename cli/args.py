@@ -96,7 +96,7 @@ def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, ok in available.items() if ok))
-    if not re.fullmatch(r"(cuda|mps|cpu)(:(0|[1-9]\d?))?", name):  # torch's device() raises past 2^31, or for 01
+    if not re.fullmatch(r"(cuda|mps|cpu)(:(0|[1-9]\d?))?", name):  # torch.device() raises for 01, past 2^31
         raise UsageError(f"--device {name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
     device = torch.device(name)
     if not available[device.type]:

@@ -16,7 +16,7 @@ OUTPUTS = Path("outputs")
 
 def check_out(out: str | None, option: str, images=()):
     """--out or --trace names a file whose folder is made (parents too) if missing, and must take it, numbered or with
-    its .filmstrip, and write_atomic's temporary file beside it (None: outputs/); a trace, none of --out's `images`."""
+    its .filmstrip, and write_atomic's temporary file beside it (None: outputs/), and replace none of the `images`."""
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
     written = {os.path.abspath(p) for p in (out, os.path.splitext(out)[0] + ".filmstrip.png")} if images else set()
     if written & {os.path.abspath(p) for p in images}:

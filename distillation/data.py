@@ -89,8 +89,8 @@ def read_settings(folder: Path) -> dict:
 def add_prompt(out: Path, record: dict, tensors: dict[str, torch.Tensor] | None) -> dict:
     """Writes one prompt's query tensors (x0, x_t [N, C, h, w], t [N]; None when it has none) to a
     shard of its own, then appends its record, naming the shard; returns the record. Each attempt at
-    a prompt has its own shard, the first number no file has, so a record never names tensors another attempt
-    wrote (nor the records read: once per prompt, they made a collection quadratic)."""
+    a prompt has its own shard, numbered with the first number no file has (reading the records for it,
+    once per prompt, made a collection quadratic), so a record never names tensors another attempt wrote."""
     if tensors is not None:
         shard = lambda n: f"{SHARDS}/{record['key']}.{n}.safetensors"
         record = {**record, "shard": shard(next(n for n in itertools.count() if not (out / shard(n)).exists()))}
@@ -158,7 +158,7 @@ def record_problem(record: dict) -> str | None:
 
 def shard_problem(shard: dict[str, torch.Tensor], rows: list[int], channels: int | None, size=None) -> str | None:
     """Why a shard cannot give the x0 [N, C, h, w] and t [N] of the examples at `rows`: a tensor
-    missing, of another shape or dtype (`channels` C, `size` the [C, h, w] of the shards before, x_t x0's),
+    missing, of another shape or dtype (`channels` C, `size` the [C, h, w] of the shards before; x_t x0's shape),
     a row past its end, a timestep outside SD's [0, 1000]. None when it can."""
     x0, t = shard.get("x0"), shard.get("t")
     if x0 is None or t is None:
