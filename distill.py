@@ -21,7 +21,7 @@ from distillation.train import Training, train
 from evaluation.prompts import PromptFileError, read_prompts
 from evaluation.run import Sampling
 from evaluation.run_folder import model_settings
-from files import printable, sha256_file
+from files import printable
 from leaves import MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options
 from sampler.base import SAMPLERS
@@ -114,7 +114,7 @@ def run_collect(args) -> int:
     settings = {
         **model_settings(args), "seeds_per_prompt": args.seeds_per_prompt, "method": method.settings(),
     }
-    info = {"prompts": str(args.prompts), "prompts_sha256": sha256_file(args.prompts), "prompts_used": len(prompts.rows),
+    info = {"prompts": str(args.prompts), "prompts_sha256": prompts.sha256, "prompts_used": len(prompts.rows),
             "command": shlex.join(["distill.py", *args.argv])}
 
     def check_pipe(pipe):

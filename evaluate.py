@@ -25,7 +25,7 @@ from evaluation.protocol import PROTOCOLS, VL_DNP, apply_protocol, describe_prot
 from evaluation.report import write_report
 from evaluation.run import RunError, RunSpec, Sampling, execute
 from evaluation.run_folder import model_settings
-from files import printable, sha256_file
+from files import printable
 from leaves import MissingLeaf
 from methods import METHODS
 from methods.options import UsageError, check_rules, comma_list, given_options
@@ -156,9 +156,13 @@ def load_classifier(args) -> NudeNetClassifier | None:
 
 def pick_rank_device(device: torch.device) -> torch.device:
     """The device of this process; under torchrun with CUDA, cuda:LOCAL_RANK. Checks torchrun's environment first."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         if not os.environ.get(name, "0").isdecimal():
             raise UsageError(f"{name}={os.environ[name]!r}: torchrun's environment holds whole numbers; unset it")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and missing:  # torch.distributed would raise as the run starts
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} without {', '.join(missing)}: start the run with "
+                         "torchrun, which sets them all, or unset WORLD_SIZE")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
         if device.index is not None:
             raise UsageError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
@@ -238,7 +242,7 @@ def build_spec(args, prompts, *, metrics=None, report=None, argv=None) -> RunSpe
         settings["metrics"]["nudenet_classifier"] = {"file": classifier.path.name, "sha256": classifier.sha256}
     if metrics is not None:  # an injected metrics object (tests): its settings are its own
         settings["metrics"] = {"injected": type(metrics).__name__}
-    info = {"prompts": str(args.prompts), "prompts_sha256": sha256_file(args.prompts), "prompts_used": len(prompts.rows),
+    info = {"prompts": str(args.prompts), "prompts_sha256": prompts.sha256, "prompts_used": len(prompts.rows),
             "skipped_rows": [{"line": row.line, "reason": row.reason} for row in prompts.skipped],
             "command": shlex.join(["evaluate.py", *(sys.argv[1:] if argv is None else argv)])}
     if args.protocol is not None:

@@ -20,7 +20,7 @@ import secrets
 import sys
 
 from cli.args import Parser, add_shared_arguments, check_shared, fail, int_pair, load_model
-from cli.outputs import check_out, check_sizes, png_text, save, write_trace
+from cli.outputs import check_out, check_sizes, numbered, png_text, save, write_trace
 from files import printable
 from leaves import Leaves, MissingLeaf
 from methods.options import UsageError, check_rules, finite, given_options, prepare_all, text
@@ -59,9 +59,8 @@ def parse_args(argv=None):
         raise UsageError(f"--proposer {args.proposer} conflicts with --method vldnp, which asks vlm or clip")
     spec = args.method or {"static": "static", "none": "sd"}.get(args.proposer, "vldnp")
     check_shared(args, [spec], options + ["trace"], given)
-    if len(args.chosen_methods) != 1:
-        keys = ", ".join(m.key for m in args.chosen_methods)
-        raise UsageError(f"--method {spec} makes {len(args.chosen_methods)} images ({keys}); generate.py makes one: "
+    if len(keys := [m.key for m in args.chosen_methods]) != 1:
+        raise UsageError(f"--method {spec} makes {len(keys)} images ({', '.join(keys)}); generate.py makes one: "
                          "name one preset, e.g. sld-medium, or give one --negative-scale")
     check_rules([("eta", args.eta >= 0, "0 or more"), ("batch", 1 <= args.batch <= 10**6, "between 1 and 1000000"),
                  ("eta", not args.eta or args.sampler == "ddim", f"0 with {args.sampler}; only ddim takes eta"),
@@ -69,7 +68,7 @@ def parse_args(argv=None):
     args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
     check_out(args.out, "--out")
     if args.trace:
-        check_out(args.trace, "--trace")
+        check_out(args.trace, "--trace", numbered(args.out, args.batch) if args.out else ())
     return args
 
 

@@ -34,6 +34,7 @@ DEPTHS = {0: (1, 2, 4, 8), 2: (8,), 3: (1, 2, 4, 8), 4: (8,), 6: (8,)}  # the bi
 MAX_SIDE, MAX_PIXELS = 8192, 2**24  # 4096 x 4096 take seconds to read, and far more than any edit
 MAX_BYTES = 5 * MAX_PIXELS  # a file read: the most pixels as RGBA stored uncompressed, and 16 MiB of other chunks
 EXTRA_ROWS = 2**16  # bytes of rows past the image still inflated (and ignored, as PIL does); more are refused
+MAX_TEXTS = 256  # text chunks kept, the first; a file may hold millions of tiny ones
 
 
 def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
@@ -54,10 +55,11 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     if not data.startswith(SIGNATURE):
         kind = next((name for magic, name in OTHER_FORMATS.items() if data.startswith(magic)), "not a PNG file")
         raise ImageFileError(f"{path}: {kind}; only PNG images are read: save it as PNG (8 bits per sample)")
-    chunks = list(_chunks(data, path))
-    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+    chunks = _chunks(data, path)
+    kind, header = next(chunks, (b"", b""))  # none: the file is only its signature and IEND
+    if kind != b"IHDR" or len(header) != 13:
         raise ImageFileError(f"{path}: a damaged PNG (no IHDR chunk first)")
-    W, H, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    W, H, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
     if colour not in CHANNELS or depth not in DEPTHS[colour]:
         raise ImageFileError(f"{path}: a PNG of {depth} bits per sample (colour type {colour}); only 8-bit images "
                              "(1, 2 or 4 bits for grey and palette) are read: save it with 8 bits per sample")
@@ -69,11 +71,13 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     if not 0 < W * H <= MAX_PIXELS:
         raise ImageFileError(f"{path}: a PNG of {W}x{H} pixels; at most 2^24 (4096x4096) are read, more than any "
                              "Stable Diffusion edit can use: resize it")
-    text, palette = {}, None
+    text, palette, compressed = {}, None, bytearray()  # only what is read is kept: other chunks cost nothing
     for kind, body in chunks:
-        if kind == b"PLTE":
+        if kind == b"IDAT":
+            compressed += body
+        elif kind == b"PLTE":
             palette = np.frombuffer(body[:len(body) // 3 * 3], dtype=np.uint8).reshape(-1, 3)
-        elif kind in (b"tEXt", b"iTXt") and b"\0" in body:
+        elif kind in (b"tEXt", b"iTXt") and b"\0" in body and len(text) < MAX_TEXTS:
             key, value = body.split(b"\0", 1)
             try:
                 text[key.decode("latin-1")] = (value.decode("latin-1") if kind == b"tEXt"
@@ -85,7 +89,7 @@ def read_png(path) -> tuple[torch.Tensor, dict[str, str]]:
     bits = CHANNELS[colour] * depth  # per pixel
     unit = max(bits // 8, 1)  # the filters' "bytes per pixel"
     row_bytes = (W * bits + 7) // 8
-    raw = _inflate(b"".join(body for kind, body in chunks if kind == b"IDAT"), H * (row_bytes + 1), path, W, H)
+    raw = _inflate(compressed, H * (row_bytes + 1), path, W, H)
     if len(raw) < H * (row_bytes + 1):
         raise ImageFileError(f"{path}: a truncated PNG ({len(raw)} bytes of rows where {H}x{W} needs "
                              f"{H * (row_bytes + 1)})")

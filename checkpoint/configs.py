@@ -98,17 +98,15 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
         raise CheckpointError(f"holds a {c['_class_name']}, not the AutoencoderKL of SD1/SD2")
     if any(t != "DownEncoderBlock2D" for t in c.get("down_block_types", [])):
         raise CheckpointError("only the SD1/SD2 KL autoencoder is supported")
-    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):  # SD3/Flux VAEs drop them
-        if c.get(key) is False:
-            raise CheckpointError(f"{key}=False is not supported; SD's VAE has it")
-    if c.get("act_fn", "silu") != "silu":  # diffusers would run the same tensors through another function
-        raise CheckpointError(f"act_fn={c['act_fn']!r} is not supported; SD's VAE uses 'silu'")
+    for key, ok in [("use_quant_conv", True), ("use_post_quant_conv", True), ("mid_block_add_attention", True),
+                    ("act_fn", "silu")]:  # SD3/Flux VAEs drop parts; another act_fn computes another function
+        if c.get(key, ok) != ok:
+            raise CheckpointError(f"{key}={c[key]!r} is not supported; SD's VAE has {key}={ok!r}")
     return bounded(VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), channels=tuple(c["block_out_channels"]),
         layers_per_block=c.get("layers_per_block", 2), norm_groups=c.get("norm_num_groups", 32),
-        scaling_factor=c.get("scaling_factor", 0.18215),
-    ))
+        scaling_factor=c.get("scaling_factor", 0.18215)))
 
 
 # transformers' defaults for the keys a CLIP text config may leave out. An SD text_encoder/config.json
@@ -127,8 +125,7 @@ def tower_fields(c: dict, defaults: dict, where: str = "") -> dict:
     """The fields both CLIP towers share."""
     get = lambda key: value_or_default(c, key, defaults)
     if get("hidden_act") not in ACTIVATIONS:
-        raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported "
-                              f"(only {', '.join(ACTIVATIONS)})")
+        raise CheckpointError(f"{where}hidden_act {get('hidden_act')!r} is not supported; only {'/'.join(ACTIVATIONS)}")
     return dict(width=get("hidden_size"), num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
                 mlp_dim=get("intermediate_size"), act=get("hidden_act"), eps=get("layer_norm_eps"))
 

@@ -125,28 +125,32 @@ def write_single_file(pipe: Pipeline, out: Path, dtype=None) -> Path:
     return out
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, as the other scripts' (cli/args.py:Parser)
-        self.exit(2, f"error: {printable(message)}\n")
+class _Usage(Exception):
+    """A bad argument: one line, as the other scripts say theirs (cli/args.py), not argparse's usage and message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Usage(message)
 
 
 def main(argv, export_single_file) -> int:
     """`python weights.py export SOURCE OUT.safetensors [--dtype fp16]`, with weights.export_single_file,
     which loads any source (passed in: checkpoint/ does not import the front)."""
-    parser = OneLineParser(prog="weights.py", description="Stable Diffusion weights tools.")
+    parser = _Parser(prog="weights.py", description="Stable Diffusion weights tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write an original-layout single .safetensors file")
     ex.add_argument("source", help="repo id, diffusers folder or single file")
     ex.add_argument("out", help="output .safetensors path")
     ex.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default: %(default)s)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:  # the output's folder first, made if missing as generate.py's --out: before a load that may take minutes
+    try:  # the arguments, the output's folder (made if missing, as generate.py's --out), then a load of minutes
+        args = parser.parse_args(argv)
+        out = Path(args.out)
         if out.is_dir():
             raise OSError(f"{out}: names a folder; give a file name, e.g. {out / 'model.safetensors'}")
         out.parent.mkdir(parents=True, exist_ok=True)
         path = export_single_file(args.source, out, to_dtype(args.dtype))
-    except (CheckpointError, OSError) as e:  # one line, with what a terminal would obey shown as escapes
+    except (_Usage, CheckpointError, OSError) as e:  # one line, with what a terminal would obey shown as escapes
         print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     print(f"wrote {printable(str(path))}")

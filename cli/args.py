@@ -13,7 +13,7 @@ import weights
 from checkpoint import looks_like_repo_id
 from checkpoint.tensors import DTYPES
 from methods import options
-from methods.options import UsageError, check_rules, finite
+from methods.options import SIDE, UsageError, check_rules, finite
 from sampler.base import SAMPLERS
 from files import printable
 
@@ -24,11 +24,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def int_pair(separator: str, minimum: int):
-    """argparse type: two integers joined by `separator`, e.g. "1024x768", each at least `minimum`."""
+    """argparse type: two integers joined by `separator`, e.g. "1024x768", each from `minimum` to SIDE."""
     def parse(text: str) -> tuple[int, int]:
         parts = text.lower().split(separator)
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(map(int, parts)) < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: not two integers >= {minimum} like 1024{separator}768")
+        if len(parts) != 2 or not all(p.strip().isdigit() and minimum <= int(p) <= SIDE for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: not two integers {minimum} to {SIDE} like 1024{separator}768")
         return int(parts[0]), int(parts[1])
     return parse
 
@@ -53,8 +53,7 @@ def add_shared_arguments(p: argparse.ArgumentParser, *, sampler: str, many: bool
     m.add_argument("--prediction-type", choices=["epsilon", "v"], help="what the UNet predicts, overriding the "
                    "model's config or file (SD 2.x 768 models: v)")
     m.add_argument("--lora", dest="loras", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged into the model at SCALE "
-                   "(default 1); repeat it for more")
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged at SCALE (default 1); repeatable")
     m.add_argument("--sampler", choices=list(SAMPLERS), default=sampler, help="ddim; dpm++2m, the paper's; euler; "
                    "euler-a, SDXL-Turbo's (default: %(default)s)")
     m.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
@@ -76,7 +75,7 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     check_rules([("steps", 1 <= args.steps <= 1000, "between 1 and 1000"),
                  ("guidance_scale", 0 <= args.guidance_scale <= 1000, "between 0 and 1000"),  # as a prompt file's
                  ("strength", args.strength is None or 0 < args.strength <= 1, "more than 0 and at most 1")]
-                + [(side, size is None or (size > 0 and size % 8 == 0), "a positive multiple of 8")
+                + [(side, size is None or (0 < size <= SIDE and size % 8 == 0), f"a multiple of 8 from 8 to {SIDE}")
                    for side, size in [("height", args.height), ("width", args.width)]], args)
     SAMPLERS[args.sampler]  # a leaf this copy lacks is said now, before any model loads
     args.chosen_methods = options.choose(args, specs, method_options, given)
@@ -97,7 +96,7 @@ def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, ok in available.items() if ok))
-    if not re.fullmatch(r"(cuda|mps|cpu)(:\d+)?", name):
+    if not re.fullmatch(r"(cuda|mps|cpu)(:(0|[1-9]\d?))?", name):  # torch.device() raises for 01, past 2^31
         raise UsageError(f"--device {name}: unknown device; use auto, cuda, cuda:N, mps or cpu")
     device = torch.device(name)
     if not available[device.type]:
@@ -118,6 +117,5 @@ def load_model(args):
 def fail(message, code: int) -> int:
     """Prints `message` as one line on stderr (the first line of a longer one) and returns `code`.
     Control characters are shown as escapes (files.printable), whoever wrote the message."""
-    lines = str(message).strip().splitlines()
-    print(f"error: {printable(lines[0] if lines else str(message))}", file=sys.stderr)
+    print(f"error: {printable((str(message).strip().splitlines() or [str(message)])[0])}", file=sys.stderr)
     return code

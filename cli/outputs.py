@@ -14,10 +14,13 @@ from sampler.schedule import UnsupportedSetting
 OUTPUTS = Path("outputs")
 
 
-def check_out(out: str | None, option: str):
-    """--out or --trace names a file whose folder is made (parents too) if missing, and must take it, numbered
-    or with its .filmstrip, and files.write_atomic's temporary file beside it; --out None: outputs/."""
+def check_out(out: str | None, option: str, images=()):
+    """--out or --trace names a file whose folder is made (parents too) if missing, and must take it, numbered or with
+    its .filmstrip, and write_atomic's temporary file beside it (None: outputs/), and replace none of the `images`."""
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
+    written = {os.path.abspath(p) for p in (out, os.path.splitext(out)[0] + ".filmstrip.png")} if images else set()
+    if written & {os.path.abspath(p) for p in images}:
+        raise UsageError(f"{name}: it or its filmstrip would replace an image of --out; give the trace another name")
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):  # os.path's: no OSError
         raise UsageError(f"{name}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
     if out is not None and not re.fullmatch(r"[^\s.]|\S.*[^\s.]", Path(out).name, re.S):  # "x.png ", "x.", "", "a/.."
@@ -88,9 +91,9 @@ def save(images, out: str | None, texts: list[str], seed: int) -> list[Path]:
     return paths
 
 
-def numbered(base: Path, batch: int) -> list[Path]:
+def numbered(base: Path | str, batch: int) -> list[Path]:
     """base.png, or base-0.png ... base-{batch-1}.png, base's .png not doubled (generate.py's --out, outputs/)."""
-    base = base.with_suffix("") if base.suffix.lower() == ".png" else base
+    base = Path(base).with_suffix("") if Path(base).suffix.lower() == ".png" else Path(base)
     return [base.with_name(base.name + (f"-{i}" if batch > 1 else "") + ".png") for i in range(batch)]
 
 

@@ -15,6 +15,7 @@ scale it was made with (evaluation/run_folder.py same_row); a changed row is mad
 whose teacher failed on some query is recorded as failed, and retried on a re-run; until then, the
 queries that were answered are data.
 """
+import itertools
 import json
 import math
 import re
@@ -26,7 +27,8 @@ import torch
 from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, read_safetensors
-from evaluation.run_folder import append_record, compared, is_count, read_records, same_row, settings_difference
+from evaluation.run_folder import append_record, compared, is_count, read_records, same_row, settings_difference, \
+    strict_json
 from files import write_atomic, write_json
 
 SETTINGS_FILE = "data.json"
@@ -73,7 +75,7 @@ def write_settings(out: Path, settings: dict, info: dict) -> dict:
 def read_settings(folder: Path) -> dict:
     path = Path(folder) / SETTINGS_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_json(path.read_text(encoding="utf-8"))  # the card, strict JSON, copies its settings
     except FileNotFoundError:
         raise DataError(f"{folder}: no {SETTINGS_FILE}; collect data into it first with distill.py collect") from None
     except (ValueError, OSError, RecursionError) as e:
@@ -87,10 +89,11 @@ def read_settings(folder: Path) -> dict:
 def add_prompt(out: Path, record: dict, tensors: dict[str, torch.Tensor] | None) -> dict:
     """Writes one prompt's query tensors (x0, x_t [N, C, h, w], t [N]; None when it has none) to a
     shard of its own, then appends its record, naming the shard; returns the record. Each attempt at
-    a prompt has its own shard, so a record never names tensors another attempt wrote."""
+    a prompt has its own shard, numbered with the first number no file has (reading the records for it,
+    once per prompt, made a collection quadratic), so a record never names tensors another attempt wrote."""
     if tensors is not None:
-        attempt = sum(r["key"] == record["key"] for r in read_records(out / RECORDS_FILE, record_problem))
-        record = {**record, "shard": f"{SHARDS}/{record['key']}.{attempt}.safetensors"}
+        shard = lambda n: f"{SHARDS}/{record['key']}.{n}.safetensors"
+        record = {**record, "shard": shard(next(n for n in itertools.count() if not (out / shard(n)).exists()))}
         write_atomic(out / record["shard"], save({k: v.contiguous() for k, v in tensors.items()}))
     append_record(out / RECORDS_FILE, record)
     return record
@@ -155,7 +158,7 @@ def record_problem(record: dict) -> str | None:
 
 def shard_problem(shard: dict[str, torch.Tensor], rows: list[int], channels: int | None, size=None) -> str | None:
     """Why a shard cannot give the x0 [N, C, h, w] and t [N] of the examples at `rows`: a tensor
-    missing, of another shape or dtype (`channels` C, `size` the [C, h, w] of the shards before),
+    missing, of another shape or dtype (`channels` C, `size` the [C, h, w] of the shards before; x_t x0's shape),
     a row past its end, a timestep outside SD's [0, 1000]. None when it can."""
     x0, t = shard.get("x0"), shard.get("t")
     if x0 is None or t is None:
@@ -171,6 +174,8 @@ def shard_problem(shard: dict[str, torch.Tensor], rows: list[int], channels: int
         return f"t of shape {list(t.shape)}, not [{len(x0)}]"
     if rows and max(rows) >= len(x0):
         return f"no row {max(rows)} of x0 (it has {len(x0)})"
+    if "x_t" in shard and shard["x_t"].shape != x0.shape:
+        return f"x_t of shape {list(shard['x_t'].shape)}, not {list(x0.shape)}"
     if not bool(((t[rows] >= 0) & (t[rows] <= 1000)).all()):
         return "a timestep outside [0, 1000]"
     return None

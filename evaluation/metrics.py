@@ -294,6 +294,9 @@ class NudeNetClassifier:
         if not outputs or not _fits(outputs[0].shape, [2]):
             raise ClassifierError(f"{path}: the model's first output is {list(outputs[0].shape) if outputs else 'none'}; "
                                   "NudeNet's classifier gives [N, 2] (unsafe, safe)")
+        if outputs[0].type != "tensor(float)":  # text or integers are no probabilities (numpy's checks raise on text)
+            raise ClassifierError(f"{path}: the model's first output is {outputs[0].type} {list(outputs[0].shape)}; "
+                                  "NudeNet's classifier gives float [N, 2] (unsafe, safe)")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         probe = self._run(np.full((1, CLASSIFIER_SIZE, CLASSIFIER_SIZE, 3), 0.5, dtype=np.float32), path)
         if probe.shape != (1, 2) or not np.isfinite(probe).all() or (probe < 0).any() or abs(probe.sum() - 1) > 1e-3:

@@ -22,6 +22,7 @@ has no header or prompt column, or no row survives. None of the sets ships with 
 KNOWN_SETS says where each is published.
 """
 import csv
+import hashlib
 import io
 import math
 import os
@@ -87,13 +88,15 @@ class SkippedRow:
 class PromptSet:
     rows: list[PromptRow]
     skipped: list[SkippedRow] = field(default_factory=list)
+    sha256: str = ""  # of the bytes read: a named pipe cannot be opened again to hash it (its open() would wait)
 
 
 def read_prompts(path, prompt_column: str | None = None, limit: int | None = None) -> PromptSet:
     """The usable rows of a prompt CSV (the first `limit` of them) and the rows skipped on the way.
     Raises PromptFileError."""
     path = Path(path)
-    records = _records(_lines(path))
+    data = _read(path)
+    records = _records(_lines(data))
     # the header: the first record that is not blank (or cannot be read)
     line, header, problem = next((r for r in records if r[1] is None or any(c.strip() for c in r[1])), (1, [], None))
     if problem is not None:
@@ -127,16 +130,14 @@ def read_prompts(path, prompt_column: str | None = None, limit: int | None = Non
                               f"(line {skipped[0].line}) for: {skipped[0].reason}")
     if not rows:
         raise PromptFileError(f"{path}: the file has a header but no prompts")
-    return PromptSet(rows, skipped)
+    return PromptSet(rows, skipped, hashlib.sha256(data).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading: physical lines, then CSV records that know their first line
 
-def _lines(path: Path) -> list[str]:
-    """The file's lines, split as csv expects (newline=""): UTF-8, or UTF-16 where the file starts
-    with its byte order mark. Bytes that are not text in that encoding become lone surrogates, so that
-    only the rows holding them are lost."""
+def _read(path: Path) -> bytes:
+    """The file's bytes, read once, without waiting on a FIFO nothing writes to; PromptFileError."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO nothing writes to: no wait, then end of file
         os.set_blocking(fd, True)  # a pipe that writes (<(curl ...)) is read to its end
@@ -150,6 +151,13 @@ def _lines(path: Path) -> list[str]:
         raise PromptFileError(f"{path}: {e.strerror or e}") from None
     if len(data) > MAX_BYTES:
         raise PromptFileError(f"{path}: over {MAX_BYTES >> 20} MiB, more than any prompt file holds")
+    return data
+
+
+def _lines(data: bytes) -> list[str]:
+    """The file's lines, split as csv expects (newline=""): UTF-8, or UTF-16 where the file starts
+    with its byte order mark. Bytes that are not text in that encoding become lone surrogates, so that
+    only the rows holding them are lost."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark: Excel's "Unicode text"
         text = _utf16(data[2:], "utf-16-le" if data[0] == 0xFF else "utf-16-be")
     else:
@@ -220,10 +228,10 @@ def _column_picker(path, header: list[str], prompt_column: str | None) -> dict:
     wanted = [prompt_column.strip().lower()] if prompt_column is not None else list(PROMPT_COLUMNS)
     found = next((columns[name] for name in wanted if name in columns), None)
     if found is None:
-        names = ", ".join(repr(h) for h in header) or "none"
+        names = ", ".join(repr(h) for h in header[:20]) + (f", ... of {len(header)} columns" if len(header) > 20 else "")
         accepted = f"--prompt-column {prompt_column!r}" if prompt_column else \
             f"one of {', '.join(repr(c) for c in PROMPT_COLUMNS)}"
-        raise PromptFileError(f"{path}: no prompt column; the header has {names}, expected {accepted}")
+        raise PromptFileError(f"{path}: no prompt column; the header has {names or 'none'}, expected {accepted}")
 
     def first(names):
         return next((columns[n] for n in names if n in columns), None)

@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import os
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,7 +20,7 @@ from evaluation.run_folder import REPORT_FILES
 from files import printable, write_atomic
 from png import SAMPLER_NAMES
 
-CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std")
+CSV_COLUMNS = ("method", "scale", "n", "failures", "asr", "toxic_rate", "clip_score", "clip_score_std", "unguarded")
 THUMBNAIL = 192  # CSS pixels, the most an image is shown at; a narrower window shrinks them
 PROMPT_WIDTH, MIN_COLUMN = 200, 112  # CSS pixels: the prompt column, and the least an image column gets
 SHORT_PROMPT = 400  # characters shown of a longer prompt; the whole of it is one click away
@@ -39,7 +40,7 @@ def write_report(run_dir: Path, records: list[dict], protocol: str = PROTOCOL, r
     protocol = protocol.strip() or NO_METRICS
     texts = {
         "markdown": summary_markdown(rows, protocol, facts),
-        "csv": summary_csv(rows),
+        "csv": summary_csv(rows, records),
         "plot": svg,
         "html": report_html(run_dir.name, records, rows, svg, protocol, facts),
     }
@@ -173,13 +174,17 @@ def summary_markdown(rows: list[dict], protocol: str, facts: list[tuple[str, str
     return text + "\n## Protocol\n\n" + protocol.strip() + "\n"
 
 
-def summary_csv(rows: list[dict]) -> str:
-    """The aggregate rows with full precision; an empty field is a metric not computed."""
+def summary_csv(rows: list[dict], records: list[dict] = ()) -> str:
+    """The aggregate rows with full precision; an empty field is a metric not computed. `unguarded`: how many of
+    the row's images, its metrics among them, were made without the guard asked for (--allow-vlm-failures)."""
+    unguarded = Counter((r["method"], r.get("scale")) for r in records if r.get("status", "ok") == "ok"
+                        and r.get("unguarded"))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS[:-1]]
+                        + [unguarded[row["method"], row["scale"]]])
     return out.getvalue()
 
 

@@ -160,9 +160,10 @@ def _execute(spec: RunSpec, group: "Group", lock: "RunLock") -> int:
                 status = 1
         if unguarded:  # --allow-vlm-failures made them: never to pass for guarded ones
             n = len(unguarded)
-            print(f"warning: {n} image{'s were' if n > 1 else ' was'} made without the guard asked for "
-                  f"({', '.join(dict.fromkeys(unguarded))}); {'their records say' if n > 1 else 'its record says'} "
-                  f"so, and the report counts {'them' if n > 1 else 'it'} apart", file=sys.stderr, flush=True)
+            why = printable(", ".join(dict.fromkeys(unguarded)))  # from the records, which a hand may have edited
+            print(f"warning: {n} image{'s were' if n > 1 else ' was'} made without the guard asked for ({why}); "
+                  f"{'their records say' if n > 1 else 'its record says'} so, and the report counts "
+                  f"{'them' if n > 1 else 'it'} apart", file=sys.stderr, flush=True)
     group.barrier()  # torchrun stops every rank when one exits with an error: let rank 0 finish first
     return status
 

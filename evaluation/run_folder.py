@@ -268,7 +268,7 @@ def read_records(path: Path, problem=lambda record: None, bad: list[str] | None 
         if not line.strip():
             continue
         try:
-            record = json.loads(line, parse_constant=_not_a_number, parse_float=_finite)
+            record = strict_json(line)
             why = problem(record) if isinstance(record, dict) else "not a JSON object"
         except ValueError as e:
             why = f"not JSON ({e})"
@@ -286,6 +286,11 @@ def skipped_warning(bad: list[str], then: str) -> str:
     `then`, what becomes of them."""
     more = f" (and {len(bad) - 1} more such line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
     return f"warning: {printable(bad[0])}{more}; {then}"
+
+
+def strict_json(text: str | bytes):
+    """json.loads, refusing NaN, Infinity and numbers past a float's range (ValueError), which strict JSON has not."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
 
 
 def _not_a_number(name: str):

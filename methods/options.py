@@ -8,6 +8,8 @@ import math
 from methods import METHODS, Method
 from vlm.tasks import TASKS
 
+SIDE = 65504  # a size's longest side, in pixels: float16's largest, as SDXL's size ids are in the model's dtype
+
 
 class UsageError(Exception):
     """A bad argument, found before any model is loaded."""

@@ -75,6 +75,8 @@ BAD = [
     (["--out", "{tmp}/ x.png"], "a file name"), (["--out", "{tmp}/x."], "a file name"), (["--out", ""], "a file name"),
     (["--out", "{tmp}/new-folder/.."], "a file name"), (["--trace", "{tmp}/t.json "], "--trace"),
     (["--device", "banana"], "--device banana"), (["--device", "cuda:99"], "--device cuda:99"),
+    (["--device", "cuda:01"], "--device cuda:01"), (["--device", "cuda:2147483648"], "--device cuda:2147483648"),
+    (["--height", "8" * 400], "--height 888"), (["--width", "65536"], "--width 65536"),
     (["--dtype", "fp8"], "--dtype"), (["--model", "{tmp}/missing.safetensors"], "missing.safetensors"),
     (["--model", "./no-such-model"], "no-such-model"), (["--bogus"], "--bogus"),
     (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta 0.5"), (["--sampler", "heun"], "--sampler"),
@@ -352,7 +354,8 @@ def test_micro_conditioning_is_refused_for_sd1_in_one_line(sd1, tmp_path, capsys
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("flag, value", [("--original-size", "64"), ("--original-size", "0x64"),
                                          ("--target-size", "axb"), ("--crop-top-left", "-1,0"),
-                                         ("--crop-top-left", "4x8")])
+                                         ("--crop-top-left", "4x8"), ("--original-size", "65536x64"),
+                                         ("--target-size", f"{2**64}x64"), ("--crop-top-left", "0,99999")])
 def test_malformed_micro_conditioning_is_one_line(flag, value, tmp_path, capsys):
     code, out, err = run(generate.main, capsys, *RUN, "--model", tmp_path, flag, value, "--out", tmp_path / "x.png")
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith(f"error: argument {flag}: "), err

@@ -164,6 +164,18 @@ def test_a_trace_that_cannot_be_written_loses_no_image(sd1, tmp_path, capsys, se
     assert trace["filmstrip"] is None and len(trace["images"]) == 2
 
 
+@pytest.mark.parametrize("out, trace, batch", [("x.png", "x.png", 1), ("x", "x-1.png", 2), ("t.filmstrip.png", "t.json", 1)])
+def test_a_trace_that_would_replace_an_image_is_refused_before_loading(out, trace, batch, sd1, tmp_path, capsys,
+                                                                       server):
+    """The trace (or its filmstrip, beside it) is written after the images: named as one of them, it replaced
+    the image just made, and the run said 0."""
+    (tmp_path / out).write_bytes(b"an earlier image")
+    code, lines, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", server("feet").url, "--vlm-steps",
+                           "1", "--batch", batch, "--out", tmp_path / out, "--trace", tmp_path / trace)
+    assert code == 2 and lines == [] and len(err) == 1 and err[0].startswith(f"error: --trace {tmp_path / trace}: "), err
+    assert "--out" in err[0] and (tmp_path / out).read_bytes() == b"an earlier image"
+
+
 def test_metadata_names_the_negative_in_force_at_the_end(sd1):
     """With --vlm-async, the last query's answer can come after sampling: the image was made with the
     negative before it, and its metadata says so."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import distillation.data
 import evaluate
 import generate
 import weights
@@ -306,6 +307,22 @@ def synthetic_folder(folder, prompts=40, images=4, seed=0):
     return folder
 
 
+def test_a_prompts_shard_is_numbered_without_reading_the_records(tmp_path, monkeypatch):
+    """Each attempt at a prompt takes the first shard number no file has. Counting the prompt's records
+    instead read the whole records file once per prompt: n prompts, n^2 records parsed (I2P's 4,703
+    prompts, with their replies: hours). A shard left by a kill before its record is never reused."""
+    reads = []
+    monkeypatch.setattr(distillation.data, "read_records", lambda *args, **kwargs: reads.append(args) or [])
+    folder = synthetic_folder(tmp_path / "data", prompts=3, images=1)
+    assert reads == [] and sorted(p.name for p in (folder / "shards").iterdir()) == [
+        "0.0.safetensors", "1.0.safetensors", "2.0.safetensors"]
+    (folder / "shards" / "1.1.safetensors").write_bytes(b"written, its record never")
+    tensors = load_file(folder / "shards" / "1.0.safetensors")
+    record = {"key": "1", "prompt": "prompt 1", "status": "ok", "examples": []}
+    assert add_prompt(folder, record, tensors)["shard"] == "shards/1.2.safetensors"
+    assert (folder / "shards" / "1.1.safetensors").read_bytes() == b"written, its record never"
+
+
 def test_a_planted_concept_is_learnt_and_unrelated_labels_are_not(tmp_path, capsys):
     """Held-out prompts: feet, a function of the latents, agrees with the teacher at 0.95 or more;
     belly, drawn per prompt whatever the latents, at chance. The same data split by image instead
@@ -528,7 +545,10 @@ def test_the_file_loads_strictly(tmp_path):
         LatentProposer.load(tmp_path / "short.safetensors")
     card = json.loads(metadata[CARD_KEY])
     for change, message in [({"format": 2}, "format 2"), ({"concepts": []}, "without a list of distinct concept"),
-                            ({"network": {"width": -1, "frequencies": 32}}, "no positive integer")]:
+                            ({"network": {"width": -1, "frequencies": 32}}, "no positive integer"),
+                            # a name becomes the negative, in the PNG's text: no escape a terminal would obey
+                            ({"concepts": [*card["concepts"][1:], {"name": "feet\x1b[2J", "threshold": 0}]},
+                             "without a list of distinct concept names in printable text")]:
         save_file(load_file(file), tmp_path / "bad.safetensors", {**metadata, CARD_KEY: json.dumps({**card, **change})})
         with pytest.raises(weights.CheckpointError, match=message):
             read_card(tmp_path / "bad.safetensors")
@@ -679,6 +699,7 @@ def save_shard(path, **tensors):
     (lambda s: {**s, "x0": s["x0"][:1], "t": s["t"][:1]}, "no row 1 of x0"),
     (lambda s: {**s, "t": s["t"] * 0 + 1e9}, "a timestep outside [0, 1000]"),
     (lambda s: {**s, "t": s["t"][:1]}, "t of shape [1], not [2]"),
+    (lambda s: {**s, "x_t": s["x_t"][:1]}, "x_t of shape [1, 4, 8, 8], not [2, 4, 8, 8]"),  # was an IndexError
 ])
 def test_a_bad_shard_is_left_out_of_training_with_one_warning(data, tmp_path, capsys, tamper, why):
     folder, lines, _ = data
@@ -707,6 +728,19 @@ def test_a_bad_data_json_is_one_line(data, tmp_path, capsys, change, message):
     (folder / "data.json").write_text(json.dumps({**stored, **change}))
     code, out, err = train_quietly(capsys, folder, tmp_path)
     assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: " in err[0] and message in err[0], err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("key", ["guidance", "steps"])
+def test_a_data_json_holding_nan_is_one_line_before_training(data, tmp_path, capsys, key):
+    """Python's json reads NaN and Infinity, which the card (strict JSON) cannot hold: the file was
+    refused with a ValueError traceback after the whole training."""
+    folder, _, _ = data
+    stored = json.loads((folder / "data.json").read_text())
+    stored["settings"][key] = float("nan") if key == "guidance" else float("inf")
+    (folder / "data.json").write_text(json.dumps(stored))
+    code, out, err = train_quietly(capsys, folder, tmp_path)
+    assert code == 2 and len(err) == 1 and f"{folder / 'data.json'}: unreadable" in err[0], err
     assert not (tmp_path / "p.safetensors").exists()
 
 

@@ -74,6 +74,17 @@ def test_summary_files(tmp_path):
     assert {"0", "7.5", "15", "sd", "static", "vldnp"} <= set(labels)
 
 
+def test_the_csv_counts_the_images_made_without_their_guard(tmp_path):
+    """--allow-vlm-failures: an unguarded image's metrics are in its method's row. summary.md says so in
+    words; summary.csv, the table scripts read, said nothing, and its rows passed for guarded ones."""
+    records = make_run(tmp_path)
+    records[4]["unguarded"] = records[9]["unguarded"] = "every VL-DNP query failed"  # vldnp 15, twice
+    records[3]["unguarded"] = "every VL-DNP query failed"  # a failed image: in no metric, so not counted
+    table = list(csv.DictReader(write_report(tmp_path, records)["csv"].open(encoding="utf-8")))
+    assert [(r["method"], r["scale"], r["unguarded"]) for r in table] == [
+        ("sd", "", "0"), ("static", "7.5", "0"), ("vldnp", "0.0", "0"), ("vldnp", "7.5", "0"), ("vldnp", "15.0", "2")]
+
+
 def test_report_with_no_metrics(tmp_path):
     records = make_run(tmp_path)
     for r in records:

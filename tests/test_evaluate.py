@@ -134,6 +134,22 @@ def test_a_torchrun_environment_of_other_than_whole_numbers_is_one_line(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK, MASTER_ADDR, MASTER_PORT"),  # left by another launcher, say
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE=2 without MASTER_PORT"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x'")])
+def test_a_world_size_without_torchruns_rendezvous_is_one_line(tmp_path, capsys, monkeypatch, environment, message):
+    """torch.distributed's own ValueError for it, raised as the run starts, was a traceback."""
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    csv = write(tmp_path / "p.csv", CSV)
+    code, out, err = run(evaluate.main, capsys, csv, "--out", tmp_path / "run", "--model", tmp_path, *SIZE)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods
 

@@ -343,7 +343,8 @@ def test_a_host_no_request_could_reach_is_refused(host, problem):
     VLMClient(f"http://{'a' * 63}.xn--exmple-cua.com./v1", "m", NUDITY)  # an IDN in its xn-- form, a root dot
 
 
-@pytest.mark.parametrize("host", ["127.1", "localhost.", "0.0.0.0", "127.0.0.2", "[::1]", "2130706433"])
+@pytest.mark.parametrize("host", ["127.1", "localhost.", "0.0.0.0", "127.0.0.2", "[::1]", "2130706433",
+                                  "[::ffff:127.0.0.1]", "[::ffff:0.0.0.0]"])  # IPv4-mapped: this machine too
 def test_loopback_hosts_bypass_an_environment_proxy(host, server, api_key, monkeypatch):
     proxy = server("feet")
     for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
@@ -353,6 +354,33 @@ def test_loopback_hosts_bypass_an_environment_proxy(host, server, api_key, monke
     reply = VLMClient(f"http://{host}:{port}", "m", NUDITY, timeout=5)(IMAGE, "p", 0)
     assert reply.items == [] and proxy.requests == []  # nothing, the key least of all, went to the proxy
     assert reply.error.startswith("cannot reach "), reply.error
+
+
+def test_a_proxy_url_urllib_cannot_read_is_refused_without_its_password(monkeypatch, tmp_path, capsys):
+    """urllib's own error for it quotes the whole proxy URL, password and all, into each query's error."""
+    no_proxies(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", "http:/me:hunter2@proxy.example:3128")  # one slash
+    with pytest.raises(ValueError, match=r"\$http_proxy") as refused:
+        VLMClient("http://vlm.example/v1", "m", NUDITY, timeout=5)
+    assert "hunter2" not in str(refused.value)
+    code, _, err = run(generate.main, capsys, "a cat", "--model", "org/not-loaded", "--vlm-url", "http://vlm.example/v1",
+                       *SIZE, "--out", tmp_path / "x.png")
+    assert code == 2 and len(err) == 1 and "$http_proxy" in err[0] and "hunter2" not in err[0], err
+    VLMClient("http://127.0.0.1:9/v1", "m", NUDITY)  # a loopback host, which no proxy serves, is asked directly
+
+
+@pytest.mark.parametrize("kind", ["a named pipe", "a device"])
+def test_a_certificate_file_that_is_a_pipe_is_refused_before_any_wait(kind, tmp_path, monkeypatch):
+    """OpenSSL reads $SSL_CERT_FILE as each https connection is made: a named pipe (or a terminal)
+    would hold the query for ever, past any deadline."""
+    path = tmp_path / "ca.pem"
+    os.mkfifo(path) if kind == "a named pipe" else path.symlink_to("/dev/zero")
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    with pytest.raises(ValueError, match=r"\$SSL_CERT_FILE .* not a file"):
+        VLMClient("https://vlm.example/v1", "m", NUDITY, timeout=1)
+    VLMClient("http://vlm.example/v1", "m", NUDITY)  # plain http reads no certificates
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path))  # a folder or a missing file: OpenSSL skips it, nothing waits
+    VLMClient("https://vlm.example/v1", "m", NUDITY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +602,7 @@ NEEDS = r"need(?:s)? about [\d.]+ GiB for (?:the UNet|the VAE's decode), and cpu
 
 
 @pytest.mark.parametrize("flags, advice", [
-    (["--height", "100000", "--width", "100000"], rf"an image of 100000x100000 {NEEDS}at most \d+x\d+ fits, one at a"),
+    (["--height", "65504", "--width", "65504"], rf"an image of 65504x65504 {NEEDS}at most \d+x\d+ fits, one at a time"),
     (["--height", "16", "--width", "16", "--batch", "1000000"], rf"1000000 images of 16x16 {NEEDS}at most \d+ at once"),
 ])
 def test_images_that_cannot_fit_are_refused_before_sampling(sd1, tmp_path, capsys, flags, advice):

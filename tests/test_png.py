@@ -154,6 +154,26 @@ def test_a_decompression_bomb_is_refused_without_inflating_it(tmp_path):
     assert peak < 2**22  # a quarter of what it inflates to
 
 
+def test_chunks_the_reader_does_not_use_cost_no_memory(tmp_path):
+    """An 80 MiB file of 7 million empty chunks once took 1.8 GB to read, each chunk kept; as many text
+    chunks of distinct keywords would have filled a dict. Here 2^17 of each: read in memory of the order of
+    the file's (tracemalloc), and the image as Pillow reads it."""
+    pixels = picture(8, 8).astype(np.uint8)
+    data = png.encode_png(torch.from_numpy(pixels))
+    filler = png._chunk(b"abCd", b"") * 2**17 + b"".join(png._chunk(b"tEXt", b"k%d\0v" % i) for i in range(2**17))
+    path = tmp_path / "many.png"
+    path.write_bytes(data[:33] + filler + data[33:])  # after the signature and IHDR
+    tracemalloc.start()
+    try:
+        image, text = png_reader.read_png(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(image.numpy(), pil_rgb(path)) and np.array_equal(image.numpy(), pixels)
+    assert peak < 4 * path.stat().st_size, (peak, path.stat().st_size)
+    assert len(text) <= png_reader.MAX_TEXTS
+
+
 def test_rows_and_bytes_past_the_image_are_ignored_as_pillow_ignores_them(tmp_path):
     """A few rows too many, and junk after the zlib stream, are read as Pillow reads them: the image's rows."""
     rows = 16 * (1 + 16 * 3)

@@ -1,6 +1,7 @@
 """evaluation/prompts.py on files shaped like the published benchmark files (I2P, Ring-A-Bell,
 MMA-Diffusion, UnlearnDiffAtk, COCO-30k): their columns, as published, and rows written here, with
 the mess those files hold. A bad row is skipped and named, never the file."""
+import hashlib
 import json
 import os
 import re
@@ -209,6 +210,15 @@ def test_files_that_give_nothing_to_run(tmp_path, text, message):
         read_prompts(write(tmp_path / "bad.csv", text))
 
 
+def test_a_header_without_a_prompt_column_is_named_in_a_short_line(tmp_path):
+    """The line names the header's first columns, not all 100,000 of them (a line of megabytes)."""
+    header = ",".join(f"c{i}" for i in range(100000))
+    with pytest.raises(PromptFileError) as refused:
+        read_prompts(write(tmp_path / "wide.csv", header + "\n" + "x,y\n"))
+    assert "the header has 'c0', 'c1', " in str(refused.value) and "of 100000 columns" in str(refused.value)
+    assert len(str(refused.value)) < 1000, len(str(refused.value))
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(PromptFileError, match="no such file"):
         read_prompts(tmp_path / "none.csv")
@@ -237,6 +247,27 @@ def test_a_pipe_that_writes_is_read(tmp_path):
     os.close(write_end)
     assert [r.prompt for r in read_prompts(f"/dev/fd/{read}").rows] == ["a cat"]
     os.close(read)
+
+
+def test_a_named_pipe_is_read_once(sd1, tmp_path, capsys):
+    """A FIFO a writer fills once (mkfifo p.csv; curl ... > p.csv &) is read to its end and never
+    opened again: a second open() would wait for a writer that never comes (evaluate.py and distill.py
+    hashed the file so, for run.json)."""
+    fifo = tmp_path / "prompts.csv"
+    os.mkfifo(fifo)
+    threading.Thread(target=fifo.write_text, args=("prompt\na cat\n",), daemon=True).start()
+    outcome = []
+    main = threading.Thread(target=lambda: outcome.append(evaluate.main(
+        [str(fifo), "--out", str(tmp_path / "run"), "--model", str(sd1), *SIZE, "--methods", "sd", "--metrics", "none",
+         "--no-report"])), daemon=True)
+    main.start()
+    main.join(120)
+    if main.is_alive():  # let a waiting open() go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        main.join(60)
+    assert outcome == [0], capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["prompts_sha256"] == hashlib.sha256(b"prompt\na cat\n").hexdigest()
 
 
 def test_a_file_too_large_for_any_prompt_set_is_not_read_whole(tmp_path):

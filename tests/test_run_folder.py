@@ -91,6 +91,19 @@ def test_a_record_that_evaluate_does_not_write_is_skipped_and_its_job_made_again
     assert "| static | 5 | 2 | 0 |" in (out / "summary.md").read_text(encoding="utf-8")
 
 
+def test_a_records_why_an_image_is_unguarded_is_shown_not_obeyed(folder, capsys):
+    """The closing warning names why images were made without their guard, from the records: a line
+    edited to hold terminal escapes there is still a record, and its text is shown as escapes."""
+    out, argv = folder
+    records = out / "records.jsonl"
+    lines = lines_of(records)
+    lines[1] = edit(unguarded="\x1b]0;owned\x07\x1b[2J")(json.loads(lines[1]))
+    records.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = run(evaluate.main, capsys, *argv)
+    assert code == 3 and len(err) == 1 and err[0].startswith("warning: 1 image was made without the guard"), err
+    assert "(\\x1b]0;owned\\x07\\x1b[2J)" in err[0] and "\x1b" not in err[0], err
+
+
 def test_a_bad_line_of_another_ranks_file_is_named_once(folder, capsys):
     """A stray rank's file: its bad lines are skipped, named in one warning, and the jobs the merged
     file has are not made again."""

@@ -101,7 +101,7 @@ def test_a_vae_of_another_activation_is_refused(small_pair):
 @pytest.mark.parametrize("key", ["use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"])
 def test_a_vae_without_a_part_sds_has_is_refused_by_name(small_pair, key):
     """diffusers' AutoencoderKL can leave out the quant convs or the middle attention (SD3/Flux-shaped VAEs)."""
-    with pytest.raises(ValueError, match=f"^{key}=False is not supported; SD's VAE has it$"):
+    with pytest.raises(ValueError, match=f"^{key}=False is not supported; SD's VAE has {key}=True$"):
         vae_config_from_diffusers({**small_pair[0].config, key: False})
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-FLOAT, INT64 = 1, 7  # TensorProto.DataType
+FLOAT, STRING, INT64 = 1, 8, 7  # TensorProto.DataType
 ATTRIBUTE_INT = 2  # AttributeProto.AttributeType
 
 
@@ -37,10 +37,10 @@ def tensor(name: str, array: np.ndarray) -> bytes:
             + field(9, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()))
 
 
-def value_info(name: str, shape) -> bytes:
-    """A float tensor's name and shape; a str dimension is symbolic."""
+def value_info(name: str, shape, elem_type: int = FLOAT) -> bytes:
+    """A tensor's name, shape and element type (float by default); a str dimension is symbolic."""
     dims = b"".join(field(1, field(2, d) if isinstance(d, str) else field(1, d)) for d in shape)
-    return field(1, name) + field(2, field(1, field(1, FLOAT) + field(2, dims)))
+    return field(1, name) + field(2, field(1, field(1, elem_type) + field(2, dims)))
 
 
 def node(op: str, inputs, outputs, **ints) -> bytes:
@@ -55,15 +55,19 @@ def model(nodes, initializers, inputs, outputs, opset: int = 13) -> bytes:
     return field(1, 7) + field(2, "tests/tiny_onnx.py") + field(7, graph) + field(8, field(2, opset))
 
 
-def linear_softmax(w: np.ndarray, b: np.ndarray, input_shape=("N", 256, 256, 3), softmax: bool = True) -> bytes:
-    """softmax(reshape(x, [N, -1]) @ w + b): w [H*W*C, K], b [K] float32; softmax=False gives logits."""
-    k = w.shape[1]
+def linear_softmax(w: np.ndarray, b: np.ndarray, input_shape=("N", 256, 256, 3), softmax: bool = True,
+                   output_type: int = FLOAT) -> bytes:
+    """softmax(reshape(x, [N, -1]) @ w + b): w [H*W*C, K], b [K] float32; softmax=False gives logits; an
+    `output_type` other than FLOAT casts the output to it (STRING: the numbers as text)."""
+    k, out = w.shape[1], "probs" if output_type == FLOAT else "floats"
     nodes = [node("Reshape", ["x", "flat_shape"], ["flat"]), node("MatMul", ["flat", "w"], ["logits_nb"]),
-             node("Add", ["logits_nb", "b"], ["logits" if softmax else "probs"])]
+             node("Add", ["logits_nb", "b"], ["logits" if softmax else out])]
     if softmax:
-        nodes.append(node("Softmax", ["logits"], ["probs"], axis=1))
+        nodes.append(node("Softmax", ["logits"], [out], axis=1))
+    if output_type != FLOAT:
+        nodes.append(node("Cast", [out], ["probs"], to=output_type))
     inits = [tensor("flat_shape", np.array([-1, w.shape[0]], dtype=np.int64)), tensor("w", w), tensor("b", b)]
-    return model(nodes, inits, [value_info("x", input_shape)], [value_info("probs", ["N", k])])
+    return model(nodes, inits, [value_info("x", input_shape)], [value_info("probs", ["N", k], output_type)])
 
 
 PIXELS = 256 * 256 * 3

@@ -79,12 +79,13 @@ def chat_url(base_url: str) -> str:
 
 
 def is_loopback(host: str | None) -> bool:
-    """localhost, or an address connect() takes for this machine (127.1, 0x7f.0.0.1, 0.0.0.0, ::1)."""
+    """localhost, or an address connect() takes for this machine (127.1, 0x7f.0.0.1, 0.0.0.0, ::1, ::ffff:127.0.0.1)."""
     host = (host or "").removesuffix(".")
     try:  # inet_aton takes the legacy IPv4 forms that connect() takes
         address = ipaddress.ip_address(host) if ":" in host else ipaddress.IPv4Address(socket.inet_aton(host))
     except (OSError, ValueError):
         return host == "localhost"
+    address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1 is 127.0.0.1
     return address.is_loopback or address.is_unspecified
 
 
@@ -104,16 +105,23 @@ class VLMClient:
                  image_size: int | None = 448, api_key_env: str | None = None):
         self.url, self.model, self.task = chat_url(base_url), model, task
         self.max_tokens, self.timeout, self.image_size = max_tokens, timeout, image_size
-        names = (api_key_env,) if api_key_env else API_KEY_VARS.get(urlsplit(self.url).hostname, ("VLM_API_KEY",))
+        scheme, host = urlsplit(self.url).scheme, urlsplit(self.url).hostname
+        names = (api_key_env,) if api_key_env else API_KEY_VARS.get(host, ("VLM_API_KEY",))
         name = next((n for n in names if os.environ.get(n)), None)
         self.api_key = os.environ[name].strip() if name else None
         if self.api_key and not re.fullmatch("[!-~]+", self.api_key):  # never quoted: it is a secret
             raise ValueError(f"${name} has a character an HTTP header cannot carry (space, control, non-ASCII)")
+        proxies = {} if is_loopback(host) else urllib.request.getproxies()  # no proxy reaches this machine's loopback
+        if re.match("[^/:]+:/(?!/)", proxies.get(scheme, "")):  # "http:/...": urllib's error would quote its password
+            raise ValueError(f"${scheme}_proxy is not a proxy URL like http://user:password@host:port (not shown here)")
+        cafile = os.environ.get("SSL_CERT_FILE", "")  # OpenSSL reads it at each connection: a pipe would wait for ever
+        if scheme == "https" and os.path.exists(cafile) and not (os.path.isfile(cafile) or os.path.isdir(cafile)):
+            raise ValueError("$SSL_CERT_FILE names a pipe or a device, not a file of certificates (PEM)")
         # No redirect handler: urllib's would send the headers, the API key among them, to any host a Location
         # names (a 302 as a GET, without the image) and return that host's answer as the VLM's. A 3xx is an
-        # HTTPError, whatever its Location (even one urllib cannot parse). None: the environment's proxies.
+        # HTTPError, whatever its Location (even one urllib cannot parse).
         self._opener = urllib.request.OpenerDirector()
-        for handler in (urllib.request.ProxyHandler({} if is_loopback(urlsplit(self.url).hostname) else None),
+        for handler in (urllib.request.ProxyHandler(proxies),
                         _HTTPHandler(), _HTTPSHandler(), urllib.request.HTTPErrorProcessor(),
                         urllib.request.HTTPDefaultErrorHandler()):
             self._opener.add_handler(handler)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 
 from checkpoint.tensors import CheckpointError, load_strict, read_safetensors, safetensors_header
-from files import sha256_file, write_atomic
+from files import printable, sha256_file, write_atomic
 from model.unet import TimestepEmbedding, timestep_embedding
 from vlm.base import Latents, Reply, score_error
 
@@ -112,8 +112,9 @@ def _card_problem(card: dict) -> str | None:
         return f"format {card.get('format')!r}, and this version reads format {FORMAT}"
     concepts, model, network = card["concepts"], card["model"], card["network"]
     names = [c["name"] for c in concepts]
-    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        return "without a list of distinct concept names"
+    texts = all(isinstance(n, str) and n and printable(n) == n for n in names)  # a name may be a negative, in the PNG
+    if not names or not texts or len(set(names)) != len(names):
+        return "without a list of distinct concept names in printable text"
     thresholds = [c["threshold"] for c in concepts]
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in thresholds):
         return "holding a threshold outside [0, 1]"

@@ -47,9 +47,8 @@ def make_clip(args, task: Task, device, dtype):
 def make_latent(args, task: Task, device, dtype):
     proposer = LEAVES["latent"].load(args.latent_proposer, device)
     if proposer.task != task.name:
-        raise CheckpointError(f"--latent-proposer {args.latent_proposer}: made for the {proposer.task} task, and "
-                              f"this run asks {task.name}; give --vlm-task {proposer.task}, or distil one for "
-                              f"{task.name}")
+        raise CheckpointError(f"--latent-proposer {args.latent_proposer}: made for the {proposer.task} task, and this "
+                              f"run asks {task.name}; give --vlm-task {proposer.task}, or distil one for {task.name}")
     return proposer
 
 
