@@ -158,7 +158,7 @@ def test_chunks_the_reader_does_not_use_cost_no_memory(tmp_path):
     """An 80 MiB file of 7 million empty chunks once took 1.8 GB to read, each chunk kept; as many text
     chunks of distinct keywords would have filled a dict. Here 2^17 of each: read in memory of the order of
     the file's (tracemalloc), and the image as Pillow reads it."""
-    pixels = picture(8, 8).astype(np.uint8)
+    pixels = smooth_rows(8, 8).astype(np.uint8)
     data = png.encode_png(torch.from_numpy(pixels))
     filler = png._chunk(b"abCd", b"") * 2**17 + b"".join(png._chunk(b"tEXt", b"k%d\0v" % i) for i in range(2**17))
     path = tmp_path / "many.png"
