@@ -2,9 +2,9 @@
 
 Makes one image per prompt and method (methods/: sd, negative, static, vldnp, sld, safree, dng; static
 and vldnp once per --negative-scale, dng per --dng-lambda), scores each (NudeNet, CLIP score), and
-writes the images, one JSON record per image and a report into RUN_DIR. Re-running the same command resumes; `torchrun
---nproc_per_node=N evaluate.py ...` shares the images out over N processes (GPUs). --protocol vl-dnp
-sets what the VL-DNP paper ran. The parts are in evaluation/.
+writes the images, one JSON record per image and a report into RUN_DIR. Re-running the same command
+resumes; `torchrun --nproc_per_node=N evaluate.py ...` shares the images out over N processes (GPUs).
+--protocol vl-dnp sets what the VL-DNP paper ran. The parts are in evaluation/.
 """
 import argparse
 import contextlib
