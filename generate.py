@@ -68,7 +68,8 @@ def parse_args(argv=None):
     args.edit = LEAVES["--init-image"](args) if args.init_image or args.mask or args.strength is not None else {}
     check_out(args.out, "--out")
     if args.trace:
-        check_out(args.trace, "--trace", numbered(args.out, args.batch) if args.out else ())
+        check_out(args.trace, "--trace", [args.init_image, args.mask,  # the trace is written last: it replaces none
+                                          *(numbered(args.out, args.batch) if args.out else ())])
     return args
 
 

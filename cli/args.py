@@ -83,9 +83,8 @@ def check_shared(args, specs: list[str], method_options: list[str], given: set[s
     named = model.suffix in (".safetensors", ".ckpt") or not looks_like_repo_id(args.model)  # a file, not a repo
     if named and not os.path.exists(model):  # os.path's: False, not OSError, for a name too long
         raise UsageError(f"--model {args.model}: no such file or folder (nor a Hugging Face repo id like org/name)")
-    for path, _ in args.loras:
-        if not os.path.isfile(Path(path).expanduser()):
-            raise UsageError(f"--lora {path}: no such file")
+    if missing := [path for path, _ in args.loras if not os.path.isfile(Path(path).expanduser())]:
+        raise UsageError(f"--lora {missing[0]}: no such file")
     args.device = pick_device(args.device)
     auto = torch.float16 if args.device.type == "cuda" else torch.float32  # --dtype auto: fp16 on cuda
     args.torch_dtype = DTYPES.get(args.dtype, auto)

@@ -19,8 +19,8 @@ def check_out(out: str | None, option: str, images=()):
     its .filmstrip, and write_atomic's temporary file beside it (None: outputs/), and replace none of the `images`."""
     folder, name = (OUTPUTS, "outputs/") if out is None else (Path(out).parent, f"{option} {out}")
     written = {os.path.abspath(p) for p in (out, os.path.splitext(out)[0] + ".filmstrip.png")} if images else set()
-    if written & {os.path.abspath(p) for p in images}:
-        raise UsageError(f"{name}: it or its filmstrip would replace an image of --out; give the trace another name")
+    if written & {os.path.abspath(p) for p in images if p}:
+        raise UsageError(f"{name}: it or its filmstrip would replace --init-image, --mask or an --out image; rename it")
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):  # os.path's: no OSError
         raise UsageError(f"{name}: names a folder; give a file name, e.g. {Path(out) / 'image.png'}")
     if out is not None and not re.fullmatch(r"[^\s.]|\S.*[^\s.]", Path(out).name, re.S):  # "x.png ", "x.", "", "a/.."

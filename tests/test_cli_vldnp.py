@@ -11,7 +11,8 @@ import evaluate
 import generate
 import weights
 from fake_vlm import dead_url
-from helpers import run
+import png
+from helpers import picture, run
 from png_reader import read_png
 from sampler.base import SAMPLERS
 from sampler.loop import generate as sample
@@ -174,6 +175,20 @@ def test_a_trace_that_would_replace_an_image_is_refused_before_loading(out, trac
                            "1", "--batch", batch, "--out", tmp_path / out, "--trace", tmp_path / trace)
     assert code == 2 and lines == [] and len(err) == 1 and err[0].startswith(f"error: --trace {tmp_path / trace}: "), err
     assert "--out" in err[0] and (tmp_path / out).read_bytes() == b"an earlier image"
+
+
+@pytest.mark.parametrize("option", ["--init-image", "--mask"])
+def test_a_trace_that_would_replace_the_image_edited_is_refused_before_loading(option, sd1, tmp_path, capsys, server):
+    """The trace is written after sampling: named as the image or mask the edit reads, it would replace the user's file."""
+    for name in ("in.png", "mask.png"):
+        png.write_png(tmp_path / name, picture(16, 16))
+    kept = (tmp_path / "in.png").read_bytes(), (tmp_path / "mask.png").read_bytes()
+    trace = tmp_path / ("in.png" if option == "--init-image" else "mask.png")
+    code, lines, err = run(generate.main, capsys, *RUN, "--model", sd1, "--vlm-url", server("feet").url, "--vlm-steps",
+                           "1", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--strength", "0.6",
+                           "--out", tmp_path / "out.png", "--trace", trace)
+    assert code == 2 and lines == [] and len(err) == 1 and err[0].startswith(f"error: --trace {trace}: "), err
+    assert ((tmp_path / "in.png").read_bytes(), (tmp_path / "mask.png").read_bytes()) == kept
 
 
 def test_metadata_names_the_negative_in_force_at_the_end(sd1):
