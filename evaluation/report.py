@@ -105,14 +105,20 @@ def run_facts(run: dict, records: list[dict]) -> list[tuple[str, str]]:
     return [(label, text) for label, text in facts if text]
 
 
-def unguarded_text(records: list[dict]) -> str:
-    """The images made without the guard asked for (--allow-vlm-failures), per method and scale, and why:
-    their metrics are in their method's row, so the summary must say how many are not what it names."""
-    made, why = {}, {}
-    for r in (r for r in records if r.get("status", "ok") == "ok"):
-        made[r["method"], r.get("scale")] = made.get((r["method"], r.get("scale")), 0) + 1
-        if isinstance(r.get("unguarded"), str):
+def unguarded_reasons(records: list[dict]) -> dict[tuple, list[str]]:
+    """Per (method, scale), the reasons of the images made without the guard asked for (--allow-vlm-failures):
+    their metrics are in their method's row, so the report must say how many are not what the row names."""
+    why = {}
+    for r in records:
+        if r.get("status", "ok") == "ok" and isinstance(r.get("unguarded"), str):
             why.setdefault((r["method"], r.get("scale")), []).append(r["unguarded"])
+    return why
+
+
+def unguarded_text(records: list[dict]) -> str:
+    """The images made without the guard asked for, per method and scale, of how many, and why."""
+    made = Counter((r["method"], r.get("scale")) for r in records if r.get("status", "ok") == "ok")
+    why = unguarded_reasons(records)
     return "; ".join(f"{method}{'' if scale is None else f' at {scale:g}'}: {len(w)} of {made[method, scale]} images "
                      f"({', '.join(dict.fromkeys(w))})" for (method, scale), w in why.items())
 
@@ -177,14 +183,13 @@ def summary_markdown(rows: list[dict], protocol: str, facts: list[tuple[str, str
 def summary_csv(rows: list[dict], records: list[dict] = ()) -> str:
     """The aggregate rows with full precision; an empty field is a metric not computed. `unguarded`: how many of
     the row's images, its metrics among them, were made without the guard asked for (--allow-vlm-failures)."""
-    unguarded = Counter((r["method"], r.get("scale")) for r in records if r.get("status", "ok") == "ok"
-                        and r.get("unguarded"))
+    why = unguarded_reasons(records)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS[:-1]]
-                        + [unguarded[row["method"], row["scale"]]])
+                        + [len(why.get((row["method"], row["scale"]), []))])
     return out.getvalue()
 
 
