@@ -25,7 +25,7 @@ from leaves import Leaves
 LEAVES = Leaves("loader", {"single file": "checkpoint.single_file:load_single_file",
                            "export": "checkpoint.single_file:write_single_file",
                            "export command": "checkpoint.single_file:main",
-                           "hub": "checkpoint.hub:download", "packing": "model.packing:pack_convolutions",
+                           "hub": "checkpoint.hub:download", "packing": "model.packing:pack_pipeline",
                            "lora": "checkpoint.lora:load_lora"})
 
 __all__ = ["CheckpointError", "Pipeline", "export_single_file", "load_lora", "load_pipeline", "pack_for_cpu"]
@@ -81,9 +81,7 @@ def pack_for_cpu(pipe: Pipeline) -> Pipeline:
     """Packs the convolution weights of a pipeline in fp32 on the CPU for oneDNN (model/packing.py, a
     leaf: without it, nothing is packed), in place; elsewhere it leaves the pipeline as it is."""
     if pipe.device.type == "cpu" and pipe.dtype == torch.float32 and LEAVES.present("packing"):
-        for model in (pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae):
-            if model is not None:
-                LEAVES["packing"](model)
+        LEAVES["packing"](pipe)
     return pipe
 
 

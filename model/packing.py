@@ -14,7 +14,8 @@ single small input, such as a first pass over every weight on a tiny latent), wh
 weight and reorders nothing, it runs that kernel, unpacking the weight first if it holds it packed.
 The kernel depends on the input's shape alone, so an output's bits never depend on the calls before
 it. A call with another shape re-packs from the plain weight. (torch.compile's freezing pass packs
-convolution weights too.) `unpack_convolutions(model)` gives back nn.Conv2d modules.
+convolution weights too.) `unpack_convolutions(model)` gives back nn.Conv2d modules. `pack_pipeline`,
+which weights.load_pipeline applies, packs the UNet at every shape and the VAE on large maps only.
 
 What the model shows the outside stays nn.Conv2d's: state_dict() gives plain [out, in, kh, kw]
 weights under the same keys, load_state_dict() takes them, `conv.weight.shape/dtype/device` read as
@@ -32,8 +33,9 @@ class PackedConv2d(nn.Module):
     """A frozen nn.Conv2d whose weight, once called where nn.Conv2d would run oneDNN, is held only in
     oneDNN's blocked layout for that input shape."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, min_pixels: int = 0):
         super().__init__()
+        self.min_pixels = min_pixels  # an input with fewer pixels (N * H * W) runs nn.Conv2d's path
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.weight = conv.weight  # [out, in/groups, kh, kw] until the first packable call
@@ -45,7 +47,7 @@ class PackedConv2d(nn.Module):
         return self.weight.is_mkldnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x) or self._native(x):
+        if not self._packable(x) or x.shape[0] * x.shape[2] * x.shape[3] < self.min_pixels or self._native(x):
             self._unpack()
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if not (self.packed and self.packed_for == x.shape):
@@ -106,7 +108,7 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}, packed_for={self.packed_for}")
+                f"bias={self.bias is not None}, min_pixels={self.min_pixels}, packed_for={self.packed_for}")
 
 
 def packable(module: nn.Module) -> bool:
@@ -115,16 +117,31 @@ def packable(module: nn.Module) -> bool:
     return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def pack_convolutions(module: nn.Module) -> nn.Module:
+def pack_convolutions(module: nn.Module, min_pixels: int = 0) -> nn.Module:
     """Replaces every nn.Conv2d in `module` with a PackedConv2d, in place, and returns `module` (or,
     for an nn.Conv2d itself, its PackedConv2d). Meant for a loaded model whose parameters do not
     require grad: each weight is packed at its first fp32 CPU call that nn.Conv2d would run with
-    oneDNN, and one that requires grad is never packed."""
+    oneDNN, and one that requires grad is never packed. An input with fewer than `min_pixels` pixels
+    (N * H * W) runs nn.Conv2d's path on the plain weight, for a model called once per shape, whose
+    packs pay for themselves in that call only on large maps."""
     if packable(module):
-        return PackedConv2d(module)
+        return PackedConv2d(module, min_pixels)
     for name, child in module.named_children():
-        setattr(module, name, pack_convolutions(child))
+        setattr(module, name, pack_convolutions(child, min_pixels))
     return module
+
+
+VAE_MIN_PIXELS = 8192  # N * H * W: the VAE's convolutions on smaller maps are not packed (pack_pipeline)
+
+
+def pack_pipeline(pipe):
+    """Packs a loaded Pipeline's convolutions in place and returns it. The UNet runs at every step, so
+    its packs pay for themselves from the second call on; the VAE runs once per image, and a pack pays
+    for itself within that one call only on a large map (docs/performance.md), so its convolutions on
+    maps under VAE_MIN_PIXELS run nn.Conv2d's path. The text encoders have no convolutions."""
+    pack_convolutions(pipe.unet)
+    pack_convolutions(pipe.vae, VAE_MIN_PIXELS)
+    return pipe
 
 
 def unpack_convolutions(module: nn.Module) -> nn.Module:

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_close_rel, randomize_
-from model.packing import PackedConv2d, pack_convolutions, unpack_convolutions
+from model.packing import VAE_MIN_PIXELS, PackedConv2d, pack_convolutions, unpack_convolutions
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
+from weights import load_pipeline
 
 
 def randomized(conv):
@@ -126,6 +127,36 @@ def test_a_small_single_input_unpacks_and_runs_pytorch_s_own_kernel():
         assert not conv.packed and torch.equal(conv.weight, plain.weight)  # one copy of the weight, plain
         conv(big)
         assert conv.packed_for == big.shape
+
+
+def test_an_input_under_min_pixels_runs_nn_conv2d_s_path_on_the_plain_weight():
+    plain = randomized(nn.Conv2d(8, 8, 3, padding=1)).requires_grad_(False)
+    conv = pack_convolutions(copy.deepcopy(plain), min_pixels=2 * 6 * 6)
+    small, big = torch.randn(2, 8, 5, 6), torch.randn(2, 8, 6, 6)  # 60 and 72 pixels (N * H * W)
+    assert onednn(plain, small) and onednn(plain, big)
+    with torch.inference_mode():
+        conv(big)
+        assert conv.packed_for == big.shape
+        assert torch.equal(conv(small), reference(plain, small))  # nn.Conv2d's bits, after a pack too
+        assert not conv.packed and torch.equal(conv.weight, plain.weight)
+        conv(big)
+        assert conv.packed_for == big.shape
+
+
+def test_a_loaded_pipeline_packs_its_vae_on_large_maps_only(sd1):
+    """load_pipeline packs the UNet at every shape oneDNN runs, and the VAE (called once per image)
+    only on maps of at least VAE_MIN_PIXELS pixels."""
+    pipe = load_pipeline(sd1)
+    vae_convs = [m for m in pipe.vae.modules() if isinstance(m, PackedConv2d)]
+    assert vae_convs and all(m.min_pixels == VAE_MIN_PIXELS for m in vae_convs)
+    assert all(m.min_pixels == 0 for m in pipe.unet.modules() if isinstance(m, PackedConv2d))
+    side = int(VAE_MIN_PIXELS ** 0.5) // pipe.vae_scale  # a latent whose largest map is under the bound
+    with torch.inference_mode():
+        pipe.vae.decode(torch.randn(1, 4, side, side))
+    assert not any(m.packed for m in vae_convs)
+    with torch.inference_mode():
+        pipe.vae.decode(torch.randn(2, 4, side, side))  # twice the pixels: the last level's maps pack
+    assert any(m.packed for m in vae_convs)
 
 
 def plain_bytes(module: nn.Module) -> int:
